@@ -1,0 +1,96 @@
+"""The statistical calculations a task performs on a worker, and how a patch's chunks combine.
+
+A patch is normally one task. Pseudo-experiments of one patch can be split into several chunk
+tasks (:func:`plan_chunks`); the scan merges their partial results into the patch's record with
+:func:`merge_chunks`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["compute", "build_model", "hypotest", "plan_chunks", "merge_chunks"]
+
+
+def _set_backend(backend: str) -> None:
+    import pyhf
+
+    name = "numpy" if backend == "numpy" else "jax"
+    if pyhf.tensorlib.name != name:
+        pyhf.set_backend(name)
+
+
+def build_model(state, patch_operations: list):
+    """The patched model and its observed data, built exactly as plain pyhf builds them."""
+    model = state.workspace.model(
+        patches=[patch_operations], modifier_settings=state.settings.modifier_settings
+    )
+    return model, state.workspace.data(model)
+
+
+def hypotest(model, data, settings) -> dict:
+    """Observed CLs and the expected CLs band (-2σ..+2σ) at ``settings.poi_test``."""
+    import pyhf
+
+    cls_obs, cls_exp = pyhf.infer.hypotest(
+        settings.poi_test, data, model, test_stat=settings.test_stat, return_expected_set=True
+    )
+    return {"CLs_obs": float(cls_obs), "CLs_exp": [float(value) for value in cls_exp]}
+
+
+def compute(state, task: dict) -> dict[str, Any]:
+    """Run the calculation the scan's settings ask for on one task; returns the record's numbers."""
+    settings = state.settings
+    if settings.backend == "jax" and settings.calculation == "hypotest" and settings.calctype == "asymptotics":
+        fast = _fast_hypotest(state, task)
+        if fast is not None:
+            return fast
+    _set_backend(settings.backend)
+    model, data = build_model(state, task["patch"])
+    if settings.calculation == "hypotest" and settings.calctype == "asymptotics":
+        return hypotest(model, data, settings)
+    if settings.calculation == "upper_limit":
+        from pyhf_dist import limits
+
+        return limits.upper_limit(model, data, settings)
+    from pyhf_dist import toys
+
+    # One chunk of the patch's pseudo-experiments (all of them when the task is not split).
+    return toys.run_chunk(model, data, settings, task.get("chunk"))
+
+
+def _fast_hypotest(state, task: dict) -> dict | None:
+    """The compiled fast path, or ``None`` when it does not cover this patch (plain pyhf then)."""
+    return None
+
+
+def plan_chunks(settings, workers: int) -> list:
+    """How a patch's work is split: a list with one entry per task (``None``: not split).
+
+    Toy-based hypotests split their ``ntoys`` pseudo-experiments into up to ``workers`` chunks
+    (:func:`pyhf_dist.toys.plan`); everything else is one task per patch.
+    """
+    if settings.calctype == "toybased" and settings.calculation == "hypotest":
+        from pyhf_dist import toys
+
+        return toys.plan(settings.ntoys, workers)
+    if settings.calctype == "toybased":
+        from pyhf_dist.exceptions import SettingsError
+
+        raise SettingsError(
+            "toy-based upper limits are not supported: use the asymptotic calculator for upper limits, "
+            "or toys with a hypotest (calculation='hypotest')"
+        )
+    return [None]
+
+
+def merge_chunks(records: list[dict], settings) -> dict:
+    """Combine the records of one patch's chunks into the patch's record."""
+    if settings.calctype == "toybased" and settings.calculation == "hypotest":
+        from pyhf_dist import toys
+
+        # Also for a single chunk: its record holds samples, and CLs come from the merge.
+        return toys.merge(records, settings)
+    if len(records) == 1:
+        return records[0]
+    raise NotImplementedError("merging chunked results is not available for this calculation")

@@ -1,0 +1,166 @@
+"""``pyhf-dist fit``: fit the patches of a pallet and write the results."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from pyhf_dist.exceptions import OutputError
+
+__all__ = ["fit", "check_output", "print_table"]
+
+
+def check_output(path: str | os.PathLike) -> None:
+    """Fail now, before any fit, if ``path`` cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"output {path} is a directory: give a file name, e.g. {path / 'results.json'}")
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise OutputError(f"cannot write {path}: directory {directory} does not exist (create it first)")
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".pyhf-dist-check-"):
+            pass
+    except OSError as error:
+        raise OutputError(f"cannot write {path}: {error.strerror} in {directory}") from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputError(f"cannot write {path}: the file is read-only")
+
+
+def print_table(result, points: bool = False) -> None:
+    """Print per-point results (optional) and the summary table."""
+    if points:
+        labels = result.metadata.get("labels") or []
+        head = "".join(f"{label:>10}" for label in labels)
+        click.echo(f"{'patch':<24}{head}{'CLs_obs':>12}{'CLs_exp':>12}  status")
+        for record in result:
+            values = "".join(f"{value:>10g}" for value in record.values)
+            observed = f"{record.CLs_obs:12.4g}" if record.CLs_obs is not None else f"{'-':>12}"
+            expected = f"{record.CLs_exp[2]:12.4g}" if record.CLs_exp else f"{'-':>12}"
+            status = ("excluded" if record.excluded else "ok") if record.ok else f"FAILED: {record.error}"
+            click.echo(f"{record.name:<24}{values}{observed}{expected}  {status}")
+        click.echo("")
+    click.echo(result.summary())
+
+
+def _parse_option(text: str) -> tuple[str, object]:
+    import yaml
+
+    if "=" not in text:
+        raise click.BadParameter(f"{text!r} is not KEY=VALUE (e.g. --option processes=2)")
+    key, value = text.split("=", 1)
+    return key.strip().replace("-", "_"), yaml.safe_load(value)
+
+
+@click.command(context_settings={"max_content_width": 100})
+@click.argument("source")
+@click.option("--patchset", help="Patches for a BkgOnly.json SOURCE: patchset.json or a directory of patch files.")
+@click.option("-p", "--patch", "patches", multiple=True, help="Patch name or glob to fit (repeatable; default: all).")
+@click.option("--executor", default="local", show_default=True,
+              help="local, sequential, dask, slurm, funcx (globus-compute) or parsl.")
+@click.option("--workers", type=int, help="Number of workers (local, dask, parsl).")
+@click.option("--backend", type=click.Choice(["numpy", "jax"]),
+              help="numpy: plain pyhf; jax: compiled fast path (default when jax is installed).")
+@click.option("--poi-test", default="1.0", show_default=True, help="Signal strength to test.")
+@click.option("--test-stat", default="qtilde", show_default=True, help="qtilde, q or q0.")
+@click.option("--interpcodes", default="code4,code4p", show_default=True,
+              help="Interpolation codes for normsys,histosys.")
+@click.option("-o", "--output", default="results.json", show_default=True, type=click.Path(),
+              help="Results file (.json, or .csv for a table).")
+@click.option("--journal", type=click.Path(dir_okay=False),
+              help="Journal of finished results [default: <output>.journal.jsonl beside the output].")
+@click.option("--resume", is_flag=True, help="Skip the patches already finished in the journal.")
+@click.option("--retries", default=2, show_default=True, type=int, help="Resubmissions of a task whose worker died.")
+@click.option("--timeout", type=float, help="Seconds after which a single fit is recorded as failed.")
+@click.option("--jobs", type=int, help="[slurm] Batch jobs to start.")
+@click.option("--cores", type=int, help="[slurm] Cores per job.")
+@click.option("--memory", help="[slurm] Memory per job, e.g. 2GB.")
+@click.option("--walltime", help="[slurm] Wall time per job, e.g. 00:30:00.")
+@click.option("--queue", help="[slurm] Partition.")
+@click.option("--account", help="[slurm] Account to charge.")
+@click.option("--cluster-config", type=click.Path(exists=True, dir_okay=False),
+              help="[slurm] YAML file of further SLURMCluster arguments.")
+@click.option("--show-job-script", is_flag=True, help="[slurm] Print the batch script and exit without fitting.")
+@click.option("--address", help="[dask] Address of a running scheduler, e.g. tcp://host:8786.")
+@click.option("--endpoint-id", envvar="GLOBUS_COMPUTE_ENDPOINT_ID", help="[funcx] Globus Compute endpoint id.")
+@click.option("--option", "extra_options", multiple=True, metavar="KEY=VALUE",
+              help="Any other executor keyword argument (repeatable), e.g. --option processes=2.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def fit(source, patchset, patches, executor, workers, backend, poi_test, test_stat, interpcodes, output,
+        journal, resume, retries, timeout, jobs, cores, memory, walltime, queue, account, cluster_config,
+        show_job_script, address, endpoint_id, extra_options, quiet):
+    """Fit the signal patches of SOURCE and write the results.
+
+    SOURCE is a pallet (a HEPData .tar.gz, a directory with BkgOnly.json and patchset.json or
+    patch.<name>.json files, or a HEPData DOI), or a BkgOnly.json given with --patchset.
+    """
+    import pyhf_dist
+    from pyhf_dist.executors import get_executor
+    from pyhf_dist.journal import journal_path_for
+    from pyhf_dist.settings import parse_interpcodes
+
+    options = {
+        name: value
+        for name, value in dict(
+            workers=workers, jobs=jobs, cores=cores, memory=memory, walltime=walltime, queue=queue,
+            account=account, cluster_config=cluster_config, address=address, endpoint_id=endpoint_id,
+        ).items()
+        if value is not None
+    }
+    options.update(_parse_option(text) for text in extra_options)
+    if show_job_script:
+        runner = get_executor(executor, **options)
+        if not hasattr(runner, "job_script"):
+            raise click.UsageError(f"--show-job-script is for batch executors such as slurm, not {executor!r}")
+        click.echo(runner.job_script())
+        return
+    modifier_settings = parse_interpcodes(interpcodes)
+    check_output(output)
+    journal_path = Path(journal) if journal else journal_path_for(output)
+    if resume and not journal_path.exists():
+        click.echo(f"No journal at {journal_path}: starting from the beginning.", err=True)
+    resume_command = " ".join(shlex.quote(arg) for arg in ["pyhf-dist", *sys.argv[1:]] if arg != "--resume")
+
+    def started(metadata: dict) -> None:
+        where = metadata.get("executor")
+        click.echo(
+            f"Fitting {metadata['patches'] - metadata['resumed']} patches"
+            + (f" ({metadata['resumed']} already in the journal)" if metadata["resumed"] else "")
+            + f" on {where} with {metadata.get('workers')} workers, backend {metadata['settings']['backend']}",
+            err=True,
+        )
+        if metadata.get("dashboard"):
+            click.echo(f"Dask dashboard: {metadata['dashboard']}", err=True)
+
+    try:
+        result = pyhf_dist.map_fits(
+            source, patchset, executor=executor, patches=list(patches) or None, poi_test=poi_test,
+            test_stat=test_stat, backend=backend, modifier_settings=modifier_settings, journal=journal_path,
+            resume=resume, retries=retries, timeout=timeout, progress=not quiet, on_start=started, **options,
+        )
+    except KeyboardInterrupt:
+        click.echo(
+            f"\nInterrupted. Finished results are kept in {journal_path}; to fit the rest run:\n"
+            f"  {resume_command} --resume",
+            err=True,
+        )
+        raise click.exceptions.Exit(130) from None
+    if str(output).lower().endswith(".csv"):
+        result.to_csv(output)
+    else:
+        result.to_json(output)
+    if not result.failed():
+        journal_path.unlink(missing_ok=True)
+    print_table(result)
+    click.echo(f"Results written to {output}")
+    if result.failed():
+        click.echo(
+            f"{len(result.failed())} fits failed (see 'error' in the results); "
+            f"'{resume_command} --resume' refits only those.",
+            err=True,
+        )

@@ -1,0 +1,101 @@
+"""Executors by name: a registry that imports optional backends only when they are asked for.
+
+>>> from pyhf_dist.executors import available_executors
+>>> "local" in available_executors() and "dask" in available_executors()
+True
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib
+import inspect
+from typing import Any, Callable
+
+from pyhf_dist.exceptions import ExecutorOptionError, UnknownExecutorError
+from pyhf_dist.executors.base import Executor, default_workers
+
+__all__ = ["Executor", "get_executor", "register_executor", "available_executors", "default_workers"]
+
+# name -> "module:attribute" (imported on first use) or a factory registered at run time.
+_REGISTRY: dict[str, str | Callable[..., Executor]] = {
+    "local": "pyhf_dist.executors.local:LocalExecutor",
+    "sequential": "pyhf_dist.executors.sequential:SequentialExecutor",
+    "dask": "pyhf_dist.executors.dask:DaskExecutor",
+    "slurm": "pyhf_dist.executors.slurm:SlurmExecutor",
+    "funcx": "pyhf_dist.executors.funcx:FuncXExecutor",
+    "parsl": "pyhf_dist.executors.parsl:ParslExecutor",
+}
+_ALIASES = {"globus-compute": "funcx"}
+
+
+def available_executors() -> list[str]:
+    """The registered executor names (whether or not their optional packages are installed)."""
+    return sorted(set(_REGISTRY) | set(_ALIASES))
+
+
+def register_executor(name: str, factory: Callable[..., Executor]) -> None:
+    """Make ``executor=name`` build executors with ``factory(**options)``."""
+    _REGISTRY[name] = factory
+
+
+def _factory(name: str) -> Callable[..., Executor]:
+    entry = _REGISTRY[_ALIASES.get(name, name)]
+    if isinstance(entry, str):
+        module_name, attribute = entry.split(":")
+        # An optional backend's module raises MissingDependencyError (with the pip command) here.
+        entry = getattr(importlib.import_module(module_name), attribute)
+    return entry
+
+
+def get_executor(executor: Any = "local", **options) -> Executor:
+    """Turn the ``executor=`` argument of :func:`pyhf_dist.map_fits` into an :class:`Executor`.
+
+    Args:
+        executor: A registered name, an :class:`Executor`, or any ``concurrent.futures.Executor``.
+        **options: Keyword arguments for the named executor (``workers``, ``jobs``...).
+
+    Raises:
+        UnknownExecutorError: ``executor`` is a name nobody registered.
+        ExecutorOptionError: ``options`` has a keyword the executor does not take.
+
+    >>> get_executor("nowhere")
+    Traceback (most recent call last):
+    ...
+    pyhf_dist.exceptions.UnknownExecutorError: unknown executor 'nowhere': choose one of dask, funcx, globus-compute, local, parsl, sequential, slurm
+    """
+    if isinstance(executor, Executor):
+        _no_options(options, f"an executor object ({type(executor).__name__})")
+        return executor
+    if isinstance(executor, concurrent.futures.Executor):
+        from pyhf_dist.executors.futures import FuturesExecutor
+
+        _no_options(options, f"a {type(executor).__name__}")
+        return FuturesExecutor(executor)
+    if not isinstance(executor, str) or _ALIASES.get(executor, executor) not in _REGISTRY:
+        raise UnknownExecutorError(
+            f"unknown executor {executor!r}: choose one of {', '.join(available_executors())}"
+        )
+    factory = _factory(executor)
+    _check_options(factory, executor, options)
+    return factory(**options)
+
+
+def _no_options(options: dict, what: str) -> None:
+    if options:
+        raise ExecutorOptionError(
+            f"executor options {', '.join(sorted(options))} cannot be applied to {what}: "
+            "configure it before passing it in"
+        )
+
+
+def _check_options(factory: Callable, name: str, options: dict) -> None:
+    parameters = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    accepted = [p for p, v in parameters.items() if v.kind is not inspect.Parameter.VAR_POSITIONAL]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ExecutorOptionError(
+            f"executor {name!r} does not take {', '.join(unknown)}: it takes {', '.join(accepted) or 'no options'}"
+        )

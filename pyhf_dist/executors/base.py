@@ -1,0 +1,88 @@
+"""The executor interface every scheduler implements.
+
+An :class:`Executor` wraps a native engine (a process pool, a Dask client, a Parsl or Globus
+Compute executor — all ``concurrent.futures.Executor``s) and adds the two things a scan needs:
+shipping the :class:`~pyhf_dist.worker.WorkerContext` to each worker once (:meth:`start`), and
+telling the death of a worker apart from a failed fit (:meth:`is_worker_lost`), so that the scan
+can retry the former.
+
+Subclasses implement :meth:`submit` and usually :meth:`start` and :meth:`shutdown`; they release
+only what they started.
+"""
+
+from __future__ import annotations
+
+import abc
+import concurrent.futures
+import os
+from typing import Any
+
+from pyhf_dist.worker import WorkerContext
+
+__all__ = ["Executor", "default_workers"]
+
+
+def default_workers() -> int:
+    """The number of cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class Executor(abc.ABC):
+    """Runs fit tasks on workers.
+
+    Args:
+        workers: How many tasks may run at once; ``None`` lets the executor choose.
+
+    Use as a context manager, or call :meth:`start` and :meth:`shutdown` yourself::
+
+        with LocalExecutor(workers=2) as executor:
+            executor.start(context)
+            future = executor.submit(task)
+    """
+
+    #: The registered name (``"local"``, ``"dask"``...), recorded in the scan's metadata.
+    name: str = "custom"
+
+    def __init__(self, workers: int | None = None):
+        if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
+            from pyhf_dist.exceptions import ExecutorOptionError
+
+            raise ExecutorOptionError(f"workers must be a positive integer, got {workers!r}")
+        self.workers = workers
+        self.context: WorkerContext | None = None
+
+    def start(self, context: WorkerContext) -> None:
+        """Bring up the workers (if needed) and make ``context`` available to each of them once."""
+        self.context = context
+
+    @abc.abstractmethod
+    def submit(self, task: dict) -> concurrent.futures.Future:
+        """Submit one task; the future's result is the record from :func:`pyhf_dist.worker.run_task`."""
+
+    def shutdown(self, cancel_futures: bool = True) -> None:
+        """Release what this executor started. Safe to call more than once."""
+
+    def is_worker_lost(self, error: BaseException) -> bool:
+        """Whether ``error`` (raised by a future) means the worker died rather than the fit failed."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        from pyhf_dist.exceptions import WorkerLostError
+
+        return isinstance(error, (WorkerLostError, BrokenProcessPool))
+
+    def describe(self) -> dict[str, Any]:
+        """Facts recorded in the scan's metadata (name, workers, dashboard link...)."""
+        return {"executor": self.name, "workers": self.workers}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.shutdown(cancel_futures=True)
+        return False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(workers={self.workers!r})"

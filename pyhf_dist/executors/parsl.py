@@ -1,0 +1,302 @@
+"""Fit on Parsl's HighThroughputExecutor: ``executor="parsl"``.
+
+The HighThroughputExecutor (HTEX) is the engine inside Globus Compute endpoints: an interchange
+process hands tasks to long-lived worker pools, started on this machine (``provider="local"``,
+the default) or as Slurm jobs (``provider="slurm"``), or however a user's ``parsl.Config`` says.
+
+HTEX workers are long-lived processes, so each one keeps its parsed workspace between tasks
+(:func:`pyhf_dist.worker.run_task` caches it per process). HTEX has no hook that runs Python once
+per worker, so the context still travels with every task; it is zlib-compressed once on the
+client (a workspace shrinks about 6x) and decompressed only by a worker's first task.
+
+Parsl's DataFlowKernel is created and cleaned up by this executor in every path — a finished scan,
+a failed one, Ctrl-C — so no interchange or worker-pool process outlives the scan.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import shutil
+import sys
+import tempfile
+import time
+import zlib
+from typing import Any
+
+from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, MissingDependencyError, WorkerLostError
+from pyhf_dist.executors.base import Executor, default_workers
+from pyhf_dist.worker import WorkerContext
+
+try:
+    import parsl
+    from parsl.executors import HighThroughputExecutor
+    from parsl.executors.high_throughput.executor import DEFAULT_LAUNCH_CMD
+except ImportError as error:  # the registry imports this module only when "parsl" is asked for
+    raise MissingDependencyError("parsl", "parsl", 'executor="parsl"') from error
+
+__all__ = ["ParslExecutor", "PackedContext", "run_parsl_task", "PROVIDERS"]
+
+PROVIDERS = ("local", "slurm")
+LABEL = "pyhf_dist"
+
+
+class PackedContext:
+    """A :class:`~pyhf_dist.worker.WorkerContext` whose payload travels zlib-compressed.
+
+    Duck-types ``WorkerContext`` for :func:`pyhf_dist.worker.run_task`: the payload is only
+    decompressed when the worker has not seen this context yet.
+    """
+
+    __slots__ = ("key", "packed")
+
+    def __init__(self, key: str, packed: bytes):
+        self.key = key
+        self.packed = packed
+
+    @classmethod
+    def pack(cls, context: WorkerContext) -> "PackedContext":
+        return cls(context.key, zlib.compress(context.payload, 6))
+
+    @property
+    def payload(self) -> bytes:
+        return zlib.decompress(self.packed)
+
+    def __getstate__(self):
+        return (self.key, self.packed)
+
+    def __setstate__(self, state):
+        self.key, self.packed = state
+
+
+def run_parsl_task(task: dict, context: PackedContext) -> dict:
+    """What an HTEX worker runs: one task, the context set up on the worker's first task."""
+    from pyhf_dist.worker import run_task
+
+    return run_task(task, context)
+
+
+def _worker_lost_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = []
+    try:
+        from parsl.executors.high_throughput.errors import WorkerLost
+
+        errors.append(WorkerLost)
+    except ImportError:
+        pass
+    try:
+        from parsl.executors.errors import BadStateException
+
+        errors.append(BadStateException)
+    except ImportError:
+        pass
+    try:
+        from parsl.executors.high_throughput.interchange import ManagerLost
+
+        errors.append(ManagerLost)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+class ParslExecutor(Executor):
+    """Runs fits on a Parsl HighThroughputExecutor.
+
+    Args:
+        workers: Worker processes per node (per block); default: the cores we may use.
+        provider: ``"local"`` (worker pools on this machine) or ``"slurm"`` (worker pools in
+            Slurm jobs, started with ``srun``).
+        config: A ready ``parsl.Config``; the other options are then not used. Its DataFlowKernel
+            is started and cleaned up by this executor.
+        init_blocks, min_blocks, max_blocks, nodes_per_block: Parsl block settings (a block is
+            one batch job, or one local worker pool).
+        partition, account, qos, walltime, scheduler_options, exclusive, mem_per_node: Slurm
+            job settings (``provider="slurm"``).
+        worker_init: Shell commands run before the worker pool starts (e.g. activating the
+            environment with pyhf and pyhf-dist).
+        strategy_period: Seconds between Parsl's scaling decisions; small means a fast start.
+        address: Address the workers connect to (default: ``127.0.0.1`` for local workers, the
+            machine's address for Slurm).
+        run_dir: Parsl's run directory (logs, job scripts); default: a temporary directory for
+            local workers, ``./pyhf-dist-parsl`` for Slurm (it must be visible to the nodes).
+
+    Example:
+        >>> pyhf_dist.map_fits("pallet/", executor="parsl", provider="slurm",
+        ...                    partition="compute", max_blocks=4, workers=32)  # doctest: +SKIP
+    """
+
+    name = "parsl"
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        provider: str = "local",
+        config: Any = None,
+        init_blocks: int = 1,
+        min_blocks: int = 0,
+        max_blocks: int = 1,
+        nodes_per_block: int = 1,
+        partition: str | None = None,
+        account: str | None = None,
+        qos: str | None = None,
+        walltime: str = "00:30:00",
+        scheduler_options: str = "",
+        exclusive: bool = False,
+        mem_per_node: int | None = None,
+        worker_init: str = "",
+        strategy_period: float = 0.2,
+        address: str | None = None,
+        run_dir: str | os.PathLike | None = None,
+    ):
+        super().__init__(workers=workers)
+        if config is None and provider not in PROVIDERS:
+            raise ExecutorOptionError(f"unknown Parsl provider {provider!r}: choose one of {', '.join(PROVIDERS)} or pass config=")
+        if config is not None and not isinstance(config, parsl.Config):
+            raise ExecutorOptionError(f"config must be a parsl.Config, got {type(config).__name__}")
+        for label, value in (("init_blocks", init_blocks), ("min_blocks", min_blocks)):
+            if not isinstance(value, int) or value < 0:
+                raise ExecutorOptionError(f"{label} must be a non-negative integer, got {value!r}")
+        for label, value in (("max_blocks", max_blocks), ("nodes_per_block", nodes_per_block)):
+            if not isinstance(value, int) or value < 1:
+                raise ExecutorOptionError(f"{label} must be a positive integer, got {value!r}")
+        if not (min_blocks <= max_blocks and init_blocks <= max_blocks):
+            raise ExecutorOptionError(
+                f"need min_blocks <= max_blocks and init_blocks <= max_blocks, got {min_blocks}, {init_blocks}, {max_blocks}"
+            )
+        if not isinstance(strategy_period, (int, float)) or strategy_period <= 0:
+            raise ExecutorOptionError(f"strategy_period must be a positive number of seconds, got {strategy_period!r}")
+        self.provider = "custom" if config is not None else provider
+        self.config = config
+        self.options = dict(
+            init_blocks=init_blocks, min_blocks=min_blocks, max_blocks=max_blocks, nodes_per_block=nodes_per_block,
+            partition=partition, account=account, qos=qos, walltime=walltime, scheduler_options=scheduler_options,
+            exclusive=exclusive, mem_per_node=mem_per_node, worker_init=worker_init,
+        )
+        self.strategy_period = strategy_period
+        self.address = address
+        self.run_dir = os.fspath(run_dir) if run_dir is not None else None
+        self._own_run_dir: str | None = None
+        self._dfk: Any = None
+        self._pool: Any = None
+        self._packed: PackedContext | None = None
+        self.timings: dict[str, float] = {}
+        if self.workers is None and config is None:
+            self.workers = default_workers()
+
+    # ---------------------------------------------------------------------------------- config
+    def build_config(self) -> "parsl.Config":
+        """The ``parsl.Config`` this executor runs (the user's, when one was given)."""
+        if self.config is not None:
+            return self.config
+        options = self.options
+        python = sys.executable
+        # Start the interchange and worker pools with this very Python (the scripts Parsl puts on
+        # PATH may belong to another installation, or not be on PATH at all).
+        launch_cmd = DEFAULT_LAUNCH_CMD.replace(
+            "process_worker_pool.py", f"{python} -m parsl.executors.high_throughput.process_worker_pool", 1
+        )
+        worker_init = "export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1"
+        if options["worker_init"]:
+            worker_init += "\n" + options["worker_init"]
+        if self.provider == "local":
+            from parsl.providers import LocalProvider
+
+            provider = LocalProvider(
+                init_blocks=options["init_blocks"], min_blocks=options["min_blocks"],
+                max_blocks=options["max_blocks"], nodes_per_block=1, worker_init=worker_init,
+            )
+            address = self.address or "127.0.0.1"
+            run_dir = self.run_dir or self._temporary_run_dir()
+        else:
+            from parsl.launchers import SrunLauncher
+            from parsl.providers import SlurmProvider
+
+            provider = SlurmProvider(
+                partition=options["partition"], account=options["account"], qos=options["qos"],
+                nodes_per_block=options["nodes_per_block"], init_blocks=options["init_blocks"],
+                min_blocks=options["min_blocks"], max_blocks=options["max_blocks"],
+                walltime=options["walltime"], scheduler_options=options["scheduler_options"],
+                exclusive=options["exclusive"], mem_per_node=options["mem_per_node"],
+                worker_init=worker_init, launcher=SrunLauncher(),
+            )
+            address = self.address
+            if address is None:
+                from parsl.addresses import address_by_hostname
+
+                address = address_by_hostname()
+            run_dir = self.run_dir or os.path.abspath("pyhf-dist-parsl")
+        executor = HighThroughputExecutor(
+            label=LABEL,
+            address=address,
+            max_workers_per_node=self.workers,
+            provider=provider,
+            launch_cmd=launch_cmd,
+            interchange_launch_cmd=[python, "-m", "parsl.executors.high_throughput.interchange"],
+            heartbeat_period=5,
+            heartbeat_threshold=30,
+            poll_period=10,
+        )
+        return parsl.Config(
+            executors=[executor],
+            strategy_period=self.strategy_period,
+            run_dir=run_dir,
+            initialize_logging=False,
+            usage_tracking=0,
+            retries=0,
+            exit_mode="cleanup",
+        )
+
+    def _temporary_run_dir(self) -> str:
+        if self._own_run_dir is None:
+            self._own_run_dir = tempfile.mkdtemp(prefix="pyhf-dist-parsl-")
+        return self._own_run_dir
+
+    # ------------------------------------------------------------------------------- lifecycle
+    def start(self, context: WorkerContext) -> None:
+        super().start(context)
+        from parsl.concurrent import ParslPoolExecutor
+        from parsl.dataflow.dflow import DataFlowKernel
+
+        began = time.perf_counter()
+        self._packed = PackedContext.pack(context)
+        try:
+            self._dfk = DataFlowKernel(self.build_config())
+            self._pool = ParslPoolExecutor(dfk=self._dfk)
+        except Exception as error:
+            self.shutdown()
+            raise ExecutorError(f"Parsl could not start: {error}") from error
+        self.timings["start_seconds"] = time.perf_counter() - began
+
+    def submit(self, task: dict) -> concurrent.futures.Future:
+        if self._pool is None:
+            raise RuntimeError("ParslExecutor.start(context) must be called before submit()")
+        return self._pool.submit(run_parsl_task, task, self._packed)
+
+    def is_worker_lost(self, error: BaseException) -> bool:
+        return isinstance(error, (WorkerLostError, *_worker_lost_errors()))
+
+    def shutdown(self, cancel_futures: bool = True) -> None:
+        dfk, self._dfk = self._dfk, None
+        self._pool = None
+        if dfk is not None:
+            try:
+                # Stops the interchange and cancels the blocks: local worker pools are killed,
+                # Slurm jobs scancel'ed. Tasks still running are abandoned.
+                dfk.cleanup()
+            except Exception as error:  # never hide the scan's own error behind a cleanup one
+                import logging
+
+                logging.getLogger(__name__).warning("Parsl cleanup failed: %s", error)
+        run_dir, self._own_run_dir = self._own_run_dir, None
+        if run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+    def describe(self) -> dict:
+        info = {"executor": self.name, "workers": self.workers, "provider": self.provider,
+                "parsl_version": parsl.__version__}
+        if self.config is None:
+            info.update({k: v for k, v in self.options.items() if v not in (None, "")})
+        return info
+
+    def __repr__(self) -> str:
+        return f"ParslExecutor(workers={self.workers!r}, provider={self.provider!r})"

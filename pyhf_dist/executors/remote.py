@@ -1,0 +1,165 @@
+"""The function a Globus Compute endpoint runs for each patch: self-contained, pyhf + numpy only.
+
+:func:`pyhf_dist_fit` is shipped to the service as *source text* (``PureSourceTextInspect``), not
+by reference, so an endpoint needs pyhf and numpy but not pyhf-dist, and the endpoint's Python
+and dill versions need not match the client's. Everything it uses is therefore imported or defined
+inside its body.
+
+Its arguments are plain JSON data (``JSONData``): the scan's context (background workspace + fit
+settings) and the task (patch operations, name, timeout). Either may be compressed text
+(``"zlib+base64:<...>"``, see :func:`encode`): a workspace is highly redundant JSON, and
+compressing it keeps a batch of tasks far below the service's 10 MB limit per submission.
+
+The Globus Compute cloud has no per-worker setup hook, so the context travels with every task;
+but the endpoint's workers are long-lived processes, so a worker parses it on its first task only
+and keeps the parsed workspace in a small cache module in ``sys.modules`` (the function's own
+globals are new on every task: the endpoint re-creates the function from source each time).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import zlib
+
+__all__ = ["pyhf_dist_fit", "encode", "decode", "COMPRESSED_PREFIX", "CACHE_MODULE"]
+
+#: Marks text that holds zlib-compressed, base64-encoded JSON.
+COMPRESSED_PREFIX = "zlib+base64:"
+#: Name of the per-worker-process cache module the remote function keeps in ``sys.modules``.
+CACHE_MODULE = "_pyhf_dist_remote_cache"
+
+
+def encode(data, compress: bool = True) -> str:
+    """JSON text of ``data``, compressed (``"zlib+base64:..."``) when ``compress``."""
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    if not compress:
+        return text
+    return COMPRESSED_PREFIX + base64.b64encode(zlib.compress(text.encode(), 6)).decode("ascii")
+
+
+def decode(text):
+    """Inverse of :func:`encode` (also accepts already-decoded data)."""
+    if not isinstance(text, str):
+        return text
+    if text.startswith(COMPRESSED_PREFIX):
+        text = zlib.decompress(base64.b64decode(text[len(COMPRESSED_PREFIX):])).decode()
+    return json.loads(text)
+
+
+def pyhf_dist_fit(context, task):
+    """Fit one signal patch on a Globus Compute endpoint and return its result record.
+
+    Self-contained: needs only pyhf (and numpy) on the endpoint, not pyhf-dist.
+
+    Args:
+        context: ``{"workspace": <background spec>, "settings": <FitSettings dict>}`` as JSON
+            text, optionally compressed (``"zlib+base64:..."``).
+        task: JSON text (optionally compressed) of ``{"name", "patch", "context" (digest of the
+            context), "chunk", "timeout"}``.
+
+    Returns:
+        A JSON-able record: ``name``, ``status`` (``"ok"``/``"failed"``), ``error``, ``CLs_obs``,
+        ``CLs_exp``, ``fit_seconds``, ``started``, ``finished``, ``worker`` (host, pid, Slurm job).
+    """
+    import base64
+    import json
+    import os
+    import signal
+    import socket
+    import sys
+    import threading
+    import time
+    import traceback
+    import types
+    import zlib
+
+    def load(text):
+        if not isinstance(text, str):
+            return text
+        if text.startswith("zlib+base64:"):
+            text = zlib.decompress(base64.b64decode(text[len("zlib+base64:"):])).decode()
+        return json.loads(text)
+
+    task = load(task)
+    cache = sys.modules.get("_pyhf_dist_remote_cache")
+    if cache is None:
+        cache = types.ModuleType("_pyhf_dist_remote_cache")
+        cache.states = {}
+        cache.setups = 0
+        cache.lock = threading.Lock()
+        sys.modules["_pyhf_dist_remote_cache"] = cache
+
+    key = task["context"]
+    with cache.lock:
+        state = cache.states.get(key)
+        if state is None:
+            # One thread per numerical library: many single-threaded fits beat a few that fight
+            # over the cores (values the endpoint's administrator set are kept).
+            for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                         "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS"):
+                os.environ.setdefault(name, "1")
+            import pyhf
+
+            data = load(context)
+            state = {"workspace": pyhf.Workspace(data["workspace"]), "settings": data["settings"]}
+            # Keep the latest two scans: a long-lived endpoint worker serves many scans.
+            while len(cache.states) >= 2:
+                cache.states.pop(next(iter(cache.states)))
+            cache.states[key] = state
+            cache.setups += 1
+
+    import pyhf
+
+    settings = state["settings"]
+    workspace = state["workspace"]
+    started = time.time()
+    record = {"name": task["name"], "status": "ok", "error": None}
+    if task.get("chunk") is not None:
+        record["chunk"] = task["chunk"]
+
+    class FitTimeout(Exception):
+        pass
+
+    def on_alarm(signum, frame):
+        raise FitTimeout()
+
+    def fit():
+        backend = "numpy" if settings.get("backend") == "numpy" else "jax"
+        if pyhf.tensorlib.name != backend:
+            pyhf.set_backend(backend)
+        if settings.get("calculation", "hypotest") != "hypotest" or settings.get("calctype", "asymptotics") != "asymptotics":
+            raise NotImplementedError(
+                f"calculation {settings.get('calculation')!r} with calctype {settings.get('calctype')!r} "
+                "is not available on Globus Compute"
+            )
+        model = workspace.model(patches=[task["patch"]], modifier_settings=settings.get("modifier_settings"))
+        observed, expected = pyhf.infer.hypotest(
+            settings.get("poi_test", 1.0), workspace.data(model), model,
+            test_stat=settings.get("test_stat", "qtilde"), return_expected_set=True,
+        )
+        return {"CLs_obs": float(observed), "CLs_exp": [float(value) for value in expected]}
+
+    timeout = task.get("timeout")
+    use_alarm = bool(timeout) and threading.current_thread() is threading.main_thread()
+    try:
+        if use_alarm:
+            previous = signal.signal(signal.SIGALRM, on_alarm)
+            signal.setitimer(signal.ITIMER_REAL, float(timeout))
+        try:
+            record.update(fit())
+        finally:
+            if use_alarm:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
+    except FitTimeout:
+        record.update(status="failed", error=f"timed out after {timeout} s")
+    except Exception as error:  # a failed fit is a result, not a failed task
+        summary = traceback.format_exception_only(type(error), error)[-1].strip()
+        record.update(status="failed", error=summary or type(error).__name__)
+    finished = time.time()
+    record.update(
+        started=started, finished=finished, fit_seconds=finished - started,
+        worker={"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")},
+    )
+    return record

@@ -1,0 +1,286 @@
+"""The compiled fast path: asymptotic hypotests of many patches on one compiled likelihood.
+
+Plain pyhf builds a model per patch and, on the jax backend, traces and compiles it anew. Here a
+patch becomes arrays (:mod:`~pyhf_dist.fast.layout`) padded to a layout shared by the pallet, fed
+to a likelihood compiled once per process (:mod:`~pyhf_dist.fast.likelihood`, kept across runs in
+a persistent XLA compilation cache) and fitted with preconditioned L-BFGS-B
+(:mod:`~pyhf_dist.fast.fit`).
+
+It never returns a number pyhf would not: anything it does not reproduce raises
+:class:`FastPathUnsupported` (the worker then runs plain pyhf for that patch), and the first patch
+of every new structure is checked against ``pyhf.Model.logpdf``, its parameters and auxdata;
+a structure that fails the check is never fitted here.
+
+Example:
+    >>> fast = FastHypotest(workspace_spec)  # doctest: +SKIP
+    >>> fast.hypotest(patch_operations, poi_test=1.0, test_stat="qtilde")  # doctest: +SKIP
+    {'CLs_obs': 0.52..., 'CLs_exp': [...]}
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import numpy as np
+
+from pyhf_dist.fast.errors import FastPathUnsupported
+
+__all__ = ["FastHypotest", "FastPathUnsupported", "CACHE_ENV", "configure_jax", "for_state", "warm_up"]
+
+log = logging.getLogger(__name__)
+
+#: Directory of the persistent XLA compilation cache (shared by all workers of a machine);
+#: ``off`` disables it. Default: ``$XDG_CACHE_HOME/pyhf-dist/jax`` (``~/.cache/pyhf-dist/jax``).
+CACHE_ENV = "PYHF_DIST_JAX_CACHE"
+
+_CONFIGURED = False
+_CONFIGURE_LOCK = threading.Lock()
+# Tolerance of the structure check: pyhf and this module sum the same terms in other orders.
+_LOGPDF_RTOL = 1e-9
+
+
+def configure_jax() -> None:
+    """Double precision and the persistent compilation cache; once per process, before compiling."""
+    global _CONFIGURED
+    with _CONFIGURE_LOCK:
+        if _CONFIGURED:
+            return
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+        directory = os.environ.get(CACHE_ENV) or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pyhf-dist", "jax"
+        )
+        if directory.lower() != "off":
+            try:
+                os.makedirs(directory, exist_ok=True)
+                jax.config.update("jax_compilation_cache_dir", directory)
+                # The likelihood compiles in well under the default 1 s threshold on a fast machine
+                # but is what a cold worker waits for: cache every compilation.
+                jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+            except OSError as error:
+                log.warning("jax compilation cache disabled: cannot use %s (%s)", directory, error)
+        _CONFIGURED = True
+
+
+class FastHypotest:
+    """Asymptotic hypotests of patches of one background workspace on the compiled likelihood.
+
+    Args:
+        workspace_spec: The background workspace (dict), as given to ``pyhf.Workspace``.
+        modifier_settings: pyhf's ``modifier_settings``; ``None`` means code4/code4p.
+        verify: Check the first patch of each structure against plain pyhf (leave on; tests
+            switch it off to exercise the arithmetic alone).
+
+    Raises:
+        FastPathUnsupported: The workspace itself is outside what the fast path covers.
+    """
+
+    def __init__(self, workspace_spec: dict, modifier_settings: dict | None = None, *, verify: bool = True):
+        from pyhf_dist.fast import layout
+
+        try:
+            self._measurement = workspace_spec["measurements"][0]
+            self._base = {
+                "channels": workspace_spec["channels"],
+                "parameters": self._measurement["config"].get("parameters", []),
+            }
+            self._observations = {o["name"]: o["data"] for o in workspace_spec["observations"]}
+        except (KeyError, IndexError, TypeError) as error:
+            raise FastPathUnsupported(f"not a workspace the fast path reads: {error!r}") from None
+        self.modifier_settings = modifier_settings or {
+            "normsys": {"interpcode": "code4"},
+            "histosys": {"interpcode": "code4p"},
+        }
+        self._codes = layout._codes(self.modifier_settings)
+        self._samples = layout.SampleCache(self._base)
+        self._verify = verify
+        self._caps = None
+        self._verified: dict = {}
+        self._lock = threading.Lock()
+
+    def arrays(self, patch_operations: list | None, *, require_poi: bool = True):
+        """The patched spec and its :class:`~pyhf_dist.fast.layout.PatchArrays` (unpadded)."""
+        from pyhf_dist.fast import layout
+
+        spec = layout.apply_patch(self._base, patch_operations or [])
+        arrays = layout.build_arrays(
+            spec,
+            self._measurement,
+            self._observations,
+            self.modifier_settings,
+            require_poi=require_poi,
+            samples=self._samples,
+        )
+        return spec, arrays
+
+    def hypotest(self, patch_operations: list | None, poi_test: float = 1.0, test_stat: str = "qtilde") -> dict:
+        """``pyhf.infer.hypotest(poi_test, ..., test_stat=..., return_expected_set=True)`` for one patch.
+
+        Args:
+            patch_operations: jsonpatch operations applied to ``{"channels", "parameters"}``
+                (as ``Workspace.model(patches=[operations])``); ``None`` for the background.
+            poi_test: The POI value tested.
+            test_stat: ``"qtilde"``, ``"q"`` or ``"q0"``.
+
+        Returns:
+            ``{"CLs_obs": float, "CLs_exp": [5 floats]}`` (CLs+b for ``q0``, as pyhf returns).
+
+        Raises:
+            FastPathUnsupported: The patch has something not covered, a fit did not converge, or
+                its structure failed the check against pyhf.
+        """
+        from pyhf_dist.fast import fit
+
+        with self._lock:
+            problem = self._problem(patch_operations)
+            result = fit.hypotest(problem, poi_test, test_stat)
+        return {"CLs_obs": result["CLs_obs"], "CLs_exp": result["CLs_exp"]}
+
+    def warm_up(self) -> None:
+        """Compile (or load from the persistent cache) the likelihood for this workspace's layout.
+
+        Uses the background-only model with room for a signal sample in every channel, so the
+        first patch usually finds its layout compiled. Cheap to call more than once.
+        """
+        from pyhf_dist.fast import layout, likelihood
+
+        configure_jax()
+        with self._lock:
+            if self._caps is not None:
+                return
+            _, arrays = self.arrays(None, require_poi=False)
+            sizes = arrays.sizes
+            room = layout.Caps(
+                bins=sizes.bins,
+                slots=sizes.slots + sum(1 for _ in self._base["channels"]),
+                width=sizes.width,
+                histosys=sizes.histosys,
+                normsys=sizes.normsys,
+                factors=sizes.factors + 1,
+                pars=sizes.pars + 1,
+            )
+            self._caps = layout.Caps.around(room)
+            padded = layout.pad(arrays, self._caps)
+            params = layout.pad_parameters(arrays, self._caps)
+            device = likelihood.device_layout(padded, self._codes[0])
+            functions = likelihood.functions(*self._codes)
+            functions.value_and_grad(params["init"], arrays.main_data, params["aux"], device)
+            functions.expected(params["init"], device)
+            functions.fisher_diagonal(params["init"], device)
+
+    def _problem(self, patch_operations):
+        from pyhf_dist.fast import fit, layout, likelihood
+
+        configure_jax()
+        spec, arrays = self.arrays(patch_operations)
+        sizes = arrays.sizes
+        if self._caps is None:
+            self._caps = layout.Caps.around(sizes)
+        elif not self._caps.covers(sizes):
+            if self._caps.bins != sizes.bins:
+                raise FastPathUnsupported("patch changes the number of bins")
+            self._caps = self._caps.grown(sizes)
+        padded = layout.pad(arrays, self._caps)
+        params = layout.pad_parameters(arrays, self._caps)
+        device = likelihood.device_layout(padded, self._codes[0])
+        functions = likelihood.functions(*self._codes)
+        if self._verify:
+            signature = (self._caps, self._codes, arrays.modifier_types)
+            if signature not in self._verified:
+                self._verified[signature] = self._matches_pyhf(spec, arrays, functions, device, params)
+            if not self._verified[signature]:
+                raise FastPathUnsupported("this structure did not reproduce pyhf's model in the check")
+        import jax
+
+        return fit.FitProblem(
+            functions=functions,
+            layout=device,
+            init=params["init"],
+            lower=params["lower"],
+            upper=params["upper"],
+            fixed=params["fixed"],
+            main=jax.device_put(arrays.main_data),
+            aux=jax.device_put(params["aux"]),
+            poi_index=arrays.poi_index,
+        )
+
+    def _matches_pyhf(self, spec, arrays, functions, device, params) -> bool:
+        """Compare parameters, auxdata and logpdf at the init and random points with ``pyhf.Model``."""
+        import pyhf
+
+        previous = pyhf.tensorlib.name
+        if previous != "numpy":
+            pyhf.set_backend("numpy")
+        try:
+            model = pyhf.Model(
+                spec,
+                validate=False,
+                poi_name=self._measurement["config"]["poi"],
+                modifier_settings=self.modifier_settings,
+            )
+            config = model.config
+            n = len(arrays.init)
+            constrained = arrays.gauss | arrays.poisson
+            same = (
+                config.par_names == arrays.par_names
+                and config.poi_index == arrays.poi_index
+                and np.array_equal(config.suggested_init(), arrays.init)
+                and np.array_equal(np.asarray(config.suggested_bounds(), dtype=float), np.stack([arrays.lower, arrays.upper], 1))
+                and list(config.suggested_fixed()) == list(arrays.fixed)
+                and np.allclose(config.auxdata, arrays.aux[constrained], rtol=1e-12, atol=0)
+            )
+            if not same:
+                log.warning("fast path: parameters differ from pyhf's for this structure; using plain pyhf")
+                return False
+            data = np.concatenate([arrays.main_data, config.auxdata])
+            rng = np.random.default_rng(7)
+            points = [arrays.init]
+            for _ in range(3):
+                # Nuisance parameters around 0 reach past +-1 to exercise every interpolation branch.
+                around_zero = arrays.init + rng.uniform(-1.6, 1.6, n)
+                around_one = arrays.init * rng.uniform(0.8, 1.2, n)
+                points.append(np.clip(np.where(arrays.init == 0, around_zero, around_one), arrays.lower, arrays.upper))
+            for point in points:
+                expected = float(model.logpdf(point, data)[0])
+                theta = params["init"].copy()
+                theta[:n] = point
+                ours = float(functions.logpdf(theta, arrays.main_data, params["aux"], device))
+                if not np.isfinite(expected):
+                    continue
+                if not abs(ours - expected) <= _LOGPDF_RTOL * max(1.0, abs(expected)):
+                    log.warning("fast path: logpdf %.12g differs from pyhf's %.12g; using plain pyhf", ours, expected)
+                    return False
+            return True
+        finally:
+            if previous != "numpy":
+                pyhf.set_backend(previous)
+
+
+def for_state(state) -> FastHypotest:
+    """The :class:`FastHypotest` of a worker's :class:`~pyhf_dist.worker.WorkerState` (made once)."""
+    fast = state.cache.get("fast_hypotest")
+    if fast is None:
+        with state.lock:
+            fast = state.cache.get("fast_hypotest")
+            if fast is None:
+                fast = FastHypotest(state.workspace_spec, state.settings.modifier_settings)
+                state.cache["fast_hypotest"] = fast
+    return fast
+
+
+def warm_up(state) -> None:
+    """Worker start-up hook: compile the likelihood before the first task arrives.
+
+    For scans that will take the fast path (``backend="jax"``, asymptotic hypotests); does nothing
+    otherwise, and never raises (a workspace the fast path cannot read is simply fitted by pyhf).
+    """
+    settings = state.settings
+    if settings.backend != "jax" or settings.calculation != "hypotest" or settings.calctype != "asymptotics":
+        return
+    try:
+        for_state(state).warm_up()
+    except FastPathUnsupported as error:
+        log.info("fast path not used for this workspace: %s", error)

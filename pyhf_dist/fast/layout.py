@@ -1,0 +1,660 @@
+"""A patched HistFactory spec turned into the plain numbers the compiled likelihood consumes.
+
+pyhf builds a new ``Model`` (and new constants for jax) for every patch; here a patch becomes a
+:class:`PatchArrays` of numpy arrays whose *shapes* are all the compiled likelihood depends on.
+:func:`pad` brings the arrays of different patches to one common shape (:class:`Caps`) with
+identity elements, so one compiled function serves a whole pallet.
+
+The semantics follow pyhf 0.7 exactly (``pyhf.pdf``, ``pyhf.modifiers``): channels and samples in
+sorted order, parameters in pyhf's ``par_order``, the parameter-set requirements of each modifier
+reduced by pyhf's own ``reduce_paramsets_requirements`` (so measurement-level overrides of inits,
+bounds, fixed, auxdata and sigmas behave as in pyhf), staterror widths pooled over every sample
+carrying the modifier, shapesys factors ``(nominal/uncertainty)**2``. Anything outside what is
+reproduced here raises :class:`~pyhf_dist.fast.errors.FastPathUnsupported`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import numpy as np
+
+from pyhf_dist.fast.errors import FastPathUnsupported
+
+__all__ = ["Caps", "PatchArrays", "SampleCache", "apply_patch", "build_arrays", "pad", "pad_parameters", "MODIFIER_TYPES"]
+
+#: Modifier types covered; the order is pyhf's ``histfactory_set`` order, which fixes the order
+#: in which parameters are registered (``par_order``).
+MODIFIER_TYPES = ("histosys", "lumi", "normfactor", "normsys", "shapefactor", "shapesys", "staterror")
+_NORMSYS_CODES = ("code1", "code4")
+_HISTOSYS_CODES = ("code0", "code2", "code4p")
+
+
+# ---------------------------------------------------------------------------------------------
+# Patching
+
+
+def apply_patch(document: dict, operations: list) -> dict:
+    """Apply jsonpatch ``operations`` to ``document`` without modifying it, copying only what changes.
+
+    pyhf applies patches with ``jsonpatch``, which deep-copies the whole (multi-megabyte) spec per
+    patch; copy-on-write along each operation's path gives the same result for a fraction of the
+    cost. Operations other than add/remove/replace/test go through ``jsonpatch`` itself.
+
+    Raises:
+        FastPathUnsupported: An operation that does not apply (pyhf would raise on it too).
+    """
+    if any(op.get("op") not in ("add", "remove", "replace", "test") for op in operations):
+        import jsonpatch
+
+        try:
+            return jsonpatch.JsonPatch(operations).apply(copy.deepcopy(document))
+        except Exception as error:
+            raise FastPathUnsupported(f"patch does not apply: {error}") from None
+    root = dict(document)
+    owned = {id(root)}
+    for op in operations:
+        try:
+            tokens = _pointer(op["path"])
+            if not tokens:
+                raise FastPathUnsupported("patch operations on the document root")
+            parent = root
+            for token in tokens[:-1]:
+                key = _key(parent, token, append=False)
+                child = parent[key]
+                if id(child) not in owned:
+                    child = list(child) if isinstance(child, list) else dict(child)
+                    owned.add(id(child))
+                    parent[key] = child
+                parent = child
+            last = tokens[-1]
+            kind = op["op"]
+            if kind == "test":
+                if parent[_key(parent, last, append=False)] != op["value"]:
+                    raise FastPathUnsupported(f"patch test failed at {op['path']}")
+            elif kind == "remove":
+                del parent[_key(parent, last, append=False)]
+            elif kind == "replace":
+                key = _key(parent, last, append=False)
+                parent[key]  # must exist, as in jsonpatch
+                parent[key] = op["value"]
+            elif isinstance(parent, list):
+                parent.insert(_key(parent, last, append=True), op["value"])
+            else:
+                parent[last] = op["value"]
+        except FastPathUnsupported:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError) as error:
+            raise FastPathUnsupported(f"patch operation {op!r:.80} does not apply: {error!r}") from None
+    return root
+
+
+def _pointer(path: str) -> list:
+    if path == "":
+        return []
+    if not path.startswith("/"):
+        raise ValueError(f"invalid JSON pointer {path!r}")
+    return [token.replace("~1", "/").replace("~0", "~") for token in path[1:].split("/")]
+
+
+def _key(container, token: str, append: bool):
+    if isinstance(container, dict):
+        if not append and token not in container:
+            raise KeyError(token)
+        return token
+    if token == "-" and append:
+        return len(container)
+    if not token.isdigit() or (len(token) > 1 and token[0] == "0"):
+        raise ValueError(f"invalid list index {token!r}")
+    index = int(token)
+    if index > len(container) or (not append and index == len(container)):
+        raise IndexError(token)
+    return index
+
+
+# ---------------------------------------------------------------------------------------------
+# Arrays
+
+
+@dataclasses.dataclass(frozen=True)
+class Caps:
+    """Array sizes of one compiled layout (every patch of a pallet is padded to them).
+
+    Attributes:
+        bins: Main-data bins ``B``.
+        slots: (channel, sample) pairs ``S``.
+        width: Bins of the widest channel ``W`` (a slot's bins are padded to it).
+        histosys: Histosys entries per slot ``Kh``.
+        normsys: Normsys entries per slot ``Kn``.
+        factors: One-parameter factors per slot bin ``Kf`` (normfactor, lumi, staterror...).
+        pars: Parameters ``P``.
+    """
+
+    bins: int
+    slots: int
+    width: int
+    histosys: int
+    normsys: int
+    factors: int
+    pars: int
+
+    def covers(self, other: "Caps") -> bool:
+        """Whether arrays of size ``other`` fit into this layout (same bins, nothing larger)."""
+        return self.bins == other.bins and all(
+            getattr(self, f.name) >= getattr(other, f.name) for f in dataclasses.fields(self)
+        )
+
+    def grown(self, other: "Caps") -> "Caps":
+        """A layout covering both, with headroom so that a pallet rarely needs a second compile."""
+        def up(a, b):
+            need = max(a, b)
+            return need if need <= a else _round_up(need)
+        return Caps(
+            bins=other.bins,
+            **{f.name: up(getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self) if f.name != "bins"},
+        )
+
+    @classmethod
+    def around(cls, sizes: "Caps") -> "Caps":
+        """The first layout for a pallet: ``sizes`` rounded up to leave room for other patches."""
+        return cls(bins=sizes.bins, **{f.name: _round_up(getattr(sizes, f.name)) for f in dataclasses.fields(sizes) if f.name != "bins"})
+
+
+def _round_up(n: int) -> int:
+    # Other patches of a pallet typically carry a few more or fewer modifiers: 25% headroom,
+    # rounded to a multiple of 8, keeps one compiled shape for the whole pallet.
+    return max(8, int(math.ceil(n * 1.25 / 8.0)) * 8) if n > 0 else 1
+
+
+@dataclasses.dataclass
+class PatchArrays:
+    """One patched model as numpy arrays (unpadded), with its parameters and observed data.
+
+    Slots are the (channel, sample) pairs in pyhf's order; a slot's bins are its channel's bins.
+    Parameter indices refer to pyhf's parameter order; index ``P`` (one past the last parameter)
+    means "the constant 1" in every index table.
+    """
+
+    nominal: np.ndarray  # [S, W]
+    bin_index: np.ndarray  # [S, W] global bin of each slot bin, B for padding
+    hist_par: np.ndarray  # [S, Kh]
+    hist_up: np.ndarray  # [S, Kh, W] hi_data - nominal
+    hist_dn: np.ndarray  # [S, Kh, W] nominal - lo_data
+    norm_par: np.ndarray  # [S, Kn]
+    norm_hi: np.ndarray  # [S, Kn]
+    norm_lo: np.ndarray  # [S, Kn]
+    factor_par: np.ndarray  # [S, W, Kf]
+    init: np.ndarray  # [P]
+    lower: np.ndarray
+    upper: np.ndarray
+    fixed: np.ndarray  # bool
+    gauss: np.ndarray  # bool: constrained by a normal
+    sigma: np.ndarray  # width of the normal constraint (1 elsewhere)
+    poisson: np.ndarray  # bool: constrained by a Poisson
+    tau: np.ndarray  # Poisson constraint factor (1 elsewhere)
+    aux: np.ndarray  # observed auxiliary data per parameter (0 if unconstrained)
+    main_data: np.ndarray  # [B]
+    poi_index: int
+    par_names: list
+    modifier_types: frozenset
+
+    @property
+    def sizes(self) -> Caps:
+        """The unpadded sizes."""
+        S, Kh = self.hist_par.shape
+        return Caps(
+            bins=len(self.main_data),
+            slots=S,
+            width=self.nominal.shape[1],
+            histosys=Kh,
+            normsys=self.norm_par.shape[1],
+            factors=self.factor_par.shape[2],
+            pars=len(self.init),
+        )
+
+
+@dataclasses.dataclass
+class _Sample:
+    """One sample of one channel, parsed: its numbers and its modifiers by kind."""
+
+    nominal: np.ndarray
+    modifiers: list  # (name, type, data) sorted by (name, type), pyhf's config.modifiers order
+    hist_names: list
+    hist_up: np.ndarray  # [kh, nbins] hi_data - nominal
+    hist_dn: np.ndarray  # [kh, nbins] nominal - lo_data
+    norm_names: list
+    norm_hi: np.ndarray
+    norm_lo: np.ndarray
+    scalar_factors: list  # normfactor and lumi names
+    bin_factors: list  # (name, type) of shapefactor and shapesys
+    staterrors: list  # (name, uncertainties)
+
+
+def _parse_sample(sample: dict) -> _Sample:
+    nominal = np.asarray(sample["data"], dtype=float)
+    nbins = len(nominal)
+    modifiers, seen = [], set()
+    hist_names, hist_hi, hist_lo = [], [], []
+    norm_names, norm_hi, norm_lo = [], [], []
+    scalar_factors, bin_factors, staterrors = [], [], []
+    for modifier in sample["modifiers"]:
+        name, mtype, data = modifier["name"], modifier["type"], modifier.get("data")
+        if mtype not in MODIFIER_TYPES:
+            raise FastPathUnsupported(f"modifier type {mtype!r}")
+        if (name, mtype) in seen:
+            raise FastPathUnsupported(f"modifier {mtype}/{name} appears twice on one sample")
+        seen.add((name, mtype))
+        modifiers.append((name, mtype, data))
+        if mtype == "histosys":
+            hist_names.append(name)
+            hist_hi.append(data["hi_data"])
+            hist_lo.append(data["lo_data"])
+        elif mtype == "normsys":
+            hi, lo = float(data["hi"]), float(data["lo"])
+            if not (hi > 0 and lo > 0):
+                raise FastPathUnsupported(f"normsys {name!r} with non-positive factors")
+            norm_names.append(name)
+            norm_hi.append(hi)
+            norm_lo.append(lo)
+        elif mtype in ("normfactor", "lumi"):
+            scalar_factors.append(name)
+        elif mtype in ("shapefactor", "shapesys"):
+            if mtype == "shapesys" and len(data) != nbins:
+                raise FastPathUnsupported(f"shapesys {name!r} has the wrong number of bins")
+            bin_factors.append((name, mtype))
+        else:
+            unc = np.asarray(data, dtype=float)
+            if unc.shape != (nbins,):
+                raise FastPathUnsupported(f"staterror {name!r} has the wrong number of bins")
+            staterrors.append((name, unc))
+    modifiers.sort(key=lambda m: (m[0], m[1]))
+    hi = np.asarray(hist_hi, dtype=float).reshape(len(hist_names), nbins)
+    lo = np.asarray(hist_lo, dtype=float).reshape(len(hist_names), nbins)
+    return _Sample(
+        nominal=nominal,
+        modifiers=modifiers,
+        hist_names=hist_names,
+        hist_up=hi - nominal,
+        hist_dn=nominal - lo,
+        norm_names=norm_names,
+        norm_hi=np.asarray(norm_hi, dtype=float),
+        norm_lo=np.asarray(norm_lo, dtype=float),
+        scalar_factors=scalar_factors,
+        bin_factors=bin_factors,
+        staterrors=staterrors,
+    )
+
+
+class SampleCache:
+    """Parsed samples of a background spec, reused by every patch that leaves them untouched.
+
+    :func:`apply_patch` copies only what an operation changes, so the background's sample dicts
+    survive patching as the same objects: keyed by identity (and holding the spec so that those
+    identities stay valid), they are parsed once instead of once per patch.
+    """
+
+    def __init__(self, spec: dict):
+        self._spec = spec
+        self._known = {id(sample) for channel in spec["channels"] for sample in channel["samples"]}
+        self._parsed: dict = {}
+
+    def get(self, sample: dict) -> _Sample:
+        key = id(sample)
+        if key not in self._known:
+            return _parse_sample(sample)
+        parsed = self._parsed.get(key)
+        if parsed is None:
+            parsed = self._parsed[key] = _parse_sample(sample)
+        return parsed
+
+
+def build_arrays(
+    spec: dict,
+    measurement: dict,
+    observations: dict,
+    modifier_settings: dict,
+    *,
+    require_poi: bool = True,
+    samples: SampleCache | None = None,
+) -> PatchArrays:
+    """Numbers of the model pyhf would build from ``spec`` (``{"channels", "parameters"}``).
+
+    Args:
+        spec: The patched model spec, as ``Workspace.model`` passes it to ``pyhf.Model``.
+        measurement: The measurement (for the POI name).
+        observations: Observed main data by channel name (the workspace's, as ``Workspace.data``).
+        modifier_settings: pyhf's ``modifier_settings`` (interpolation codes).
+        require_poi: Raise if the POI is not a parameter (off for a background-only workspace
+            whose signal, and POI, come with the patches; ``poi_index`` is then -1).
+        samples: Parsed samples of the unpatched spec, to reuse.
+
+    Raises:
+        FastPathUnsupported: Anything this module does not reproduce exactly.
+    """
+    _codes(modifier_settings)
+    try:
+        return _build(spec, measurement, observations, require_poi, samples)
+    except FastPathUnsupported:
+        raise
+    except Exception as error:  # malformed specs: plain pyhf gives the authoritative error
+        raise FastPathUnsupported(f"spec not understood by the fast path: {error!r}") from None
+
+
+def _codes(modifier_settings: dict) -> tuple:
+    settings = modifier_settings or {}
+    extra = set(settings) - {"normsys", "histosys"}
+    if extra or any(set(v) - {"interpcode"} for v in settings.values()):
+        raise FastPathUnsupported(f"modifier settings {settings!r}")
+    normsys = settings.get("normsys", {}).get("interpcode", "code4")
+    histosys = settings.get("histosys", {}).get("interpcode", "code4p")
+    if normsys not in _NORMSYS_CODES or histosys not in _HISTOSYS_CODES:
+        raise FastPathUnsupported(f"interpolation codes {normsys}/{histosys}")
+    return normsys, histosys
+
+
+def _reduce(merged: dict, user: dict) -> dict:
+    """pyhf's ``reduce_paramsets_requirements``, short-cut for the common unconfigured case."""
+    import pyhf
+
+    reduced, rest = {}, {}
+    for name, reqs in merged.items():
+        if len(reqs) == 1 and name not in user:
+            # One requirement and no user configuration: pyhf keeps every defined key, tuples as lists.
+            reduced[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in reqs[0].items()}
+            reduced[name]["name"] = name
+        else:
+            reduced[name] = None
+            rest[name] = reqs
+    if rest:
+        for name, req in pyhf.parameters.reduce_paramsets_requirements(rest, user).items():
+            reduced[name] = req
+    return reduced
+
+
+def _build(spec, measurement, observations, require_poi, samples) -> PatchArrays:
+    import pyhf
+
+    parse = samples.get if samples is not None else _parse_sample
+    channels = {}
+    for channel in spec["channels"]:
+        name = channel["name"]
+        if name in channels:
+            raise FastPathUnsupported(f"channel {name!r} appears twice")
+        nbins = len(channel["samples"][0]["data"])
+        by_name = {}
+        for sample in channel["samples"]:
+            if sample["name"] in by_name:
+                raise FastPathUnsupported(f"sample {sample['name']!r} appears twice in channel {name!r}")
+            parsed = parse(sample)
+            if len(parsed.nominal) != nbins:
+                raise FastPathUnsupported(f"sample {sample['name']!r} has the wrong number of bins")
+            by_name[sample["name"]] = parsed
+        channels[name] = (nbins, by_name)
+    channel_names = sorted(channels)
+    offsets, n_bins = {}, 0
+    for name in channel_names:
+        offsets[name] = n_bins
+        n_bins += channels[name][0]
+    width = max(channels[c][0] for c in channel_names)
+    # Slots in pyhf's loop order: sorted channels, then sorted samples.
+    slots = [(c, s, channels[c][1][s]) for c in channel_names for s in sorted(channels[c][1])]
+
+    # --- parameter-set requirements, in pyhf's registration order ------------------------------
+    # pyhf registers a builder's parameter sets in order of first occurrence over (sorted
+    # channels, sorted samples, sorted (name, type)), builder by builder in histfactory_set order;
+    # staterror sets come from the builder's finalize, in sorted-name order.
+    requirements = {t: {} for t in MODIFIER_TYPES}
+    staterror_carriers: dict = {}
+    modtypes = set()
+    for c, s, parsed in slots:
+        for name, mtype, data in parsed.modifiers:
+            modtypes.add(mtype)
+            if mtype == "staterror":
+                staterror_carriers.setdefault(name, []).append((c, s, parsed))
+            elif mtype == "shapesys" and name in requirements["shapesys"]:
+                raise FastPathUnsupported(f"shapesys {name!r} on more than one sample")
+            elif name not in requirements[mtype]:
+                module = getattr(pyhf.modifiers, mtype)
+                requirements[mtype][name] = [module.required_parset(parsed.nominal.tolist(), data)]
+    staterror_rank = {}
+    for name in sorted(staterror_carriers):
+        sigmas, fixed_bins, rank = _staterror(name, staterror_carriers[name], channels, channel_names, offsets, n_bins)
+        requirements["staterror"][name] = [pyhf.modifiers.staterror.required_parset(sigmas, fixed_bins)]
+        staterror_rank[name] = rank
+    merged: dict = {}
+    for mtype in MODIFIER_TYPES:
+        for name, reqs in requirements[mtype].items():
+            merged.setdefault(name, [])
+            merged[name] += reqs
+    if not merged:
+        raise FastPathUnsupported("model without parameters")
+    user = {}
+    for parameter in spec.get("parameters", []):
+        if parameter["name"] in user:
+            raise FastPathUnsupported(f"parameter {parameter['name']!r} configured twice")
+        user[parameter["name"]] = parameter
+    reduced = _reduce(merged, user)
+
+    # --- parameter arrays ----------------------------------------------------------------------
+    start = {}
+    init, lower, upper, fixed = [], [], [], []
+    gauss, sigma, poisson, tau, aux, par_names = [], [], [], [], [], []
+    for name, req in reduced.items():
+        n = req["n_parameters"]
+        start[name] = len(init)
+        inits, bounds = req["inits"], req["bounds"]
+        if inits is None or bounds is None or len(inits) != n or len(bounds) != n:
+            raise FastPathUnsupported(f"parameter {name!r} lacks inits or bounds")
+        init += [float(v) for v in inits]
+        lower += [float(b[0]) for b in bounds]
+        upper += [float(b[1]) for b in bounds]
+        flags = req["fixed"]
+        fixed += [bool(flags)] * n if isinstance(flags, bool) else [bool(v) for v in flags]
+        kind = req["paramset_type"]
+        if kind == "constrained_by_normal":
+            auxdata = req["auxdata"]
+            widths = req.get("sigmas") or [1.0] * n
+            if auxdata is None or len(auxdata) != n or len(widths) != n:
+                raise FastPathUnsupported(f"parameter {name!r} lacks auxdata or sigmas")
+            gauss += [True] * n
+            sigma += [float(v) for v in widths]
+            poisson += [False] * n
+            tau += [1.0] * n
+            aux += [float(v) for v in auxdata]
+        elif kind == "constrained_by_poisson":
+            auxdata, factors = req["auxdata"], req["factors"]
+            if auxdata is None or factors is None or len(auxdata) != n or len(factors) != n:
+                raise FastPathUnsupported(f"parameter {name!r} lacks auxdata or factors")
+            gauss += [False] * n
+            sigma += [1.0] * n
+            poisson += [True] * n
+            tau += [float(v) for v in factors]
+            aux += [float(v) for v in auxdata]
+        elif kind == "unconstrained":
+            gauss += [False] * n
+            sigma += [1.0] * n
+            poisson += [False] * n
+            tau += [1.0] * n
+            aux += [0.0] * n
+        else:
+            raise FastPathUnsupported(f"parameter set type {kind!r}")
+        par_names += [name] if req["is_scalar"] else [f"{name}[{i}]" for i in range(n)]
+    n_pars = len(init)
+    if len(fixed) != n_pars:
+        raise FastPathUnsupported("inconsistent fixed flags")
+    poi = measurement["config"]["poi"]
+    poi_index = -1
+    if poi in reduced and reduced[poi]["n_parameters"] == 1:
+        poi_index = start[poi]
+        if fixed[poi_index]:
+            raise FastPathUnsupported("the POI is fixed")
+    elif require_poi:
+        raise FastPathUnsupported(f"POI {poi!r} is not a scalar parameter of the model")
+    for value, lo, hi in zip(init, lower, upper):
+        if not lo <= value <= hi:
+            raise FastPathUnsupported("an initial value lies outside its bounds")
+
+    # --- per-slot arrays -----------------------------------------------------------------------
+    S = len(slots)
+    Kh = max([len(p.hist_names) for _, _, p in slots] + [0])
+    Kn = max([len(p.norm_names) for _, _, p in slots] + [0])
+    Kf = max([len(p.scalar_factors) + len(p.bin_factors) + len(p.staterrors) for _, _, p in slots] + [0])
+    nominal = np.zeros((S, width))
+    bin_index = np.full((S, width), n_bins, dtype=np.int32)
+    hist_par = np.full((S, Kh), n_pars, dtype=np.int32)
+    hist_up = np.zeros((S, Kh, width))
+    hist_dn = np.zeros((S, Kh, width))
+    norm_par = np.full((S, Kn), n_pars, dtype=np.int32)
+    norm_hi = np.ones((S, Kn))
+    norm_lo = np.ones((S, Kn))
+    factor_par = np.full((S, width, Kf), n_pars, dtype=np.int32)
+    for k, (c, s, parsed) in enumerate(slots):
+        nbins = channels[c][0]
+        nominal[k, :nbins] = parsed.nominal
+        bin_index[k, :nbins] = np.arange(offsets[c], offsets[c] + nbins)
+        kh, kn = len(parsed.hist_names), len(parsed.norm_names)
+        hist_par[k, :kh] = [start[n] for n in parsed.hist_names]
+        hist_up[k, :kh, :nbins] = parsed.hist_up
+        hist_dn[k, :kh, :nbins] = parsed.hist_dn
+        norm_par[k, :kn] = [start[n] for n in parsed.norm_names]
+        norm_hi[k, :kn] = parsed.norm_hi
+        norm_lo[k, :kn] = parsed.norm_lo
+        column = 0
+        for name in parsed.scalar_factors:
+            factor_par[k, :nbins, column] = start[name]
+            column += 1
+        for name, mtype in parsed.bin_factors:
+            if reduced[name]["n_parameters"] < nbins:
+                # pyhf would index past the parameter set into parameter 0.
+                raise FastPathUnsupported(f"{mtype} {name!r} shared by channels of different widths")
+            factor_par[k, :nbins, column] = start[name] + np.arange(nbins)
+            column += 1
+        for name, _ in parsed.staterrors:
+            factor_par[k, :nbins, column] = start[name] + staterror_rank[name][offsets[c] : offsets[c] + nbins]
+            column += 1
+
+    try:
+        main_data = np.concatenate([np.asarray(observations[c], dtype=float) for c in channel_names])
+    except KeyError as error:
+        raise FastPathUnsupported(f"no observations for channel {error}") from None
+    if len(main_data) != n_bins:
+        raise FastPathUnsupported("observations and channels have different numbers of bins")
+    return PatchArrays(
+        nominal=nominal,
+        bin_index=bin_index,
+        hist_par=hist_par,
+        hist_up=hist_up,
+        hist_dn=hist_dn,
+        norm_par=norm_par,
+        norm_hi=norm_hi,
+        norm_lo=norm_lo,
+        factor_par=factor_par,
+        init=np.asarray(init),
+        lower=np.asarray(lower),
+        upper=np.asarray(upper),
+        fixed=np.asarray(fixed, dtype=bool),
+        gauss=np.asarray(gauss, dtype=bool),
+        sigma=np.asarray(sigma),
+        poisson=np.asarray(poisson, dtype=bool),
+        tau=np.asarray(tau),
+        aux=np.asarray(aux),
+        main_data=main_data,
+        poi_index=poi_index,
+        par_names=par_names,
+        modifier_types=frozenset(modtypes),
+    )
+
+
+def _staterror(name, carriers, channels, channel_names, offsets, n_bins):
+    """pyhf's staterror widths: sqrt(sum unc^2) / sum nominal over the samples carrying ``name``.
+
+    Returns ``(sigmas, fixed, rank)`` where ``rank[global_bin]`` is the bin's parameter index
+    within the modifier's parameter set (pyhf indexes the set by the masked global bins).
+    Bins of zero width are fixed (with width 1), as in pyhf.
+    """
+    # pyhf keeps one mask per sample (by name, over all channels) and requires every carrier's
+    # mask to be the same: all carriers of one name carry it in the same channels.
+    by_sample: dict = {}
+    for c, s, _ in carriers:
+        by_sample.setdefault(s, set()).add(c)
+    channel_sets = {frozenset(v) for v in by_sample.values()}
+    if len(channel_sets) != 1:
+        raise FastPathUnsupported(f"staterror {name!r} carried by samples in different channels")
+    carried = sorted(next(iter(channel_sets)), key=channel_names.index)
+    nominal_sum = np.zeros(n_bins)
+    squares = np.zeros(n_bins)
+    for c, _, parsed in carriers:
+        sl = slice(offsets[c], offsets[c] + channels[c][0])
+        nominal_sum[sl] += parsed.nominal
+    for c, _, parsed in carriers:
+        sl = slice(offsets[c], offsets[c] + channels[c][0])
+        unc = dict(parsed.staterrors)[name]
+        total = nominal_sum[sl]
+        positive = total > 0
+        squares[sl] += np.where(positive, (unc / np.where(positive, total, 1.0)) ** 2, 0.0)
+    masked = np.concatenate([np.arange(offsets[c], offsets[c] + channels[c][0]) for c in carried])
+    relerrs = np.sqrt(squares[masked])
+    fixed = [bool(v == 0) for v in relerrs]
+    relerrs[relerrs == 0] = 1.0
+    rank = np.full(n_bins, -1, dtype=np.int64)
+    rank[masked] = np.arange(len(masked))
+    return relerrs, fixed, rank
+
+
+def pad(arrays: PatchArrays, caps: Caps) -> dict:
+    """The arrays of one patch padded to ``caps``, as the dict the compiled likelihood takes.
+
+    Padding slots have zero yield; padding histosys entries zero deltas; padding normsys entries
+    ``hi = lo = 1``; padding factors the constant 1; padding parameters are fixed at 0 with no
+    constraint. None of them changes the likelihood.
+    """
+    S, W, P = caps.slots, caps.width, caps.pars
+    s, w = arrays.nominal.shape
+    n = len(arrays.init)
+    B = caps.bins
+
+    def remap(index):
+        # index n ("the constant 1") moves to P, the constant's place in the padded layout.
+        return np.where(index == n, P, index).astype(np.int32)
+
+    out = {
+        "nominal": np.zeros((S, W)),
+        "bin_index": np.full((S, W), B, dtype=np.int32),
+        "hist_par": np.full((S, caps.histosys), P, dtype=np.int32),
+        "hist_up": np.zeros((S, caps.histosys, W)),
+        "hist_dn": np.zeros((S, caps.histosys, W)),
+        "norm_par": np.full((S, caps.normsys), P, dtype=np.int32),
+        "norm_hi": np.ones((S, caps.normsys)),
+        "norm_lo": np.ones((S, caps.normsys)),
+        "factor_par": np.full((S, W, caps.factors), P, dtype=np.int32),
+        "gauss": np.zeros(P, dtype=bool),
+        "sigma": np.ones(P),
+        "poisson": np.zeros(P, dtype=bool),
+        "tau": np.ones(P),
+        # Only its shape is used: it tells the compiled function the number of bins.
+        "bin_template": np.zeros(B),
+    }
+    kh, kn, kf = arrays.hist_par.shape[1], arrays.norm_par.shape[1], arrays.factor_par.shape[2]
+    out["nominal"][:s, :w] = arrays.nominal
+    out["bin_index"][:s, :w] = arrays.bin_index
+    out["hist_par"][:s, :kh] = remap(arrays.hist_par)
+    out["hist_up"][:s, :kh, :w] = arrays.hist_up
+    out["hist_dn"][:s, :kh, :w] = arrays.hist_dn
+    out["norm_par"][:s, :kn] = remap(arrays.norm_par)
+    out["norm_hi"][:s, :kn] = arrays.norm_hi
+    out["norm_lo"][:s, :kn] = arrays.norm_lo
+    out["factor_par"][:s, :w, :kf] = remap(arrays.factor_par)
+    for key in ("gauss", "sigma", "poisson", "tau"):
+        out[key][:n] = getattr(arrays, key)
+    return out
+
+
+def pad_parameters(arrays: PatchArrays, caps: Caps) -> dict:
+    """Initial values, bounds, fixed flags and observed auxdata padded to ``caps.pars``."""
+    P, n = caps.pars, len(arrays.init)
+    out = {"init": np.zeros(P), "lower": np.zeros(P), "upper": np.zeros(P), "fixed": np.ones(P, dtype=bool), "aux": np.zeros(P)}
+    for key in out:
+        out[key][:n] = getattr(arrays, key)
+    return out

@@ -1,0 +1,99 @@
+"""The journal: every finished record appended as it arrives, so a crashed scan can resume.
+
+A journal is a JSON-lines file. Each line is ``{"key": <scan key>, "record": {...}}`` and is
+flushed and fsynced before the scan moves on; the scan key is a hash of the background workspace
+and of every setting that changes a result, so that a resumed scan never mixes in results computed
+differently. A last line cut short by a crash is ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from pyhf_dist.exceptions import JournalError
+from pyhf_dist.results import FitRecord, json_safe
+
+__all__ = ["Journal", "scan_key", "journal_path_for"]
+
+
+def scan_key(workspace: dict, settings) -> str:
+    """Hash of the background workspace and of the result-changing settings."""
+    digest = hashlib.sha256(json.dumps(workspace, sort_keys=True, separators=(",", ":")).encode())
+    digest.update(settings.digest().encode())
+    return digest.hexdigest()[:16]
+
+
+def journal_path_for(output: str | os.PathLike) -> Path:
+    """The journal that goes with an output file: ``results.json`` -> ``results.journal.jsonl``."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}.journal.jsonl")
+
+
+class Journal:
+    """Append-only record log for one scan.
+
+    Args:
+        path: The journal file.
+        key: The scan key (:func:`scan_key`).
+    """
+
+    def __init__(self, path: str | os.PathLike, key: str):
+        self.path = Path(path)
+        self.key = key
+        self._stream = None
+
+    def load(self) -> dict[str, FitRecord]:
+        """Records already finished with this scan's key, by patch name (for resuming).
+
+        Raises:
+            JournalError: The journal holds records computed with other settings or another
+                workspace, or is not a journal at all.
+        """
+        if not self.path.exists():
+            return {}
+        done: dict[str, FitRecord] = {}
+        foreign = 0
+        lines = self.path.read_text().splitlines()
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                record = FitRecord.from_dict(entry["record"])
+                key = entry["key"]
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                if number == len(lines):  # the write a crash interrupted
+                    continue
+                raise JournalError(
+                    f"{self.path} line {number} is not a journal entry: delete the file or give another --journal"
+                ) from None
+            if key != self.key:
+                foreign += 1
+                continue
+            done[record.name] = record
+        if foreign:
+            raise JournalError(
+                f"{self.path} holds {foreign} results computed with other settings or another workspace: "
+                "resume with the same settings, or start afresh without --resume"
+            )
+        return done
+
+    def open(self, append: bool) -> None:
+        """Open for writing: append to what is there (resuming) or start a new journal."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._stream = open(self.path, "a" if append else "w")
+
+    def write(self, record: FitRecord) -> None:
+        """Append one record and make sure it is on disk before returning."""
+        line = json.dumps({"key": self.key, "record": json_safe(record.to_dict())}, default=str)
+        self._stream.write(line + "\n")
+        self._stream.flush()
+        os.fsync(self._stream.fileno())
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None

@@ -1,0 +1,423 @@
+"""Reading likelihood pallets: a background-only workspace plus one patch per signal hypothesis.
+
+Accepted forms (see :func:`load_pallet`, :func:`load_workspace`, :func:`load_patches`):
+
+* a HEPData tarball (``.tar.gz``) or a directory holding ``BkgOnly.json`` and ``patchset.json``;
+* the older HEPData layout: ``BkgOnly.json`` plus one jsonpatch file per signal point,
+  ``patch.<name>.json`` or ``patch_<name>.json``;
+* a HEPData DOI or URL, downloaded with pyhf's own ``pyhf.contrib.utils.download``;
+* in Python, ``pyhf.Workspace``/``pyhf.PatchSet`` objects or their dictionaries.
+
+Every failure is a :class:`~pyhf_dist.exceptions.PalletError` or
+:class:`~pyhf_dist.exceptions.WorkspaceError` whose one-line message names the file and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import gzip
+import json
+import os
+import re
+import tarfile
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any, Iterable
+
+from pyhf_dist.exceptions import MissingDependencyError, PalletError, PatchSelectionError, WorkspaceError
+
+__all__ = ["Patch", "Pallet", "load_pallet", "load_workspace", "load_patches", "select_patches", "check_workspace"]
+
+BACKGROUND_NAMES = ("bkgonly.json", "bkg_only.json", "backgroundonly.json")
+PATCHSET_NAMES = ("patchset.json",)
+_PATCH_FILE = re.compile(r"^patch[._](?P<name>.+)\.json$", re.IGNORECASE)
+_DOI = re.compile(r"^(doi:)?10\.\d{4,9}/\S+$", re.IGNORECASE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Patch:
+    """One signal hypothesis.
+
+    Attributes:
+        name: The patch's name, e.g. ``C1N2_Wh_hbb_700_400``.
+        values: Its point in the signal plane, e.g. ``(700.0, 400.0)``.
+        operations: The jsonpatch operations that add the signal to the background workspace.
+    """
+
+    name: str
+    values: tuple
+    operations: list = dataclasses.field(repr=False)
+
+
+@dataclasses.dataclass
+class Pallet:
+    """A background-only workspace and its signal patches.
+
+    Attributes:
+        workspace: The background-only workspace specification (a dict).
+        patches: The signal patches, in the pallet's order.
+        labels: Names of the ``values`` axes (e.g. ``["m1", "m2"]``); generic when unknown.
+        source: Where the pallet came from.
+        description: The patchset's description, if any.
+    """
+
+    workspace: dict
+    patches: list[Patch]
+    labels: list[str]
+    source: str = "<memory>"
+    description: str = ""
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def names(self) -> list[str]:
+        return [patch.name for patch in self.patches]
+
+
+# --------------------------------------------------------------------------------------- reading
+
+
+def _parse_json(text: bytes | str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        hint = "the file looks truncated: download it again" if error.pos >= len(text) - 1 else "fix or replace it"
+        raise PalletError(
+            f"{where} is not valid JSON ({error.msg} at line {error.lineno} column {error.colno}): {hint}"
+        ) from None
+    except UnicodeDecodeError:
+        raise PalletError(f"{where} is not a JSON text file (binary content): give the .json file") from None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return _parse_json(path.read_bytes(), str(path))
+    except FileNotFoundError:
+        raise PalletError(f"{path} does not exist: check the path") from None
+    except IsADirectoryError:
+        raise PalletError(f"{path} is a directory, not a JSON file") from None
+    except PermissionError:
+        raise PalletError(f"{path} cannot be read (permission denied)") from None
+
+
+def _json_path(path_parts: Iterable) -> str:
+    return "/" + "/".join(str(part) for part in path_parts)
+
+
+def check_workspace(spec: Any, where: str, full: bool = True) -> dict:
+    """Validate a background workspace against pyhf's schema; raise one clear line if it fails.
+
+    Args:
+        spec: The workspace specification.
+        where: Where it came from, for the message.
+        full: Run pyhf's whole JSON-schema validation (about a second for a large workspace);
+            ``False`` checks only the top-level shape, for callers that validate fully later.
+    """
+    import pyhf
+
+    if not isinstance(spec, dict) or "channels" not in spec:
+        kind = type(spec).__name__
+        raise WorkspaceError(
+            f"{where} is not a HistFactory workspace (a JSON object with 'channels', 'observations', "
+            f"'measurements', 'version'; got a {kind}{' without channels' if kind == 'dict' else ''})"
+        )
+    if not full:
+        return spec
+    try:
+        pyhf.Workspace(spec)
+    except pyhf.exceptions.InvalidSpecification as error:
+        raise WorkspaceError(f"{where} is not a valid HistFactory workspace: {_schema_message(error)}") from None
+    except (pyhf.exceptions.InvalidWorkspaceOperation, pyhf.exceptions.InvalidModel) as error:
+        raise WorkspaceError(f"{where} is not a valid HistFactory workspace: {error}") from None
+    return spec
+
+
+def _schema_message(error) -> str:
+    """``<what is wrong> at <JSON path>`` from pyhf's InvalidSpecification."""
+    parent = getattr(error, "parent", None)
+    path = list(getattr(parent, "absolute_path", []) or [])
+    message = getattr(parent, "message", None) or str(error).splitlines()[0]
+    if len(message) > 160:
+        message = message[:157] + "..."
+    return f"{message} at {_json_path(path)}"
+
+
+def load_workspace(source: Any, validate: bool = True) -> dict:
+    """The background workspace specification from a ``pyhf.Workspace``, a dict or a JSON path."""
+    import pyhf
+
+    if isinstance(source, pyhf.Workspace):
+        return dict(source)
+    if isinstance(source, dict):
+        return check_workspace(source, "the workspace", full=validate)
+    path = Path(source)
+    return check_workspace(_read_json(path), str(path), full=validate)
+
+
+# ---------------------------------------------------------------------------------------- patches
+
+
+def _values_from_name(name: str) -> tuple:
+    # Older HEPData records encode the signal point in the file name: ERJR_350p0_100p0 -> (350, 100).
+    numbers = re.findall(r"(?<![A-Za-z])(\d+(?:p\d+)?)(?![A-Za-z]*\d)", name)
+    return tuple(float(number.replace("p", ".")) for number in numbers)
+
+
+def _check_operations(operations: Any, where: str) -> list:
+    if not isinstance(operations, list) or not operations:
+        raise WorkspaceError(f"{where} is not a jsonpatch (expected a non-empty list of operations)")
+    for index, operation in enumerate(operations):
+        if not isinstance(operation, dict) or "op" not in operation or "path" not in operation:
+            raise WorkspaceError(
+                f"{where} is not a jsonpatch: operation /{index} needs 'op' and 'path' keys"
+            )
+    return operations
+
+
+def _patches_from_patchset(spec: Any, where: str, workspace: dict | None) -> tuple[list[Patch], list[str], str]:
+    import pyhf
+
+    if isinstance(spec, pyhf.PatchSet):
+        patchset = spec
+    else:
+        if not isinstance(spec, dict) or "patches" not in spec:
+            raise WorkspaceError(f"{where} is not a pyhf patchset (a JSON object with 'metadata' and 'patches')")
+        try:
+            patchset = pyhf.PatchSet(spec)
+        except pyhf.exceptions.InvalidSpecification as error:
+            raise WorkspaceError(f"{where} is not a valid pyhf patchset: {_schema_message(error)}") from None
+        except pyhf.exceptions.InvalidPatchSet as error:
+            raise WorkspaceError(f"{where} is not a valid pyhf patchset: {error}") from None
+    if workspace is not None:
+        try:
+            patchset.verify(pyhf.Workspace(workspace, validate=False))
+        except pyhf.exceptions.PatchSetVerificationError:
+            raise PalletError(
+                f"{where} was not made for this background workspace (its digest does not match): "
+                "use the BkgOnly.json published with this patchset"
+            ) from None
+    patches = [Patch(p.name, tuple(p.values), list(p.patch)) for p in patchset.patches]
+    return patches, list(patchset.labels), patchset.description
+
+
+def _patches_from_directory(directory: Path) -> list[Patch]:
+    patches = []
+    for path in sorted(directory.iterdir()):
+        match = _PATCH_FILE.match(path.name)
+        if match and path.is_file():
+            name = match.group("name")
+            patches.append(Patch(name, _values_from_name(name), _check_operations(_read_json(path), str(path))))
+    if not patches:
+        raise PalletError(
+            f"{directory} holds no patchset.json and no patch.<name>.json files: point at a pallet directory"
+        )
+    return patches
+
+
+def _generic_labels(patches: list[Patch]) -> list[str]:
+    width = max((len(patch.values) for patch in patches), default=0)
+    return [f"value {index + 1}" for index in range(width)]
+
+
+def load_patches(source: Any, workspace: dict | None = None) -> tuple[list[Patch], list[str], str]:
+    """Signal patches from a ``pyhf.PatchSet``, a patchset dict, a ``patchset.json`` path, a
+    directory of ``patch.<name>.json`` files, a single jsonpatch file, or a list of :class:`Patch`.
+
+    When ``workspace`` is given and the patchset carries digests, they are verified against it.
+
+    Returns:
+        ``(patches, labels, description)``.
+    """
+    import pyhf
+
+    if isinstance(source, (pyhf.PatchSet, dict)):
+        return _patches_from_patchset(source, "the patchset", workspace)
+    if isinstance(source, (list, tuple)) and all(isinstance(p, Patch) for p in source):
+        return list(source), _generic_labels(list(source)), ""
+    path = Path(source)
+    if path.is_dir():
+        for name in PATCHSET_NAMES:
+            if (path / name).is_file():
+                return _patches_from_patchset(_read_json(path / name), str(path / name), workspace)
+        patches = _patches_from_directory(path)
+        return patches, _generic_labels(patches), ""
+    spec = _read_json(path)
+    if isinstance(spec, list):  # a single jsonpatch file
+        match = _PATCH_FILE.match(path.name)
+        name = match.group("name") if match else path.stem
+        patches = [Patch(name, _values_from_name(name), _check_operations(spec, str(path)))]
+        return patches, _generic_labels(patches), ""
+    return _patches_from_patchset(spec, str(path), workspace)
+
+
+# ----------------------------------------------------------------------------------------- pallets
+
+
+def _is_remote(source: str) -> bool:
+    return source.startswith(("http://", "https://")) or bool(_DOI.match(source))
+
+
+def _find_background(names: Iterable[str]) -> str | None:
+    by_base = {}
+    for name in names:
+        by_base.setdefault(os.path.basename(name).lower(), name)
+    for candidate in BACKGROUND_NAMES:
+        if candidate in by_base:
+            return by_base[candidate]
+    return None
+
+
+def _pallet_from_directory(directory: Path, validate: bool) -> Pallet:
+    background = _find_background(str(p) for p in directory.rglob("*.json"))
+    if background is None:
+        raise PalletError(
+            f"{directory} holds no BkgOnly.json: point at a pallet directory, or give the background "
+            "workspace and --patchset separately"
+        )
+    root = Path(background).parent
+    workspace = check_workspace(_read_json(Path(background)), background, full=validate)
+    patches, labels, description = load_patches(root, workspace)
+    return Pallet(workspace, patches, labels, str(directory), description)
+
+
+def _pallet_from_tarball(path: Path, validate: bool) -> Pallet:
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            members = {member.name: member for member in archive.getmembers() if member.isfile()}
+            background = _find_background(members)
+            if background is None:
+                raise PalletError(f"{path} holds no BkgOnly.json: is it a HEPData likelihood archive?")
+            prefix = os.path.dirname(background)
+
+            def read(name: str) -> bytes:
+                return archive.extractfile(members[name]).read()
+
+            where = f"{path}:{background}"
+            workspace = check_workspace(_parse_json(read(background), where), where, full=validate)
+            patchset_name = os.path.join(prefix, "patchset.json")
+            if patchset_name in members:
+                where = f"{path}:{patchset_name}"
+                patches, labels, description = _patches_from_patchset(
+                    _parse_json(read(patchset_name), where), where, workspace
+                )
+            else:
+                patches = []
+                for name in sorted(members):
+                    match = _PATCH_FILE.match(os.path.basename(name))
+                    if match and os.path.dirname(name) == prefix:
+                        ops = _check_operations(_parse_json(read(name), f"{path}:{name}"), f"{path}:{name}")
+                        patches.append(Patch(match.group("name"), _values_from_name(match.group("name")), ops))
+                if not patches:
+                    raise PalletError(f"{path} holds no patchset.json and no patch.<name>.json files")
+                labels, description = _generic_labels(patches), ""
+    except FileNotFoundError:
+        raise PalletError(f"{path} does not exist: check the path") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise PalletError(f"{path} is truncated or corrupt ({_first_line(error)}): download it again") from None
+    except (tarfile.TarError, OSError) as error:
+        raise PalletError(
+            f"{path} is not a readable tar archive ({_first_line(error)}): give a HEPData .tar.gz, "
+            "a pallet directory or a DOI"
+        ) from None
+    return Pallet(workspace, patches, labels, str(path), description)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0].rstrip(":") if lines else type(error).__name__
+
+
+def _download(source: str, force: bool) -> Path:
+    try:
+        from pyhf.contrib.utils import download
+    except ImportError:
+        raise MissingDependencyError("requests", "contrib", "downloading a pallet") from None
+    url = source
+    if _DOI.match(source):
+        url = "https://doi.org/" + re.sub(r"^doi:", "", source, flags=re.IGNORECASE)
+    target = Path(tempfile.mkdtemp(prefix="pyhf-dist-pallet-"))
+    try:
+        download(url, target, force=force)
+    except Exception as error:  # requests, HTTP and archive errors all mean the same to the user
+        raise PalletError(f"could not download the pallet {source}: {_first_line(error)}") from None
+    return target
+
+
+def load_pallet(source: Any, *, force_download: bool = False, validate: bool = True) -> Pallet:
+    """Read a pallet: background workspace plus signal patches.
+
+    Args:
+        source: A pallet directory, a HEPData ``.tar.gz``, or a HEPData DOI / URL (downloaded with
+            ``pyhf.contrib.utils.download``; needs ``pip install "pyhf-dist[contrib]"``).
+        force_download: Allow a URL outside HEPData / doi.org.
+        validate: Validate the background workspace against pyhf's JSON schema (``False`` checks
+            only its shape; :func:`check_workspace` can complete the check later).
+
+    Returns:
+        The :class:`Pallet`.
+
+    Raises:
+        PalletError: The source is missing, unreadable, truncated, or not a pallet.
+        WorkspaceError: The JSON in it is not a HistFactory workspace or patchset.
+    """
+    if isinstance(source, Pallet):
+        return source
+    text = os.fspath(source) if isinstance(source, os.PathLike) else source
+    if not isinstance(text, str):
+        raise PalletError(f"cannot read a pallet from a {type(source).__name__}: give a path, a tarball or a DOI")
+    if not os.path.exists(text) and _is_remote(text):
+        pallet = _pallet_from_directory(_download(text, force_download), validate)
+        pallet.source = text
+        return pallet
+    path = Path(text)
+    if path.is_dir():
+        return _pallet_from_directory(path, validate)
+    if path.is_file():
+        if path.suffix.lower() == ".json":
+            raise PalletError(
+                f"{path} is a single JSON file, not a pallet: give its patches too "
+                "(--patchset patchset.json or a directory of patch files)"
+            )
+        return _pallet_from_tarball(path, validate)
+    raise PalletError(f"{path} does not exist: check the path (a pallet directory, a .tar.gz or a HEPData DOI)")
+
+
+# ---------------------------------------------------------------------------------------- selection
+
+
+def select_patches(patches: list[Patch], selection: Iterable[str] | str | None) -> list[Patch]:
+    """Patches whose names match any of ``selection`` (exact names or shell-style globs).
+
+    Raises:
+        PatchSelectionError: A name or pattern matches nothing (close names are suggested), or
+            the selection is empty.
+
+    >>> patches = [Patch("A_1_2", (1, 2), []), Patch("A_3_4", (3, 4), []), Patch("B_5_6", (5, 6), [])]
+    >>> [p.name for p in select_patches(patches, ["A_*"])]
+    ['A_1_2', 'A_3_4']
+    """
+    if not patches:
+        raise PatchSelectionError("the pallet has no patches to fit")
+    if selection is None:
+        return list(patches)
+    if isinstance(selection, str):
+        selection = [selection]
+    selection = list(selection)
+    if not selection:
+        raise PatchSelectionError("the patch selection is empty: give at least one name or pattern, or none for all")
+    names = [patch.name for patch in patches]
+    chosen: set[str] = set()
+    for pattern in selection:
+        matched = fnmatch.filter(names, pattern) if any(c in pattern for c in "*?[") else (
+            [pattern] if pattern in names else []
+        )
+        if not matched:
+            import difflib
+
+            close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}?" if close else f"the pallet has {len(names)} patches, e.g. {names[0]}"
+            raise PatchSelectionError(f"no patch matches {pattern!r}: {hint}")
+        chosen.update(matched)
+    return [patch for patch in patches if patch.name in chosen]

@@ -1,0 +1,294 @@
+"""Scan results: one :class:`FitRecord` per patch, gathered in a :class:`ScanResult`.
+
+The JSON file schema is ``{"metadata": {...}, "results": [{...}, ...]}`` with one object per
+patch holding the fields of :class:`FitRecord`. Files are written atomically (a temporary file
+in the same directory, then a rename), so an interrupted write never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from pyhf_dist.exceptions import PalletError
+
+__all__ = ["FitRecord", "ScanResult", "write_atomic", "json_safe", "EXCLUSION_LEVEL"]
+
+EXCLUSION_LEVEL = 0.05
+
+
+@dataclasses.dataclass
+class FitRecord:
+    """The result of one patch.
+
+    Attributes:
+        name: Patch name.
+        values: The patch's point in the signal plane (e.g. masses).
+        status: ``"ok"`` or ``"failed"``.
+        CLs_obs: Observed CLs at the tested POI value (hypotests).
+        CLs_exp: Expected CLs, five values for -2σ, -1σ, median, +1σ, +2σ (hypotests).
+        error: Why the fit failed (``None`` when ok).
+        fit_seconds: Time spent computing on the worker.
+        submitted: Unix time the task was submitted.
+        started: Unix time the worker started it.
+        finished: Unix time the worker finished it.
+        worker: ``{"host", "pid", "slurm_job_id"}`` of the worker that ran it.
+        attempts: How many times it was submitted (more than 1 after a lost worker).
+        mu_up_obs: Observed upper limit on the signal strength (upper-limit scans).
+        mu_up_exp: Expected upper limits, five values -2σ..+2σ (upper-limit scans).
+    """
+
+    name: str
+    values: list = dataclasses.field(default_factory=list)
+    status: str = "ok"
+    CLs_obs: float | None = None
+    CLs_exp: list | None = None
+    error: str | None = None
+    fit_seconds: float | None = None
+    submitted: float | None = None
+    started: float | None = None
+    finished: float | None = None
+    worker: dict | None = None
+    attempts: int = 1
+    mu_up_obs: float | None = None
+    mu_up_exp: list | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def excluded(self) -> bool | None:
+        """Whether the observed CLs excludes the point at 95% CL (``None`` when unknown)."""
+        if not self.ok or self.CLs_obs is None:
+            return None
+        return self.CLs_obs < EXCLUSION_LEVEL
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FitRecord":
+        """Build a record from a dict; unknown keys are ignored, missing ones take defaults."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        known = {key: value for key, value in data.items() if key in names}
+        if "name" not in known:
+            raise ValueError("a result record needs a 'name'")
+        known["values"] = list(known.get("values") or [])
+        return cls(**known)
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+_CSV_FIELDS = [
+    "name", "values", "status", "CLs_obs", "CLs_exp_m2", "CLs_exp_m1", "CLs_exp", "CLs_exp_p1", "CLs_exp_p2",
+    "mu_up_obs", "mu_up_exp_m2", "mu_up_exp_m1", "mu_up_exp", "mu_up_exp_p1", "mu_up_exp_p2",
+    "error", "fit_seconds", "attempts", "host", "pid", "slurm_job_id",
+]
+_BAND = ("m2", "m1", None, "p1", "p2")
+
+
+class ScanResult:
+    """The records of a scan and its metadata.
+
+    Iterates over :class:`FitRecord` objects, indexes by position or by patch name, and reads and
+    writes JSON and CSV.
+
+    >>> result = ScanResult([FitRecord("A", [1, 2], CLs_obs=0.01, CLs_exp=[0.1] * 5)], {"executor": "local"})
+    >>> result["A"].excluded, len(result)
+    (True, 1)
+    """
+
+    def __init__(self, records: list[FitRecord] | None = None, metadata: dict | None = None):
+        self.records = list(records or [])
+        self.metadata = dict(metadata or {})
+
+    def __iter__(self) -> Iterator[FitRecord]:
+        return iter(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: int | str) -> FitRecord:
+        if isinstance(key, str):
+            for record in self.records:
+                if record.name == key:
+                    return record
+            raise KeyError(key)
+        return self.records[key]
+
+    def __contains__(self, name: str) -> bool:
+        return any(record.name == name for record in self.records)
+
+    def __repr__(self) -> str:
+        counts = self.counts()
+        return f"<ScanResult {counts['total']} patches: {counts['ok']} ok, {counts['failed']} failed>"
+
+    def names(self) -> list[str]:
+        return [record.name for record in self.records]
+
+    def failed(self) -> list[FitRecord]:
+        return [record for record in self.records if not record.ok]
+
+    def counts(self) -> dict:
+        """Numbers for a summary: total, ok, failed, excluded (observed CLs < 0.05)."""
+        return {
+            "total": len(self.records),
+            "ok": sum(record.ok for record in self.records),
+            "failed": sum(not record.ok for record in self.records),
+            "excluded": sum(bool(record.excluded) for record in self.records),
+        }
+
+    # ------------------------------------------------------------------------------------ JSON
+
+    def to_dict(self) -> dict:
+        return {"metadata": self.metadata, "results": [record.to_dict() for record in self.records]}
+
+    def to_json(self, path: str | os.PathLike | None = None, indent: int = 1) -> str:
+        """The JSON text; written atomically to ``path`` when given."""
+        text = json.dumps(json_safe(self.to_dict()), indent=indent) + "\n"
+        if path is not None:
+            write_atomic(path, text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "the results") -> "ScanResult":
+        if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+            raise PalletError(f"{where} is not a pyhf-dist results file (expected 'metadata' and 'results')")
+        try:
+            records = [FitRecord.from_dict(item) for item in data["results"]]
+        except (TypeError, ValueError) as error:
+            raise PalletError(f"{where} has a malformed result record: {error}") from None
+        return cls(records, data.get("metadata") or {})
+
+    @classmethod
+    def from_json(cls, path_or_text: str | os.PathLike) -> "ScanResult":
+        """Read results from a JSON file (or JSON text)."""
+        text = str(path_or_text)
+        if isinstance(path_or_text, os.PathLike) or not text.lstrip().startswith("{"):
+            try:
+                text = Path(path_or_text).read_text()
+            except OSError as error:
+                raise PalletError(f"cannot read results file {path_or_text}: {error.strerror}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise PalletError(f"{path_or_text} is not valid JSON ({error.msg}, line {error.lineno})") from None
+        return cls.from_dict(data, str(path_or_text))
+
+    # ------------------------------------------------------------------------------------- CSV
+
+    def to_csv(self, path: str | os.PathLike | None = None) -> str:
+        """One row per patch; bands spread over ``*_m2 .. *_p2`` columns. Written atomically."""
+        stream = io.StringIO()
+        writer = csv.DictWriter(stream, fieldnames=_CSV_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        for record in self.records:
+            row = {
+                "name": record.name,
+                "values": " ".join(str(value) for value in record.values),
+                "status": record.status,
+                "CLs_obs": record.CLs_obs,
+                "mu_up_obs": record.mu_up_obs,
+                "error": record.error,
+                "fit_seconds": record.fit_seconds,
+                "attempts": record.attempts,
+                **{key: (record.worker or {}).get(key) for key in ("host", "pid", "slurm_job_id")},
+            }
+            for prefix, band in (("CLs_exp", record.CLs_exp), ("mu_up_exp", record.mu_up_exp)):
+                for suffix, value in zip(_BAND, band or [None] * 5):
+                    row[prefix if suffix is None else f"{prefix}_{suffix}"] = value
+            writer.writerow({key: "" if value is None else value for key, value in row.items()})
+        text = stream.getvalue()
+        if path is not None:
+            write_atomic(path, text)
+        return text
+
+    @classmethod
+    def from_csv(cls, path: str | os.PathLike) -> "ScanResult":
+        """Read records back from :meth:`to_csv` output (metadata is not stored in CSV)."""
+
+        def number(text: str, kind=float):
+            return None if text in ("", None) else kind(text)
+
+        records = []
+        with open(path, newline="") as stream:
+            for row in csv.DictReader(stream):
+                bands = {}
+                for prefix in ("CLs_exp", "mu_up_exp"):
+                    band = [number(row.get(prefix if s is None else f"{prefix}_{s}", "")) for s in _BAND]
+                    bands[prefix] = None if all(value is None for value in band) else band
+                worker = {key: row.get(key) or None for key in ("host", "pid", "slurm_job_id")}
+                if worker["pid"] is not None:
+                    worker["pid"] = int(worker["pid"])
+                records.append(
+                    FitRecord(
+                        name=row["name"],
+                        values=[float(value) for value in row["values"].split()],
+                        status=row["status"],
+                        CLs_obs=number(row["CLs_obs"]),
+                        CLs_exp=bands["CLs_exp"],
+                        mu_up_obs=number(row.get("mu_up_obs", "")),
+                        mu_up_exp=bands["mu_up_exp"],
+                        error=row["error"] or None,
+                        fit_seconds=number(row["fit_seconds"]),
+                        attempts=number(row["attempts"], int) or 1,
+                        worker=worker if any(worker.values()) else None,
+                    )
+                )
+        return cls(records)
+
+    # ---------------------------------------------------------------------------------- summary
+
+    def summary(self) -> str:
+        """A short text table: counts, wall time, and how many points are excluded."""
+        counts = self.counts()
+        wall = self.metadata.get("wall_seconds")
+        lines = [
+            f"{'patches':<28}{counts['total']}",
+            f"{'ok':<28}{counts['ok']}",
+            f"{'failed':<28}{counts['failed']}",
+        ]
+        if any(record.CLs_obs is not None for record in self.records):
+            lines.append(f"{'excluded (CLs_obs < 0.05)':<28}{counts['excluded']}")
+        if any(record.mu_up_obs is not None for record in self.records):
+            below = sum(1 for r in self.records if r.mu_up_obs is not None and r.mu_up_obs < 1)
+            lines.append(f"{'excluded (mu_up_obs < 1)':<28}{below}")
+        if wall is not None:
+            lines.append(f"{'wall time':<28}{wall:.1f} s")
+        if self.metadata.get("executor"):
+            lines.append(f"{'executor':<28}{self.metadata['executor']} ({self.metadata.get('workers')} workers)")
+        return "\n".join(lines)
+
+
+def json_safe(value: Any) -> Any:
+    """The value with every non-finite float replaced by ``None`` (JSON has no NaN)."""
+    # JSON has no NaN or infinity; a failed number is written as null.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [json_safe(item) for item in value]
+    return value

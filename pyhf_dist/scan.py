@@ -1,0 +1,332 @@
+"""The scan: fit every selected patch of a pallet on the chosen executor.
+
+:func:`iter_fits` yields one :class:`~pyhf_dist.results.FitRecord` per patch as results arrive;
+:func:`map_fits` collects them into a :class:`~pyhf_dist.results.ScanResult`. Both take the same
+arguments. The loop keeps what a scan must never lose: every finished record goes to the journal
+(when one is given) before anything else happens, tasks whose worker died are resubmitted up to
+``retries`` times, a fit that raises becomes a failed record, and clusters or pools the scan
+started are shut down however it ends — normally, on an error, or on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import os
+import platform
+import time
+from typing import Any, Callable, Iterator
+
+from pyhf_dist.calculations import merge_chunks, plan_chunks
+from pyhf_dist.exceptions import ExecutorError, InputError
+from pyhf_dist.executors import get_executor
+from pyhf_dist.journal import Journal, scan_key
+from pyhf_dist.pallet import Pallet, Patch, check_workspace, load_pallet, load_patches, load_workspace, select_patches
+from pyhf_dist.results import FitRecord, ScanResult
+from pyhf_dist.settings import FitSettings
+from pyhf_dist.worker import WorkerContext
+
+__all__ = ["map_fits", "iter_fits", "prepare_pallet"]
+
+#: Extra seconds the client waits past ``timeout`` before it gives up on a task itself (the worker
+#: normally stops the fit on time; this covers workers that cannot).
+TIMEOUT_GRACE = 10.0
+
+
+def prepare_pallet(workspace: Any, patchset: Any = None, *, validate: bool = True) -> Pallet:
+    """Turn the ``workspace``/``patchset`` arguments of :func:`map_fits` into a :class:`Pallet`."""
+    if isinstance(workspace, Pallet):
+        return workspace
+    if patchset is None:
+        import pyhf
+
+        if isinstance(workspace, (dict, pyhf.Workspace)) or str(workspace).lower().endswith(".json"):
+            raise InputError(
+                "a background workspace alone has no signal patches: also give the patchset "
+                "(patchset.json, a directory of patch files) or a whole pallet"
+            )
+        return load_pallet(workspace, validate=validate)
+    spec = load_workspace(workspace, validate=validate)
+    patches, labels, description = load_patches(patchset, spec)
+    return Pallet(spec, patches, labels, str(workspace) if isinstance(workspace, (str, os.PathLike)) else "<memory>", description)
+
+
+@dataclasses.dataclass
+class _Job:
+    """One task of a patch: the patch, which chunk of it, and how often it was submitted."""
+
+    patch: Patch
+    chunk: Any
+    attempt: int = 1
+    submitted: float = 0.0
+    running_since: float | None = None
+
+
+def iter_fits(
+    workspace: Any,
+    patchset: Any = None,
+    *,
+    executor: Any = "local",
+    patches: Any = None,
+    poi_test: float = 1.0,
+    test_stat: str = "qtilde",
+    backend: str | None = None,
+    modifier_settings: dict | None = None,
+    calculation: str = "hypotest",
+    calctype: str = "asymptotics",
+    ntoys: int = 1000,
+    seed: int = 0,
+    upper_limit_scan: tuple | None = None,
+    journal: str | os.PathLike | None = None,
+    resume: bool = False,
+    retries: int = 2,
+    timeout: float | None = None,
+    metadata: dict | None = None,
+    on_start: Callable[[dict], None] | None = None,
+    **executor_options,
+) -> Iterator[FitRecord]:
+    """Fit the selected patches and yield each record as it completes.
+
+    Arguments are those of :func:`map_fits` (without ``callback`` and ``progress``). Records read
+    back from the journal of a resumed scan come first. When given, ``metadata`` (a dict) is
+    filled with the scan's metadata as soon as it is known, and ``on_start`` is called with it once
+    the executor is up (before the first result).
+    """
+    settings = FitSettings(
+        poi_test=poi_test, test_stat=test_stat, backend=backend, modifier_settings=modifier_settings,
+        calculation=calculation, calctype=calctype, ntoys=ntoys, seed=seed,
+        upper_limit_scan=upper_limit_scan,
+    )
+    if not isinstance(retries, int) or retries < 0:
+        raise InputError(f"retries must be a non-negative integer, got {retries!r}")
+    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise InputError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    # Full schema validation of a large workspace takes about a second: it runs below, while the
+    # workers start, instead of before.
+    pallet = prepare_pallet(workspace, patchset, validate=False)
+    selected = select_patches(pallet.patches, patches)
+    values_by_name = {patch.name: list(patch.values) for patch in selected}
+
+    book = Journal(journal, scan_key(pallet.workspace, settings)) if journal is not None else None
+    finished = book.load() if (book is not None and resume) else {}
+    finished = {name: record for name, record in finished.items() if name in values_by_name}
+    todo = [patch for patch in selected if patch.name not in finished]
+
+    runner = get_executor(executor, **executor_options) if isinstance(executor, str) else get_executor(executor)
+    owned = isinstance(executor, str)
+    context = WorkerContext.build(pallet.workspace, settings.to_dict())
+    info = metadata if metadata is not None else {}
+    info.update(
+        source=pallet.source,
+        labels=pallet.labels,
+        patches=len(selected),
+        order=[patch.name for patch in selected],
+        resumed=len(finished),
+        settings=settings.to_dict(),
+        settings_digest=settings.digest(),
+        scan_key=book.key if book is not None else scan_key(pallet.workspace, settings),
+        journal=str(book.path) if book is not None else None,
+        **_versions(),
+    )
+    started = time.time()
+    info["started"] = started
+    if book is not None:
+        book.open(append=resume)
+    try:
+        if not todo:
+            info.update(runner.describe())
+            if on_start is not None:
+                on_start(info)
+            yield from finished.values()
+            return
+        try:
+            runner.start(context)
+        except InputError:
+            raise
+        except ExecutorError:
+            raise
+        except Exception as error:
+            raise ExecutorError(f"executor {runner.name!r} could not start: {error}") from error
+        info.update(runner.describe())
+        check_workspace(pallet.workspace, pallet.source)
+        if on_start is not None:
+            on_start(info)
+        yield from finished.values()
+        for record in _run(runner, context, todo, settings, retries, timeout, values_by_name):
+            if book is not None:
+                book.write(record)
+            yield record
+    finally:
+        if owned:
+            runner.shutdown(cancel_futures=True)
+        if book is not None:
+            book.close()
+        info["wall_seconds"] = time.time() - started
+
+
+def _run(runner, context, todo, settings, retries, timeout, values_by_name) -> Iterator[FitRecord]:
+    workers = runner.workers or 1
+    queue: collections.deque[_Job] = collections.deque(
+        _Job(patch, chunk) for patch in todo for chunk in plan_chunks(settings, workers)
+    )
+    expected = {patch.name: 0 for patch in todo}
+    for job in queue:
+        expected[job.patch.name] += 1
+    partial: dict[str, list[dict]] = collections.defaultdict(list)
+    first_submitted: dict[str, float] = {}
+    attempts: dict[str, int] = collections.defaultdict(int)
+    in_flight: dict[concurrent.futures.Future, _Job] = {}
+    limit = getattr(runner, "max_pending", None) or len(queue)
+
+    def submit(job: _Job) -> None:
+        job.submitted = time.time()
+        job.running_since = None
+        first_submitted.setdefault(job.patch.name, job.submitted)
+        attempts[job.patch.name] = max(attempts[job.patch.name], job.attempt)
+        task = {"name": job.patch.name, "patch": job.patch.operations, "context": context.key,
+                "chunk": job.chunk, "timeout": timeout}
+        in_flight[runner.submit(task)] = job
+
+    while queue or in_flight:
+        while queue and len(in_flight) < limit:
+            submit(queue.popleft())
+        done, _ = concurrent.futures.wait(list(in_flight), timeout=1.0, return_when=concurrent.futures.FIRST_COMPLETED)
+        for future in [future for future in in_flight if future in done]:  # in submission order
+            job = in_flight.pop(future)
+            try:
+                outcome = future.result()
+            except concurrent.futures.CancelledError:
+                outcome = _failed(job, "cancelled by the executor")
+            except Exception as error:
+                if runner.is_worker_lost(error) and job.attempt <= retries:
+                    job.attempt += 1
+                    queue.appendleft(job)
+                    continue
+                reason = f"worker lost {job.attempt} times" if runner.is_worker_lost(error) else "task failed"
+                outcome = _failed(job, f"{reason}: {_one_line(error)}")
+            partial[job.patch.name].append(outcome)
+            if len(partial[job.patch.name]) == expected[job.patch.name]:
+                name = job.patch.name
+                record = merge_chunks(partial.pop(name), settings)
+                record.pop("chunk", None)
+                record.update(values=values_by_name[name], submitted=first_submitted[name], attempts=attempts[name])
+                yield FitRecord.from_dict(record)
+        if timeout:
+            _expire(runner, in_flight, partial, timeout)
+
+
+def _expire(runner, in_flight, partial, timeout) -> None:
+    # The worker stops a fit at ``timeout`` by itself where it can; this is the client's backstop
+    # for workers that cannot (tasks run in threads), measured from when the task was seen running.
+    now = time.time()
+    for future, job in list(in_flight.items()):
+        if job.running_since is None and future.running():
+            job.running_since = now
+        if job.running_since is not None and now - job.running_since > timeout + TIMEOUT_GRACE:
+            future.cancel()
+            replacement: concurrent.futures.Future = concurrent.futures.Future()
+            replacement.set_result(_failed(job, f"timed out after {timeout} s (worker did not respond)"))
+            in_flight[replacement] = in_flight.pop(future)
+            restart = getattr(runner, "restart_workers", None)
+            if restart is not None:
+                restart()
+
+
+def _failed(job: _Job, message: str) -> dict:
+    return {"name": job.patch.name, "status": "failed", "error": message, "chunk": job.chunk}
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def _versions() -> dict:
+    import pyhf
+
+    from pyhf_dist import __version__
+
+    return {"pyhf_version": pyhf.__version__, "pyhf_dist_version": __version__, "python": platform.python_version(),
+            "host": platform.node()}
+
+
+def map_fits(
+    workspace: Any,
+    patchset: Any = None,
+    *,
+    executor: Any = "local",
+    workers: int | None = None,
+    patches: Any = None,
+    poi_test: float = 1.0,
+    test_stat: str = "qtilde",
+    backend: str | None = None,
+    modifier_settings: dict | None = None,
+    callback: Callable[[FitRecord], None] | None = None,
+    progress: bool = False,
+    on_start: Callable[[dict], None] | None = None,
+    **options,
+) -> ScanResult:
+    """Fit every selected patch of a pallet and return all results.
+
+    Args:
+        workspace: The background workspace (``pyhf.Workspace``, dict or JSON path), or a whole
+            pallet (directory, HEPData ``.tar.gz``, DOI) when ``patchset`` is ``None``.
+        patchset: ``pyhf.PatchSet``, dict, ``patchset.json`` path, or a directory of
+            ``patch.<name>.json`` files.
+        executor: ``"local"``, ``"sequential"``, ``"dask"``, ``"slurm"``, ``"funcx"``, ``"parsl"``,
+            an executor object of this library, or any ``concurrent.futures.Executor``.
+        workers: Number of workers for executors that start their own.
+        patches: Patch names or shell-style patterns to fit; ``None`` fits all.
+        poi_test: Signal strength tested.
+        test_stat: ``"qtilde"``, ``"q"`` or ``"q0"``.
+        backend: ``"numpy"`` or ``"jax"``; ``None`` is jax when installed, else numpy.
+        modifier_settings: Passed to ``pyhf.Workspace.model`` (interpolation codes).
+        callback: Called with each :class:`FitRecord` as it arrives.
+        progress: Show a progress bar on standard error.
+        on_start: Called with the scan's metadata once the executor is up.
+        **options: ``calculation``, ``calctype``, ``ntoys``, ``seed``, ``upper_limit_scan``,
+            ``journal``, ``resume``, ``retries``, ``timeout``, and the chosen executor's own
+            keyword arguments (e.g. ``jobs``, ``memory`` for ``"slurm"``).
+
+    Returns:
+        A :class:`ScanResult` with one record per selected patch, in the pallet's order.
+
+    Example:
+        >>> import pyhf_dist
+        >>> pallet = pyhf_dist.demo_pallet(points=4)
+        >>> result = pyhf_dist.map_fits(pallet, executor="sequential", backend="numpy")
+        >>> len(result), result.counts()["failed"]
+        (4, 0)
+    """
+    if workers is not None:
+        options["workers"] = workers
+    metadata: dict = {}
+    records: dict[str, FitRecord] = {}
+    bar = None
+
+    def started(info: dict) -> None:
+        nonlocal bar
+        if progress:
+            from pyhf_dist.progress import ProgressBar
+
+            bar = ProgressBar(total=info["patches"])
+        if on_start is not None:
+            on_start(info)
+
+    stream = iter_fits(workspace, patchset, executor=executor, patches=patches, poi_test=poi_test,
+                       test_stat=test_stat, backend=backend, modifier_settings=modifier_settings,
+                       metadata=metadata, on_start=started, **options)
+    try:
+        for record in stream:
+            records[record.name] = record
+            if bar is not None:
+                bar.update(record)
+            if callback is not None:
+                callback(record)
+    finally:
+        stream.close()
+        if bar is not None:
+            bar.close()
+    order = metadata.pop("order")
+    return ScanResult([records[name] for name in order if name in records], metadata)

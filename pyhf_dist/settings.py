@@ -1,0 +1,207 @@
+"""What a scan computes: the settings every worker applies to every patch.
+
+:class:`FitSettings` is frozen and JSON-able; it travels to the workers once, inside the worker
+context, and its :meth:`~FitSettings.digest` keys the journal so that results computed with other
+settings are never mixed into a resumed scan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import math
+from typing import Any
+
+from pyhf_dist.exceptions import SettingsError
+
+__all__ = [
+    "FitSettings",
+    "TEST_STATISTICS",
+    "BACKENDS",
+    "CALCULATIONS",
+    "NORMSYS_CODES",
+    "HISTOSYS_CODES",
+    "default_backend",
+    "parse_interpcodes",
+]
+
+TEST_STATISTICS = ("qtilde", "q", "q0")
+#: ``numpy`` is plain pyhf on numpy, the reference; ``jax`` is the compiled fast path.
+BACKENDS = ("numpy", "jax")
+CALCULATIONS = ("hypotest", "upper_limit")
+CALCTYPES = ("asymptotics", "toybased")
+NORMSYS_CODES = ("code1", "code4")
+HISTOSYS_CODES = ("code0", "code2", "code4p")
+DEFAULT_MODIFIER_SETTINGS = {"normsys": {"interpcode": "code4"}, "histosys": {"interpcode": "code4p"}}
+
+
+def default_backend() -> str:
+    """The backend used when none is asked for: ``jax`` when it is installed, else ``numpy``.
+
+    >>> default_backend() in BACKENDS
+    True
+    """
+    return "jax" if importlib.util.find_spec("jax") is not None else "numpy"
+
+
+def parse_interpcodes(text: str) -> dict:
+    """Turn ``"code4,code4p"`` (normsys, histosys) into pyhf's ``modifier_settings``.
+
+    >>> parse_interpcodes("code1,code0")
+    {'normsys': {'interpcode': 'code1'}, 'histosys': {'interpcode': 'code0'}}
+    """
+    parts = [part.strip() for part in str(text).split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise SettingsError(
+            f"invalid interpolation codes {text!r}: give two, normsys then histosys, e.g. code4,code4p"
+        )
+    return {"normsys": {"interpcode": parts[0]}, "histosys": {"interpcode": parts[1]}}
+
+
+def _number(value: Any, what: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise SettingsError(f"{what} must be a finite number, got {value!r}")
+    return number
+
+
+@dataclasses.dataclass(frozen=True)
+class FitSettings:
+    """The statistical settings of a scan.
+
+    Args:
+        poi_test: Value of the parameter of interest (signal strength) tested; ``>= 0``.
+        test_stat: ``"qtilde"`` (default), ``"q"`` or ``"q0"``.
+        backend: ``"numpy"`` (plain pyhf, the reference) or ``"jax"`` (compiled fast path);
+            ``None`` picks :func:`default_backend`.
+        modifier_settings: Passed to ``pyhf.Workspace.model``; ``None`` means code4/code4p.
+        calculation: ``"hypotest"`` (CLs at ``poi_test``) or ``"upper_limit"`` (95% CL limits on mu).
+        calctype: ``"asymptotics"`` or ``"toybased"`` (pseudo-experiments, split across workers).
+        ntoys: Pseudo-experiments per patch for ``calctype="toybased"``.
+        seed: Base random seed of the pseudo-experiments.
+        upper_limit_scan: ``None`` for root-finding, or ``(start, stop, points)`` for a grid scan.
+        level: Test size of the upper limits (0.05 for 95% CL).
+
+    >>> FitSettings(poi_test=1.0, backend="numpy").test_stat
+    'qtilde'
+    >>> FitSettings(poi_test=-1, backend="numpy")
+    Traceback (most recent call last):
+    ...
+    pyhf_dist.exceptions.SettingsError: POI value must be >= 0, got -1.0 (give e.g. --poi-test 1.0)
+    """
+
+    poi_test: float = 1.0
+    test_stat: str = "qtilde"
+    backend: str | None = None
+    modifier_settings: dict | None = None
+    calculation: str = "hypotest"
+    calctype: str = "asymptotics"
+    ntoys: int = 1000
+    seed: int = 0
+    upper_limit_scan: tuple | None = None
+    level: float = 0.05
+
+    def __post_init__(self):
+        poi = _number(self.poi_test, "POI value")
+        if poi < 0:
+            raise SettingsError(f"POI value must be >= 0, got {poi} (give e.g. --poi-test 1.0)")
+        object.__setattr__(self, "poi_test", poi)
+        if self.test_stat not in TEST_STATISTICS:
+            raise SettingsError(
+                f"unknown test statistic {self.test_stat!r}: choose one of {', '.join(TEST_STATISTICS)}"
+            )
+        backend = default_backend() if self.backend is None else str(self.backend).lower()
+        if backend not in BACKENDS:
+            raise SettingsError(f"unknown backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
+        if backend == "jax" and importlib.util.find_spec("jax") is None:
+            raise SettingsError('backend "jax" needs jax: pip install "pyhf-dist[jax]" (or use --backend numpy)')
+        object.__setattr__(self, "backend", backend)
+        object.__setattr__(self, "modifier_settings", _check_modifier_settings(self.modifier_settings))
+        if self.calculation not in CALCULATIONS:
+            raise SettingsError(
+                f"unknown calculation {self.calculation!r}: choose one of {', '.join(CALCULATIONS)}"
+            )
+        if self.calctype not in CALCTYPES:
+            raise SettingsError(f"unknown calculator {self.calctype!r}: choose one of {', '.join(CALCTYPES)}")
+        ntoys = int(_number(self.ntoys, "ntoys"))
+        if ntoys < 1:
+            raise SettingsError(f"ntoys must be a positive integer, got {self.ntoys!r}")
+        object.__setattr__(self, "ntoys", ntoys)
+        object.__setattr__(self, "seed", int(_number(self.seed, "seed")))
+        level = _number(self.level, "level")
+        if not 0 < level < 1:
+            raise SettingsError(f"level must be between 0 and 1, got {level}")
+        object.__setattr__(self, "level", level)
+        if self.upper_limit_scan is not None:
+            try:
+                start, stop, points = self.upper_limit_scan
+            except (TypeError, ValueError):
+                raise SettingsError(
+                    f"upper_limit_scan must be (start, stop, points), got {self.upper_limit_scan!r}"
+                ) from None
+            start, stop = _number(start, "scan start"), _number(stop, "scan stop")
+            points = int(_number(points, "scan points"))
+            if not (0 <= start < stop and points >= 2):
+                raise SettingsError(
+                    f"upper_limit_scan needs 0 <= start < stop and at least 2 points, got {self.upper_limit_scan!r}"
+                )
+            object.__setattr__(self, "upper_limit_scan", (start, stop, points))
+
+    def to_dict(self) -> dict:
+        """A JSON-able dictionary; ``FitSettings(**settings.to_dict())`` gives the settings back."""
+        data = dataclasses.asdict(self)
+        if data["upper_limit_scan"] is not None:
+            data["upper_limit_scan"] = list(data["upper_limit_scan"])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FitSettings":
+        """Rebuild settings from :meth:`to_dict` output."""
+        data = dict(data)
+        if data.get("upper_limit_scan") is not None:
+            data["upper_limit_scan"] = tuple(data["upper_limit_scan"])
+        return cls(**data)
+
+    def digest(self) -> str:
+        """A hash of every setting that changes a result (used to key the journal).
+
+        >>> FitSettings(backend="numpy").digest() == FitSettings(backend="numpy").digest()
+        True
+        """
+        data = self.to_dict()
+        if self.calctype != "toybased":
+            data.pop("ntoys")
+            data.pop("seed")
+        if self.calculation != "upper_limit":
+            data.pop("upper_limit_scan")
+            data.pop("level")
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _check_modifier_settings(settings: dict | None) -> dict:
+    merged = json.loads(json.dumps(DEFAULT_MODIFIER_SETTINGS))
+    if settings is None:
+        return merged
+    if not isinstance(settings, dict):
+        raise SettingsError(f"modifier_settings must be a dict like {DEFAULT_MODIFIER_SETTINGS}, got {settings!r}")
+    allowed = {"normsys": NORMSYS_CODES, "histosys": HISTOSYS_CODES}
+    for modifier, options in settings.items():
+        if modifier not in allowed or not isinstance(options, dict) or set(options) - {"interpcode"}:
+            raise SettingsError(
+                f"invalid modifier_settings entry {modifier!r}: {options!r}; "
+                f"expected e.g. {DEFAULT_MODIFIER_SETTINGS}"
+            )
+        code = options.get("interpcode", merged[modifier]["interpcode"])
+        if code not in allowed[modifier]:
+            raise SettingsError(
+                f"invalid {modifier} interpolation code {code!r}: choose one of {', '.join(allowed[modifier])} "
+                "(e.g. --interpcodes code4,code4p)"
+            )
+        merged[modifier]["interpcode"] = code
+    return merged

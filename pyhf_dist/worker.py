@@ -1,0 +1,193 @@
+"""What runs on a worker: one-time setup, then one task per patch.
+
+Every executor runs the same two functions:
+
+* :func:`initialize` takes a :class:`WorkerContext` (the background workspace and the fit
+  settings, serialized once on the client) and prepares the worker: one thread per BLAS/OpenMP/XLA
+  pool, the pyhf backend, the parsed workspace. The prepared :class:`WorkerState` is kept in the
+  process, keyed by the context's digest, so the setup runs once per worker whatever the engine.
+* :func:`run_task` fits one patch and returns a plain-dict record. A fit that raises becomes a
+  record with ``status="failed"`` and the traceback's last line; only the death of the worker
+  itself escapes as an exception.
+
+Executors that can run a setup hook per worker (process-pool initializers, Dask worker plugins,
+Parsl/Globus Compute warm workers) call :func:`initialize` there and submit ``run_task(task)``;
+any other executor submits ``run_task(task, context)`` and the worker sets itself up on its
+first task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+from typing import Any
+
+__all__ = ["WorkerContext", "WorkerState", "initialize", "run_task", "pin_threads", "worker_info", "setup_count"]
+
+#: One thread per numerical library per worker: many single-threaded pyhf processes on a few
+#: cores are far faster than processes that each start a thread per core and fight for them.
+THREAD_LIMITS = {
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "NUMEXPR_NUM_THREADS": "1",
+    "VECLIB_MAXIMUM_THREADS": "1",
+}
+XLA_SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+def pin_threads() -> None:
+    """Limit numerical libraries to one thread in this process (before they are imported).
+
+    Values the user set explicitly are kept.
+    """
+    for name, value in THREAD_LIMITS.items():
+        os.environ.setdefault(name, value)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_multi_thread_eigen" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {XLA_SINGLE_THREAD}".strip()
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerContext:
+    """Everything a worker needs besides the patch: serialized once, shipped once per worker.
+
+    Attributes:
+        key: Digest of ``payload``; the worker caches its setup under it.
+        payload: JSON bytes ``{"workspace": <background spec>, "settings": <FitSettings dict>}``.
+    """
+
+    key: str
+    payload: bytes
+
+    @classmethod
+    def build(cls, workspace_spec: dict, settings: dict) -> "WorkerContext":
+        payload = json.dumps({"workspace": workspace_spec, "settings": settings}, separators=(",", ":")).encode()
+        return cls(key=hashlib.sha256(payload).hexdigest()[:20], payload=payload)
+
+    def __repr__(self) -> str:
+        return f"WorkerContext(key={self.key!r}, payload=<{len(self.payload)} bytes>)"
+
+
+class WorkerState:
+    """A worker's prepared state for one context: parsed workspace, settings, caches.
+
+    Attributes:
+        workspace: The background ``pyhf.Workspace``.
+        settings: The :class:`~pyhf_dist.settings.FitSettings`.
+        cache: Free for calculations to keep things between tasks (compiled likelihoods...).
+    """
+
+    def __init__(self, context: WorkerContext):
+        import pyhf
+
+        from pyhf_dist.settings import FitSettings
+
+        data = json.loads(context.payload)
+        self.key = context.key
+        self.settings = FitSettings.from_dict(data["settings"])
+        self.workspace_spec = data["workspace"]
+        self.workspace = pyhf.Workspace(self.workspace_spec)
+        self.cache: dict[str, Any] = {}
+        self.lock = threading.Lock()
+
+
+_STATES: dict[str, WorkerState] = {}
+_STATES_LOCK = threading.Lock()
+_SETUP_COUNT = 0
+
+
+def setup_count() -> int:
+    """How many times :func:`initialize` prepared a new state in this process (for tests)."""
+    return _SETUP_COUNT
+
+
+def initialize(context: WorkerContext) -> WorkerState:
+    """Prepare this worker for ``context`` (once; later calls return the cached state)."""
+    global _SETUP_COUNT
+    with _STATES_LOCK:
+        state = _STATES.get(context.key)
+        if state is None:
+            pin_threads()
+            state = WorkerState(context)
+            _STATES[context.key] = state
+            _SETUP_COUNT += 1
+        return state
+
+
+def worker_info() -> dict:
+    """Where a task ran: host, process id, and the Slurm job id (``None`` outside Slurm)."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+
+
+class FitTimeout(Exception):
+    """A fit ran past the scan's per-fit ``timeout``."""
+
+
+def _on_alarm(signum, frame):
+    raise FitTimeout()
+
+
+def _call_with_timeout(function, timeout: float | None):
+    # A timed-out fit must free its worker. SIGALRM interrupts the fit between two Python-level
+    # steps of the minimizer; it can only be used from a process's main thread, which is where
+    # process-pool, Parsl and Globus Compute workers run their tasks. Elsewhere (threads) the
+    # scan's client-side timeout takes over.
+    if not timeout or threading.current_thread() is not threading.main_thread():
+        return function()
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, float(timeout))
+    try:
+        return function()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_task(task: dict, context: WorkerContext | None = None) -> dict:
+    """Fit one task (one patch, or one chunk of a patch's toys) and return its record.
+
+    Args:
+        task: ``{"name", "patch" (jsonpatch operations), "context" (key), "kind", ...}``.
+        context: Given by executors without a per-worker setup hook; used on the first task only.
+
+    Returns:
+        A dict with ``name``, ``status`` (``"ok"``/``"failed"``), ``error``, the calculation's
+        numbers (``CLs_obs``, ``CLs_exp``...), ``fit_seconds``, ``started``, ``finished``, ``worker``.
+    """
+    state = _STATES.get(task["context"])
+    if state is None:
+        if context is None or context.key != task["context"]:
+            raise RuntimeError(
+                f"worker has no context {task['context']!r}: the executor must call "
+                "pyhf_dist.worker.initialize(context) or pass the context with the task"
+            )
+        state = initialize(context)
+    started = time.time()
+    record: dict[str, Any] = {"name": task["name"], "status": "ok", "error": None}
+    if task.get("chunk") is not None:
+        record["chunk"] = task["chunk"]
+    try:
+        from pyhf_dist import calculations
+
+        values = _call_with_timeout(lambda: calculations.compute(state, task), task.get("timeout"))
+        record.update(values)
+    except FitTimeout:
+        record.update(status="failed", error=f"timed out after {task.get('timeout')} s")
+    except Exception as error:  # a failed fit is a result, not a crash of the scan
+        record.update(status="failed", error=_describe(error))
+    finished = time.time()
+    record.update(started=started, finished=finished, fit_seconds=finished - started, worker=worker_info())
+    return record
+
+
+def _describe(error: BaseException) -> str:
+    summary = traceback.format_exception_only(type(error), error)[-1].strip()
+    return summary or type(error).__name__

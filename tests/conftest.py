@@ -1,0 +1,141 @@
+"""Shared fixtures: the published pallets, and plain serial pyhf as the reference.
+
+The pallets are read from ``$PYHF_DIST_DATA`` or from ``../shared/data`` beside the repository.
+The reference is computed here, in the test session, with nothing but pyhf (``Workspace.model`` +
+``infer.hypotest`` on the numpy backend), once per patch and settings, and shared by every test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("PYHF_DIST_DATA", REPOSITORY.parent / "shared" / "data"))
+ERJR_DIR = DATA / "3L-eRJR"
+LBB_TARBALL = DATA / "1Lbb-likelihoods-hepdata.tar.gz"
+
+#: Eight 1Lbb points across the plane: excluded, boundary and allowed regions.
+LBB_SAMPLE = [
+    "C1N2_Wh_hbb_300_150",
+    "C1N2_Wh_hbb_400_0",
+    "C1N2_Wh_hbb_550_200",
+    "C1N2_Wh_hbb_650_50",
+    "C1N2_Wh_hbb_700_400",
+    "C1N2_Wh_hbb_750_100",
+    "C1N2_Wh_hbb_800_250",
+    "C1N2_Wh_hbb_1000_0",
+]
+#: The interpolation codes of the 2021 study (also pyhf's defaults).
+CODE4 = {"normsys": {"interpcode": "code4"}, "histosys": {"interpcode": "code4p"}}
+#: Agreement asked of every executor on the numpy backend.
+TOLERANCE = 1e-6
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"published pallet not found at {path}: set PYHF_DIST_DATA")
+    return path
+
+
+@pytest.fixture(scope="session")
+def erjr_dir() -> Path:
+    return _require(ERJR_DIR)
+
+
+@pytest.fixture(scope="session")
+def lbb_tarball() -> Path:
+    return _require(LBB_TARBALL)
+
+
+@pytest.fixture(scope="session")
+def erjr_pallet(erjr_dir):
+    import pyhf_dist
+
+    return pyhf_dist.load_pallet(erjr_dir)
+
+
+@pytest.fixture(scope="session")
+def lbb_pallet(lbb_tarball):
+    import pyhf_dist
+
+    return pyhf_dist.load_pallet(lbb_tarball)
+
+
+_REFERENCE_CACHE: dict = {}
+
+
+def serial_pyhf(pallet, names=None, poi_test=1.0, test_stat="qtilde", modifier_settings=None) -> dict:
+    """Plain pyhf, one patch after another, on numpy: ``{name: (CLs_obs, [CLs_exp x5])}``.
+
+    Cached for the session by pallet source, patch and settings.
+    """
+    import pyhf
+
+    pyhf.set_backend("numpy")
+    modifier_settings = modifier_settings or CODE4
+    workspace = None
+    selected = [p for p in pallet.patches if names is None or p.name in names]
+    results = {}
+    for patch in selected:
+        key = (pallet.source, patch.name, poi_test, test_stat, json.dumps(modifier_settings, sort_keys=True))
+        if key not in _REFERENCE_CACHE:
+            if workspace is None:
+                workspace = pyhf.Workspace(pallet.workspace)
+            model = workspace.model(patches=[patch.operations], modifier_settings=modifier_settings)
+            observed, expected = pyhf.infer.hypotest(
+                poi_test, workspace.data(model), model, test_stat=test_stat, return_expected_set=True
+            )
+            _REFERENCE_CACHE[key] = (float(observed), [float(value) for value in expected])
+        results[patch.name] = _REFERENCE_CACHE[key]
+    return results
+
+
+@pytest.fixture(scope="session")
+def erjr_reference(erjr_pallet):
+    return serial_pyhf(erjr_pallet)
+
+
+@pytest.fixture(scope="session")
+def lbb_reference(lbb_pallet):
+    return serial_pyhf(lbb_pallet, LBB_SAMPLE)
+
+
+def assert_matches_reference(records, reference: dict, tolerance: float = TOLERANCE) -> None:
+    """Every reference patch appears exactly once, ok, with CLs_obs and all CLs_exp within tolerance.
+
+    ``records`` is a ScanResult, a list of FitRecords, or a list of record dicts (e.g. read from JSON).
+    """
+    rows = [r if isinstance(r, dict) else r.to_dict() for r in records]
+    names = [row["name"] for row in rows]
+    assert sorted(names) == sorted(reference), f"patches differ: {sorted(set(names) ^ set(reference))}"
+    worst = 0.0
+    for row in rows:
+        assert row["status"] == "ok", f"{row['name']} failed: {row.get('error')}"
+        observed, expected = reference[row["name"]]
+        assert len(row["CLs_exp"]) == 5
+        differences = [_difference(row["CLs_obs"], observed)]
+        differences += [_difference(a, b) for a, b in zip(row["CLs_exp"], expected)]
+        worst = max(worst, *differences)
+        assert max(differences) <= tolerance, (
+            f"{row['name']}: CLs differ from serial pyhf by {max(differences):.3g} > {tolerance}"
+        )
+    return worst
+
+
+def _difference(value, reference) -> float:
+    """|value - reference|, where an undefined CLs (NaN; null in JSON) agrees only with another.
+
+    Plain pyhf returns NaN for CLs = 0/0 (seen on three 3L-eRJR patches): the fit succeeded but
+    both tail probabilities underflow. A NaN on one side only is an infinite difference.
+    """
+    undefined = [x is None or math.isnan(x) for x in (value, reference)]
+    if all(undefined):
+        return 0.0
+    if any(undefined):
+        return math.inf
+    return abs(value - reference)

@@ -1,0 +1,216 @@
+"""The core: map_fits on the local executor (and user pools) against plain serial pyhf."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import pyhf_dist
+from pyhf_dist.executors.local import LocalExecutor, _worker_setup
+from conftest import CODE4, LBB_SAMPLE, assert_matches_reference, serial_pyhf
+
+
+def test_local_matches_serial_pyhf_on_all_3L_eRJR_patches(erjr_dir, erjr_reference):
+    result = pyhf_dist.map_fits(erjr_dir, executor="local", workers=2, backend="numpy")
+    assert len(result) == 66
+    assert_matches_reference(result, erjr_reference)
+    assert result.metadata["executor"] == "local" and result.metadata["workers"] == 2
+    assert all(record.worker["slurm_job_id"] is None for record in result)
+    assert len({record.worker["pid"] for record in result}) == 2
+
+
+@pytest.mark.slow
+def test_local_matches_serial_pyhf_on_1Lbb_sample(lbb_tarball, lbb_reference):
+    result = pyhf_dist.map_fits(
+        lbb_tarball, patches=LBB_SAMPLE, executor="local", workers=2, backend="numpy", modifier_settings=CODE4
+    )
+    assert result.names() == [name for name in pyhf_dist.load_pallet(lbb_tarball).names() if name in LBB_SAMPLE]
+    assert_matches_reference(result, lbb_reference)
+    assert result["C1N2_Wh_hbb_1000_0"].values == [1000, 0]
+    assert result.metadata["labels"] == ["m1", "m2"]
+
+
+def test_user_thread_pool(erjr_dir, erjr_pallet):
+    names = erjr_pallet.names()[:10]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        result = pyhf_dist.map_fits(erjr_dir, executor=pool, patches=names, backend="numpy")
+        # The pool belongs to the user: the scan must leave it usable.
+        assert pool.submit(sum, [1, 2]).result() == 3
+    assert_matches_reference(result, serial_pyhf(erjr_pallet, names))
+
+
+def test_user_process_pool(erjr_dir, erjr_pallet):
+    import multiprocessing
+
+    names = erjr_pallet.names()[-10:]
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        result = pyhf_dist.map_fits(erjr_dir, executor=pool, patches=names, backend="numpy")
+    assert_matches_reference(result, serial_pyhf(erjr_pallet, names))
+
+
+def _counting_setup(context, log: str) -> None:
+    # Runs in each worker process: log every construction of a worker state, then set up as usual.
+    from pyhf_dist import worker
+
+    original = worker.WorkerState.__init__
+
+    def counting_init(self, *args, **kwargs):
+        with open(log, "a") as stream:
+            stream.write(f"{os.getpid()}\n")
+        original(self, *args, **kwargs)
+
+    worker.WorkerState.__init__ = counting_init
+    _worker_setup(context)
+
+
+class _CountingLocalExecutor(LocalExecutor):
+    def __init__(self, log: str, **options):
+        super().__init__(**options)
+        self.log = log
+
+    def _new_pool(self):
+        pool = super()._new_pool()
+        pool._initializer, pool._initargs = _counting_setup, (self.context, self.log)
+        return pool
+
+
+def test_worker_setup_runs_once_per_worker_not_per_task(erjr_dir, tmp_path):
+    log = tmp_path / "setups.log"
+    executor = _CountingLocalExecutor(str(log), workers=2)
+    with executor:
+        result = pyhf_dist.map_fits(erjr_dir, executor=executor, patches=["ERJR_1*"], backend="numpy")
+    pids = {record.worker["pid"] for record in result}
+    setups = log.read_text().split()
+    assert len(result) > 10 and all(record.ok for record in result)
+    assert sorted(setups) == sorted(str(pid) for pid in pids), "one setup per worker process"
+    assert len(setups) == 2
+
+
+def test_tasks_carry_only_the_patch_not_the_workspace(erjr_pallet):
+    sizes = []
+
+    class Recording(LocalExecutor):
+        def submit(self, task):
+            sizes.append(len(json.dumps(task)))
+            return super().submit(task)
+
+    with Recording(workers=1) as executor:
+        pyhf_dist.map_fits(erjr_pallet, executor=executor, patches=["ERJR_500*"], backend="numpy")
+    workspace_size = len(json.dumps(erjr_pallet.workspace))
+    assert sizes and max(sizes) < workspace_size / 2
+
+
+def test_executor_by_name_and_unknown_names(erjr_pallet):
+    result = pyhf_dist.map_fits(erjr_pallet, executor="sequential", patches=["ERJR_500p0_0p0"], backend="numpy")
+    assert_matches_reference(result, serial_pyhf(erjr_pallet, ["ERJR_500p0_0p0"]))
+    with pytest.raises(pyhf_dist.exceptions.UnknownExecutorError, match="choose one of .*local"):
+        pyhf_dist.map_fits(erjr_pallet, executor="nowhere")
+    with pytest.raises(pyhf_dist.exceptions.ExecutorOptionError, match="does not take memory"):
+        pyhf_dist.map_fits(erjr_pallet, executor="local", memory="2GB")
+
+
+def test_iter_fits_streams_and_callback_sees_every_record(demo_small):
+    streamed = [record.name for record in pyhf_dist.iter_fits(demo_small, executor="sequential", backend="numpy")]
+    assert sorted(streamed) == sorted(demo_small.names())
+    seen = []
+    result = pyhf_dist.map_fits(demo_small, executor="sequential", backend="numpy", callback=seen.append)
+    assert [record.name for record in seen] == result.names() == demo_small.names()
+
+
+def test_record_timing_and_worker_fields(demo_small):
+    result = pyhf_dist.map_fits(demo_small, executor="local", workers=2, backend="numpy")
+    for record in result:
+        assert record.submitted <= record.started <= record.finished
+        assert record.fit_seconds == pytest.approx(record.finished - record.started)
+        assert set(record.worker) == {"host", "pid", "slurm_job_id"}
+        assert record.attempts == 1
+    assert result.metadata["pyhf_version"] and result.metadata["wall_seconds"] > 0
+    assert result.metadata["settings"]["backend"] == "numpy"
+
+
+@pytest.fixture(scope="module")
+def demo_small():
+    return pyhf_dist.demo_pallet(points=6)
+
+
+def test_results_json_and_csv_round_trip(demo_small, tmp_path):
+    result = pyhf_dist.map_fits(demo_small, executor="sequential", backend="numpy")
+    path = result.to_json(tmp_path / "r.json") and tmp_path / "r.json"
+    data = json.loads(path.read_text())
+    assert set(data) == {"metadata", "results"} and len(data["results"]) == 6
+    again = pyhf_dist.ScanResult.from_json(path)
+    assert [r.to_dict() for r in again] == [r.to_dict() for r in result]
+    assert again.metadata == result.metadata
+    result.to_csv(tmp_path / "r.csv")
+    table = pyhf_dist.ScanResult.from_csv(tmp_path / "r.csv")
+    for a, b in zip(table, result):
+        assert a.name == b.name and a.values == b.values and a.status == b.status
+        assert a.CLs_obs == pytest.approx(b.CLs_obs, rel=1e-12) and a.CLs_exp == pytest.approx(b.CLs_exp, rel=1e-12)
+    assert result[0] is result[result.names()[0]]
+    with pytest.raises(KeyError):
+        result["no such patch"]
+
+
+def test_minimal_records_are_read(tmp_path):
+    path = tmp_path / "minimal.json"
+    path.write_text(json.dumps({"results": [{"name": "a", "values": [1, 2], "CLs_obs": 0.5,
+                                             "CLs_exp": [0.1, 0.2, 0.3, 0.4, 0.5], "status": "ok"}]}))
+    result = pyhf_dist.ScanResult.from_json(path)
+    assert result["a"].CLs_exp[2] == 0.3 and result.metadata == {}
+
+
+def test_cli_matches_serial_pyhf(erjr_dir, erjr_reference, lbb_tarball, lbb_reference, tmp_path):
+    output = tmp_path / "erjr.json"
+    run = _cli("fit", str(erjr_dir), "--backend", "numpy", "--workers", "2", "-o", str(output))
+    assert run.returncode == 0, run.stderr
+    assert "Results written" in run.stdout and "patches" in run.stdout
+    assert_matches_reference(json.loads(output.read_text())["results"], erjr_reference)
+    output = tmp_path / "lbb.json"
+    patches = [arg for name in LBB_SAMPLE for arg in ("-p", name)]
+    run = _cli("fit", str(lbb_tarball), *patches, "--backend", "numpy", "--interpcodes", "code4,code4p",
+               "-o", str(output), "-q")
+    assert run.returncode == 0, run.stderr
+    assert_matches_reference(json.loads(output.read_text())["results"], lbb_reference)
+
+
+def test_cli_background_plus_patchset_directory(erjr_dir, erjr_pallet, tmp_path):
+    output = tmp_path / "r.csv"
+    run = _cli("fit", str(erjr_dir / "BkgOnly.json"), "--patchset", str(erjr_dir), "-p", "ERJR_400*",
+               "--backend", "numpy", "--executor", "sequential", "-o", str(output), "-q")
+    assert run.returncode == 0, run.stderr
+    table = pyhf_dist.ScanResult.from_csv(output)
+    names = [name for name in erjr_pallet.names() if name.startswith("ERJR_400")]
+    assert_matches_reference(table, serial_pyhf(erjr_pallet, names))
+
+
+def test_demo_command_runs_a_real_scan():
+    run = _cli("demo", "--backend", "numpy", "--workers", "2")
+    assert run.returncode == 0, run.stderr
+    assert "demo_300_0" in run.stdout and "excluded" in run.stdout
+    assert "failed                      0" in run.stdout
+
+
+def test_help_is_clear():
+    for args in (["--help"], ["fit", "--help"], ["demo", "--help"]):
+        run = _cli(*args)
+        assert run.returncode == 0 and "Usage: pyhf-dist" in run.stdout
+
+
+def test_importing_pyhf_dist_imports_no_optional_backend():
+    code = (
+        "import sys, pyhf_dist, pyhf_dist.cli;"
+        "heavy = [m for m in ('jax', 'dask', 'distributed', 'dask_jobqueue', 'parsl', 'globus_compute_sdk',"
+        " 'matplotlib') if m in sys.modules]; print(heavy)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pyhf_dist", *args], capture_output=True, text=True, timeout=600)

@@ -1,0 +1,170 @@
+"""``executor="dask"``: real local Dask clusters, real worker processes, checked against serial pyhf."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+distributed = pytest.importorskip("distributed")
+
+import pyhf_dist  # noqa: E402
+from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError  # noqa: E402
+from pyhf_dist.executors import get_executor  # noqa: E402
+from pyhf_dist.executors.dask import DaskExecutor  # noqa: E402
+from pyhf_dist.settings import FitSettings  # noqa: E402
+from pyhf_dist.worker import WorkerContext, setup_count  # noqa: E402
+
+from conftest import LBB_SAMPLE, assert_matches_reference  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def user_cluster():
+    """A cluster of the user's: two single-threaded worker processes, shared by the tests here."""
+    cluster = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=40
+    )
+    client = distributed.Client(cluster, set_as_default=False)
+    yield cluster, client
+    client.close()
+    cluster.close()
+
+
+def _context(pallet) -> WorkerContext:
+    return WorkerContext.build(pallet.workspace, FitSettings(backend="numpy").to_dict())
+
+
+def test_own_local_cluster_matches_serial_pyhf_and_is_closed(erjr_pallet, erjr_reference):
+    executor = DaskExecutor(workers=2, dashboard_address=":0")
+    with executor:
+        result = pyhf_dist.map_fits(erjr_pallet, executor=executor, backend="numpy")
+        cluster = executor.cluster
+        assert result.metadata["executor"] == "dask"
+        assert result.metadata["workers"] == 2
+        assert result.metadata["dashboard"].startswith("http://")
+    assert_matches_reference(result, erjr_reference)
+    assert len({record.worker["pid"] for record in result}) == 2
+    # What we started, we closed.
+    assert executor.cluster is None and executor.client is None
+    assert cluster.status.name == "closed"
+
+
+def test_user_cluster_matches_serial_pyhf_on_1lbb_and_stays_open(user_cluster, lbb_pallet, lbb_reference):
+    cluster, client = user_cluster
+    result = pyhf_dist.map_fits(lbb_pallet, executor="dask", client=client, patches=LBB_SAMPLE, backend="numpy")
+    assert_matches_reference(result, lbb_reference)
+    # Never close what the user passed in; our worker plugin is gone again.
+    assert client.status == "running" and cluster.status.name == "running"
+    assert len(client.scheduler_info()["workers"]) == 2
+    plugins = client.run(lambda dask_worker: list(dask_worker.plugins))
+    assert not any(name.startswith("pyhf-dist-") for names in plugins.values() for name in names)
+
+
+def test_workspace_is_shipped_once_per_worker_not_with_each_task(user_cluster, erjr_pallet):
+    cluster, client = user_cluster
+    context = _context(erjr_pallet)
+    patches = erjr_pallet.patches[:6]
+    with DaskExecutor(client=client) as executor:
+        executor.start(context)
+        futures = [executor.submit({"name": p.name, "patch": p.operations, "context": context.key}) for p in patches]
+        # The task specs as the scheduler holds them, while they are there.
+        specs = client.run_on_scheduler(
+            lambda dask_scheduler: {
+                str(key): pickle.dumps(state.run_spec)
+                for key, state in dask_scheduler.tasks.items()
+                if "run_task" in str(key)
+            }
+        )
+        records = [future.result() for future in futures]
+        setups = client.run(setup_count)
+    assert all(record["status"] == "ok" for record in records)
+    assert specs, "no task seen on the scheduler"
+    channel = erjr_pallet.workspace["channels"][0]["name"].encode()
+    for key, spec in specs.items():
+        # A task is its patch (~1 kB): far smaller than the workspace, and without its channels' data.
+        assert len(spec) < len(context.payload) / 10, f"{key} carries {len(spec)} bytes"
+        assert context.payload[:2000] not in spec
+        assert channel in context.payload
+    # Each worker parsed the workspace once, however many tasks it ran.
+    assert sorted(setups.values()) == [1, 1]
+
+
+def test_address_of_a_running_scheduler(user_cluster, erjr_pallet, erjr_reference):
+    cluster, _ = user_cluster
+    names = [patch.name for patch in erjr_pallet.patches[:4]]
+    result = pyhf_dist.map_fits(erjr_pallet, executor="dask", address=cluster.scheduler_address,
+                                patches=names, backend="numpy")
+    assert_matches_reference(result, {name: erjr_reference[name] for name in names})
+    assert result.metadata["scheduler"] == cluster.scheduler_address
+    assert cluster.status.name == "running"
+
+
+def test_unreachable_address_fails_fast_in_one_line():
+    context = WorkerContext.build({"channels": []}, {})
+    executor = get_executor("dask", address="tcp://127.0.0.1:9")
+    started = time.monotonic()
+    with pytest.raises(ExecutorError) as error:
+        executor.start(context)
+    assert time.monotonic() - started < 10
+    message = str(error.value)
+    assert "\n" not in message and "tcp://127.0.0.1:9" in message
+
+
+def test_worker_killed_mid_scan_every_patch_once(erjr_pallet, erjr_reference):
+    killed: list[int] = []
+    seen: list[str] = []
+
+    with DaskExecutor(workers=2, dashboard_address=":0") as executor:
+
+        def kill_a_worker(record):
+            seen.append(record.name)
+            # Both workers are busy with queued patches: this kills one in the middle of a fit.
+            if len(seen) == 5:
+                pid = next(iter(executor.client.run(os.getpid).values()))
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+        result = pyhf_dist.map_fits(erjr_pallet, executor=executor, backend="numpy", callback=kill_a_worker)
+    assert killed
+    names = [record.name for record in result]
+    assert len(names) == len(set(names)) == len(erjr_pallet.patches)
+    assert_matches_reference(result, erjr_reference)
+    # The nanny started a new worker process in place of the killed one, and it did fits.
+    assert len({record.worker["pid"] for record in result}) >= 3
+
+
+def test_is_worker_lost_maps_dask_worker_death():
+    from distributed.comm.core import CommClosedError
+    from distributed.scheduler import KilledWorker
+
+    executor = DaskExecutor(workers=1)
+    assert executor.is_worker_lost(KilledWorker("run_task-1", "tcp://127.0.0.1:1", allowed_failures=3))
+    assert executor.is_worker_lost(CommClosedError("in <TCP>: Stream is closed"))
+    assert not executor.is_worker_lost(ValueError("a fit that failed"))
+
+
+def test_bad_options():
+    with pytest.raises(ExecutorOptionError, match="at most one"):
+        get_executor("dask", address="tcp://127.0.0.1:8786", client=object())
+    with pytest.raises(ExecutorOptionError, match="does not take"):
+        get_executor("dask", jobs=2)
+    with pytest.raises(ExecutorOptionError, match="size the one given"):
+        get_executor("dask", address="tcp://127.0.0.1:8786", workers=3)
+
+
+def test_dask_is_imported_only_when_asked_for_and_missing_dask_is_explained():
+    code = (
+        "import sys; import pyhf_dist; assert 'distributed' not in sys.modules, 'imported early'\n"
+        "sys.modules['distributed'] = None\n"
+        "from pyhf_dist.executors import get_executor\n"
+        "try:\n    get_executor('dask')\n"
+        "except ImportError as error:\n    print(error)\n"
+    )
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert output.returncode == 0, output.stderr
+    assert 'pip install "pyhf-dist[dask]"' in output.stdout
