@@ -3,7 +3,8 @@
 A journal is a JSON-lines file. Each line is ``{"key": <scan key>, "record": {...}}`` and is
 flushed and fsynced before the scan moves on; the scan key is a hash of the background workspace
 and of every setting that changes a result, so that a resumed scan never mixes in results computed
-differently. A last line cut short by a crash is ignored.
+differently. A last line cut short by a crash is ignored (and cut off before appending). A resumed
+scan skips the patches whose latest record is ``ok`` and fits the failed ones again.
 """
 
 from __future__ import annotations
@@ -84,7 +85,20 @@ class Journal:
     def open(self, append: bool) -> None:
         """Open for writing: append to what is there (resuming) or start a new journal."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if append:
+            self._drop_partial_line()
         self._stream = open(self.path, "a" if append else "w")
+
+    def _drop_partial_line(self) -> None:
+        # A crash during a write leaves a last line without its newline: cut it off, or the next
+        # record would be appended to it and the journal could not be read again.
+        try:
+            with open(self.path, "rb+") as stream:
+                data = stream.read()
+                if data and not data.endswith(b"\n"):
+                    stream.truncate(data.rfind(b"\n") + 1)
+        except FileNotFoundError:
+            pass
 
     def write(self, record: FitRecord) -> None:
         """Append one record and make sure it is on disk before returning."""

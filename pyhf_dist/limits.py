@@ -35,8 +35,9 @@ def upper_limit(model, data, settings) -> dict[str, Any]:
 
     Asymptotic calculator only: toy-based limits would draw fresh toys at every POI value of the
     search, which does not split into chunks like one hypotest (and pyhf 0.7.6's serial toy
-    hypotest fails on numpy >= 2.4, which dropped ``percentile(interpolation=)``, so there is no reference either); they are refused before the
-    scan starts (:func:`pyhf_dist.calculations.plan_chunks`).
+    hypotest fails on numpy >= 2.4, which dropped ``percentile(interpolation=)``, so there is no
+    reference either); they are refused before the scan starts
+    (:func:`pyhf_dist.calculations.plan_chunks`).
 
     Returns:
         ``{"mu_up_obs": float, "mu_up_exp": [5 floats]}``.

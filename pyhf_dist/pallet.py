@@ -125,12 +125,22 @@ def check_workspace(spec: Any, where: str, full: bool = True) -> dict:
         )
     if not full:
         return spec
+    version = spec.get("version")
+    if not isinstance(version, str):  # pyhf picks the schema file by version: check it first
+        raise WorkspaceError(
+            f"{where} is not a valid HistFactory workspace: 'version' must be a string such as \"1.0.0\", "
+            f"got {version!r} at /version"
+        )
     try:
         pyhf.Workspace(spec)
     except pyhf.exceptions.InvalidSpecification as error:
         raise WorkspaceError(f"{where} is not a valid HistFactory workspace: {_schema_message(error)}") from None
     except (pyhf.exceptions.InvalidWorkspaceOperation, pyhf.exceptions.InvalidModel) as error:
-        raise WorkspaceError(f"{where} is not a valid HistFactory workspace: {error}") from None
+        raise WorkspaceError(f"{where} is not a valid HistFactory workspace: {_first_line(error)}") from None
+    except Exception as error:  # what the schema lets through but pyhf cannot build (or an unknown version)
+        raise WorkspaceError(
+            f"{where} is not a valid HistFactory workspace: {type(error).__name__}: {_first_line(error)}"
+        ) from None
     return spec
 
 
@@ -189,10 +199,20 @@ def _patches_from_patchset(spec: Any, where: str, workspace: dict | None) -> tup
         except pyhf.exceptions.InvalidSpecification as error:
             raise WorkspaceError(f"{where} is not a valid pyhf patchset: {_schema_message(error)}") from None
         except pyhf.exceptions.InvalidPatchSet as error:
-            raise WorkspaceError(f"{where} is not a valid pyhf patchset: {error}") from None
+            raise WorkspaceError(f"{where} is not a valid pyhf patchset: {_first_line(error)}") from None
+        except Exception as error:  # e.g. a jsonpatch path that is not a JSON pointer
+            raise WorkspaceError(
+                f"{where} is not a valid pyhf patchset: {type(error).__name__}: {_first_line(error)}"
+            ) from None
     if workspace is not None:
         try:
-            patchset.verify(pyhf.Workspace(workspace, validate=False))
+            background = pyhf.Workspace(workspace, validate=False)
+        except Exception:
+            # Not even well-formed enough to compute its digest: say what is wrong with it.
+            check_workspace(workspace, "the background workspace", full=True)
+            raise WorkspaceError("the background workspace is not a valid HistFactory workspace") from None
+        try:
+            patchset.verify(background)
         except pyhf.exceptions.PatchSetVerificationError:
             raise PalletError(
                 f"{where} was not made for this background workspace (its digest does not match): "
@@ -404,7 +424,8 @@ def select_patches(patches: list[Patch], selection: Iterable[str] | str | None) 
         return list(patches)
     if isinstance(selection, str):
         selection = [selection]
-    selection = list(selection)
+    # Blank names (e.g. ``-p ""`` from a script whose variable was empty) select nothing.
+    selection = [str(pattern) for pattern in selection if str(pattern).strip()]
     if not selection:
         raise PatchSelectionError("the patch selection is empty: give at least one name or pattern, or none for all")
     names = [patch.name for patch in patches]

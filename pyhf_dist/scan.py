@@ -102,18 +102,19 @@ def iter_fits(
         raise InputError(f"retries must be a non-negative integer, got {retries!r}")
     if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
         raise InputError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    # Full schema validation of a large workspace takes about a second: it runs below, while the
-    # workers start, instead of before.
+    # Full schema validation of a large workspace takes about a second: it runs below, once the
+    # patch selection and settings are known to be right.
     pallet = prepare_pallet(workspace, patchset, validate=False)
     selected = select_patches(pallet.patches, patches)
     values_by_name = {patch.name: list(patch.values) for patch in selected}
 
     book = Journal(journal, scan_key(pallet.workspace, settings)) if journal is not None else None
     finished = book.load() if (book is not None and resume) else {}
-    finished = {name: record for name, record in finished.items() if name in values_by_name}
+    # Only fits that succeeded are kept: a resumed scan fits the failed ones again.
+    finished = {name: record for name, record in finished.items() if name in values_by_name and record.ok}
     todo = [patch for patch in selected if patch.name not in finished]
 
-    runner = get_executor(executor, **executor_options) if isinstance(executor, str) else get_executor(executor)
+    runner = get_executor(executor, **executor_options)
     owned = isinstance(executor, str)
     context = WorkerContext.build(pallet.workspace, settings.to_dict())
     info = metadata if metadata is not None else {}
@@ -131,8 +132,6 @@ def iter_fits(
     )
     started = time.time()
     info["started"] = started
-    if book is not None:
-        book.open(append=resume)
     try:
         if not todo:
             info.update(runner.describe())
@@ -140,6 +139,9 @@ def iter_fits(
                 on_start(info)
             yield from finished.values()
             return
+        # Validated before any worker parses it: an invalid workspace must be refused as bad input
+        # (naming the JSON path), not surface as a worker that cannot start.
+        check_workspace(pallet.workspace, pallet.source)
         try:
             runner.start(context)
         except InputError:
@@ -147,12 +149,15 @@ def iter_fits(
         except ExecutorError:
             raise
         except Exception as error:
-            raise ExecutorError(f"executor {runner.name!r} could not start: {error}") from error
+            raise ExecutorError(f"executor {runner.name!r} could not start: {_one_line(error)}") from error
         info.update(runner.describe())
-        check_workspace(pallet.workspace, pallet.source)
         if on_start is not None:
             on_start(info)
         yield from finished.values()
+        if book is not None:
+            # Opened only now, once the executor is up: a scan that cannot start leaves an earlier
+            # journal as it was (and creates no file).
+            book.open(append=resume)
         for record in _run(runner, context, todo, settings, retries, timeout, values_by_name):
             if book is not None:
                 book.write(record)
@@ -199,6 +204,11 @@ def _run(runner, context, todo, settings, retries, timeout, values_by_name) -> I
             except concurrent.futures.CancelledError:
                 outcome = _failed(job, "cancelled by the executor")
             except Exception as error:
+                if runner.is_worker_lost(error) and _bystander(runner, future):
+                    # Lost only because another task's worker took the pool down with it: resubmit
+                    # without counting it against this task's retries.
+                    queue.appendleft(job)
+                    continue
                 if runner.is_worker_lost(error) and job.attempt <= retries:
                     job.attempt += 1
                     queue.appendleft(job)
@@ -213,24 +223,43 @@ def _run(runner, context, todo, settings, retries, timeout, values_by_name) -> I
                 record.update(values=values_by_name[name], submitted=first_submitted[name], attempts=attempts[name])
                 yield FitRecord.from_dict(record)
         if timeout:
-            _expire(runner, in_flight, partial, timeout)
+            _expire(runner, in_flight, queue, timeout)
 
 
-def _expire(runner, in_flight, partial, timeout) -> None:
+def _bystander(runner, future) -> bool:
+    """Whether a lost task was only collateral damage of another worker's death (executor's call)."""
+    check = getattr(runner, "was_bystander", None)
+    return bool(check(future)) if check is not None else False
+
+
+def _expire(runner, in_flight, queue, timeout) -> None:
     # The worker stops a fit at ``timeout`` by itself where it can; this is the client's backstop
-    # for workers that cannot (tasks run in threads), measured from when the task was seen running.
+    # for workers that cannot (tasks run in threads, a fit stuck in C code), measured from when the
+    # task was seen running.
     now = time.time()
+    expired = []
+    started_at = getattr(runner, "started_at", None)  # executors that know when a worker took a task
     for future, job in list(in_flight.items()):
-        if job.running_since is None and future.running():
-            job.running_since = now
+        if job.running_since is None:
+            job.running_since = started_at(future) if started_at is not None else (now if future.running() else None)
         if job.running_since is not None and now - job.running_since > timeout + TIMEOUT_GRACE:
             future.cancel()
             replacement: concurrent.futures.Future = concurrent.futures.Future()
             replacement.set_result(_failed(job, f"timed out after {timeout} s (worker did not respond)"))
             in_flight[replacement] = in_flight.pop(future)
-            restart = getattr(runner, "restart_workers", None)
-            if restart is not None:
-                restart()
+            expired.append(replacement)
+    restart = getattr(runner, "restart_workers", None)
+    if not expired or restart is None:
+        return
+    # Restarting kills every worker: the other tasks in flight did nothing wrong, so they are
+    # resubmitted (first, and without counting it as an attempt) unless their result is already in.
+    for future, job in list(in_flight.items()):
+        if future in expired or (future.done() and not future.cancelled() and future.exception() is None):
+            continue
+        future.cancel()
+        del in_flight[future]
+        queue.appendleft(job)
+    restart()
 
 
 def _failed(job: _Job, message: str) -> dict:
@@ -286,7 +315,10 @@ def map_fits(
         progress: Show a progress bar on standard error.
         on_start: Called with the scan's metadata once the executor is up.
         **options: ``calculation``, ``calctype``, ``ntoys``, ``seed``, ``upper_limit_scan``,
-            ``journal``, ``resume``, ``retries``, ``timeout``, and the chosen executor's own
+            ``journal`` (a JSON-lines file every finished record is appended to), ``resume``
+            (skip the patches whose record in ``journal`` is ok; failed ones are fit again),
+            ``retries`` (resubmissions of a task whose worker died, default 2), ``timeout``
+            (seconds per fit, after which it is recorded as failed), and the chosen executor's own
             keyword arguments (e.g. ``jobs``, ``memory`` for ``"slurm"``).
 
     Returns:

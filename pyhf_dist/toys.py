@@ -26,7 +26,7 @@ Consequences:
   before each patch does), so neighbouring points share their random numbers: this makes the
   toy-based CLs smooth across the grid; change ``seed`` for an independent replica.
 * each chunk holds ``2 * ntoys`` toys in memory (``ntoys * (bins + auxdata)`` floats per
-  hypothesis): 16 MB for 10,000 toys of the 1Lbb model.
+  hypothesis): about 20 MB for 10,000 toys of the 1Lbb model.
 
 The global random state is seeded under a process-wide lock and restored afterwards, so chunks
 running in threads of one process, or in the user's own process (``executor="sequential"``), do not
@@ -72,14 +72,17 @@ def split(ntoys: int, chunks: int) -> list[dict]:
     return entries
 
 
-def plan(ntoys: int, workers: int, min_chunk: int = MIN_TOYS_PER_CHUNK) -> list[dict]:
+def plan(ntoys: int, workers: int, min_chunk: int | None = None) -> list[dict]:
     """The chunks of one patch: as many as workers, none smaller than ``min_chunk`` toys.
+
+    ``min_chunk`` defaults to :data:`MIN_TOYS_PER_CHUNK` (read at call time).
 
     One chunk per worker is enough: a scan has many patches, whose chunks fill the queue.
 
     >>> len(plan(1000, 4)), len(plan(60, 4)), len(plan(10, 4))
     (4, 2, 1)
     """
+    min_chunk = MIN_TOYS_PER_CHUNK if min_chunk is None else min_chunk
     return split(ntoys, max(1, min(int(workers or 1), int(ntoys) // max(1, int(min_chunk)))))
 
 

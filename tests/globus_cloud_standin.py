@@ -33,11 +33,8 @@ SDK_VERSION = "4.19.0"
 MAX_REQUEST_BYTES = 10_000_000
 
 
-class StandInResultWatcher:
-    """Placeholder; the real class is built by :func:`make_result_watcher_class` (needs the SDK)."""
-
-
 def make_result_watcher_class(standin: "GlobusCloudStandIn"):
+    """The SDK's ``_ResultWatcher`` with its AMQP connection replaced by ``standin``'s outbox."""
     from globus_compute_common import messagepack
     from globus_compute_sdk.sdk.executor import _ResultWatcher
 
@@ -68,10 +65,7 @@ def make_result_watcher_class(standin: "GlobusCloudStandIn"):
                     continue
                 result = messagepack.unpack(body)
                 self._received_results[str(result.task_id)] = (props, result)
-                self._match_results_to_futures()
-                if self._received_results:
-                    # results for futures not yet watched: try again shortly
-                    pass
+                self._match_results_to_futures()  # results not yet watched are matched later
 
         def shutdown(self, wait=True, *, cancel_futures=False):
             from globus_compute_sdk.sdk.executor import _RESULT_WATCHERS

@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     # in the journal and started clusters are shut down.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        cli.main(args=argv, prog_name="pyhf-dist", standalone_mode=False)
+        # Outside standalone mode click returns (not raises) the code of a ``ctx.exit``/``Exit``.
+        code = cli.main(args=argv, prog_name="pyhf-dist", standalone_mode=False)
     except click.exceptions.Abort:
         return _interrupted()
     except KeyboardInterrupt:
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         click.echo(f"Error: {error}", err=True)
         return 2 if isinstance(error, InputError) else 1
-    return 0
+    return code if isinstance(code, int) and not isinstance(code, bool) else 0
 
 
 def _interrupted() -> int:

@@ -74,7 +74,8 @@ def _parse_option(text: str) -> tuple[str, object]:
               help="Results file (.json, or .csv for a table).")
 @click.option("--journal", type=click.Path(dir_okay=False),
               help="Journal of finished results [default: <output>.journal.jsonl beside the output].")
-@click.option("--resume", is_flag=True, help="Skip the patches already finished in the journal.")
+@click.option("--resume", is_flag=True,
+              help="Skip the patches already fit successfully in the journal; failed ones are fit again.")
 @click.option("--retries", default=2, show_default=True, type=int, help="Resubmissions of a task whose worker died.")
 @click.option("--timeout", type=float, help="Seconds after which a single fit is recorded as failed.")
 @click.option("--jobs", type=int, help="[slurm] Batch jobs to start.")

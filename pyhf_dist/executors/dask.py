@@ -91,7 +91,8 @@ class DaskExecutor(Executor):
         dashboard_address: str | None = ":8787",
     ):
         super().__init__(workers=workers)
-        given = [label for label, value in (("address", address), ("client", client), ("cluster", cluster)) if value is not None]
+        given = [label for label, value in (("address", address), ("client", client), ("cluster", cluster))
+                 if value is not None]
         if len(given) > 1:
             raise ExecutorOptionError(f"give at most one of address, client, cluster (got {', '.join(given)})")
         if address is not None and not isinstance(address, str):
@@ -102,7 +103,9 @@ class DaskExecutor(Executor):
         if client is not None and not isinstance(client, distributed.Client):
             raise ExecutorOptionError(f"client must be a distributed.Client, got {type(client).__name__}")
         if given and workers is not None:
-            raise ExecutorOptionError(f"workers applies to the cluster pyhf-dist starts; size the one given as {given[0]} yourself")
+            raise ExecutorOptionError(
+                f"workers applies to the cluster pyhf-dist starts; size the one given as {given[0]} yourself"
+            )
         if not given and workers is None:
             self.workers = default_workers()
         self.address = address
@@ -168,24 +171,27 @@ class DaskExecutor(Executor):
     def shutdown(self, cancel_futures: bool = True) -> None:
         pool, self._pool = self._pool, None
         client = self.client
-        if pool is not None and client is not None and client.status == "running":
-            pool.shutdown(wait=not cancel_futures)
-        if self._plugin_name is not None and not self._own_cluster and client is not None:
-            # On the user's cluster, take our plugin (and with it the parsed workspace) back out.
-            try:
-                if client.status == "running":
-                    client.unregister_worker_plugin(self._plugin_name)
-            except Exception:  # the scheduler may be gone already; nothing left to clean
-                pass
-        self._plugin_name = None
-        if self._own_client and client is not None:
-            client.close()
-            self._own_client = False
-            self.client = self._user_client
-        if self._own_cluster and self.cluster is not None:
-            self._close_cluster(self.cluster)
-            self._own_cluster = False
-            self.cluster = self._user_cluster
+        try:
+            if pool is not None and client is not None and client.status == "running":
+                pool.shutdown(wait=not cancel_futures)
+            if self._plugin_name is not None and not self._own_cluster and client is not None:
+                # On the user's cluster, take our plugin (and with it the parsed workspace) back out.
+                try:
+                    if client.status == "running":
+                        client.unregister_worker_plugin(self._plugin_name)
+                except Exception:  # the scheduler may be gone already; nothing left to clean
+                    pass
+            self._plugin_name = None
+            if self._own_client and client is not None:
+                self._own_client = False
+                self.client = self._user_client
+                client.close()
+        finally:
+            # Whatever failed above, a cluster we started must go (for Slurm: its jobs cancelled).
+            if self._own_cluster and self.cluster is not None:
+                cluster, self._own_cluster = self.cluster, False
+                self.cluster = self._user_cluster
+                self._close_cluster(cluster)
 
     def _close_cluster(self, cluster) -> None:
         cluster.close()

@@ -77,7 +77,7 @@ REQUEST_MARGIN = 64 * 1024
 #: Where the endpoint id is read from when none is given.
 ENDPOINT_ID_VARIABLE = "GLOBUS_COMPUTE_ENDPOINT_ID"
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}$")
-_WORKER_LOST = re.compile(r"WorkerLost|ManagerLost|worker (was )?lost", re.IGNORECASE)
+_WORKER_LOST = re.compile(r"WorkerLost|ManagerLost|worker (was )?lost|BrokenProcessPool|terminated abruptly", re.IGNORECASE)
 
 
 def check_credentials() -> str:

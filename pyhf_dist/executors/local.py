@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import itertools
 import multiprocessing
 import os
+import shutil
 import signal
+import tempfile
+import threading
+import time
+from concurrent.futures.process import BrokenProcessPool
 
 from pyhf_dist.executors.base import Executor, default_workers
 from pyhf_dist.worker import initialize, run_task
@@ -17,7 +24,81 @@ def _worker_setup(context) -> None:
     # Ctrl-C goes to the whole process group; the parent decides what happens to the scan, so a
     # worker must not die of it with a traceback of its own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent()
     initialize(context)
+
+
+@contextlib.contextmanager
+def _children_ignore_sigint():
+    # A pool starts its processes inside submit(). Started while SIGINT is ignored, a worker ignores
+    # it from its first instruction (an ignored signal stays ignored across exec), so a Ctrl-C that
+    # reaches the whole process group while workers still import cannot print their tracebacks.
+    # Only the main thread may change handlers; elsewhere the workers ignore it from their setup on.
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _exit_with_parent() -> None:
+    # A parent killed with SIGKILL cannot stop its pool, and spawned workers would wait for tasks
+    # forever: each worker leaves as soon as its parent is gone.
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="pyhf-dist-parent-watch", daemon=True).start()
+
+
+def _run_tracked(task: dict, mark: str):
+    # Leave a mark "<pid> <patch>" for as long as the task runs: if the process dies, the
+    # executor can tell the task that was running on it from the tasks merely in the same pool.
+    try:
+        with open(mark, "w") as stream:
+            stream.write(f"{os.getpid()} {task.get('name')}")
+    except OSError:
+        pass
+    try:
+        return run_task(task)
+    finally:
+        try:
+            os.unlink(mark)
+        except OSError:
+            pass
+
+
+class _PoolTasks:
+    """The tasks submitted to one pool: their marks, and which of them were on a dead worker."""
+
+    def __init__(self, processes: dict):
+        self.processes = processes  # the pool's own pid -> process dict (kept after shutdown)
+        self.marks: dict[concurrent.futures.Future, str] = {}
+        self.culprits: set[concurrent.futures.Future] | None = None
+
+    def settle(self) -> None:
+        """Once, before we kill anything ourselves: find the tasks whose process died on its own."""
+        if self.culprits is not None:
+            return
+        # Workers the pool itself stops after a break exit with -SIGTERM; a worker that was killed
+        # (SIGKILL, out of memory, a crash) exits otherwise.
+        dead = {pid for pid, process in list(self.processes.items())
+                if process.exitcode is not None and process.exitcode != -signal.SIGTERM}
+        self.culprits = set()
+        for future, mark in list(self.marks.items()):
+            try:
+                with open(mark) as stream:
+                    pid = int(stream.read().split(" ", 1)[0] or 0)
+            except (OSError, ValueError):
+                continue
+            if pid in dead:
+                self.culprits.add(future)
 
 
 class LocalExecutor(Executor):
@@ -46,6 +127,10 @@ class LocalExecutor(Executor):
             )
         self.start_method = start_method
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._marks_dir: str | None = None
+        self._serial = itertools.count()
+        self._tasks: dict[concurrent.futures.Future, _PoolTasks] = {}
+        self._current: _PoolTasks | None = None
 
     # A pool whose worker died rejects every later task; keeping at most one task per worker in
     # flight means only the task that was running on the dead worker has to be retried.
@@ -63,15 +148,65 @@ class LocalExecutor(Executor):
 
     def start(self, context) -> None:
         super().start(context)
+        if self._marks_dir is None:
+            self._marks_dir = tempfile.mkdtemp(prefix="pyhf-dist-local-")
         self._pool = self._new_pool()
 
     def submit(self, task: dict) -> concurrent.futures.Future:
         if self._pool is None:
             raise RuntimeError("LocalExecutor.start(context) must be called before submit()")
-        if getattr(self._pool, "_broken", False):
-            self._discard_pool()
-            self._pool = self._new_pool()
-        return self._pool.submit(run_task, task)
+        for _ in range(2):
+            if getattr(self._pool, "_broken", False):
+                self._discard_pool()
+                self._pool = self._new_pool()
+            if self._current is None or self._current.processes is not self._pool._processes:
+                self._current = _PoolTasks(self._pool._processes)
+            mark = os.path.join(self._marks_dir, f"{next(self._serial)}.running")
+            try:
+                with _children_ignore_sigint():
+                    future = self._pool.submit(_run_tracked, task, mark)
+            except BrokenProcessPool:  # a worker died since the check above: start a new pool
+                continue
+            self._current.marks[future] = mark
+            self._tasks[future] = self._current
+            future.add_done_callback(self._forget_finished)
+            return future
+        raise BrokenProcessPool("the local worker pool broke twice while a task was submitted")
+
+    def _forget_finished(self, future: concurrent.futures.Future) -> None:
+        # Only tasks lost with a broken pool are asked about later.
+        if future.cancelled() or future.exception() is None:
+            tasks = self._tasks.pop(future, None)
+            if tasks is not None:
+                tasks.marks.pop(future, None)
+
+    def started_at(self, future: concurrent.futures.Future) -> float | None:
+        """When a worker began the task (``None``: not yet). A pool calls a queued task "running"
+        before any worker takes it, e.g. while the workers still start up."""
+        tasks = self._tasks.get(future)
+        mark = tasks.marks.get(future) if tasks is not None else None
+        try:
+            return os.stat(mark).st_mtime if mark is not None else None
+        except OSError:
+            return None
+
+    def was_bystander(self, future: concurrent.futures.Future) -> bool:
+        """Whether ``future`` failed only because another task's worker died and broke the pool.
+
+        ``False`` when its own worker died, or when the dead worker's task cannot be told (the scan
+        then counts the loss against every task that was in the pool).
+        """
+        tasks = self._tasks.pop(future, None)
+        if tasks is None:
+            return False
+        tasks.settle()
+        mark = tasks.marks.pop(future, None)
+        if mark is not None:
+            try:
+                os.unlink(mark)
+            except OSError:
+                pass
+        return bool(tasks.culprits) and future not in tasks.culprits
 
     def worker_pids(self) -> list[int]:
         """Process ids of the current worker processes."""
@@ -85,6 +220,8 @@ class LocalExecutor(Executor):
         # Stop the workers hard: a worker busy with a fit would otherwise keep its core (and the
         # interpreter alive at exit) until the fit ends.
         processes = list((getattr(pool, "_processes", None) or {}).values())
+        if self._current is not None:
+            self._current.settle()
         pool.shutdown(wait=False, cancel_futures=True)
         for process in processes:
             if process.is_alive():
@@ -103,6 +240,11 @@ class LocalExecutor(Executor):
         elif self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        self._tasks.clear()
+        self._current = None
+        if self._marks_dir is not None:
+            shutil.rmtree(self._marks_dir, ignore_errors=True)
+            self._marks_dir = None
 
     def describe(self) -> dict:
         return {"executor": self.name, "workers": self.workers, "start_method": self.start_method}

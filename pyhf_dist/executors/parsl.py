@@ -85,13 +85,7 @@ def _worker_lost_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     try:
-        from parsl.executors.errors import BadStateException
-
-        errors.append(BadStateException)
-    except ImportError:
-        pass
-    try:
-        from parsl.executors.high_throughput.interchange import ManagerLost
+        from parsl.executors.high_throughput.errors import ManagerLost
 
         errors.append(ManagerLost)
     except ImportError:
@@ -119,6 +113,7 @@ class ParslExecutor(Executor):
             machine's address for Slurm).
         run_dir: Parsl's run directory (logs, job scripts); default: a temporary directory for
             local workers, ``./pyhf-dist-parsl`` for Slurm (it must be visible to the nodes).
+        queue: Another name for ``partition`` (the command line's ``--queue``).
 
     Example:
         >>> pyhf_dist.map_fits("pallet/", executor="parsl", provider="slurm",
@@ -147,8 +142,13 @@ class ParslExecutor(Executor):
         strategy_period: float = 0.2,
         address: str | None = None,
         run_dir: str | os.PathLike | None = None,
+        queue: str | None = None,
     ):
         super().__init__(workers=workers)
+        if queue is not None:
+            if partition is not None and partition != queue:
+                raise ExecutorOptionError(f"give partition= or queue= (the same thing), not both: {partition!r}, {queue!r}")
+            partition = queue
         if config is None and provider not in PROVIDERS:
             raise ExecutorOptionError(f"unknown Parsl provider {provider!r}: choose one of {', '.join(PROVIDERS)} or pass config=")
         if config is not None and not isinstance(config, parsl.Config):

@@ -13,8 +13,10 @@ from __future__ import annotations
 import inspect
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 import uuid
 from typing import Any
 
@@ -29,12 +31,25 @@ try:
 except ImportError as error:
     raise MissingDependencyError("dask-jobqueue", "slurm", 'executor="slurm"') from error
 
-__all__ = ["SlurmExecutor"]
+__all__ = ["SlurmExecutor", "load_cluster_config"]
 
-#: Keywords of ``JobQueueCluster`` itself (the rest go to each job), minus those we set.
+
+def _restore_ctrl_c() -> None:
+    # Importing dask_jobqueue (its runner module) makes SIGINT call sys.exit(): Ctrl-C would then
+    # end a scan with exit status 0, as if it had finished. Give Ctrl-C back its KeyboardInterrupt.
+    handler = signal.getsignal(signal.SIGINT)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread and getattr(handler, "__module__", None) == "dask_jobqueue.runner":
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+_restore_ctrl_c()
+
+#: Keywords of ``JobQueueCluster`` itself; the rest go to each job.
 _CLUSTER_KEYS = {"security", "shared_temp_directory", "silence_logs", "scheduler_options", "protocol", "interface"}
-_NOT_OPTIONS = {"self", "scheduler", "name", "job_cls", "loop", "asynchronous", "n_workers", "dashboard_address", "host",
-                "base_class_kwargs", "job_kwargs", "config_name"}
+#: Signature entries that are not user options: set by us or by dask-jobqueue, or refused by it.
+_NOT_OPTIONS = {"self", "scheduler", "name", "job_cls", "loop", "asynchronous", "n_workers", "dashboard_address",
+                "host", "base_class_kwargs", "job_kwargs", "config_name"}
 
 
 def _accepted_keys() -> set[str]:
@@ -77,7 +92,9 @@ def load_cluster_config(path: str | os.PathLike, config_name: str = "slurm") -> 
     if isinstance(data, dict) and isinstance(data.get("jobqueue"), dict):
         data = data["jobqueue"].get(config_name, {})
     if not isinstance(data, dict):
-        raise ExecutorOptionError(f"cluster config {path} must be a mapping of SLURMCluster options, e.g. 'queue: short'")
+        raise ExecutorOptionError(
+            f"cluster config {path} must be a mapping of SLURMCluster options, e.g. 'queue: short'"
+        )
     return _normalize(data, f"cluster config {path}")
 
 
@@ -196,6 +213,7 @@ class SlurmExecutor(DaskExecutor):
     # --- lifecycle ---------------------------------------------------------------------------
 
     def _make_cluster(self):
+        _restore_ctrl_c()
         _check_slurm_commands()
         self._test_submission()
         try:

@@ -20,49 +20,19 @@ Example:
 from __future__ import annotations
 
 import logging
-import os
 import threading
 
 import numpy as np
 
 from pyhf_dist.fast.errors import FastPathUnsupported
+from pyhf_dist.fast.likelihood import CACHE_ENV, configure_jax
 
 __all__ = ["FastHypotest", "FastPathUnsupported", "CACHE_ENV", "configure_jax", "for_state", "warm_up"]
 
 log = logging.getLogger(__name__)
 
-#: Directory of the persistent XLA compilation cache (shared by all workers of a machine);
-#: ``off`` disables it. Default: ``$XDG_CACHE_HOME/pyhf-dist/jax`` (``~/.cache/pyhf-dist/jax``).
-CACHE_ENV = "PYHF_DIST_JAX_CACHE"
-
-_CONFIGURED = False
-_CONFIGURE_LOCK = threading.Lock()
 # Tolerance of the structure check: pyhf and this module sum the same terms in other orders.
 _LOGPDF_RTOL = 1e-9
-
-
-def configure_jax() -> None:
-    """Double precision and the persistent compilation cache; once per process, before compiling."""
-    global _CONFIGURED
-    with _CONFIGURE_LOCK:
-        if _CONFIGURED:
-            return
-        import jax
-
-        jax.config.update("jax_enable_x64", True)
-        directory = os.environ.get(CACHE_ENV) or os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pyhf-dist", "jax"
-        )
-        if directory.lower() != "off":
-            try:
-                os.makedirs(directory, exist_ok=True)
-                jax.config.update("jax_compilation_cache_dir", directory)
-                # The likelihood compiles in well under the default 1 s threshold on a fast machine
-                # but is what a cold worker waits for: cache every compilation.
-                jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-            except OSError as error:
-                log.warning("jax compilation cache disabled: cannot use %s (%s)", directory, error)
-        _CONFIGURED = True
 
 
 class FastHypotest:
@@ -135,8 +105,7 @@ class FastHypotest:
         from pyhf_dist.fast import fit
 
         with self._lock:
-            problem = self._problem(patch_operations)
-            result = fit.hypotest(problem, poi_test, test_stat)
+            result = fit.hypotest(self._problem(patch_operations), poi_test, test_stat)
         return {"CLs_obs": result["CLs_obs"], "CLs_exp": result["CLs_exp"]}
 
     def warm_up(self) -> None:
@@ -165,7 +134,7 @@ class FastHypotest:
             self._caps = layout.Caps.around(room)
             padded = layout.pad(arrays, self._caps)
             params = layout.pad_parameters(arrays, self._caps)
-            device = likelihood.device_layout(padded, self._codes[0])
+            device = likelihood.device_layout(padded, self._codes)
             functions = likelihood.functions(*self._codes)
             functions.value_and_grad(params["init"], arrays.main_data, params["aux"], device)
             functions.expected(params["init"], device)
@@ -185,7 +154,7 @@ class FastHypotest:
             self._caps = self._caps.grown(sizes)
         padded = layout.pad(arrays, self._caps)
         params = layout.pad_parameters(arrays, self._caps)
-        device = likelihood.device_layout(padded, self._codes[0])
+        device = likelihood.device_layout(padded, self._codes)
         functions = likelihood.functions(*self._codes)
         if self._verify:
             signature = (self._caps, self._codes, arrays.modifier_types)
@@ -205,6 +174,7 @@ class FastHypotest:
             main=jax.device_put(arrays.main_data),
             aux=jax.device_put(params["aux"]),
             poi_index=arrays.poi_index,
+            n_pars=len(arrays.init),
         )
 
     def _matches_pyhf(self, spec, arrays, functions, device, params) -> bool:

@@ -126,8 +126,8 @@ class Caps:
         bins: Main-data bins ``B``.
         slots: (channel, sample) pairs ``S``.
         width: Bins of the widest channel ``W`` (a slot's bins are padded to it).
-        histosys: Histosys entries per slot ``Kh``.
-        normsys: Normsys entries per slot ``Kn``.
+        histosys: Histosys parameters ``Kh`` (rows of the histosys tables).
+        normsys: Normsys parameters ``Kn``.
         factors: One-parameter factors per slot bin ``Kf`` (normfactor, lumi, staterror...).
         pars: Parameters ``P``.
     """
@@ -147,25 +147,32 @@ class Caps:
         )
 
     def grown(self, other: "Caps") -> "Caps":
-        """A layout covering both, with headroom so that a pallet rarely needs a second compile."""
-        def up(a, b):
-            need = max(a, b)
-            return need if need <= a else _round_up(need)
-        return Caps(
-            bins=other.bins,
-            **{f.name: up(getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self) if f.name != "bins"},
-        )
+        """A layout covering both (with headroom where it had to grow)."""
+        merged = {f.name: max(getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self)}
+        return Caps.around(Caps(**merged)) if not self.covers(other) else self
 
     @classmethod
     def around(cls, sizes: "Caps") -> "Caps":
-        """The first layout for a pallet: ``sizes`` rounded up to leave room for other patches."""
-        return cls(bins=sizes.bins, **{f.name: _round_up(getattr(sizes, f.name)) for f in dataclasses.fields(sizes) if f.name != "bins"})
+        """A layout for ``sizes`` with room for the other patches of a pallet.
+
+        Patches of a pallet typically differ by a few samples, modifiers or parameters: a small
+        margin keeps one compiled shape for the whole pallet while padding (which costs time in
+        every evaluation) stays small. Bins and channel width are kept exact.
+        """
+        return cls(
+            bins=sizes.bins,
+            width=sizes.width,
+            slots=_round_up(sizes.slots),
+            histosys=_round_up(sizes.histosys),
+            normsys=_round_up(sizes.normsys),
+            factors=sizes.factors + 1,
+            pars=_round_up(sizes.pars),
+        )
 
 
 def _round_up(n: int) -> int:
-    # Other patches of a pallet typically carry a few more or fewer modifiers: 25% headroom,
-    # rounded to a multiple of 8, keeps one compiled shape for the whole pallet.
-    return max(8, int(math.ceil(n * 1.25 / 8.0)) * 8) if n > 0 else 1
+    # About 10% more, to a multiple of 4.
+    return 4 * math.ceil((n + max(2, n // 10)) / 4)
 
 
 @dataclasses.dataclass
@@ -179,12 +186,12 @@ class PatchArrays:
 
     nominal: np.ndarray  # [S, W]
     bin_index: np.ndarray  # [S, W] global bin of each slot bin, B for padding
-    hist_par: np.ndarray  # [S, Kh]
-    hist_up: np.ndarray  # [S, Kh, W] hi_data - nominal
-    hist_dn: np.ndarray  # [S, Kh, W] nominal - lo_data
-    norm_par: np.ndarray  # [S, Kn]
-    norm_hi: np.ndarray  # [S, Kn]
-    norm_lo: np.ndarray  # [S, Kn]
+    hist_par: np.ndarray  # [Kh] parameter of each histosys row
+    hist_up: np.ndarray  # [Kh, S, W] hi_data - nominal (0 where the slot lacks the modifier)
+    hist_dn: np.ndarray  # [Kh, S, W] nominal - lo_data
+    norm_par: np.ndarray  # [Kn]
+    norm_hi: np.ndarray  # [Kn, S] (1 where the slot lacks the modifier)
+    norm_lo: np.ndarray  # [Kn, S]
     factor_par: np.ndarray  # [S, W, Kf]
     init: np.ndarray  # [P]
     lower: np.ndarray
@@ -203,13 +210,13 @@ class PatchArrays:
     @property
     def sizes(self) -> Caps:
         """The unpadded sizes."""
-        S, Kh = self.hist_par.shape
+        S = self.nominal.shape[0]
         return Caps(
             bins=len(self.main_data),
             slots=S,
             width=self.nominal.shape[1],
-            histosys=Kh,
-            normsys=self.norm_par.shape[1],
+            histosys=len(self.hist_par),
+            normsys=len(self.norm_par),
             factors=self.factor_par.shape[2],
             pars=len(self.init),
         )
@@ -498,29 +505,31 @@ def _build(spec, measurement, observations, require_poi, samples) -> PatchArrays
 
     # --- per-slot arrays -----------------------------------------------------------------------
     S = len(slots)
-    Kh = max([len(p.hist_names) for _, _, p in slots] + [0])
-    Kn = max([len(p.norm_names) for _, _, p in slots] + [0])
+    # Histosys and normsys tables are parameter-major, as pyhf's: the likelihood gathers one
+    # value per parameter (a cheap gradient) instead of one per (slot, modifier) entry.
+    hist_rows = {n: i for i, n in enumerate(dict.fromkeys(n for _, _, p in slots for n in p.hist_names))}
+    norm_rows = {n: i for i, n in enumerate(dict.fromkeys(n for _, _, p in slots for n in p.norm_names))}
+    Kh, Kn = len(hist_rows), len(norm_rows)
     Kf = max([len(p.scalar_factors) + len(p.bin_factors) + len(p.staterrors) for _, _, p in slots] + [0])
     nominal = np.zeros((S, width))
     bin_index = np.full((S, width), n_bins, dtype=np.int32)
-    hist_par = np.full((S, Kh), n_pars, dtype=np.int32)
-    hist_up = np.zeros((S, Kh, width))
-    hist_dn = np.zeros((S, Kh, width))
-    norm_par = np.full((S, Kn), n_pars, dtype=np.int32)
-    norm_hi = np.ones((S, Kn))
-    norm_lo = np.ones((S, Kn))
+    hist_par = np.asarray([start[n] for n in hist_rows], dtype=np.int32)
+    hist_up = np.zeros((Kh, S, width))
+    hist_dn = np.zeros((Kh, S, width))
+    norm_par = np.asarray([start[n] for n in norm_rows], dtype=np.int32)
+    norm_hi = np.ones((Kn, S))
+    norm_lo = np.ones((Kn, S))
     factor_par = np.full((S, width, Kf), n_pars, dtype=np.int32)
     for k, (c, s, parsed) in enumerate(slots):
         nbins = channels[c][0]
         nominal[k, :nbins] = parsed.nominal
         bin_index[k, :nbins] = np.arange(offsets[c], offsets[c] + nbins)
-        kh, kn = len(parsed.hist_names), len(parsed.norm_names)
-        hist_par[k, :kh] = [start[n] for n in parsed.hist_names]
-        hist_up[k, :kh, :nbins] = parsed.hist_up
-        hist_dn[k, :kh, :nbins] = parsed.hist_dn
-        norm_par[k, :kn] = [start[n] for n in parsed.norm_names]
-        norm_hi[k, :kn] = parsed.norm_hi
-        norm_lo[k, :kn] = parsed.norm_lo
+        rows = [hist_rows[n] for n in parsed.hist_names]
+        hist_up[rows, k, :nbins] = parsed.hist_up
+        hist_dn[rows, k, :nbins] = parsed.hist_dn
+        rows = [norm_rows[n] for n in parsed.norm_names]
+        norm_hi[rows, k] = parsed.norm_hi
+        norm_lo[rows, k] = parsed.norm_lo
         column = 0
         for name in parsed.scalar_factors:
             factor_par[k, :nbins, column] = start[name]
@@ -622,12 +631,12 @@ def pad(arrays: PatchArrays, caps: Caps) -> dict:
     out = {
         "nominal": np.zeros((S, W)),
         "bin_index": np.full((S, W), B, dtype=np.int32),
-        "hist_par": np.full((S, caps.histosys), P, dtype=np.int32),
-        "hist_up": np.zeros((S, caps.histosys, W)),
-        "hist_dn": np.zeros((S, caps.histosys, W)),
-        "norm_par": np.full((S, caps.normsys), P, dtype=np.int32),
-        "norm_hi": np.ones((S, caps.normsys)),
-        "norm_lo": np.ones((S, caps.normsys)),
+        "hist_par": np.full(caps.histosys, P, dtype=np.int32),
+        "hist_up": np.zeros((caps.histosys, S, W)),
+        "hist_dn": np.zeros((caps.histosys, S, W)),
+        "norm_par": np.full(caps.normsys, P, dtype=np.int32),
+        "norm_hi": np.ones((caps.normsys, S)),
+        "norm_lo": np.ones((caps.normsys, S)),
         "factor_par": np.full((S, W, caps.factors), P, dtype=np.int32),
         "gauss": np.zeros(P, dtype=bool),
         "sigma": np.ones(P),
@@ -636,15 +645,15 @@ def pad(arrays: PatchArrays, caps: Caps) -> dict:
         # Only its shape is used: it tells the compiled function the number of bins.
         "bin_template": np.zeros(B),
     }
-    kh, kn, kf = arrays.hist_par.shape[1], arrays.norm_par.shape[1], arrays.factor_par.shape[2]
+    kh, kn, kf = len(arrays.hist_par), len(arrays.norm_par), arrays.factor_par.shape[2]
     out["nominal"][:s, :w] = arrays.nominal
     out["bin_index"][:s, :w] = arrays.bin_index
-    out["hist_par"][:s, :kh] = remap(arrays.hist_par)
-    out["hist_up"][:s, :kh, :w] = arrays.hist_up
-    out["hist_dn"][:s, :kh, :w] = arrays.hist_dn
-    out["norm_par"][:s, :kn] = remap(arrays.norm_par)
-    out["norm_hi"][:s, :kn] = arrays.norm_hi
-    out["norm_lo"][:s, :kn] = arrays.norm_lo
+    out["hist_par"][:kh] = arrays.hist_par
+    out["hist_up"][:kh, :s, :w] = arrays.hist_up
+    out["hist_dn"][:kh, :s, :w] = arrays.hist_dn
+    out["norm_par"][:kn] = arrays.norm_par
+    out["norm_hi"][:kn, :s] = arrays.norm_hi
+    out["norm_lo"][:kn, :s] = arrays.norm_lo
     out["factor_par"][:s, :w, :kf] = remap(arrays.factor_par)
     for key in ("gauss", "sigma", "poisson", "tau"):
         out[key][:n] = getattr(arrays, key)

@@ -17,14 +17,58 @@ large finite penalty instead of a NaN.
 from __future__ import annotations
 
 import functools
+import logging
 import math
+import os
+import threading
 
 import numpy as np
 
-__all__ = ["YIELD_FLOOR", "Functions", "functions", "device_layout", "code4_coefficients"]
+__all__ = [
+    "CACHE_ENV",
+    "YIELD_FLOOR",
+    "Functions",
+    "code4_coefficients",
+    "configure_jax",
+    "device_layout",
+    "functions",
+]
+
+log = logging.getLogger(__name__)
+
+#: Directory of the persistent XLA compilation cache (shared by all workers of a machine);
+#: ``off`` disables it. Default: ``$XDG_CACHE_HOME/pyhf-dist/jax`` (``~/.cache/pyhf-dist/jax``).
+CACHE_ENV = "PYHF_DIST_JAX_CACHE"
+
+_CONFIGURED = False
+_CONFIGURE_LOCK = threading.Lock()
 
 #: Expected yields below this are treated as this (only reachable outside the physical region).
 YIELD_FLOOR = 1e-10
+
+
+def configure_jax() -> None:
+    """Double precision and the persistent compilation cache; once per process, before compiling."""
+    global _CONFIGURED
+    with _CONFIGURE_LOCK:
+        if _CONFIGURED:
+            return
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+        directory = os.environ.get(CACHE_ENV) or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pyhf-dist", "jax"
+        )
+        if directory.lower() != "off":
+            try:
+                os.makedirs(directory, exist_ok=True)
+                jax.config.update("jax_compilation_cache_dir", directory)
+                # The likelihood compiles in about a second, under jax's default threshold for
+                # caching, but it is what every cold worker waits for: cache every compilation.
+                jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+            except OSError as error:
+                log.warning("jax compilation cache disabled: cannot use %s (%s)", directory, error)
+        _CONFIGURED = True
 
 
 def code4_coefficients(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
@@ -44,16 +88,30 @@ def code4_coefficients(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
     return np.moveaxis(np.tensordot(a_inverse, b, axes=1), 0, -1)
 
 
-def device_layout(padded: dict, normsys_code: str):
-    """Move one patch's padded arrays to the device once (later calls then copy nothing)."""
+def device_layout(padded: dict, codes: tuple):
+    """Move one patch's padded arrays to the device once (later calls then copy nothing).
+
+    Precomputes the fixed tables of the interpolations (the ``X1``, ``X2`` of
+    ``sum c1(alpha) X1 + c2(alpha) X2``) and pyhf's code4 coefficients.
+    """
     import jax
 
+    configure_jax()
+    normsys_code, histosys_code = codes
     arrays = dict(padded)
-    arrays["log_hi"] = np.log(arrays["norm_hi"])
-    arrays["log_lo"] = np.log(arrays["norm_lo"])
+    up, dn = arrays.pop("hist_up"), arrays.pop("hist_dn")
+    rows = up.shape[0]
+    if histosys_code == "code0":
+        x1, x2 = up, dn
+    elif histosys_code == "code2":
+        x1, x2 = 0.5 * (up - dn), 0.5 * (up + dn)
+    else:
+        x1, x2 = 0.5 * (up + dn), 0.0625 * (up - dn)
+    arrays["hist_x1"], arrays["hist_x2"] = x1.reshape(rows, -1), x2.reshape(rows, -1)
+    hi, lo = arrays.pop("norm_hi"), arrays.pop("norm_lo")
+    arrays["log_hi"], arrays["log_lo"] = np.log(hi), np.log(lo)
     if normsys_code == "code4":
-        arrays["norm_coef"] = code4_coefficients(arrays["norm_hi"], arrays["norm_lo"])
-    del arrays["norm_hi"], arrays["norm_lo"]
+        arrays["norm_coef"] = code4_coefficients(hi, lo)
     return jax.device_put(arrays)
 
 
@@ -71,55 +129,66 @@ class Functions:
     def __init__(self, normsys_code: str, histosys_code: str):
         import jax
         import jax.numpy as jnp
-        from jax.scipy.special import xlogy
 
-
-        def histosys(alpha, up, dn):
-            a = alpha[..., None]
+        # Each interpolation is written as  sum over parameters of c1(alpha) * X1 + c2(alpha) * X2
+        # with per-parameter scalar coefficients and fixed tables (see device_layout): two
+        # matrix-vector products instead of branches over every (parameter, sample, bin), which
+        # makes the gradient cheap. The branches and their boundaries are pyhf's.
+        def histosys_coefficients(a):
             if histosys_code == "code0":
-                return jnp.where(a > 0, a * up, a * dn)
+                return jnp.where(a > 0, a, 0.0), jnp.where(a > 0, 0.0, a)
             if histosys_code == "code2":
-                # pyhf's code2 on (lo, nom, hi) = (nom - dn, nom, nom + up), branches as in pyhf.
-                quad = 0.5 * (up - dn)
-                lin = 0.5 * (up + dn)
-                return jnp.where(
-                    a >= -1,
-                    jnp.where(a > 1, (a - 1.0) * (lin + 2 * quad), a * a * quad + a * lin),
-                    a * (lin - 2 * quad),
-                )
-            # code4p
-            sym = 0.5 * (up + dn)
-            asym = 0.0625 * (up - dn)
+                quad = jnp.where(a > 1, 2.0 * (a - 1.0), jnp.where(a >= -1, a * a, -2.0 * a))
+                return quad, jnp.where(a > 1, a - 1.0, a)
             a2 = a * a
-            inner = a2 * (a2 * (a2 * 3.0 - 10.0) + 15.0) * asym + a * sym
-            return jnp.where(a < -1, a * dn, jnp.where(a > 1, a * up, inner))
+            inner = a2 * (a2 * (a2 * 3.0 - 10.0) + 15.0)
+            return a, jnp.where(a > 1, 8.0 * a, jnp.where(a < -1, -8.0 * a, inner))
 
-        def normsys(alpha, L):
-            up = jnp.exp(alpha * L["log_hi"])
-            down = jnp.exp(-alpha * L["log_lo"])
+        def normsys(a, L):
+            # Outside |alpha| < 1 the factors are exponentials: a product of them is the
+            # exponential of a sum, linear in the tables.
             if normsys_code == "code1":
-                return jnp.where(alpha > 0, up, down)
-            coef = L["norm_coef"]
-            inner_alpha = jnp.clip(alpha, -1.0, 1.0)  # keeps the unused branch finite
-            powers = jnp.stack([inner_alpha**k for k in range(1, 7)], axis=-1)
-            inner = 1.0 + jnp.sum(coef * powers, axis=-1)
-            return jnp.where(alpha >= 1, up, jnp.where(alpha > -1, inner, down))
+                return jnp.exp(jnp.where(a > 0, a, 0.0) @ L["log_hi"] + jnp.where(a > 0, 0.0, -a) @ L["log_lo"])
+            outer = jnp.where(a >= 1, a, 0.0) @ L["log_hi"] + jnp.where(a <= -1, -a, 0.0) @ L["log_lo"]
+            # Inside, code4's polynomial can in principle reach zero or below: multiply those
+            # factors directly, as pyhf does.
+            inside = (a > -1) & (a < 1)
+            clipped = jnp.clip(a, -1.0, 1.0)  # keeps the unused branch finite
+            powers = jnp.stack([clipped**k for k in range(1, 7)], axis=-1)
+            poly = jnp.einsum("rsk,rk->rs", L["norm_coef"], powers)
+            return jnp.exp(outer) * _product(jnp.where(inside[:, None], 1.0 + poly, 1.0))
+
+        def _product(x):
+            # A product over the first axis as a tree of elementwise products: its gradient is a
+            # few elementwise products too (jnp.prod's is a costly cumulative product).
+            while x.shape[0] > 1:
+                if x.shape[0] % 2:
+                    x = jnp.concatenate([x, jnp.ones((1,) + x.shape[1:], x.dtype)])
+                x = x[0::2] * x[1::2]
+            return x[0] if x.shape[0] else jnp.ones(x.shape[1:], x.dtype)
 
         def yields(theta, L):
             extended = jnp.concatenate([theta, jnp.ones(1, theta.dtype)])
-            delta = histosys(extended[L["hist_par"]], L["hist_up"], L["hist_dn"]).sum(axis=1)
-            norm = normsys(extended[L["norm_par"]], L).prod(axis=1)
-            direct = extended[L["factor_par"]].prod(axis=-1)
-            per_slot = (L["nominal"] + delta) * norm[:, None] * direct
+            shape = L["nominal"].shape
+            c1, c2 = histosys_coefficients(extended[L["hist_par"]])
+            delta = (c1 @ L["hist_x1"] + c2 @ L["hist_x2"]).reshape(shape)
+            norm = normsys(extended[L["norm_par"]], L)
+            factors = extended[L["factor_par"]]
+            per_slot = (L["nominal"] + delta) * norm[:, None]
+            for k in range(factors.shape[-1]):
+                per_slot = per_slot * factors[..., k]
             n_bins = L["bin_template"].shape[0]
             flat = jnp.zeros(n_bins + 1, theta.dtype).at[L["bin_index"].ravel()].add(per_slot.ravel())
             return flat[:n_bins]
 
         def poisson(n, lam):
-            # log Poisson(n | lam) minus its value at lam = n: the same up to a constant of the
-            # data, but terms near zero at the minimum keep -2 log L (and q = a difference of two
-            # such values) precise even where the yields or Poisson constraints are large.
-            return xlogy(n, lam / jnp.where(n > 0, n, 1.0)) - (lam - n)
+            # log Poisson(n | lam) minus its value at lam = n, written n (log r - (r - 1)) with
+            # r = lam / n: the same up to a constant of the data, but the terms vanish at the
+            # minimum to full relative precision even for Poisson constraints with factors of
+            # 1e11, where lam - n would lose every digit of the parameter's deviation.
+            positive = n > 0
+            excess = lam / jnp.where(positive, n, 1.0) - 1.0
+            return jnp.where(positive, n * (jnp.log1p(excess) - excess), -lam)
 
         def kernel(theta, main, aux, L, floor):
             lam = yields(theta, L)
@@ -177,4 +246,5 @@ class Functions:
 @functools.lru_cache(maxsize=None)
 def functions(normsys_code: str, histosys_code: str) -> Functions:
     """The (process-wide, lazily compiled) jitted functions for these interpolation codes."""
+    configure_jax()
     return Functions(normsys_code, histosys_code)

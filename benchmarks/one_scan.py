@@ -1,0 +1,77 @@
+"""One scan from a cold process, as a user would run it; prints a JSON line of measurements.
+
+    python benchmarks/one_scan.py PALLET --executor local --workers 2 [--backend jax] [--patches N]
+
+Wall time covers everything after the interpreter started: imports, reading the pallet, starting
+the executor, fitting, writing the results file. The per-task breakdown comes from the records:
+queue wait (submitted -> started on a worker: includes transfer), compute on the worker, and result
+return (finished on the worker -> received by the client).
+"""
+
+from __future__ import annotations
+
+import time
+
+BEGAN = time.perf_counter()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("pallet")
+    parser.add_argument("--executor", default="local")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--backend", default=None)
+    parser.add_argument("--patches", type=int, default=None, help="fit only the first N patches")
+    parser.add_argument("--options", default="{}", help="JSON of extra executor options")
+    args = parser.parse_args()
+
+    import pyhf_dist
+
+    pallet = pyhf_dist.load_pallet(args.pallet, validate=False)
+    if args.patches:
+        pallet.patches = pallet.patches[: args.patches]
+    received = {}
+    options = json.loads(args.options)
+    if args.executor != "sequential":
+        options.setdefault("workers", args.workers)
+    result = pyhf_dist.map_fits(
+        pallet, executor=args.executor, backend=args.backend,
+        callback=lambda record: received.__setitem__(record.name, time.time()), **options,
+    )
+    with tempfile.TemporaryDirectory() as directory:
+        result.to_json(f"{directory}/results.json")
+    wall = time.perf_counter() - BEGAN
+
+    ok = [record for record in result if record.ok]
+    by_worker: dict = {}
+    for record in sorted(ok, key=lambda r: r.started):
+        by_worker.setdefault((record.worker["host"], record.worker["pid"]), []).append(record.fit_seconds)
+    compute = [record.fit_seconds for record in ok]
+    typical = statistics.median(compute) if compute else 0.0
+    first = [times[0] for times in by_worker.values()]
+    print(json.dumps({
+        "executor": args.executor,
+        "backend": result.metadata["settings"]["backend"],
+        "workers": args.workers,
+        "patches": len(result),
+        "failed": len(result) - len(ok),
+        "wall_seconds": wall,
+        "scan_seconds": result.metadata["wall_seconds"],
+        "worker_processes": len(by_worker),
+        "queue_wait_seconds": statistics.mean(r.started - r.submitted for r in ok) if ok else None,
+        "compute_seconds": statistics.mean(compute) if compute else None,
+        "compute_median_seconds": typical,
+        "first_task_extra_seconds": statistics.mean(first) - typical if first else None,
+        "return_seconds": statistics.mean(received[r.name] - r.finished for r in ok) if ok else None,
+        "results": {r.name: [r.CLs_obs, r.CLs_exp] for r in result},
+    }))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

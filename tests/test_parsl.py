@@ -1,0 +1,202 @@
+"""``executor="parsl"``: a real Parsl HighThroughputExecutor, local and on the local Slurm.
+
+Checked against serial pyhf, and for the processes it leaves: no interchange or worker pool may
+survive a finished, failed or interrupted scan.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+
+import pytest
+
+parsl = pytest.importorskip("parsl")
+
+import pyhf_dist  # noqa: E402
+from pyhf_dist.exceptions import ExecutorOptionError  # noqa: E402
+from pyhf_dist.executors import get_executor  # noqa: E402
+from pyhf_dist.executors.parsl import PackedContext, ParslExecutor  # noqa: E402
+from pyhf_dist.settings import FitSettings  # noqa: E402
+from pyhf_dist.worker import WorkerContext  # noqa: E402
+
+from conftest import LBB_SAMPLE, assert_matches_reference, serial_pyhf  # noqa: E402
+
+FEW = ["ERJR_100p0_20p0", "ERJR_200p0_100p0", "ERJR_300p0_150p0", "ERJR_500p0_0p0"]
+
+
+def _pool_processes() -> set[int]:
+    """Parsl interchange and worker-pool processes now running on this machine (Parsl renames
+    them, e.g. "parsl: HTEX interchange")."""
+    import psutil
+
+    found = set()
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            command = " ".join(process.info["cmdline"] or [])
+        except psutil.Error:
+            continue
+        if command.startswith("parsl:") or "process_worker_pool" in command or "interchange" in command:
+            found.add(process.pid)
+    return found
+
+
+def _assert_none_left(before: set[int], seconds: float = 15.0) -> None:
+    import psutil
+
+    deadline = time.time() + seconds
+    while True:
+        left = {pid for pid in _pool_processes() - before if psutil.pid_exists(pid)}
+        if not left or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert not left, f"Parsl processes left behind: {sorted(left)}"
+
+
+@pytest.fixture
+def no_leftovers():
+    before = _pool_processes()
+    yield
+    _assert_none_left(before)
+
+
+def test_all_3L_eRJR_patches_match_and_nothing_is_left(erjr_pallet, erjr_reference, no_leftovers):
+    info = {}
+    began = time.perf_counter()
+    result = pyhf_dist.map_fits(erjr_pallet, executor="parsl", workers=2, backend="numpy",
+                                on_start=lambda meta: info.update(up=time.perf_counter() - began))
+    elapsed = time.perf_counter() - began
+    assert_matches_reference(result, erjr_reference)
+    assert result.metadata["executor"] == "parsl" and result.metadata["provider"] == "local"
+    # Long-lived workers: at most two processes did all the fits.
+    assert len({record.worker["pid"] for record in result}) <= 2
+    print(f"\nparsl local: up in {info['up']:.2f} s, 66 patches in {elapsed:.1f} s")
+
+
+@pytest.mark.slow
+def test_1lbb_sample_matches(lbb_pallet, lbb_reference, no_leftovers):
+    result = pyhf_dist.map_fits(lbb_pallet, executor="parsl", workers=2, backend="numpy", patches=LBB_SAMPLE)
+    assert_matches_reference(result, lbb_reference)
+
+
+def test_a_failed_scan_leaves_no_process(erjr_pallet, no_leftovers):
+    def explode(record):
+        raise RuntimeError("the user's callback failed")
+
+    with pytest.raises(RuntimeError, match="callback failed"):
+        pyhf_dist.map_fits(erjr_pallet, executor="parsl", workers=2, backend="numpy", patches=FEW, callback=explode)
+
+
+def test_an_interrupted_scan_leaves_no_process(erjr_pallet, no_leftovers):
+    def interrupt(record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pyhf_dist.map_fits(erjr_pallet, executor="parsl", workers=2, backend="numpy", patches=FEW, callback=interrupt)
+
+
+def test_a_killed_worker_is_replaced_and_its_task_retried(erjr_pallet, no_leftovers):
+    import psutil
+
+    names = erjr_pallet.names()[:12]
+    killed = []
+
+    def kill_the_other_worker(record):
+        if killed:
+            return
+        # The worker that did not just return is busy with a fit: kill it.
+        for process in psutil.process_iter(["cmdline"]):
+            command = " ".join(process.info["cmdline"] or [])
+            if "process_worker_pool" in command:
+                for child in process.children():
+                    child_command = " ".join(child.cmdline())
+                    if "spawn_main" in child_command and child.pid != record.worker["pid"]:
+                        child.kill()
+                        killed.append(child.pid)
+                        return
+
+    result = pyhf_dist.map_fits(erjr_pallet, executor="parsl", workers=2, backend="numpy", patches=names,
+                                callback=kill_the_other_worker)
+    assert len(killed) == 1
+    assert_matches_reference(result, serial_pyhf(erjr_pallet, names))
+    assert max(record.attempts for record in result) == 2
+    assert killed[0] not in {record.worker["pid"] for record in result if record.attempts == 2}
+
+
+def test_a_users_parsl_config(erjr_pallet, tmp_path, no_leftovers):
+    from parsl.executors import ThreadPoolExecutor
+
+    config = parsl.Config(executors=[ThreadPoolExecutor(max_threads=2)], run_dir=str(tmp_path), initialize_logging=False)
+    result = pyhf_dist.map_fits(erjr_pallet, executor="parsl", config=config, backend="numpy", patches=FEW)
+    assert_matches_reference(result, serial_pyhf(erjr_pallet, FEW))
+    assert result.metadata["provider"] == "custom"
+
+
+def test_context_is_compressed_and_decompressed_lazily(erjr_pallet):
+    context = WorkerContext.build(erjr_pallet.workspace, FitSettings(backend="numpy").to_dict())
+    packed = PackedContext.pack(context)
+    assert packed.key == context.key and packed.payload == context.payload
+    assert len(packed.packed) < len(context.payload) / 4
+    import pickle
+
+    assert pickle.loads(pickle.dumps(packed)).payload == context.payload
+
+
+def test_options_are_checked():
+    with pytest.raises(ExecutorOptionError, match="unknown Parsl provider 'pbs'"):
+        get_executor("parsl", provider="pbs")
+    with pytest.raises(ExecutorOptionError, match="max_blocks"):
+        get_executor("parsl", max_blocks=0)
+    with pytest.raises(ExecutorOptionError, match="config must be a parsl.Config"):
+        get_executor("parsl", config={"executors": []})
+    with pytest.raises(ExecutorOptionError, match="does not take"):
+        get_executor("parsl", endpoint_id="x")
+    executor = ParslExecutor(workers=3, provider="slurm", partition="compute", max_blocks=4, nodes_per_block=2,
+                             account="abc", walltime="01:00:00")
+    config = executor.build_config()
+    htex = config.executors[0]
+    provider = htex.provider
+    assert type(provider).__name__ == "SlurmProvider" and type(provider.launcher).__name__ == "SrunLauncher"
+    assert (provider.partition, provider.account, provider.max_blocks, provider.nodes_per_block) == ("compute", "abc", 4, 2)
+    assert htex.max_workers_per_node == 3 and config.strategy_period == 0.2
+    assert "OMP_NUM_THREADS=1" in provider.worker_init
+
+
+def _slurm_partition() -> str | None:
+    if shutil.which("sinfo") is None:
+        return None
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P %a"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.stdout.split("\n"):
+        parts = line.split()
+        if out.returncode == 0 and len(parts) == 2 and parts[1] == "up":
+            return parts[0].rstrip("*")
+    return None
+
+
+@pytest.mark.slurm
+def test_slurm_provider_matches_and_cancels_its_jobs(erjr_pallet, erjr_reference, lbb_pallet, lbb_reference, tmp_path, no_leftovers):
+    partition = _slurm_partition()
+    if partition is None:
+        pytest.skip("no Slurm answers here (start one with executors/slurm/start-slurm.sh)")
+    options = dict(executor="parsl", provider="slurm", partition=partition, workers=2, walltime="00:20:00",
+                   address="127.0.0.1", run_dir=str(tmp_path / "parsl"), scheduler_options="#SBATCH --mem-per-cpu=1G",
+                   backend="numpy")
+    began = time.perf_counter()
+    result = pyhf_dist.map_fits(erjr_pallet, **options)
+    assert_matches_reference(result, erjr_reference)
+    lbb = pyhf_dist.map_fits(lbb_pallet, patches=LBB_SAMPLE, **options)
+    assert_matches_reference(lbb, lbb_reference)
+    job_ids = {record.worker["slurm_job_id"] for record in list(result) + list(lbb)}
+    assert None not in job_ids
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        queued = set(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split())
+        if not job_ids & queued:
+            break
+        time.sleep(0.5)
+    assert not job_ids & queued, f"Slurm jobs left behind: {job_ids & queued}"
+    print(f"\nparsl slurm: 66 + 8 patches in {time.perf_counter() - began:.1f} s, jobs {sorted(job_ids)}")

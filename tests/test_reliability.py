@@ -1,0 +1,420 @@
+"""Faults survived, nothing lost: fault injection on the local executor and the command line.
+
+Every test counts the results: each selected patch ends with exactly one record, ``ok`` or
+``failed`` with a reason, none missing and none duplicated. Faults are real ones — worker processes
+killed with SIGKILL, patches that make pyhf raise or fit for half a minute, the command line killed
+or interrupted — not mocks of the executor. (The Dask-worker and Slurm-job faults are tested with
+those executors.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import pyhf_dist
+from pyhf_dist import scan
+from pyhf_dist.executors.local import LocalExecutor, _worker_setup
+from pyhf_dist.pallet import Pallet, Patch
+from conftest import assert_matches_reference, serial_pyhf
+
+#: 14 patches of 3L-eRJR (ERJR_100*, ERJR_110*, ERJR_125*): about 0.3 s each on numpy.
+ERJR_GLOB = "ERJR_1[0-2]*"
+
+
+def _erjr_names(pallet) -> list[str]:
+    import fnmatch
+
+    return fnmatch.filter(pallet.names(), ERJR_GLOB)
+
+
+def assert_one_record_each(records, names) -> dict:
+    """Every name exactly once; every record ok, or failed with a reason. Returns records by name."""
+    rows = [r if isinstance(r, dict) else r.to_dict() for r in records]
+    seen = [row["name"] for row in rows]
+    assert sorted(seen) == sorted(names), (
+        f"missing {sorted(set(names) - set(seen))}, unexpected {sorted(set(seen) - set(names))}, "
+        f"duplicated {sorted({n for n in seen if seen.count(n) > 1})}"
+    )
+    for row in rows:
+        assert row["status"] in ("ok", "failed")
+        if row["status"] == "failed":
+            assert row["error"], f"{row['name']} failed without a reason"
+    return {row["name"]: row for row in rows}
+
+
+# ------------------------------------------------------------------------------ injected patches
+
+
+def _broken_patches(pallet: Pallet) -> list[Patch]:
+    """Two patches whose fit raises on the worker, each for an honest reason.
+
+    ``no_such_channel`` is a jsonpatch whose operation cannot be applied to the background
+    (channel 9 does not exist): pyhf's ``Workspace.model`` raises while patching. ``wrong_bins``
+    applies cleanly but adds a one-bin signal to a three-bin channel: pyhf refuses the model.
+    Neither is caught when the pallet is read (patches are applied on the workers).
+    """
+    good = pallet.patches[0].operations
+    return [
+        Patch("no_such_channel", (9.0, 9.0), [{"op": "replace", "path": "/channels/9/name", "value": "x"}]),
+        Patch("wrong_bins", (8.0, 8.0), [
+            {"op": "add", "path": "/channels/1/samples/-",
+             "value": {"name": "signal", "data": [1.0], "modifiers": [
+                 {"name": "mu_SIG", "type": "normfactor", "data": None}]}},
+        ] + [op for op in good if op["path"] != "/channels/1/samples/1"]),
+    ]
+
+
+def _slow_patch(pallet: Pallet, parameters: int = 100, name: str = "slow_fit") -> Patch:
+    """A patch whose fit takes about half a minute on the numpy backend (the "hanging" fit).
+
+    It is an ordinary signal patch plus ``parameters`` extra normsys uncertainties on the signal:
+    pyhf's numpy backend minimizes with finite-difference gradients, so the fit's cost grows like
+    the square of the number of parameters (~30 s with 100 extra ones, 0.2 s without). It stands
+    for the real thing — a pathological model whose minimization never ends — without any test hook
+    in the library.
+    """
+    operations = list(pallet.patches[0].operations) + [
+        {"op": "add", "path": "/channels/1/samples/1/modifiers/-",
+         "value": {"name": f"slow_{index}", "type": "normsys", "data": {"hi": 1.05, "lo": 0.95}}}
+        for index in range(parameters)
+    ]
+    return Patch(name, (1.0, float(parameters)), operations)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return pyhf_dist.demo_pallet(points=4)
+
+
+# ------------------------------------------------------------------------------ local worker killed
+
+
+def test_local_worker_killed_mid_scan_is_retried_and_nothing_is_lost(erjr_pallet):
+    """SIGKILL a worker while it fits: its task is resubmitted (charged one attempt), the tasks
+    that only shared the broken pool are resubmitted without being charged, every patch ends ok."""
+    names = _erjr_names(erjr_pallet)
+    executor = LocalExecutor(workers=3)
+    killed: dict = {}
+
+    def kill_a_busy_worker(record):
+        if killed:
+            return
+        marks = list(Path(executor._marks_dir).glob("*.running"))  # tasks running right now
+        pids = {}
+        for mark in marks:
+            try:
+                pids[int(mark.read_text().split()[0])] = mark
+            except (OSError, ValueError, IndexError):
+                continue
+        busy = [pid for pid in pids if pid in executor.worker_pids()]
+        if len(busy) < 2:  # wait for a moment with a victim and a bystander
+            return
+        os.kill(busy[0], signal.SIGKILL)
+        killed.update(pid=busy[0], at=time.time())
+        time.sleep(0.2)
+        killed.update(mid_task=pids[busy[0]].exists())  # a killed worker cannot remove its mark
+
+    with executor:
+        result = pyhf_dist.map_fits(erjr_pallet, executor=executor, patches=names, backend="numpy",
+                                    callback=kill_a_busy_worker)
+    assert killed, "never saw two workers busy at once"
+    rows = assert_one_record_each(result, names)
+    assert_matches_reference(result, serial_pyhf(erjr_pallet, names))
+    assert all(row["finished"] < killed["at"] for row in rows.values() if row["worker"]["pid"] == killed["pid"])
+    charged = sorted(row["attempts"] for row in rows.values())
+    print(f"killed {killed}, attempts {charged}")
+    if killed["mid_task"]:
+        # Exactly the task that was on the killed worker counts a second attempt.
+        assert charged == [1] * (len(names) - 1) + [2], charged
+    else:  # the fit ended in the instant before the kill: nothing (or that one task) charged
+        assert sum(charged) <= len(names) + 1, charged
+
+
+def test_worker_killed_on_every_attempt_ends_failed_with_reason(demo, tmp_path):
+    """A patch whose worker dies on every attempt is recorded failed after ``retries`` resubmissions;
+    the other patches still finish."""
+    pallet = Pallet(demo.workspace, demo.patches + [_slow_patch(demo)], demo.labels)
+    executor = LocalExecutor(workers=2)
+    victims: list[int] = []
+    stop = {"now": False}
+
+    import threading
+
+    def killer():
+        # Kill whichever worker runs the slow patch, a second after it started it. The executor
+        # marks each running task "<pid> <patch name>" (what it uses to tell victims from bystanders).
+        while not stop["now"]:
+            for mark in Path(executor._marks_dir).glob("*.running") if executor._marks_dir else []:
+                try:
+                    pid, name = mark.read_text().split()
+                    pid, age = int(pid), time.time() - mark.stat().st_mtime
+                except (OSError, ValueError):
+                    continue
+                if name == "slow_fit" and age > 1 and pid not in victims:
+                    victims.append(pid)
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    with executor:
+        thread.start()
+        try:
+            result = pyhf_dist.map_fits(pallet, executor=executor, backend="numpy", retries=2)
+        finally:
+            stop["now"] = True
+            thread.join()
+    rows = assert_one_record_each(result, pallet.names())
+    slow = rows["slow_fit"]
+    assert slow["status"] == "failed" and "worker lost 3 times" in slow["error"], slow
+    assert slow["attempts"] == 3 and len(victims) == 3
+    assert all(row["status"] == "ok" for name, row in rows.items() if name != "slow_fit")
+
+
+# ------------------------------------------------------------------------------ fits that raise / hang
+
+
+@pytest.mark.parametrize("executor", ["local", "sequential"])
+def test_fit_that_raises_is_a_failed_record_and_the_scan_goes_on(demo, executor, tmp_path):
+    pallet = Pallet(demo.workspace, demo.patches[:2] + _broken_patches(demo) + demo.patches[2:], demo.labels)
+    journal = tmp_path / "journal.jsonl"
+    options = {"workers": 2} if executor == "local" else {}
+    result = pyhf_dist.map_fits(pallet, executor=executor, backend="numpy", journal=journal, **options)
+    rows = assert_one_record_each(result, pallet.names())
+    assert rows["no_such_channel"]["status"] == "failed"
+    assert "JsonPointerException" in rows["no_such_channel"]["error"] or "Conflict" in rows["no_such_channel"]["error"]
+    assert rows["wrong_bins"]["status"] == "failed" and rows["wrong_bins"]["error"]
+    assert all(rows[p.name]["status"] == "ok" for p in demo.patches)
+    assert all(row["attempts"] == 1 for row in rows.values()), "a failed fit is not retried"
+    # The failures are in the journal too, with their reason.
+    journaled = [json.loads(line)["record"] for line in journal.read_text().splitlines()]
+    assert_one_record_each(journaled, pallet.names())
+
+
+def test_fit_that_hangs_past_timeout_is_failed_and_frees_its_worker(demo):
+    """The worker stops the fit at ``timeout`` (SIGALRM) and goes on with the next patch."""
+    pallet = Pallet(demo.workspace, [_slow_patch(demo)] + demo.patches, demo.labels)
+    began = time.time()
+    with LocalExecutor(workers=1) as executor:  # one worker: the others can only run once it is freed
+        result = pyhf_dist.map_fits(pallet, executor=executor, backend="numpy", timeout=3)
+    elapsed = time.time() - began
+    rows = assert_one_record_each(result, pallet.names())
+    slow = rows["slow_fit"]
+    assert slow["status"] == "failed" and slow["error"] == "timed out after 3 s"
+    assert 3 <= slow["fit_seconds"] < 6
+    assert all(rows[p.name]["status"] == "ok" for p in demo.patches)
+    assert len({row["worker"]["pid"] for row in rows.values()}) == 1, "the same worker went on"
+    assert elapsed < 25, f"the scan waited for the slow fit ({elapsed:.0f} s)"
+
+
+def _no_alarm_setup(context) -> None:
+    # A worker that cannot be interrupted (as if stuck in compiled code): SIGALRM stays blocked.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    _worker_setup(context)
+
+
+class _UninterruptibleLocalExecutor(LocalExecutor):
+    restarts: list
+
+    def _new_pool(self):
+        pool = super()._new_pool()
+        pool._initializer = _no_alarm_setup
+        return pool
+
+    def restart_workers(self):
+        self.restarts = getattr(self, "restarts", []) + [time.time()]
+        super().restart_workers()
+
+
+def test_timeout_backstop_restarts_workers_and_resubmits_the_innocent(demo, monkeypatch):
+    """When a worker ignores the timeout, the scan restarts the pool itself; the fits that were
+    running beside the stuck one are resubmitted, uncharged, and finish ok."""
+    monkeypatch.setattr(scan, "TIMEOUT_GRACE", 1.0)
+    # The stuck fit first, then fits of a few seconds each (25 extra parameters) that run on the
+    # other worker while the scan restarts the pool, then the plain demo patches.
+    medium = [_slow_patch(demo, 25, f"medium_{index}") for index in range(3)]
+    pallet = Pallet(demo.workspace, [_slow_patch(demo)] + medium + demo.patches, demo.labels)
+    began = time.time()
+    with _UninterruptibleLocalExecutor(workers=2) as executor:
+        result = pyhf_dist.map_fits(pallet, executor=executor, backend="numpy", timeout=3)
+    elapsed = time.time() - began
+    rows = assert_one_record_each(result, pallet.names())
+    assert rows["slow_fit"]["status"] == "failed"
+    assert "timed out after 3 s (worker did not respond)" in rows["slow_fit"]["error"]
+    others = [row for name, row in rows.items() if name != "slow_fit"]
+    assert all(row["status"] == "ok" and row["attempts"] == 1 for row in others), [
+        (row["name"], row["status"], row["error"], row["attempts"]) for row in others]
+    assert len(executor.restarts) == 1
+    restarted = executor.restarts[0]
+    resubmitted = [row["name"] for row in others if row["submitted"] < restarted < row["started"]]
+    assert resubmitted, "no fit was running beside the stuck one when the pool restarted"
+    assert elapsed < 40, f"the scan waited for the stuck fit ({elapsed:.0f} s)"
+
+
+# ------------------------------------------------------------------------------ resume
+
+
+def test_resume_skips_ok_records_and_refits_failed_ones(demo, tmp_path):
+    journal = tmp_path / "j.jsonl"
+    first = pyhf_dist.map_fits(demo, executor="sequential", backend="numpy", journal=journal, patches=demo.names()[:2])
+    # Simulate an earlier failure of the third patch in the journal.
+    with open(journal, "a") as stream:
+        stream.write(json.dumps({"key": first.metadata["scan_key"],
+                                 "record": {"name": demo.names()[2], "status": "failed", "error": "boom"}}) + "\n")
+    result = pyhf_dist.map_fits(demo, executor="sequential", backend="numpy", journal=journal, resume=True)
+    rows = assert_one_record_each(result, demo.names())
+    assert all(row["status"] == "ok" for row in rows.values())
+    assert result.metadata["resumed"] == 2
+    for record in first:  # not fit again: same timestamps and worker
+        assert rows[record.name]["started"] == record.started
+    # A journal from other settings is refused, not mixed in.
+    with pytest.raises(pyhf_dist.exceptions.JournalError, match="other settings"):
+        pyhf_dist.map_fits(demo, executor="sequential", backend="numpy", journal=journal, resume=True, poi_test=2.0)
+
+
+def test_a_scan_that_cannot_start_leaves_the_journal_alone(demo, tmp_path):
+    journal = tmp_path / "j.jsonl"
+    journal.write_text("previous content\n")
+    with pytest.raises(pyhf_dist.exceptions.ExecutorError):
+        pyhf_dist.map_fits(demo, executor="dask", address="tcp://127.0.0.1:9", backend="numpy", journal=journal)
+    assert journal.read_text() == "previous content\n"
+
+
+# ------------------------------------------------------------------------------ the command line
+
+
+def _start_cli(*args: str) -> subprocess.Popen:
+    # In a session of its own, as in a terminal: Ctrl-C there signals the whole process group.
+    return subprocess.Popen([sys.executable, "-m", "pyhf_dist", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _journal_lines(path: Path) -> int:
+    try:
+        return sum(1 for line in path.read_text().splitlines() if line.endswith("}"))
+    except FileNotFoundError:
+        return 0
+
+
+def _wait_for_records(process: subprocess.Popen, journal: Path, count: int, limit: float = 180) -> None:
+    deadline = time.time() + limit
+    while _journal_lines(journal) < count:
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, "the scan did not get going"
+        time.sleep(0.05)
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _assert_gone(processes: list[psutil.Process], within: float = 10.0) -> None:
+    _, alive = psutil.wait_procs(processes, timeout=within)
+    alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"stray processes left behind: {[(p.pid, p.cmdline()) for p in alive]}"
+
+
+def test_cli_killed_mid_scan_then_resume_fits_only_the_rest(erjr_dir, erjr_pallet, tmp_path):
+    names = _erjr_names(erjr_pallet)
+    output = tmp_path / "results.json"
+    journal = tmp_path / "results.journal.jsonl"
+    args = ["fit", str(erjr_dir), "-p", ERJR_GLOB, "--backend", "numpy", "--workers", "2", "-o", str(output), "-q"]
+    process = _start_cli(*args)
+    _wait_for_records(process, journal, 4)
+    workers = _descendants(process.pid)
+    process.kill()  # SIGKILL: no cleanup of any kind in the command line
+    process.communicate()
+    _assert_gone(workers)  # the workers notice their parent is gone and leave
+    assert not output.exists(), "no results file from a killed scan"
+    before = {}
+    for line in journal.read_text().splitlines():
+        try:
+            record = json.loads(line)["record"]
+        except json.JSONDecodeError:  # the line being written at the kill
+            continue
+        before[record["name"]] = record
+    assert 4 <= len(before) < len(names)
+
+    run = subprocess.run([sys.executable, "-m", "pyhf_dist", *args, "--resume"], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert f"Fitting {len(names) - len(before)} patches ({len(before)} already in the journal)" in run.stderr
+    results = json.loads(output.read_text())["results"]
+    rows = assert_one_record_each(results, names)
+    refit = [name for name, record in before.items()
+             if (rows[name]["started"], rows[name]["worker"]["pid"]) != (record["started"], record["worker"]["pid"])]
+    assert refit == [], f"fit again after resuming: {refit}"
+    assert_matches_reference(results, serial_pyhf(erjr_pallet, names))  # equal to a clean run
+    assert not journal.exists(), "the journal is removed once every fit is ok"
+
+
+def test_cli_interrupted_exits_130_keeps_the_journal_and_leaves_no_process(erjr_dir, tmp_path):
+    output = tmp_path / "r.json"
+    journal = tmp_path / "r.journal.jsonl"
+    process = _start_cli("fit", str(erjr_dir), "-p", ERJR_GLOB, "--backend", "numpy", "--workers", "2",
+                         "-o", str(output), "-q")
+    _wait_for_records(process, journal, 2)
+    workers = _descendants(process.pid)
+    assert workers, "expected worker processes"
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does: the command line and its workers
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Interrupted" in stderr and "--resume" in stderr and str(journal) in stderr
+    assert "Traceback" not in stderr
+    assert _journal_lines(journal) >= 2 and not output.exists()
+    _assert_gone(workers)
+
+
+def test_cli_sigterm_is_handled_like_ctrl_c(demo, tmp_path):
+    output = tmp_path / "r.json"
+    process = _start_cli("demo", "--backend", "numpy", "--workers", "2", "-o", str(output))
+    deadline = time.time() + 120
+    while len(_descendants(process.pid)) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    workers = _descendants(process.pid)
+    process.terminate()
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Interrupted" in stderr and "Traceback" not in stderr
+    _assert_gone(workers)
+
+
+def test_journal_line_cut_by_a_crash_is_dropped_before_appending(demo, tmp_path):
+    journal = tmp_path / "j.jsonl"
+    pyhf_dist.map_fits(demo, executor="sequential", backend="numpy", journal=journal, patches=demo.names()[:2])
+    text = journal.read_text()
+    journal.write_text(text + text.splitlines()[0][:40])  # a write interrupted by SIGKILL
+    result = pyhf_dist.map_fits(demo, executor="sequential", backend="numpy", journal=journal, resume=True)
+    assert result.metadata["resumed"] == 2
+    assert_one_record_each(result, demo.names())
+    # The journal reads back whole: two records from the first run, two from the second.
+    lines = journal.read_text().splitlines()
+    assert len(lines) == 4 and all(json.loads(line)["record"]["status"] == "ok" for line in lines)
+
+
+def test_ctrl_c_while_workers_start_prints_no_worker_traceback(tmp_path):
+    """Ctrl-C reaches the whole process group, also workers still importing pyhf: they must ignore it
+    (the command line decides), so the terminal shows one message and no worker tracebacks."""
+    process = _start_cli("demo", "--backend", "numpy", "--workers", "2", "-o", str(tmp_path / "r.json"))
+    deadline = time.time() + 120
+    while len(_descendants(process.pid)) < 3 and time.time() < deadline:  # resource tracker + 2 workers
+        time.sleep(0.01)
+    workers = _descendants(process.pid)
+    time.sleep(0.3)  # the workers are importing now
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Interrupted" in stderr and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert not (tmp_path / "r.json").exists()
+    _assert_gone(workers)

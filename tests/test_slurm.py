@@ -1,0 +1,265 @@
+"""``executor="slurm"``: Dask workers in real Slurm jobs.
+
+The tests marked ``slurm`` need a running Slurm (``bash executors/slurm/start-slurm.sh`` as root
+starts a single-node one); they are skipped, with the reason, when ``sinfo`` does not answer. The
+others check the options and the batch script without submitting anything.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("dask_jobqueue")
+
+import dask  # noqa: E402
+
+import pyhf_dist  # noqa: E402
+from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError  # noqa: E402
+from pyhf_dist.executors import get_executor  # noqa: E402
+from pyhf_dist.worker import WorkerContext  # noqa: E402
+
+from conftest import LBB_SAMPLE, REPOSITORY, assert_matches_reference  # noqa: E402
+
+
+def _slurm_answers() -> str | None:
+    """Why Slurm tests cannot run here, or ``None`` when they can."""
+    if shutil.which("sinfo") is None:
+        return "no Slurm here (sinfo not found): run 'sudo bash executors/slurm/start-slurm.sh' to start one"
+    try:
+        output = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=15)
+    except subprocess.TimeoutExpired:
+        return "sinfo did not answer within 15 s: is slurmctld running? (executors/slurm/start-slurm.sh)"
+    states = output.stdout.split()
+    if output.returncode != 0 or not any(state.startswith(("idle", "mix", "alloc")) for state in states):
+        return f"Slurm has no usable node (sinfo: {(output.stderr or output.stdout).strip()[:200]!r})"
+    return None
+
+
+_NO_SLURM = _slurm_answers()
+requires_slurm = pytest.mark.skipif(_NO_SLURM is not None, reason=_NO_SLURM or "")
+
+
+def _our_jobs(job_name: str, states: str = "all") -> dict[str, str]:
+    """``{job id: state}`` of the jobs named ``job_name`` that squeue shows."""
+    command = ["squeue", "-h", "-o", "%i %T", "--name", job_name]
+    if states != "all":
+        command += ["-t", states]
+    output = subprocess.run(command, capture_output=True, text=True, timeout=30, check=True)
+    return dict(line.split() for line in output.stdout.splitlines() if line.strip())
+
+
+def _assert_no_jobs_left(job_name: str, within: float = 30.0) -> None:
+    # Cancelled at once: none pending or running. They pass through COMPLETING for a few seconds
+    # (KillWait) before squeue drops them.
+    assert not _our_jobs(job_name, states="PENDING,RUNNING"), f"jobs not cancelled: {_our_jobs(job_name)}"
+    deadline = time.monotonic() + within
+    while _our_jobs(job_name) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _our_jobs(job_name), f"jobs left in squeue: {_our_jobs(job_name)}"
+
+
+@pytest.fixture
+def slurm_options(tmp_path, request):
+    """Options for one scan: its own job name, logs out of the working tree, the loopback interface."""
+    return dict(
+        jobs=2, cores=1, memory="1GB", walltime="00:10:00", interface="lo",
+        log_directory=str(tmp_path / "slurm-logs"), job_name=f"pdt-{request.node.name[5:20]}-{os.getpid()}",
+    )
+
+
+# --- without Slurm: options and the batch script --------------------------------------------------
+
+
+def test_job_script_passes_options_through():
+    executor = get_executor(
+        "slurm", jobs=3, cores=4, memory="8GB", walltime="01:30:00", queue="short", account="atlas",
+        job_script_prologue=["module load python", "source ~/venv/bin/activate"],
+        job_extra_directives=["--constraint=haswell"], job_name="pyhf-scan",
+    )
+    script = executor.job_script()
+    for line in ("#SBATCH -J pyhf-scan", "#SBATCH -p short", "#SBATCH -A atlas", "#SBATCH --cpus-per-task=4",
+                 "#SBATCH --mem=8G", "#SBATCH -t 01:30:00", "#SBATCH --constraint=haswell", "module load python",
+                 "source ~/venv/bin/activate"):
+        assert line in script
+    # One single-threaded worker per core: pyhf fits hold the GIL.
+    assert "--nworkers 4" in script and "--nthreads 1" in script
+    assert executor.workers == 12
+    assert executor.describe()["queue"] == "short"
+
+
+def test_defaults_come_from_dask_config_and_keywords_win(tmp_path):
+    with dask.config.set({"jobqueue.slurm.walltime": "02:00:00", "jobqueue.slurm.queue": "long",
+                          "jobqueue.slurm.cores": 2, "jobqueue.slurm.memory": "3GB"}):
+        script = get_executor("slurm").job_script()
+        assert "#SBATCH -t 02:00:00" in script and "#SBATCH -p long" in script
+        assert "--cpus-per-task=2" in script and "--mem=3G" in script
+        script = get_executor("slurm", walltime="00:05:00").job_script()
+        assert "#SBATCH -t 00:05:00" in script and "#SBATCH -p long" in script
+
+
+def test_cluster_config_file(tmp_path):
+    dask_style = tmp_path / "jobqueue.yaml"
+    dask_style.write_text(
+        "jobqueue:\n  slurm:\n    queue: gpu\n    walltime: '00:20:00'\n"
+        "    job-extra-directives: ['--exclusive']\n    name: site-scan\n"
+    )
+    script = get_executor("slurm", cluster_config=str(dask_style), walltime="00:07:00").job_script()
+    assert "#SBATCH -p gpu" in script and "#SBATCH --exclusive" in script and "#SBATCH -J site-scan" in script
+    assert "#SBATCH -t 00:07:00" in script  # the keyword wins over the file
+    flat = tmp_path / "cluster.yaml"
+    flat.write_text("account: cms\njob_script_prologue: ['module load root']\n")
+    script = get_executor("slurm", cluster_config=str(flat)).job_script()
+    assert "#SBATCH -A cms" in script and "module load root" in script
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("queue: short\nqueu: typo\n")
+    with pytest.raises(ExecutorOptionError, match="queu"):
+        get_executor("slurm", cluster_config=str(bad))
+    with pytest.raises(ExecutorOptionError, match="cannot read"):
+        get_executor("slurm", cluster_config=str(tmp_path / "missing.yaml"))
+
+
+def test_bad_options():
+    with pytest.raises(ExecutorOptionError, match="unknown SLURMCluster option"):
+        get_executor("slurm", partition="short")
+    with pytest.raises(ExecutorOptionError, match="not both"):
+        get_executor("slurm", jobs=2, adapt=(1, 2))
+    with pytest.raises(ExecutorOptionError, match="adapt"):
+        get_executor("slurm", adapt=(3, 1))
+    with pytest.raises(ExecutorOptionError, match="processes"):
+        get_executor("slurm", cores=1, processes=2)
+
+
+def test_without_slurm_commands_the_error_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    executor = get_executor("slurm", jobs=1)
+    with pytest.raises(ExecutorError) as error:
+        executor.start(WorkerContext.build({"channels": []}, {}))
+    assert "sbatch" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_cli_show_job_script(tmp_path):
+    from click.testing import CliRunner
+
+    from pyhf_dist.cli import cli
+
+    result = CliRunner().invoke(cli, ["fit", str(tmp_path), "--executor", "slurm", "--show-job-script",
+                                      "--jobs", "2", "--cores", "2", "--memory", "4GB", "--walltime", "00:15:00",
+                                      "--queue", "short", "--account", "atlas"])
+    assert result.exit_code == 0, result.output
+    for line in ("#SBATCH -p short", "#SBATCH -A atlas", "#SBATCH -t 00:15:00", "--cpus-per-task=2", "--mem=4G"):
+        assert line in result.output
+
+
+# --- with a real Slurm ------------------------------------------------------------------------------
+
+
+@pytest.mark.slurm
+@requires_slurm
+def test_slurm_matches_serial_pyhf_inside_slurm_jobs(erjr_pallet, erjr_reference, slurm_options):
+    job_name = slurm_options["job_name"]
+    seen_running: dict[str, str] = {}
+
+    def watch_squeue(record):
+        # While the scan runs, Slurm itself lists the jobs the fits run in.
+        seen_running.update(_our_jobs(job_name, states="RUNNING"))
+
+    result = pyhf_dist.map_fits(erjr_pallet, executor="slurm", backend="numpy", callback=watch_squeue,
+                                **slurm_options)
+    assert_matches_reference(result, erjr_reference)
+    job_ids = {record.worker["slurm_job_id"] for record in result}
+    assert None not in job_ids, "a fit ran outside Slurm"
+    assert job_ids <= set(seen_running), f"fits ran in {job_ids}, squeue showed {seen_running}"
+    assert result.metadata["executor"] == "slurm" and result.metadata["job_name"] == job_name
+    _assert_no_jobs_left(job_name)
+
+
+@pytest.mark.slurm
+@requires_slurm
+def test_slurm_matches_serial_pyhf_on_1lbb(lbb_pallet, lbb_reference, slurm_options):
+    result = pyhf_dist.map_fits(lbb_pallet, executor="slurm", patches=LBB_SAMPLE, backend="numpy", **slurm_options)
+    assert_matches_reference(result, lbb_reference)
+    assert all(record.worker["slurm_job_id"] for record in result)
+    _assert_no_jobs_left(slurm_options["job_name"])
+
+
+@pytest.mark.slurm
+@requires_slurm
+def test_scancel_of_a_worker_job_mid_scan(erjr_pallet, erjr_reference, slurm_options):
+    options = dict(slurm_options)
+    options.pop("jobs")
+    cancelled: list[str] = []
+
+    def cancel_one_job(record):
+        if not cancelled and len(result_names) >= 5:
+            job_id = record.worker["slurm_job_id"]
+            subprocess.run(["scancel", job_id], check=True, timeout=30)
+            cancelled.append(job_id)
+        result_names.append(record.name)
+
+    result_names: list[str] = []
+    # Adaptive scaling replaces a lost job once Dask declares its worker lost.
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1s"}):
+        result = pyhf_dist.map_fits(erjr_pallet, executor="slurm", adapt=(2, 2), backend="numpy",
+                                    callback=cancel_one_job, **options)
+    assert cancelled
+    names = [record.name for record in result]
+    assert len(names) == len(set(names)) == len(erjr_pallet.patches), "patches lost or duplicated"
+    assert_matches_reference(result, erjr_reference)
+    jobs = {record.worker["slurm_job_id"] for record in result}
+    assert cancelled[0] in jobs and len(jobs) >= 2
+    _assert_no_jobs_left(options["job_name"])
+
+
+@pytest.mark.slurm
+@requires_slurm
+def test_failed_scan_leaves_no_jobs(erjr_pallet, slurm_options):
+    class Boom(Exception):
+        pass
+
+    def fail(record):
+        raise Boom("the caller's callback failed")
+
+    with pytest.raises(Boom):
+        pyhf_dist.map_fits(erjr_pallet, executor="slurm", backend="numpy", callback=fail, **slurm_options)
+    _assert_no_jobs_left(slurm_options["job_name"])
+
+
+@pytest.mark.slurm
+@requires_slurm
+def test_sigint_interrupted_cli_scan_leaves_no_jobs(erjr_dir, slurm_options, tmp_path):
+    job_name = slurm_options["job_name"]
+    command = [
+        # A shell that started us in the background may have left SIGINT ignored: restore Ctrl-C.
+        sys.executable, "-c", "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from pyhf_dist.cli import main; sys.exit(main())",
+        "fit", str(erjr_dir), "--executor", "slurm", "--backend", "numpy", "--jobs", "2", "--cores", "1",
+        "--memory", "1GB", "--walltime", "00:10:00", "-o", str(tmp_path / "results.json"), "-q",
+        "--option", "interface=lo", "--option", f"job_name={job_name}",
+        "--option", f"log_directory={slurm_options['log_directory']}",
+    ]
+    process = subprocess.Popen(command, cwd=REPOSITORY, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # Interrupt once the jobs run and fits have started coming back.
+        deadline = time.monotonic() + 120
+        journal = tmp_path / "results.journal.jsonl"
+        while time.monotonic() < deadline and process.poll() is None:
+            running = _our_jobs(job_name, states="RUNNING")
+            if len(running) == 2 and journal.exists() and journal.read_text().count("\n") >= 3:
+                break
+            time.sleep(0.3)
+        assert process.poll() is None, f"scan ended before it could be interrupted: {process.communicate()}"
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr
+    assert "Interrupted" in stderr
+    _assert_no_jobs_left(job_name)

@@ -1,0 +1,270 @@
+"""Toys split over workers: the merged result is serial pyhf's ToyCalculator, bit for bit.
+
+The reference is plain pyhf: ``numpy.random.seed(seed)`` then ``ToyCalculator.distributions``
+(samples) and ``pyhf.infer.hypotest(..., calctype="toybased")`` (CLs). Most tests use a two-bin
+model whose fits take milliseconds; one runs a demo-pallet patch on worker processes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import numpy as np
+import pytest
+from hypothesis import given, settings as hypothesis_settings, strategies as st
+
+import pyhf_dist
+from pyhf_dist import calculations, toys
+from pyhf_dist.exceptions import SettingsError
+from pyhf_dist.pallet import Pallet, Patch
+from pyhf_dist.settings import FitSettings
+from pyhf_dist.worker import WorkerContext, initialize
+
+SEED = 20211
+
+
+def tiny_pallet() -> Pallet:
+    """Two bins, one shapesys background, two signal points: fits take a few milliseconds."""
+    workspace = {
+        "channels": [{"name": "SR", "samples": [{"name": "bkg", "data": [50.0, 52.0], "modifiers": [
+            {"name": "uncorr_bkguncrt", "type": "shapesys", "data": [3.0, 7.0]}]}]}],
+        "observations": [{"name": "SR", "data": [51.0, 48.0]}],
+        "measurements": [{"name": "m", "config": {"poi": "mu", "parameters": []}}],
+        "version": "1.0.0",
+    }
+    patches = []
+    for m1, signal in ((100, [12.0, 11.0]), (200, [6.0, 5.0])):
+        operations = [{"op": "add", "path": "/channels/0/samples/1", "value": {
+            "name": "signal", "data": signal, "modifiers": [{"name": "mu", "type": "normfactor", "data": None}]}}]
+        patches.append(Patch(f"tiny_{m1}_0", (m1, 0), operations))
+    return Pallet(workspace, patches, ["m1", "m2"], "tiny", "")
+
+
+@pytest.fixture
+def pyhf_percentile_fix(monkeypatch):
+    """Let pyhf 0.7.6's own ToyCalculator.expected_pvalues run on numpy >= 2.4.
+
+    pyhf calls ``np.percentile(..., interpolation="linear")``; numpy 2.4 removed that keyword in
+    favour of ``method`` (same meaning). The reference needs pyhf's function, so it is given the
+    renamed keyword; pyhf_dist itself never calls it.
+    """
+    from pyhf.tensor.numpy_backend import numpy_backend
+
+    def percentile(self, tensor_in, q, axis=None, interpolation="linear"):
+        return np.percentile(tensor_in, q, axis=axis, method=interpolation)
+
+    monkeypatch.setattr(numpy_backend, "percentile", percentile)
+
+
+def model_and_data(pallet, patch, settings):
+    state = initialize(WorkerContext.build(pallet.workspace, settings.to_dict()))
+    return state, *calculations.build_model(state, patch.operations)
+
+
+def serial_pyhf_toys(model, data, settings):
+    """Plain pyhf, seeded like a serial user would: samples, and hypotest's CLs."""
+    import pyhf
+
+    pyhf.set_backend("numpy")
+    np.random.seed(settings.seed)
+    calculator = pyhf.infer.calculators.ToyCalculator(
+        data, model, test_stat=settings.test_stat, ntoys=settings.ntoys, track_progress=False
+    )
+    sb, b = calculator.distributions(settings.poi_test)
+    np.random.seed(settings.seed)
+    observed, expected = pyhf.infer.hypotest(
+        settings.poi_test, data, model, test_stat=settings.test_stat, calctype="toybased",
+        ntoys=settings.ntoys, track_progress=False, return_expected_set=True,
+    )
+    return {"sb": np.asarray(sb.samples), "b": np.asarray(b.samples), "CLs_obs": float(observed),
+            "CLs_exp": [float(value) for value in expected]}
+
+
+def run_split(state, patch, settings, chunks: int) -> dict:
+    """Every chunk of a ``chunks``-way split through the worker's compute, then the merge."""
+    records = []
+    for chunk in toys.split(settings.ntoys, chunks):
+        record = {"name": patch.name, "status": "ok", "error": None, "chunk": chunk,
+                  "fit_seconds": 1.0, "started": 10.0 + chunk["index"], "finished": 20.0 + chunk["index"]}
+        record.update(calculations.compute(state, {"patch": patch.operations, "chunk": chunk}))
+        records.append(record)
+    # Chunks come back in any order.
+    return calculations.merge_chunks(records[::-1], settings)
+
+
+# ------------------------------------------------------------------------------------- splitting
+
+
+@given(st.integers(min_value=1, max_value=5000), st.integers(min_value=1, max_value=64))
+@hypothesis_settings(max_examples=200, deadline=None)
+def test_split_is_a_contiguous_cover(ntoys, chunks):
+    entries = toys.split(ntoys, chunks)
+    assert entries[0]["start"] == 0 and entries[-1]["stop"] == ntoys
+    assert all(a["stop"] == b["start"] for a, b in zip(entries, entries[1:]))
+    sizes = [e["stop"] - e["start"] for e in entries]
+    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+    assert [e["index"] for e in entries] == list(range(len(entries)))
+    assert all(e["of"] == len(entries) and e["ntoys"] == ntoys for e in entries)
+
+
+@given(st.integers(min_value=1, max_value=100000), st.integers(min_value=1, max_value=512))
+@hypothesis_settings(max_examples=200, deadline=None)
+def test_plan_uses_workers_without_tiny_chunks(ntoys, workers):
+    entries = toys.plan(ntoys, workers)
+    assert len(entries) <= workers
+    if len(entries) > 1:
+        assert min(e["stop"] - e["start"] for e in entries) >= toys.MIN_TOYS_PER_CHUNK
+    if ntoys >= workers * toys.MIN_TOYS_PER_CHUNK:
+        assert len(entries) == workers
+
+
+def test_plan_chunks_only_splits_toy_hypotests():
+    assert calculations.plan_chunks(FitSettings(backend="numpy"), 8) == [None]
+    assert calculations.plan_chunks(FitSettings(backend="numpy", calculation="upper_limit"), 8) == [None]
+    assert len(calculations.plan_chunks(FitSettings(backend="numpy", calctype="toybased", ntoys=1000), 8)) == 8
+    with pytest.raises(SettingsError, match="toy-based upper limits"):
+        calculations.plan_chunks(FitSettings(backend="numpy", calculation="upper_limit", calctype="toybased"), 8)
+
+
+# ---------------------------------------------------------------------- equality with serial pyhf
+
+
+@pytest.mark.parametrize("test_stat, poi_test", [("qtilde", 1.0), ("q", 1.0), ("q0", 0.0)])
+def test_any_split_equals_serial_toycalculator(pyhf_percentile_fix, test_stat, poi_test):
+    pallet = tiny_pallet()
+    patch = pallet.patches[0]
+    settings = FitSettings(backend="numpy", calctype="toybased", ntoys=40, seed=SEED, test_stat=test_stat,
+                           poi_test=poi_test)
+    state, model, data = model_and_data(pallet, patch, settings)
+    reference = serial_pyhf_toys(model, data, settings)
+    for chunks in (1, 2, 4):
+        merged = run_split(state, patch, settings, chunks)
+        assert merged["status"] == "ok", merged["error"]
+        assert merged["toys"]["chunks"] == chunks
+        # Bitwise: same draws, same fits, same order.
+        assert np.array_equal(merged["toys"]["sb"], reference["sb"])
+        assert np.array_equal(merged["toys"]["b"], reference["b"])
+        assert merged["CLs_obs"] == reference["CLs_obs"]
+        assert merged["CLs_exp"] == reference["CLs_exp"]
+
+
+def test_cls_formulas_equal_pyhf_calculator(pyhf_percentile_fix):
+    import pyhf
+
+    pyhf.set_backend("numpy")
+    generator = np.random.default_rng(3)
+    sb, b = generator.chisquare(1, 301), generator.chisquare(1, 301) + 0.5
+    b[::7] = sb[::7]  # ties, exercised by ">="
+    calculator = pyhf.infer.calculators.ToyCalculator.__new__(pyhf.infer.calculators.ToyCalculator)
+    sb_dist = pyhf.infer.calculators.EmpiricalDistribution(pyhf.tensorlib.astensor(sb))
+    b_dist = pyhf.infer.calculators.EmpiricalDistribution(pyhf.tensorlib.astensor(b))
+    for teststat in (0.0, 0.7, float(b[7]), 3.0):
+        ours = toys.cls_from_distributions(teststat, sb, b)
+        clsb, clb, cls = calculator.pvalues(teststat, sb_dist, b_dist)
+        assert (ours["CLsb_obs"], ours["CLb_obs"], ours["CLs_obs"]) == (float(clsb), float(clb), float(cls))
+        expected = calculator.expected_pvalues(sb_dist, b_dist)[2]
+        assert ours["CLs_exp"] == [float(value) for value in expected]
+
+
+def test_map_fits_splits_over_1_2_4_workers_identically(monkeypatch, pyhf_percentile_fix):
+    """Through the scan: the chunks really are separate tasks, and the answer never changes."""
+    monkeypatch.setattr(toys, "MIN_TOYS_PER_CHUNK", 5)
+    seen = []
+    original = toys.run_chunk
+
+    def spy(model, data, settings, chunk=None):
+        seen.append(chunk)
+        return original(model, data, settings, chunk)
+
+    monkeypatch.setattr(toys, "run_chunk", spy)
+    pallet = tiny_pallet()
+    settings = FitSettings(backend="numpy", calctype="toybased", ntoys=40, seed=SEED)
+    answers = {}
+    for workers in (1, 2, 4):
+        seen.clear()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            result = pyhf_dist.map_fits(pallet, executor=pool, backend="numpy", calctype="toybased",
+                                        ntoys=40, seed=SEED)
+        assert result.counts()["failed"] == 0
+        assert sorted((c["start"], c["of"]) for c in seen) == sorted(
+            (c["start"], c["of"]) for _ in pallet.patches for c in toys.split(40, workers))
+        answers[workers] = {r.name: (r.CLs_obs, r.CLs_exp) for r in result}
+        assert result.metadata["settings"]["calctype"] == "toybased"
+    assert answers[1] == answers[2] == answers[4]
+    for patch in pallet.patches:
+        _, model, data = model_and_data(pallet, patch, settings)
+        reference = serial_pyhf_toys(model, data, settings)
+        assert answers[4][patch.name] == (reference["CLs_obs"], reference["CLs_exp"])
+
+
+def test_demo_patch_on_worker_processes_equals_serial_pyhf(pyhf_percentile_fix):
+    """A demo-pallet patch near its exclusion boundary, 50 toys in two chunks on two processes."""
+    pallet = pyhf_dist.demo_pallet()
+    patch = next(p for p in pallet.patches if p.name == "demo_700_150")
+    settings = FitSettings(backend="numpy", calctype="toybased", ntoys=50, seed=SEED)
+    result = pyhf_dist.map_fits(pallet, executor="local", workers=2, patches=[patch.name], backend="numpy",
+                                calctype="toybased", ntoys=50, seed=SEED)
+    record = result[patch.name]
+    assert record.ok, record.error
+    _, model, data = model_and_data(pallet, patch, settings)
+    reference = serial_pyhf_toys(model, data, settings)
+    assert (record.CLs_obs, record.CLs_exp) == (reference["CLs_obs"], reference["CLs_exp"])
+    assert record.fit_seconds > 0 and record.started <= record.finished
+
+
+# ------------------------------------------------------------------------ seeds and random state
+
+
+def test_seed_changes_toys_and_caller_random_state_is_kept():
+    pallet = tiny_pallet()
+    patch = pallet.patches[1]
+    settings = FitSettings(backend="numpy", calctype="toybased", ntoys=30, seed=1)
+    state, model, data = model_and_data(pallet, patch, settings)
+    np.random.seed(99)
+    before = np.random.get_state()[1].copy()
+    first = run_split(state, patch, settings, 2)
+    assert np.array_equal(np.random.get_state()[1], before)
+    again = run_split(state, patch, settings, 3)
+    assert first["toys"]["sb"] == again["toys"]["sb"]
+    other = FitSettings(backend="numpy", calctype="toybased", ntoys=30, seed=2)
+    state2, _, _ = model_and_data(pallet, patch, other)
+    assert run_split(state2, patch, other, 2)["toys"]["sb"] != first["toys"]["sb"]
+
+
+# ---------------------------------------------------------------------------------------- merge
+
+
+def test_failed_chunk_fails_the_patch_with_its_reason():
+    settings = FitSettings(backend="numpy", calctype="toybased", ntoys=100)
+    chunks = toys.split(100, 3)
+    records = [
+        {"name": "p", "status": "ok", "error": None, "chunk": chunks[0], "fit_seconds": 2.0, "started": 5.0,
+         "finished": 7.0, "worker": {"pid": 1}, "toys": {"start": 0, "stop": 34, "ntoys": 100, "teststat": 1.0,
+                                                         "sb": [0.0] * 34, "b": [0.0] * 34}},
+        {"name": "p", "status": "failed", "error": "timed out after 60 s", "chunk": chunks[1], "fit_seconds": 60.0,
+         "started": 4.0, "finished": 64.0, "worker": {"pid": 2}},
+        {"name": "p", "status": "failed", "error": "worker lost 3 times: BrokenProcessPool", "chunk": chunks[2]},
+    ]
+    merged = calculations.merge_chunks(records, settings)
+    assert merged["status"] == "failed"
+    assert "2 of 3 toy chunks failed" in merged["error"]
+    assert "chunk 2/3 (toys 34-66): timed out after 60 s" in merged["error"]
+    assert "worker lost 3 times" in merged["error"]
+    assert merged["fit_seconds"] == 62.0 and merged["started"] == 4.0 and merged["finished"] == 64.0
+    assert merged["worker"] == {"pid": 1} and merged.get("CLs_obs") is None
+    record = pyhf_dist.FitRecord.from_dict({**merged, "values": [1, 2]})
+    assert not record.ok
+
+
+def test_merge_refuses_incomplete_cover():
+    settings = FitSettings(backend="numpy", calctype="toybased", ntoys=10)
+    part = {"name": "p", "status": "ok", "error": None, "chunk": toys.split(10, 2)[0],
+            "toys": {"start": 0, "stop": 5, "ntoys": 10, "teststat": 1.0, "sb": [1.0] * 5, "b": [1.0] * 5}}
+    merged = calculations.merge_chunks([part], settings)
+    assert merged["status"] == "failed" and "5 of 10 toys" in merged["error"]
+
+
+def test_toy_upper_limits_are_refused_before_fitting():
+    with pytest.raises(SettingsError, match="toy-based upper limits"):
+        pyhf_dist.map_fits(tiny_pallet(), executor="sequential", backend="numpy", calculation="upper_limit",
+                           calctype="toybased", ntoys=10)
