@@ -40,7 +40,7 @@ class FitRecord:
         started: Unix time the worker started it.
         finished: Unix time the worker finished it.
         worker: ``{"host", "pid", "slurm_job_id"}`` of the worker that ran it.
-        attempts: How many times it was submitted (more than 1 after a lost worker).
+        attempts: 1, plus once for every time the worker running it died (its retries).
         mu_up_obs: Observed upper limit on the signal strength (upper-limit scans).
         mu_up_exp: Expected upper limits, five values -2σ..+2σ (upper-limit scans).
     """

@@ -102,8 +102,8 @@ def iter_fits(
         raise InputError(f"retries must be a non-negative integer, got {retries!r}")
     if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
         raise InputError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    # Full schema validation of a large workspace takes about a second: it runs below, once the
-    # patch selection and settings are known to be right.
+    # Full schema validation is deferred (see below) until the patch selection and settings are
+    # known to be right.
     pallet = prepare_pallet(workspace, patchset, validate=False)
     selected = select_patches(pallet.patches, patches)
     values_by_name = {patch.name: list(patch.values) for patch in selected}
@@ -139,17 +139,20 @@ def iter_fits(
                 on_start(info)
             yield from finished.values()
             return
-        # Validated before any worker parses it: an invalid workspace must be refused as bad input
-        # (naming the JSON path), not surface as a worker that cannot start.
-        check_workspace(pallet.workspace, pallet.source)
         try:
             runner.start(context)
         except InputError:
             raise
-        except ExecutorError:
-            raise
         except Exception as error:
+            # An invalid workspace must be refused as bad input (naming the JSON path), not
+            # surface as a worker that cannot start.
+            check_workspace(pallet.workspace, pallet.source)
+            if isinstance(error, ExecutorError):
+                raise
             raise ExecutorError(f"executor {runner.name!r} could not start: {_one_line(error)}") from error
+        # Full schema validation takes about a second for a large workspace: it runs while the
+        # workers start, and before any result is taken.
+        check_workspace(pallet.workspace, pallet.source)
         info.update(runner.describe())
         if on_start is not None:
             on_start(info)
@@ -196,6 +199,8 @@ def _run(runner, context, todo, settings, retries, timeout, values_by_name) -> I
     while queue or in_flight:
         while queue and len(in_flight) < limit:
             submit(queue.popleft())
+        if timeout:  # checked with every worker busy, before waiting for the next result
+            _expire(runner, in_flight, queue, timeout)
         done, _ = concurrent.futures.wait(list(in_flight), timeout=1.0, return_when=concurrent.futures.FIRST_COMPLETED)
         for future in [future for future in in_flight if future in done]:  # in submission order
             job = in_flight.pop(future)
@@ -222,8 +227,6 @@ def _run(runner, context, todo, settings, retries, timeout, values_by_name) -> I
                 record.pop("chunk", None)
                 record.update(values=values_by_name[name], submitted=first_submitted[name], attempts=attempts[name])
                 yield FitRecord.from_dict(record)
-        if timeout:
-            _expire(runner, in_flight, queue, timeout)
 
 
 def _bystander(runner, future) -> bool:

@@ -28,7 +28,8 @@ __all__ = [
 ]
 
 TEST_STATISTICS = ("qtilde", "q", "q0")
-#: ``numpy`` is plain pyhf on numpy, the reference; ``jax`` is the compiled fast path.
+#: ``numpy`` is plain pyhf on numpy, the reference; ``jax`` is the compiled fast path for asymptotic
+#: hypotests (anything it does not cover is fitted by plain pyhf on numpy).
 BACKENDS = ("numpy", "jax")
 CALCULATIONS = ("hypotest", "upper_limit")
 CALCTYPES = ("asymptotics", "toybased")
@@ -132,7 +133,15 @@ class FitSettings:
         if ntoys < 1:
             raise SettingsError(f"ntoys must be a positive integer, got {self.ntoys!r}")
         object.__setattr__(self, "ntoys", ntoys)
-        object.__setattr__(self, "seed", int(_number(self.seed, "seed")))
+        seed = int(_number(self.seed, "seed"))
+        if not 0 <= seed < 2**32:  # numpy's legacy random state takes 32-bit seeds
+            raise SettingsError(f"seed must be between 0 and 2**32 - 1, got {self.seed!r}")
+        object.__setattr__(self, "seed", seed)
+        if self.calctype == "toybased" and self.calculation == "upper_limit":
+            raise SettingsError(
+                "toy-based upper limits are not supported: drop --toys for upper limits, or compute "
+                "toy-based CLs at chosen --poi-test values"
+            )
         level = _number(self.level, "level")
         if not 0 < level < 1:
             raise SettingsError(f"level must be between 0 and 1, got {level}")

@@ -29,7 +29,7 @@ import time
 import traceback
 from typing import Any
 
-__all__ = ["WorkerContext", "WorkerState", "initialize", "run_task", "pin_threads", "worker_info", "setup_count"]
+__all__ = ["WorkerContext", "WorkerState", "initialize", "release", "run_task", "pin_threads", "worker_info", "setup_count"]
 
 #: One thread per numerical library per worker: many single-threaded pyhf processes on a few
 #: cores are far faster than processes that each start a thread per core and fight for them.
@@ -94,7 +94,8 @@ class WorkerState:
         self.key = context.key
         self.settings = FitSettings.from_dict(data["settings"])
         self.workspace_spec = data["workspace"]
-        self.workspace = pyhf.Workspace(self.workspace_spec)
+        # The client validated the workspace against the schema before any task was sent.
+        self.workspace = pyhf.Workspace(self.workspace_spec, validate=False)
         self.cache: dict[str, Any] = {}
         self.lock = threading.Lock()
 
@@ -119,7 +120,18 @@ def initialize(context: WorkerContext) -> WorkerState:
             state = WorkerState(context)
             _STATES[context.key] = state
             _SETUP_COUNT += 1
+            from pyhf_dist import fast
+
+            # Compile the fast path's likelihood now, while the client is still sending tasks
+            # (a no-op for scans that do not use it).
+            fast.warm_up(state)
         return state
+
+
+def release(key: str) -> None:
+    """Forget the state of context ``key`` in this process (a long-lived worker between scans)."""
+    with _STATES_LOCK:
+        _STATES.pop(key, None)
 
 
 def worker_info() -> dict:

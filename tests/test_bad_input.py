@@ -282,8 +282,6 @@ def test_dask_scheduler_refusing_connections_fails_fast(tmp_path, demo_dir):
     assert time.time() - began < 20  # the refusal itself is immediate; the rest is starting Python
 
 
-@pytest.mark.xfail(reason="distributed.Client(address, timeout=...) waits forever for a peer that accepts "
-                          "the TCP connection but never answers; executors/dask.py must bound it", strict=False)
 def test_dask_scheduler_that_never_answers_fails_within_10_seconds(tmp_path, demo_dir):
     with socket.socket() as silent:  # accepts connections (the kernel does), never answers
         silent.bind(("127.0.0.1", 0))
@@ -398,3 +396,21 @@ def test_debug_shows_the_traceback(tmp_path):
     run = subprocess.run([sys.executable, "-m", "pyhf_dist", "--debug", "fit", str(tmp_path / "nowhere")],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "Traceback" in run.stderr and "PalletError" in run.stderr
+
+
+def test_resume_with_a_journal_from_other_settings_or_not_a_journal(capsys, demo_dir, tmp_path):
+    output = tmp_path / "r.json"
+    journal = tmp_path / "r.journal.jsonl"
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        journal.write_text(json.dumps({"key": "0123456789abcdef", "record": {"name": "demo_300_0"}}) + "\n")
+        code = main(["fit", str(demo_dir), "--resume", "--executor", "sequential", "-o", str(output), "-q"])
+        err = capsys.readouterr().err
+        assert code == 2 and "holds 1 results computed with other settings" in err and "Traceback" not in err
+        journal.write_text("not a journal\n{}\n")
+        code = main(["fit", str(demo_dir), "--resume", "--executor", "sequential", "-o", str(output), "-q"])
+        err = capsys.readouterr().err
+        assert code == 2 and "line 1 is not a journal entry" in err and "Traceback" not in err
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not output.exists() and journal.read_text() == "not a journal\n{}\n", "the journal is left as it was"

@@ -20,6 +20,7 @@ from pyhf_dist.executors import get_executor  # noqa: E402
 from pyhf_dist.executors.dask import DaskExecutor  # noqa: E402
 from pyhf_dist.settings import FitSettings  # noqa: E402
 from pyhf_dist.worker import WorkerContext, setup_count  # noqa: E402
+from distributed.diagnostics.plugin import SchedulerPlugin  # noqa: E402
 
 from conftest import LBB_SAMPLE, assert_matches_reference  # noqa: E402
 
@@ -66,23 +67,38 @@ def test_user_cluster_matches_serial_pyhf_on_1lbb_and_stays_open(user_cluster, l
     assert not any(name.startswith("pyhf-dist-") for names in plugins.values() for name in names)
 
 
+class _RecordTaskSpecs(SchedulerPlugin):
+    """Keeps the pickled spec of every pyhf-dist task the scheduler receives."""
+
+    name = "pyhf-dist-test-task-specs"
+
+    def __init__(self):
+        self.specs = {}
+
+    def update_graph(self, scheduler, *, keys, **kwargs):
+        for key in keys:
+            state = scheduler.tasks.get(key)
+            if state is not None and "run_task" in str(key):
+                self.specs[str(key)] = pickle.dumps(state.run_spec)
+
+
 def test_workspace_is_shipped_once_per_worker_not_with_each_task(user_cluster, erjr_pallet):
     cluster, client = user_cluster
     context = _context(erjr_pallet)
     patches = erjr_pallet.patches[:6]
-    with DaskExecutor(client=client) as executor:
-        executor.start(context)
-        futures = [executor.submit({"name": p.name, "patch": p.operations, "context": context.key}) for p in patches]
-        # The task specs as the scheduler holds them, while they are there.
-        specs = client.run_on_scheduler(
-            lambda dask_scheduler: {
-                str(key): pickle.dumps(state.run_spec)
-                for key, state in dask_scheduler.tasks.items()
-                if "run_task" in str(key)
-            }
-        )
-        records = [future.result() for future in futures]
-        setups = client.run(setup_count)
+    before = client.run(setup_count)  # the workers are shared with the other tests here
+    # The task specs as the scheduler receives them (a fast task may be gone before we could look).
+    client.register_plugin(_RecordTaskSpecs(), name=_RecordTaskSpecs.name)
+    try:
+        with DaskExecutor(client=client) as executor:
+            executor.start(context)
+            futures = [executor.submit({"name": p.name, "patch": p.operations, "context": context.key})
+                       for p in patches]
+            records = [future.result() for future in futures]
+            setups = client.run(setup_count)
+        specs = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins[_RecordTaskSpecs.name].specs)
+    finally:
+        client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.remove_plugin(name=_RecordTaskSpecs.name))
     assert all(record["status"] == "ok" for record in records)
     assert specs, "no task seen on the scheduler"
     # A background sample the patches do not mention: in the context, in no task.
@@ -95,7 +111,7 @@ def test_workspace_is_shipped_once_per_worker_not_with_each_task(user_cluster, e
         assert sample.encode() not in spec, f"{key} carries the workspace"
         assert len(spec) < largest_patch + 2000, f"{key} carries {len(spec)} bytes"
     # Each worker parsed the workspace once, however many tasks it ran.
-    assert sorted(setups.values()) == [1, 1]
+    assert {address: count - before[address] for address, count in setups.items()} == dict.fromkeys(before, 1)
 
 
 def test_address_of_a_running_scheduler(user_cluster, erjr_pallet, erjr_reference):

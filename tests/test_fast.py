@@ -210,7 +210,7 @@ def test_gradient_is_the_derivative_of_the_objective():
     n = len(arrays.init)
     theta = params["init"].copy()
     theta[:n] = _random_points(arrays, 1, seed=3)[1]
-    value, gradient = functions.value_and_grad(theta, arrays.main_data, params["aux"], device)
+    value, *gradient = functions.value_and_grad(theta, arrays.main_data, params["aux"], device)
     step = 1e-6
     for i in range(n):
         shifted = theta.copy()
@@ -330,6 +330,7 @@ def test_erjr_fallback_through_the_worker_gives_pyhf(erjr_pallet, erjr_reference
         assert record["CLs_exp"] == pytest.approx(expected, abs=CLS_TOLERANCE)
 
 
+@pytest.mark.slow
 def test_1lbb_sample_agrees_with_serial_pyhf(lbb_pallet, lbb_reference):
     fast = FastHypotest(lbb_pallet.workspace)
     by_name = {patch.name: patch for patch in lbb_pallet.patches}

@@ -348,8 +348,8 @@ def test_an_oversize_workspace_or_patch_is_refused_before_sending(cloud):
     client, standin = cloud
     pallet = pyhf_dist.demo_pallet(points=2)
     big = json.loads(json.dumps(pallet.workspace))
-    big["channels"][0]["samples"][0].setdefault("modifiers", [])
-    big["padding"] = [f"{index:09d}" for index in range(1_000_000)]  # ~12 MB of JSON that compresses
+    # A valid workspace of over 10 MB (as plain JSON): a very long measurement name.
+    big["measurements"][0]["name"] = "m" * 10_500_000
     big_pallet = Pallet(big, pallet.patches, pallet.labels, "big", "")
     with pytest.raises(PayloadTooLargeError, match="background workspace alone .* over the service's limit"):
         pyhf_dist.map_fits(big_pallet, executor="funcx", endpoint_id=standin.endpoint_id, client=client,

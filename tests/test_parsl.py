@@ -96,34 +96,6 @@ def test_an_interrupted_scan_leaves_no_process(erjr_pallet, no_leftovers):
         pyhf_dist.map_fits(erjr_pallet, executor="parsl", workers=2, backend="numpy", patches=FEW, callback=interrupt)
 
 
-def test_a_killed_worker_is_replaced_and_its_task_retried(erjr_pallet, no_leftovers):
-    import psutil
-
-    names = erjr_pallet.names()[:12]
-    killed = []
-
-    def kill_the_other_worker(record):
-        if killed:
-            return
-        # The worker that did not just return is busy with a fit: kill it.
-        for process in psutil.process_iter(["cmdline"]):
-            command = " ".join(process.info["cmdline"] or [])
-            if "process_worker_pool" in command:
-                for child in process.children():
-                    child_command = " ".join(child.cmdline())
-                    if "spawn_main" in child_command and child.pid != record.worker["pid"]:
-                        child.kill()
-                        killed.append(child.pid)
-                        return
-
-    result = pyhf_dist.map_fits(erjr_pallet, executor="parsl", workers=2, backend="numpy", patches=names,
-                                callback=kill_the_other_worker)
-    assert len(killed) == 1
-    assert_matches_reference(result, serial_pyhf(erjr_pallet, names))
-    assert max(record.attempts for record in result) == 2
-    assert killed[0] not in {record.worker["pid"] for record in result if record.attempts == 2}
-
-
 def test_a_users_parsl_config(erjr_pallet, tmp_path, no_leftovers):
     from parsl.executors import ThreadPoolExecutor
 

@@ -263,3 +263,16 @@ def test_sigint_interrupted_cli_scan_leaves_no_jobs(erjr_dir, slurm_options, tmp
     assert process.returncode == 130, stderr
     assert "Interrupted" in stderr
     _assert_no_jobs_left(job_name)
+
+
+@pytest.mark.slurm
+@requires_slurm
+def test_a_job_slurm_refuses_fails_the_scan_at_once_in_one_line(erjr_pallet, slurm_options):
+    options = dict(slurm_options, queue="no-such-partition")
+    started = time.monotonic()
+    with pytest.raises(ExecutorError) as error:
+        pyhf_dist.map_fits(erjr_pallet, executor="slurm", backend="numpy", **options)
+    assert time.monotonic() - started < 30
+    assert "no-such-partition" in str(error.value) or "partition" in str(error.value)
+    assert "\n" not in str(error.value)
+    assert not _our_jobs(slurm_options["job_name"])

@@ -48,6 +48,25 @@ def print_table(result, points: bool = False) -> None:
     click.echo(result.summary())
 
 
+def _calculation_options(upper_limit: bool, scan_grid: str | None, toys: int | None, seed: int) -> dict:
+    """The map_fits arguments of --upper-limit, --scan, --toys and --seed."""
+    options: dict = {}
+    if upper_limit:
+        options["calculation"] = "upper_limit"
+    if scan_grid is not None:
+        if not upper_limit:
+            raise click.UsageError("--scan goes with --upper-limit")
+        parts = scan_grid.split(",")
+        try:
+            start, stop, points = float(parts[0]), float(parts[1]), int(parts[2])
+        except (ValueError, IndexError):
+            raise click.BadParameter(f"{scan_grid!r} is not START,STOP,N (e.g. --scan 0,5,21)") from None
+        options["upper_limit_scan"] = (start, stop, points)
+    if toys is not None:
+        options.update(calctype="toybased", ntoys=toys, seed=seed)
+    return options
+
+
 def _parse_option(text: str) -> tuple[str, object]:
     import yaml
 
@@ -70,6 +89,12 @@ def _parse_option(text: str) -> tuple[str, object]:
 @click.option("--test-stat", default="qtilde", show_default=True, help="qtilde, q or q0.")
 @click.option("--interpcodes", default="code4,code4p", show_default=True,
               help="Interpolation codes for normsys,histosys.")
+@click.option("--upper-limit", is_flag=True,
+              help="Compute observed and expected 95% CL upper limits on mu instead of CLs at --poi-test.")
+@click.option("--scan", "scan_grid", metavar="START,STOP,N",
+              help="With --upper-limit: scan a grid of mu values instead of root-finding.")
+@click.option("--toys", type=int, help="Use N pseudo-experiments per patch (split across workers) instead of asymptotics.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed of the pseudo-experiments.")
 @click.option("-o", "--output", default="results.json", show_default=True, type=click.Path(),
               help="Results file (.json, or .csv for a table).")
 @click.option("--journal", type=click.Path(dir_okay=False),
@@ -88,13 +113,18 @@ def _parse_option(text: str) -> tuple[str, object]:
               help="[slurm] YAML file of further SLURMCluster arguments.")
 @click.option("--show-job-script", is_flag=True, help="[slurm] Print the batch script and exit without fitting.")
 @click.option("--address", help="[dask] Address of a running scheduler, e.g. tcp://host:8786.")
-@click.option("--endpoint-id", envvar="GLOBUS_COMPUTE_ENDPOINT_ID", help="[funcx] Globus Compute endpoint id.")
+@click.option("--endpoint-id", help="[funcx] Globus Compute endpoint id [default: $GLOBUS_COMPUTE_ENDPOINT_ID].")
+@click.option("--batch-size", type=int, help="[funcx] Most tasks per submission (lowered to stay under 10 MB).")
+@click.option("--amqp-port", type=click.Choice(["443", "5671", "5672"]), help="[funcx] Port of the result stream.")
+@click.option("--provider", type=click.Choice(["local", "slurm"]), help="[parsl] Where worker pools run.")
+@click.option("--max-blocks", type=int, help="[parsl] Most blocks (batch jobs, or local worker pools).")
 @click.option("--option", "extra_options", multiple=True, metavar="KEY=VALUE",
               help="Any other executor keyword argument (repeatable), e.g. --option processes=2.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def fit(source, patchset, patches, executor, workers, backend, poi_test, test_stat, interpcodes, output,
+def fit(source, patchset, patches, executor, workers, backend, poi_test, test_stat, interpcodes, upper_limit,
+        scan_grid, toys, seed, output,
         journal, resume, retries, timeout, jobs, cores, memory, walltime, queue, account, cluster_config,
-        show_job_script, address, endpoint_id, extra_options, quiet):
+        show_job_script, address, endpoint_id, batch_size, amqp_port, provider, max_blocks, extra_options, quiet):
     """Fit the signal patches of SOURCE and write the results.
 
     SOURCE is a pallet (a HEPData .tar.gz, a directory with BkgOnly.json and patchset.json or
@@ -110,6 +140,8 @@ def fit(source, patchset, patches, executor, workers, backend, poi_test, test_st
         for name, value in dict(
             workers=workers, jobs=jobs, cores=cores, memory=memory, walltime=walltime, queue=queue,
             account=account, cluster_config=cluster_config, address=address, endpoint_id=endpoint_id,
+            batch_size=batch_size, amqp_port=int(amqp_port) if amqp_port else None, provider=provider,
+            max_blocks=max_blocks,
         ).items()
         if value is not None
     }
@@ -121,6 +153,7 @@ def fit(source, patchset, patches, executor, workers, backend, poi_test, test_st
         click.echo(runner.job_script())
         return
     modifier_settings = parse_interpcodes(interpcodes)
+    calculation_options = _calculation_options(upper_limit, scan_grid, toys, seed)
     check_output(output)
     journal_path = Path(journal) if journal else journal_path_for(output)
     if resume and not journal_path.exists():
@@ -142,7 +175,8 @@ def fit(source, patchset, patches, executor, workers, backend, poi_test, test_st
         result = pyhf_dist.map_fits(
             source, patchset, executor=executor, patches=list(patches) or None, poi_test=poi_test,
             test_stat=test_stat, backend=backend, modifier_settings=modifier_settings, journal=journal_path,
-            resume=resume, retries=retries, timeout=timeout, progress=not quiet, on_start=started, **options,
+            resume=resume, retries=retries, timeout=timeout, progress=not quiet, on_start=started,
+            **calculation_options, **options,
         )
     except KeyboardInterrupt:
         click.echo(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import threading
 from typing import Any
 
 from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, MissingDependencyError
@@ -45,9 +46,9 @@ class ContextPlugin(distributed.WorkerPlugin):
 
     def teardown(self, worker=None):
         # A long-lived cluster of the user's sees many scans: drop this one's parsed workspace.
-        from pyhf_dist import worker as worker_module
+        from pyhf_dist.worker import release
 
-        worker_module._STATES.pop(self.context.key, None)
+        release(self.context.key)
 
 
 #: Errors of a future that mean its worker (or our link to the workers) went away, not the fit.
@@ -137,12 +138,7 @@ class DaskExecutor(Executor):
             return self.client
         if self.address is not None:
             _check_reachable(self.address, self.connect_timeout)
-            try:
-                client = distributed.Client(self.address, timeout=self.connect_timeout, set_as_default=False)
-            except Exception as error:  # timeouts, refused connections, something else on that port
-                raise ExecutorError(
-                    f"cannot connect to the Dask scheduler at {self.address}: {_first_line(error)}"
-                ) from None
+            client = self._connect_bounded()
         else:
             if self.cluster is None:
                 self.cluster = self._make_cluster()
@@ -150,6 +146,30 @@ class DaskExecutor(Executor):
             client = distributed.Client(self.cluster, set_as_default=False)
         self._own_client = True
         return client
+
+    def _connect_bounded(self) -> distributed.Client:
+        # Client(timeout=...) bounds the TCP connection, not the handshake: a peer that accepts the
+        # connection and never answers would keep us waiting forever. The connection is made in a
+        # daemon thread that we stop waiting for.
+        outcome: dict[str, Any] = {}
+
+        def connect() -> None:
+            try:
+                outcome["client"] = distributed.Client(
+                    self.address, timeout=self.connect_timeout, set_as_default=False
+                )
+            except Exception as error:  # timeouts, refused connections, something else on that port
+                outcome["error"] = error
+
+        thread = threading.Thread(target=connect, name="pyhf-dist-dask-connect", daemon=True)
+        thread.start()
+        thread.join(self.connect_timeout + 2)
+        if "client" in outcome:
+            return outcome["client"]
+        reason = _first_line(outcome["error"]) if "error" in outcome else (
+            f"no answer within {self.connect_timeout:g} s (is it a Dask scheduler?)"
+        )
+        raise ExecutorError(f"cannot connect to the Dask scheduler at {self.address}: {reason}")
 
     def start(self, context: WorkerContext) -> None:
         super().start(context)

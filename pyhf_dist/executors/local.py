@@ -151,6 +151,11 @@ class LocalExecutor(Executor):
         if self._marks_dir is None:
             self._marks_dir = tempfile.mkdtemp(prefix="pyhf-dist-local-")
         self._pool = self._new_pool()
+        # A pool spawns its processes on submit; start them all now so that they import, parse
+        # and compile while the client still validates the workspace and queues the tasks.
+        with _children_ignore_sigint():
+            for _ in range(self.workers):
+                self._pool.submit(os.getpid)
 
     def submit(self, task: dict) -> concurrent.futures.Future:
         if self._pool is None:

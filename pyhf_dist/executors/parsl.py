@@ -93,6 +93,49 @@ def _worker_lost_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _stop_pools_of(run_dir: str, grace: float = 5.0) -> None:
+    """Stop what is left of worker pools started for ``run_dir`` on this machine.
+
+    Parsl cancels a block with SIGTERM only; a worker pool whose internals broke (e.g. its
+    multiprocessing manager died) can hang on its way out and outlive the scan. The pools carry
+    the run directory in their command line (``--logdir``), which no other process does.
+    """
+    import psutil
+
+    marker = os.path.join(run_dir, "")
+
+    def ours():
+        found = []
+        for process in psutil.process_iter(["cmdline"]):
+            try:
+                command = " ".join(process.info["cmdline"] or [])
+            except psutil.Error:
+                continue
+            if marker in command and "process_worker_pool" in command:
+                try:
+                    found.append(process)
+                    found.extend(process.children(recursive=True))
+                except psutil.Error:
+                    continue
+        return found
+
+    processes = ours()
+    if not processes:
+        return
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=grace)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
+
+
 class ParslExecutor(Executor):
     """Runs fits on a Parsl HighThroughputExecutor.
 
@@ -176,6 +219,7 @@ class ParslExecutor(Executor):
         self.address = address
         self.run_dir = os.fspath(run_dir) if run_dir is not None else None
         self._own_run_dir: str | None = None
+        self._active_run_dir: str | None = None
         self._dfk: Any = None
         self._pool: Any = None
         self._packed: PackedContext | None = None
@@ -261,6 +305,8 @@ class ParslExecutor(Executor):
         self._packed = PackedContext.pack(context)
         try:
             self._dfk = DataFlowKernel(self.build_config())
+            # This scan's own numbered run directory (e.g. .../000): pools started for it carry it.
+            self._active_run_dir = os.path.abspath(self._dfk.run_dir)
             self._pool = ParslPoolExecutor(dfk=self._dfk)
         except Exception as error:
             self.shutdown()
@@ -287,6 +333,9 @@ class ParslExecutor(Executor):
                 import logging
 
                 logging.getLogger(__name__).warning("Parsl cleanup failed: %s", error)
+        active, self._active_run_dir = self._active_run_dir, None
+        if active is not None and self.config is None:
+            _stop_pools_of(active)
         run_dir, self._own_run_dir = self._own_run_dir, None
         if run_dir is not None:
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -169,7 +169,9 @@ class SlurmExecutor(DaskExecutor):
         self.adapt = adapt
         super().__init__(workers=(jobs if adapt is None else adapt[1]) * per_job)
         # A name of our own marks our jobs in squeue, and lets shutdown find any job the cluster
-        # lost track of; a job_name from the user or the config is kept.
+        # lost track of; a job_name from the user or the config is kept (and, as other jobs may
+        # share it, never used to cancel by).
+        self._own_job_name = "job_name" not in self.options
         self.job_name = self.options.setdefault("job_name", f"pyhf-dist-{uuid.uuid4().hex[:8]}")
 
     def _with_defaults(self, options: dict) -> dict:
@@ -248,7 +250,7 @@ class SlurmExecutor(DaskExecutor):
         finally:
             # The cluster cancels the jobs it knows; a job submitted while the scan was being
             # interrupted may not be among them. Our job name finds it.
-            if shutil.which("scancel"):
+            if self._own_job_name and shutil.which("scancel"):
                 _run_slurm(["scancel", "--name", self.job_name, "--user", _user()])
 
     # --- what the scan asks ------------------------------------------------------------------

@@ -64,7 +64,7 @@ class FastHypotest:
             "normsys": {"interpcode": "code4"},
             "histosys": {"interpcode": "code4p"},
         }
-        self._codes = layout._codes(self.modifier_settings)
+        self._codes = layout.interpolation_codes(self.modifier_settings)
         self._samples = layout.SampleCache(self._base)
         self._verify = verify
         self._caps = None
@@ -104,8 +104,12 @@ class FastHypotest:
         """
         from pyhf_dist.fast import fit
 
-        with self._lock:
-            result = fit.hypotest(self._problem(patch_operations), poi_test, test_stat)
+        try:
+            with self._lock:
+                result = fit.hypotest(self._problem(patch_operations), poi_test, test_stat)
+        except FastPathUnsupported as error:
+            log.info("fast path declined a patch (plain pyhf fits it): %s", error)
+            raise
         return {"CLs_obs": result["CLs_obs"], "CLs_exp": result["CLs_exp"]}
 
     def warm_up(self) -> None:
@@ -124,7 +128,7 @@ class FastHypotest:
             sizes = arrays.sizes
             room = layout.Caps(
                 bins=sizes.bins,
-                slots=sizes.slots + sum(1 for _ in self._base["channels"]),
+                slots=sizes.slots + len(self._base["channels"]),
                 width=sizes.width,
                 histosys=sizes.histosys,
                 normsys=sizes.normsys,
@@ -217,7 +221,7 @@ class FastHypotest:
                 expected = float(model.logpdf(point, data)[0])
                 theta = params["init"].copy()
                 theta[:n] = point
-                ours = float(functions.logpdf(theta, arrays.main_data, params["aux"], device))
+                ours = functions.logpdf(theta, arrays.main_data, params["aux"], device)
                 if not np.isfinite(expected):
                     continue
                 if not abs(ours - expected) <= _LOGPDF_RTOL * max(1.0, abs(expected)):

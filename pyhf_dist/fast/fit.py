@@ -7,11 +7,14 @@ in coordinates scaled by the Fisher-information diagonal at the start: staterror
 the problem so badly conditioned that a fit takes ten times as many evaluations.
 
 The test statistics and p-values are pyhf's (``pyhf.infer.calculators.AsymptoticCalculator``,
-``pyhf.infer.test_statistics``): the same five fits, the same Asimov dataset (expected main and
-auxiliary data at the conditional fit of the Asimov POI value), the same clipping and branches.
-Only the starting points differ: each fit starts from the closest earlier solution. The minima
-do not depend on the start; every fit must converge, or :class:`FastPathUnsupported` is raised
-and the caller uses plain pyhf for the patch.
+``pyhf.infer.test_statistics``): the same five fits from the same starting points, the same
+Asimov dataset (expected main and auxiliary data at the conditional fit of the Asimov POI
+value), the same clipping and branches.
+
+:class:`FastPathUnsupported` is raised, and the caller uses plain pyhf for the patch, where the
+number would not be pyhf's: a fit that does not converge; a model on which pyhf's own minimizer
+stalls at its starting point (:meth:`FitProblem.pyhf_stalls`); a test statistic so close to zero
+that pyhf's CLs are the rounding of its fits (:data:`NOISE_FLOOR`).
 """
 
 from __future__ import annotations
@@ -102,8 +105,8 @@ class FitProblem:
 
         def objective(x):
             theta[free] = x * scale
-            value, gradient = value_and_grad(theta, main, aux, layout)
-            return float(value), np.asarray(gradient)[free] * scale
+            result = np.asarray(value_and_grad(theta, main, aux, layout))
+            return result[0], result[1:][free] * scale
 
         result = self._minimize(objective, np.clip(start[free] / scale, lower, upper), lower, upper)
         if result is None:
@@ -155,8 +158,8 @@ class FitProblem:
 
         def objective(x):
             theta[:n] = x
-            value, gradient = value_and_grad(theta, main, aux, layout)
-            return float(value), np.asarray(gradient)[:n]
+            result = np.asarray(value_and_grad(theta, main, aux, layout))
+            return result[0], result[1 : n + 1]
 
         indices = np.flatnonzero(fixed)
         values = start[indices]

@@ -23,7 +23,17 @@ import numpy as np
 
 from pyhf_dist.fast.errors import FastPathUnsupported
 
-__all__ = ["Caps", "PatchArrays", "SampleCache", "apply_patch", "build_arrays", "pad", "pad_parameters", "MODIFIER_TYPES"]
+__all__ = [
+    "MODIFIER_TYPES",
+    "Caps",
+    "PatchArrays",
+    "SampleCache",
+    "apply_patch",
+    "build_arrays",
+    "interpolation_codes",
+    "pad",
+    "pad_parameters",
+]
 
 #: Modifier types covered; the order is pyhf's ``histfactory_set`` order, which fixes the order
 #: in which parameters are registered (``par_order``).
@@ -237,6 +247,7 @@ class _Sample:
     scalar_factors: list  # normfactor and lumi names
     bin_factors: list  # (name, type) of shapefactor and shapesys
     staterrors: list  # (name, uncertainties)
+    types: frozenset  # modifier types present
 
 
 def _parse_sample(sample: dict) -> _Sample:
@@ -291,6 +302,7 @@ def _parse_sample(sample: dict) -> _Sample:
         scalar_factors=scalar_factors,
         bin_factors=bin_factors,
         staterrors=staterrors,
+        types=frozenset(mtype for _, mtype in seen),
     )
 
 
@@ -340,7 +352,7 @@ def build_arrays(
     Raises:
         FastPathUnsupported: Anything this module does not reproduce exactly.
     """
-    _codes(modifier_settings)
+    interpolation_codes(modifier_settings)
     try:
         return _build(spec, measurement, observations, require_poi, samples)
     except FastPathUnsupported:
@@ -349,7 +361,12 @@ def build_arrays(
         raise FastPathUnsupported(f"spec not understood by the fast path: {error!r}") from None
 
 
-def _codes(modifier_settings: dict) -> tuple:
+def interpolation_codes(modifier_settings: dict | None) -> tuple:
+    """``(normsys code, histosys code)`` of pyhf ``modifier_settings``, if covered here.
+
+    >>> interpolation_codes({"normsys": {"interpcode": "code1"}})
+    ('code1', 'code4p')
+    """
     settings = modifier_settings or {}
     extra = set(settings) - {"normsys", "histosys"}
     if extra or any(set(v) - {"interpcode"} for v in settings.values()):
@@ -367,8 +384,9 @@ def _reduce(merged: dict, user: dict) -> dict:
 
     reduced, rest = {}, {}
     for name, reqs in merged.items():
-        if len(reqs) == 1 and name not in user:
-            # One requirement and no user configuration: pyhf keeps every defined key, tuples as lists.
+        if name not in user and all(req == reqs[0] for req in reqs[1:]):
+            # One requirement (or the same several times, as for a histosys and a normsys of one
+            # name) and no user configuration: pyhf keeps every defined key, tuples as lists.
             reduced[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in reqs[0].items()}
             reduced[name]["name"] = name
         else:
@@ -414,10 +432,8 @@ def _build(spec, measurement, observations, require_poi, samples) -> PatchArrays
     # staterror sets come from the builder's finalize, in sorted-name order.
     requirements = {t: {} for t in MODIFIER_TYPES}
     staterror_carriers: dict = {}
-    modtypes = set()
     for c, s, parsed in slots:
         for name, mtype, data in parsed.modifiers:
-            modtypes.add(mtype)
             if mtype == "staterror":
                 staterror_carriers.setdefault(name, []).append((c, s, parsed))
             elif mtype == "shapesys" and name in requirements["shapesys"]:
@@ -572,7 +588,7 @@ def _build(spec, measurement, observations, require_poi, samples) -> PatchArrays
         main_data=main_data,
         poi_index=poi_index,
         par_names=par_names,
-        modifier_types=frozenset(modtypes),
+        modifier_types=frozenset().union(*(p.types for _, _, p in slots)),
     )
 
 

@@ -119,8 +119,9 @@ class Functions:
     """The jitted functions of one pair of interpolation codes.
 
     Attributes:
-        value_and_grad: ``(theta, main, aux, L) -> (twice_nll, gradient)``: ``-2 log L`` up to
-            a constant of the data (so differences on one dataset are pyhf's), with the floor.
+        value_and_grad: ``(theta, main, aux, L) -> [twice_nll, *gradient]`` in one array (one
+            transfer to the host per evaluation): ``-2 log L`` up to a constant of the data (so
+            differences on one dataset are pyhf's), with the floor.
         twice_nll: The same value alone.
         expected: ``(theta, L) -> (main expected data, auxdata expected per parameter)``.
         fisher_diagonal: ``(theta, L) -> diagonal of the Fisher information``.
@@ -190,10 +191,8 @@ class Functions:
             excess = lam / jnp.where(positive, n, 1.0) - 1.0
             return jnp.where(positive, n * (jnp.log1p(excess) - excess), -lam)
 
-        def kernel(theta, main, aux, L, floor):
-            lam = yields(theta, L)
-            if floor:
-                lam = jnp.maximum(lam, YIELD_FLOOR)
+        def kernel(theta, main, aux, L):
+            lam = jnp.maximum(yields(theta, L), YIELD_FLOOR)
             gauss = -0.5 * jnp.square((aux - theta) / L["sigma"])
             # Safe values off the mask: where() would otherwise pass NaN gradients through.
             rate = jnp.where(L["poisson"], theta * L["tau"], 1.0)
@@ -205,7 +204,7 @@ class Functions:
             )
 
         def twice_nll(theta, main, aux, L):
-            return -2.0 * kernel(theta, main, aux, L, True)
+            return -2.0 * kernel(theta, main, aux, L)
 
         def expected(theta, L):
             aux = jnp.where(L["gauss"], theta, jnp.where(L["poisson"], theta * L["tau"], 0.0))
@@ -220,17 +219,21 @@ class Functions:
             )
             return main + constraint
 
-        self.value_and_grad = jax.jit(jax.value_and_grad(twice_nll))
+        def value_and_grad(theta, main, aux, L):
+            value, gradient = jax.value_and_grad(twice_nll)(theta, main, aux, L)
+            return jnp.concatenate([value[None], gradient])
+
+        self.value_and_grad = jax.jit(value_and_grad)
         self.twice_nll = jax.jit(twice_nll)
-        self._kernel = jax.jit(functools.partial(kernel, floor=False))
         self.expected = jax.jit(expected)
         self.fisher_diagonal = jax.jit(fisher_diagonal)
 
     def logpdf(self, theta, main, aux, L) -> float:
-        """``log L`` as pyhf computes it (no yield floor), for checks against ``pyhf.Model.logpdf``.
+        """``log L`` as pyhf computes it, for checks against ``pyhf.Model.logpdf``.
 
-        The data-only terms left out of the compiled kernel are added here in float64 with
-        scipy, as pyhf's numpy backend computes them.
+        The compiled objective plus the data-only terms it leaves out, added here in float64
+        with scipy as pyhf's numpy backend computes them. (Yields below :data:`YIELD_FLOOR`,
+        where pyhf's value is NaN or astronomically negative, give other values.)
         """
         from scipy.special import gammaln, xlogy
 
@@ -240,7 +243,8 @@ class Functions:
         constant = np.sum(xlogy(main, main) - main - gammaln(main + 1.0))
         constant += np.sum(np.where(pois, xlogy(aux, aux) - aux - gammaln(aux + 1.0), 0.0))
         constant += np.sum(np.where(gauss, -np.log(sigma) - 0.5 * math.log(2.0 * math.pi), 0.0))
-        return float(self._kernel(theta, main, aux, L)) + float(constant)
+        value = float(self.value_and_grad(theta, main, aux, L)[0])
+        return -0.5 * value + float(constant)
 
 
 @functools.lru_cache(maxsize=None)
