@@ -144,3 +144,21 @@ def _difference(value, reference) -> float:
     if any(undefined):
         return math.inf
     return abs(value - reference)
+
+
+def slurm_partition() -> str | None:
+    """The name of an up Slurm partition on this machine, or ``None`` when no Slurm answers."""
+    import shutil
+    import subprocess
+
+    if shutil.which("sinfo") is None:
+        return None
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P %a"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.stdout.split("\n"):
+        parts = line.split()
+        if out.returncode == 0 and len(parts) == 2 and parts[1] == "up":
+            return parts[0].rstrip("*")
+    return None

@@ -17,7 +17,6 @@ import signal
 import tarfile
 import io
 
-import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 import pyhf_dist

@@ -9,7 +9,6 @@ Slurm one runs against the local Slurm when it is up (marker ``slurm``).
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from pyhf_dist.executors.remote import encode, pyhf_dist_fit  # noqa: E402
 from pyhf_dist.settings import FitSettings  # noqa: E402
 from pyhf_dist.worker import WorkerContext  # noqa: E402
 
-from conftest import assert_matches_reference, serial_pyhf  # noqa: E402
+from conftest import assert_matches_reference, serial_pyhf, slurm_partition  # noqa: E402
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "executors" / "funcx"
 NAMES = ["ERJR_100p0_20p0", "ERJR_200p0_100p0", "ERJR_300p0_150p0", "ERJR_500p0_0p0"]
@@ -171,23 +170,9 @@ def test_slurm_template_loads_with_the_endpoint_loader():
     assert provider.exclusive is False and "OMP_NUM_THREADS=1" in provider.worker_init
 
 
-def _slurm_partition() -> str | None:
-    if shutil.which("sinfo") is None:
-        return None
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%P %a"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    for line in out.stdout.split("\n"):
-        parts = line.split()
-        if out.returncode == 0 and len(parts) == 2 and parts[1] == "up":
-            return parts[0].rstrip("*")
-    return None
-
-
 @pytest.mark.slurm
 def test_slurm_template_runs_fits_on_the_local_slurm(erjr_pallet, tmp_path, on_path):
-    partition = _slurm_partition()
+    partition = slurm_partition()
     if partition is None:
         pytest.skip("no Slurm answers here (start one with executors/slurm/start-slurm.sh)")
     text = (TEMPLATES / "slurm" / "config.yaml").read_text()

@@ -6,7 +6,6 @@ survive a finished, failed or interrupted scan.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 
@@ -21,7 +20,7 @@ from pyhf_dist.executors.parsl import PackedContext, ParslExecutor  # noqa: E402
 from pyhf_dist.settings import FitSettings  # noqa: E402
 from pyhf_dist.worker import WorkerContext  # noqa: E402
 
-from conftest import LBB_SAMPLE, assert_matches_reference, serial_pyhf  # noqa: E402
+from conftest import LBB_SAMPLE, assert_matches_reference, serial_pyhf, slurm_partition  # noqa: E402
 
 FEW = ["ERJR_100p0_20p0", "ERJR_200p0_100p0", "ERJR_300p0_150p0", "ERJR_500p0_0p0"]
 
@@ -135,23 +134,9 @@ def test_options_are_checked():
     assert "OMP_NUM_THREADS=1" in provider.worker_init
 
 
-def _slurm_partition() -> str | None:
-    if shutil.which("sinfo") is None:
-        return None
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%P %a"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    for line in out.stdout.split("\n"):
-        parts = line.split()
-        if out.returncode == 0 and len(parts) == 2 and parts[1] == "up":
-            return parts[0].rstrip("*")
-    return None
-
-
 @pytest.mark.slurm
 def test_slurm_provider_matches_and_cancels_its_jobs(erjr_pallet, erjr_reference, lbb_pallet, lbb_reference, tmp_path, no_leftovers):
-    partition = _slurm_partition()
+    partition = slurm_partition()
     if partition is None:
         pytest.skip("no Slurm answers here (start one with executors/slurm/start-slurm.sh)")
     options = dict(executor="parsl", provider="slurm", partition=partition, workers=2, walltime="00:20:00",
