@@ -162,3 +162,19 @@ def slurm_partition() -> str | None:
         if out.returncode == 0 and len(parts) == 2 and parts[1] == "up":
             return parts[0].rstrip("*")
     return None
+
+
+def parsl_processes() -> set[int]:
+    """Parsl interchange and worker-pool processes now running on this machine (Parsl renames
+    them, e.g. "parsl: HTEX interchange")."""
+    import psutil
+
+    found = set()
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            command = " ".join(process.info["cmdline"] or [])
+        except psutil.Error:
+            continue
+        if command.startswith("parsl:") or "process_worker_pool" in command or "interchange" in command:
+            found.add(process.pid)
+    return found

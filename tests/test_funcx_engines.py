@@ -31,7 +31,7 @@ from pyhf_dist.executors.remote import encode, pyhf_dist_fit  # noqa: E402
 from pyhf_dist.settings import FitSettings  # noqa: E402
 from pyhf_dist.worker import WorkerContext  # noqa: E402
 
-from conftest import assert_matches_reference, serial_pyhf, slurm_partition  # noqa: E402
+from conftest import assert_matches_reference, parsl_processes, serial_pyhf, slurm_partition  # noqa: E402
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "executors" / "funcx"
 NAMES = ["ERJR_100p0_20p0", "ERJR_200p0_100p0", "ERJR_300p0_150p0", "ERJR_500p0_0p0"]
@@ -91,30 +91,14 @@ class Service:
         return results
 
 
-def _pool_processes() -> set[int]:
-    """Parsl interchange and worker-pool processes now running on this machine (Parsl renames
-    them, e.g. "parsl: HTEX interchange")."""
-    import psutil
-
-    found = set()
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            command = " ".join(process.info["cmdline"] or [])
-        except psutil.Error:
-            continue
-        if command.startswith("parsl:") or "process_worker_pool" in command or "interchange" in command:
-            found.add(process.pid)
-    return found
-
-
 def _wait_gone(before: set[int], seconds: float = 15.0) -> set[int]:
     deadline = time.time() + seconds
     while time.time() < deadline:
-        left = _pool_processes() - before
+        left = parsl_processes() - before
         if not left:
             return left
         time.sleep(0.2)
-    return _pool_processes() - before
+    return parsl_processes() - before
 
 
 @pytest.fixture
@@ -147,7 +131,7 @@ def test_workstation_template_runs_fits_with_the_globus_compute_engine(erjr_pall
     assert type(engine).__name__ == "GlobusComputeEngine"
     assert type(engine.executor.provider).__name__ == "LocalProvider"
     service = Service(erjr_pallet)
-    before = _pool_processes()
+    before = parsl_processes()
     began = time.perf_counter()
     engine.start(endpoint_id=uuid.uuid4(), run_dir=str(tmp_path))
     try:

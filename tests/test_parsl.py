@@ -20,25 +20,9 @@ from pyhf_dist.executors.parsl import PackedContext, ParslExecutor  # noqa: E402
 from pyhf_dist.settings import FitSettings  # noqa: E402
 from pyhf_dist.worker import WorkerContext  # noqa: E402
 
-from conftest import LBB_SAMPLE, assert_matches_reference, serial_pyhf, slurm_partition  # noqa: E402
+from conftest import LBB_SAMPLE, assert_matches_reference, parsl_processes, serial_pyhf, slurm_partition  # noqa: E402
 
 FEW = ["ERJR_100p0_20p0", "ERJR_200p0_100p0", "ERJR_300p0_150p0", "ERJR_500p0_0p0"]
-
-
-def _pool_processes() -> set[int]:
-    """Parsl interchange and worker-pool processes now running on this machine (Parsl renames
-    them, e.g. "parsl: HTEX interchange")."""
-    import psutil
-
-    found = set()
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            command = " ".join(process.info["cmdline"] or [])
-        except psutil.Error:
-            continue
-        if command.startswith("parsl:") or "process_worker_pool" in command or "interchange" in command:
-            found.add(process.pid)
-    return found
 
 
 def _assert_none_left(before: set[int], seconds: float = 15.0) -> None:
@@ -46,7 +30,7 @@ def _assert_none_left(before: set[int], seconds: float = 15.0) -> None:
 
     deadline = time.time() + seconds
     while True:
-        left = {pid for pid in _pool_processes() - before if psutil.pid_exists(pid)}
+        left = {pid for pid in parsl_processes() - before if psutil.pid_exists(pid)}
         if not left or time.time() > deadline:
             break
         time.sleep(0.2)
@@ -55,7 +39,7 @@ def _assert_none_left(before: set[int], seconds: float = 15.0) -> None:
 
 @pytest.fixture
 def no_leftovers():
-    before = _pool_processes()
+    before = parsl_processes()
     yield
     _assert_none_left(before)
 
