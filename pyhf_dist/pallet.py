@@ -20,12 +20,14 @@ import gzip
 import json
 import os
 import re
+import sys
 import tarfile
 import tempfile
 import zlib
 from pathlib import Path
 from typing import Any, Iterable
 
+from pyhf_dist import cache
 from pyhf_dist.exceptions import MissingDependencyError, PalletError, PatchSelectionError, WorkspaceError
 
 __all__ = ["Patch", "Pallet", "load_pallet", "load_workspace", "load_patches", "select_patches", "check_workspace"]
@@ -92,8 +94,12 @@ def _parse_json(text: bytes | str, where: str) -> Any:
 
 
 def _read_json(path: Path) -> Any:
+    return _parse_json(_read_bytes(path), str(path))
+
+
+def _read_bytes(path: Path) -> bytes:
     try:
-        return _parse_json(path.read_bytes(), str(path))
+        return path.read_bytes()
     except FileNotFoundError:
         raise PalletError(f"{path} does not exist: check the path") from None
     except IsADirectoryError:
@@ -115,8 +121,6 @@ def check_workspace(spec: Any, where: str, full: bool = True) -> dict:
         full: Run pyhf's whole JSON-schema validation (about a second for a large workspace);
             ``False`` checks only the top-level shape, for callers that validate fully later.
     """
-    import pyhf
-
     if not isinstance(spec, dict) or "channels" not in spec:
         kind = type(spec).__name__
         raise WorkspaceError(
@@ -125,6 +129,21 @@ def check_workspace(spec: Any, where: str, full: bool = True) -> dict:
         )
     if not full:
         return spec
+    key = cache.digest(_spec_digest(spec), cache.versions("pyhf"))
+    if cache.recall("workspace", key) == "valid":
+        return spec
+    _validate_workspace(spec, where)
+    cache.remember("workspace", key, "valid")
+    return spec
+
+
+def _spec_digest(spec: dict) -> str:
+    return cache.digest(json.dumps(spec, separators=(",", ":")))
+
+
+def _validate_workspace(spec: dict, where: str) -> None:
+    import pyhf
+
     version = spec.get("version")
     if not isinstance(version, str):  # pyhf picks the schema file by version: check it first
         raise WorkspaceError(
@@ -141,7 +160,6 @@ def check_workspace(spec: Any, where: str, full: bool = True) -> dict:
         raise WorkspaceError(
             f"{where} is not a valid HistFactory workspace: {type(error).__name__}: {_first_line(error)}"
         ) from None
-    return spec
 
 
 def _schema_message(error) -> str:
@@ -154,11 +172,15 @@ def _schema_message(error) -> str:
     return f"{message} at {_json_path(path)}"
 
 
+def is_pyhf(obj: Any, name: str) -> bool:
+    """Whether ``obj`` is a ``pyhf.<name>`` (without importing pyhf: an instance implies it is)."""
+    pyhf = sys.modules.get("pyhf")
+    return pyhf is not None and isinstance(obj, getattr(pyhf, name))
+
+
 def load_workspace(source: Any, validate: bool = True) -> dict:
     """The background workspace specification from a ``pyhf.Workspace``, a dict or a JSON path."""
-    import pyhf
-
-    if isinstance(source, pyhf.Workspace):
+    if is_pyhf(source, "Workspace"):
         return dict(source)
     if isinstance(source, dict):
         return check_workspace(source, "the workspace", full=validate)
@@ -186,14 +208,46 @@ def _check_operations(operations: Any, where: str) -> list:
     return operations
 
 
-def _patches_from_patchset(spec: Any, where: str, workspace: dict | None) -> tuple[list[Patch], list[str], str]:
+def _patches_from_patchset(
+    spec: Any, where: str, workspace: dict | None, raw: bytes | None = None
+) -> tuple[list[Patch], list[str], str]:
+    """The patches of a patchset, validated against pyhf's schema and the background's digest.
+
+    ``raw`` (the file's bytes) lets a patchset validated before, with this background, be read
+    without pyhf (:mod:`pyhf_dist.cache`).
+    """
+    if not is_pyhf(spec, "PatchSet"):
+        if not isinstance(spec, dict) or "patches" not in spec:
+            raise WorkspaceError(f"{where} is not a pyhf patchset (a JSON object with 'metadata' and 'patches')")
+        key = None
+        if raw is not None:
+            background = _spec_digest(workspace) if workspace is not None else ""
+            key = cache.digest(raw, background, cache.versions("pyhf"))
+            if cache.recall("patchset", key) == "valid":
+                return _read_validated_patchset(spec)
+        result = _validated_patchset(spec, where, workspace)
+        if key is not None:
+            cache.remember("patchset", key, "valid")
+        return result
+    return _validated_patchset(spec, where, workspace)
+
+
+def _read_validated_patchset(spec: dict) -> tuple[list[Patch], list[str], str]:
+    # What pyhf.PatchSet reads from a patchset that passed its schema.
+    metadata = spec["metadata"]
+    patches = [
+        Patch(patch["metadata"]["name"], tuple(patch["metadata"]["values"]), list(patch["patch"]))
+        for patch in spec["patches"]
+    ]
+    return patches, list(metadata["labels"]), metadata["description"]
+
+
+def _validated_patchset(spec: Any, where: str, workspace: dict | None) -> tuple[list[Patch], list[str], str]:
     import pyhf
 
     if isinstance(spec, pyhf.PatchSet):
         patchset = spec
     else:
-        if not isinstance(spec, dict) or "patches" not in spec:
-            raise WorkspaceError(f"{where} is not a pyhf patchset (a JSON object with 'metadata' and 'patches')")
         try:
             patchset = pyhf.PatchSet(spec)
         except pyhf.exceptions.InvalidSpecification as error:
@@ -250,9 +304,7 @@ def load_patches(source: Any, workspace: dict | None = None) -> tuple[list[Patch
     Returns:
         ``(patches, labels, description)``.
     """
-    import pyhf
-
-    if isinstance(source, (pyhf.PatchSet, dict)):
+    if isinstance(source, dict) or is_pyhf(source, "PatchSet"):
         return _patches_from_patchset(source, "the patchset", workspace)
     if isinstance(source, (list, tuple)) and all(isinstance(p, Patch) for p in source):
         return list(source), _generic_labels(list(source)), ""
@@ -260,16 +312,18 @@ def load_patches(source: Any, workspace: dict | None = None) -> tuple[list[Patch
     if path.is_dir():
         for name in PATCHSET_NAMES:
             if (path / name).is_file():
-                return _patches_from_patchset(_read_json(path / name), str(path / name), workspace)
+                raw = _read_bytes(path / name)
+                return _patches_from_patchset(_parse_json(raw, str(path / name)), str(path / name), workspace, raw)
         patches = _patches_from_directory(path)
         return patches, _generic_labels(patches), ""
-    spec = _read_json(path)
+    raw = _read_bytes(path)
+    spec = _parse_json(raw, str(path))
     if isinstance(spec, list):  # a single jsonpatch file
         match = _PATCH_FILE.match(path.name)
         name = match.group("name") if match else path.stem
         patches = [Patch(name, _values_from_name(name), _check_operations(spec, str(path)))]
         return patches, _generic_labels(patches), ""
-    return _patches_from_patchset(spec, str(path), workspace)
+    return _patches_from_patchset(spec, str(path), workspace, raw)
 
 
 # ----------------------------------------------------------------------------------------- pallets
@@ -319,9 +373,8 @@ def _pallet_from_tarball(path: Path, validate: bool) -> Pallet:
             patchset_name = os.path.join(prefix, "patchset.json")
             if patchset_name in members:
                 where = f"{path}:{patchset_name}"
-                patches, labels, description = _patches_from_patchset(
-                    _parse_json(read(patchset_name), where), where, workspace
-                )
+                raw = read(patchset_name)
+                patches, labels, description = _patches_from_patchset(_parse_json(raw, where), where, workspace, raw)
             else:
                 patches = []
                 for name in sorted(members):

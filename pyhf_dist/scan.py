@@ -22,7 +22,9 @@ from pyhf_dist.calculations import merge_chunks, plan_chunks
 from pyhf_dist.exceptions import ExecutorError, InputError
 from pyhf_dist.executors import get_executor
 from pyhf_dist.journal import Journal, scan_key
-from pyhf_dist.pallet import Pallet, Patch, check_workspace, load_pallet, load_patches, load_workspace, select_patches
+from pyhf_dist.pallet import (
+    Pallet, Patch, check_workspace, is_pyhf, load_pallet, load_patches, load_workspace, select_patches,
+)
 from pyhf_dist.results import FitRecord, ScanResult
 from pyhf_dist.settings import FitSettings
 from pyhf_dist.worker import WorkerContext
@@ -39,9 +41,7 @@ def prepare_pallet(workspace: Any, patchset: Any = None, *, validate: bool = Tru
     if isinstance(workspace, Pallet):
         return workspace
     if patchset is None:
-        import pyhf
-
-        if isinstance(workspace, (dict, pyhf.Workspace)) or str(workspace).lower().endswith(".json"):
+        if isinstance(workspace, dict) or is_pyhf(workspace, "Workspace") or str(workspace).lower().endswith(".json"):
             raise InputError(
                 "a background workspace alone has no signal patches: also give the patchset "
                 "(patchset.json, a directory of patch files) or a whole pallet"
@@ -275,12 +275,13 @@ def _one_line(error: BaseException) -> str:
 
 
 def _versions() -> dict:
-    import pyhf
+    from importlib import metadata
 
     from pyhf_dist import __version__
 
-    return {"pyhf_version": pyhf.__version__, "pyhf_dist_version": __version__, "python": platform.python_version(),
-            "host": platform.node()}
+    # From the installed metadata: the client need not import pyhf itself.
+    return {"pyhf_version": metadata.version("pyhf"), "pyhf_dist_version": __version__,
+            "python": platform.python_version(), "host": platform.node()}
 
 
 def map_fits(

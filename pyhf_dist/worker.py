@@ -86,18 +86,26 @@ class WorkerState:
     """
 
     def __init__(self, context: WorkerContext):
-        import pyhf
-
         from pyhf_dist.settings import FitSettings
 
         data = json.loads(context.payload)
         self.key = context.key
         self.settings = FitSettings.from_dict(data["settings"])
         self.workspace_spec = data["workspace"]
-        # The client validated the workspace against the schema before any task was sent.
-        self.workspace = pyhf.Workspace(self.workspace_spec, validate=False)
+        self._workspace = None
         self.cache: dict[str, Any] = {}
         self.lock = threading.Lock()
+
+    @property
+    def workspace(self):
+        """The ``pyhf.Workspace``, made on first use: a worker whose fits all take the fast path
+        never imports pyhf."""
+        if self._workspace is None:
+            import pyhf
+
+            # The client validated the workspace against the schema before any task was sent.
+            self._workspace = pyhf.Workspace(self.workspace_spec, validate=False)
+        return self._workspace
 
 
 _STATES: dict[str, WorkerState] = {}

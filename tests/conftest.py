@@ -16,6 +16,12 @@ from pathlib import Path
 # order and moves CLs by ~1e-5 on 1Lbb. Set before anything imports numpy.
 for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_name, "1")
+# A cache of this session only (compiled likelihoods, checks passed), inherited by every worker and
+# subprocess: each session runs the checks itself, as on a fresh machine, whatever ~/.cache holds.
+if "PYHF_DIST_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["PYHF_DIST_CACHE"] = tempfile.mkdtemp(prefix="pyhf-dist-test-cache-")
 
 import pytest  # noqa: E402
 

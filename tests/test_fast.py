@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 
@@ -350,3 +351,47 @@ def test_1lbb_patch_arrays_are_one_layout(lbb_pallet):
         caps = caps or layout.Caps.around(sizes)
         assert caps.covers(sizes), (patch.name, sizes)
     json.dumps(caps.__dict__)
+
+
+def test_structure_check_outcome_is_remembered_per_workspace(tmp_path, monkeypatch):
+    """The check against pyhf.Model runs once per structure and machine; a remembered failure
+    keeps the structure off the fast path in a later process too."""
+    monkeypatch.setenv("PYHF_DIST_CACHE", str(tmp_path))
+    spec = small_workspace()
+    assert FastHypotest(spec).hypotest(None)["CLs_obs"] > 0
+    assert not (tmp_path / "checks").exists() or not os.listdir(tmp_path / "checks")  # no key: not kept
+    FastHypotest(spec, key="workspace-a").hypotest(None)
+    (remembered,) = (tmp_path / "checks").iterdir()
+    assert remembered.name.startswith("structure-") and remembered.read_text() == "same"
+    remembered.write_text("different")
+    with pytest.raises(FastPathUnsupported, match="did not reproduce"):
+        FastHypotest(spec, key="workspace-a").hypotest(None)
+    assert FastHypotest(spec, key="workspace-b").hypotest(None)["CLs_obs"] > 0  # another workspace: checked anew
+
+
+def test_parameter_requirements_are_pyhfs():
+    """The restated requirement helpers give what pyhf's own give, for every modifier type."""
+    nominal, data = [5.0, 0.0, 3.0], [1.0, 2.0, 0.0]
+    for mtype, ours in layout._REQUIRED_PARSET.items():
+        assert ours(nominal, data) == getattr(pyhf.modifiers, mtype).required_parset(nominal, data), mtype
+    assert layout._staterror_parset([0.1, 0.2], [False, True]) == pyhf.modifiers.staterror.required_parset(
+        [0.1, 0.2], [False, True]
+    )
+    requirements = {
+        "lumi": [layout._REQUIRED_PARSET["lumi"](nominal, None)],
+        "mu": [layout._REQUIRED_PARSET["normfactor"](nominal, None)],
+        "shape": [layout._REQUIRED_PARSET["shapefactor"](nominal, None)] * 2,
+    }
+    user = {
+        "lumi": {"name": "lumi", "auxdata": [1.0], "sigmas": [0.02], "bounds": [[0.9, 1.1]], "inits": [1.0]},
+        "mu": {"name": "mu", "bounds": [[0.0, 5.0]], "fixed": True},
+    }
+    theirs = pyhf.parameters.reduce_paramsets_requirements(requirements, user)
+    # pyhf leaves an empty set under the keys a type does not define; they are never read.
+    theirs = {name: {k: v for k, v in req.items() if v != set()} for name, req in theirs.items()}
+    assert layout._reduce_configured(requirements, user) == theirs
+    for bad in ({"mu": {"bounds": [[0, 1], [0, 2]]}}, {"mu": {"sigmas": [0.1]}}):
+        with pytest.raises(pyhf.exceptions.InvalidModel):
+            pyhf.parameters.reduce_paramsets_requirements(requirements, bad)
+        with pytest.raises(FastPathUnsupported):
+            layout._reduce_configured(requirements, bad)

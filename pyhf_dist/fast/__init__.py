@@ -43,12 +43,17 @@ class FastHypotest:
         modifier_settings: pyhf's ``modifier_settings``; ``None`` means code4/code4p.
         verify: Check the first patch of each structure against plain pyhf (leave on; tests
             switch it off to exercise the arithmetic alone).
+        key: A digest of the workspace and settings (the worker context's); when given, the
+            outcome of each structure's check is remembered on disk (:mod:`pyhf_dist.cache`)
+            for later processes with the same workspace, settings and package versions.
 
     Raises:
         FastPathUnsupported: The workspace itself is outside what the fast path covers.
     """
 
-    def __init__(self, workspace_spec: dict, modifier_settings: dict | None = None, *, verify: bool = True):
+    def __init__(
+        self, workspace_spec: dict, modifier_settings: dict | None = None, *, verify: bool = True, key: str | None = None
+    ):
         from pyhf_dist.fast import layout
 
         try:
@@ -67,6 +72,7 @@ class FastHypotest:
         self._codes = layout.interpolation_codes(self.modifier_settings)
         self._samples = layout.SampleCache(self._base)
         self._verify = verify
+        self._key = key
         self._caps = None
         self._verified: dict = {}
         self._lock = threading.Lock()
@@ -163,7 +169,7 @@ class FastHypotest:
         if self._verify:
             signature = (self._caps, self._codes, arrays.modifier_types)
             if signature not in self._verified:
-                self._verified[signature] = self._matches_pyhf(spec, arrays, functions, device, params)
+                self._verified[signature] = self._check_structure(signature, spec, arrays, functions, device, params)
             if not self._verified[signature]:
                 raise FastPathUnsupported("this structure did not reproduce pyhf's model in the check")
         import jax
@@ -180,6 +186,24 @@ class FastHypotest:
             poi_index=arrays.poi_index,
             n_pars=len(arrays.init),
         )
+
+    def _check_structure(self, signature, spec, arrays, functions, device, params) -> bool:
+        """:meth:`_matches_pyhf`, or its remembered outcome for this workspace, settings and versions."""
+        from pyhf_dist import cache
+
+        key = None
+        if self._key is not None:
+            caps, codes, types = signature
+            # Sorted: a frozenset's order (and repr) changes with each process's string hashing.
+            described = repr((caps, codes, sorted(types)))
+            key = cache.digest(self._key, described, cache.versions("pyhf", "jax", "jaxlib", "numpy", "scipy"))
+            remembered = cache.recall("structure", key)
+            if remembered in ("same", "different"):
+                return remembered == "same"
+        same = self._matches_pyhf(spec, arrays, functions, device, params)
+        if key is not None:
+            cache.remember("structure", key, "same" if same else "different")
+        return same
 
     def _matches_pyhf(self, spec, arrays, functions, device, params) -> bool:
         """Compare parameters, auxdata and logpdf at the init and random points with ``pyhf.Model``."""
@@ -240,7 +264,7 @@ def for_state(state) -> FastHypotest:
         with state.lock:
             fast = state.cache.get("fast_hypotest")
             if fast is None:
-                fast = FastHypotest(state.workspace_spec, state.settings.modifier_settings)
+                fast = FastHypotest(state.workspace_spec, state.settings.modifier_settings, key=state.key)
                 state.cache["fast_hypotest"] = fast
     return fast
 

@@ -378,10 +378,79 @@ def interpolation_codes(modifier_settings: dict | None) -> tuple:
     return normsys, histosys
 
 
+# --- parameter-set requirements ------------------------------------------------------------------
+# pyhf 0.7's ``required_parset`` of each modifier type and ``reduce_paramsets_requirements``,
+# restated so that a worker need not import pyhf (and scipy.stats with it) to build a layout; the
+# first patch of each structure is compared with pyhf's own model (``FastHypotest``), which
+# catches any difference here.
+
+
+def _normal(inits, bounds, auxdata, n=1, is_scalar=True, fixed=False, **extra) -> dict:
+    return {"paramset_type": "constrained_by_normal", "n_parameters": n, "is_scalar": is_scalar,
+            "inits": inits, "bounds": bounds, "fixed": fixed, "auxdata": auxdata, **extra}
+
+
+def _unconstrained(n: int, is_scalar: bool) -> dict:
+    return {"paramset_type": "unconstrained", "n_parameters": n, "is_scalar": is_scalar,
+            "inits": (1.0,) * n, "bounds": ((0, 10),) if is_scalar else ((0.0, 10.0),) * n, "fixed": False}
+
+
+def _shapesys_parset(nominal: list, uncertainties: list) -> dict:
+    valid = [nom > 0 and unc > 0 for nom, unc in zip(nominal, uncertainties)]
+    factors = tuple(nom**2 / unc**2 if ok else 1.0 for ok, nom, unc in zip(valid, nominal, uncertainties))
+    n = len(factors)
+    return {"paramset_type": "constrained_by_poisson", "n_parameters": n, "is_scalar": False,
+            "inits": (1.0,) * n, "bounds": ((1e-10, 10.0),) * n, "fixed": tuple(not ok for ok in valid),
+            "auxdata": factors, "factors": factors}
+
+
+def _staterror_parset(sigmas, fixed) -> dict:
+    n = len(sigmas)
+    return _normal((1.0,) * n, ((1e-10, 10.0),) * n, (1.0,) * n, n=n, is_scalar=False, fixed=tuple(fixed),
+                   sigmas=tuple(sigmas))
+
+
+#: ``required_parset(nominal, modifier data)`` of each type (staterror's comes from its finalize).
+_REQUIRED_PARSET = {
+    "histosys": lambda nominal, data: _normal((0.0,), ((-5.0, 5.0),), (0.0,)),
+    "normsys": lambda nominal, data: _normal((0.0,), ((-5.0, 5.0),), (0.0,)),
+    "lumi": lambda nominal, data: _normal(None, None, None, sigmas=None),
+    "normfactor": lambda nominal, data: _unconstrained(1, True),
+    "shapefactor": lambda nominal, data: _unconstrained(len(nominal), False),
+    "shapesys": _shapesys_parset,
+}
+_PARSET_KEYS = ("paramset_type", "n_parameters", "is_scalar", "inits", "bounds", "auxdata", "factors", "sigmas", "fixed")
+_UNDEFINED = "undefined"
+
+
+def _reduce_configured(requirements: dict, user: dict) -> dict:
+    """``pyhf.parameters.reduce_paramsets_requirements``; what pyhf refuses is not covered here."""
+    reduced = {}
+    for name, reqs in requirements.items():
+        config = user.get(name, {})
+        combined = {}
+        for key in _PARSET_KEYS:
+            values = {req.get(key, _UNDEFINED) for req in reqs}
+            if len(values) != 1:
+                raise FastPathUnsupported(f"parameter {name!r} is required with different {key!r}")
+            default = values.pop()
+            value = config.get(key, default)
+            if value == _UNDEFINED:
+                continue
+            if isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, list) and default and len(value) != len(default):
+                raise FastPathUnsupported(f"parameter {name!r} is configured with the wrong number of {key!r}")
+            elif value and default == _UNDEFINED:
+                raise FastPathUnsupported(f"parameter {name!r} does not use {key!r}")
+            combined[key] = value
+        combined["name"] = name
+        reduced[name] = combined
+    return reduced
+
+
 def _reduce(merged: dict, user: dict) -> dict:
     """pyhf's ``reduce_paramsets_requirements``, short-cut for the common unconfigured case."""
-    import pyhf
-
     reduced, rest = {}, {}
     for name, reqs in merged.items():
         if name not in user and all(req == reqs[0] for req in reqs[1:]):
@@ -393,14 +462,12 @@ def _reduce(merged: dict, user: dict) -> dict:
             reduced[name] = None
             rest[name] = reqs
     if rest:
-        for name, req in pyhf.parameters.reduce_paramsets_requirements(rest, user).items():
+        for name, req in _reduce_configured(rest, user).items():
             reduced[name] = req
     return reduced
 
 
 def _build(spec, measurement, observations, require_poi, samples) -> PatchArrays:
-    import pyhf
-
     parse = samples.get if samples is not None else _parse_sample
     channels = {}
     for channel in spec["channels"]:
@@ -439,12 +506,11 @@ def _build(spec, measurement, observations, require_poi, samples) -> PatchArrays
             elif mtype == "shapesys" and name in requirements["shapesys"]:
                 raise FastPathUnsupported(f"shapesys {name!r} on more than one sample")
             elif name not in requirements[mtype]:
-                module = getattr(pyhf.modifiers, mtype)
-                requirements[mtype][name] = [module.required_parset(parsed.nominal.tolist(), data)]
+                requirements[mtype][name] = [_REQUIRED_PARSET[mtype](parsed.nominal.tolist(), data)]
     staterror_rank = {}
     for name in sorted(staterror_carriers):
         sigmas, fixed_bins, rank = _staterror(name, staterror_carriers[name], channels, channel_names, offsets, n_bins)
-        requirements["staterror"][name] = [pyhf.modifiers.staterror.required_parset(sigmas, fixed_bins)]
+        requirements["staterror"][name] = [_staterror_parset(sigmas, fixed_bins)]
         staterror_rank[name] = rank
     merged: dict = {}
     for mtype in MODIFIER_TYPES:

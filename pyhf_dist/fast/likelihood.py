@@ -37,7 +37,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Directory of the persistent XLA compilation cache (shared by all workers of a machine);
-#: ``off`` disables it. Default: ``$XDG_CACHE_HOME/pyhf-dist/jax`` (``~/.cache/pyhf-dist/jax``).
+#: ``off`` disables it. Default: ``jax/`` in the pyhf-dist cache (:mod:`pyhf_dist.cache`).
 CACHE_ENV = "PYHF_DIST_JAX_CACHE"
 
 _CONFIGURED = False
@@ -56,9 +56,12 @@ def configure_jax() -> None:
         import jax
 
         jax.config.update("jax_enable_x64", True)
-        directory = os.environ.get(CACHE_ENV) or os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pyhf-dist", "jax"
-        )
+        directory = os.environ.get(CACHE_ENV)
+        if not directory:
+            from pyhf_dist import cache
+
+            base = cache.root()
+            directory = str(base / "jax") if base is not None else "off"
         if directory.lower() != "off":
             try:
                 os.makedirs(directory, exist_ok=True)

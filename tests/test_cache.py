@@ -1,0 +1,105 @@
+"""The on-disk cache: checks remembered by content and versions, and what a warm cache skips."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pyhf_dist import cache
+
+
+def test_an_answer_is_recalled_under_its_key_only(tmp_path, monkeypatch):
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
+    key = cache.digest(b"spec bytes", cache.versions("pyhf"))
+    assert cache.recall("workspace", key) is None
+    cache.remember("workspace", key, "valid")
+    assert cache.recall("workspace", key) == "valid"
+    assert cache.recall("patchset", key) is None
+    assert cache.recall("workspace", cache.digest(b"other bytes", cache.versions("pyhf"))) is None
+
+
+def test_digest_parts_cannot_run_together():
+    assert cache.digest("ab", "c") != cache.digest("a", "bc")
+    assert cache.digest(b"x") == cache.digest("x")
+
+
+def test_off_disables_the_cache(monkeypatch):
+    monkeypatch.setenv(cache.CACHE_ENV, "off")
+    assert cache.root() is None
+    cache.remember("workspace", "key", "valid")
+    assert cache.recall("workspace", "key") is None
+
+
+def test_an_unusable_directory_is_skipped_quietly(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv(cache.CACHE_ENV, str(blocker))
+    assert cache.directory("checks") is None
+    cache.remember("workspace", "key", "valid")
+    assert cache.recall("workspace", "key") is None
+
+
+# One client and one worker, as a scan runs them, in a fresh process: load the pallet, validate the
+# background, set up the worker and fit two patches on the fast path.
+_SCAN_STEPS = r"""
+import json, sys
+import pyhf_dist
+from pyhf_dist.pallet import check_workspace
+from pyhf_dist.settings import FitSettings
+from pyhf_dist.worker import WorkerContext, initialize, run_task
+
+pallet = pyhf_dist.load_pallet(sys.argv[1])
+check_workspace(pallet.workspace, "background")
+client_imported_pyhf = "pyhf" in sys.modules
+context = WorkerContext.build(pallet.workspace, FitSettings(backend="jax").to_dict())
+initialize(context)
+records = [run_task({"name": p.name, "patch": p.operations, "context": context.key}) for p in pallet.patches[:2]]
+print(json.dumps({
+    "client_imported_pyhf": client_imported_pyhf,
+    "worker_imported_pyhf": "pyhf" in sys.modules,
+    "patches": [[p.name, list(p.values), p.operations] for p in pallet.patches],
+    "labels": pallet.labels,
+    "description": pallet.description,
+    "cls": [[r["status"], r.get("CLs_obs"), r.get("CLs_exp")] for r in records],
+}))
+"""
+
+
+def test_a_warm_cache_skips_pyhf_and_changes_nothing(lbb_tarball, tmp_path):
+    pytest.importorskip("jax")
+    environment = dict(os.environ, PYHF_DIST_CACHE=str(tmp_path))
+
+    def run() -> dict:
+        completed = subprocess.run(
+            [sys.executable, "-c", _SCAN_STEPS, str(lbb_tarball)], env=environment, capture_output=True, text=True
+        )
+        assert completed.returncode == 0, completed.stderr
+        return json.loads(completed.stdout)
+
+    first, second = run(), run()
+    # Fresh cache: the client validates with pyhf, the worker checks the structure against pyhf.Model.
+    assert first["client_imported_pyhf"] and first["worker_imported_pyhf"]
+    kinds = sorted(name.split("-")[0] for name in os.listdir(tmp_path / "checks"))
+    assert kinds == ["patchset", "structure", "workspace"]
+    # Warm cache: neither needs pyhf, and the pallet and the numbers are the same.
+    assert not second["client_imported_pyhf"] and not second["worker_imported_pyhf"]
+    assert [record[0] for record in second["cls"]] == ["ok", "ok"]
+    for field in ("patches", "labels", "description", "cls"):
+        assert second[field] == first[field], field
+
+
+def test_a_changed_input_is_validated_again(erjr_dir, tmp_path, monkeypatch):
+    from pyhf_dist.exceptions import WorkspaceError
+    from pyhf_dist.pallet import check_workspace, load_pallet
+
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
+    workspace = load_pallet(erjr_dir).workspace
+    check_workspace(workspace, "background")
+    broken = json.loads(json.dumps(workspace))
+    broken["channels"][0]["samples"][0]["data"] = "not a list"
+    with pytest.raises(WorkspaceError, match="not a valid HistFactory workspace"):
+        check_workspace(broken, "background")
