@@ -47,30 +47,36 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         result.to_json(f"{directory}/results.json")
     wall = time.perf_counter() - BEGAN
+    print(json.dumps(summary(args.executor, args.workers, result.metadata["settings"]["backend"],
+                             [record.to_dict() for record in result], received, wall, result.metadata["wall_seconds"])))
 
-    ok = [record for record in result if record.ok]
+
+def summary(executor: str, workers: int, backend: str, records: list[dict], received: dict, wall: float,
+            scan_seconds: float) -> dict:
+    """The JSON line of one scan: wall times, per-task breakdown, and every patch's CLs."""
+    ok = [record for record in records if record["status"] == "ok"]
     by_worker: dict = {}
-    for record in sorted(ok, key=lambda r: r.started):
-        by_worker.setdefault((record.worker["host"], record.worker["pid"]), []).append(record.fit_seconds)
-    compute = [record.fit_seconds for record in ok]
+    for record in sorted(ok, key=lambda r: r["started"]):
+        by_worker.setdefault((record["worker"]["host"], record["worker"]["pid"]), []).append(record["fit_seconds"])
+    compute = [record["fit_seconds"] for record in ok]
     typical = statistics.median(compute) if compute else 0.0
     first = [times[0] for times in by_worker.values()]
-    print(json.dumps({
-        "executor": args.executor,
-        "backend": result.metadata["settings"]["backend"],
-        "workers": args.workers,
-        "patches": len(result),
-        "failed": len(result) - len(ok),
+    return {
+        "executor": executor,
+        "backend": backend,
+        "workers": workers,
+        "patches": len(records),
+        "failed": len(records) - len(ok),
         "wall_seconds": wall,
-        "scan_seconds": result.metadata["wall_seconds"],
+        "scan_seconds": scan_seconds,
         "worker_processes": len(by_worker),
-        "queue_wait_seconds": statistics.mean(r.started - r.submitted for r in ok) if ok else None,
+        "queue_wait_seconds": statistics.mean(r["started"] - r["submitted"] for r in ok) if ok else None,
         "compute_seconds": statistics.mean(compute) if compute else None,
         "compute_median_seconds": typical,
         "first_task_extra_seconds": statistics.mean(first) - typical if first else None,
-        "return_seconds": statistics.mean(received[r.name] - r.finished for r in ok) if ok else None,
-        "results": {r.name: [r.CLs_obs, r.CLs_exp] for r in result},
-    }))
+        "return_seconds": statistics.mean(received[r["name"]] - r["finished"] for r in ok) if ok else None,
+        "results": {r["name"]: [r.get("CLs_obs"), r.get("CLs_exp")] for r in records},
+    }
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +42,7 @@ from baselines import pool_pyhf, serial_pyhf  # noqa: E402
 
 DATA = Path(os.environ.get("PYHF_DIST_DATA", HERE.parent.parent / "shared" / "data"))
 CODE4 = {"normsys": {"interpcode": "code4"}, "histosys": {"interpcode": "code4p"}}
-DEFAULT_EXECUTORS = "sequential,local,dask,slurm,parsl"
+DEFAULT_EXECUTORS = "sequential,local,dask,slurm,parsl,globus-engine"
 
 
 def slurm_is_up() -> bool:
@@ -53,19 +55,28 @@ def executor_options(name: str, workers: int) -> dict:
     """Options that give each executor ``workers`` single-core workers on this machine."""
     if name == "slurm":
         return {"jobs": workers, "cores": 1, "processes": 1, "memory": "2GB", "walltime": "00:30:00"}
-    if name == "sequential":
+    if name in ("sequential", "globus-engine"):
         return {}
     return {"workers": workers}
 
 
-def cold_scan(pallet: str, executor: str, workers: int, backend: str | None, patches: int | None) -> dict:
-    command = [sys.executable, str(HERE / "one_scan.py"), pallet, "--executor", executor, "--workers", str(workers),
-               "--options", json.dumps({k: v for k, v in executor_options(executor, workers).items() if k != "workers"})]
+def cold_scan(pallet: str, executor: str, workers: int, backend: str | None, patches: int | None,
+              empty_cache: bool = False) -> dict:
+    """One scan in a fresh process; ``empty_cache``: as the first run on a fresh machine (nothing
+    compiled or checked before, see ``pyhf_dist.cache``)."""
+    if executor == "globus-engine":
+        command = [sys.executable, str(HERE / "engine_scan.py"), pallet, "--workers", str(workers)]
+    else:
+        options = {k: v for k, v in executor_options(executor, workers).items() if k != "workers"}
+        command = [sys.executable, str(HERE / "one_scan.py"), pallet, "--executor", executor,
+                   "--workers", str(workers), "--options", json.dumps(options)]
     if backend:
         command += ["--backend", backend]
     if patches:
         command += ["--patches", str(patches)]
-    run = subprocess.run(command, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory(prefix="pyhf-dist-empty-cache-") as cache:
+        environment = dict(os.environ, PYHF_DIST_CACHE=cache) if empty_cache else None
+        run = subprocess.run(command, capture_output=True, text=True, env=environment)
     if run.returncode != 0:
         raise RuntimeError(f"{executor}/{backend} failed:\n{run.stderr[-3000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -145,27 +156,31 @@ def mean_std(values: list[float]) -> str:
 def write_table(rows: list[dict], baselines: dict, patches: int, workers: int) -> str:
     """The Markdown table, in the form of Table 1 of the 2021 study, plus ratios and agreement."""
     lines = [
-        f"| executor | backend | patches | wall time (s), {workers} workers | single worker (s) "
-        f"| × faster than plain pyhf Pool({workers}) | × faster than serial pyhf | max abs ΔCLs |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| executor | backend | patches | wall time (s), {workers} workers | first run, empty cache (s) "
+        f"| single worker (s) | × faster than plain pyhf Pool({workers}) | × faster than serial pyhf | max abs ΔCLs |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         mean = statistics.mean(row["walls"])
         single = "–" if row["single_worker"] is None else f"{row['single_worker']:.1f}"
+        first = "–" if row.get("first_run") is None else f"{row['first_run']:.1f}"
         lines.append(
-            f"| {row['executor']} | {row['backend']} | {patches} | {mean_std(row['walls'])} | {single} "
+            f"| {row['executor']} | {row['backend']} | {patches} | {mean_std(row['walls'])} | {first} | {single} "
             f"| {baselines['pool_seconds'] / mean:.1f} | {baselines['serial_seconds'] / mean:.1f} "
             f"| {row['max_difference']:.1e} |"
         )
     estimated = baselines.get("serial_estimated_from")
     serial = f"{baselines['serial_seconds']:.0f}" + (f" (from {estimated} patches)" if estimated else "")
     lines.append(
-        f"| plain pyhf, multiprocessing.Pool({workers}) | numpy | {patches} | {baselines['pool_seconds']:.1f} "
+        f"| plain pyhf, multiprocessing.Pool({workers}) | numpy | {patches} | {baselines['pool_seconds']:.1f} | – "
         f"| {serial} | 1.0 | {baselines['serial_seconds'] / baselines['pool_seconds']:.1f} "
         f"| {baselines['pool_max_difference']:.1e} |"
     )
-    note = (f"\nPlain serial pyhf was timed on the first {estimated} patches and scaled to {patches}.\n"
-            if estimated else "")
+    note = ("\nWall time: from a cold `python` process to the results file, with the machine's cache "
+            "(compiled likelihood, checks already passed) from earlier runs; *first run, empty cache*: the "
+            "same with an empty cache, as on a fresh machine.\n")
+    if estimated:
+        note += f"Plain serial pyhf was timed on the first {estimated} patches and scaled to {patches}.\n"
     return "\n".join(lines) + "\n" + note
 
 
@@ -255,6 +270,10 @@ def main() -> None:
     if "slurm" in executors and not slurm_is_up():
         print("Slurm is not running (executors/slurm/start-slurm.sh starts it): skipping slurm", flush=True)
         executors.remove("slurm")
+    if "globus-engine" in executors and importlib.util.find_spec("globus_compute_endpoint") is None:
+        print("globus-compute-endpoint is not installed (pip install globus-compute-endpoint): skipping globus-engine",
+              flush=True)
+        executors.remove("globus-engine")
     backends = [None if name == "default" else name for name in args.backends.split(",")]
 
     baselines = load_or_measure_baselines(args.pallet, pallet, args.workers, args.baselines, output,
@@ -271,17 +290,20 @@ def main() -> None:
                 runs.append(run)
                 print(f"{executor:>10} {run['backend']:>5} trial {trial + 1}: {run['wall_seconds']:7.2f} s"
                       f"  failed {run['failed']}  max|ΔCLs| {max_difference(run['results'], reference):.1e}", flush=True)
+            first = cold_scan(args.pallet, executor, args.workers, backend, args.patches, empty_cache=True)
+            print(f"{executor:>10} {first['backend']:>5} empty cache: {first['wall_seconds']:7.2f} s", flush=True)
             single = None
             if executor != "sequential":
                 single = cold_scan(args.pallet, executor, 1, backend, args.patches)["wall_seconds"]
             rows.append({
                 "executor": executor, "backend": runs[0]["backend"], "walls": [r["wall_seconds"] for r in runs],
-                "single_worker": single, "runs": [{k: v for k, v in r.items() if k != "results"} for r in runs],
+                "first_run": first["wall_seconds"], "single_worker": single, "runs": [{k: v for k, v in r.items() if k != "results"} for r in runs],
                 "max_difference": max(max_difference(r["results"], reference) for r in runs),
             })
 
     noop = {}
-    for executor in executors if args.noop else []:
+    # The engine row has no pyhf-dist executor in front of it to time no-op tasks through.
+    for executor in [name for name in executors if name != "globus-engine"] if args.noop else []:
         noop[executor] = noop_overhead(executor, args.workers, args.noop)
         print(f"{executor:>10} no-op: start-up {noop[executor]['startup_seconds']:.2f} s, "
               f"{noop[executor]['per_task_ms']:.2f} ms per task", flush=True)

@@ -13,6 +13,7 @@ Layer 2 (real endpoint engines and the config templates) is in ``test_funcx_engi
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -95,7 +96,18 @@ def test_remote_function_round_trips_through_the_sdk_serializer(erjr_pallet):
     function_buffer = serializer.serialize(pyhf_dist_fit)
     assert function_buffer.startswith("st\n")
     source = function_buffer.split(":", 1)[1]
-    assert not re.search(r"^\s*(import|from)\s+pyhf_dist", source, re.MULTILINE)
+    # It may use pyhf_dist where the endpoint has it, but only behind an ImportError guard.
+    tree = ast.parse(textwrap.dedent(source))
+    guarded = {
+        id(node)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.Try) and any(getattr(h.type, "id", None) == "ImportError" for h in block.handlers)
+        for statement in block.body
+        for node in ast.walk(statement)
+    }
+    imports = [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
+    uses = [node for node in imports if "pyhf_dist" in ast.dump(node)]
+    assert uses and all(id(node) in guarded for node in uses)
     assert "import pyhf" in source
 
 
@@ -177,6 +189,26 @@ def test_remote_function_parses_the_workspace_once_per_process(erjr_pallet):
         sys.modules.pop("_pyhf_dist_remote_cache", None)
     assert_matches_reference(records, serial_pyhf(erjr_pallet, ERJR_FEW[2:]))
     assert decode(encode({"a": [1, 2]})) == {"a": [1, 2]} == decode(encode({"a": [1, 2]}, compress=False))
+
+
+def test_remote_function_takes_the_fast_path_where_pyhf_dist_is_installed(lbb_pallet):
+    """On the jax backend an endpoint with pyhf-dist installed fits on the compiled likelihood and
+    keeps it between tasks; the numbers are serial pyhf's within the fast path's tolerance."""
+    pytest.importorskip("jax")
+    from pyhf_dist import worker
+
+    context = WorkerContext.build(lbb_pallet.workspace, FitSettings(backend="jax").to_dict())
+    text = encode(context.payload.decode())
+    sys.modules.pop("_pyhf_dist_remote_cache", None)
+    try:
+        records = [pyhf_dist_fit(text, encode(_task(lbb_pallet, name, context))) for name in LBB_SAMPLE[:3]]
+        remote_state = sys.modules["_pyhf_dist_remote_cache"].states[context.key]
+    finally:
+        sys.modules.pop("_pyhf_dist_remote_cache", None)
+    assert remote_state["workspace"] is None  # no plain pyhf model was made
+    assert remote_state["prepared"] is worker.initialize(context)  # one state, kept for every task
+    assert "fast_hypotest" in remote_state["prepared"].cache
+    assert_matches_reference(records, serial_pyhf(lbb_pallet, LBB_SAMPLE[:3]), tolerance=1e-4)
 
 
 class _FakeService:

@@ -5,7 +5,8 @@ Tasks go through the Globus Compute SDK's own ``concurrent.futures`` executor
 over the service's AMQP result stream. What this module adds:
 
 * **A self-contained remote function** (:func:`pyhf_dist.executors.remote.pyhf_dist_fit`),
-  registered as source text, so that an endpoint needs only pyhf and numpy, not pyhf-dist.
+  registered as source text, so that an endpoint needs only pyhf and numpy, not pyhf-dist (where
+  ``pyhf-dist[jax]`` is installed on the endpoint, it takes the compiled fast path there).
 * **Data as JSON.** The context (background workspace + fit settings) and each task are sent as
   JSON text (``JSONData``), compressed with zlib by default (``compress=True``); results come
   back as JSON too. The cloud path has no per-worker setup hook, so the context travels with
