@@ -16,6 +16,7 @@ BEGAN = time.perf_counter()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import resource  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -75,6 +76,9 @@ def summary(executor: str, workers: int, backend: str, records: list[dict], rece
         "compute_median_seconds": typical,
         "first_task_extra_seconds": statistics.mean(first) - typical if first else None,
         "return_seconds": statistics.mean(received[r["name"]] - r["finished"] for r in ok) if ok else None,
+        # Largest resident set of any finished child process (the local executor's workers are
+        # children; other executors' workers may be further down the tree).
+        "child_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         "results": {r["name"]: [r.get("CLs_obs"), r.get("CLs_exp")] for r in records},
     }
 

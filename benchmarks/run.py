@@ -333,7 +333,9 @@ def main() -> None:
         print(f"Headline: {patches} patches, local executor, {args.workers} workers, backend {headline['backend']}: "
               f"{mean:.2f} s wall from a cold process (mean of {len(headline['walls'])}), "
               f"max |ΔCLs| vs serial pyhf {headline['max_difference']:.1e}, "
-              f"{baselines['pool_seconds'] / mean:.0f}× faster than plain pyhf over a {args.workers}-process Pool.")
+              f"{baselines['pool_seconds'] / mean:.0f}× faster than plain pyhf over a {args.workers}-process Pool; "
+              f"first run with an empty cache {headline['first_run']:.2f} s; peak RSS per worker "
+              f"{max(run['child_peak_rss_mb'] for run in headline['runs']):.0f} MB.")
     print(f"Written to {output}/ (table.md, benchmark.json, walltime.png, scaling.png)")
 
 
