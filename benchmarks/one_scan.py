@@ -34,8 +34,9 @@ def main() -> None:
 
     import pyhf_dist
 
-    pallet = pyhf_dist.load_pallet(args.pallet, validate=False)
+    pallet = args.pallet  # as the one-liner is used: map_fits reads it while the workers start
     if args.patches:
+        pallet = pyhf_dist.load_pallet(args.pallet, validate=False)
         pallet.patches = pallet.patches[: args.patches]
     received = {}
     options = json.loads(args.options)

@@ -21,14 +21,16 @@ always safe.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 
-__all__ = ["CACHE_ENV", "root", "directory", "digest", "versions", "recall", "remember"]
+__all__ = ["CACHE_ENV", "root", "directory", "digest", "versions", "recall", "remember", "exclusive"]
 
 log = logging.getLogger(__name__)
 
@@ -107,3 +109,41 @@ def remember(kind: str, key: str, answer: str) -> None:
         os.replace(temporary, path / f"{kind}-{key}")
     except OSError as error:
         log.debug("could not remember %s check: %s", kind, error)
+
+
+@contextlib.contextmanager
+def exclusive(name: str, timeout: float = 120.0):
+    """Hold the machine-wide lock ``name`` for the ``with`` block.
+
+    The workers of a scan start together and would each compile the same likelihood and run the
+    same check: under this lock one does it and the others then find the result in the cache.
+    After ``timeout`` seconds of waiting (a stuck holder), or where locking is impossible, the
+    block runs anyway; the lock only saves work, it never guards correctness.
+    """
+    path = directory("locks")
+    try:
+        import fcntl
+
+        handle = open(path / f"{name}.lock", "a") if path is not None else None
+    except (ImportError, OSError):
+        handle = None
+    if handle is None:
+        yield
+        return
+    with handle:
+        locked = False
+        deadline = time.monotonic() + timeout
+        while not locked:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+            except OSError:
+                if time.monotonic() > deadline:
+                    log.warning("waited %.0f s for the lock %s: going on without it", timeout, name)
+                    break
+                time.sleep(0.02)
+        try:
+            yield
+        finally:
+            if locked:
+                fcntl.flock(handle, fcntl.LOCK_UN)

@@ -129,16 +129,22 @@ def check_workspace(spec: Any, where: str, full: bool = True) -> dict:
         )
     if not full:
         return spec
-    key = cache.digest(_spec_digest(spec), cache.versions("pyhf"))
-    if cache.recall("workspace", key) == "valid":
+    digest = _spec_digest(spec)
+    key = cache.digest(digest, cache.versions("pyhf")) if digest is not None else None
+    if key is not None and cache.recall("workspace", key) == "valid":
         return spec
     _validate_workspace(spec, where)
-    cache.remember("workspace", key, "valid")
+    if key is not None:
+        cache.remember("workspace", key, "valid")
     return spec
 
 
-def _spec_digest(spec: dict) -> str:
-    return cache.digest(json.dumps(spec, separators=(",", ":")))
+def _spec_digest(spec: dict) -> str | None:
+    """Digest of a specification's JSON, or ``None`` if it is not JSON (then nothing is remembered)."""
+    try:
+        return cache.digest(json.dumps(spec, separators=(",", ":")))
+    except (TypeError, ValueError):
+        return None
 
 
 def _validate_workspace(spec: dict, where: str) -> None:
@@ -220,8 +226,8 @@ def _patches_from_patchset(
         if not isinstance(spec, dict) or "patches" not in spec:
             raise WorkspaceError(f"{where} is not a pyhf patchset (a JSON object with 'metadata' and 'patches')")
         key = None
-        if raw is not None:
-            background = _spec_digest(workspace) if workspace is not None else ""
+        background = _spec_digest(workspace) if workspace is not None else ""
+        if raw is not None and background is not None:
             key = cache.digest(raw, background, cache.versions("pyhf"))
             if cache.recall("patchset", key) == "valid":
                 return _read_validated_patchset(spec)

@@ -102,37 +102,42 @@ def iter_fits(
         raise InputError(f"retries must be a non-negative integer, got {retries!r}")
     if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
         raise InputError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    # Full schema validation is deferred (see below) until the patch selection and settings are
-    # known to be right.
-    pallet = prepare_pallet(workspace, patchset, validate=False)
-    selected = select_patches(pallet.patches, patches)
-    values_by_name = {patch.name: list(patch.values) for patch in selected}
-
-    book = Journal(journal, scan_key(pallet.workspace, settings)) if journal is not None else None
-    finished = book.load() if (book is not None and resume) else {}
-    # Only fits that succeeded are kept: a resumed scan fits the failed ones again.
-    finished = {name: record for name, record in finished.items() if name in values_by_name and record.ok}
-    todo = [patch for patch in selected if patch.name not in finished]
-
     runner = get_executor(executor, **executor_options)
     owned = isinstance(executor, str)
-    context = WorkerContext.build(pallet.workspace, settings.to_dict())
     info = metadata if metadata is not None else {}
-    info.update(
-        source=pallet.source,
-        labels=pallet.labels,
-        patches=len(selected),
-        order=[patch.name for patch in selected],
-        resumed=len(finished),
-        settings=settings.to_dict(),
-        settings_digest=settings.digest(),
-        scan_key=book.key if book is not None else scan_key(pallet.workspace, settings),
-        journal=str(book.path) if book is not None else None,
-        **_versions(),
-    )
+    book = None
     started = time.time()
-    info["started"] = started
     try:
+        if owned:
+            # Workers that can start early import what the fits need while the pallet is read.
+            runner.prepare(settings.to_dict())
+        # Full schema validation is deferred (see below) until the patch selection and settings
+        # are known to be right.
+        pallet = prepare_pallet(workspace, patchset, validate=False)
+        selected = select_patches(pallet.patches, patches)
+        values_by_name = {patch.name: list(patch.values) for patch in selected}
+
+        book = Journal(journal, scan_key(pallet.workspace, settings)) if journal is not None else None
+        finished = book.load() if (book is not None and resume) else {}
+        # Only fits that succeeded are kept: a resumed scan fits the failed ones again.
+        finished = {name: record for name, record in finished.items() if name in values_by_name and record.ok}
+        todo = [patch for patch in selected if patch.name not in finished]
+
+        context = WorkerContext.build(pallet.workspace, settings.to_dict())
+        info.update(
+            source=pallet.source,
+            labels=pallet.labels,
+            patches=len(selected),
+            order=[patch.name for patch in selected],
+            resumed=len(finished),
+            settings=settings.to_dict(),
+            settings_digest=settings.digest(),
+            scan_key=book.key if book is not None else scan_key(pallet.workspace, settings),
+            journal=str(book.path) if book is not None else None,
+            **_versions(),
+        )
+        started = time.time()
+        info["started"] = started
         if not todo:
             info.update(runner.describe())
             if on_start is not None:

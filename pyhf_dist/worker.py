@@ -29,7 +29,10 @@ import time
 import traceback
 from typing import Any
 
-__all__ = ["WorkerContext", "WorkerState", "initialize", "release", "run_task", "pin_threads", "worker_info", "setup_count"]
+__all__ = [
+    "WorkerContext", "WorkerState", "initialize", "preload", "release", "run_task", "pin_threads", "worker_info",
+    "setup_count",
+]
 
 #: One thread per numerical library per worker: many single-threaded pyhf processes on a few
 #: cores are far faster than processes that each start a thread per core and fight for them.
@@ -134,6 +137,27 @@ def initialize(context: WorkerContext) -> WorkerState:
             # (a no-op for scans that do not use it).
             fast.warm_up(state)
         return state
+
+
+def preload(settings: dict) -> None:
+    """Import what fits with ``settings`` (a FitSettings dict) will need, before the context arrives.
+
+    For workers started while the client still reads the pallet. Never raises: anything missing
+    shows up, with its real error, when the worker is set up.
+    """
+    pin_threads()
+    try:
+        from pyhf_dist.settings import FitSettings
+
+        parsed = FitSettings.from_dict(settings)
+        if parsed.backend == "jax" and parsed.calculation == "hypotest" and parsed.calctype == "asymptotics":
+            from pyhf_dist import fast
+
+            fast.preload()
+        else:
+            import pyhf  # noqa: F401
+    except Exception:  # noqa: BLE001 - an optimisation only
+        pass
 
 
 def release(key: str) -> None:

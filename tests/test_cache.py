@@ -84,7 +84,7 @@ def test_a_warm_cache_skips_pyhf_and_changes_nothing(lbb_tarball, tmp_path):
     # Fresh cache: the client validates with pyhf, the worker checks the structure against pyhf.Model.
     assert first["client_imported_pyhf"] and first["worker_imported_pyhf"]
     kinds = sorted(name.split("-")[0] for name in os.listdir(tmp_path / "checks"))
-    assert kinds == ["patchset", "structure", "workspace"]
+    assert kinds == ["compiled", "patchset", "structure", "workspace"]
     # Warm cache: neither needs pyhf, and the pallet and the numbers are the same.
     assert not second["client_imported_pyhf"] and not second["worker_imported_pyhf"]
     assert [record[0] for record in second["cls"]] == ["ok", "ok"]
@@ -103,3 +103,27 @@ def test_a_changed_input_is_validated_again(erjr_dir, tmp_path, monkeypatch):
     broken["channels"][0]["samples"][0]["data"] = "not a list"
     with pytest.raises(WorkspaceError, match="not a valid HistFactory workspace"):
         check_workspace(broken, "background")
+
+
+def test_exclusive_makes_a_second_holder_wait_and_never_blocks_forever(tmp_path, monkeypatch):
+    import threading
+
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
+    order = []
+
+    def second():
+        with cache.exclusive("layout", timeout=30):
+            order.append("second")
+
+    with cache.exclusive("layout"):
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        waiter.join(0.3)
+        order.append("first done")
+    waiter.join(10)
+    assert order == ["first done", "second"]
+    # A holder that never lets go only delays the others by the timeout.
+    with cache.exclusive("layout"):
+        with cache.exclusive("layout", timeout=0.2):
+            order.append("went on")
+    assert order[-1] == "went on"

@@ -91,6 +91,41 @@ def test_worker_setup_runs_once_per_worker_not_per_task(erjr_dir, tmp_path):
     assert len(setups) == 2
 
 
+def test_local_workers_start_before_the_context_exists(erjr_pallet):
+    """prepare() spawns the workers (they import meanwhile); start() hands each the context once."""
+    from pyhf_dist.settings import FitSettings
+    from pyhf_dist.worker import WorkerContext
+
+    settings = FitSettings(backend="numpy").to_dict()
+    context = WorkerContext.build(erjr_pallet.workspace, settings)
+    names = [patch.name for patch in erjr_pallet.patches[:4]]
+    with LocalExecutor(workers=2) as executor:
+        executor.prepare(settings)
+        spawned = set(executor.worker_pids())
+        assert len(spawned) == 2
+        executor.start(context)
+        futures = [executor.submit({"name": p.name, "patch": p.operations, "context": context.key})
+                   for p in erjr_pallet.patches[:4]]
+        records = [future.result(timeout=300) for future in futures]
+    assert {record["worker"]["pid"] for record in records} <= spawned
+    assert_matches_reference(records, serial_pyhf(erjr_pallet, names))
+
+
+def test_a_bad_pallet_stops_the_workers_started_for_it(tmp_path):
+    import psutil
+
+    from pyhf_dist.exceptions import PalletError
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(PalletError, match="does not exist"):
+        pyhf_dist.map_fits(str(tmp_path / "missing.tar.gz"), executor="local", workers=2)
+    # multiprocessing's resource tracker outlives every pool by design; workers must not.
+    started = [p for p in psutil.Process().children(recursive=True)
+               if p.pid not in before and "resource_tracker" not in " ".join(p.cmdline())]
+    _, alive = psutil.wait_procs(started, timeout=10)
+    assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
 def test_tasks_carry_only_the_patch_not_the_workspace(erjr_pallet):
     sizes = []
 

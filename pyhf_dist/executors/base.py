@@ -54,6 +54,14 @@ class Executor(abc.ABC):
         self.workers = workers
         self.context: WorkerContext | None = None
 
+    def prepare(self, settings: dict) -> None:
+        """Optionally begin bringing up workers before the context exists.
+
+        A scan that owns its executor calls this first, with the fit settings, and only then reads
+        the pallet; workers that can start early import what those fits need meanwhile. The
+        default does nothing. :meth:`start` follows (or :meth:`shutdown`, if the pallet is bad).
+        """
+
     def start(self, context: WorkerContext) -> None:
         """Bring up the workers (if needed) and make ``context`` available to each of them once."""
         self.context = context

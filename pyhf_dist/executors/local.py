@@ -15,16 +15,19 @@ import time
 from concurrent.futures.process import BrokenProcessPool
 
 from pyhf_dist.executors.base import Executor, default_workers
-from pyhf_dist.worker import initialize, run_task
+from pyhf_dist.worker import initialize, preload, run_task
 
 __all__ = ["LocalExecutor"]
 
 
-def _worker_setup(context) -> None:
+def _worker_setup(context, pending=None, settings=None) -> None:
     # Ctrl-C goes to the whole process group; the parent decides what happens to the scan, so a
     # worker must not die of it with a traceback of its own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent()
+    if context is None:  # started by prepare(): import now, the context follows from start()
+        preload(settings)
+        context = pending.get()
     initialize(context)
 
 
@@ -131,6 +134,7 @@ class LocalExecutor(Executor):
         self._serial = itertools.count()
         self._tasks: dict[concurrent.futures.Future, _PoolTasks] = {}
         self._current: _PoolTasks | None = None
+        self._pending = None  # the queue that workers spawned by prepare() take the context from
 
     # A pool whose worker died rejects every later task; keeping at most one task per worker in
     # flight means only the task that was running on the dead worker has to be retried.
@@ -138,24 +142,43 @@ class LocalExecutor(Executor):
     def max_pending(self) -> int:
         return self.workers
 
-    def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor:
+    def _new_pool(self, initargs: tuple | None = None) -> concurrent.futures.ProcessPoolExecutor:
         return concurrent.futures.ProcessPoolExecutor(
             max_workers=self.workers,
             mp_context=multiprocessing.get_context(self.start_method),
             initializer=_worker_setup,
-            initargs=(self.context,),
+            initargs=initargs or (self.context,),
         )
+
+    def _spawn_all(self) -> None:
+        # A pool spawns its processes on submit; start them all now so that they import, parse
+        # and compile while the client still reads the pallet and queues the tasks.
+        with _children_ignore_sigint():
+            for _ in range(self.workers):
+                self._pool.submit(os.getpid)
+
+    def prepare(self, settings: dict) -> None:
+        """Spawn the workers now: they import their libraries while the pallet is read, then
+        wait for the context that :meth:`start` sends them."""
+        if self._pool is not None:
+            return
+        self._pending = multiprocessing.get_context(self.start_method).Queue()
+        # Should a worker die before it read the context, exiting must not wait to flush it.
+        self._pending.cancel_join_thread()
+        self._pool = self._new_pool(initargs=(None, self._pending, settings))
+        self._spawn_all()
 
     def start(self, context) -> None:
         super().start(context)
         if self._marks_dir is None:
             self._marks_dir = tempfile.mkdtemp(prefix="pyhf-dist-local-")
-        self._pool = self._new_pool()
-        # A pool spawns its processes on submit; start them all now so that they import, parse
-        # and compile while the client still validates the workspace and queues the tasks.
-        with _children_ignore_sigint():
+        if self._pending is not None:  # workers spawned by prepare() wait for it
             for _ in range(self.workers):
-                self._pool.submit(os.getpid)
+                self._pending.put(context)
+            self._pending = None
+            return
+        self._pool = self._new_pool()
+        self._spawn_all()
 
     def submit(self, task: dict) -> concurrent.futures.Future:
         if self._pool is None:

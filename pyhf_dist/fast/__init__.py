@@ -19,15 +19,17 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 
 import numpy as np
 
+from pyhf_dist import cache
 from pyhf_dist.fast.errors import FastPathUnsupported
 from pyhf_dist.fast.likelihood import CACHE_ENV, configure_jax
 
-__all__ = ["FastHypotest", "FastPathUnsupported", "CACHE_ENV", "configure_jax", "for_state", "warm_up"]
+__all__ = ["FastHypotest", "FastPathUnsupported", "CACHE_ENV", "configure_jax", "for_state", "preload", "warm_up"]
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +148,16 @@ class FastHypotest:
             params = layout.pad_parameters(arrays, self._caps)
             device = likelihood.device_layout(padded, self._codes)
             functions = likelihood.functions(*self._codes)
-            functions.value_and_grad(params["init"], arrays.main_data, params["aux"], device)
-            functions.expected(params["init"], device)
-            functions.fisher_diagonal(params["init"], device)
+            # Workers that start together on a layout not compiled yet take turns: the first
+            # compiles into the persistent cache, the others load from it instead of compiling too.
+            key = cache.digest(repr((self._caps, self._codes)), cache.versions("jax", "jaxlib"))
+            first = likelihood.persistent_cache() is not None and cache.recall("compiled", key) is None
+            with cache.exclusive("compile-" + key) if first else contextlib.nullcontext():
+                functions.value_and_grad(params["init"], arrays.main_data, params["aux"], device)
+                functions.expected(params["init"], device)
+                functions.fisher_diagonal(params["init"], device)
+                if first:
+                    cache.remember("compiled", key, "yes")
 
     def _problem(self, patch_operations):
         from pyhf_dist.fast import fit, layout, likelihood
@@ -189,19 +198,18 @@ class FastHypotest:
 
     def _check_structure(self, signature, spec, arrays, functions, device, params) -> bool:
         """:meth:`_matches_pyhf`, or its remembered outcome for this workspace, settings and versions."""
-        from pyhf_dist import cache
-
-        key = None
-        if self._key is not None:
-            caps, codes, types = signature
-            # Sorted: a frozenset's order (and repr) changes with each process's string hashing.
-            described = repr((caps, codes, sorted(types)))
-            key = cache.digest(self._key, described, cache.versions("pyhf", "jax", "jaxlib", "numpy", "scipy"))
+        if self._key is None:
+            return self._matches_pyhf(spec, arrays, functions, device, params)
+        caps, codes, types = signature
+        # Sorted: a frozenset's order (and repr) changes with each process's string hashing.
+        described = repr((caps, codes, sorted(types)))
+        key = cache.digest(self._key, described, cache.versions("pyhf", "jax", "jaxlib", "numpy", "scipy"))
+        # Workers meeting a structure together: one checks, the others take its outcome.
+        with cache.exclusive("structure-" + key):
             remembered = cache.recall("structure", key)
             if remembered in ("same", "different"):
                 return remembered == "same"
-        same = self._matches_pyhf(spec, arrays, functions, device, params)
-        if key is not None:
+            same = self._matches_pyhf(spec, arrays, functions, device, params)
             cache.remember("structure", key, "same" if same else "different")
         return same
 
@@ -267,6 +275,18 @@ def for_state(state) -> FastHypotest:
                 fast = FastHypotest(state.workspace_spec, state.settings.modifier_settings, key=state.key)
                 state.cache["fast_hypotest"] = fast
     return fast
+
+
+def preload() -> None:
+    """Import and configure what the fast path runs on (jax, scipy's minimizer), nothing else."""
+    import scipy.optimize  # noqa: F401
+
+    from pyhf_dist.fast import fit, layout  # noqa: F401
+
+    configure_jax()
+    import jax
+
+    jax.devices()  # starts the XLA CPU client
 
 
 def warm_up(state) -> None:

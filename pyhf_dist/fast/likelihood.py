@@ -30,6 +30,7 @@ __all__ = [
     "Functions",
     "code4_coefficients",
     "configure_jax",
+    "persistent_cache",
     "device_layout",
     "functions",
 ]
@@ -42,6 +43,8 @@ CACHE_ENV = "PYHF_DIST_JAX_CACHE"
 
 _CONFIGURED = False
 _CONFIGURE_LOCK = threading.Lock()
+#: The persistent compilation cache in use (``None``: none).
+_CACHE_DIRECTORY: str | None = None
 
 #: Expected yields below this are treated as this (only reachable outside the physical region).
 YIELD_FLOOR = 1e-10
@@ -49,7 +52,7 @@ YIELD_FLOOR = 1e-10
 
 def configure_jax() -> None:
     """Double precision and the persistent compilation cache; once per process, before compiling."""
-    global _CONFIGURED
+    global _CONFIGURED, _CACHE_DIRECTORY
     with _CONFIGURE_LOCK:
         if _CONFIGURED:
             return
@@ -69,9 +72,15 @@ def configure_jax() -> None:
                 # The likelihood compiles in about a second, under jax's default threshold for
                 # caching, but it is what every cold worker waits for: cache every compilation.
                 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+                _CACHE_DIRECTORY = directory
             except OSError as error:
                 log.warning("jax compilation cache disabled: cannot use %s (%s)", directory, error)
         _CONFIGURED = True
+
+
+def persistent_cache() -> str | None:
+    """The directory of the persistent compilation cache in use, or ``None`` (after :func:`configure_jax`)."""
+    return _CACHE_DIRECTORY
 
 
 def code4_coefficients(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
