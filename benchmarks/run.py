@@ -254,7 +254,8 @@ def main() -> None:
     parser.add_argument("--serial-patches", type=int, default=None,
                         help="time plain serial pyhf on only the first N patches and scale to all (labelled)")
     parser.add_argument("--noop", type=int, default=200, help="no-op tasks per executor (0: skip)")
-    parser.add_argument("--scaling", action="store_true", help="also run the scaling study")
+    parser.add_argument("--scaling", action="store_true",
+                        help="also run the scaling study (local executor, mean of --trials runs per point)")
     parser.add_argument("--output", default=str(HERE / "output"))
     args = parser.parse_args()
 
@@ -301,19 +302,23 @@ def main() -> None:
                 "max_difference": max(max_difference(r["results"], reference) for r in runs),
             })
 
+    # Before the no-op study: Slurm and Parsl workers it stops may take seconds to exit.
+    scaling = {}
+    if args.scaling:
+        def mean_wall(workers: int, subset: int | None) -> float:
+            return statistics.mean(cold_scan(args.pallet, "local", workers, None, subset)["wall_seconds"]
+                                   for _ in range(args.trials))
+
+        scaling["workers"] = {n: mean_wall(n, args.patches) for n in (1, 2, 4)}
+        scaling["patches"] = {n: mean_wall(args.workers, n) for n in (25, 50, patches) if n <= patches}
+        print(f"scaling: {scaling}", flush=True)
+
     noop = {}
     # The engine row has no pyhf-dist executor in front of it to time no-op tasks through.
     for executor in [name for name in executors if name != "globus-engine"] if args.noop else []:
         noop[executor] = noop_overhead(executor, args.workers, args.noop)
         print(f"{executor:>10} no-op: start-up {noop[executor]['startup_seconds']:.2f} s, "
               f"{noop[executor]['per_task_ms']:.2f} ms per task", flush=True)
-
-    scaling = {}
-    if args.scaling:
-        scaling["workers"] = {n: cold_scan(args.pallet, "local", n, None, args.patches)["wall_seconds"] for n in (1, 2, 4)}
-        scaling["patches"] = {n: cold_scan(args.pallet, "local", args.workers, None, n)["wall_seconds"]
-                              for n in (25, 50, patches) if n <= patches}
-        print(f"scaling: {scaling}", flush=True)
 
     table = write_table(rows, baselines, patches, args.workers)
     overhead = write_overhead_table(rows, noop)

@@ -46,7 +46,7 @@ def compute(state, task: dict) -> dict[str, Any]:
     settings = state.settings
     if task.get("kind") == "noop":  # measures an executor's own per-task cost (benchmarks)
         return {}
-    if settings.backend == "jax" and settings.calculation == "hypotest" and settings.calctype == "asymptotics":
+    if settings.fast_path:
         fast = _fast_hypotest(state, task)
         if fast is not None:
             return fast

@@ -161,6 +161,15 @@ class FitSettings:
                 )
             object.__setattr__(self, "upper_limit_scan", (start, stop, points))
 
+    @property
+    def fast_path(self) -> bool:
+        """Whether fits try the compiled fast path (jax backend, asymptotic hypotests).
+
+        >>> FitSettings(backend="jax").fast_path, FitSettings(backend="numpy").fast_path
+        (True, False)
+        """
+        return self.backend == "jax" and self.calculation == "hypotest" and self.calctype == "asymptotics"
+
     def to_dict(self) -> dict:
         """A JSON-able dictionary; ``FitSettings(**settings.to_dict())`` gives the settings back."""
         data = dataclasses.asdict(self)

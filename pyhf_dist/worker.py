@@ -149,8 +149,7 @@ def preload(settings: dict) -> None:
     try:
         from pyhf_dist.settings import FitSettings
 
-        parsed = FitSettings.from_dict(settings)
-        if parsed.backend == "jax" and parsed.calculation == "hypotest" and parsed.calctype == "asymptotics":
+        if FitSettings.from_dict(settings).fast_path:
             from pyhf_dist import fast
 
             fast.preload()

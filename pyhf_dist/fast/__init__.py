@@ -295,8 +295,7 @@ def warm_up(state) -> None:
     For scans that will take the fast path (``backend="jax"``, asymptotic hypotests); does nothing
     otherwise, and never raises (a workspace the fast path cannot read is simply fitted by pyhf).
     """
-    settings = state.settings
-    if settings.backend != "jax" or settings.calculation != "hypotest" or settings.calctype != "asymptotics":
+    if not state.settings.fast_path:
         return
     try:
         for_state(state).warm_up()
