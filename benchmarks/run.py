@@ -237,6 +237,8 @@ def plot(rows: list[dict], baselines: dict, scaling: dict, output: Path, workers
         right.plot(list(map(int, by_patches)), list(by_patches.values()), "o-")
         right.set_xlabel("patches")
         right.set_title(f"local executor, {workers} workers")
+        for axis in (left, right):
+            axis.set_ylim(bottom=0)
         figure.tight_layout()
         figure.savefig(output / "scaling.png", dpi=120)
 
