@@ -19,9 +19,12 @@ for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 # A cache of this session only (compiled likelihoods, checks passed), inherited by every worker and
 # subprocess: each session runs the checks itself, as on a fresh machine, whatever ~/.cache holds.
 if "PYHF_DIST_CACHE" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["PYHF_DIST_CACHE"] = tempfile.mkdtemp(prefix="pyhf-dist-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["PYHF_DIST_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
 
