@@ -115,8 +115,11 @@ def pyhf_dist_fit(context, task):
                 except ImportError:
                     pass
                 else:
-                    state["prepared"] = initialize(WorkerContext(key=key, payload=text.encode()))
-                    state["compute"] = compute
+                    try:
+                        state["prepared"] = initialize(WorkerContext(key=key, payload=text.encode()))
+                        state["compute"] = compute
+                    except Exception:  # e.g. another pyhf-dist version there: plain pyhf still works
+                        state["prepared"] = None
             if state["prepared"] is None:
                 import pyhf
 
