@@ -300,7 +300,8 @@ def main() -> None:
                 single = cold_scan(args.pallet, executor, 1, backend, args.patches)["wall_seconds"]
             rows.append({
                 "executor": executor, "backend": runs[0]["backend"], "walls": [r["wall_seconds"] for r in runs],
-                "first_run": first["wall_seconds"], "single_worker": single, "runs": [{k: v for k, v in r.items() if k != "results"} for r in runs],
+                "first_run": first["wall_seconds"], "single_worker": single,
+                "runs": [{k: v for k, v in r.items() if k != "results"} for r in runs],
                 "max_difference": max(max_difference(r["results"], reference) for r in runs),
             })
 
