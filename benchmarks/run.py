@@ -8,9 +8,11 @@ Writes to ``--output`` (default ``benchmarks/output/``): ``benchmark.json`` (eve
 ``table.md`` (in the form of Table 1 of the 2021 funcX study: patches, wall time mean ± std over
 trials, single-worker time), ``walltime.png`` (bar chart like its Figure 2) and ``scaling.png``.
 
-Measured, per executor and backend:
+Measured, per executor and backend (``globus-engine``: a Globus Compute endpoint engine on this
+machine, through ``engine_scan.py``):
 * wall time of a whole scan from a cold ``python`` process (imports, pallet, fits, results file),
-  over ``--trials`` runs, and with a single worker;
+  over ``--trials`` runs, once more with an empty pyhf-dist cache (a fresh machine), and with a
+  single worker;
 * agreement with plain serial pyhf on numpy: max |ΔCLs| over CLs_obs and the five CLs_exp;
 * per-task breakdown: queue wait (incl. transfer), compute on the worker, extra cost of each
   worker's first task (setup, compilation), result return;
