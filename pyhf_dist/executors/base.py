@@ -15,11 +15,12 @@ from __future__ import annotations
 import abc
 import concurrent.futures
 import os
-from typing import Any
+import threading
+from typing import Any, Callable
 
 from pyhf_dist.worker import WorkerContext
 
-__all__ = ["Executor", "default_workers"]
+__all__ = ["Executor", "NoAnswer", "call_within", "default_workers"]
 
 
 def default_workers() -> int:
@@ -28,6 +29,35 @@ def default_workers() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+class NoAnswer(Exception):
+    """:func:`call_within` gave up waiting."""
+
+
+def call_within(seconds: float, function: Callable, *args, name: str = "pyhf-dist call") -> Any:
+    """``function(*args)``, but give up after ``seconds``: raises :class:`NoAnswer` then.
+
+    For client libraries whose own timeouts do not bound everything (a peer that accepts a
+    connection and never answers, an SDK that retries for minutes). The call runs in a daemon
+    thread that is abandoned on timeout; its exception, if any, is raised here.
+    """
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = function(*args)
+        except BaseException as error:  # handed to the caller below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise NoAnswer(f"no answer within {seconds:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
 
 
 class Executor(abc.ABC):

@@ -13,12 +13,12 @@ error when Dask gives up on a task (``KilledWorker``) or loses the connection, a
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
-import threading
 from typing import Any
 
 from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, MissingDependencyError
-from pyhf_dist.executors.base import Executor, default_workers
+from pyhf_dist.executors.base import Executor, NoAnswer, call_within, default_workers
 from pyhf_dist.worker import WorkerContext, run_task
 
 try:
@@ -149,26 +149,16 @@ class DaskExecutor(Executor):
 
     def _connect_bounded(self) -> distributed.Client:
         # Client(timeout=...) bounds the TCP connection, not the handshake: a peer that accepts the
-        # connection and never answers would keep us waiting forever. The connection is made in a
-        # daemon thread that we stop waiting for.
-        outcome: dict[str, Any] = {}
-
-        def connect() -> None:
-            try:
-                outcome["client"] = distributed.Client(
-                    self.address, timeout=self.connect_timeout, set_as_default=False
-                )
-            except Exception as error:  # timeouts, refused connections, something else on that port
-                outcome["error"] = error
-
-        thread = threading.Thread(target=connect, name="pyhf-dist-dask-connect", daemon=True)
-        thread.start()
-        thread.join(self.connect_timeout + 2)
-        if "client" in outcome:
-            return outcome["client"]
-        reason = _first_line(outcome["error"]) if "error" in outcome else (
-            f"no answer within {self.connect_timeout:g} s (is it a Dask scheduler?)"
-        )
+        # connection and never answers would keep us waiting forever.
+        try:
+            connect = functools.partial(
+                distributed.Client, self.address, timeout=self.connect_timeout, set_as_default=False
+            )
+            return call_within(self.connect_timeout + 2, connect, name="pyhf-dist-dask-connect")
+        except NoAnswer:
+            reason = f"no answer within {self.connect_timeout:g} s (is it a Dask scheduler?)"
+        except Exception as error:  # timeouts, refused connections, something else on that port
+            reason = _first_line(error)
         raise ExecutorError(f"cannot connect to the Dask scheduler at {self.address}: {reason}")
 
     def start(self, context: WorkerContext) -> None:

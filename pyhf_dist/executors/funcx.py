@@ -47,7 +47,7 @@ from pyhf_dist.exceptions import (
     SettingsError,
     WorkerLostError,
 )
-from pyhf_dist.executors.base import Executor
+from pyhf_dist.executors.base import Executor, NoAnswer, call_within
 from pyhf_dist.executors.remote import encode, pyhf_dist_fit
 from pyhf_dist.worker import WorkerContext
 
@@ -210,26 +210,14 @@ class _SplittingBatchRun:
 
 def _within(seconds: float, what: str, function, *args):
     """Run ``function(*args)`` but give up after ``seconds`` (the SDK retries for a long time)."""
-    outcome: dict[str, Any] = {}
-
-    def target():
-        try:
-            outcome["value"] = function(*args)
-        except BaseException as error:  # handed to the caller below
-            outcome["error"] = error
-
-    thread = threading.Thread(target=target, name=f"pyhf-dist {what}", daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
+    try:
+        return call_within(seconds, function, *args, name=f"pyhf-dist {what}")
+    except NoAnswer:
         raise ExecutorError(
             f"the Globus Compute service did not answer within {seconds:g} s ({what}): check the network "
             "(the SDK needs HTTPS to the service, and AMQP on port 443, 5671 or 5672 for results), "
             "or raise connect_timeout"
-        )
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("value")
+        ) from None
 
 
 class FuncXExecutor(Executor):
