@@ -1,4 +1,5 @@
-"""The function a Globus Compute endpoint runs for each patch: self-contained, pyhf + numpy only.
+"""The endpoint side of ``executor="funcx"``: the function a Globus Compute endpoint runs for each
+patch. It runs on the endpoint, never in the scan's process, and is self-contained (pyhf and numpy).
 
 :func:`pyhf_dist_fit` is shipped to the service as *source text* (``PureSourceTextInspect``), not
 by reference, so an endpoint needs pyhf and numpy but not pyhf-dist, and the endpoint's Python
