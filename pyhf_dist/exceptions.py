@@ -22,6 +22,7 @@ __all__ = [
     "ExecutorError",
     "WorkerLostError",
     "PayloadTooLargeError",
+    "first_line",
 ]
 
 
@@ -90,3 +91,25 @@ class WorkerLostError(ExecutorError):
 
 class PayloadTooLargeError(ExecutorError):
     """A task is larger than the executor's transport allows."""
+
+
+def first_line(error: BaseException, *, with_type: bool = False) -> str:
+    """The first line of an error's message, for one-line reports (its type name if it has none).
+
+    Args:
+        error: The exception.
+        with_type: Prefix the exception's type name (``"KeyError: 'x'"``), for errors whose
+            message alone does not say what went wrong.
+
+    >>> first_line(ValueError("bad value:\\nmore detail"))
+    'bad value'
+    >>> first_line(KeyError("x"), with_type=True)
+    "KeyError: 'x'"
+    >>> first_line(RuntimeError())
+    'RuntimeError'
+    """
+    lines = str(error).strip().splitlines()
+    text = lines[0].rstrip(":").strip() if lines else ""
+    if not text:
+        return type(error).__name__
+    return f"{type(error).__name__}: {text}" if with_type else text
