@@ -315,7 +315,7 @@ class FuncXExecutor(Executor):
     def _ensure_poller(self) -> "ResultPoller":
         with self._lock:
             if self._poller is None:
-                self._poller = ResultPoller(self, self.poll_interval)
+                self._poller = ResultPoller(self.client, self.poll_interval, self._deliver)
                 self._poller.start()
             return self._poller
 

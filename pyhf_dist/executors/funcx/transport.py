@@ -195,6 +195,7 @@ def stop_result_watcher(sdk) -> None:
 
         watcher = _RESULT_WATCHERS.get(sdk.task_group_id)
         if watcher is not None and watcher.is_alive():
+            # (SDK internals: the registry of result watchers and a future's executor tag.)
             others = [f for f in watcher.get_open_futures().values() if f._metadata.get("executor_id") != id(sdk)]
             if not others:
                 watcher.shutdown(wait=False, cancel_futures=True)
@@ -203,12 +204,19 @@ def stop_result_watcher(sdk) -> None:
 
 
 class ResultPoller(threading.Thread):
-    """Fetches results by task id (``Client.get_batch_result``) once the result stream failed."""
+    """Fetches results by task id (``Client.get_batch_result``) once the result stream failed.
 
-    def __init__(self, owner, interval: float):
+    Args:
+        client: The ``globus_compute_sdk.Client`` to poll with.
+        interval: Seconds between polls.
+        deliver: Called as ``deliver(future, result=...)`` or ``deliver(future, remote_error=...)``
+            for each finished task.
+    """
+
+    def __init__(self, client, interval: float, deliver):
         super().__init__(name="pyhf-dist globus-compute poller", daemon=True)
-        self.owner = owner
-        self.client = owner.client
+        self.client = client
+        self.deliver = deliver
         self.interval = interval
         self.waiting: dict[str, concurrent.futures.Future] = {}
         self.errors: dict[str, int] = defaultdict(int)
@@ -244,9 +252,9 @@ class ResultPoller(threading.Thread):
                 with self.lock:
                     outer = self.waiting.pop(task_id)
                 if "result" in answer:
-                    self.owner._deliver(outer, result=answer["result"])
+                    self.deliver(outer, result=answer["result"])
                 else:
-                    self.owner._deliver(outer, remote_error=str(answer.get("exception") or answer.get("reason") or "unknown failure"))
+                    self.deliver(outer, remote_error=str(answer.get("exception") or answer.get("reason") or "unknown failure"))
 
     def _one(self, task_id: str) -> dict | None:
         try:
