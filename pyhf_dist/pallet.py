@@ -369,8 +369,8 @@ def _read_located(
             labels, description = _generic_labels(patches), ""
         else:
             raise PalletError(
-                f"{where(location.folder) if location.folder else source} holds no patchset.json and no patch.<name>.json files: "
-                "point at a pallet directory"
+                f"{where(location.folder) if location.folder else source} holds no patchset.json and no "
+                "patch.<name>.json files: point at a pallet directory"
             )
         pallets.append(Pallet(workspace, patches, labels, source, description, location.name if several else None))
     return pallets

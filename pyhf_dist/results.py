@@ -125,7 +125,8 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 _CSV_FIELDS = [
-    "name", "pallet", "chosen_pallet", "values", "status", "CLs_obs", "CLs_exp_m2", "CLs_exp_m1", "CLs_exp", "CLs_exp_p1", "CLs_exp_p2",
+    "name", "pallet", "chosen_pallet", "values",
+    "status", "CLs_obs", "CLs_exp_m2", "CLs_exp_m1", "CLs_exp", "CLs_exp_p1", "CLs_exp_p2",
     "mu_up_obs", "mu_up_exp_m2", "mu_up_exp_m1", "mu_up_exp", "mu_up_exp_p1", "mu_up_exp_p2",
     "error", "fit_seconds", "attempts", "host", "pid", "slurm_job_id",
 ]

@@ -4,7 +4,8 @@
 :func:`map_fits` collects them into a :class:`~pyhf_dist.results.ScanResult`. Both take the same
 arguments. A scan can fit several pallets of one source at once (``pallet=``): one context holds
 every chosen pallet's workspace, each task names its pallet, and records are identified by
-``(pallet, name)``; ``combine="best-expected"`` adds their combination at the end. The loop keeps what a scan must never lose: every finished record goes to the journal
+``(pallet, name)``; ``combine="best-expected"`` adds their combination at the end. The loop keeps
+what a scan must never lose: every finished record goes to the journal
 (when one is given) before anything else happens, tasks whose worker died are resubmitted up to
 ``retries`` times, a fit that raises becomes a failed record, and clusters or pools the scan
 started are shut down however it ends — normally, on an error, or on Ctrl-C.
@@ -196,46 +197,52 @@ def iter_fits(
             if on_start is not None:
                 on_start(info)
             yield from done
-        else:
-            try:
-                runner.start(context)
-            except InputError:
-                raise
-            except Exception as error:
-                # An invalid workspace must be refused as bad input (naming the JSON path), not
-                # surface as a worker that cannot start.
-                _check_workspaces(pallets)
-                if isinstance(error, ExecutorError):
-                    raise
-                raise ExecutorError(f"executor {runner.name!r} could not start: {_one_line(error)}") from error
-            # Full schema validation takes about a second for a large workspace: it runs while the
-            # workers start, and before any result is taken.
+            yield from _combination(done, combine, pallets, values_by_key)
+            return
+        try:
+            runner.start(context)
+        except InputError:
+            raise
+        except Exception as error:
+            # An invalid workspace must be refused as bad input (naming the JSON path), not
+            # surface as a worker that cannot start.
             _check_workspaces(pallets)
-            info.update(runner.describe())
-            if on_start is not None:
-                on_start(info)
-            yield from done
+            if isinstance(error, ExecutorError):
+                raise
+            raise ExecutorError(f"executor {runner.name!r} could not start: {_one_line(error)}") from error
+        # Full schema validation takes about a second for a large workspace: it runs while the
+        # workers start, and before any result is taken.
+        _check_workspaces(pallets)
+        info.update(runner.describe())
+        if on_start is not None:
+            on_start(info)
+        yield from done
+        if book is not None:
+            # Opened only now, once the executor is up: a scan that cannot start leaves an earlier
+            # journal as it was (and creates no file).
+            book.open(append=resume)
+        for record in _run(runner, context, todo, settings, retries, timeout, values_by_key):
             if book is not None:
-                # Opened only now, once the executor is up: a scan that cannot start leaves an earlier
-                # journal as it was (and creates no file).
-                book.open(append=resume)
-            for record in _run(runner, context, todo, settings, retries, timeout, values_by_key):
-                if book is not None:
-                    book.write(record)
-                done.append(record)
-                yield record
-        if combine is not None:
-            # Derived from the records above, never journaled: a resumed scan combines afresh. Points
-            # come in the pallets' order, not in the order the fits finished.
-            position = {key: index for index, key in enumerate(values_by_key)}
-            done.sort(key=lambda record: position[record.key])
-            yield from combine_records(done, combine, [each.name for each in pallets])
+                book.write(record)
+            done.append(record)
+            yield record
+        yield from _combination(done, combine, pallets, values_by_key)
     finally:
         if owned:
             runner.shutdown(cancel_futures=True)
         if book is not None:
             book.close()
         info["wall_seconds"] = time.time() - started
+
+
+def _combination(done: list[FitRecord], combine: str | None, pallets: list[Pallet], order: dict) -> list:
+    """The combined records of a scan (none without ``combine``): derived from its records, never
+    journaled (a resumed scan combines afresh), in the pallets' order, not the order fits finished."""
+    if combine is None:
+        return []
+    position = {key: index for index, key in enumerate(order)}
+    return combine_records(sorted(done, key=lambda record: position[record.key]), combine,
+                           [each.name for each in pallets])
 
 
 def _check_workspaces(pallets: list[Pallet]) -> None:

@@ -103,7 +103,8 @@ def serial_pyhf(pallet, names=None, poi_test=1.0, test_stat="qtilde", modifier_s
     selected = [p for p in pallet.patches if names is None or p.name in names]
     results = {}
     for patch in selected:
-        key = (pallet.source, getattr(pallet, "name", None), patch.name, poi_test, test_stat, json.dumps(modifier_settings, sort_keys=True))
+        key = (pallet.source, getattr(pallet, "name", None), patch.name, poi_test, test_stat,
+               json.dumps(modifier_settings, sort_keys=True))
         if key not in _REFERENCE_CACHE:
             if workspace is None:
                 workspace = pyhf.Workspace(pallet.workspace)

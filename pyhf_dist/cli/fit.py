@@ -125,7 +125,8 @@ def _parse_option(text: str) -> tuple[str, object]:
 @click.option("--option", "extra_options", multiple=True, metavar="KEY=VALUE",
               help="Any other executor keyword argument (repeatable), e.g. --option processes=2.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def fit(source, patchset, patches, pallets, combine, executor, workers, backend, poi_test, test_stat, interpcodes, upper_limit,
+def fit(source, patchset, patches, pallets, combine, executor, workers, backend, poi_test, test_stat, interpcodes,
+        upper_limit,
         scan_grid, toys, seed, output,
         journal, resume, retries, timeout, jobs, cores, memory, walltime, queue, account, cluster_config,
         show_job_script, address, endpoint_id, batch_size, amqp_port, provider, max_blocks, extra_options, quiet):

@@ -9,7 +9,8 @@ plain pyhf fits on numpy.
 
 Its arguments are plain JSON data (``JSONData``): the scan's context (background workspace + fit
 settings; for a scan of several pallets, each pallet's workspace by name, see
-:class:`pyhf_dist.worker.WorkerContext`) and the task (patch operations, name, pallet, timeout). Either may be compressed text
+:class:`pyhf_dist.worker.WorkerContext`) and the task (patch operations, name, pallet, timeout).
+Either may be compressed text
 (``"zlib+base64:<...>"``, see :func:`encode`): a workspace is highly redundant JSON, and
 compressing it keeps a batch of tasks far below the service's 10 MB limit per submission.
 
