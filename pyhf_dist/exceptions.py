@@ -13,6 +13,7 @@ __all__ = [
     "PalletError",
     "WorkspaceError",
     "PatchSelectionError",
+    "PalletSelectionError",
     "SettingsError",
     "UnknownExecutorError",
     "ExecutorOptionError",
@@ -44,6 +45,10 @@ class WorkspaceError(InputError):
 
 class PatchSelectionError(InputError):
     """Patch names or patterns that select nothing, or an empty selection."""
+
+
+class PalletSelectionError(PalletError):
+    """A source with several pallets and no choice made, or a pallet name that names none of them."""
 
 
 class SettingsError(InputError):

@@ -7,7 +7,8 @@ first. Each line is ``{"key": <scan key>, "record": {...}}`` and is
 flushed and fsynced before the scan moves on; the scan key is a hash of the background workspace
 and of every setting that changes a result, so that a resumed scan never mixes in results computed
 differently. A last line cut short by a crash is ignored (and cut off before appending). A resumed
-scan skips the patches whose latest record is ``ok`` and fits the failed ones again.
+scan skips the patches whose latest record is ``ok`` and fits the failed ones again. Records are
+identified by ``(pallet, name)``: a scan of several pallets can hold one patch name in each.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ __all__ = ["Journal", "scan_key", "journal_path_for"]
 
 
 def scan_key(workspace: dict, settings) -> str:
-    """Hash of the background workspace and of the result-changing settings."""
+    """Hash of the background workspace (for several pallets: ``{name: workspace}``) and of the
+    result-changing settings."""
     digest = hashlib.sha256(json.dumps(workspace, sort_keys=True, separators=(",", ":")).encode())
     digest.update(settings.digest().encode())
     return digest.hexdigest()[:16]
@@ -95,8 +97,8 @@ class Journal:
         stream.flush()
         self._lock = stream
 
-    def load(self) -> dict[str, FitRecord]:
-        """Records already finished with this scan's key, by patch name (for resuming).
+    def load(self) -> dict[tuple, FitRecord]:
+        """Records already finished with this scan's key, by ``(pallet, patch name)`` (for resuming).
 
         Raises:
             JournalError: The journal holds records computed with other settings or another
@@ -104,7 +106,7 @@ class Journal:
         """
         if not self.path.exists():
             return {}
-        done: dict[str, FitRecord] = {}
+        done: dict[tuple, FitRecord] = {}
         foreign = 0
         lines = self.path.read_text().splitlines()
         for number, line in enumerate(lines, start=1):
@@ -123,11 +125,11 @@ class Journal:
             if key != self.key:
                 foreign += 1
                 continue
-            done[record.name] = record
+            done[record.key] = record
         if foreign:
             raise JournalError(
-                f"{self.path} holds {foreign} results computed with other settings or another workspace: "
-                "resume with the same settings, or start afresh without --resume"
+                f"{self.path} holds {foreign} results computed with other settings or another workspace "
+                "(or pallet choice): resume with the same settings, or start afresh without --resume"
             )
         return done
 

@@ -8,6 +8,9 @@ Accepted forms (see :func:`load_pallet`, :func:`load_workspace`, :func:`load_pat
 * a HEPData DOI or URL, downloaded with pyhf's own ``pyhf.contrib.utils.download``;
 * in Python, ``pyhf.Workspace``/``pyhf.PatchSet`` objects or their dictionaries.
 
+A source can hold several pallets, one per folder (:mod:`pyhf_dist.discovery` finds and names
+them); :func:`load_pallet`'s ``pallet=`` chooses among them.
+
 Every failure is a :class:`~pyhf_dist.exceptions.PalletError` or
 :class:`~pyhf_dist.exceptions.WorkspaceError` whose one-line message names the file and the fix.
 """
@@ -27,14 +30,16 @@ import zlib
 from pathlib import Path
 from typing import Any, Iterable
 
-from pyhf_dist import cache
+from pyhf_dist import cache, discovery
+from pyhf_dist.discovery import BACKGROUND_NAMES, PATCHSET_NAMES  # noqa: F401 - part of this module's API
 from pyhf_dist.exceptions import MissingDependencyError, PalletError, PatchSelectionError, WorkspaceError
 
-__all__ = ["Patch", "Pallet", "load_pallet", "load_workspace", "load_patches", "select_patches", "check_workspace"]
+__all__ = [
+    "Patch", "Pallet", "load_pallet", "pallet_names", "load_workspace", "load_patches", "select_patches",
+    "select_across", "check_workspace",
+]
 
-BACKGROUND_NAMES = ("bkgonly.json", "bkg_only.json", "backgroundonly.json")
-PATCHSET_NAMES = ("patchset.json",)
-_PATCH_FILE = re.compile(r"^patch[._](?P<name>.+)\.json$", re.IGNORECASE)
+_PATCH_FILE = discovery.PATCH_FILE
 _DOI = re.compile(r"^(doi:)?10\.\d{4,9}/\S+$", re.IGNORECASE)
 
 
@@ -61,8 +66,10 @@ class Pallet:
         workspace: The background-only workspace specification (a dict).
         patches: The signal patches, in the pallet's order.
         labels: Names of the ``values`` axes (e.g. ``["m1", "m2"]``); generic when unknown.
-        source: Where the pallet came from.
+        source: Where the pallet came from (the archive, directory or DOI).
         description: The patchset's description, if any.
+        name: Its name within a source that holds several pallets (its folder, e.g.
+            ``"Region-combined"``); ``None`` for the only pallet of its source.
     """
 
     workspace: dict
@@ -70,6 +77,7 @@ class Pallet:
     labels: list[str]
     source: str = "<memory>"
     description: str = ""
+    name: str | None = None
 
     def __len__(self) -> int:
         return len(self.patches)
@@ -339,58 +347,83 @@ def _is_remote(source: str) -> bool:
     return source.startswith(("http://", "https://")) or bool(_DOI.match(source))
 
 
-def _find_background(names: Iterable[str]) -> str | None:
-    by_base = {}
-    for name in names:
-        by_base.setdefault(os.path.basename(name).lower(), name)
-    for candidate in BACKGROUND_NAMES:
-        if candidate in by_base:
-            return by_base[candidate]
-    return None
+def _read_located(
+    source: str, locations: list, chosen: list, read, where, validate: bool
+) -> list[Pallet]:
+    """The chosen pallets, read with ``read(path) -> bytes``; ``where(path)`` names a file in messages."""
+    several = len(locations) > 1
+    pallets = []
+    for location in chosen:
+        named = where(location.background)
+        workspace = check_workspace(_parse_json(read(location.background), named), named, full=validate)
+        if location.patchset is not None:
+            named = where(location.patchset)
+            raw = read(location.patchset)
+            patches, labels, description = _patches_from_patchset(_parse_json(raw, named), named, workspace, raw)
+        elif location.patch_files:
+            patches = []
+            for path in location.patch_files:
+                name = _PATCH_FILE.match(os.path.basename(path)).group("name")
+                operations = _check_operations(_parse_json(read(path), where(path)), where(path))
+                patches.append(Patch(name, _values_from_name(name), operations))
+            labels, description = _generic_labels(patches), ""
+        else:
+            raise PalletError(
+                f"{where(location.folder) if location.folder else source} holds no patchset.json and no "
+                "patch.<name>.json files: point at a pallet directory"
+            )
+        pallets.append(Pallet(workspace, patches, labels, source, description, location.name if several else None))
+    return pallets
 
 
-def _pallet_from_directory(directory: Path, validate: bool) -> Pallet:
-    background = _find_background(str(p) for p in directory.rglob("*.json"))
-    if background is None:
+def _json_files(directory: Path) -> list[str]:
+    """Paths (relative, with ``/``) of the JSON files under ``directory``, debris folders skipped."""
+    found = []
+    for root, folders, files in os.walk(directory):
+        folders[:] = sorted(folder for folder in folders if not discovery.is_noise(folder))
+        relative = Path(root).relative_to(directory).as_posix()
+        for name in files:
+            if name.lower().endswith(".json"):
+                found.append(name if relative == "." else f"{relative}/{name}")
+    return found
+
+
+def _pallets_from_directory(directory: Path, choice, validate: bool, label: str | None = None) -> list[Pallet]:
+    label = label or str(directory)
+    locations = discovery.locate(_json_files(directory))
+    if not locations:
         raise PalletError(
             f"{directory} holds no BkgOnly.json: point at a pallet directory, or give the background "
             "workspace and --patchset separately"
         )
-    root = Path(background).parent
-    workspace = check_workspace(_read_json(Path(background)), background, full=validate)
-    patches, labels, description = load_patches(root, workspace)
-    return Pallet(workspace, patches, labels, str(directory), description)
+    chosen = discovery.choose(locations, choice, label)
+    return _read_located(
+        label, locations, chosen, lambda path: _read_bytes(directory / path), lambda path: str(directory / path),
+        validate,
+    )
 
 
-def _pallet_from_tarball(path: Path, validate: bool) -> Pallet:
+def _pallets_from_tarball(path: Path, choice, validate: bool) -> list[Pallet]:
     try:
         with tarfile.open(path, "r:*") as archive:
-            members = {member.name: member for member in archive.getmembers() if member.isfile()}
-            background = _find_background(members)
-            if background is None:
+            members = {}
+            for member in archive.getmembers():
+                name = discovery.normalize(member.name) if member.isfile() else None
+                if name is not None:
+                    members.setdefault(name, member)
+            locations = discovery.locate(members)
+            if not locations:
                 raise PalletError(f"{path} holds no BkgOnly.json: is it a HEPData likelihood archive?")
-            prefix = os.path.dirname(background)
-
-            def read(name: str) -> bytes:
-                return archive.extractfile(members[name]).read()
-
-            where = f"{path}:{background}"
-            workspace = check_workspace(_parse_json(read(background), where), where, full=validate)
-            patchset_name = os.path.join(prefix, "patchset.json")
-            if patchset_name in members:
-                where = f"{path}:{patchset_name}"
-                raw = read(patchset_name)
-                patches, labels, description = _patches_from_patchset(_parse_json(raw, where), where, workspace, raw)
-            else:
-                patches = []
-                for name in sorted(members):
-                    match = _PATCH_FILE.match(os.path.basename(name))
-                    if match and os.path.dirname(name) == prefix:
-                        ops = _check_operations(_parse_json(read(name), f"{path}:{name}"), f"{path}:{name}")
-                        patches.append(Patch(match.group("name"), _values_from_name(match.group("name")), ops))
-                if not patches:
-                    raise PalletError(f"{path} holds no patchset.json and no patch.<name>.json files")
-                labels, description = _generic_labels(patches), ""
+            chosen = discovery.choose(locations, choice, str(path))
+            needed = set()
+            for location in chosen:
+                needed.update([location.background, location.patchset, *location.patch_files])
+            # Read in archive order: going back in a compressed stream means decompressing it again.
+            contents = {
+                name: archive.extractfile(member).read()
+                for name, member in sorted(members.items(), key=lambda item: item[1].offset)
+                if name in needed
+            }
     except FileNotFoundError:
         raise PalletError(f"{path} does not exist: check the path") from None
     except (EOFError, zlib.error, gzip.BadGzipFile) as error:
@@ -400,7 +433,7 @@ def _pallet_from_tarball(path: Path, validate: bool) -> Pallet:
             f"{path} is not a readable tar archive ({_first_line(error)}): give a HEPData .tar.gz, "
             "a pallet directory or a DOI"
         ) from None
-    return Pallet(workspace, patches, labels, str(path), description)
+    return _read_located(str(path), locations, chosen, contents.__getitem__, lambda name: f"{path}:{name}", validate)
 
 
 def _first_line(error: BaseException) -> str:
@@ -424,42 +457,94 @@ def _download(source: str, force: bool) -> Path:
     return target
 
 
-def load_pallet(source: Any, *, force_download: bool = False, validate: bool = True) -> Pallet:
+def _several(choice) -> bool:
+    """Whether a pallet choice asks for a list (several names, a pattern, or "all")."""
+    if isinstance(choice, str):
+        return choice.strip().lower() == discovery.ALL or any(character in choice for character in "*?[")
+    return choice is not None
+
+
+def load_pallet(
+    source: Any, *, pallet: str | list[str] | None = None, force_download: bool = False, validate: bool = True
+) -> Pallet | list[Pallet]:
     """Read a pallet: background workspace plus signal patches.
+
+    A source can hold several pallets (one per folder, e.g. ``Region-combined/``,
+    ``Region-lowMass/``); ``pallet`` chooses among them, by name: the folder relative to the one
+    they all share (see :mod:`pyhf_dist.discovery`).
 
     Args:
         source: A pallet directory, a HEPData ``.tar.gz``, or a HEPData DOI / URL (downloaded with
             ``pyhf.contrib.utils.download``; needs ``pip install "pyhf-dist[contrib]"``).
+        pallet: Which pallet(s): a name (``"Region-combined"``), a shell-style pattern, a list of
+            names, or ``"all"``; ``None`` for a source that holds one.
         force_download: Allow a URL outside HEPData / doi.org.
         validate: Validate the background workspace against pyhf's JSON schema (``False`` checks
             only its shape; :func:`check_workspace` can complete the check later).
 
     Returns:
-        The :class:`Pallet`.
+        The :class:`Pallet`; a list of them when ``pallet`` is a list, a pattern or ``"all"``.
+        A pallet's ``name`` is ``None`` when its source holds no other.
 
     Raises:
+        PalletSelectionError: The source holds several pallets and none was chosen, or no pallet
+            has the name asked for.
         PalletError: The source is missing, unreadable, truncated, or not a pallet.
         WorkspaceError: The JSON in it is not a HistFactory workspace or patchset.
     """
     if isinstance(source, Pallet):
-        return source
+        pallets = [source]
+        if pallet is not None:
+            names = [source.name or discovery.TOP]
+            pallets = [pallets[index] for index in discovery.select_names(names, pallet, source.source)]
+    else:
+        pallets = _load_pallets(source, pallet, force_download, validate)
+    return pallets if _several(pallet) else pallets[0]
+
+
+def pallet_names(source: Any, *, force_download: bool = False) -> list[str]:
+    """The names of the pallets a source holds, without reading them (``[name]`` for one pallet).
+
+    >>> import tempfile, pathlib
+    >>> top = pathlib.Path(tempfile.mkdtemp())
+    >>> for region in ("SR-A", "SR-B"):
+    ...     (top / "record" / region).mkdir(parents=True)
+    ...     _ = (top / "record" / region / "BkgOnly.json").write_text("{}")
+    >>> pallet_names(top)
+    ['SR-A', 'SR-B']
+    """
+    text = os.fspath(source) if isinstance(source, os.PathLike) else source
+    if isinstance(text, str) and not os.path.exists(text) and _is_remote(text):
+        text = str(_download(text, force_download))
+    path = Path(text)
+    if path.is_dir():
+        return [location.name for location in discovery.locate(_json_files(path))]
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            names = [member.name for member in archive.getmembers() if member.isfile()]
+    except FileNotFoundError:
+        raise PalletError(f"{path} does not exist: check the path") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile, tarfile.TarError, OSError) as error:
+        raise PalletError(f"{path} is not a readable tar archive ({_first_line(error)})") from None
+    return [location.name for location in discovery.locate(names)]
+
+
+def _load_pallets(source: Any, choice, force_download: bool, validate: bool) -> list[Pallet]:
     text = os.fspath(source) if isinstance(source, os.PathLike) else source
     if not isinstance(text, str):
         raise PalletError(f"cannot read a pallet from a {type(source).__name__}: give a path, a tarball or a DOI")
     if not os.path.exists(text) and _is_remote(text):
-        pallet = _pallet_from_directory(_download(text, force_download), validate)
-        pallet.source = text
-        return pallet
+        return _pallets_from_directory(_download(text, force_download), choice, validate, label=text)
     path = Path(text)
     if path.is_dir():
-        return _pallet_from_directory(path, validate)
+        return _pallets_from_directory(path, choice, validate)
     if path.is_file():
         if path.suffix.lower() == ".json":
             raise PalletError(
                 f"{path} is a single JSON file, not a pallet: give its patches too "
                 "(--patchset patchset.json or a directory of patch files)"
             )
-        return _pallet_from_tarball(path, validate)
+        return _pallets_from_tarball(path, choice, validate)
     raise PalletError(f"{path} does not exist: check the path (a pallet directory, a .tar.gz or a HEPData DOI)")
 
 
@@ -479,15 +564,40 @@ def select_patches(patches: list[Patch], selection: Iterable[str] | str | None) 
     """
     if not patches:
         raise PatchSelectionError("the pallet has no patches to fit")
+    chosen = _chosen_names([patch.name for patch in patches], selection)
+    return [patch for patch in patches if chosen is None or patch.name in chosen]
+
+
+def select_across(pallets: list[Pallet], selection: Iterable[str] | str | None) -> list[list[Patch]]:
+    """:func:`select_patches` over several pallets: each pattern must match in at least one of them.
+
+    Returns:
+        The selected patches of each pallet, in the order of ``pallets`` (a list may be empty).
+
+    >>> one = Pallet({}, [Patch("A_1_2", (1, 2), [])], [], name="one")
+    >>> two = Pallet({}, [Patch("A_1_2", (1, 2), []), Patch("B_5_6", (5, 6), [])], [], name="two")
+    >>> [[p.name for p in chosen] for chosen in select_across([one, two], ["B_*"])]
+    [[], ['B_5_6']]
+    """
+    for pallet in pallets:
+        if not pallet.patches:
+            label = f"pallet {pallet.name!r}" if pallet.name is not None else "the pallet"
+            raise PatchSelectionError(f"{label} has no patches to fit")
+    names = list(dict.fromkeys(patch.name for pallet in pallets for patch in pallet.patches))
+    chosen = _chosen_names(names, selection)
+    return [[patch for patch in pallet.patches if chosen is None or patch.name in chosen] for pallet in pallets]
+
+
+def _chosen_names(names: list[str], selection: Iterable[str] | str | None) -> set[str] | None:
+    """The names ``selection`` picks (``None``: all); raises when a pattern matches nothing."""
     if selection is None:
-        return list(patches)
+        return None
     if isinstance(selection, str):
         selection = [selection]
     # Blank names (e.g. ``-p ""`` from a script whose variable was empty) select nothing.
     selection = [str(pattern) for pattern in selection if str(pattern).strip()]
     if not selection:
         raise PatchSelectionError("the patch selection is empty: give at least one name or pattern, or none for all")
-    names = [patch.name for patch in patches]
     chosen: set[str] = set()
     for pattern in selection:
         matched = fnmatch.filter(names, pattern) if any(c in pattern for c in "*?[") else (
@@ -500,4 +610,4 @@ def select_patches(patches: list[Patch], selection: Iterable[str] | str | None) 
             hint = f"did you mean {', '.join(close)}?" if close else f"the pallet has {len(names)} patches, e.g. {names[0]}"
             raise PatchSelectionError(f"no patch matches {pattern!r}: {hint}")
         chosen.update(matched)
-    return [patch for patch in patches if patch.name in chosen]
+    return chosen

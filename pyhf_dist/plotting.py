@@ -29,7 +29,7 @@ from typing import Any
 from pyhf_dist.exceptions import InputError, MissingDependencyError, OutputError
 from pyhf_dist.results import EXCLUSION_LEVEL, FitRecord, ScanResult
 
-__all__ = ["plot_exclusion", "load_results", "exclusion_points", "FORMATS"]
+__all__ = ["plot_exclusion", "load_results", "choose_pallet", "exclusion_points", "FORMATS"]
 
 #: Output formats the plot command is documented for (any matplotlib format works).
 FORMATS = ("png", "pdf", "svg")
@@ -67,6 +67,30 @@ def load_results(results: Any) -> ScanResult:
     if str(results).lower().endswith(".csv"):
         return ScanResult.from_csv(results)
     return ScanResult.from_json(results)
+
+
+def choose_pallet(result: ScanResult, pallet: str | None) -> ScanResult:
+    """The records of one pallet of ``result`` (all of them when ``pallet`` is ``None`` and the
+    results hold one pallet).
+
+    Raises:
+        PalletSelectionError: The results hold several pallets and none was chosen, or not the
+            one asked for.
+    """
+    from pyhf_dist.exceptions import PalletSelectionError
+    from pyhf_dist.results import COMBINATIONS
+
+    if pallet is not None:
+        return result.for_pallet(pallet)
+    available = result.pallets()
+    if len(available) > 1:
+        fitted = [name for name in available if name not in COMBINATIONS]
+        choices = available + [name for name in COMBINATIONS if name not in available and len(fitted) > 1]
+        raise PalletSelectionError(
+            f"the results hold {len(fitted)} pallets: {', '.join(choices)}; choose one to draw with "
+            "--pallet NAME (pallet= in Python)"
+        )
+    return result
 
 
 def _finite(value) -> bool:
@@ -244,6 +268,7 @@ def plot_exclusion(
     results: Any,
     output: str | os.PathLike | None = None,
     *,
+    pallet: str | None = None,
     title: str | None = None,
     labels: list[str] | None = None,
     quantity: str = "auto",
@@ -260,6 +285,9 @@ def plot_exclusion(
             a list of records (at least ``name``, ``values``, ``status``, ``CLs_obs``; ``CLs_exp``
             for the expected contour; or ``mu_up_obs``/``mu_up_exp`` for limits).
         output: File to write (``.png``, ``.pdf``, ``.svg``...; format from the suffix).
+        pallet: Which pallet's records to draw, for results of several pallets (required there): a
+            pallet name, or ``"best-expected"`` for their combination (made from the pallets'
+            records when the results do not hold it).
         title: Title above the axes.
         labels: Axis titles; default: the results' ``metadata["labels"]``, else ``value 1/2``.
         quantity: ``"CLs"`` (contour at CLs = 0.05), ``"mu_up"`` (contour at μ_up = 1), or
@@ -279,7 +307,8 @@ def plot_exclusion(
 
     Raises:
         MissingDependencyError: matplotlib is not installed.
-        InputError: The results cannot be read or have nothing to plot.
+        InputError: The results cannot be read, have nothing to plot, or hold several pallets
+            and ``pallet`` chooses none of them.
         OutputError: ``output`` cannot be written.
 
     Example:
@@ -291,7 +320,7 @@ def plot_exclusion(
         True
     """
     Figure = _matplotlib()
-    result = load_results(results)
+    result = choose_pallet(load_results(results), pallet)
     points = exclusion_points(result, quantity, tuple(axes))
     level = points["level"]
     output_path = _check_output(output) if output is not None else None

@@ -1,12 +1,16 @@
 """Scan results: one :class:`FitRecord` per patch, gathered in a :class:`ScanResult`.
 
 The JSON file schema is ``{"metadata": {...}, "results": [{...}, ...]}`` with one object per
-patch holding the fields of :class:`FitRecord`. Files are written atomically (a temporary file
+patch holding the fields of :class:`FitRecord`. A scan of several pallets of one source holds the
+records of each (``pallet`` names it; a patch name can be in several) and, when asked, their
+combination (records whose ``pallet`` is the combination's name, e.g. ``"best-expected"``; see
+:mod:`pyhf_dist.combine`). Files are written atomically (a temporary file
 in the same directory, then a rename), so an interrupted write never leaves half a file.
 """
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import io
@@ -19,9 +23,11 @@ from typing import Any, Iterator
 
 from pyhf_dist.exceptions import PalletError
 
-__all__ = ["FitRecord", "ScanResult", "write_atomic", "json_safe", "EXCLUSION_LEVEL"]
+__all__ = ["FitRecord", "ScanResult", "write_atomic", "json_safe", "EXCLUSION_LEVEL", "COMBINATIONS"]
 
 EXCLUSION_LEVEL = 0.05
+#: Names of the combinations of several pallets; records of a combination carry it as ``pallet``.
+COMBINATIONS = ("best-expected",)
 
 
 @dataclasses.dataclass
@@ -43,6 +49,11 @@ class FitRecord:
         attempts: 1, plus once for every time the worker running it died (its retries).
         mu_up_obs: Observed upper limit on the signal strength (upper-limit scans).
         mu_up_exp: Expected upper limits, five values -2σ..+2σ (upper-limit scans).
+        pallet: The pallet the patch belongs to, in a source that holds several (e.g.
+            ``"Region-combined"``); ``None`` for the only pallet of its source. For a combination
+            of pallets, the combination's name (``"best-expected"``).
+        chosen_pallet: In a combination's record, the pallet whose result it took (``None`` when
+            no pallet could be chosen: the record is then failed and ``error`` says why).
     """
 
     name: str
@@ -59,10 +70,22 @@ class FitRecord:
     attempts: int = 1
     mu_up_obs: float | None = None
     mu_up_exp: list | None = None
+    pallet: str | None = None
+    chosen_pallet: str | None = None
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def key(self) -> tuple:
+        """``(pallet, name)``: what identifies a record in a scan of several pallets."""
+        return (self.pallet, self.name)
+
+    @property
+    def combined(self) -> bool:
+        """Whether the record is a combination of pallets' records, not a fit of its own."""
+        return self.pallet in COMBINATIONS
 
     @property
     def excluded(self) -> bool | None:
@@ -102,7 +125,8 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 _CSV_FIELDS = [
-    "name", "values", "status", "CLs_obs", "CLs_exp_m2", "CLs_exp_m1", "CLs_exp", "CLs_exp_p1", "CLs_exp_p2",
+    "name", "pallet", "chosen_pallet", "values",
+    "status", "CLs_obs", "CLs_exp_m2", "CLs_exp_m1", "CLs_exp", "CLs_exp_p1", "CLs_exp_p2",
     "mu_up_obs", "mu_up_exp_m2", "mu_up_exp_m1", "mu_up_exp", "mu_up_exp_p1", "mu_up_exp_p2",
     "error", "fit_seconds", "attempts", "host", "pid", "slurm_job_id",
 ]
@@ -112,12 +136,15 @@ _BAND = ("m2", "m1", None, "p1", "p2")
 class ScanResult:
     """The records of a scan and its metadata.
 
-    Iterates over :class:`FitRecord` objects, indexes by position or by patch name, and reads and
-    writes JSON and CSV.
+    Iterates over :class:`FitRecord` objects, indexes by position, by patch name, or by
+    ``(pallet, name)`` (needed when a name is in several pallets), and reads and writes JSON and CSV.
 
     >>> result = ScanResult([FitRecord("A", [1, 2], CLs_obs=0.01, CLs_exp=[0.1] * 5)], {"executor": "local"})
     >>> result["A"].excluded, len(result)
     (True, 1)
+    >>> two = ScanResult([FitRecord("A", [1, 2], pallet="SR1"), FitRecord("A", [1, 2], pallet="SR2")])
+    >>> two["SR2", "A"].pallet, two.pallets(), len(two.for_pallet("SR1"))
+    ('SR2', ['SR1', 'SR2'], 1)
     """
 
     def __init__(self, records: list[FitRecord] | None = None, metadata: dict | None = None):
@@ -130,16 +157,29 @@ class ScanResult:
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, key: int | str) -> FitRecord:
-        if isinstance(key, str):
+    def __getitem__(self, key: int | str | tuple) -> FitRecord:
+        if isinstance(key, tuple):
             for record in self.records:
-                if record.name == key:
+                if record.key == key:
                     return record
+            raise KeyError(key)
+        if isinstance(key, str):
+            found = [record for record in self.records if record.name == key]
+            if len(found) > 1:
+                pallets = ", ".join(str(record.pallet) for record in found)
+                raise KeyError(
+                    f"{key!r} is in several pallets ({pallets}): index with (pallet, name), "
+                    f"e.g. results[{found[0].pallet!r}, {key!r}]"
+                )
+            if found:
+                return found[0]
             raise KeyError(key)
         return self.records[key]
 
-    def __contains__(self, name: str) -> bool:
-        return any(record.name == name for record in self.records)
+    def __contains__(self, key: str | tuple) -> bool:
+        if isinstance(key, tuple):
+            return any(record.key == key for record in self.records)
+        return any(record.name == key for record in self.records)
 
     def __repr__(self) -> str:
         counts = self.counts()
@@ -159,9 +199,12 @@ class ScanResult:
         2
         """
         labels = list(self.metadata.get("labels") or [])
+        named = any(record.pallet is not None for record in self.records)
         rows = []
         for record in self.records:
             row = _flat(record)
+            if not named:  # a single-pallet source: no pallet columns
+                del row["pallet"], row["chosen_pallet"]
             values = row.pop("values")
             names = labels if len(labels) == len(record.values) else [f"value {i + 1}" for i in range(len(record.values))]
             row = {"name": row.pop("name"), **dict(zip(names, values)), **row}
@@ -169,7 +212,8 @@ class ScanResult:
         return rows
 
     def to_pandas(self):
-        """The records as a ``pandas.DataFrame`` indexed by patch name (needs pandas).
+        """The records as a ``pandas.DataFrame`` indexed by patch name, or by (pallet, patch name)
+        when the source held several pallets (needs pandas).
 
         Columns as :meth:`rows`; ``CLs_obs``, ``CLs_exp`` (the median) and the band edges are
         floats, NaN where a CLs is undefined or the fit failed.
@@ -181,7 +225,9 @@ class ScanResult:
 
             raise MissingDependencyError("pandas", "pandas", "ScanResult.to_pandas()") from None
         frame = pandas.DataFrame(self.rows())
-        return frame.set_index("name") if len(frame) else frame
+        if not len(frame):
+            return frame
+        return frame.set_index(["pallet", "name"] if "pallet" in frame else "name")
 
     def _repr_html_(self) -> str:
         """What a notebook shows: a summary line and a table of the records (first 50)."""
@@ -206,16 +252,55 @@ class ScanResult:
         header = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
         return f"{head}<table><thead><tr>{header}</tr></thead><tbody>{''.join(cells)}</tbody></table>{more}"
 
+    def pallets(self) -> list[str]:
+        """The pallet names of the records, in order (combinations included); ``[]`` for a scan
+        of a single-pallet source."""
+        return list(dict.fromkeys(record.pallet for record in self.records if record.pallet is not None))
+
+    def for_pallet(self, pallet: str) -> "ScanResult":
+        """The records of one pallet (or of a combination, e.g. ``"best-expected"``: made from the
+        pallets' records when the results do not hold it yet; see :mod:`pyhf_dist.combine`).
+
+        Raises:
+            PalletSelectionError: No such pallet in the results (close names are suggested).
+        """
+        from pyhf_dist.exceptions import PalletSelectionError
+
+        available = self.pallets()
+        metadata = {**self.metadata, "pallet": pallet}
+        if pallet in available:
+            return ScanResult([record for record in self.records if record.pallet == pallet], metadata)
+        fitted = [name for name in available if name not in COMBINATIONS]
+        if pallet in COMBINATIONS and len(fitted) > 1:
+            from pyhf_dist.combine import combine
+
+            return ScanResult(combine([r for r in self.records if not r.combined], pallet, fitted), metadata)
+        if not available:
+            raise PalletSelectionError(
+                f"the results are of a single-pallet scan (no pallet names): drop the pallet choice {pallet!r}"
+            )
+        import difflib
+
+        choices = available + [name for name in COMBINATIONS if name not in available and len(fitted) > 1]
+        close = difflib.get_close_matches(pallet, choices, n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}?" if close else f"they hold {', '.join(choices)}"
+        raise PalletSelectionError(f"the results hold no pallet {pallet!r}: {hint}")
+
     def failed(self) -> list[FitRecord]:
         return [record for record in self.records if not record.ok]
 
     def counts(self) -> dict:
-        """Numbers for a summary: total, ok, failed, excluded (observed CLs < 0.05)."""
+        """Numbers for a summary: total, ok, failed, excluded (observed CLs < 0.05).
+
+        Records of a combination of pallets are not fits: they are counted only by
+        ``for_pallet("best-expected").counts()``, unless the results hold nothing else.
+        """
+        records = [record for record in self.records if not record.combined] or self.records
         return {
-            "total": len(self.records),
-            "ok": sum(record.ok for record in self.records),
-            "failed": sum(not record.ok for record in self.records),
-            "excluded": sum(bool(record.excluded) for record in self.records),
+            "total": len(records),
+            "ok": sum(record.ok for record in records),
+            "failed": sum(not record.ok for record in records),
+            "excluded": sum(bool(record.excluded) for record in records),
         }
 
     # ------------------------------------------------------------------------------------ JSON
@@ -291,6 +376,8 @@ class ScanResult:
                 records.append(
                     FitRecord(
                         name=row["name"],
+                        pallet=row.get("pallet") or None,
+                        chosen_pallet=row.get("chosen_pallet") or None,
                         values=[float(value) for value in row["values"].split()],
                         status=row["status"],
                         CLs_obs=number(row["CLs_obs"]),
@@ -308,7 +395,8 @@ class ScanResult:
     # ---------------------------------------------------------------------------------- summary
 
     def summary(self) -> str:
-        """A short text table: counts, wall time, and how many points are excluded."""
+        """A short text table: counts, wall time, and how many points are excluded (per pallet,
+        and for their combination, when the scan fitted several)."""
         counts = self.counts()
         wall = self.metadata.get("wall_seconds")
         lines = [
@@ -316,9 +404,12 @@ class ScanResult:
             f"{'ok':<28}{counts['ok']}",
             f"{'failed':<28}{counts['failed']}",
         ]
-        if any(record.CLs_obs is not None for record in self.records):
+        pallets = self.pallets()
+        if pallets:  # exclusion counts are per pallet: one point is in several
+            lines += self._pallet_lines(pallets)
+        if not pallets and any(record.CLs_obs is not None for record in self.records):
             lines.append(f"{'excluded (CLs_obs < 0.05)':<28}{counts['excluded']}")
-        if any(record.mu_up_obs is not None for record in self.records):
+        if not pallets and any(record.mu_up_obs is not None for record in self.records):
             below = sum(1 for r in self.records if r.mu_up_obs is not None and r.mu_up_obs < 1)
             lines.append(f"{'excluded (mu_up_obs < 1)':<28}{below}")
         if wall is not None:
@@ -327,11 +418,34 @@ class ScanResult:
             lines.append(f"{'executor':<28}{self.metadata['executor']} ({self.metadata.get('workers')} workers)")
         return "\n".join(lines)
 
+    def _pallet_lines(self, pallets: list[str]) -> list[str]:
+        """One summary line per pallet: its counts, and for a combination the pallets it took."""
+        limits = not any(record.CLs_obs is not None for record in self.records)
+        test = "mu_up_obs < 1" if limits else "CLs_obs < 0.05"
+        fitted = [name for name in pallets if name not in COMBINATIONS]
+        lines = [f"{'pallets':<28}{len(fitted)} ({test} counted as excluded)"]
+        for name in pallets:
+            records = [record for record in self.records if record.pallet == name]
+            ok = sum(record.ok for record in records)
+            if limits:
+                excluded = sum(1 for r in records if r.ok and r.mu_up_obs is not None and r.mu_up_obs < 1)
+            else:
+                excluded = sum(bool(record.excluded) for record in records)
+            line = f"  {name:<26}{len(records)} {'points' if name in COMBINATIONS else 'patches'}: {ok} ok, " \
+                   f"{len(records) - ok} failed, {excluded} excluded"
+            if name in COMBINATIONS:
+                taken = collections.Counter(record.chosen_pallet for record in records if record.chosen_pallet)
+                line += f" (from {', '.join(f'{pallet} {taken[pallet]}' for pallet in fitted if taken[pallet])})"
+            lines.append(line)
+        return lines
+
 
 def _flat(record: FitRecord) -> dict:
     """A record as one flat row (the CSV columns; ``values`` still a list)."""
     row = {
         "name": record.name,
+        "pallet": record.pallet,
+        "chosen_pallet": record.chosen_pallet,
         "values": list(record.values),
         "status": record.status,
         "CLs_obs": record.CLs_obs,

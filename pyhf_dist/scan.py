@@ -2,7 +2,10 @@
 
 :func:`iter_fits` yields one :class:`~pyhf_dist.results.FitRecord` per patch as results arrive;
 :func:`map_fits` collects them into a :class:`~pyhf_dist.results.ScanResult`. Both take the same
-arguments. The loop keeps what a scan must never lose: every finished record goes to the journal
+arguments. A scan can fit several pallets of one source at once (``pallet=``): one context holds
+every chosen pallet's workspace, each task names its pallet, and records are identified by
+``(pallet, name)``; ``combine="best-expected"`` adds their combination at the end. The loop keeps
+what a scan must never lose: every finished record goes to the journal
 (when one is given) before anything else happens, tasks whose worker died are resubmitted up to
 ``retries`` times, a fit that raises becomes a failed record, and clusters or pools the scan
 started are shut down however it ends — normally, on an error, or on Ctrl-C.
@@ -20,18 +23,20 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
+from pyhf_dist import discovery
 from pyhf_dist.calculations import merge_chunks, plan_chunks
+from pyhf_dist.combine import check_method, combine as combine_records
 from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, InputError, SettingsError, first_line
 from pyhf_dist.executors import get_executor
 from pyhf_dist.journal import Journal, scan_key
 from pyhf_dist.pallet import (
-    Pallet, Patch, check_workspace, is_pyhf, load_pallet, load_patches, load_workspace, select_patches,
+    Pallet, Patch, check_workspace, is_pyhf, load_pallet, load_patches, load_workspace, select_across,
 )
 from pyhf_dist.results import FitRecord, ScanResult
 from pyhf_dist.settings import FitSettings
 from pyhf_dist.worker import WorkerContext, failed_record, make_task
 
-__all__ = ["map_fits", "iter_fits", "prepare_pallet"]
+__all__ = ["map_fits", "iter_fits", "prepare_pallet", "prepare_pallets"]
 
 #: Extra seconds the client waits past ``timeout`` before it gives up on a task itself (the worker
 #: normally stops the fit on time; this covers workers that cannot).
@@ -54,15 +59,47 @@ def prepare_pallet(workspace: Any, patchset: Any = None, *, validate: bool = Tru
     return Pallet(spec, patches, labels, str(workspace) if isinstance(workspace, (str, os.PathLike)) else "<memory>", description)
 
 
+def prepare_pallets(workspace: Any, patchset: Any = None, pallet: Any = None, *, validate: bool = True) -> list[Pallet]:
+    """The pallets a scan fits: :func:`prepare_pallet`, or the ones ``pallet`` chooses in a source
+    (or in a list of :class:`Pallet` objects) that holds several."""
+    if isinstance(workspace, (list, tuple)) and workspace and all(isinstance(p, Pallet) for p in workspace):
+        names = [p.name for p in workspace]
+        if len(workspace) > 1 and (None in names or len(set(names)) < len(names)):
+            raise InputError("pallets fitted together need distinct names: set each Pallet's name")
+        if pallet is None:
+            return list(workspace)
+        indices = discovery.select_names([name or discovery.TOP for name in names], pallet, "the pallets given")
+        return [workspace[index] for index in indices]
+    if patchset is not None:
+        if pallet is not None:
+            raise InputError(
+                "pallet= chooses among the pallets of one source; a workspace given with its patchset is one "
+                "pallet: drop the pallet choice"
+            )
+        return [prepare_pallet(workspace, patchset, validate=validate)]
+    single_json = isinstance(workspace, dict) or is_pyhf(workspace, "Workspace") or (
+        not isinstance(workspace, Pallet) and str(workspace).lower().endswith(".json"))
+    if single_json:
+        return [prepare_pallet(workspace, validate=validate)]  # says the patches are missing
+    loaded = load_pallet(workspace, pallet=pallet, validate=validate)
+    return loaded if isinstance(loaded, list) else [loaded]
+
+
 @dataclasses.dataclass
 class _Job:
-    """One task of a patch: the patch, which chunk of it, and how often it was submitted."""
+    """One task of a patch: the patch, its pallet, which chunk of it, and how often it was submitted."""
 
     patch: Patch
     chunk: Any
+    pallet: str | None = None
     attempt: int = 1
     submitted: float = 0.0
     running_since: float | None = None
+
+    @property
+    def key(self) -> tuple:
+        """``(pallet, patch name)``: a patch name can be in several pallets of a scan."""
+        return (self.pallet, self.patch.name)
 
 
 def iter_fits(
@@ -71,6 +108,8 @@ def iter_fits(
     *,
     executor: Any = "local",
     patches: Any = None,
+    pallet: Any = None,
+    combine: str | None = None,
     poi_test: float = 1.0,
     test_stat: str = "qtilde",
     backend: str | None = None,
@@ -92,7 +131,8 @@ def iter_fits(
 
     Arguments are those of :func:`map_fits` (without ``callback`` and ``progress``; ``workers``
     goes with the executor options). Records read back from the journal of a resumed scan come
-    first. When given, ``metadata`` (a dict) is
+    first; with ``combine``, the combined records come last, once every fit is in. When given,
+    ``metadata`` (a dict) is
     filled with the scan's metadata as soon as it is known, and ``on_start`` is called with it once
     the executor is up (before the first result).
     """
@@ -117,38 +157,53 @@ def iter_fits(
             runner.prepare(settings.to_dict())
         # Full schema validation is deferred (see below) until the patch selection and settings
         # are known to be right.
-        pallet = prepare_pallet(workspace, patchset, validate=False)
-        selected = select_patches(pallet.patches, patches)
-        values_by_name = {patch.name: list(patch.values) for patch in selected}
+        pallets = prepare_pallets(workspace, patchset, pallet, validate=False)
+        combine = check_method(combine, pallets)
+        chosen = select_across(pallets, patches)
+        values_by_key = {
+            (each.name, patch.name): list(patch.values) for each, selected in zip(pallets, chosen) for patch in selected
+        }
+        # Single-pallet scans keep the key they always had (their journals resume across versions).
+        key_spec = pallets[0].workspace if len(pallets) == 1 and pallets[0].name is None else {
+            each.name: each.workspace for each in pallets}
 
-        book = Journal(journal, scan_key(pallet.workspace, settings)) if journal is not None else None
+        book = Journal(journal, scan_key(key_spec, settings)) if journal is not None else None
         if book is not None:
             book.acquire()  # before reading it: two scans must never write one journal
         finished = book.load() if (book is not None and resume) else {}
         # Only fits that succeeded are kept: a resumed scan fits the failed ones again.
-        finished = {name: record for name, record in finished.items() if name in values_by_name and record.ok}
-        todo = [patch for patch in selected if patch.name not in finished]
+        finished = {key: record for key, record in finished.items() if key in values_by_key and record.ok}
+        todo = [(each.name, patch) for each, selected in zip(pallets, chosen) for patch in selected
+                if (each.name, patch.name) not in finished]
 
-        context = WorkerContext.build(pallet.workspace, settings.to_dict())
+        if len(pallets) == 1:
+            context = WorkerContext.build(pallets[0].workspace, settings.to_dict())
+        else:
+            context = WorkerContext.build_pallets({each.name: each.workspace for each in pallets}, settings.to_dict())
         info.update(
-            source=pallet.source,
-            labels=pallet.labels,
-            patches=len(selected),
-            order=[patch.name for patch in selected],
+            source=pallets[0].source,
+            labels=pallets[0].labels,
+            patches=len(values_by_key),
+            pallets={each.name: len(selected) for each, selected in zip(pallets, chosen)}
+            if pallets[0].name is not None else None,
+            combine=combine,
+            order=list(values_by_key),
             resumed=len(finished),
             settings=settings.to_dict(),
             settings_digest=settings.digest(),
-            scan_key=book.key if book is not None else scan_key(pallet.workspace, settings),
+            scan_key=book.key if book is not None else scan_key(key_spec, settings),
             journal=str(book.path) if book is not None else None,
             **_versions(),
         )
         started = time.time()
         info["started"] = started
+        done = list(finished.values())
         if not todo:
             info.update(runner.describe())
             if on_start is not None:
                 on_start(info)
-            yield from finished.values()
+            yield from done
+            yield from _combination(done, combine, pallets, values_by_key)
             return
         try:
             runner.start(context)
@@ -157,25 +212,27 @@ def iter_fits(
         except Exception as error:
             # An invalid workspace must be refused as bad input (naming the JSON path), not
             # surface as a worker that cannot start.
-            check_workspace(pallet.workspace, pallet.source)
+            _check_workspaces(pallets)
             if isinstance(error, ExecutorError):
                 raise
             raise ExecutorError(f"executor {runner.name!r} could not start: {first_line(error, with_type=True)}") from error
         # Full schema validation takes about a second for a large workspace: it runs while the
         # workers start, and before any result is taken.
-        check_workspace(pallet.workspace, pallet.source)
+        _check_workspaces(pallets)
         info.update(runner.describe())
         if on_start is not None:
             on_start(info)
-        yield from finished.values()
+        yield from done
         if book is not None:
             # Opened only now, once the executor is up: a scan that cannot start leaves an earlier
             # journal as it was (and creates no file).
             book.open(append=resume)
-        for record in _run(runner, context, todo, settings, retries, timeout, values_by_name):
+        for record in _run(runner, context, todo, settings, retries, timeout, values_by_key):
             if book is not None:
                 book.write(record)
+            done.append(record)
             yield record
+        yield from _combination(done, combine, pallets, values_by_key)
     finally:
         try:
             if owned:
@@ -187,26 +244,42 @@ def iter_fits(
             _restore_sigterm(sigterm)
 
 
-def _run(runner, context, todo, settings, retries, timeout, values_by_name) -> Iterator[FitRecord]:
+def _combination(done: list[FitRecord], combine: str | None, pallets: list[Pallet], order: dict) -> list:
+    """The combined records of a scan (none without ``combine``): derived from its records, never
+    journaled (a resumed scan combines afresh), in the pallets' order, not the order fits finished."""
+    if combine is None:
+        return []
+    position = {key: index for index, key in enumerate(order)}
+    return combine_records(sorted(done, key=lambda record: position[record.key]), combine,
+                           [each.name for each in pallets])
+
+
+def _check_workspaces(pallets: list[Pallet]) -> None:
+    for each in pallets:
+        check_workspace(each.workspace, each.source if each.name is None else f"{each.source}:{each.name}")
+
+
+def _run(runner, context, todo, settings, retries, timeout, values_by_key) -> Iterator[FitRecord]:
     workers = runner.workers or 1
     queue: collections.deque[_Job] = collections.deque(
-        _Job(patch, chunk) for patch in todo for chunk in plan_chunks(settings, workers)
+        _Job(patch, chunk, pallet) for pallet, patch in todo for chunk in plan_chunks(settings, workers)
     )
-    expected = {patch.name: 0 for patch in todo}
+    expected = {(pallet, patch.name): 0 for pallet, patch in todo}
     for job in queue:
-        expected[job.patch.name] += 1
-    partial: dict[str, list[dict]] = collections.defaultdict(list)
-    first_submitted: dict[str, float] = {}
-    attempts: dict[str, int] = collections.defaultdict(int)
+        expected[job.key] += 1
+    partial: dict[tuple, list[dict]] = collections.defaultdict(list)
+    first_submitted: dict[tuple, float] = {}
+    attempts: dict[tuple, int] = collections.defaultdict(int)
     in_flight: dict[concurrent.futures.Future, _Job] = {}
     limit = runner.max_pending or len(queue)
 
     def submit(job: _Job) -> None:
         job.submitted = time.time()
         job.running_since = None
-        first_submitted.setdefault(job.patch.name, job.submitted)
-        attempts[job.patch.name] = max(attempts[job.patch.name], job.attempt)
-        task = make_task(job.patch.name, job.patch.operations, context.key, chunk=job.chunk, timeout=timeout)
+        first_submitted.setdefault(job.key, job.submitted)
+        attempts[job.key] = max(attempts[job.key], job.attempt)
+        task = make_task(job.patch.name, job.patch.operations, context.key, pallet=job.pallet, chunk=job.chunk,
+                         timeout=timeout)
         in_flight[runner.submit(task)] = job
 
     while queue or in_flight:
@@ -229,12 +302,13 @@ def _run(runner, context, todo, settings, retries, timeout, values_by_name) -> I
                     continue
                 reason = f"worker lost {job.attempt} times" if lost else "task failed"
                 outcome = _failed(job, f"{reason}: {first_line(error, with_type=True)}")
-            partial[job.patch.name].append(outcome)
-            if len(partial[job.patch.name]) == expected[job.patch.name]:
-                name = job.patch.name
-                record = merge_chunks(partial.pop(name), settings)
+            partial[job.key].append(outcome)
+            if len(partial[job.key]) == expected[job.key]:
+                key = job.key
+                record = merge_chunks(partial.pop(key), settings)
                 record.pop("chunk", None)
-                record.update(values=values_by_name[name], submitted=first_submitted[name], attempts=attempts[name])
+                record.update(values=values_by_key[key], submitted=first_submitted[key], attempts=attempts[key],
+                              pallet=job.pallet)
                 yield FitRecord.from_dict(record)
 
 
@@ -317,6 +391,8 @@ def map_fits(
     executor: Any = "local",
     workers: int | None = None,
     patches: Any = None,
+    pallet: Any = None,
+    combine: str | None = None,
     poi_test: float = 1.0,
     test_stat: str = "qtilde",
     backend: str | None = None,
@@ -346,6 +422,13 @@ def map_fits(
             an executor object of this library, or any ``concurrent.futures.Executor``.
         workers: Number of workers for executors that start their own.
         patches: Patch names or shell-style patterns to fit; ``None`` fits all.
+        pallet: Which pallets of a source that holds several (e.g. an archive with
+            ``Region-combined/``, ``Region-lowMass/``... folders): a name, a list of names, a
+            shell-style pattern, or ``"all"``. Required when there are several; ``None`` for a
+            source with one. Records carry their pallet's name (``None`` for a single-pallet source).
+        combine: ``"best-expected"``: also, per signal point, the record of the pallet with the
+            smallest median expected CLs, as ``pallet="best-expected"`` records naming the
+            ``chosen_pallet`` (rules in :mod:`pyhf_dist.combine`); needs two pallets or more.
         poi_test: Signal strength tested.
         test_stat: ``"qtilde"``, ``"q"`` or ``"q0"``.
         backend: ``"numpy"`` (plain pyhf) or ``"jax"`` (compiled fast path); ``None`` is jax when
@@ -368,7 +451,8 @@ def map_fits(
             ``"slurm"``, ``address`` for ``"dask"``...); one it does not take is an error.
 
     Returns:
-        A :class:`ScanResult` with one record per selected patch, in the pallet's order.
+        A :class:`ScanResult` with one record per selected patch and pallet, in the pallets'
+        order, then the combined records.
 
     Raises:
         InputError: Something given is wrong (the one-line message says how to fix it).
@@ -384,7 +468,8 @@ def map_fits(
     if workers is not None:
         executor_options["workers"] = workers
     metadata: dict = {}
-    records: dict[str, FitRecord] = {}
+    records: dict[tuple, FitRecord] = {}
+    combined: list[FitRecord] = []
     bar = None
 
     def started(info: dict) -> None:
@@ -397,16 +482,20 @@ def map_fits(
             on_start(info)
 
     stream = iter_fits(
-        workspace, patchset, executor=executor, patches=patches, poi_test=poi_test, test_stat=test_stat,
-        backend=backend, modifier_settings=modifier_settings, calculation=calculation, calctype=calctype,
-        ntoys=ntoys, seed=seed, upper_limit_scan=upper_limit_scan, journal=journal, resume=resume,
-        retries=retries, timeout=timeout, metadata=metadata, on_start=started, **executor_options,
+        workspace, patchset, executor=executor, patches=patches, pallet=pallet, combine=combine,
+        poi_test=poi_test, test_stat=test_stat, backend=backend, modifier_settings=modifier_settings,
+        calculation=calculation, calctype=calctype, ntoys=ntoys, seed=seed, upper_limit_scan=upper_limit_scan,
+        journal=journal, resume=resume, retries=retries, timeout=timeout, metadata=metadata, on_start=started,
+        **executor_options,
     )
     try:
         for record in stream:
-            records[record.name] = record
-            if bar is not None:
-                bar.update(record)
+            if record.combined:
+                combined.append(record)
+            else:
+                records[record.key] = record
+                if bar is not None:
+                    bar.update(record)
             if callback is not None:
                 callback(record)
     finally:
@@ -414,4 +503,4 @@ def map_fits(
         if bar is not None:
             bar.close()
     order = metadata.pop("order")
-    return ScanResult([records[name] for name in order if name in records], metadata)
+    return ScanResult([records[key] for key in order if key in records] + combined, metadata)

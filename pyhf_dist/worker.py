@@ -2,8 +2,9 @@
 
 Every executor runs the same two functions:
 
-* :func:`initialize` takes a :class:`WorkerContext` (the background workspace and the fit
-  settings, serialized once on the client) and prepares the worker: one thread per BLAS/OpenMP/XLA
+* :func:`initialize` takes a :class:`WorkerContext` (the background workspace — or, for a scan of
+  several pallets, each pallet's, by name — and the fit settings, serialized once on the client)
+  and prepares the worker: one thread per BLAS/OpenMP/XLA
   pool, the pyhf backend, the parsed workspace. The prepared :class:`WorkerState` is kept in the
   process, keyed by the context's digest, so the setup runs once per worker whatever the engine.
 * :func:`run_task` fits one patch and returns a plain-dict record. A fit that raises becomes a
@@ -76,7 +77,10 @@ class WorkerContext:
 
     Attributes:
         key: Digest of ``payload``; the worker caches its setup under it.
-        payload: JSON bytes ``{"workspace": <background spec>, "settings": <FitSettings dict>}``.
+        payload: JSON bytes ``{"workspace": <background spec>, "settings": <FitSettings dict>}``;
+            for several pallets ``{"pallets": {<name>: {"key": <key of that pallet's own
+            single-workspace context>, "workspace": <spec>}, ...}, "settings": ...}``, and each
+            task names its pallet (``task["pallet"]``).
     """
 
     key: str
@@ -87,6 +91,17 @@ class WorkerContext:
         payload = json.dumps({"workspace": workspace_spec, "settings": settings}, separators=(",", ":")).encode()
         return cls(key=hashlib.sha256(payload).hexdigest()[:20], payload=payload)
 
+    @classmethod
+    def build_pallets(cls, workspaces: dict, settings: dict) -> "WorkerContext":
+        """The context of a scan of several pallets: ``workspaces`` maps pallet names to specs.
+
+        Each pallet keeps the key its own single-pallet context has, so what a worker remembers
+        per workspace (the fast path's checks) is shared with scans of that pallet alone.
+        """
+        pallets = {name: {"key": cls.build(spec, settings).key, "workspace": spec} for name, spec in workspaces.items()}
+        payload = json.dumps({"pallets": pallets, "settings": settings}, separators=(",", ":")).encode()
+        return cls(key=hashlib.sha256(payload).hexdigest()[:20], payload=payload)
+
     def __repr__(self) -> str:
         return f"WorkerContext(key={self.key!r}, payload=<{len(self.payload)} bytes>)"
 
@@ -94,22 +109,54 @@ class WorkerContext:
 class WorkerState:
     """A worker's prepared state for one context: parsed workspace, settings, caches.
 
+    A context of several pallets gives one state per pallet (:attr:`pallets`, each with the
+    attributes below); :meth:`for_pallet` picks the one a task names.
+
     Attributes:
         workspace: The background ``pyhf.Workspace``.
         settings: The :class:`~pyhf_dist.settings.FitSettings`.
         cache: Free for calculations to keep things between tasks (compiled likelihoods...).
+        pallets: The per-pallet states by name (empty for a single-pallet context).
     """
 
     def __init__(self, context: WorkerContext):
         from pyhf_dist.settings import FitSettings
 
         data = json.loads(context.payload)
-        self.key = context.key
-        self.settings = FitSettings.from_dict(data["settings"])
-        self.workspace_spec = data["workspace"]
+        settings = FitSettings.from_dict(data["settings"])
+        self._setup(context.key, settings, data.get("workspace"))
+        self.pallets = {
+            name: WorkerState._part(part["key"], settings, part["workspace"])
+            for name, part in (data.get("pallets") or {}).items()
+        }
+
+    def _setup(self, key: str, settings, workspace_spec: dict | None) -> None:
+        self.key = key
+        self.settings = settings
+        self.workspace_spec = workspace_spec
         self._workspace = None
         self.cache: dict[str, Any] = {}
         self.lock = threading.Lock()
+        self.pallets: dict[str, WorkerState] = {}
+
+    @classmethod
+    def _part(cls, key: str, settings, workspace_spec: dict) -> "WorkerState":
+        state = cls.__new__(cls)
+        state._setup(key, settings, workspace_spec)
+        return state
+
+    def for_pallet(self, name: str | None) -> "WorkerState":
+        """The state of pallet ``name`` (this state itself for a single-pallet context)."""
+        if not self.pallets:
+            return self
+        try:
+            return self.pallets[name]
+        except KeyError:
+            raise KeyError(f"the scan's context has no pallet {name!r} (it has {', '.join(self.pallets)})") from None
+
+    def parts(self) -> list["WorkerState"]:
+        """The states that hold a workspace: one per pallet, or this one."""
+        return list(self.pallets.values()) or [self]
 
     @property
     def workspace(self):
@@ -147,7 +194,8 @@ def initialize(context: WorkerContext) -> WorkerState:
 
             # Compile the fast path's likelihood now, while the client is still sending tasks
             # (a no-op for scans that do not use it).
-            fast.warm_up(state)
+            for part in state.parts():
+                fast.warm_up(part)
         return state
 
 
@@ -206,7 +254,7 @@ def _call_with_timeout(function, timeout: float | None):
         signal.signal(signal.SIGALRM, previous)
 
 
-def make_task(name: str, patch: list, context: str, *, chunk: dict | None = None,
+def make_task(name: str, patch: list, context: str, *, pallet: str | None = None, chunk: dict | None = None,
               timeout: float | None = None, kind: str | None = None) -> dict:
     """The task of one patch (or of one chunk of its toys): what a scan submits to a worker.
 
@@ -214,6 +262,7 @@ def make_task(name: str, patch: list, context: str, *, chunk: dict | None = None
         name: The patch's name.
         patch: Its jsonpatch operations.
         context: The key of the :class:`WorkerContext` it applies to.
+        pallet: The patch's pallet, in a context of several pallets (its name there).
         chunk: The slice of the patch's pseudo-experiments (:func:`pyhf_dist.toys.plan`), if split.
         timeout: Seconds after which the worker gives up on the fit.
         kind: ``"noop"`` for a task that computes nothing (benchmarks of an executor's overhead).
@@ -222,6 +271,8 @@ def make_task(name: str, patch: list, context: str, *, chunk: dict | None = None
     {'name': 'A_1_2', 'patch': [], 'context': 'c0ffee', 'chunk': None, 'timeout': None}
     """
     task = {"name": name, "patch": patch, "context": context, "chunk": chunk, "timeout": timeout}
+    if pallet is not None:
+        task["pallet"] = pallet
     if kind is not None:
         task["kind"] = kind
     return task
@@ -275,7 +326,8 @@ def run_task(task: dict, context: WorkerContext | None = None) -> dict:
     try:
         from pyhf_dist import calculations
 
-        values = _call_with_timeout(lambda: calculations.compute(state, task), task.get("timeout"))
+        part = state.for_pallet(task.get("pallet"))
+        values = _call_with_timeout(lambda: calculations.compute(part, task), task.get("timeout"))
         record.update(values)
     except FitTimeout:
         record.update(status="failed", error=f"timed out after {task.get('timeout')} s")

@@ -32,6 +32,8 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("PYHF_DIST_DATA", REPOSITORY.parent / "shared" / "data"))
 ERJR_DIR = DATA / "3L-eRJR"
 LBB_TARBALL = DATA / "1Lbb-likelihoods-hepdata.tar.gz"
+#: Three pallets (Region-combined, Region-highMass, Region-lowMass) in one archive, as packed.
+STAU_TARBALL = DATA / "stau-likelihoods-1911.06660.tar.gz"
 
 #: Eight 1Lbb points across the plane: excluded, boundary and allowed regions.
 LBB_SAMPLE = [
@@ -67,6 +69,11 @@ def lbb_tarball() -> Path:
 
 
 @pytest.fixture(scope="session")
+def stau_tarball() -> Path:
+    return _require(STAU_TARBALL)
+
+
+@pytest.fixture(scope="session")
 def erjr_pallet(erjr_dir):
     import pyhf_dist
 
@@ -86,7 +93,7 @@ _REFERENCE_CACHE: dict = {}
 def serial_pyhf(pallet, names=None, poi_test=1.0, test_stat="qtilde", modifier_settings=None) -> dict:
     """Plain pyhf, one patch after another, on numpy: ``{name: (CLs_obs, [CLs_exp x5])}``.
 
-    Cached for the session by pallet source, patch and settings.
+    Cached for the session by pallet source and name, patch and settings.
     """
     import pyhf
 
@@ -96,7 +103,8 @@ def serial_pyhf(pallet, names=None, poi_test=1.0, test_stat="qtilde", modifier_s
     selected = [p for p in pallet.patches if names is None or p.name in names]
     results = {}
     for patch in selected:
-        key = (pallet.source, patch.name, poi_test, test_stat, json.dumps(modifier_settings, sort_keys=True))
+        key = (pallet.source, getattr(pallet, "name", None), patch.name, poi_test, test_stat,
+               json.dumps(modifier_settings, sort_keys=True))
         if key not in _REFERENCE_CACHE:
             if workspace is None:
                 workspace = pyhf.Workspace(pallet.workspace)

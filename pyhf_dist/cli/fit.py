@@ -80,6 +80,10 @@ def _parse_option(text: str) -> tuple[str, object]:
 @click.argument("source")
 @click.option("--patchset", help="Patches for a BkgOnly.json SOURCE: patchset.json or a directory of patch files.")
 @click.option("-p", "--patch", "patches", multiple=True, help="Patch name or glob to fit (repeatable; default: all).")
+@click.option("--pallet", "pallets", multiple=True, metavar="NAME",
+              help="Pallet to fit in a SOURCE that holds several, e.g. Region-combined (repeatable, or 'all').")
+@click.option("--combine", type=click.Choice(["best-expected"]),
+              help="Also combine the pallets: per point, the one with the smallest median expected CLs.")
 @click.option("--executor", default="local", show_default=True,
               help="local, sequential, dask, slurm, funcx (globus-compute) or parsl.")
 @click.option("--workers", type=int, help="Number of workers (local, dask, parsl).")
@@ -121,14 +125,16 @@ def _parse_option(text: str) -> tuple[str, object]:
 @click.option("--option", "extra_options", multiple=True, metavar="KEY=VALUE",
               help="Any other executor keyword argument (repeatable), e.g. --option processes=2.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def fit(source, patchset, patches, executor, workers, backend, poi_test, test_stat, interpcodes, upper_limit,
+def fit(source, patchset, patches, pallets, combine, executor, workers, backend, poi_test, test_stat, interpcodes,
+        upper_limit,
         scan_grid, toys, seed, output,
         journal, resume, retries, timeout, jobs, cores, memory, walltime, queue, account, cluster_config,
         show_job_script, address, endpoint_id, batch_size, amqp_port, provider, max_blocks, extra_options, quiet):
     """Fit the signal patches of SOURCE and write the results.
 
     SOURCE is a pallet (a HEPData .tar.gz, a directory with BkgOnly.json and patchset.json or
-    patch.<name>.json files, or a HEPData DOI), or a BkgOnly.json given with --patchset.
+    patch.<name>.json files, or a HEPData DOI), or a BkgOnly.json given with --patchset. A SOURCE
+    that holds several pallets (one per folder) needs --pallet.
     """
     import pyhf_dist
     from pyhf_dist.executors import get_executor
@@ -159,8 +165,11 @@ def fit(source, patchset, patches, executor, workers, backend, poi_test, test_st
 
     def started(metadata: dict) -> None:
         where = metadata.get("executor")
+        fitted = metadata.get("pallets")
         click.echo(
             f"Fitting {metadata['patches'] - metadata['resumed']} patches"
+            + (f" of {len(fitted)} pallets ({', '.join(f'{name} {count}' for name, count in fitted.items())})"
+               if fitted and len(fitted) > 1 else f" of pallet {next(iter(fitted))}" if fitted else "")
             + (f" ({metadata['resumed']} already in the journal)" if metadata["resumed"] else "")
             + f" on {where} with {metadata.get('workers')} workers, backend {metadata['settings']['backend']}",
             err=True,
@@ -170,7 +179,9 @@ def fit(source, patchset, patches, executor, workers, backend, poi_test, test_st
 
     try:
         result = pyhf_dist.map_fits(
-            source, patchset, executor=executor, patches=list(patches) or None, poi_test=poi_test,
+            source, patchset, executor=executor, patches=list(patches) or None,
+            pallet=None if not pallets else pallets[0] if len(pallets) == 1 else list(pallets), combine=combine,
+            poi_test=poi_test,
             test_stat=test_stat, backend=backend, modifier_settings=modifier_settings, journal=journal_path,
             resume=resume, retries=retries, timeout=timeout, progress=not quiet, on_start=started,
             **calculation_options, **options,

@@ -9,7 +9,9 @@ backend (the default) take its compiled fast path there, exactly as on a local w
 plain pyhf fits on numpy.
 
 Its arguments are plain JSON data (``JSONData``): the scan's context (background workspace + fit
-settings) and the task (patch operations, name, timeout). Either may be compressed text
+settings; for a scan of several pallets, each pallet's workspace by name, see
+:class:`pyhf_dist.worker.WorkerContext`) and the task (patch operations, name, pallet, timeout).
+Either may be compressed text
 (``"zlib+base64:<...>"``, see :func:`encode`): a workspace is highly redundant JSON, and
 compressing it keeps a batch of tasks far below the service's 10 MB limit per submission.
 
@@ -57,9 +59,10 @@ def pyhf_dist_fit(context, task):
 
     Args:
         context: ``{"workspace": <background spec>, "settings": <FitSettings dict>}`` as JSON
-            text, optionally compressed (``"zlib+base64:..."``).
+            text, optionally compressed (``"zlib+base64:..."``); for several pallets
+            ``{"pallets": {<name>: {"key", "workspace"}}, "settings"}``.
         task: JSON text (optionally compressed) of ``{"name", "patch", "context" (digest of the
-            context), "chunk", "timeout"}``.
+            context), "pallet" (with several pallets), "chunk", "timeout"}``.
 
     Returns:
         A JSON-able record: ``name``, ``status`` (``"ok"``/``"failed"``), ``error``, ``CLs_obs``,
@@ -105,7 +108,9 @@ def pyhf_dist_fit(context, task):
                 os.environ.setdefault(name, "1")
             text = unpack(context)
             data = load(text)
-            state = {"settings": data["settings"], "workspace": None, "prepared": None, "compute": None}
+            pallets = data.get("pallets")
+            state = {"settings": data["settings"], "workspace": None, "workspaces": None, "prepared": None,
+                     "compute": None}
             if data["settings"].get("backend") == "jax" and isinstance(text, str):
                 # pyhf-dist's compiled fast path, where the endpoint has pyhf-dist installed; its
                 # state (parsed workspace, compiled likelihood) stays in this worker process.
@@ -116,14 +121,20 @@ def pyhf_dist_fit(context, task):
                     pass
                 else:
                     try:
-                        state["prepared"] = initialize(WorkerContext(key=key, payload=text.encode()))
+                        prepared = initialize(WorkerContext(key=key, payload=text.encode()))
+                        if pallets is not None and not hasattr(prepared, "for_pallet"):
+                            raise TypeError("this pyhf-dist fits one pallet per scan")
+                        state["prepared"] = prepared
                         state["compute"] = compute
                     except Exception:  # e.g. another pyhf-dist version there: plain pyhf still works
                         state["prepared"] = None
             if state["prepared"] is None:
                 import pyhf
 
-                state["workspace"] = pyhf.Workspace(data["workspace"])
+                if pallets is None:
+                    state["workspace"] = pyhf.Workspace(data["workspace"])
+                else:
+                    state["workspaces"] = {name: pyhf.Workspace(part["workspace"]) for name, part in pallets.items()}
             # Keep the latest two scans: a long-lived endpoint worker serves many scans.
             while len(cache.states) >= 2:
                 cache.states.pop(next(iter(cache.states)))
@@ -131,7 +142,6 @@ def pyhf_dist_fit(context, task):
             cache.setups += 1
 
     settings = state["settings"]
-    workspace = state["workspace"]
     started = time.time()
     record = {"name": task["name"], "status": "ok", "error": None}
     if task.get("chunk") is not None:
@@ -150,8 +160,18 @@ def pyhf_dist_fit(context, task):
                 "is not available on Globus Compute"
             )
         if state["prepared"] is not None:
-            return state["compute"](state["prepared"], task)
+            prepared = state["prepared"]
+            if getattr(prepared, "pallets", None):
+                prepared = prepared.for_pallet(task.get("pallet"))
+            return state["compute"](prepared, task)
         import pyhf
+
+        if state["workspaces"] is None:
+            workspace = state["workspace"]
+        elif task.get("pallet") in state["workspaces"]:
+            workspace = state["workspaces"][task["pallet"]]
+        else:
+            raise KeyError(f"the scan's context has no pallet {task.get('pallet')!r}")
 
         # Plain pyhf runs on numpy, the reference, as on every other executor.
         if pyhf.tensorlib.name != "numpy":
