@@ -40,6 +40,9 @@ except ImportError as error:  # a core dependency; only a broken installation la
 
 __all__ = ["LocalExecutor", "FileContext"]
 
+#: What stops a scan (Ctrl-C, a batch system's SIGTERM): handled by the scan, ignored by workers.
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
 
 class FileContext:
     """A :class:`~pyhf_dist.worker.WorkerContext` whose payload is read from a file when needed.
@@ -67,11 +70,13 @@ class FileContext:
 
 def _worker_setup(settings: dict | None, pid_directory: str, initializer: Callable | None) -> None:
     """What a worker runs once, when it starts."""
-    # Ctrl-C reaches the whole process group; the scan in the parent decides what happens, so a
-    # worker must not die of it with a traceback of its own. (Workers start with SIGINT blocked,
-    # see _sigint_blocked; from here on it is ignored.)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    # Ctrl-C reaches the whole process group, and so does SIGTERM from a batch system; the scan in
+    # the parent decides what happens (it stops its workers with SIGKILL), so a worker must not die
+    # of either on its own, with a traceback or leaving its pool's semaphores half cleaned up.
+    # (Workers start with both blocked, see _uninterrupted; from here on they are ignored.)
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     if initializer is not None:  # first: threads started below inherit what it sets (signal masks)
         initializer()
     _exit_with_parent()
@@ -117,19 +122,34 @@ def _run_tracked(task: dict, context: FileContext, mark: str) -> dict:
 
 
 @contextlib.contextmanager
-def _sigint_blocked():
-    # loky starts a worker inside submit(). Started with SIGINT blocked (a signal mask survives
-    # fork and exec), a worker cannot be killed by a Ctrl-C that reaches the process group while
-    # it is still importing; a Ctrl-C meant for this process stays pending for the block and is
-    # delivered right after it, not lost.
+def _uninterrupted():
+    """Run the block without being interrupted by Ctrl-C or SIGTERM; handle them right after it.
+
+    loky starts a worker inside submit(), and a KeyboardInterrupt landing in the middle of that
+    (or of a shutdown) can leave a pool half started or half stopped, with threads that cannot be
+    joined. For the block, the stop signals are recorded instead of raised, and blocked, so that
+    processes started in it inherit them blocked (a signal mask survives fork and exec: a worker
+    still importing cannot die of a Ctrl-C meant for the scan; its setup then ignores them).
+    Only the main thread can change handlers; elsewhere the block just runs.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    caught: list = []
+    handlers = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+    handlers = {number: handler for number, handler in handlers.items() if callable(handler)}
+    for number in handlers:
+        signal.signal(number, lambda number, frame: caught.append((number, frame)))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # delivers what was held, to the recorder
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+        if caught:
+            number, frame = caught[0]
+            handlers[number](number, frame)  # e.g. raises KeyboardInterrupt, now that the block is done
 
 
 class _Slot:
@@ -146,7 +166,7 @@ class _Slot:
         return sum(1 for future in list(self.futures) if not future.done())
 
     def submit(self, function, *args) -> concurrent.futures.Future:
-        with _sigint_blocked():
+        with _uninterrupted():
             try:
                 future = self.pool.submit(function, *args)
             except BrokenProcessPool:  # its worker died: this slot gets a fresh one
@@ -157,8 +177,9 @@ class _Slot:
         return future
 
     def replace(self) -> None:
-        self.stop()
-        self.pool = self._make_pool()
+        with _uninterrupted():
+            self.stop()
+            self.pool = self._make_pool()
 
     def stop(self, kill: bool = True) -> None:
         # kill_workers: a worker busy with a fit would otherwise keep its core (and this
@@ -215,9 +236,10 @@ class LocalExecutor(Executor):
                 env=environment,
             )
 
-        self._slots = [_Slot(make_pool) for _ in range(self.workers)]
-        for slot in self._slots:  # loky starts a worker on its first submit: start them all now
-            slot.submit(os.getpid)
+        with _uninterrupted():
+            self._slots = [_Slot(make_pool) for _ in range(self.workers)]
+            for slot in self._slots:  # loky starts a worker on its first submit: start them all now
+                slot.submit(os.getpid)
 
     def prepare(self, settings: dict) -> None:
         """Start the workers now: they import their libraries while the client reads the pallet."""
@@ -298,8 +320,9 @@ class LocalExecutor(Executor):
 
     def shutdown(self, cancel_futures: bool = True) -> None:
         slots, self._slots = self._slots, []
-        for slot in slots:
-            slot.stop(kill=cancel_futures)
+        with _uninterrupted():  # a second Ctrl-C must not cut the stopping of the workers short
+            for slot in slots:
+                slot.stop(kill=cancel_futures)
         self._contexts.clear()
         self._marks.clear()
         if self._directory is not None:
