@@ -22,6 +22,7 @@ __all__ = [
     "ExecutorError",
     "WorkerLostError",
     "PayloadTooLargeError",
+    "FastPathRequired",
 ]
 
 
@@ -90,3 +91,11 @@ class WorkerLostError(ExecutorError):
 
 class PayloadTooLargeError(ExecutorError):
     """A task is larger than the executor's transport allows."""
+
+
+class FastPathRequired(PyhfDistError):
+    """The fast path declined a patch of a scan with ``require_fast`` (``--require-fast``) on.
+
+    Not raised to the caller of a scan: the patch's record fails with this message, which says
+    why the fast path declined.
+    """

@@ -78,6 +78,7 @@ def iter_fits(
     ntoys: int = 1000,
     seed: int = 0,
     upper_limit_scan: tuple | None = None,
+    require_fast: bool = False,
     journal: str | os.PathLike | None = None,
     resume: bool = False,
     retries: int = 2,
@@ -96,7 +97,7 @@ def iter_fits(
     settings = FitSettings(
         poi_test=poi_test, test_stat=test_stat, backend=backend, modifier_settings=modifier_settings,
         calculation=calculation, calctype=calctype, ntoys=ntoys, seed=seed,
-        upper_limit_scan=upper_limit_scan,
+        upper_limit_scan=upper_limit_scan, require_fast=require_fast,
     )
     if not isinstance(retries, int) or retries < 0:
         raise InputError(f"retries must be a non-negative integer, got {retries!r}")
@@ -324,6 +325,8 @@ def map_fits(
         progress: Show a progress bar on standard error.
         on_start: Called with the scan's metadata once the executor is up.
         **options: ``calculation``, ``calctype``, ``ntoys``, ``seed``, ``upper_limit_scan``,
+            ``require_fast`` (a patch the compiled fast path declines becomes a failed record
+            saying why, instead of being fitted by plain pyhf: for benchmarks and CI),
             ``journal`` (a JSON-lines file every finished record is appended to), ``resume``
             (skip the patches whose record in ``journal`` is ok; failed ones are fit again),
             ``retries`` (resubmissions of a task whose worker died, default 2), ``timeout``
