@@ -40,7 +40,7 @@ _LOGPDF_RTOL = 1e-9
 #: A patch uses an existing layout of another shape only while that layout's tables are at most
 #: this many times the size of its own, or small anyway (the padding is evaluated in every call of
 #: every fit; tables of a few thousand entries cost nothing next to the call itself); otherwise it
-#: gets a layout of its own, one more compilation per process. (1Lbb's tables: ~40 000 entries.)
+#: gets a layout of its own, one more compilation per process. (1Lbb's: ~35 000 entries.)
 _SHARE_LIMIT = 2.0
 _SMALL_LAYOUT = 10_000
 
