@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -46,12 +47,13 @@ PALLETS = {
 }
 
 
-def pallet_path(name: str, output: Path) -> Path:
-    """The pallet's path; the stau tarball is extracted once into ``output`` (git-ignored)."""
+def pallet_path(name: str, scratch: Path) -> Path:
+    """The pallet's path; the stau tarball is extracted into ``scratch`` (a temporary directory:
+    published pallets are never copied into the repository)."""
     where = PALLETS[name]
     if not where.startswith(STAU):
         return DATA / where
-    target = output / "stau"
+    target = scratch / "stau"
     region = where.split("/", 1)[1]
     if not (target / "1911.06660" / region / "patchset.json").exists():
         with tarfile.open(DATA / STAU) as archive:
@@ -76,7 +78,7 @@ def reference(name: str, path: Path, names: list[str], output: Path) -> tuple[di
     """Plain serial pyhf on ``names``: ``({name: (obs, exp)}, seconds per patch)``, cached per patch."""
     import pyhf_dist
 
-    key = hashlib.sha256(f"{name}\n{path}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{name}\n{PALLETS[name]}\n{DATA}".encode()).hexdigest()[:12]
     cache = output / f"reference-{name}-{key}.json"
     known = json.loads(cache.read_text()) if cache.exists() else {"results": {}, "seconds": {}}
     missing = [n for n in names if n not in known["results"]]
@@ -123,8 +125,9 @@ def main() -> None:
     output.mkdir(parents=True, exist_ok=True)
 
     rows = []
+    scratch = tempfile.TemporaryDirectory(prefix="pyhf-dist-pallets-")
     for name in args.pallets.split(","):
-        path = pallet_path(name, output)
+        path = pallet_path(name, Path(scratch.name))
         print(f"{name}: scanning {path} on {args.workers} local workers...", flush=True)
         measured = scan(path, args.workers)
         records = measured["results"]
@@ -150,6 +153,7 @@ def main() -> None:
         rows.append(row)
         print(f"  {row['engines']} in {row['wall_seconds']:.1f} s; max |ΔCLs| {worst:.1e} on {len(compared)} patches",
               flush=True)
+    scratch.cleanup()
     table = write_table(rows, args.workers)
     (output / "pallets.md").write_text(table)
     (output / "pallets.json").write_text(json.dumps(rows, indent=1))
