@@ -80,8 +80,18 @@ def summary(executor: str, workers: int, backend: str, records: list[dict], rece
         # Largest resident set of any finished child process (the local executor's workers are
         # children; other executors' workers may be further down the tree).
         "child_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        # What fitted each patch, and why the fast path declined the others.
+        "engines": _count(r.get("engine") for r in ok),
+        "fallbacks": _count(r.get("fallback_reason") for r in ok if r.get("fallback_reason")),
         "results": {r["name"]: [r.get("CLs_obs"), r.get("CLs_exp")] for r in records},
     }
+
+
+def _count(values) -> dict:
+    counts: dict = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return counts
 
 
 if __name__ == "__main__":

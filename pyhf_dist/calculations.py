@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pyhf_dist.exceptions import FastPathRequired
+
 __all__ = ["compute", "build_model", "hypotest", "plan_chunks", "merge_chunks"]
 
 
@@ -24,11 +26,21 @@ def _use_numpy() -> None:
 
 
 def build_model(state, patch_operations: list):
-    """The patched model and its observed data, built exactly as plain pyhf builds them."""
-    model = state.workspace.model(
-        patches=[patch_operations], modifier_settings=state.settings.modifier_settings
-    )
-    return model, state.workspace.data(model)
+    """The patched model and its observed data, built exactly as plain pyhf builds them.
+
+    The patch applies to the whole workspace, as ``pyhf.PatchSet.apply`` and
+    ``jsonpatch BkgOnly.json patch.json | pyhf cls`` apply it: it may change channels,
+    observations and the measurement (POI, parameter bounds, inits, fixed parameters), not only
+    the ``{"channels", "parameters"}`` that ``Workspace.model(patches=...)`` patches.
+    """
+    import jsonpatch
+    import pyhf
+
+    spec = jsonpatch.apply_patch(state.workspace_spec, patch_operations)
+    # The background was validated by the client; the patched model is validated by model().
+    workspace = pyhf.Workspace(spec, validate=False)
+    model = workspace.model(modifier_settings=state.settings.modifier_settings)
+    return model, workspace.data(model)
 
 
 def hypotest(model, data, settings) -> dict:
@@ -42,36 +54,58 @@ def hypotest(model, data, settings) -> dict:
 
 
 def compute(state, task: dict) -> dict[str, Any]:
-    """Run the calculation the scan's settings ask for on one task; returns the record's numbers."""
+    """Run the calculation the scan's settings ask for on one task; returns the record's numbers.
+
+    The numbers come with ``engine``: ``"fast"`` (the compiled fast path) or ``"pyhf"`` (plain pyhf
+    on numpy), and, where the scan asked for the fast path and it declined, ``fallback_reason``.
+
+    Raises:
+        FastPathRequired: The fast path declined the patch and ``settings.require_fast`` is on.
+    """
     settings = state.settings
     if task.get("kind") == "noop":  # measures an executor's own per-task cost (benchmarks)
         return {}
+    reason = None
     if settings.fast_path:
-        fast = _fast_hypotest(state, task)
+        fast, reason = _fast_hypotest(state, task)
         if fast is not None:
-            return fast
+            return {**fast, "engine": "fast"}
+        if settings.require_fast:
+            raise FastPathRequired(
+                f"the fast path declined this patch ({reason}) and require_fast (--require-fast) is on"
+            )
     _use_numpy()
     model, data = build_model(state, task["patch"])
     if settings.calculation == "hypotest" and settings.calctype == "asymptotics":
-        return hypotest(model, data, settings)
-    if settings.calculation == "upper_limit":
+        values = hypotest(model, data, settings)
+    elif settings.calculation == "upper_limit":
         from pyhf_dist import limits
 
-        return limits.upper_limit(model, data, settings)
-    from pyhf_dist import toys
+        values = limits.upper_limit(model, data, settings)
+    else:
+        from pyhf_dist import toys
 
-    # One chunk of the patch's pseudo-experiments (all of them when the task is not split).
-    return toys.run_chunk(model, data, settings, task.get("chunk"))
+        # One chunk of the patch's pseudo-experiments (all of them when the task is not split).
+        values = toys.run_chunk(model, data, settings, task.get("chunk"))
+    values["engine"] = "pyhf"
+    if reason is not None:
+        values["fallback_reason"] = reason
+    return values
 
 
-def _fast_hypotest(state, task: dict) -> dict | None:
-    """The compiled fast path, or ``None`` when it does not cover this patch (plain pyhf then)."""
+def _fast_hypotest(state, task: dict) -> tuple:
+    """``(numbers, None)`` from the compiled fast path, or ``(None, why it declined)``."""
     from pyhf_dist import fast
 
     try:
-        return fast.for_state(state).hypotest(task["patch"], state.settings.poi_test, state.settings.test_stat)
-    except fast.FastPathUnsupported:
-        return None
+        return fast.for_state(state).hypotest(task["patch"], state.settings.poi_test, state.settings.test_stat), None
+    except fast.FastPathUnsupported as error:
+        return None, _one_line(error)
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def plan_chunks(settings, workers: int) -> list:
@@ -93,7 +127,11 @@ def merge_chunks(records: list[dict], settings) -> dict:
         from pyhf_dist import toys
 
         # Also for a single chunk: its record holds samples, and CLs come from the merge.
-        return toys.merge(records, settings)
+        merged = toys.merge(records, settings)
+        engines = {record.get("engine") for record in records}
+        if merged.get("status") == "ok" and len(engines) == 1:
+            merged.setdefault("engine", engines.pop())
+        return merged
     if len(records) == 1:
         return records[0]
     raise NotImplementedError("merging chunked results is not available for this calculation")

@@ -24,6 +24,7 @@ __all__ = [
     "WorkerLostError",
     "PayloadTooLargeError",
     "first_line",
+    "FastPathRequired",
 ]
 
 
@@ -96,6 +97,14 @@ class WorkerLostError(ExecutorError):
 
 class PayloadTooLargeError(ExecutorError):
     """A task is larger than the executor's transport allows."""
+
+
+class FastPathRequired(PyhfDistError):
+    """The fast path declined a patch of a scan with ``require_fast`` (``--require-fast``) on.
+
+    Not raised to the caller of a scan: the patch's record fails with this message, which says
+    why the fast path declined.
+    """
 
 
 def first_line(error: BaseException, *, with_type: bool = False) -> str:

@@ -54,6 +54,10 @@ class FitRecord:
             of pallets, the combination's name (``"best-expected"``).
         chosen_pallet: In a combination's record, the pallet whose result it took (``None`` when
             no pallet could be chosen: the record is then failed and ``error`` says why).
+        engine: What fitted the patch: ``"fast"`` (the compiled fast path) or ``"pyhf"`` (plain
+            pyhf on numpy); ``None`` for a failed record.
+        fallback_reason: For ``engine="pyhf"`` on a scan that asked for the fast path: why the
+            fast path declined the patch (one line); ``None`` otherwise.
     """
 
     name: str
@@ -72,6 +76,8 @@ class FitRecord:
     mu_up_exp: list | None = None
     pallet: str | None = None
     chosen_pallet: str | None = None
+    engine: str | None = None
+    fallback_reason: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -128,7 +134,7 @@ _CSV_FIELDS = [
     "name", "pallet", "chosen_pallet", "values",
     "status", "CLs_obs", "CLs_exp_m2", "CLs_exp_m1", "CLs_exp", "CLs_exp_p1", "CLs_exp_p2",
     "mu_up_obs", "mu_up_exp_m2", "mu_up_exp_m1", "mu_up_exp", "mu_up_exp_p1", "mu_up_exp_p2",
-    "error", "fit_seconds", "attempts", "host", "pid", "slurm_job_id",
+    "error", "fit_seconds", "attempts", "host", "pid", "slurm_job_id", "engine", "fallback_reason",
 ]
 _BAND = ("m2", "m1", None, "p1", "p2")
 
@@ -388,15 +394,44 @@ class ScanResult:
                         fit_seconds=number(row["fit_seconds"]),
                         attempts=number(row["attempts"], int) or 1,
                         worker=worker if any(worker.values()) else None,
+                        engine=row.get("engine") or None,
+                        fallback_reason=row.get("fallback_reason") or None,
                     )
                 )
         return cls(records)
 
     # ---------------------------------------------------------------------------------- summary
 
+    def engines(self) -> dict:
+        """Records per engine (``"fast"``, ``"pyhf"``; failed records have none), and why the fast
+        path declined the patches plain pyhf fitted: ``{"engines": {...}, "fallbacks": {reason: count}}``.
+
+        >>> ScanResult([FitRecord("A", engine="fast"), FitRecord("B", engine="pyhf", fallback_reason="why")]).engines()
+        {'engines': {'fast': 1, 'pyhf': 1}, 'fallbacks': {'why': 1}}
+        """
+        engines: dict = {}
+        fallbacks: dict = {}
+        for record in self.records:
+            if record.combined:  # a copy of a pallet's record, counted there
+                continue
+            if record.engine is not None:
+                engines[record.engine] = engines.get(record.engine, 0) + 1
+            if record.fallback_reason:
+                fallbacks[record.fallback_reason] = fallbacks.get(record.fallback_reason, 0) + 1
+        ordered = dict(sorted(fallbacks.items(), key=lambda item: (-item[1], item[0])))
+        return {"engines": dict(sorted(engines.items())), "fallbacks": ordered}
+
     def summary(self) -> str:
-        """A short text table: counts, wall time, and how many points are excluded (per pallet,
-        and for their combination, when the scan fitted several)."""
+        """A short text table: counts, wall time, how many points are excluded (per pallet, and for
+        their combination, when the scan fitted several), what fitted them.
+
+        >>> print(ScanResult([FitRecord("A", engine="pyhf", fallback_reason="why")]).summary())
+        patches                     1
+        ok                          1
+        failed                      0
+        engine pyhf                 1
+        fast path declined          why (1)
+        """
         counts = self.counts()
         wall = self.metadata.get("wall_seconds")
         lines = [
@@ -412,6 +447,11 @@ class ScanResult:
         if not pallets and any(record.mu_up_obs is not None for record in self.records):
             below = sum(1 for r in self.records if r.mu_up_obs is not None and r.mu_up_obs < 1)
             lines.append(f"{'excluded (mu_up_obs < 1)':<28}{below}")
+        engines = self.engines()
+        for engine, count in engines["engines"].items():
+            lines.append(f"{'engine ' + engine:<28}{count}")
+        for number, (reason, count) in enumerate(engines["fallbacks"].items()):
+            lines.append(f"{'fast path declined' if number == 0 else '':<28}{reason} ({count})")
         if wall is not None:
             lines.append(f"{'wall time':<28}{wall:.1f} s")
         if self.metadata.get("executor"):
@@ -453,6 +493,8 @@ def _flat(record: FitRecord) -> dict:
         "error": record.error,
         "fit_seconds": record.fit_seconds,
         "attempts": record.attempts,
+        "engine": record.engine,
+        "fallback_reason": record.fallback_reason,
         **{key: (record.worker or {}).get(key) for key in ("host", "pid", "slurm_job_id")},
     }
     for prefix, band in (("CLs_exp", record.CLs_exp), ("mu_up_exp", record.mu_up_exp)):

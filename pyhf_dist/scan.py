@@ -119,6 +119,7 @@ def iter_fits(
     ntoys: int = 1000,
     seed: int = 0,
     upper_limit_scan: tuple | None = None,
+    require_fast: bool = False,
     journal: str | os.PathLike | None = None,
     resume: bool = False,
     retries: int = 2,
@@ -139,7 +140,7 @@ def iter_fits(
     settings = FitSettings(
         poi_test=poi_test, test_stat=test_stat, backend=backend, modifier_settings=modifier_settings,
         calculation=calculation, calctype=calctype, ntoys=ntoys, seed=seed,
-        upper_limit_scan=upper_limit_scan,
+        upper_limit_scan=upper_limit_scan, require_fast=require_fast,
     )
     if not isinstance(retries, int) or retries < 0:
         raise InputError(f"retries must be a non-negative integer, got {retries!r}")
@@ -402,6 +403,7 @@ def map_fits(
     ntoys: int = 1000,
     seed: int = 0,
     upper_limit_scan: tuple | None = None,
+    require_fast: bool = False,
     journal: str | os.PathLike | None = None,
     resume: bool = False,
     retries: int = 2,
@@ -440,6 +442,8 @@ def map_fits(
         seed: Random seed of the pseudo-experiments.
         upper_limit_scan: ``(start, stop, points)`` of a grid of mu values for upper limits;
             ``None`` finds them by root-finding.
+        require_fast: A patch the compiled fast path declines becomes a failed record saying why,
+            instead of being fitted by plain pyhf (for benchmarks and CI).
         journal: A JSON-lines file every finished record is appended to as it arrives.
         resume: Skip the patches whose record in ``journal`` is ok (failed ones are fit again).
         retries: Resubmissions of a task whose worker died.
@@ -485,7 +489,7 @@ def map_fits(
         workspace, patchset, executor=executor, patches=patches, pallet=pallet, combine=combine,
         poi_test=poi_test, test_stat=test_stat, backend=backend, modifier_settings=modifier_settings,
         calculation=calculation, calctype=calctype, ntoys=ntoys, seed=seed, upper_limit_scan=upper_limit_scan,
-        journal=journal, resume=resume, retries=retries, timeout=timeout, metadata=metadata, on_start=started,
+        require_fast=require_fast, journal=journal, resume=resume, retries=retries, timeout=timeout, metadata=metadata, on_start=started,
         **executor_options,
     )
     try:

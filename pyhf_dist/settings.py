@@ -87,6 +87,9 @@ class FitSettings:
         seed: Base random seed of the pseudo-experiments.
         upper_limit_scan: ``None`` for root-finding, or ``(start, stop, points)`` for a grid scan.
         level: Test size of the upper limits (0.05 for 95% CL).
+        require_fast: Make a patch the fast path declines a failed record (saying why) instead of
+            fitting it with plain pyhf: for benchmarks and CI that must measure the fast path.
+            Needs the fast path (``backend="jax"``, asymptotic hypotests).
 
     >>> FitSettings(poi_test=1.0, backend="numpy").test_stat
     'qtilde'
@@ -106,6 +109,7 @@ class FitSettings:
     seed: int = 0
     upper_limit_scan: tuple | None = None
     level: float = 0.05
+    require_fast: bool = False
 
     def __post_init__(self):
         poi = _number(self.poi_test, "POI value")
@@ -160,6 +164,13 @@ class FitSettings:
                     f"upper_limit_scan needs 0 <= start < stop and at least 2 points, got {self.upper_limit_scan!r}"
                 )
             object.__setattr__(self, "upper_limit_scan", (start, stop, points))
+        if not isinstance(self.require_fast, bool):
+            raise SettingsError(f"require_fast must be True or False, got {self.require_fast!r}")
+        if self.require_fast and not self.fast_path:
+            raise SettingsError(
+                "require_fast needs the fast path, which covers asymptotic hypotests on backend jax: "
+                "drop --require-fast, or use --backend jax without --toys or --upper-limit"
+            )
 
     @property
     def fast_path(self) -> bool:
@@ -198,6 +209,8 @@ class FitSettings:
         if self.calculation != "upper_limit":
             data.pop("upper_limit_scan")
             data.pop("level")
+        if not self.require_fast:  # off, results are those of a scan without the setting
+            data.pop("require_fast")
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

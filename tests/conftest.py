@@ -1,8 +1,9 @@
 """Shared fixtures: the published pallets, and plain serial pyhf as the reference.
 
 The pallets are read from ``$PYHF_DIST_DATA`` or from ``../shared/data`` beside the repository.
-The reference is computed here, in the test session, with nothing but pyhf (``Workspace.model`` +
-``infer.hypotest`` on the numpy backend), once per patch and settings, and shared by every test.
+The reference is computed here, in the test session, with nothing but pyhf (each patch applied
+to the whole workspace as ``pyhf.PatchSet`` applies it, then ``Workspace.model`` + ``infer.hypotest``
+on the numpy backend), once per patch and settings, and shared by every test.
 """
 
 from __future__ import annotations
@@ -93,22 +94,30 @@ _REFERENCE_CACHE: dict = {}
 def serial_pyhf(pallet, names=None, poi_test=1.0, test_stat="qtilde", modifier_settings=None) -> dict:
     """Plain pyhf, one patch after another, on numpy: ``{name: (CLs_obs, [CLs_exp x5])}``.
 
-    Cached for the session by pallet source and name, patch and settings.
+    Each patch is applied to the whole background workspace, as ``pyhf.PatchSet.apply`` (and
+    ``jsonpatch BkgOnly.json patch.json | pyhf cls``) applies it. Cached for the session by pallet
+    source and name, patch and settings: a pallet built in a test needs a source of its own.
     """
     import pyhf
 
     pyhf.set_backend("numpy")
     modifier_settings = modifier_settings or CODE4
-    workspace = None
+    validated = False
     selected = [p for p in pallet.patches if names is None or p.name in names]
     results = {}
     for patch in selected:
         key = (pallet.source, getattr(pallet, "name", None), patch.name, poi_test, test_stat,
                json.dumps(modifier_settings, sort_keys=True))
         if key not in _REFERENCE_CACHE:
-            if workspace is None:
-                workspace = pyhf.Workspace(pallet.workspace)
-            model = workspace.model(patches=[patch.operations], modifier_settings=modifier_settings)
+            if not validated:
+                pyhf.Workspace(pallet.workspace)  # the background, against pyhf's schema
+                validated = True
+            # What PatchSet.apply returns, without validating every patched copy again (it changes
+            # no number; the model itself is validated by Workspace.model).
+            patched = pyhf.patchset.Patch({"metadata": {"name": patch.name, "values": list(patch.values)},
+                                           "patch": patch.operations}).apply(pallet.workspace)
+            workspace = pyhf.Workspace(patched, validate=False)
+            model = workspace.model(modifier_settings=modifier_settings)
             observed, expected = pyhf.infer.hypotest(
                 poi_test, workspace.data(model), model, test_stat=test_stat, return_expected_set=True
             )

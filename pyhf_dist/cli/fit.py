@@ -99,6 +99,8 @@ def _parse_option(text: str) -> tuple[str, object]:
               help="With --upper-limit: scan a grid of mu values instead of root-finding.")
 @click.option("--toys", type=int, help="Use N pseudo-experiments per patch (split across workers) instead of asymptotics.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed of the pseudo-experiments.")
+@click.option("--require-fast", is_flag=True,
+              help="Fail each patch the compiled fast path declines (saying why) instead of fitting it with pyhf.")
 @click.option("-o", "--output", default="results.json", show_default=True, type=click.Path(),
               help="Results file (.json, or .csv for a table).")
 @click.option("--journal", type=click.Path(dir_okay=False),
@@ -126,8 +128,7 @@ def _parse_option(text: str) -> tuple[str, object]:
               help="Any other executor keyword argument (repeatable), e.g. --option processes=2.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def fit(source, patchset, patches, pallets, combine, executor, workers, backend, poi_test, test_stat, interpcodes,
-        upper_limit,
-        scan_grid, toys, seed, output,
+        upper_limit, scan_grid, toys, seed, require_fast, output,
         journal, resume, retries, timeout, jobs, cores, memory, walltime, queue, account, cluster_config,
         show_job_script, address, endpoint_id, batch_size, amqp_port, provider, max_blocks, extra_options, quiet):
     """Fit the signal patches of SOURCE and write the results.
@@ -157,6 +158,8 @@ def fit(source, patchset, patches, pallets, combine, executor, workers, backend,
         return
     modifier_settings = parse_interpcodes(interpcodes)
     calculation_options = _calculation_options(upper_limit, scan_grid, toys, seed)
+    if require_fast:
+        calculation_options["require_fast"] = True
     check_output(output)
     journal_path = Path(journal) if journal else journal_path_for(output)
     if resume and not journal_path.exists():

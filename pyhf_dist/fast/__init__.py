@@ -1,15 +1,17 @@
 """The compiled fast path: asymptotic hypotests of many patches on one compiled likelihood.
 
 Plain pyhf builds a model per patch and, on the jax backend, traces and compiles it anew. Here a
-patch becomes arrays (:mod:`~pyhf_dist.fast.layout`) padded to a layout shared by the pallet, fed
-to a likelihood compiled once per process (:mod:`~pyhf_dist.fast.likelihood`, kept across runs in
-a persistent XLA compilation cache) and fitted with preconditioned L-BFGS-B
+patch (applied to the whole workspace, as ``pyhf.PatchSet`` applies it) becomes arrays
+(:mod:`~pyhf_dist.fast.layout`) padded to a layout shared by the patches of its shape, fed to a
+likelihood compiled once per layout and process (:mod:`~pyhf_dist.fast.likelihood`, kept across
+runs in a persistent XLA compilation cache) and fitted with preconditioned L-BFGS-B
 (:mod:`~pyhf_dist.fast.fit`).
 
 It never returns a number pyhf would not: anything it does not reproduce raises
-:class:`FastPathUnsupported` (the worker then runs plain pyhf for that patch), and the first patch
-of every new structure is checked against ``pyhf.Model.logpdf``, its parameters and auxdata;
-a structure that fails the check is never fitted here.
+:class:`FastPathUnsupported` with a one-line reason (the worker then runs plain pyhf for that
+patch and records why), and the first patch of every new structure is checked against pyhf's own
+model of the patched workspace (parameters, data, ``logpdf``); a structure that fails the check is
+never fitted here.
 
 Example:
     >>> fast = FastHypotest(workspace_spec)  # doctest: +SKIP
@@ -35,10 +37,23 @@ log = logging.getLogger(__name__)
 
 # Tolerance of the structure check: pyhf and this module sum the same terms in other orders.
 _LOGPDF_RTOL = 1e-9
+#: A patch uses an existing layout of another shape only while that layout's tables are at most
+#: this many times the size of its own, or small anyway (the padding is evaluated in every call of
+#: every fit; tables of a few thousand entries cost nothing next to the call itself); otherwise it
+#: gets a layout of its own, one more compilation per process. (1Lbb's: ~35 000 entries.)
+_SHARE_LIMIT = 2.0
+_SMALL_LAYOUT = 10_000
 
 
 class FastHypotest:
     """Asymptotic hypotests of patches of one background workspace on the compiled likelihood.
+
+    A patch applies to the whole workspace, as ``pyhf.PatchSet`` applies it (and as
+    ``jsonpatch BkgOnly.json patch.json | pyhf cls`` does): it may add, remove or replace
+    channels, samples, modifiers, observations and the measurement's POI and parameter settings
+    (bounds, inits, fixed parameters). Patches of one shape share a compiled layout; a patch of
+    another shape (a channel removed or added, another binning) gets a layout of its own, compiled
+    once per process, or shares a larger one where the padding stays cheap.
 
     Args:
         workspace_spec: The background workspace (dict), as given to ``pyhf.Workspace``.
@@ -58,48 +73,41 @@ class FastHypotest:
     ):
         from pyhf_dist.fast import layout
 
-        try:
-            self._measurement = workspace_spec["measurements"][0]
-            self._base = {
-                "channels": workspace_spec["channels"],
-                "parameters": self._measurement["config"].get("parameters", []),
-            }
-            self._observations = {o["name"]: o["data"] for o in workspace_spec["observations"]}
-        except (KeyError, IndexError, TypeError) as error:
-            raise FastPathUnsupported(f"not a workspace the fast path reads: {error!r}") from None
         self.modifier_settings = modifier_settings or {
             "normsys": {"interpcode": "code4"},
             "histosys": {"interpcode": "code4p"},
         }
         self._codes = layout.interpolation_codes(self.modifier_settings)
-        self._samples = layout.SampleCache(self._base)
+        try:
+            self._samples = layout.SampleCache(workspace_spec)
+        except (KeyError, IndexError, TypeError) as error:
+            raise FastPathUnsupported(f"not a workspace the fast path reads: {error!r}") from None
+        self._workspace = workspace_spec
         self._verify = verify
         self._key = key
-        self._caps = None
+        self._layouts: list = []
         self._verified: dict = {}
         self._lock = threading.Lock()
 
+    @property
+    def layouts(self) -> list:
+        """The :class:`~pyhf_dist.fast.layout.Caps` of the layouts in use, in order of creation."""
+        return list(self._layouts)
+
     def arrays(self, patch_operations: list | None, *, require_poi: bool = True):
-        """The patched spec and its :class:`~pyhf_dist.fast.layout.PatchArrays` (unpadded)."""
+        """The patched workspace and its :class:`~pyhf_dist.fast.layout.PatchArrays` (unpadded)."""
         from pyhf_dist.fast import layout
 
-        spec = layout.apply_patch(self._base, patch_operations or [])
-        arrays = layout.build_arrays(
-            spec,
-            self._measurement,
-            self._observations,
-            self.modifier_settings,
-            require_poi=require_poi,
-            samples=self._samples,
-        )
+        spec = layout.apply_patch(self._workspace, patch_operations or [])
+        arrays = layout.workspace_arrays(spec, self.modifier_settings, require_poi=require_poi, samples=self._samples)
         return spec, arrays
 
     def hypotest(self, patch_operations: list | None, poi_test: float = 1.0, test_stat: str = "qtilde") -> dict:
         """``pyhf.infer.hypotest(poi_test, ..., test_stat=..., return_expected_set=True)`` for one patch.
 
         Args:
-            patch_operations: jsonpatch operations applied to ``{"channels", "parameters"}``
-                (as ``Workspace.model(patches=[operations])``); ``None`` for the background.
+            patch_operations: jsonpatch operations applied to the whole workspace (as
+                ``pyhf.PatchSet.apply``); ``None`` for the background.
             poi_test: The POI value tested.
             test_stat: ``"qtilde"``, ``"q"`` or ``"q0"``.
 
@@ -108,7 +116,7 @@ class FastHypotest:
 
         Raises:
             FastPathUnsupported: The patch has something not covered, a fit did not converge, or
-                its structure failed the check against pyhf.
+                its structure failed the check against pyhf. Its message is one line saying why.
         """
         from pyhf_dist.fast import fit
 
@@ -124,62 +132,73 @@ class FastHypotest:
         """Compile (or load from the persistent cache) the likelihood for this workspace's layout.
 
         Uses the background-only model with room for a signal sample in every channel, so the
-        first patch usually finds its layout compiled. Cheap to call more than once.
+        first patch usually finds its layout compiled (patches that remove channels share it).
+        Cheap to call more than once.
         """
-        from pyhf_dist.fast import layout, likelihood
+        from pyhf_dist.fast import layout
 
         configure_jax()
         with self._lock:
-            if self._caps is not None:
+            if self._layouts:
                 return
             _, arrays = self.arrays(None, require_poi=False)
             sizes = arrays.sizes
             room = layout.Caps(
                 bins=sizes.bins,
-                slots=sizes.slots + len(self._base["channels"]),
+                slots=sizes.slots + len(self._workspace["channels"]),
                 width=sizes.width,
                 histosys=sizes.histosys,
                 normsys=sizes.normsys,
                 factors=sizes.factors + 1,
                 pars=sizes.pars + 1,
             )
-            self._caps = layout.Caps.around(room)
-            padded = layout.pad(arrays, self._caps)
-            params = layout.pad_parameters(arrays, self._caps)
-            device = likelihood.device_layout(padded, self._codes)
-            functions = likelihood.functions(*self._codes)
-            # Workers that start together on a layout not compiled yet take turns: the first
-            # compiles into the persistent cache, the others load from it instead of compiling too.
-            key = cache.digest(repr((self._caps, self._codes)), cache.versions("jax", "jaxlib"))
-            first = likelihood.persistent_cache() is not None and cache.recall("compiled", key) is None
-            with cache.exclusive("compile-" + key) if first else contextlib.nullcontext():
-                functions.value_and_grad(params["init"], arrays.main_data, params["aux"], device)
-                functions.expected(params["init"], device)
-                functions.fisher_diagonal(params["init"], device)
-                if first:
-                    cache.remember("compiled", key, "yes")
+            caps = layout.Caps.around(room)
+            self._layouts.append(caps)
+            self._padded(arrays, caps)
+
+    def _layout_for(self, sizes):
+        """The layout a patch of ``sizes`` is padded to: a cheap enough existing one, one grown, or a new one."""
+        from pyhf_dist.fast import layout
+
+        own = layout.Caps.around(sizes)
+        limit = max(_SHARE_LIMIT * own.volume, _SMALL_LAYOUT)
+        fitting = [caps for caps in self._layouts if caps.covers(sizes) and caps.volume <= limit]
+        if fitting:
+            return min(fitting, key=lambda caps: caps.volume)
+        for index, caps in enumerate(self._layouts):
+            grown = caps.grown(sizes)
+            if grown.volume <= limit:
+                # One layout for both shapes: later patches of either need no other compilation.
+                self._layouts[index] = grown
+                return grown
+        self._layouts.append(own)
+        return own
+
+    def _padded(self, arrays, caps):
+        """``(device layout, padded parameters, padded main data, functions)``, compiled for ``caps``."""
+        from pyhf_dist.fast import layout, likelihood
+
+        padded = layout.pad(arrays, caps)
+        params = layout.pad_parameters(arrays, caps)
+        main = layout.pad_main(arrays, caps)
+        device = likelihood.device_layout(padded, self._codes)
+        functions = likelihood.functions(*self._codes)
+        _compile(caps, self._codes, functions, device, params, main)
+        return device, params, main, functions
 
     def _problem(self, patch_operations):
-        from pyhf_dist.fast import fit, layout, likelihood
+        from pyhf_dist.fast import fit
 
         configure_jax()
         spec, arrays = self.arrays(patch_operations)
-        sizes = arrays.sizes
-        if self._caps is None:
-            self._caps = layout.Caps.around(sizes)
-        elif not self._caps.covers(sizes):
-            if self._caps.bins != sizes.bins:
-                raise FastPathUnsupported("patch changes the number of bins")
-            self._caps = self._caps.grown(sizes)
-        padded = layout.pad(arrays, self._caps)
-        params = layout.pad_parameters(arrays, self._caps)
-        device = likelihood.device_layout(padded, self._codes)
-        functions = likelihood.functions(*self._codes)
+        caps = self._layout_for(arrays.sizes)
+        device, params, main, functions = self._padded(arrays, caps)
         if self._verify:
-            signature = (self._caps, self._codes, arrays.modifier_types)
-            if signature not in self._verified:
-                self._verified[signature] = self._check_structure(signature, spec, arrays, functions, device, params)
-            if not self._verified[signature]:
+            described = _structure(spec, arrays, caps, self._codes)
+            if described not in self._verified:
+                checked = self._check_structure(described, spec, arrays, functions, device, params, main)
+                self._verified[described] = checked
+            if not self._verified[described]:
                 raise FastPathUnsupported("this structure did not reproduce pyhf's model in the check")
         import jax
 
@@ -190,45 +209,51 @@ class FastHypotest:
             lower=params["lower"],
             upper=params["upper"],
             fixed=params["fixed"],
-            main=jax.device_put(arrays.main_data),
+            main=jax.device_put(main),
             aux=jax.device_put(params["aux"]),
             poi_index=arrays.poi_index,
             n_pars=len(arrays.init),
         )
 
-    def _check_structure(self, signature, spec, arrays, functions, device, params) -> bool:
+    def _check_structure(self, described, spec, arrays, functions, device, params, main) -> bool:
         """:meth:`_matches_pyhf`, or its remembered outcome for this workspace, settings and versions."""
         if self._key is None:
-            return self._matches_pyhf(spec, arrays, functions, device, params)
-        caps, codes, types = signature
-        # Sorted: a frozenset's order (and repr) changes with each process's string hashing.
-        described = repr((caps, codes, sorted(types)))
+            return self._matches_pyhf(spec, arrays, functions, device, params, main)
         key = cache.digest(self._key, described, cache.versions("pyhf", "jax", "jaxlib", "numpy", "scipy"))
         # Workers meeting a structure together: one checks, the others take its outcome.
         with cache.exclusive("structure-" + key):
             remembered = cache.recall("structure", key)
             if remembered in ("same", "different"):
                 return remembered == "same"
-            same = self._matches_pyhf(spec, arrays, functions, device, params)
+            same = self._matches_pyhf(spec, arrays, functions, device, params, main)
             cache.remember("structure", key, "same" if same else "different")
         return same
 
-    def _matches_pyhf(self, spec, arrays, functions, device, params) -> bool:
-        """Compare parameters, auxdata and logpdf at the init and random points with ``pyhf.Model``."""
+    def _matches_pyhf(self, spec, arrays, functions, device, params, main) -> bool:
+        """Compare parameters, data and logpdf at the init and random points with pyhf's model.
+
+        The model and data are pyhf's own for the patched workspace, ``pyhf.Workspace(spec)``,
+        ``.model(modifier_settings=...)`` and ``.data(model)``: what a user fitting the patch
+        with pyhf gets.
+        """
         import pyhf
 
         previous = pyhf.tensorlib.name
         if previous != "numpy":
             pyhf.set_backend("numpy")
         try:
-            model = pyhf.Model(
-                spec,
-                validate=False,
-                poi_name=self._measurement["config"]["poi"],
-                modifier_settings=self.modifier_settings,
-            )
+            try:
+                # Validation changes no number; the scan validated the background, and plain pyhf
+                # gives its own error on a patch it cannot read.
+                workspace = pyhf.Workspace(spec, validate=False)
+                model = workspace.model(validate=False, modifier_settings=self.modifier_settings)
+                data = np.asarray(workspace.data(model), dtype=float)
+            except Exception as error:  # noqa: BLE001 - pyhf's own error comes with its fallback
+                log.warning("fast path: pyhf cannot build this patch's model (%s); using plain pyhf", error)
+                return False
             config = model.config
             n = len(arrays.init)
+            bins = len(arrays.main_data)
             constrained = arrays.gauss | arrays.poisson
             same = (
                 config.par_names == arrays.par_names
@@ -236,12 +261,13 @@ class FastHypotest:
                 and np.array_equal(config.suggested_init(), arrays.init)
                 and np.array_equal(np.asarray(config.suggested_bounds(), dtype=float), np.stack([arrays.lower, arrays.upper], 1))
                 and list(config.suggested_fixed()) == list(arrays.fixed)
+                and len(data) == bins + len(config.auxdata)
+                and np.array_equal(data[:bins], arrays.main_data)
                 and np.allclose(config.auxdata, arrays.aux[constrained], rtol=1e-12, atol=0)
             )
             if not same:
-                log.warning("fast path: parameters differ from pyhf's for this structure; using plain pyhf")
+                log.warning("fast path: parameters or data differ from pyhf's for this structure; using plain pyhf")
                 return False
-            data = np.concatenate([arrays.main_data, config.auxdata])
             rng = np.random.default_rng(7)
             points = [arrays.init]
             for _ in range(3):
@@ -253,7 +279,7 @@ class FastHypotest:
                 expected = float(model.logpdf(point, data)[0])
                 theta = params["init"].copy()
                 theta[:n] = point
-                ours = functions.logpdf(theta, arrays.main_data, params["aux"], device)
+                ours = functions.logpdf(theta, main, params["aux"], device)
                 if not np.isfinite(expected):
                     continue
                 if not abs(ours - expected) <= _LOGPDF_RTOL * max(1.0, abs(expected)):
@@ -263,6 +289,45 @@ class FastHypotest:
         finally:
             if previous != "numpy":
                 pyhf.set_backend(previous)
+
+
+def _structure(spec: dict, arrays, caps, codes) -> str:
+    """What one check against pyhf vouches for: the layout, interpolation codes, modifier types,
+    channels (names and bins), which parameters the measurement configures (and how), the POI.
+
+    Deterministic across processes (it keys the remembered outcome): sorted, no sets.
+    """
+    config = spec["measurements"][0]["config"]
+    channels = sorted((channel["name"], len(channel["samples"][0]["data"])) for channel in spec["channels"])
+    configured = sorted((parameter["name"], sorted(parameter)) for parameter in config.get("parameters", []))
+    return repr((caps, codes, sorted(arrays.modifier_types), channels, configured, config["poi"]))
+
+
+_COMPILED: set = set()
+_COMPILED_LOCK = threading.Lock()
+
+
+def _compile(caps, codes, functions, device, params, main) -> None:
+    """Compile the functions for ``caps`` in this process, once; on a machine, one worker compiles.
+
+    Workers that meet a layout not compiled yet take turns: the first compiles into the persistent
+    cache, the others then load from it instead of compiling too.
+    """
+    from pyhf_dist.fast import likelihood
+
+    with _COMPILED_LOCK:
+        if (caps, codes) in _COMPILED:
+            return
+        # The device arrays' names are part of the compiled function's signature.
+        key = cache.digest(repr((caps, codes, sorted(device))), cache.versions("jax", "jaxlib"))
+        first = likelihood.persistent_cache() is not None and cache.recall("compiled", key) is None
+        with cache.exclusive("compile-" + key) if first else contextlib.nullcontext():
+            functions.value_and_grad(params["init"], main, params["aux"], device)
+            functions.expected(params["init"], device)
+            functions.fisher_diagonal(params["init"], device)
+            if first:
+                cache.remember("compiled", key, "yes")
+        _COMPILED.add((caps, codes))
 
 
 def for_state(state) -> FastHypotest:

@@ -3,7 +3,9 @@
 pyhf builds a new ``Model`` (and new constants for jax) for every patch; here a patch becomes a
 :class:`PatchArrays` of numpy arrays whose *shapes* are all the compiled likelihood depends on.
 :func:`pad` brings the arrays of different patches to one common shape (:class:`Caps`) with
-identity elements, so one compiled function serves a whole pallet.
+identity elements, so one compiled function serves every patch of that shape; patches of other
+shapes (channels removed or added, other binnings) get a layout of their own, or share a larger one.
+:func:`workspace_arrays` reads a whole patched workspace, as ``pyhf.PatchSet`` applies a patch.
 
 The semantics follow pyhf 0.7 exactly (``pyhf.pdf``, ``pyhf.modifiers``): channels and samples in
 sorted order, parameters in pyhf's ``par_order``, the parameter-set requirements of each modifier
@@ -32,7 +34,9 @@ __all__ = [
     "build_arrays",
     "interpolation_codes",
     "pad",
+    "pad_main",
     "pad_parameters",
+    "workspace_arrays",
 ]
 
 #: Modifier types covered; the order is pyhf's ``histfactory_set`` order, which fixes the order
@@ -130,10 +134,10 @@ def _key(container, token: str, append: bool):
 
 @dataclasses.dataclass(frozen=True)
 class Caps:
-    """Array sizes of one compiled layout (every patch of a pallet is padded to them).
+    """Array sizes of one compiled layout (the patches it serves are padded to them).
 
     Attributes:
-        bins: Main-data bins ``B``.
+        bins: Main-data bins ``B`` (bins past a patch's own are padding, left out of the likelihood).
         slots: (channel, sample) pairs ``S``.
         width: Bins of the widest channel ``W`` (a slot's bins are padded to it).
         histosys: Histosys parameters ``Kh`` (rows of the histosys tables).
@@ -151,15 +155,32 @@ class Caps:
     pars: int
 
     def covers(self, other: "Caps") -> bool:
-        """Whether arrays of size ``other`` fit into this layout (same bins, nothing larger)."""
-        return self.bins == other.bins and all(
-            getattr(self, f.name) >= getattr(other, f.name) for f in dataclasses.fields(self)
-        )
+        """Whether arrays of size ``other`` fit into this layout (nothing larger).
+
+        >>> Caps(14, 60, 3, 100, 40, 4, 130).covers(Caps(13, 50, 3, 90, 40, 3, 120))
+        True
+        """
+        return all(getattr(self, f.name) >= getattr(other, f.name) for f in dataclasses.fields(self))
 
     def grown(self, other: "Caps") -> "Caps":
-        """A layout covering both (with headroom where it had to grow)."""
-        merged = {f.name: max(getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self)}
-        return Caps.around(Caps(**merged)) if not self.covers(other) else self
+        """A layout covering this one and sizes ``other`` (with headroom where it had to grow).
+
+        >>> Caps(14, 60, 3, 100, 40, 4, 130).grown(Caps(15, 50, 3, 90, 40, 3, 120))
+        Caps(bins=15, slots=60, width=3, histosys=100, normsys=44, factors=4, pars=132)
+        """
+        if self.covers(other):
+            return self
+        room = Caps.around(other)
+        return Caps(**{f.name: max(getattr(self, f.name), getattr(room, f.name)) for f in dataclasses.fields(self)})
+
+    @property
+    def volume(self) -> int:
+        """Entries of the per-evaluation tables: what padding to this layout costs in every evaluation.
+
+        >>> Caps(bins=2, slots=3, width=2, histosys=1, normsys=1, factors=1, pars=4).volume
+        23
+        """
+        return self.slots * self.width * (self.histosys + self.factors + 1) + self.normsys * self.slots + self.bins
 
     @classmethod
     def around(cls, sizes: "Caps") -> "Caps":
@@ -359,6 +380,33 @@ def build_arrays(
         raise
     except Exception as error:  # malformed specs: plain pyhf gives the authoritative error
         raise FastPathUnsupported(f"spec not understood by the fast path: {error!r}") from None
+
+
+def workspace_arrays(
+    workspace: dict,
+    modifier_settings: dict,
+    *,
+    require_poi: bool = True,
+    samples: SampleCache | None = None,
+) -> PatchArrays:
+    """Numbers of the model pyhf builds from a whole (patched) workspace specification.
+
+    As ``pyhf.Workspace(spec).model(modifier_settings=...)`` and ``Workspace.data``: the channels,
+    the first measurement's POI and parameter configuration, and the observations by channel name
+    (observations of channels the model lacks are ignored, as pyhf ignores them).
+
+    Raises:
+        FastPathUnsupported: Anything :func:`build_arrays` does not reproduce, or a workspace
+            without channels, observations or measurements (pyhf then gives its own error).
+    """
+    try:
+        measurement = workspace["measurements"][0]
+        config = measurement["config"]
+        spec = {"channels": workspace["channels"], "parameters": config.get("parameters", [])}
+        observations = {o["name"]: o["data"] for o in workspace["observations"]}
+    except (KeyError, IndexError, TypeError) as error:
+        raise FastPathUnsupported(f"not a workspace the fast path reads: {error!r}") from None
+    return build_arrays(spec, measurement, observations, modifier_settings, require_poi=require_poi, samples=samples)
 
 
 def interpolation_codes(modifier_settings: dict | None) -> tuple:
@@ -703,8 +751,10 @@ def pad(arrays: PatchArrays, caps: Caps) -> dict:
 
     Padding slots have zero yield; padding histosys entries zero deltas; padding normsys entries
     ``hi = lo = 1``; padding factors the constant 1; padding parameters are fixed at 0 with no
-    constraint. None of them changes the likelihood.
+    constraint; padding bins are masked out (``bin_used``). None of them changes the likelihood.
     """
+    if not caps.covers(arrays.sizes):
+        raise ValueError(f"arrays of sizes {arrays.sizes} do not fit the layout {caps}")
     S, W, P = caps.slots, caps.width, caps.pars
     s, w = arrays.nominal.shape
     n = len(arrays.init)
@@ -730,6 +780,8 @@ def pad(arrays: PatchArrays, caps: Caps) -> dict:
         "tau": np.ones(P),
         # Only its shape is used: it tells the compiled function the number of bins.
         "bin_template": np.zeros(B),
+        # The patch's own bins; padding bins (a layout shared with patches of more bins) add nothing.
+        "bin_used": np.arange(B) < len(arrays.main_data),
     }
     kh, kn, kf = len(arrays.hist_par), len(arrays.norm_par), arrays.factor_par.shape[2]
     out["nominal"][:s, :w] = arrays.nominal
@@ -753,3 +805,10 @@ def pad_parameters(arrays: PatchArrays, caps: Caps) -> dict:
     for key in out:
         out[key][:n] = getattr(arrays, key)
     return out
+
+
+def pad_main(arrays: PatchArrays, caps: Caps) -> np.ndarray:
+    """Observed main data padded with zeros to ``caps.bins`` (the padding is masked out)."""
+    main = np.zeros(caps.bins)
+    main[: len(arrays.main_data)] = arrays.main_data
+    return main

@@ -1,8 +1,9 @@
 """The HistFactory likelihood in jax, with every patch-specific number an argument.
 
 One compiled function per (interpolation codes, array shapes) serves every patch padded to the
-same :class:`~pyhf_dist.fast.layout.Caps`: a new patch costs a host-to-device copy of its arrays,
-not a trace and an XLA compilation as a new ``pyhf.Model`` on the jax backend does.
+same :class:`~pyhf_dist.fast.layout.Caps` (bins past a patch's own, marked by ``bin_used``, add
+nothing): a new patch costs a host-to-device copy of its arrays, not a trace and an XLA
+compilation as a new ``pyhf.Model`` on the jax backend does.
 
 The arithmetic is pyhf 0.7's (``pyhf.interpolators``, ``pyhf.pdf._MainModel``,
 ``pyhf.constraints``): expected yields ``(nominal + sum of histosys deltas) * product of factors``
@@ -209,8 +210,11 @@ class Functions:
             # Safe values off the mask: where() would otherwise pass NaN gradients through.
             rate = jnp.where(L["poisson"], theta * L["tau"], 1.0)
             pois = poisson(jnp.where(L["poisson"], aux, 1.0), rate)
+            main_terms = poisson(main, lam)
+            if "bin_used" in L:  # resolved when tracing: layouts padded in bins mask the padding
+                main_terms = jnp.where(L["bin_used"], main_terms, 0.0)
             return (
-                jnp.sum(poisson(main, lam))
+                jnp.sum(main_terms)
                 + jnp.sum(jnp.where(L["gauss"], gauss, 0.0))
                 + jnp.sum(jnp.where(L["poisson"], pois, 0.0))
             )
@@ -252,7 +256,8 @@ class Functions:
         main, aux = np.asarray(main), np.asarray(aux)
         gauss, pois = np.asarray(L["gauss"]), np.asarray(L["poisson"])
         sigma = np.asarray(L["sigma"])
-        constant = np.sum(xlogy(main, main) - main - gammaln(main + 1.0))
+        used = np.asarray(L["bin_used"]) if "bin_used" in L else np.ones(main.shape, dtype=bool)
+        constant = np.sum(np.where(used, xlogy(main, main) - main - gammaln(main + 1.0), 0.0))
         constant += np.sum(np.where(pois, xlogy(aux, aux) - aux - gammaln(aux + 1.0), 0.0))
         constant += np.sum(np.where(gauss, -np.log(sigma) - 0.5 * math.log(2.0 * math.pi), 0.0))
         value = float(self.value_and_grad(theta, main, aux, L)[0])

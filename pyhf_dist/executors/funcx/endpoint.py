@@ -66,7 +66,9 @@ def pyhf_dist_fit(context, task):
 
     Returns:
         A JSON-able record: ``name``, ``status`` (``"ok"``/``"failed"``), ``error``, ``CLs_obs``,
-        ``CLs_exp``, ``fit_seconds``, ``started``, ``finished``, ``worker`` (host, pid, Slurm job).
+        ``CLs_exp``, ``engine`` (``"fast"``/``"pyhf"``), ``fallback_reason`` (why not ``"fast"``,
+        on a scan that asked for it), ``fit_seconds``, ``started``, ``finished``, ``worker``
+        (host, pid, Slurm job).
     """
     import base64
     import json
@@ -109,32 +111,39 @@ def pyhf_dist_fit(context, task):
             text = unpack(context)
             data = load(text)
             pallets = data.get("pallets")
-            state = {"settings": data["settings"], "workspace": None, "workspaces": None, "prepared": None,
-                     "compute": None}
-            if data["settings"].get("backend") == "jax" and isinstance(text, str):
+            settings = data["settings"]
+            state = {"settings": settings, "workspace": None, "workspaces": None, "prepared": None,
+                     "compute": None, "fallback_reason": None}
+            if settings.get("backend") == "jax":
                 # pyhf-dist's compiled fast path, where the endpoint has pyhf-dist installed; its
                 # state (parsed workspace, compiled likelihood) stays in this worker process.
                 try:
                     from pyhf_dist.calculations import compute
                     from pyhf_dist.worker import WorkerContext, initialize
                 except ImportError:
-                    pass
+                    state["fallback_reason"] = "pyhf-dist[jax] is not installed on the endpoint"
                 else:
                     try:
-                        prepared = initialize(WorkerContext(key=key, payload=text.encode()))
+                        payload = (text if isinstance(text, str) else json.dumps(text)).encode()
+                        prepared = initialize(WorkerContext(key=key, payload=payload))
                         if pallets is not None and not hasattr(prepared, "for_pallet"):
                             raise TypeError("this pyhf-dist fits one pallet per scan")
                         state["prepared"] = prepared
                         state["compute"] = compute
-                    except Exception:  # e.g. another pyhf-dist version there: plain pyhf still works
-                        state["prepared"] = None
+                    except Exception as error:  # e.g. another pyhf-dist version there: plain pyhf still works
+                        line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                        state["fallback_reason"] = f"the endpoint's pyhf-dist cannot take this scan: {line}"
             if state["prepared"] is None:
                 import pyhf
 
+                # Validated once per worker; patches are applied to the specification.
                 if pallets is None:
-                    state["workspace"] = pyhf.Workspace(data["workspace"])
+                    pyhf.Workspace(data["workspace"])
+                    state["workspace"] = data["workspace"]
                 else:
-                    state["workspaces"] = {name: pyhf.Workspace(part["workspace"]) for name, part in pallets.items()}
+                    for part in pallets.values():
+                        pyhf.Workspace(part["workspace"])
+                    state["workspaces"] = {name: part["workspace"] for name, part in pallets.items()}
             # Keep the latest two scans: a long-lived endpoint worker serves many scans.
             while len(cache.states) >= 2:
                 cache.states.pop(next(iter(cache.states)))
@@ -164,6 +173,10 @@ def pyhf_dist_fit(context, task):
             if getattr(prepared, "pallets", None):
                 prepared = prepared.for_pallet(task.get("pallet"))
             return state["compute"](prepared, task)
+        reason = state["fallback_reason"]
+        if settings.get("require_fast"):
+            raise RuntimeError(f"the fast path is not available ({reason}) and require_fast (--require-fast) is on")
+        import jsonpatch
         import pyhf
 
         if state["workspaces"] is None:
@@ -176,12 +189,18 @@ def pyhf_dist_fit(context, task):
         # Plain pyhf runs on numpy, the reference, as on every other executor.
         if pyhf.tensorlib.name != "numpy":
             pyhf.set_backend("numpy")
-        model = workspace.model(patches=[task["patch"]], modifier_settings=settings.get("modifier_settings"))
+        # The patch applies to the whole workspace, as pyhf.PatchSet applies it (it may change
+        # observations and the measurement, not only the channels).
+        patched = pyhf.Workspace(jsonpatch.apply_patch(workspace, task["patch"]), validate=False)
+        model = patched.model(modifier_settings=settings.get("modifier_settings"))
         observed, expected = pyhf.infer.hypotest(
-            settings.get("poi_test", 1.0), workspace.data(model), model,
+            settings.get("poi_test", 1.0), patched.data(model), model,
             test_stat=settings.get("test_stat", "qtilde"), return_expected_set=True,
         )
-        return {"CLs_obs": float(observed), "CLs_exp": [float(value) for value in expected]}
+        values = {"CLs_obs": float(observed), "CLs_exp": [float(value) for value in expected], "engine": "pyhf"}
+        if reason is not None:
+            values["fallback_reason"] = reason
+        return values
 
     timeout = task.get("timeout")
     use_alarm = bool(timeout) and threading.current_thread() is threading.main_thread()
