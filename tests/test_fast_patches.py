@@ -23,7 +23,7 @@ import pyhf  # noqa: E402
 import pyhf_dist  # noqa: E402
 from pyhf_dist import calculations  # noqa: E402
 from pyhf_dist.exceptions import SettingsError  # noqa: E402
-from pyhf_dist.executors.remote import encode, pyhf_dist_fit  # noqa: E402
+from pyhf_dist.executors.funcx.endpoint import encode, pyhf_dist_fit  # noqa: E402
 from pyhf_dist.fast import FastHypotest  # noqa: E402
 from pyhf_dist.pallet import Pallet, Patch  # noqa: E402
 from pyhf_dist.results import ScanResult  # noqa: E402
