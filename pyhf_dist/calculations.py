@@ -42,36 +42,50 @@ def hypotest(model, data, settings) -> dict:
 
 
 def compute(state, task: dict) -> dict[str, Any]:
-    """Run the calculation the scan's settings ask for on one task; returns the record's numbers."""
+    """Run the calculation the scan's settings ask for on one task; returns the record's numbers.
+
+    The record says which engine computed it (``engine``: ``"fast"`` or ``"pyhf"``) and, where the
+    scan asked for the fast path and it declined the patch, why (``fallback_reason``).
+    """
     settings = state.settings
     if task.get("kind") == "noop":  # measures an executor's own per-task cost (benchmarks)
         return {}
+    fallback_reason = None
     if settings.fast_path:
-        fast = _fast_hypotest(state, task)
+        fast, fallback_reason = _fast(state, task)
         if fast is not None:
-            return fast
+            return {**fast, "engine": "fast", "fallback_reason": None}
+    engine = {"engine": "pyhf", "fallback_reason": fallback_reason}
     _use_numpy()
     model, data = build_model(state, task["patch"])
     if settings.calculation == "hypotest" and settings.calctype == "asymptotics":
-        return hypotest(model, data, settings)
+        return {**hypotest(model, data, settings), **engine}
     if settings.calculation == "upper_limit":
         from pyhf_dist import limits
 
-        return limits.upper_limit(model, data, settings)
+        return {**limits.upper_limit(model, data, settings), **engine}
     from pyhf_dist import toys
 
     # One chunk of the patch's pseudo-experiments (all of them when the task is not split).
-    return toys.run_chunk(model, data, settings, task.get("chunk"))
+    return {**toys.run_chunk(model, data, settings, task.get("chunk")), **engine}
 
 
-def _fast_hypotest(state, task: dict) -> dict | None:
-    """The compiled fast path, or ``None`` when it does not cover this patch (plain pyhf then)."""
+def _fast(state, task: dict) -> tuple[dict | None, str | None]:
+    """The compiled fast path's numbers, or ``(None, why)`` when it does not cover this patch
+    (plain pyhf then)."""
     from pyhf_dist import fast
 
+    settings = state.settings
     try:
-        return fast.for_state(state).hypotest(task["patch"], state.settings.poi_test, state.settings.test_stat)
-    except fast.FastPathUnsupported:
-        return None
+        engine = fast.for_state(state)
+        if settings.calculation == "upper_limit":
+            from pyhf_dist.limits import scan_points
+
+            scan = scan_points(settings.upper_limit_scan)
+            return engine.upper_limit(task["patch"], settings.test_stat, settings.level, scan), None
+        return engine.hypotest(task["patch"], settings.poi_test, settings.test_stat), None
+    except fast.FastPathUnsupported as error:
+        return None, str(error)
 
 
 def plan_chunks(settings, workers: int) -> list:

@@ -22,6 +22,7 @@ __all__ = [
     "ExecutorError",
     "WorkerLostError",
     "PayloadTooLargeError",
+    "UpperLimitError",
 ]
 
 
@@ -90,3 +91,11 @@ class WorkerLostError(ExecutorError):
 
 class PayloadTooLargeError(ExecutorError):
     """A task is larger than the executor's transport allows."""
+
+
+class UpperLimitError(PyhfDistError, ValueError):
+    """An upper limit pyhf's search cannot reach: it would test a POI value outside the POI's bounds.
+
+    pyhf's ``upper_limit`` fails such a patch too (``ValueError``: an initial value outside its
+    bounds); the message says which bound and how to widen it.
+    """
