@@ -229,6 +229,8 @@ class PoiScan:
                 "pyhf's minimizer stops at its starting point on this model (its CLs come from "
                 "unconverged fits); plain pyhf reproduces them"
             )
+        # The fit to the observed data at the Asimov POI value is also that of a test of it.
+        self._asimov_mu, self._asimov_value = asimov_mu, asimov_value
         free_theta, self._free_value = problem.fit(main, aux, problem.init)
         # Asimov data: expected main and auxiliary data at the conditional fit; its free fit is
         # that very point (every term is at its maximum there), so the fit from it converges at once.
@@ -260,7 +262,10 @@ class PoiScan:
             "noisy_A": _at_noise_level(stat, mu, tmu_a, self._muhat_a),
         }
         if observed:
-            _, fixed_value = problem.fit(problem.main, problem.aux, problem.init, poi_value=mu)
+            if mu == self._asimov_mu:
+                fixed_value = self._asimov_value
+            else:
+                _, fixed_value = problem.fit(problem.main, problem.aux, problem.init, poi_value=mu)
             tmu = fixed_value - self._free_value
             stats.update(
                 qmu=_test_statistic(stat, mu, tmu, self._muhat), noisy_obs=_at_noise_level(stat, mu, tmu, self._muhat)
