@@ -15,6 +15,7 @@ for them in the quick tests.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import subprocess
@@ -224,6 +225,22 @@ def test_demo_fast_path_matches_serial_pyhf(scan):
     # for its CLs at mu = 0 where that decides the outcome: demo_300_0's NaN).
     assert set(_engines(result).values()) <= {"fast", None}
     assert all(record.engine == "fast" for record in result if record.ok)
+
+
+@needs_jax
+def test_fast_path_asks_plain_pyhf_only_for_the_value_its_noise_decides(caplog):
+    """Best fit at mu = 0 (every demo point): of the 40-50 values tested, pyhf computes mu = 0 alone."""
+    from pyhf_dist.fast import FastHypotest
+
+    pallet = pyhf_dist.demo_pallet()
+    fast = FastHypotest(pallet.workspace)
+    (patch,) = [p for p in pallet.patches if p.name == "demo_800_150"]
+    with caplog.at_level(logging.INFO, logger="pyhf_dist.fast"):
+        limits = fast.upper_limit(patch.operations)
+    pattern = r"fast path: (\d+) of (\d+) POI values computed by plain pyhf"
+    (found,) = [match for match in (re.match(pattern, r.getMessage()) for r in caplog.records) if match]
+    assert int(found.group(1)) == 1 and int(found.group(2)) > 20
+    assert limits["mu_up_obs"] > 0 and len(limits["mu_up_exp"]) == 5
 
 
 @needs_jax
