@@ -13,6 +13,9 @@ For each pallet, printed and written to ``benchmarks/output/limits.json``:
 * agreement with plain pyhf's ``pyhf.infer.intervals.upper_limits.upper_limit`` (numpy, serial,
   the same ``scan`` and ``level``) on a sample of ``--sample`` patches: the largest relative
   difference of the observed limit and of each expected one, and whether the same patches fail;
+* in the same run, the scan of CLs at mu = 1 on the fast path (the same cold-process script), as
+  the yardstick of this machine's speed at that moment (the machine is shared: ratios travel
+  better than seconds);
 * the time plain pyhf took per sample patch, and the whole pallet on ``--workers`` processes at
   that rate (what ``--upper-limit`` cost before the fast path covered it; it cannot be measured
   whole: hours).
@@ -121,10 +124,12 @@ def references(key: str, pallet, names: list, scan, level: float, workers: int) 
 
 # -------------------------------------------------------------------------------- fast path
 
-def timed_scan(path: Path, workers: int, scan) -> dict:
+def timed_scan(path: Path, workers: int, scan, upper_limit: bool = True) -> dict:
     command = [sys.executable, str(HERE / "one_scan.py"), str(path), "--executor", "local",
-               "--workers", str(workers), "--backend", "jax", "--upper-limit"]
-    if scan is not None:
+               "--workers", str(workers), "--backend", "jax"]
+    if upper_limit:
+        command.append("--upper-limit")
+    if upper_limit and scan is not None:
         command += ["--scan", ",".join(str(value) for value in scan)]
     out = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -170,9 +175,12 @@ def main() -> None:
         for key in args.pallets.split(","):
             path = pallet_path(key, Path(scratch))
             print(f"{key}: {path}", flush=True)
-            runs = [timed_scan(path, args.workers, scan) for _ in range(args.trials)]
-            last = runs[-1]
-            walls = [run["wall_seconds"] for run in runs]
+            walls, cls_walls = [], []
+            for _ in range(args.trials):
+                # Side by side: the CLs scan times this machine's speed at the moment of the limits' one.
+                cls_walls.append(timed_scan(path, args.workers, None, upper_limit=False)["wall_seconds"])
+                last = timed_scan(path, args.workers, scan)
+                walls.append(last["wall_seconds"])
             pallet = pyhf_dist.load_pallet(path)
             names = SAMPLES[key][: args.sample]
             reference = references(key, pallet, names, scan, args.level, args.workers)
@@ -184,6 +192,7 @@ def main() -> None:
                 "scan": scan,
                 "wall_seconds": walls,
                 "wall_seconds_mean": statistics.mean(walls),
+                "cls_scan_wall_seconds": cls_walls,
                 "engines": last["engines"],
                 "failed": last["failed"],
                 "errors": _counts(last["errors"]),
@@ -210,6 +219,9 @@ def _print(key: str, row: dict) -> None:
     spread = f" ± {statistics.stdev(walls):.1f}" if len(walls) > 1 else ""
     print(f"  {row['patches']} patches, local executor, {row['workers']} workers, cold process: "
           f"{row['wall_seconds_mean']:.1f}{spread} s wall ({len(walls)} trial(s))")
+    cls_wall = statistics.mean(row["cls_scan_wall_seconds"])
+    print(f"  the same scan of CLs at mu = 1, side by side: {cls_wall:.1f} s "
+          f"(upper limits take {row['wall_seconds_mean'] / cls_wall:.1f}x as long)")
     print(f"  engines: {row['engines']}; failed: {row['failed']}")
     for reason, count in {**row["errors"], **row["fallbacks"]}.items():
         print(f"    {count} x {reason}")

@@ -277,7 +277,7 @@ def test_lbb_fast_path_matches_serial_pyhf(lbb_pallet):
 
 
 @needs_jax
-def test_fast_path_declines_to_plain_pyhf_where_pyhf_stalls(erjr_pallet):
+def test_fast_path_declines_to_plain_pyhf_where_pyhf_stalls(erjr_pallet, tmp_path):
     """3L-eRJR: pyhf's minimizer stops at its starting point; plain pyhf computes those limits."""
     names = ERJR_SAMPLE[:1]
     result = pyhf_dist.map_fits(erjr_pallet, executor="sequential", patches=names, backend="jax",
@@ -286,6 +286,10 @@ def test_fast_path_declines_to_plain_pyhf_where_pyhf_stalls(erjr_pallet):
     for record in result:
         assert record.engine == "pyhf"
         assert "minimizer stops at its starting point" in record.fallback_reason
+    # Both fields survive the CSV table.
+    result.to_csv(tmp_path / "r.csv")
+    table = pyhf_dist.ScanResult.from_csv(tmp_path / "r.csv")
+    assert [(r.engine, r.fallback_reason) for r in table] == [(r.engine, r.fallback_reason) for r in result]
 
 
 @needs_jax
