@@ -1,4 +1,5 @@
-"""The compiled fast path: asymptotic hypotests of many patches on one compiled likelihood.
+"""The compiled fast path: asymptotic hypotests and upper limits (:mod:`~pyhf_dist.fast.limits`) of
+many patches on one compiled likelihood.
 
 Plain pyhf builds a model per patch and, on the jax backend, traces and compiles it anew. Here a
 patch becomes arrays (:mod:`~pyhf_dist.fast.layout`) padded to a layout shared by the pallet, fed

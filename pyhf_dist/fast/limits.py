@@ -84,7 +84,7 @@ def upper_limit(
         for mu in mus:
             if not lower <= mu <= upper:
                 raise UpperLimitError(
-                    f"the search for the upper limit must test mu = {mu:g}, outside the POI bounds "
+                    f"pyhf's upper limit search must test mu = {mu:g}, outside the POI bounds "
                     f"[{lower:g}, {upper:g}], where pyhf cannot fit: widen the POI bounds in the "
                     "workspace's measurement, or give a grid within them (--scan)"
                 )
