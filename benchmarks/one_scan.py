@@ -1,6 +1,7 @@
 """One scan from a cold process, as a user would run it; prints a JSON line of measurements.
 
     python benchmarks/one_scan.py PALLET --executor local --workers 2 [--backend jax] [--patches N]
+                                  [--upper-limit [--scan START,STOP,POINTS]]
 
 Wall time covers everything after the interpreter started: imports, reading the pallet, starting
 the executor, fitting, writing the results file. The per-task breakdown comes from the records:
@@ -30,6 +31,8 @@ def main() -> None:
     parser.add_argument("--backend", default=None)
     parser.add_argument("--patches", type=int, default=None, help="fit only the first N patches")
     parser.add_argument("--options", default="{}", help="JSON of extra executor options")
+    parser.add_argument("--upper-limit", action="store_true", help="95%% CL upper limits instead of CLs at mu = 1")
+    parser.add_argument("--scan", default=None, help="with --upper-limit: a grid START,STOP,POINTS")
     args = parser.parse_args()
 
     import pyhf_dist
@@ -40,6 +43,11 @@ def main() -> None:
         pallet.patches = pallet.patches[: args.patches]
     received = {}
     options = json.loads(args.options)
+    if args.upper_limit:
+        options["calculation"] = "upper_limit"
+        if args.scan:
+            start, stop, points = args.scan.split(",")
+            options["upper_limit_scan"] = (float(start), float(stop), int(points))
     if args.executor != "sequential":
         options.setdefault("workers", args.workers)
     result = pyhf_dist.map_fits(
@@ -84,6 +92,9 @@ def summary(executor: str, workers: int, backend: str, records: list[dict], rece
         "engines": _count(r.get("engine") for r in ok),
         "fallbacks": _count(r.get("fallback_reason") for r in ok if r.get("fallback_reason")),
         "results": {r["name"]: [r.get("CLs_obs"), r.get("CLs_exp")] for r in records},
+        "limits": {r["name"]: [r.get("mu_up_obs"), r.get("mu_up_exp")] for r in records if r.get("mu_up_exp")},
+        "errors": {r["name"]: r.get("error") for r in records if r["status"] != "ok"},
+        "fallbacks": {r["name"]: r.get("fallback_reason") for r in records if r.get("fallback_reason")},
     }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pyhf_dist.exceptions import FastPathRequired
+from pyhf_dist.exceptions import FastPathRequired, first_line
 
 __all__ = ["compute", "build_model", "hypotest", "plan_chunks", "merge_chunks"]
 
@@ -67,7 +67,7 @@ def compute(state, task: dict) -> dict[str, Any]:
         return {}
     reason = None
     if settings.fast_path:
-        fast, reason = _fast_hypotest(state, task)
+        fast, reason = _fast(state, task)
         if fast is not None:
             return {**fast, "engine": "fast"}
         if settings.require_fast:
@@ -93,19 +93,21 @@ def compute(state, task: dict) -> dict[str, Any]:
     return values
 
 
-def _fast_hypotest(state, task: dict) -> tuple:
+def _fast(state, task: dict) -> tuple[dict | None, str | None]:
     """``(numbers, None)`` from the compiled fast path, or ``(None, why it declined)``."""
     from pyhf_dist import fast
 
+    settings = state.settings
     try:
-        return fast.for_state(state).hypotest(task["patch"], state.settings.poi_test, state.settings.test_stat), None
+        engine = fast.for_state(state)
+        if settings.calculation == "upper_limit":
+            from pyhf_dist.limits import scan_points
+
+            scan = scan_points(settings.upper_limit_scan)
+            return engine.upper_limit(task["patch"], settings.test_stat, settings.level, scan), None
+        return engine.hypotest(task["patch"], settings.poi_test, settings.test_stat), None
     except fast.FastPathUnsupported as error:
-        return None, _one_line(error)
-
-
-def _one_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+        return None, first_line(error)
 
 
 def plan_chunks(settings, workers: int) -> list:

@@ -25,6 +25,7 @@ __all__ = [
     "PayloadTooLargeError",
     "first_line",
     "FastPathRequired",
+    "UpperLimitError",
 ]
 
 
@@ -127,3 +128,11 @@ def first_line(error: BaseException, *, with_type: bool = False) -> str:
     if not text:
         return type(error).__name__
     return f"{type(error).__name__}: {text}" if with_type else text
+
+
+class UpperLimitError(PyhfDistError, ValueError):
+    """An upper limit pyhf's search cannot reach: it would test a POI value outside the POI's bounds.
+
+    pyhf's ``upper_limit`` fails such a patch too (``ValueError``: an initial value outside its
+    bounds); the message says which bound and how to widen it.
+    """

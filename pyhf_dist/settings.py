@@ -29,7 +29,7 @@ __all__ = [
 
 TEST_STATISTICS = ("qtilde", "q", "q0")
 #: ``numpy`` is plain pyhf on numpy, the reference; ``jax`` is the compiled fast path for asymptotic
-#: hypotests (anything it does not cover is fitted by plain pyhf on numpy).
+#: hypotests and upper limits (anything it does not cover is fitted by plain pyhf on numpy).
 BACKENDS = ("numpy", "jax")
 CALCULATIONS = ("hypotest", "upper_limit")
 CALCTYPES = ("asymptotics", "toybased")
@@ -174,12 +174,18 @@ class FitSettings:
 
     @property
     def fast_path(self) -> bool:
-        """Whether fits try the compiled fast path (jax backend, asymptotic hypotests).
+        """Whether fits try the compiled fast path: the jax backend, asymptotic calculator, hypotests
+        and upper limits (root-finding or grid). Toy-based hypotests and the numpy backend (the
+        reference) are plain pyhf.
 
         >>> FitSettings(backend="jax").fast_path, FitSettings(backend="numpy").fast_path
         (True, False)
+        >>> FitSettings(backend="jax", calculation="upper_limit").fast_path
+        True
+        >>> FitSettings(backend="jax", calctype="toybased").fast_path
+        False
         """
-        return self.backend == "jax" and self.calculation == "hypotest" and self.calctype == "asymptotics"
+        return self.backend == "jax" and self.calctype == "asymptotics" and self.calculation in ("hypotest", "upper_limit")
 
     def to_dict(self) -> dict:
         """A JSON-able dictionary; ``FitSettings(**settings.to_dict())`` gives the settings back."""

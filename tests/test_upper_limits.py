@@ -2,24 +2,34 @@
 
 The reference is plain pyhf on numpy, one patch after another:
 ``pyhf.infer.intervals.upper_limits.upper_limit(data, model, scan, level=0.05, test_stat="qtilde")``
-with the same scan (``None``: root-finding; or the same ``numpy.linspace`` grid).
+with the same scan (``None``: root-finding; or the same ``numpy.linspace`` grid). Both backends
+are checked: numpy (plain pyhf in the workers: the same numbers) and jax (the compiled fast path,
+within 1e-3 relative; where it declines a patch, plain pyhf computes it and the record says so).
 
-Costs on a quiet core: an upper limit by root-finding is ~20-40 hypotests (3L-eRJR: 2-6 s per
-patch; 1Lbb: minutes), so the full 3L-eRJR set and the 1Lbb patches are marked ``slow``.
+Costs on a quiet core: an upper limit by root-finding is 40-50 hypotests of plain pyhf (demo and
+3L-eRJR: 2-20 s per patch; stau: minutes; 1Lbb: 5-10 minutes), so the stau and 1Lbb references
+by root-finding, and the full 3L-eRJR set, are marked ``slow``; grids of a few points stand in
+for them in the quick tests.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import re
+import subprocess
+import sys
+import tarfile
 
 import numpy as np
 import pytest
 
 import pyhf_dist
-from pyhf_dist.limits import scan_points
+from pyhf_dist.demo import demo_patchset, demo_workspace
+from pyhf_dist.limits import grid_scan, scan_points, toms748_scan
 
-from conftest import CODE4
+from conftest import CODE4, DATA
 
 #: The agreement the issue asks for; the worker calls the same pyhf function, so it is usually exact.
 RELATIVE = 1e-3
@@ -29,6 +39,15 @@ ERJR_SAMPLE = ["ERJR_100p0_20p0", "ERJR_350p0_250p0", "ERJR_500p0_0p0"]
 #: 1Lbb points inside and just outside the observed exclusion, and the grid their limits lie in.
 LBB_LIMIT_SAMPLE = ["C1N2_Wh_hbb_650_50", "C1N2_Wh_hbb_750_100"]
 LBB_SCAN = (0.0, 2.0, 5)
+#: stau Region-combined points: best fits at mu > 0 (first two) and at mu = 0 (the last: pyhf's CLs
+#: at mu = 0 is the noise of its fits there, so the fast path asks plain pyhf for it). A stau
+#: hypotest costs plain pyhf several seconds: the quick grid test takes two points, three values.
+STAU_SAMPLE = ["DS_100_1_Staus", "DS_200_120_Staus", "DS_240_80_Staus"]
+STAU_GRID_SAMPLE = ["DS_100_1_Staus", "DS_240_80_Staus"]
+STAU_SCAN = (0.5, 4.5, 3)
+#: Demo points: one whose CLs at mu = 0 is NaN in pyhf (its search fails), one with limits, and
+#: one whose limit lies above the POI bound (pyhf's search fails outside the bounds).
+DEMO_SAMPLE = ["demo_300_0", "demo_800_150", "demo_900_750"]
 
 _CACHE: dict = {}
 
@@ -64,6 +83,14 @@ def _masked(message: str) -> str:
     return re.sub(r"\d[\d.eE+-]*", "#", message.strip())
 
 
+def _same_failure(record, error: Exception) -> bool:
+    """The scan failed this patch as pyhf did: the same message, or (fast path) the search left the
+    POI bounds, where pyhf refuses to fit ("lies outside of its bounds")."""
+    if _masked(record.error) == _masked(f"{type(error).__name__}: {error}"):
+        return True
+    return "UpperLimitError" in record.error and "outside of its bounds" in str(error)
+
+
 def assert_limits_match(result, reference) -> float:
     assert sorted(r.name for r in result) == sorted(reference)
     worst = 0.0
@@ -73,13 +100,16 @@ def assert_limits_match(result, reference) -> float:
             # differ in the 5th digit: the workers run single-threaded BLAS, this process may not.
             error = reference[record.name]
             assert not record.ok and record.mu_up_obs is None
-            assert _masked(record.error) == _masked(f"{type(error).__name__}: {error}")
+            assert _same_failure(record, error), f"{record.name}: {record.error} vs pyhf's {error!r}"
             continue
         assert record.ok, f"{record.name}: {record.error}"
         assert record.CLs_obs is None and record.CLs_exp is None
         assert len(record.mu_up_exp) == 5
         observed, expected = reference[record.name]
         for ours, theirs in zip([record.mu_up_obs, *record.mu_up_exp], [observed, *expected]):
+            if math.isnan(theirs):  # pyhf's interpolation met a NaN CLs: the same NaN, or a failure
+                assert math.isnan(ours), f"{record.name}: {ours} vs serial pyhf nan"
+                continue
             assert math.isfinite(ours)
             relative = abs(ours - theirs) / abs(theirs)
             worst = max(worst, relative)
@@ -134,3 +164,150 @@ def test_lbb_sample_grid_scan_matches_serial_pyhf(lbb_pallet):
 
 def test_scan_points_are_the_linspace_grid():
     assert np.array_equal(scan_points((0, 5, 11)), np.linspace(0, 5, 11))
+
+
+# --------------------------------------------------------------------------- the fast path
+
+needs_jax = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("jax") is None, reason="the fast path needs jax"
+)
+
+
+@pytest.fixture(scope="module")
+def stau_pallet(tmp_path_factory):
+    tarball = DATA / "stau-likelihoods-1911.06660.tar.gz"
+    if not tarball.exists():
+        pytest.skip(f"published pallet not found at {tarball}: set PYHF_DIST_DATA")
+    directory = tmp_path_factory.mktemp("stau")
+    with tarfile.open(tarball) as archive:
+        archive.extractall(directory, members=[m for m in archive.getmembers() if "Region-combined" in m.name
+                                               and "/._" not in m.name], filter="data")
+    return pyhf_dist.load_pallet(directory / "1911.06660" / "Region-combined")
+
+
+def _engines(result) -> dict:
+    return {record.name: record.engine for record in result}
+
+
+def test_searches_are_pyhfs_given_pyhfs_hypotests():
+    """toms748_scan and grid_scan fed pyhf's own hypotest give pyhf's upper_limit, to the last bit."""
+    import pyhf
+
+    pyhf.set_backend("numpy")
+    model = pyhf.simplemodels.uncorrelated_background(signal=[12.0, 11.0], bkg=[50.0, 52.0], bkg_uncertainty=[3.0, 7.0])
+    data = [51, 48] + model.config.auxdata
+    calls = []
+
+    def hypotest(mu, observed=True):
+        calls.append(observed)
+        return pyhf.infer.hypotest(mu, data, model, test_stat="qtilde", return_expected_set=True)
+
+    # pyhf's own example's tolerance, for fewer hypotests; upper_limit calls toms748_scan with 1e-4.
+    theirs = pyhf.infer.intervals.upper_limits.toms748_scan(
+        data, model, 0.0, 5.0, level=0.05, rtol=0.01, test_stat="qtilde"
+    )
+    ours = toms748_scan(hypotest, 0.0, 5.0, level=0.05, rtol=0.01)
+    assert [ours[0], *ours[1]] == [float(theirs[0]), *map(float, theirs[1])]
+    assert not all(calls), "the expected limits' searches ask for the expected band only"
+    grid = np.linspace(0, 5, 6)
+    theirs = pyhf.infer.intervals.upper_limits.upper_limit(data, model, grid, level=0.05, test_stat="qtilde")
+    ours = grid_scan(lambda mus: [hypotest(mu) for mu in mus], grid, level=0.05)
+    assert [ours[0], *ours[1]] == [float(theirs[0]), *map(float, theirs[1])]
+
+
+@needs_jax
+@pytest.mark.parametrize("scan", [None, (0.0, 3.0, 7)], ids=["root-finding", "grid"])
+def test_demo_fast_path_matches_serial_pyhf(scan):
+    pallet = pyhf_dist.demo_pallet()
+    names = DEMO_SAMPLE if scan is None else ["demo_600_300", "demo_700_150", "demo_800_0"]
+    result = pyhf_dist.map_fits(pallet, executor="sequential", patches=names, backend="jax",
+                                calculation="upper_limit", upper_limit_scan=scan)
+    assert_limits_match(result, serial_upper_limits(pallet, names, scan))
+    # Every demo point's best fit is at mu = 0; the fast path computed them all (asking plain pyhf
+    # for its CLs at mu = 0 where that decides the outcome: demo_300_0's NaN).
+    assert set(_engines(result).values()) <= {"fast", None}
+    assert all(record.engine == "fast" for record in result if record.ok)
+
+
+@needs_jax
+def test_fast_path_asks_plain_pyhf_only_for_the_value_its_noise_decides(caplog):
+    """Best fit at mu = 0 (every demo point): of the 40-50 values tested, pyhf computes mu = 0 alone."""
+    from pyhf_dist.fast import FastHypotest
+
+    pallet = pyhf_dist.demo_pallet()
+    fast = FastHypotest(pallet.workspace)
+    (patch,) = [p for p in pallet.patches if p.name == "demo_800_150"]
+    with caplog.at_level(logging.INFO, logger="pyhf_dist.fast"):
+        limits = fast.upper_limit(patch.operations)
+    pattern = r"fast path: (\d+) of (\d+) POI values computed by plain pyhf"
+    (found,) = [match for match in (re.match(pattern, r.getMessage()) for r in caplog.records) if match]
+    assert int(found.group(1)) == 1 and int(found.group(2)) > 20
+    assert limits["mu_up_obs"] > 0 and len(limits["mu_up_exp"]) == 5
+
+
+@needs_jax
+def test_stau_grid_fast_path_matches_serial_pyhf(stau_pallet):
+    result = pyhf_dist.map_fits(stau_pallet, executor="local", workers=2, patches=STAU_GRID_SAMPLE, backend="jax",
+                                calculation="upper_limit", upper_limit_scan=STAU_SCAN)
+    assert_limits_match(result, serial_upper_limits(stau_pallet, STAU_GRID_SAMPLE, STAU_SCAN))
+    assert _engines(result) == dict.fromkeys(STAU_GRID_SAMPLE, "fast")
+
+
+@needs_jax
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_stau_root_finding_fast_path_matches_serial_pyhf(stau_pallet):
+    # Slow: plain pyhf's reference is ~45 hypotests of a few seconds per patch.
+    names = STAU_SAMPLE[1:]
+    result = pyhf_dist.map_fits(stau_pallet, executor="local", workers=2, patches=names, backend="jax",
+                                calculation="upper_limit")
+    assert_limits_match(result, serial_upper_limits(stau_pallet, names))
+    assert _engines(result) == dict.fromkeys(names, "fast")
+
+
+@needs_jax
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_lbb_fast_path_matches_serial_pyhf(lbb_pallet):
+    # Slow: plain pyhf's reference by root-finding is 5-10 minutes for one 1Lbb patch.
+    names = ["C1N2_Wh_hbb_650_50"]
+    for scan in (None, LBB_SCAN):
+        result = pyhf_dist.map_fits(lbb_pallet, executor="sequential", patches=names, backend="jax",
+                                    calculation="upper_limit", upper_limit_scan=scan)
+        assert_limits_match(result, serial_upper_limits(lbb_pallet, names, scan))
+        assert _engines(result) == {names[0]: "fast"}
+
+
+@needs_jax
+def test_fast_path_declines_to_plain_pyhf_where_pyhf_stalls(erjr_pallet, tmp_path):
+    """3L-eRJR: pyhf's minimizer stops at its starting point; plain pyhf computes those limits."""
+    names = ERJR_SAMPLE[:1]
+    result = pyhf_dist.map_fits(erjr_pallet, executor="sequential", patches=names, backend="jax",
+                                calculation="upper_limit")
+    assert_limits_match(result, serial_upper_limits(erjr_pallet, names))
+    for record in result:
+        assert record.engine == "pyhf"
+        assert "minimizer stops at its starting point" in record.fallback_reason
+    # Both fields survive the CSV table.
+    result.to_csv(tmp_path / "r.csv")
+    table = pyhf_dist.ScanResult.from_csv(tmp_path / "r.csv")
+    assert [(r.engine, r.fallback_reason) for r in table] == [(r.engine, r.fallback_reason) for r in result]
+
+
+@needs_jax
+def test_cli_upper_limits_on_the_fast_path(tmp_path):
+    pallet = pyhf_dist.demo_pallet()
+    directory = tmp_path / "demo"
+    directory.mkdir()
+    (directory / "BkgOnly.json").write_text(json.dumps(demo_workspace()))
+    (directory / "patchset.json").write_text(json.dumps(demo_patchset()))
+    output = tmp_path / "limits.csv"
+    names, scan = ["demo_600_0", "demo_800_0"], (0.0, 3.0, 16)
+    run = subprocess.run([sys.executable, "-m", "pyhf_dist", "fit", str(directory), "-p", "demo_[68]00_0",
+                          "--upper-limit", "--scan", "0,3,16", "--backend", "jax", "--workers", "2",
+                          "-o", str(output), "-q"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    result = pyhf_dist.ScanResult.from_csv(output)
+    assert_limits_match(result, serial_upper_limits(pallet, names, scan))
+    assert _engines(result) == dict.fromkeys(names, "fast")
+    assert all(record.fallback_reason is None for record in result)

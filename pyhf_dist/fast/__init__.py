@@ -1,4 +1,5 @@
-"""The compiled fast path: asymptotic hypotests of many patches on one compiled likelihood.
+"""The compiled fast path: asymptotic hypotests and upper limits (:mod:`~pyhf_dist.fast.limits`) of
+many patches on one compiled likelihood.
 
 Plain pyhf builds a model per patch and, on the jax backend, traces and compiles it anew. Here a
 patch (applied to the whole workspace, as ``pyhf.PatchSet`` applies it) becomes arrays
@@ -127,6 +128,66 @@ class FastHypotest:
             log.info("fast path declined a patch (plain pyhf fits it): %s", error)
             raise
         return {"CLs_obs": result["CLs_obs"], "CLs_exp": result["CLs_exp"]}
+
+    def upper_limit(
+        self, patch_operations: list | None, test_stat: str = "qtilde", level: float = 0.05, scan=None
+    ) -> dict:
+        """``pyhf.infer.intervals.upper_limits.upper_limit(data, model, scan, level, test_stat=...)``
+        for one patch (:func:`pyhf_dist.fast.limits.upper_limit`).
+
+        Where the noise of pyhf's fits decides a CLs value the limit depends on (``mu = 0`` when
+        the best fit lies at ``mu = 0``), that value is computed by plain pyhf.
+
+        Returns:
+            ``{"mu_up_obs": float, "mu_up_exp": [5 floats]}``.
+
+        Raises:
+            FastPathUnsupported: As :meth:`hypotest`.
+            UpperLimitError: pyhf's search would test a POI value outside the POI bounds.
+        """
+        from pyhf_dist.fast import limits
+
+        try:
+            with self._lock:
+                problem = self._problem(patch_operations)
+                exact = self._pyhf_hypotest(patch_operations, test_stat)
+                result = limits.upper_limit(problem, test_stat, level, scan, exact=exact)
+        except FastPathUnsupported as error:
+            log.info("fast path declined a patch (plain pyhf fits it): %s", error)
+            raise
+        if result["exact_values"]:
+            log.info(
+                "fast path: %d of %d POI values computed by plain pyhf", result["exact_values"], result["poi_values"]
+            )
+        return {"mu_up_obs": result["mu_up_obs"], "mu_up_exp": result["mu_up_exp"]}
+
+    def _pyhf_hypotest(self, patch_operations, test_stat):
+        """``mu -> (CLs_obs, [CLs_exp x5])`` of plain pyhf on numpy for the patch (model built on first use)."""
+        built = []
+
+        def hypotest(mu):
+            import pyhf
+
+            from pyhf_dist.fast import layout
+
+            if pyhf.tensorlib.name != "numpy":
+                pyhf.set_backend("numpy")
+            if not built:
+                # As Workspace.model(patches=[operations]) and Workspace.data(model) build them.
+                spec = layout.apply_patch(self._base, patch_operations or [])
+                model = pyhf.Model(
+                    spec,
+                    validate=False,
+                    poi_name=self._measurement["config"]["poi"],
+                    modifier_settings=self.modifier_settings,
+                )
+                data = sum((list(self._observations[c]) for c in model.config.channels), []) + model.config.auxdata
+                built.extend([model, data])
+            model, data = built
+            observed, expected = pyhf.infer.hypotest(mu, data, model, test_stat=test_stat, return_expected_set=True)
+            return float(observed), [float(value) for value in expected]
+
+        return hypotest
 
     def warm_up(self) -> None:
         """Compile (or load from the persistent cache) the likelihood for this workspace's layout.

@@ -27,7 +27,7 @@ from scipy.special import ndtr
 
 from pyhf_dist.fast.errors import FastPathUnsupported
 
-__all__ = ["FitProblem", "asymptotic_cls", "hypotest"]
+__all__ = ["FitProblem", "PoiScan", "asymptotic_cls", "hypotest"]
 
 # L-BFGS-B settings in Fisher-scaled coordinates, where one unit is about one standard deviation
 # (the Hessian of -2 log L is about twice the identity): a projected gradient below GTOL leaves
@@ -191,14 +191,103 @@ def _projected_gradient(result, lower, upper) -> float:
     return float(np.max(np.abs(gradient), initial=0.0))
 
 
+class PoiScan:
+    """pyhf's asymptotic hypotest of one patch at any number of POI values, fits shared.
+
+    Of the five fits of a hypotest (``pyhf.infer.calculators.AsymptoticCalculator``), three do
+    not depend on the tested value: the conditional fit at the Asimov POI value (which makes the
+    Asimov dataset), the free fit to the observed data and the free fit to the Asimov data. They
+    are made once here; each tested value then costs its two conditional fits
+    (:meth:`statistics`). pyhf runs all five from the same starting points at every value, so
+    the results are the same.
+
+    Every fit starts where pyhf's starts, from the suggested initial values (the POI set for the
+    conditional fits): HistFactory likelihoods can have several local minima (1Lbb patches have
+    some 0.1 apart in -2 log L), and a fit started elsewhere, even from another fit of the same
+    patch, can settle in another one than pyhf's. The one exception is the free fit to the
+    Asimov data, whose global minimum is known: the parameters the data were generated from.
+
+    Args:
+        problem: The patch.
+        test_stat: ``"qtilde"``, ``"q"`` or ``"q0"`` (``q0`` tests ``mu = 0`` only).
+
+    Raises:
+        FastPathUnsupported: The Asimov POI value lies outside the POI bounds, a fit does not
+            converge, or pyhf's own minimizer stalls on this patch.
+    """
+
+    def __init__(self, problem: FitProblem, test_stat: str):
+        if test_stat not in ("qtilde", "q", "q0"):
+            raise FastPathUnsupported(f"test statistic {test_stat!r}")
+        self.problem = problem
+        self.test_stat = test_stat
+        poi = problem.poi_index
+        self.bounds = (float(problem.lower[poi]), float(problem.upper[poi]))
+        asimov_mu = 1.0 if test_stat == "q0" else 0.0
+        if not self.bounds[0] <= asimov_mu <= self.bounds[1]:
+            raise FastPathUnsupported("the Asimov POI value lies outside the POI bounds")
+        main, aux = problem.main, problem.aux
+        # The conditional fit at the Asimov POI value first: it makes the Asimov dataset and
+        # tells whether pyhf's own fits get anywhere on this patch.
+        asimov_theta, asimov_value = problem.fit(main, aux, problem.init, poi_value=asimov_mu)
+        if problem.pyhf_stalls(asimov_mu, asimov_value):
+            raise FastPathUnsupported(
+                "pyhf's minimizer stops at its starting point on this model (its CLs come from "
+                "unconverged fits); plain pyhf reproduces them"
+            )
+        # The fit to the observed data at the Asimov POI value is also that of a test of it.
+        self._asimov_mu, self._asimov_value = asimov_mu, asimov_value
+        free_theta, self._free_value = problem.fit(main, aux, problem.init)
+        # Asimov data: expected main and auxiliary data at the conditional fit; its free fit is
+        # that very point (every term is at its maximum there), so the fit from it converges at once.
+        # Kept where the likelihood runs: every evaluation of every fit to it reads them.
+        self._asimov = tuple(problem.functions.expected(asimov_theta, problem.layout))
+        free_theta_a, self._free_value_a = problem.fit(*self._asimov, asimov_theta)
+        self._muhat, self._muhat_a = float(free_theta[poi]), float(free_theta_a[poi])
+
+    def statistics(self, mu: float, observed: bool = True) -> dict:
+        """The observed and Asimov test statistics at ``mu`` (two conditional fits).
+
+        Args:
+            mu: The tested POI value.
+            observed: ``False`` skips the fit to the observed data (the expected CLs band
+                depends on the Asimov statistic alone); ``qmu`` is then ``None``.
+
+        Returns:
+            ``{"qmu", "qmu_A"}`` as pyhf computes them, and ``"noisy_obs"``, ``"noisy_A"``:
+            whether each is zero within fit precision, where pyhf's value is the noise of its
+            fits (:data:`NOISE_FLOOR`) and lies anywhere between 0 and about that floor.
+        """
+        problem, stat = self.problem, self.test_stat
+        _, fixed_value_a = problem.fit(*self._asimov, problem.init, poi_value=mu)
+        tmu_a = fixed_value_a - self._free_value_a
+        stats = {
+            "qmu": None,
+            "qmu_A": _test_statistic(stat, mu, tmu_a, self._muhat_a),
+            "noisy_obs": False,
+            "noisy_A": _at_noise_level(stat, mu, tmu_a, self._muhat_a),
+        }
+        if observed:
+            if mu == self._asimov_mu:
+                fixed_value = self._asimov_value
+            else:
+                _, fixed_value = problem.fit(problem.main, problem.aux, problem.init, poi_value=mu)
+            tmu = fixed_value - self._free_value
+            stats.update(
+                qmu=_test_statistic(stat, mu, tmu, self._muhat), noisy_obs=_at_noise_level(stat, mu, tmu, self._muhat)
+            )
+        return stats
+
+    def statistics_many(self, mus, observed: bool = True) -> list[dict]:
+        """:meth:`statistics` at each of ``mus`` (one after another; the fits are independent,
+        so a batched engine can fit them together)."""
+        return [self.statistics(float(mu), observed) for mu in mus]
+
+
 def hypotest(problem: FitProblem, poi_test: float, test_stat: str) -> dict:
     """CLs (or CLs+b for ``q0``) observed and expected, exactly as ``pyhf.infer.hypotest``.
 
-    Every fit starts where pyhf's starts, from the suggested initial values (the POI set for
-    the conditional fits): HistFactory likelihoods can have several local minima (1Lbb patches
-    have some 0.1 apart in -2 log L), and a fit started elsewhere, even from another fit of the
-    same patch, can settle in another one than pyhf's. The one exception is the free fit to the
-    Asimov data, whose global minimum is known: the parameters the data were generated from.
+    The fits are those of :class:`PoiScan`, from pyhf's starting points.
 
     Returns:
         ``{"CLs_obs": float, "CLs_exp": [5 floats], "qmu": float, "qmu_A": float}``.
@@ -206,41 +295,17 @@ def hypotest(problem: FitProblem, poi_test: float, test_stat: str) -> dict:
     if test_stat not in ("qtilde", "q", "q0"):
         raise FastPathUnsupported(f"test statistic {test_stat!r}")
     mu = 0.0 if test_stat == "q0" else float(poi_test)
-    asimov_mu = 1.0 if test_stat == "q0" else 0.0
     poi = problem.poi_index
-    lower, upper = problem.lower[poi], problem.upper[poi]
-    if not (lower <= mu <= upper and lower <= asimov_mu <= upper):
+    if not problem.lower[poi] <= mu <= problem.upper[poi]:
         raise FastPathUnsupported("the tested POI value lies outside the POI bounds")
-    main, aux = problem.main, problem.aux
-
-    # Observed data: the conditional fit at the Asimov POI value first (it also makes the Asimov
-    # dataset, and tells whether pyhf's own fits get anywhere), then the conditional fit at mu
-    # and the free fit.
-    asimov_theta, asimov_value = problem.fit(main, aux, problem.init, poi_value=asimov_mu)
-    if problem.pyhf_stalls(asimov_mu, asimov_value):
-        raise FastPathUnsupported(
-            "pyhf's minimizer stops at its starting point on this model (its CLs come from "
-            "unconverged fits); plain pyhf reproduces them"
-        )
-    _, fixed_value = problem.fit(main, aux, problem.init, poi_value=mu)
-    free_theta, free_value = problem.fit(main, aux, problem.init)
-    tmu = fixed_value - free_value
-
-    # Asimov data: expected main and auxiliary data at the conditional fit; its free fit is that
-    # very point (every term is at its maximum there), so the fit from it converges at once.
-    asimov_main, asimov_aux = (np.asarray(a) for a in problem.functions.expected(asimov_theta, problem.layout))
-    _, fixed_value_a = problem.fit(asimov_main, asimov_aux, problem.init, poi_value=mu)
-    free_theta_a, free_value_a = problem.fit(asimov_main, asimov_aux, asimov_theta)
-    tmu_a = fixed_value_a - free_value_a
-    if _at_noise_level(test_stat, mu, tmu, free_theta[poi]) or _at_noise_level(test_stat, mu, tmu_a, free_theta_a[poi]):
+    stats = PoiScan(problem, test_stat).statistics(mu)
+    if stats["noisy_obs"] or stats["noisy_A"]:
         raise FastPathUnsupported(
             "a test statistic is zero within fit precision: its CLs are the last digits of "
             "pyhf's fits, which only plain pyhf reproduces"
         )
-    qmu = _test_statistic(test_stat, mu, tmu, free_theta[poi])
-    qmu_a = _test_statistic(test_stat, mu, tmu_a, free_theta_a[poi])
-    result = asymptotic_cls(qmu, qmu_a, test_stat)
-    result.update(qmu=qmu, qmu_A=qmu_a)
+    result = asymptotic_cls(stats["qmu"], stats["qmu_A"], test_stat)
+    result.update(qmu=stats["qmu"], qmu_A=stats["qmu_A"])
     return result
 
 
