@@ -173,16 +173,11 @@ class FastHypotest:
             if pyhf.tensorlib.name != "numpy":
                 pyhf.set_backend("numpy")
             if not built:
-                # As Workspace.model(patches=[operations]) and Workspace.data(model) build them.
-                spec = layout.apply_patch(self._base, patch_operations or [])
-                model = pyhf.Model(
-                    spec,
-                    validate=False,
-                    poi_name=self._measurement["config"]["poi"],
-                    modifier_settings=self.modifier_settings,
-                )
-                data = sum((list(self._observations[c]) for c in model.config.channels), []) + model.config.auxdata
-                built.extend([model, data])
+                # As plain pyhf builds them: the patch applied to the whole workspace.
+                spec = layout.apply_patch(self._workspace, patch_operations or [])
+                workspace = pyhf.Workspace(spec, validate=False)
+                model = workspace.model(modifier_settings=self.modifier_settings)
+                built.extend([model, workspace.data(model)])
             model, data = built
             observed, expected = pyhf.infer.hypotest(mu, data, model, test_stat=test_stat, return_expected_set=True)
             return float(observed), [float(value) for value in expected]
