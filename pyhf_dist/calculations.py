@@ -61,7 +61,19 @@ def compute(state, task: dict) -> dict[str, Any]:
     from pyhf_dist import toys
 
     # One chunk of the patch's pseudo-experiments (all of them when the task is not split).
-    return toys.run_chunk(model, data, settings, task.get("chunk"))
+    chunk = task.get("chunk") or toys.split(settings.ntoys, 1)[0]
+    reason = None
+    if settings.fast_toys:
+        from pyhf_dist import fast
+        from pyhf_dist.fast import toystats
+
+        try:
+            return toystats.run_chunk(fast.for_state(state), task["patch"], model, data, settings, chunk)
+        except fast.FastPathUnsupported as error:
+            reason = str(error)
+    record = toys.run_chunk(model, data, settings, chunk)
+    record["fallback_reason"] = reason
+    return record
 
 
 def _fast_hypotest(state, task: dict) -> dict | None:
@@ -74,15 +86,18 @@ def _fast_hypotest(state, task: dict) -> dict | None:
         return None
 
 
-def plan_chunks(settings, workers: int) -> list:
+def plan_chunks(settings, workers: int, patches: int = 1) -> list:
     """How a patch's work is split: a list with one entry per task (``None``: not split).
 
     Toy-based hypotests split their ``ntoys`` pseudo-experiments into up to ``workers`` chunks
-    (:func:`pyhf_dist.toys.plan`); everything else is one task per patch.
+    (:func:`pyhf_dist.toys.plan`); on the fast path only as far as the scan's ``patches`` leave
+    workers idle (:func:`pyhf_dist.toys.plan_fast`). Everything else is one task per patch.
     """
     if settings.calctype == "toybased" and settings.calculation == "hypotest":
         from pyhf_dist import toys
 
+        if settings.fast_toys:
+            return toys.plan_fast(settings.ntoys, workers, patches)
         return toys.plan(settings.ntoys, workers)
     return [None]
 

@@ -43,6 +43,12 @@ class FitRecord:
         attempts: 1, plus once for every time the worker running it died (its retries).
         mu_up_obs: Observed upper limit on the signal strength (upper-limit scans).
         mu_up_exp: Expected upper limits, five values -2σ..+2σ (upper-limit scans).
+        engine: ``"fast"`` (the compiled jax path) or ``"pyhf"`` (plain pyhf on numpy) when
+            known; ``None`` for failed records.
+        fallback_reason: Why the fast path declined the patch, where the scan asked for it and
+            plain pyhf fitted it instead.
+        ntoys: Pseudo-experiments per hypothesis (toy-based records).
+        seed: Random seed of the pseudo-experiments (toy-based records).
     """
 
     name: str
@@ -59,6 +65,10 @@ class FitRecord:
     attempts: int = 1
     mu_up_obs: float | None = None
     mu_up_exp: list | None = None
+    engine: str | None = None
+    fallback_reason: str | None = None
+    ntoys: int | None = None
+    seed: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -104,7 +114,7 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
 _CSV_FIELDS = [
     "name", "values", "status", "CLs_obs", "CLs_exp_m2", "CLs_exp_m1", "CLs_exp", "CLs_exp_p1", "CLs_exp_p2",
     "mu_up_obs", "mu_up_exp_m2", "mu_up_exp_m1", "mu_up_exp", "mu_up_exp_p1", "mu_up_exp_p2",
-    "error", "fit_seconds", "attempts", "host", "pid", "slurm_job_id",
+    "error", "fit_seconds", "attempts", "host", "pid", "slurm_job_id", "engine", "fallback_reason", "ntoys", "seed",
 ]
 _BAND = ("m2", "m1", None, "p1", "p2")
 
@@ -215,6 +225,7 @@ class ScanResult:
                 "fit_seconds": record.fit_seconds,
                 "attempts": record.attempts,
                 **{key: (record.worker or {}).get(key) for key in ("host", "pid", "slurm_job_id")},
+                **{key: getattr(record, key) for key in ("engine", "fallback_reason", "ntoys", "seed")},
             }
             for prefix, band in (("CLs_exp", record.CLs_exp), ("mu_up_exp", record.mu_up_exp)):
                 for suffix, value in zip(_BAND, band or [None] * 5):
@@ -255,6 +266,10 @@ class ScanResult:
                         fit_seconds=number(row["fit_seconds"]),
                         attempts=number(row["attempts"], int) or 1,
                         worker=worker if any(worker.values()) else None,
+                        engine=row.get("engine") or None,
+                        fallback_reason=row.get("fallback_reason") or None,
+                        ntoys=number(row.get("ntoys", ""), int),
+                        seed=number(row.get("seed", ""), int),
                     )
                 )
         return cls(records)

@@ -181,7 +181,7 @@ def iter_fits(
 def _run(runner, context, todo, settings, retries, timeout, values_by_name) -> Iterator[FitRecord]:
     workers = runner.workers or 1
     queue: collections.deque[_Job] = collections.deque(
-        _Job(patch, chunk) for patch in todo for chunk in plan_chunks(settings, workers)
+        _Job(patch, chunk) for patch in todo for chunk in plan_chunks(settings, workers, len(todo))
     )
     expected = {patch.name: 0 for patch in todo}
     for job in queue:

@@ -170,6 +170,15 @@ class FitSettings:
         """
         return self.backend == "jax" and self.calculation == "hypotest" and self.calctype == "asymptotics"
 
+    @property
+    def fast_toys(self) -> bool:
+        """Whether toy-based hypotests fit their toys on the batched fast path (jax backend).
+
+        >>> FitSettings(backend="jax", calctype="toybased").fast_toys, FitSettings(backend="jax").fast_toys
+        (True, False)
+        """
+        return self.backend == "jax" and self.calculation == "hypotest" and self.calctype == "toybased"
+
     def to_dict(self) -> dict:
         """A JSON-able dictionary; ``FitSettings(**settings.to_dict())`` gives the settings back."""
         data = dataclasses.asdict(self)
