@@ -62,18 +62,32 @@ def compute(state, task: dict) -> dict[str, Any]:
 
     # One chunk of the patch's pseudo-experiments (all of them when the task is not split).
     chunk = task.get("chunk") or toys.split(settings.ntoys, 1)[0]
+    key = toys.generating_key(_workspace_digest(state), task["patch"], settings)
     reason = None
     if settings.fast_toys:
         from pyhf_dist import fast
         from pyhf_dist.fast import toystats
 
         try:
-            return toystats.run_chunk(fast.for_state(state), task["patch"], model, data, settings, chunk)
+            return toystats.run_chunk(fast.for_state(state), task["patch"], model, data, settings, chunk, key)
         except fast.FastPathUnsupported as error:
             reason = str(error)
-    record = toys.run_chunk(model, data, settings, chunk)
+    record = toys.run_chunk(model, data, settings, chunk, key)
     record["fallback_reason"] = reason
     return record
+
+
+def _workspace_digest(state) -> str:
+    """A digest of the worker's background workspace (computed once per worker)."""
+    found = state.cache.get("workspace_digest")
+    if found is None:
+        import json
+
+        from pyhf_dist import cache
+
+        text = json.dumps(state.workspace_spec, sort_keys=True, separators=(",", ":"))
+        found = state.cache["workspace_digest"] = cache.digest("workspace", text)
+    return found
 
 
 def _fast_hypotest(state, task: dict) -> dict | None:

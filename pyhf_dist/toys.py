@@ -35,10 +35,13 @@ disturb each other or the caller's random numbers.
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Any
 
 import numpy as np
+
+from pyhf_dist import cache
 
 __all__ = [
     "MIN_FAST_TOYS_PER_CHUNK",
@@ -46,6 +49,7 @@ __all__ = [
     "NORMAL_PERCENTILES",
     "cls_from_distributions",
     "draw",
+    "generating_key",
     "merge",
     "plan",
     "plan_fast",
@@ -135,7 +139,7 @@ def _sample(signal_pdf, background_pdf, ntoys: int, seed: int):
     return signal_sample, background_sample
 
 
-def draw(model, data, settings, ntoys: int | None = None) -> dict:
+def draw(model, data, settings, ntoys: int | None = None, key: str | None = None) -> dict:
     """The pseudo-experiments of one patch, exactly as pyhf's ToyCalculator draws them.
 
     pyhf's conditional fits of the observed data at the tested POI value and at the
@@ -149,6 +153,10 @@ def draw(model, data, settings, ntoys: int | None = None) -> dict:
         data: Its observed data.
         settings: The scan's :class:`~pyhf_dist.settings.FitSettings`.
         ntoys: Toys per hypothesis (default ``settings.ntoys``).
+        key: Identifies the model, observed data and settings (see :func:`generating_key`): the
+            generating parameters, which depend on nothing else (not on the seed or the number of
+            toys), are then remembered on this machine (:mod:`pyhf_dist.cache`, bit for bit) and
+            later chunks and scans of the patch skip pyhf's two fits.
 
     Returns:
         ``{"signal_pars", "background_pars", "signal", "background"}``: the generating parameters
@@ -161,11 +169,31 @@ def draw(model, data, settings, ntoys: int | None = None) -> dict:
     init_pars = model.config.suggested_init()
     par_bounds = model.config.suggested_bounds()
     fixed_params = model.config.suggested_fixed()
-    signal_pars = fixed_poi_fit(settings.poi_test, data, model, init_pars, par_bounds, fixed_params)
     background_poi = 1.0 if settings.test_stat == "q0" else 0.0
-    background_pars = fixed_poi_fit(background_poi, data, model, init_pars, par_bounds, fixed_params)
+    remembered = cache.recall("toys", key) if key is not None else None
+    if remembered is not None:
+        signal_pars, background_pars = np.frombuffer(bytes.fromhex(remembered), dtype="<f8").reshape(2, -1)
+    else:
+        signal_pars = fixed_poi_fit(settings.poi_test, data, model, init_pars, par_bounds, fixed_params)
+        background_pars = fixed_poi_fit(background_poi, data, model, init_pars, par_bounds, fixed_params)
+        if key is not None:
+            both = np.stack([np.asarray(signal_pars, dtype="<f8"), np.asarray(background_pars, dtype="<f8")])
+            cache.remember("toys", key, both.tobytes().hex())
     signal, background = _sample(model.make_pdf(signal_pars), model.make_pdf(background_pars), ntoys, settings.seed)
     return {"signal_pars": signal_pars, "background_pars": background_pars, "signal": signal, "background": background}
+
+
+def generating_key(workspace_digest: str, patch_operations, settings) -> str:
+    """The cache key of a patch's generating parameters (see :func:`draw`).
+
+    Everything pyhf's two generating fits depend on: the workspace, the patch, the tested POI
+    value, the test statistic (which sets the background POI value), the interpolation codes and
+    the versions of the code that fits.
+    """
+    described = json.dumps(
+        [patch_operations, settings.poi_test, settings.test_stat, settings.modifier_settings], sort_keys=True
+    )
+    return cache.digest("toys-generating", workspace_digest, described, cache.versions("pyhf", "numpy", "scipy"))
 
 
 def pyhf_statistic(model, data, settings) -> float:
@@ -180,7 +208,7 @@ def pyhf_statistic(model, data, settings) -> float:
     )
 
 
-def run_chunk(model, data, settings, chunk: dict | None = None) -> dict[str, Any]:
+def run_chunk(model, data, settings, chunk: dict | None = None, key: str | None = None) -> dict[str, Any]:
     """Fit the toys ``[start, stop)`` of one patch with plain pyhf; returns their test statistics.
 
     Args:
@@ -189,6 +217,7 @@ def run_chunk(model, data, settings, chunk: dict | None = None) -> dict[str, Any
         settings: The scan's :class:`~pyhf_dist.settings.FitSettings` (``poi_test``, ``test_stat``,
             ``ntoys``, ``seed``).
         chunk: An entry of :func:`plan`; ``None`` runs all toys in one piece.
+        key: See :func:`draw`.
 
     Returns:
         ``{"toys": {"start", "stop", "ntoys", "teststat" (observed; first chunk only, else None),
@@ -196,7 +225,7 @@ def run_chunk(model, data, settings, chunk: dict | None = None) -> dict[str, Any
         into CLs.
     """
     chunk = chunk or _whole(settings.ntoys)
-    samples = draw(model, data, settings, chunk["ntoys"])
+    samples = draw(model, data, settings, chunk["ntoys"], key)
 
     def statistics(sample) -> list[float]:
         return [pyhf_statistic(model, toy, settings) for toy in sample[chunk["start"] : chunk["stop"]]]

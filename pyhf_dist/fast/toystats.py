@@ -78,7 +78,7 @@ def at_noise_level(test_stat: str, mu: float, conditional: float, free: float, m
     return (conditional - free) < (SIGN_FLOOR if zeroed else NOISE_FLOOR)
 
 
-def toy_statistics(fitter, samples, poi_test: float, test_stat: str, metric_at=None) -> dict:
+def toy_statistics(fitter, samples, poi_test: float, test_stat: str, metric_at=None, start=None) -> dict:
     """The test statistic of every data row of ``samples``.
 
     Args:
@@ -88,6 +88,8 @@ def toy_statistics(fitter, samples, poi_test: float, test_stat: str, metric_at=N
         test_stat: ``"qtilde"``, ``"q"`` or ``"q0"``.
         metric_at: Reference point of the engine's metric (the parameters the toys were drawn
             from; default the suggested initial values).
+        start: Starting point of both fits (the POI set to the tested value for the conditional
+            one); default the suggested initial values, as pyhf's.
 
     Returns:
         ``{"teststat": [N], "conditional": [N], "free": [N], "muhat": [N], "converged": [N],
@@ -101,7 +103,8 @@ def toy_statistics(fitter, samples, poi_test: float, test_stat: str, metric_at=N
     count = main.shape[0]
     # Both fits of every toy in one stream: conditional ones first, then free ones.
     poi_values = np.concatenate([np.full(count, mu), np.full(count, np.nan)])
-    result = fitter.fit(np.concatenate([main, main]), np.concatenate([aux, aux]), poi_values, metric_at=metric_at)
+    starts = None if start is None else np.tile(np.asarray(start, dtype=float), (2 * count, 1))
+    result = fitter.fit(np.concatenate([main, main]), np.concatenate([aux, aux]), poi_values, starts, metric_at)
     conditional, free = result.twice_nll[:count], result.twice_nll[count:]
     muhat = result.theta[count:, problem.poi_index]
     converged = result.converged[:count] & result.converged[count:]
@@ -118,7 +121,7 @@ def toy_statistics(fitter, samples, poi_test: float, test_stat: str, metric_at=N
     }
 
 
-def run_chunk(fast, patch_operations, model, data, settings, chunk: dict) -> dict:
+def run_chunk(fast, patch_operations, model, data, settings, chunk: dict, key: str | None = None) -> dict:
     """The toys ``[start, stop)`` of one patch on the batched engine: a chunk record as plain pyhf's.
 
     Args:
@@ -128,6 +131,7 @@ def run_chunk(fast, patch_operations, model, data, settings, chunk: dict) -> dic
         data: Its observed data.
         settings: The scan's :class:`~pyhf_dist.settings.FitSettings`.
         chunk: An entry of :func:`pyhf_dist.toys.plan`.
+        key: See :func:`pyhf_dist.toys.draw`.
 
     Returns:
         As :func:`pyhf_dist.toys.run_chunk`, with ``engine="fast"`` and, under ``"toys"``, the
@@ -160,7 +164,7 @@ def run_chunk(fast, patch_operations, model, data, settings, chunk: dict) -> dic
             "pyhf's minimizer stops at its starting point on this model (its toys' statistics come "
             "from unconverged fits); plain pyhf reproduces them"
         )
-    samples = toys.draw(model, data, settings, chunk["ntoys"])
+    samples = toys.draw(model, data, settings, chunk["ntoys"], key)
     teststat = None
     if chunk["index"] == 0:
         conditional, free, muhat = fits.twice_nll[0], fits.twice_nll[1], fits.theta[1, problem.poi_index]
@@ -173,7 +177,13 @@ def run_chunk(fast, patch_operations, model, data, settings, chunk: dict) -> dic
     parts, runaway, fallbacks = {}, 0, 0
     for key, sample, generating in (("sb", "signal", "signal_pars"), ("b", "background", "background_pars")):
         rows = np.asarray(samples[sample])[start:stop]
-        result = toy_statistics(fitter, rows, settings.poi_test, settings.test_stat, metric_at=samples[generating])
+        # Toys fluctuate around the parameters they were drawn from: their fits start there
+        # (about a tenth fewer evaluations than from pyhf's initial values, the same minima on
+        # the toys compared with pyhf), and the engine's metric is the information there.
+        generating_pars = np.asarray(samples[generating], dtype=float)
+        result = toy_statistics(
+            fitter, rows, settings.poi_test, settings.test_stat, metric_at=generating_pars, start=generating_pars
+        )
         values = result["teststat"]
         for i in np.flatnonzero(~np.isfinite(values)):
             # Lost by the engine and by the one-at-a-time minimizer: pyhf's own fits.
