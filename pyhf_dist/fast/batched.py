@@ -197,7 +197,8 @@ class BatchFitter:
                 ignored).
             poi_values: ``[N]``: the POI value of each conditional fit, NaN for a free fit;
                 ``None``: all free.
-            start: ``[N, >= n_pars]`` starting points (default: the suggested initial values).
+            start: ``[N, >= n_pars]`` starting points (default: the suggested initial values);
+                fixed parameters are held at their suggested values whatever ``start`` says.
             metric_at: ``[>= n_pars]`` the reference point of the starting inverse Hessian.
 
         Returns:
@@ -209,11 +210,11 @@ class BatchFitter:
         aux_rows = np.zeros((count, cap))
         aux_rows[:, :n] = np.asarray(aux, dtype=float).reshape(count, -1)[:, :n]
         poi = np.full(count, np.nan) if poi_values is None else np.asarray(poi_values, dtype=float).reshape(count)
-        if start is None:
-            theta0 = np.tile(self.init, (count, 1))
-        else:
-            theta0 = np.tile(self.init, (count, 1))
-            theta0[:, :n] = np.asarray(start, dtype=float).reshape(count, -1)[:, :n]
+        theta0 = np.tile(self.init, (count, 1))
+        if start is not None:
+            # Where a fit starts, not the model: fixed parameters stay at their suggested values.
+            given = np.asarray(start, dtype=float).reshape(count, -1)[:, :n]
+            theta0[:, :n] = np.where(self.fixed[:n], self.init[:n], given)
         pinned = np.zeros((count, cap), dtype=bool)
         conditional = ~np.isnan(poi)
         theta0[conditional, self.poi_index] = poi[conditional]
