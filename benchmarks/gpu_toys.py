@@ -92,7 +92,6 @@ def draw_toys(workspace: dict, operations: list, problem, ntoys: int, seed: int 
 
 def run(problem, samples, device, batch: int, count: int) -> dict:
     """Statistics of the first ``count`` toys of each hypothesis on ``device``; times and results."""
-    import jax
     import numpy as np
 
     from pyhf_dist.fast import batched, toystats
@@ -146,12 +145,9 @@ def main() -> None:
     configure_jax()
     workspace, patchset = read_pallet(args.tarball)
     operations = next(p["patch"] for p in patchset["patches"] if p["metadata"]["name"] == args.patch)
-    try:
-        import pyhf  # noqa: F401
+    import importlib.util
 
-        verify = True  # the structure check compares with pyhf.Model
-    except ImportError:
-        verify = False
+    verify = importlib.util.find_spec("pyhf") is not None  # the structure check compares with pyhf.Model
     problem = FastHypotest(workspace, verify=verify).problem(operations)
     samples = draw_toys(workspace, operations, problem, max(args.ntoys, args.cpu_toys))
     default = jax.devices()[0]

@@ -56,7 +56,10 @@ def main():
     result = pyhf_dist.map_fits({pallet!r}, patches={patches!r}, executor="local", workers={workers}, backend="jax",
                                 calctype="toybased", ntoys={ntoys}, seed=1)
     records = [r.to_dict() for r in result]
-    print(json.dumps({{"wall": time.perf_counter() - began, "records": records}}))
+    wall = time.perf_counter() - began
+    import resource  # the workers have exited: their peak resident memory, in kB on Linux
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps({{"wall": wall, "records": records, "worker_peak_mb": peak}}))
 if __name__ == "__main__":
     main()
 """
@@ -180,6 +183,7 @@ def main() -> None:
         assert record["status"] == "ok", record["error"]
         lines[f"{args.ntoys} toys, {args.workers} workers, wall s ({name})"] = round(run["wall"], 1)
         lines[f"after: fast path, toys/s per worker ({name})"] = round(2 * args.ntoys / record["fit_seconds"], 1)
+        lines[f"peak worker memory, MB ({name})"] = round(run["worker_peak_mb"])
     lines["speed-up per worker (warm cache)"] = round(2 * args.ntoys / warm["records"][0]["fit_seconds"] / before, 1)
     lines["CLs_obs, CLs_exp (fast path)"] = [warm["records"][0]["CLs_obs"], warm["records"][0]["CLs_exp"]]
 
