@@ -86,11 +86,45 @@ def compute(state, task: dict) -> dict[str, Any]:
         from pyhf_dist import toys
 
         # One chunk of the patch's pseudo-experiments (all of them when the task is not split).
-        values = toys.run_chunk(model, data, settings, task.get("chunk"))
+        chunk = task.get("chunk") or toys.split(settings.ntoys, 1)[0]
+        key = toys.generating_key(_workspace_digest(state), task["patch"], settings)
+        if settings.fast_toys:
+            values, reason = _fast_toys(state, task, model, data, chunk, key)
+            if values is not None:
+                return values
+            if settings.require_fast:
+                raise FastPathRequired(
+                    f"the fast path declined this patch ({reason}) and require_fast (--require-fast) is on"
+                )
+        values = toys.run_chunk(model, data, settings, chunk, key)
     values["engine"] = "pyhf"
     if reason is not None:
         values["fallback_reason"] = reason
     return values
+
+
+def _fast_toys(state, task: dict, model, data, chunk: dict, key: str) -> tuple[dict | None, str | None]:
+    """``(chunk numbers, None)`` from the batched fast path, or ``(None, why it declined)``."""
+    from pyhf_dist import fast
+    from pyhf_dist.fast import toystats
+
+    try:
+        return toystats.run_chunk(fast.for_state(state), task["patch"], model, data, state.settings, chunk, key), None
+    except fast.FastPathUnsupported as error:
+        return None, first_line(error)
+
+
+def _workspace_digest(state) -> str:
+    """A digest of the worker's background workspace (computed once per worker)."""
+    found = state.cache.get("workspace_digest")
+    if found is None:
+        import json
+
+        from pyhf_dist import cache
+
+        text = json.dumps(state.workspace_spec, sort_keys=True, separators=(",", ":"))
+        found = state.cache["workspace_digest"] = cache.digest("workspace", text)
+    return found
 
 
 def _fast(state, task: dict) -> tuple[dict | None, str | None]:
@@ -110,15 +144,18 @@ def _fast(state, task: dict) -> tuple[dict | None, str | None]:
         return None, first_line(error)
 
 
-def plan_chunks(settings, workers: int) -> list:
+def plan_chunks(settings, workers: int, patches: int = 1) -> list:
     """How a patch's work is split: a list with one entry per task (``None``: not split).
 
     Toy-based hypotests split their ``ntoys`` pseudo-experiments into up to ``workers`` chunks
-    (:func:`pyhf_dist.toys.plan`); everything else is one task per patch.
+    (:func:`pyhf_dist.toys.plan`); on the fast path only as far as the scan's ``patches`` leave
+    workers idle (:func:`pyhf_dist.toys.plan_fast`). Everything else is one task per patch.
     """
     if settings.calctype == "toybased" and settings.calculation == "hypotest":
         from pyhf_dist import toys
 
+        if settings.fast_toys:
+            return toys.plan_fast(settings.ntoys, workers, patches)
         return toys.plan(settings.ntoys, workers)
     return [None]
 

@@ -58,6 +58,8 @@ class FitRecord:
             pyhf on numpy); ``None`` for a failed record.
         fallback_reason: For ``engine="pyhf"`` on a scan that asked for the fast path: why the
             fast path declined the patch (one line); ``None`` otherwise.
+        ntoys: Pseudo-experiments per hypothesis (toy-based records).
+        seed: Random seed of the pseudo-experiments (toy-based records).
     """
 
     name: str
@@ -78,6 +80,8 @@ class FitRecord:
     chosen_pallet: str | None = None
     engine: str | None = None
     fallback_reason: str | None = None
+    ntoys: int | None = None
+    seed: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -134,7 +138,7 @@ _CSV_FIELDS = [
     "name", "pallet", "chosen_pallet", "values",
     "status", "CLs_obs", "CLs_exp_m2", "CLs_exp_m1", "CLs_exp", "CLs_exp_p1", "CLs_exp_p2",
     "mu_up_obs", "mu_up_exp_m2", "mu_up_exp_m1", "mu_up_exp", "mu_up_exp_p1", "mu_up_exp_p2",
-    "error", "fit_seconds", "attempts", "host", "pid", "slurm_job_id", "engine", "fallback_reason",
+    "error", "fit_seconds", "attempts", "host", "pid", "slurm_job_id", "engine", "fallback_reason", "ntoys", "seed",
 ]
 _BAND = ("m2", "m1", None, "p1", "p2")
 
@@ -396,6 +400,8 @@ class ScanResult:
                         worker=worker if any(worker.values()) else None,
                         engine=row.get("engine") or None,
                         fallback_reason=row.get("fallback_reason") or None,
+                        ntoys=number(row.get("ntoys", ""), int),
+                        seed=number(row.get("seed", ""), int),
                     )
                 )
         return cls(records)
@@ -495,6 +501,8 @@ def _flat(record: FitRecord) -> dict:
         "attempts": record.attempts,
         "engine": record.engine,
         "fallback_reason": record.fallback_reason,
+        "ntoys": record.ntoys,
+        "seed": record.seed,
         **{key: (record.worker or {}).get(key) for key in ("host", "pid", "slurm_job_id")},
     }
     for prefix, band in (("CLs_exp", record.CLs_exp), ("mu_up_exp", record.mu_up_exp)):

@@ -263,7 +263,7 @@ def _check_workspaces(pallets: list[Pallet]) -> None:
 def _run(runner, context, todo, settings, retries, timeout, values_by_key) -> Iterator[FitRecord]:
     workers = runner.workers or 1
     queue: collections.deque[_Job] = collections.deque(
-        _Job(patch, chunk, pallet) for pallet, patch in todo for chunk in plan_chunks(settings, workers)
+        _Job(patch, chunk, pallet) for pallet, patch in todo for chunk in plan_chunks(settings, workers, len(todo))
     )
     expected = {(pallet, patch.name): 0 for pallet, patch in todo}
     for job in queue:

@@ -166,17 +166,17 @@ class FitSettings:
             object.__setattr__(self, "upper_limit_scan", (start, stop, points))
         if not isinstance(self.require_fast, bool):
             raise SettingsError(f"require_fast must be True or False, got {self.require_fast!r}")
-        if self.require_fast and not self.fast_path:
+        if self.require_fast and not (self.fast_path or self.fast_toys):
             raise SettingsError(
-                "require_fast needs the fast path, which covers asymptotic hypotests on backend jax: "
-                "drop --require-fast, or use --backend jax without --toys or --upper-limit"
+                "require_fast needs the fast path, which covers hypotests and upper limits on backend jax: "
+                "drop --require-fast, or use --backend jax"
             )
 
     @property
     def fast_path(self) -> bool:
         """Whether fits try the compiled fast path: the jax backend, asymptotic calculator, hypotests
-        and upper limits (root-finding or grid). Toy-based hypotests and the numpy backend (the
-        reference) are plain pyhf.
+        and upper limits (root-finding or grid). Toy-based hypotests have their own batched path
+        (:attr:`fast_toys`); the numpy backend (the reference) is plain pyhf.
 
         >>> FitSettings(backend="jax").fast_path, FitSettings(backend="numpy").fast_path
         (True, False)
@@ -186,6 +186,15 @@ class FitSettings:
         False
         """
         return self.backend == "jax" and self.calctype == "asymptotics" and self.calculation in ("hypotest", "upper_limit")
+
+    @property
+    def fast_toys(self) -> bool:
+        """Whether toy-based hypotests fit their toys on the batched fast path (jax backend).
+
+        >>> FitSettings(backend="jax", calctype="toybased").fast_toys, FitSettings(backend="jax").fast_toys
+        (True, False)
+        """
+        return self.backend == "jax" and self.calculation == "hypotest" and self.calctype == "toybased"
 
     def to_dict(self) -> dict:
         """A JSON-able dictionary; ``FitSettings(**settings.to_dict())`` gives the settings back."""

@@ -35,12 +35,28 @@ disturb each other or the caller's random numbers.
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Any
 
 import numpy as np
 
-__all__ = ["MIN_TOYS_PER_CHUNK", "plan", "split", "run_chunk", "merge", "cls_from_distributions", "NORMAL_PERCENTILES"]
+from pyhf_dist import cache
+
+__all__ = [
+    "MIN_FAST_TOYS_PER_CHUNK",
+    "MIN_TOYS_PER_CHUNK",
+    "NORMAL_PERCENTILES",
+    "cls_from_distributions",
+    "draw",
+    "generating_key",
+    "merge",
+    "plan",
+    "plan_fast",
+    "pyhf_statistic",
+    "run_chunk",
+    "split",
+]
 
 #: Smallest chunk worth a task: a chunk pays two fixed-POI fits (and re-draws the sample) before
 #: its toys, each of which costs about four fits; 25 toys keep that overhead near 2%.
@@ -86,11 +102,30 @@ def plan(ntoys: int, workers: int, min_chunk: int | None = None) -> list[dict]:
     return split(ntoys, max(1, min(int(workers or 1), int(ntoys) // max(1, int(min_chunk)))))
 
 
+#: Smallest chunk of the fast path: a chunk pays pyhf's two generating fits and a pyhf model
+#: (seconds on 1Lbb) before its toys, which take about a millisecond each.
+MIN_FAST_TOYS_PER_CHUNK = 1000
+
+
+def plan_fast(ntoys: int, workers: int, patches: int = 1, min_chunk: int | None = None) -> list[dict]:
+    """The chunks of one patch on the fast path: split only where patches leave workers idle.
+
+    Every chunk repeats pyhf's generating fits, which cost more than a thousand fast toys; with
+    at least as many patches as workers each patch is one task.
+
+    >>> len(plan_fast(10000, 2, 1)), len(plan_fast(10000, 2, 125)), len(plan_fast(1500, 4, 1))
+    (2, 1, 1)
+    """
+    min_chunk = MIN_FAST_TOYS_PER_CHUNK if min_chunk is None else min_chunk
+    idle = max(1, int(workers or 1) // max(1, int(patches)))
+    return split(ntoys, max(1, min(idle, int(ntoys) // max(1, int(min_chunk)))))
+
+
 def _whole(ntoys: int) -> dict:
     return split(ntoys, 1)[0]
 
 
-def _draw(signal_pdf, background_pdf, ntoys: int, seed: int):
+def _sample(signal_pdf, background_pdf, ntoys: int, seed: int):
     # Same calls, in the same order, as ToyCalculator.distributions after numpy.random.seed(seed);
     # the fits between them there do not touch the random state.
     with _RANDOM_LOCK:
@@ -104,8 +139,77 @@ def _draw(signal_pdf, background_pdf, ntoys: int, seed: int):
     return signal_sample, background_sample
 
 
-def run_chunk(model, data, settings, chunk: dict | None = None) -> dict[str, Any]:
-    """Fit the toys ``[start, stop)`` of one patch; returns their test statistics.
+def draw(model, data, settings, ntoys: int | None = None, key: str | None = None) -> dict:
+    """The pseudo-experiments of one patch, exactly as pyhf's ToyCalculator draws them.
+
+    pyhf's conditional fits of the observed data at the tested POI value and at the
+    background-only one (``pyhf.infer.mle.fixed_poi_fit``) give the parameters the toys are drawn
+    from; then ``numpy.random.seed(settings.seed)`` and ``ntoys`` signal-plus-background toys
+    followed by ``ntoys`` background-only toys. The fast path draws through here too, so its toys
+    are these.
+
+    Args:
+        model: The patched ``pyhf.pdf.Model`` (numpy backend).
+        data: Its observed data.
+        settings: The scan's :class:`~pyhf_dist.settings.FitSettings`.
+        ntoys: Toys per hypothesis (default ``settings.ntoys``).
+        key: Identifies the model, observed data and settings (see :func:`generating_key`): the
+            generating parameters, which depend on nothing else (not on the seed or the number of
+            toys), are then remembered on this machine (:mod:`pyhf_dist.cache`, bit for bit) and
+            later chunks and scans of the patch skip pyhf's two fits.
+
+    Returns:
+        ``{"signal_pars", "background_pars", "signal", "background"}``: the generating parameters
+        and the ``[ntoys, bins + auxdata]`` samples.
+    """
+    from pyhf.infer.mle import fixed_poi_fit
+
+    ntoys = settings.ntoys if ntoys is None else int(ntoys)
+    # As pyhf.infer.hypotest sets them up for the ToyCalculator.
+    init_pars = model.config.suggested_init()
+    par_bounds = model.config.suggested_bounds()
+    fixed_params = model.config.suggested_fixed()
+    background_poi = 1.0 if settings.test_stat == "q0" else 0.0
+    remembered = cache.recall("toys", key) if key is not None else None
+    if remembered is not None:
+        signal_pars, background_pars = np.frombuffer(bytes.fromhex(remembered), dtype="<f8").reshape(2, -1)
+    else:
+        signal_pars = fixed_poi_fit(settings.poi_test, data, model, init_pars, par_bounds, fixed_params)
+        background_pars = fixed_poi_fit(background_poi, data, model, init_pars, par_bounds, fixed_params)
+        if key is not None:
+            both = np.stack([np.asarray(signal_pars, dtype="<f8"), np.asarray(background_pars, dtype="<f8")])
+            cache.remember("toys", key, both.tobytes().hex())
+    signal, background = _sample(model.make_pdf(signal_pars), model.make_pdf(background_pars), ntoys, settings.seed)
+    return {"signal_pars": signal_pars, "background_pars": background_pars, "signal": signal, "background": background}
+
+
+def generating_key(workspace_digest: str, patch_operations, settings) -> str:
+    """The cache key of a patch's generating parameters (see :func:`draw`).
+
+    Everything pyhf's two generating fits depend on: the workspace, the patch, the tested POI
+    value, the test statistic (which sets the background POI value), the interpolation codes and
+    the versions of the code that fits.
+    """
+    described = json.dumps(
+        [patch_operations, settings.poi_test, settings.test_stat, settings.modifier_settings], sort_keys=True
+    )
+    return cache.digest("toys-generating", workspace_digest, described, cache.versions("pyhf", "numpy", "scipy"))
+
+
+def pyhf_statistic(model, data, settings) -> float:
+    """pyhf's test statistic of one dataset, as its ToyCalculator computes it for a toy."""
+    from pyhf.infer.utils import get_test_stat
+
+    config = model.config
+    return float(
+        get_test_stat(settings.test_stat)(
+            settings.poi_test, data, model, config.suggested_init(), config.suggested_bounds(), config.suggested_fixed()
+        )
+    )
+
+
+def run_chunk(model, data, settings, chunk: dict | None = None, key: str | None = None) -> dict[str, Any]:
+    """Fit the toys ``[start, stop)`` of one patch with plain pyhf; returns their test statistics.
 
     Args:
         model: The patched ``pyhf.pdf.Model``.
@@ -113,47 +217,30 @@ def run_chunk(model, data, settings, chunk: dict | None = None) -> dict[str, Any
         settings: The scan's :class:`~pyhf_dist.settings.FitSettings` (``poi_test``, ``test_stat``,
             ``ntoys``, ``seed``).
         chunk: An entry of :func:`plan`; ``None`` runs all toys in one piece.
+        key: See :func:`draw`.
 
     Returns:
         ``{"toys": {"start", "stop", "ntoys", "teststat" (observed; first chunk only, else None),
-        "sb" (list), "b" (list)}}``. :func:`merge` turns the chunks of a patch into CLs.
+        "sb" (list), "b" (list)}, "engine": "pyhf"}``. :func:`merge` turns the chunks of a patch
+        into CLs.
     """
-    from pyhf.infer.mle import fixed_poi_fit
-    from pyhf.infer.utils import get_test_stat
-
     chunk = chunk or _whole(settings.ntoys)
-    poi_test = settings.poi_test
-    # As pyhf.infer.hypotest sets them up for the ToyCalculator.
-    init_pars = model.config.suggested_init()
-    par_bounds = model.config.suggested_bounds()
-    fixed_params = model.config.suggested_fixed()
-    teststat_func = get_test_stat(settings.test_stat)
-
-    signal_pars = fixed_poi_fit(poi_test, data, model, init_pars, par_bounds, fixed_params)
-    background_poi = 1.0 if settings.test_stat == "q0" else 0.0
-    background_pars = fixed_poi_fit(background_poi, data, model, init_pars, par_bounds, fixed_params)
-    signal_sample, background_sample = _draw(
-        model.make_pdf(signal_pars), model.make_pdf(background_pars), chunk["ntoys"], settings.seed
-    )
+    samples = draw(model, data, settings, chunk["ntoys"], key)
 
     def statistics(sample) -> list[float]:
-        return [
-            float(teststat_func(poi_test, toy, model, init_pars, par_bounds, fixed_params))
-            for toy in sample[chunk["start"]:chunk["stop"]]
-        ]
+        return [pyhf_statistic(model, toy, settings) for toy in sample[chunk["start"] : chunk["stop"]]]
 
-    teststat = None
-    if chunk["index"] == 0:
-        teststat = float(teststat_func(poi_test, data, model, init_pars, par_bounds, fixed_params))
+    teststat = pyhf_statistic(model, data, settings) if chunk["index"] == 0 else None
     return {
         "toys": {
             "start": chunk["start"],
             "stop": chunk["stop"],
             "ntoys": chunk["ntoys"],
             "teststat": teststat,
-            "sb": statistics(signal_sample),
-            "b": statistics(background_sample),
-        }
+            "sb": statistics(samples["signal"]),
+            "b": statistics(samples["background"]),
+        },
+        "engine": "pyhf",
     }
 
 
@@ -204,7 +291,8 @@ def merge(records: list[dict], settings) -> dict:
     """
     ordered = sorted(records, key=lambda r: (r.get("chunk") or {}).get("index", 0))
     first = ordered[0]
-    merged: dict[str, Any] = {"name": first["name"], "status": "ok", "error": None}
+    merged: dict[str, Any] = {"name": first["name"], "status": "ok", "error": None, "ntoys": settings.ntoys,
+                              "seed": settings.seed}
     times = [r for r in ordered if r.get("started") is not None]
     seconds = [r["fit_seconds"] for r in ordered if r.get("fit_seconds") is not None]
     merged.update(
@@ -233,9 +321,26 @@ def merge(records: list[dict], settings) -> dict:
     b = [value for part in parts for value in part["b"]]
     teststat = parts[0]["teststat"]
     result = cls_from_distributions(teststat, sb, b, settings.test_stat)
-    merged.update(CLs_obs=result["CLs_obs"], CLs_exp=result["CLs_exp"])
+    merged.update(CLs_obs=result["CLs_obs"], CLs_exp=result["CLs_exp"], **_engine(ordered))
     merged["toys"] = {"teststat": teststat, "sb": sb, "b": b, "chunks": len(parts)}
+    # What the fast path reports about its fits (absent on plain pyhf's chunks).
+    for key in ("runaway", "fallbacks"):
+        if any(key in part for part in parts):
+            merged["toys"][key] = sum(part.get(key, 0) for part in parts)
     return merged
+
+
+def _engine(records: list[dict]) -> dict:
+    """``engine`` and ``fallback_reason`` of a patch from those of its chunks.
+
+    The fast path takes or declines a whole patch (its checks look at the patch, not at a chunk),
+    so the chunks agree; if they ever do not, the record says ``pyhf`` and why.
+    """
+    engines = {r.get("engine") for r in records}
+    reasons = [r.get("fallback_reason") for r in records if r.get("fallback_reason")]
+    if len(engines) == 1:
+        return {"engine": engines.pop(), "fallback_reason": reasons[0] if reasons else None}
+    return {"engine": "pyhf", "fallback_reason": "some toy chunks fell back to plain pyhf: " + (reasons[0] if reasons else "")}
 
 
 def _describe(chunk: dict | None) -> str:

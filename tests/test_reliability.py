@@ -208,6 +208,23 @@ def _block_alarm() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
 
 
+def _block_alarm_and_pace() -> None:
+    """As :func:`_block_alarm`, and the fits of patches named ``paced_*`` take at least half a
+    second of wall time, however fast this machine fits: the worker beside the stuck one stays busy
+    for a known time."""
+    _block_alarm()
+    from pyhf_dist import calculations
+
+    compute = calculations.compute
+
+    def paced(state, task):
+        if task.get("name", "").startswith("paced_"):
+            time.sleep(0.5)
+        return compute(state, task)
+
+    calculations.compute = paced
+
+
 class _CountingAbandons(LocalExecutor):
     abandoned: list
 
@@ -220,13 +237,13 @@ def test_timeout_backstop_replaces_only_the_stuck_worker(demo, monkeypatch):
     """When a worker ignores the timeout, the scan gives up on its task and the executor replaces
     that worker alone: the fits running beside it go on undisturbed, nothing is resubmitted."""
     monkeypatch.setattr(scan, "TIMEOUT_GRACE", 1.0)
-    # The stuck fit (~25 s) first, then fits of about a second each (60 extra parameters; well
-    # under the 8 s timeout even on a busy machine) that keep the other worker busy until and after
-    # the scan gives up on the stuck one (at ~9 s), then the plain demo patches.
-    medium = [_slow_patch(demo, 60, f"medium_{index}") for index in range(14)]
-    pallet = Pallet(demo.workspace, [_slow_patch(demo)] + medium + demo.patches, demo.labels)
+    # The stuck fit (~25 s) first, then 30 paced fits of at least half a second each (well under
+    # the 8 s timeout even on a busy machine) that keep the other worker busy until and after the
+    # scan gives up on the stuck one (at ~9 s), then the plain demo patches.
+    paced = [Patch(f"paced_{index}", (2.0, float(index)), demo.patches[0].operations) for index in range(30)]
+    pallet = Pallet(demo.workspace, [_slow_patch(demo)] + paced + demo.patches, demo.labels)
     began = time.time()
-    with _CountingAbandons(workers=2, initializer=_block_alarm) as executor:
+    with _CountingAbandons(workers=2, initializer=_block_alarm_and_pace) as executor:
         result = pyhf_dist.map_fits(pallet, executor=executor, backend="numpy", timeout=8)
     elapsed = time.time() - began
     rows = assert_one_record_each(result, pallet.names())

@@ -172,9 +172,9 @@ def test_map_fits_splits_over_1_2_4_workers_identically(monkeypatch, pyhf_percen
     seen = []
     original = toys.run_chunk
 
-    def spy(model, data, settings, chunk=None):
+    def spy(model, data, settings, chunk=None, key=None):
         seen.append(chunk)
-        return original(model, data, settings, chunk)
+        return original(model, data, settings, chunk, key)
 
     monkeypatch.setattr(toys, "run_chunk", spy)
     pallet = tiny_pallet()

@@ -19,14 +19,15 @@ class FuturesExecutor(Executor):
 
     Args:
         pool: The ``concurrent.futures.Executor`` to run on.
-        workers: How many tasks it runs at once, if known (splits a patch's toys into as many
-            chunks; recorded in the metadata).
+        workers: How many tasks it runs at once (splits a patch's toys into as many chunks;
+            recorded in the metadata). By default, the ``max_workers`` of the standard library's
+            thread and process pools; unknown for other executors.
     """
 
     name = "futures"
 
     def __init__(self, pool: concurrent.futures.Executor, workers: int | None = None):
-        super().__init__(workers=workers)
+        super().__init__(workers=workers or _pool_size(pool))
         self.pool = pool
 
     def submit(self, task: dict) -> concurrent.futures.Future:
@@ -34,3 +35,11 @@ class FuturesExecutor(Executor):
 
     def describe(self) -> dict:
         return {"executor": f"{type(self.pool).__module__}.{type(self.pool).__qualname__}", "workers": self.workers}
+
+
+def _pool_size(pool: concurrent.futures.Executor) -> int | None:
+    # The standard library's pools keep max_workers only as _max_workers (since Python 3.2, for
+    # both); it is read here as a hint and nothing depends on it.
+    if isinstance(pool, (concurrent.futures.ThreadPoolExecutor, concurrent.futures.ProcessPoolExecutor)):
+        return getattr(pool, "_max_workers", None)
+    return None

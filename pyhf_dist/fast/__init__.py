@@ -184,6 +184,15 @@ class FastHypotest:
 
         return hypotest
 
+    def problem(self, patch_operations: list | None):
+        """The patch's :class:`~pyhf_dist.fast.fit.FitProblem` (its structure checked against pyhf once).
+
+        Raises:
+            FastPathUnsupported: As :meth:`hypotest`, for the patch itself.
+        """
+        with self._lock:
+            return self._problem(patch_operations)
+
     def warm_up(self) -> None:
         """Compile (or load from the persistent cache) the likelihood for this workspace's layout.
 

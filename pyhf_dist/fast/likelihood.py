@@ -10,9 +10,11 @@ The arithmetic is pyhf 0.7's (``pyhf.interpolators``, ``pyhf.pdf._MainModel``,
 summed over samples; Poisson terms for the main data; Normal terms (width ``sigma``) and Poisson
 terms (rate ``theta * tau``) for the auxiliary data. Two deliberate differences, both outside
 pyhf's domain: exponentials are written as ``exp(alpha * log(base))`` so that the gradient at
-``alpha = 0`` is the one-sided derivative rather than ``abs``'s zero, and expected yields are
-floored at :data:`YIELD_FLOOR` so that a trial step of the optimizer into negative yields gets a
-large finite penalty instead of a NaN.
+``alpha = 0`` is the one-sided derivative rather than ``abs``'s zero, and expected yields of
+bins with data are floored at :data:`YIELD_FLOOR` so that a trial step of the optimizer into
+negative yields gets a large finite penalty instead of a NaN. (In a bin without events pyhf's
+Poisson term is ``-lam``, finite for any ``lam``: its fits follow it to negative yields where the
+nuisance parameters allow, and so do these; see :func:`expected_for_poisson`.)
 """
 
 from __future__ import annotations
@@ -31,9 +33,14 @@ __all__ = [
     "Functions",
     "code4_coefficients",
     "configure_jax",
+    "expected_for_poisson",
     "persistent_cache",
     "device_layout",
     "functions",
+    "histosys_coefficients",
+    "normsys_factors",
+    "poisson_terms",
+    "tree_product",
 ]
 
 log = logging.getLogger(__name__)
@@ -47,8 +54,21 @@ _CONFIGURE_LOCK = threading.Lock()
 #: The persistent compilation cache in use (``None``: none).
 _CACHE_DIRECTORY: str | None = None
 
-#: Expected yields below this are treated as this (only reachable outside the physical region).
+#: Expected yields of bins with data below this are treated as this (only reachable outside the
+#: physical region).
 YIELD_FLOOR = 1e-10
+
+
+def expected_for_poisson(yields, data):
+    """The expected yields the Poisson terms of ``data`` use: floored where ``data > 0``.
+
+    Where ``data`` is zero, pyhf's term ``-lam`` is finite for negative yields too, and pyhf's
+    minimizer goes there when the nuisance parameters can empty the bin (a toy with an empty bin
+    often can): a floor would give a different minimum from pyhf's.
+    """
+    import jax.numpy as jnp
+
+    return jnp.where(data > 0, jnp.maximum(yields, YIELD_FLOOR), yields)
 
 
 def configure_jax() -> None:
@@ -128,6 +148,79 @@ def device_layout(padded: dict, codes: tuple):
     return jax.device_put(arrays)
 
 
+# The arithmetic shared by the likelihood of one dataset (:class:`Functions`) and of a batch of
+# datasets (:mod:`pyhf_dist.fast.batched`). Leading axes of ``a`` and ``theta`` are batch axes.
+
+
+def histosys_coefficients(a, code: str):
+    """``(c1, c2)`` of pyhf's histosys interpolation ``c1(alpha) X1 + c2(alpha) X2`` (see :func:`device_layout`).
+
+    Each interpolation is written as a sum over parameters of per-parameter scalar coefficients
+    times fixed tables: two matrix products instead of branches over every (parameter, sample,
+    bin), which makes the gradient cheap. The branches and their boundaries are pyhf's.
+    """
+    import jax.numpy as jnp
+
+    if code == "code0":
+        return jnp.where(a > 0, a, 0.0), jnp.where(a > 0, 0.0, a)
+    if code == "code2":
+        quad = jnp.where(a > 1, 2.0 * (a - 1.0), jnp.where(a >= -1, a * a, -2.0 * a))
+        return quad, jnp.where(a > 1, a - 1.0, a)
+    a2 = a * a
+    inner = a2 * (a2 * (a2 * 3.0 - 10.0) + 15.0)
+    return a, jnp.where(a > 1, 8.0 * a, jnp.where(a < -1, -8.0 * a, inner))
+
+
+def normsys_factors(a, L, code: str):
+    """Product over normsys parameters ``a`` (``[..., Kn]``) of pyhf's factors, per slot: ``[..., S]``.
+
+    ``L`` holds the tables ``log_hi``, ``log_lo`` (``[Kn, S]``) and, for code4, ``norm_coef``.
+    """
+    import jax.numpy as jnp
+
+    # Outside |alpha| < 1 the factors are exponentials: a product of them is the exponential of
+    # a sum, linear in the tables.
+    if code == "code1":
+        return jnp.exp(jnp.where(a > 0, a, 0.0) @ L["log_hi"] + jnp.where(a > 0, 0.0, -a) @ L["log_lo"])
+    outer = jnp.where(a >= 1, a, 0.0) @ L["log_hi"] + jnp.where(a <= -1, -a, 0.0) @ L["log_lo"]
+    # Inside, code4's polynomial can in principle reach zero or below: multiply those factors
+    # directly, as pyhf does.
+    inside = (a > -1) & (a < 1)
+    clipped = jnp.clip(a, -1.0, 1.0)  # keeps the unused branch finite
+    powers = jnp.stack([clipped**k for k in range(1, 7)], axis=-1)
+    poly = jnp.einsum("rsk,...rk->...rs", L["norm_coef"], powers)
+    return jnp.exp(outer) * tree_product(jnp.where(inside[..., None], 1.0 + poly, 1.0), axis=-2)
+
+
+def tree_product(x, axis: int = 0):
+    """The product along ``axis`` as a tree of elementwise products.
+
+    Its gradient is a few elementwise products too (``jnp.prod``'s is a costly cumulative product).
+    """
+    import jax.numpy as jnp
+
+    x = jnp.moveaxis(x, axis, 0)
+    while x.shape[0] > 1:
+        if x.shape[0] % 2:
+            x = jnp.concatenate([x, jnp.ones((1,) + x.shape[1:], x.dtype)])
+        x = x[0::2] * x[1::2]
+    return x[0] if x.shape[0] else jnp.ones(x.shape[1:], x.dtype)
+
+
+def poisson_terms(n, lam):
+    """log Poisson(n | lam) minus its value at lam = n, elementwise.
+
+    Written n (log r - (r - 1)) with r = lam / n: the same up to a constant of the data, but the
+    terms vanish at the minimum to full relative precision even for Poisson constraints with
+    factors of 1e11, where lam - n would lose every digit of the parameter's deviation.
+    """
+    import jax.numpy as jnp
+
+    positive = n > 0
+    excess = lam / jnp.where(positive, n, 1.0) - 1.0
+    return jnp.where(positive, n * (jnp.log1p(excess) - excess), -lam)
+
+
 class Functions:
     """The jitted functions of one pair of interpolation codes.
 
@@ -138,55 +231,21 @@ class Functions:
         twice_nll: The same value alone.
         expected: ``(theta, L) -> (main expected data, auxdata expected per parameter)``.
         fisher_diagonal: ``(theta, L) -> diagonal of the Fisher information``.
+        codes: ``(normsys code, histosys code)``.
     """
 
     def __init__(self, normsys_code: str, histosys_code: str):
         import jax
         import jax.numpy as jnp
 
-        # Each interpolation is written as  sum over parameters of c1(alpha) * X1 + c2(alpha) * X2
-        # with per-parameter scalar coefficients and fixed tables (see device_layout): two
-        # matrix-vector products instead of branches over every (parameter, sample, bin), which
-        # makes the gradient cheap. The branches and their boundaries are pyhf's.
-        def histosys_coefficients(a):
-            if histosys_code == "code0":
-                return jnp.where(a > 0, a, 0.0), jnp.where(a > 0, 0.0, a)
-            if histosys_code == "code2":
-                quad = jnp.where(a > 1, 2.0 * (a - 1.0), jnp.where(a >= -1, a * a, -2.0 * a))
-                return quad, jnp.where(a > 1, a - 1.0, a)
-            a2 = a * a
-            inner = a2 * (a2 * (a2 * 3.0 - 10.0) + 15.0)
-            return a, jnp.where(a > 1, 8.0 * a, jnp.where(a < -1, -8.0 * a, inner))
-
-        def normsys(a, L):
-            # Outside |alpha| < 1 the factors are exponentials: a product of them is the
-            # exponential of a sum, linear in the tables.
-            if normsys_code == "code1":
-                return jnp.exp(jnp.where(a > 0, a, 0.0) @ L["log_hi"] + jnp.where(a > 0, 0.0, -a) @ L["log_lo"])
-            outer = jnp.where(a >= 1, a, 0.0) @ L["log_hi"] + jnp.where(a <= -1, -a, 0.0) @ L["log_lo"]
-            # Inside, code4's polynomial can in principle reach zero or below: multiply those
-            # factors directly, as pyhf does.
-            inside = (a > -1) & (a < 1)
-            clipped = jnp.clip(a, -1.0, 1.0)  # keeps the unused branch finite
-            powers = jnp.stack([clipped**k for k in range(1, 7)], axis=-1)
-            poly = jnp.einsum("rsk,rk->rs", L["norm_coef"], powers)
-            return jnp.exp(outer) * _product(jnp.where(inside[:, None], 1.0 + poly, 1.0))
-
-        def _product(x):
-            # A product over the first axis as a tree of elementwise products: its gradient is a
-            # few elementwise products too (jnp.prod's is a costly cumulative product).
-            while x.shape[0] > 1:
-                if x.shape[0] % 2:
-                    x = jnp.concatenate([x, jnp.ones((1,) + x.shape[1:], x.dtype)])
-                x = x[0::2] * x[1::2]
-            return x[0] if x.shape[0] else jnp.ones(x.shape[1:], x.dtype)
+        self.codes = (normsys_code, histosys_code)
 
         def yields(theta, L):
             extended = jnp.concatenate([theta, jnp.ones(1, theta.dtype)])
             shape = L["nominal"].shape
-            c1, c2 = histosys_coefficients(extended[L["hist_par"]])
+            c1, c2 = histosys_coefficients(extended[L["hist_par"]], histosys_code)
             delta = (c1 @ L["hist_x1"] + c2 @ L["hist_x2"]).reshape(shape)
-            norm = normsys(extended[L["norm_par"]], L)
+            norm = normsys_factors(extended[L["norm_par"]], L, normsys_code)
             factors = extended[L["factor_par"]]
             per_slot = (L["nominal"] + delta) * norm[:, None]
             for k in range(factors.shape[-1]):
@@ -195,22 +254,13 @@ class Functions:
             flat = jnp.zeros(n_bins + 1, theta.dtype).at[L["bin_index"].ravel()].add(per_slot.ravel())
             return flat[:n_bins]
 
-        def poisson(n, lam):
-            # log Poisson(n | lam) minus its value at lam = n, written n (log r - (r - 1)) with
-            # r = lam / n: the same up to a constant of the data, but the terms vanish at the
-            # minimum to full relative precision even for Poisson constraints with factors of
-            # 1e11, where lam - n would lose every digit of the parameter's deviation.
-            positive = n > 0
-            excess = lam / jnp.where(positive, n, 1.0) - 1.0
-            return jnp.where(positive, n * (jnp.log1p(excess) - excess), -lam)
-
         def kernel(theta, main, aux, L):
-            lam = jnp.maximum(yields(theta, L), YIELD_FLOOR)
+            lam = expected_for_poisson(yields(theta, L), main)
             gauss = -0.5 * jnp.square((aux - theta) / L["sigma"])
             # Safe values off the mask: where() would otherwise pass NaN gradients through.
             rate = jnp.where(L["poisson"], theta * L["tau"], 1.0)
-            pois = poisson(jnp.where(L["poisson"], aux, 1.0), rate)
-            main_terms = poisson(main, lam)
+            pois = poisson_terms(jnp.where(L["poisson"], aux, 1.0), rate)
+            main_terms = poisson_terms(main, lam)
             if "bin_used" in L:  # resolved when tracing: layouts padded in bins mask the padding
                 main_terms = jnp.where(L["bin_used"], main_terms, 0.0)
             return (

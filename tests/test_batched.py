@@ -1,0 +1,246 @@
+"""The batched fitting engine and toy-based hypotests on it, against one-at-a-time fits and pyhf.
+
+References: the fast path's one-at-a-time likelihood and fits (themselves checked against pyhf in
+test_fast.py), and plain pyhf on numpy (``pyhf.infer.test_statistics``, ``ToyCalculator``,
+``hypotest(calctype="toybased")``). Models: the all-modifier workspace of test_fast.py (normsys,
+histosys, lumi, normfactor, shapefactor, shapesys, staterror, fixed parameters), a 3L-eRJR patch
+(where pyhf's minimizer stalls, so the fast path declines) and the two-bin pallet of test_toys.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("jax")
+
+import pyhf  # noqa: E402
+
+import pyhf_dist  # noqa: E402
+from pyhf_dist import calculations, toys  # noqa: E402
+from pyhf_dist.fast import FastHypotest, batch_model, batched, toystats  # noqa: E402
+from pyhf_dist.results import FitRecord, ScanResult  # noqa: E402
+from pyhf_dist.settings import FitSettings  # noqa: E402
+from pyhf_dist.worker import WorkerContext, initialize  # noqa: E402
+
+from test_fast import HISTOSYS_CODES, NORMSYS_CODES, _random_points, _settings, small_workspace  # noqa: E402
+from test_toys import pyhf_percentile_fix, serial_pyhf_toys, tiny_pallet  # noqa: E402, F401
+
+SEED = 7
+#: Agreement asked of a toy's test statistic with pyhf's fits of that toy.
+TEST_STAT_TOLERANCE = 1e-3
+
+
+@pytest.fixture(autouse=True)
+def numpy_backend():
+    previous = pyhf.tensorlib.name
+    pyhf.set_backend("numpy")
+    yield
+    if pyhf.tensorlib.name != previous:
+        pyhf.set_backend(previous)
+
+
+def _pyhf_model(spec, settings=None):
+    workspace = pyhf.Workspace(spec)
+    model = workspace.model(modifier_settings=settings or _settings("code4", "code4p"))
+    return model, workspace.data(model)
+
+
+@pytest.fixture(scope="module")
+def small_problem():
+    fast = FastHypotest(small_workspace(), verify=True)
+    return fast.problem([])
+
+
+# ------------------------------------------------------------------------------ the likelihood
+
+
+@pytest.mark.parametrize("normsys", NORMSYS_CODES)
+@pytest.mark.parametrize("histosys", HISTOSYS_CODES)
+def test_batch_likelihood_equals_one_at_a_time(normsys, histosys):
+    """Values and gradients of whole batches equal the one-at-a-time likelihood's, every branch."""
+    import jax
+
+    settings = _settings(normsys, histosys)
+    problem = FastHypotest(small_workspace(), settings, verify=False).problem([])
+    model = batch_model.BatchModel.from_problem(problem)
+    n, cap = model.n, model.caps.pars
+    arrays = FastHypotest(small_workspace(), settings, verify=False).arrays([])[1]
+    points = np.array(_random_points(arrays, 12, seed=3))
+    rng = np.random.default_rng(4)
+    main = rng.poisson(np.asarray(problem.main) + 5.0, (len(points), len(problem.main))).astype(float)
+    main[0, 0] = 0.0  # an empty bin: pyhf's -lam term, no floor
+    theta = np.zeros((len(points), cap))
+    theta[:, :n] = points
+    aux = np.zeros((len(points), cap))
+    aux[:, :n] = np.asarray(problem.aux)[:n]
+    value_and_grad = jax.jit(batch_model.kernels(model.codes)["value_and_grad"])
+    values, gradients = value_and_grad(theta, main, aux, model.arrays)
+    for i, point in enumerate(points):
+        full = np.array(problem.init)
+        full[:n] = point
+        reference = np.asarray(problem.functions.value_and_grad(full, main[i], problem.aux, problem.layout))
+        assert values[i] == pytest.approx(reference[0], rel=1e-11, abs=1e-9)
+        np.testing.assert_allclose(gradients[i, :n], reference[1 : n + 1], rtol=1e-9, atol=1e-9)
+
+
+def test_outside_pyhfs_domain_is_infinite(small_problem):
+    """A bin with events whose expected yield is not positive: pyhf's value is not finite, nor ours."""
+    model = batch_model.BatchModel.from_problem(small_problem)
+    cap = model.caps.pars
+    theta = np.zeros((2, cap))
+    theta[:, : model.n] = small_problem.init[: model.n]
+    theta[1, small_problem.poi_index] = -1e6  # a negative signal larger than every background
+    main = np.tile(np.asarray(small_problem.main), (2, 1))
+    aux = np.zeros((2, cap))
+    values = np.asarray(batch_model.kernels(model.codes)["twice_nll"](theta, main, aux, model.arrays))
+    assert np.isfinite(values[0]) and values[1] == np.inf
+
+
+# ---------------------------------------------------------------------------------- the engine
+
+
+def test_batched_minima_equal_one_at_a_time_fits(small_problem):
+    """Observed data and toys, free and conditional fits (POI at and away from its bound)."""
+    problem = small_problem
+    model, data = _pyhf_model(small_workspace())
+    np.random.seed(SEED)
+    samples = model.make_pdf(pyhf.tensorlib.astensor(model.config.suggested_init())).sample((20,))
+    rows = np.concatenate([np.asarray(data)[None], samples])
+    main, aux = toystats.split_samples(problem, rows)
+    poi = np.array([np.nan, 0.0, 0.5, 2.0] * 6)[: len(rows)]
+    fitter = batched.BatchFitter(problem, fallback=False)
+    result = fitter.fit(main, aux, poi)
+    assert result.converged.all()
+    for i in range(len(rows)):
+        full_aux = np.array(problem.aux)
+        full_aux[: problem.n_pars] = aux[i]
+        theta, value = problem.fit(main[i], full_aux, problem.init, poi_value=None if np.isnan(poi[i]) else poi[i])
+        assert result.twice_nll[i] == pytest.approx(value, abs=1e-6)
+        assert result.theta[i, problem.poi_index] == pytest.approx(theta[problem.poi_index], abs=1e-3)
+    # Free fits whose best POI lies below 0 stop at pyhf's bound.
+    assert np.all(result.theta[:, problem.poi_index] >= problem.lower[problem.poi_index])
+
+
+def test_more_fits_than_slots_and_start_points(small_problem):
+    """A stream longer than the batch refills its slots; a start point changes no minimum."""
+    problem = small_problem
+    model, _ = _pyhf_model(small_workspace())
+    np.random.seed(SEED + 1)
+    samples = model.make_pdf(pyhf.tensorlib.astensor(model.config.suggested_init())).sample((40,))
+    main, aux = toystats.split_samples(problem, samples)
+    small = batched.BatchFitter(problem, batch=8, steps=3)
+    streamed = small.fit(main, aux)
+    whole = batched.BatchFitter(problem, batch=64).fit(main, aux, start=np.tile(problem.init * 1.1, (40, 1)))
+    assert streamed.converged.all() and whole.converged.all()
+    np.testing.assert_allclose(streamed.twice_nll, whole.twice_nll, atol=1e-6)
+
+
+# ------------------------------------------------------------------------- toys against pyhf
+
+
+@pytest.fixture(scope="module")
+def small_toys():
+    """Toys of the all-modifier workspace, drawn as pyhf's ToyCalculator, and pyhf's statistics."""
+    pyhf.set_backend("numpy")
+    model, data = _pyhf_model(small_workspace())
+    settings = FitSettings(backend="jax", calctype="toybased", ntoys=40, seed=SEED, poi_test=1.0)
+    samples = toys.draw(model, data, settings)
+    reference = {
+        key: np.array([toys.pyhf_statistic(model, row, settings) for row in samples[key]])
+        for key in ("signal", "background")
+    }
+    observed = toys.pyhf_statistic(model, data, settings)
+    return model, data, settings, samples, reference, observed
+
+
+def test_toy_statistics_agree_with_pyhf_per_toy(small_problem, small_toys):
+    model, data, settings, samples, reference, observed = small_toys
+    fitter = batched.BatchFitter(small_problem)
+    for key, pars in (("signal", "signal_pars"), ("background", "background_pars")):
+        ours = toystats.toy_statistics(fitter, samples[key], 1.0, "qtilde", metric_at=samples[pars], start=samples[pars])
+        assert not ours["runaway"].any()
+        np.testing.assert_allclose(ours["teststat"], reference[key], rtol=0, atol=TEST_STAT_TOLERANCE)
+    mine = toystats.toy_statistics(fitter, np.asarray(data)[None], 1.0, "qtilde")
+    assert mine["teststat"][0] == pytest.approx(observed, abs=TEST_STAT_TOLERANCE)
+
+
+def test_cls_on_shared_toys_equals_pyhf_except_near_ties(small_toys):
+    """Through the worker: the same toys give pyhf's CLs unless a statistic ties with the observed."""
+    model, data, settings, samples, reference, observed = small_toys
+    state = initialize(WorkerContext.build(small_workspace(), settings.to_dict()))
+    record = calculations.compute(state, {"patch": [], "chunk": toys.split(settings.ntoys, 1)[0]})
+    assert record["engine"] == "fast" and record["fallback_reason"] is None
+    part = record["toys"]
+    np.testing.assert_allclose(part["sb"], reference["signal"], atol=TEST_STAT_TOLERANCE)
+    np.testing.assert_allclose(part["b"], reference["background"], atol=TEST_STAT_TOLERANCE)
+    near = sum(abs(q - observed) < TEST_STAT_TOLERANCE for q in [*reference["signal"], *reference["background"]])
+    ours = toys.cls_from_distributions(part["teststat"], part["sb"], part["b"])
+    theirs = toys.cls_from_distributions(observed, reference["signal"], reference["background"])
+    if near == 0:
+        assert ours == theirs
+    else:  # each near tie can move CLs+b or CLb by one toy
+        assert abs(ours["CLsb_obs"] - theirs["CLsb_obs"]) <= near / settings.ntoys
+
+
+def test_tiny_pallet_fast_toys_equal_serial_pyhf(pyhf_percentile_fix):
+    """Through map_fits: the records say what fitted them and equal serial pyhf's ToyCalculator."""
+    pallet = tiny_pallet()
+    result = pyhf_dist.map_fits(pallet, executor="sequential", backend="jax", calctype="toybased", ntoys=60, seed=SEED)
+    settings = FitSettings(backend="numpy", calctype="toybased", ntoys=60, seed=SEED)
+    for record in result:
+        assert record.ok, record.error
+        assert (record.engine, record.fallback_reason, record.ntoys, record.seed) == ("fast", None, 60, SEED)
+        state = initialize(WorkerContext.build(pallet.workspace, settings.to_dict()))
+        patch = next(p for p in pallet.patches if p.name == record.name)
+        model, data = calculations.build_model(state, patch.operations)
+        reference = serial_pyhf_toys(model, data, settings)
+        assert (record.CLs_obs, record.CLs_exp) == (reference["CLs_obs"], reference["CLs_exp"])
+
+
+def test_chunked_fast_toys_merge_to_the_unchunked_result():
+    settings = FitSettings(backend="jax", calctype="toybased", ntoys=45, seed=SEED)
+    state = initialize(WorkerContext.build(small_workspace(), settings.to_dict()))
+    merged = {}
+    for chunks in (1, 3):
+        records = []
+        for chunk in toys.split(settings.ntoys, chunks):
+            record = {"name": "small", "status": "ok", "error": None, "chunk": chunk}
+            record.update(calculations.compute(state, {"patch": [], "chunk": chunk}))
+            records.append(record)
+        merged[chunks] = calculations.merge_chunks(records[::-1], settings)
+        assert merged[chunks]["toys"]["chunks"] == chunks
+    one, three = merged[1], merged[3]
+    np.testing.assert_allclose(three["toys"]["sb"], one["toys"]["sb"], atol=1e-9)
+    np.testing.assert_allclose(three["toys"]["b"], one["toys"]["b"], atol=1e-9)
+    assert (three["CLs_obs"], three["CLs_exp"]) == (one["CLs_obs"], one["CLs_exp"])
+    assert three["engine"] == "fast" and (three["ntoys"], three["seed"]) == (45, SEED)
+
+
+def test_erjr_toys_fall_back_to_plain_pyhf(erjr_pallet):
+    """pyhf's minimizer stalls on 3L-eRJR: the fast path declines and the record says so."""
+    patch = erjr_pallet.patches[0]
+    options = dict(executor="sequential", patches=[patch.name], calctype="toybased", ntoys=4, seed=SEED)
+    fast = pyhf_dist.map_fits(erjr_pallet, backend="jax", **options)[patch.name]
+    plain = pyhf_dist.map_fits(erjr_pallet, backend="numpy", **options)[patch.name]
+    assert fast.ok and plain.ok, (fast.error, plain.error)
+    assert fast.engine == "pyhf" and "stops at its starting point" in fast.fallback_reason
+    assert (plain.engine, plain.fallback_reason) == ("pyhf", None)
+    assert (fast.CLs_obs, fast.CLs_exp) == (plain.CLs_obs, plain.CLs_exp)
+
+
+def test_toy_record_fields_survive_json_and_csv(tmp_path):
+    record = FitRecord("p", [1.0, 2.0], CLs_obs=0.2, CLs_exp=[0.1] * 5, engine="pyhf",
+                       fallback_reason="pyhf's minimizer stops", ntoys=500, seed=3)
+    result = ScanResult([record])
+    result.to_json(tmp_path / "r.json")
+    result.to_csv(tmp_path / "r.csv")
+    for back in (ScanResult.from_json(tmp_path / "r.json"), ScanResult.from_csv(tmp_path / "r.csv")):
+        got = back["p"]
+        assert (got.engine, got.fallback_reason, got.ntoys, got.seed) == ("pyhf", "pyhf's minimizer stops", 500, 3)
+
+
+def test_plan_fast_splits_only_for_idle_workers():
+    assert len(calculations.plan_chunks(FitSettings(backend="jax", calctype="toybased", ntoys=10000), 2, 1)) == 2
+    assert len(calculations.plan_chunks(FitSettings(backend="jax", calctype="toybased", ntoys=10000), 2, 125)) == 1
+    assert len(calculations.plan_chunks(FitSettings(backend="numpy", calctype="toybased", ntoys=1000), 2, 125)) == 2
