@@ -22,6 +22,7 @@ __all__ = [
     "ExecutorError",
     "WorkerLostError",
     "PayloadTooLargeError",
+    "first_line",
 ]
 
 
@@ -90,3 +91,17 @@ class WorkerLostError(ExecutorError):
 
 class PayloadTooLargeError(ExecutorError):
     """A task is larger than the executor's transport allows."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, or its type's name when the message is empty.
+
+    For one-line messages that quote an error from another library.
+
+    >>> first_line(ValueError("bad value\\nmore detail"))
+    'bad value'
+    >>> first_line(TimeoutError())
+    'TimeoutError'
+    """
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

@@ -78,7 +78,7 @@ class _RecordTaskSpecs(SchedulerPlugin):
     def update_graph(self, scheduler, *, keys, **kwargs):
         for key in keys:
             state = scheduler.tasks.get(key)
-            if state is not None and "run_task" in str(key):
+            if state is not None and "run_pickled_task" in str(key):
                 self.specs[str(key)] = pickle.dumps(state.run_spec)
 
 
