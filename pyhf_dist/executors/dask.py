@@ -99,10 +99,10 @@ def own_cluster_tuning() -> dict[str, Any]:
 def tuning_exports(tuning: dict[str, Any]) -> list[str]:
     """Shell lines that give a Dask process started elsewhere (a batch job) the same settings.
 
-    >>> tuning_exports({"distributed.worker.profile.enabled": False})
-    ['export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False']
-    >>> tuning_exports({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
-    ['export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON="{\'MALLOC_TRIM_THRESHOLD_\': None}"']
+    >>> print(*tuning_exports({"distributed.worker.profile.enabled": False,
+    ...                        "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}), sep="\\n")
+    export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False
+    export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON='{"MALLOC_TRIM_THRESHOLD_": None}'
     """
     import shlex
 
@@ -112,7 +112,7 @@ def tuning_exports(tuning: dict[str, Any]) -> list[str]:
         if leaf != leaf.lower():
             # Dask lower-cases the names of DASK_* variables: an upper-case key (an environment
             # variable's name) travels inside a mapping, which Dask merges into its parent.
-            name, text = "__".join(parents), repr({leaf: value})
+            name, text = "__".join(parents), f"{{{json.dumps(leaf)}: {value!r}}}"
         else:
             name, text = key.replace(".", "__"), value if isinstance(value, str) else repr(value)
         lines.append(f"export DASK_{name.upper().replace('-', '_')}={shlex.quote(text)}")
@@ -365,8 +365,9 @@ class DaskExecutor(Executor):
             return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR, name="pyhf-dist")
 
     def _own_local_cluster(self) -> bool:
-        return self._own_cluster and isinstance(getattr(self.cluster, "workers", None), dict) and all(
-            isinstance(worker, _WorkerProcess) for worker in self.cluster.workers.values())
+        workers = getattr(self.cluster, "workers", None)
+        return self._own_cluster and isinstance(workers, dict) and bool(workers) and all(
+            isinstance(worker, _WorkerProcess) for worker in workers.values())
 
     def _connect(self) -> distributed.Client:
         if self.client is not None:
@@ -510,9 +511,7 @@ class DaskExecutor(Executor):
                 if self._own_cluster and self.cluster is not None:
                     cluster, self._own_cluster = self.cluster, False
                     self.cluster = self._user_cluster
-                    for process in list(getattr(cluster, "workers", {}).values()):
-                        if isinstance(process, _WorkerProcess):
-                            process.joined = False  # workers that stop from now on stay stopped
+                    _stop_restarts(cluster)
                     self._close_cluster(cluster)
             finally:
                 self._own_cluster = False
@@ -556,6 +555,18 @@ class DaskExecutor(Executor):
         if self.address is not None:
             return f"{type(self).__name__}(address={self.address!r})"
         return f"{type(self).__name__}(workers={self.workers!r})"
+
+
+def _stop_restarts(cluster) -> None:
+    """Workers of ours that stop from now on stay stopped (the cluster is being closed).
+
+    A function of its own: a loop variable left holding a dask-jobqueue ``Job`` would keep it
+    in the cluster's weak set of created workers, and ``SpecCluster.close`` asserts that every
+    worker there was closed (a ``Job`` never marks itself closed).
+    """
+    for process in list(getattr(cluster, "workers", {}).values()):
+        if isinstance(process, _WorkerProcess):
+            process.joined = False
 
 
 def _worker_environment(config: dict) -> dict[str, str]:
