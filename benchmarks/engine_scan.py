@@ -51,8 +51,8 @@ def main() -> None:
     from globus_compute_sdk.sdk.client import FunctionRegistrationData
 
     import pyhf_dist
-    from pyhf_dist.executors.funcx import _ContextSerializer
-    from pyhf_dist.executors.remote import encode, pyhf_dist_fit
+    from pyhf_dist.executors.funcx.transport import ContextSerializer
+    from pyhf_dist.executors.funcx.endpoint import encode, pyhf_dist_fit
     from pyhf_dist.pallet import check_workspace
     from pyhf_dist.results import FitRecord, ScanResult
     from pyhf_dist.settings import FitSettings
@@ -64,7 +64,7 @@ def main() -> None:
     patches = pallet.patches[: args.patches] if args.patches else pallet.patches
     settings = FitSettings(backend=args.backend)
     context = WorkerContext.build(pallet.workspace, settings.to_dict())
-    serializer = _ContextSerializer()
+    serializer = ContextSerializer()
     context_text = encode(context.payload.decode())
     serializer.set_context(context_text)
     function_buffer = FunctionRegistrationData(function=pyhf_dist_fit, serializer=serializer).to_dict()["function_code"]

@@ -93,15 +93,23 @@ class PayloadTooLargeError(ExecutorError):
     """A task is larger than the executor's transport allows."""
 
 
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message, or its type's name when the message is empty.
+def first_line(error: BaseException, *, with_type: bool = False) -> str:
+    """The first line of an error's message, for one-line reports (its type name if it has none).
 
-    For one-line messages that quote an error from another library.
+    Args:
+        error: The exception.
+        with_type: Prefix the exception's type name (``"KeyError: 'x'"``), for errors whose
+            message alone does not say what went wrong.
 
-    >>> first_line(ValueError("bad value\\nmore detail"))
+    >>> first_line(ValueError("bad value:\\nmore detail"))
     'bad value'
-    >>> first_line(TimeoutError())
-    'TimeoutError'
+    >>> first_line(KeyError("x"), with_type=True)
+    "KeyError: 'x'"
+    >>> first_line(RuntimeError())
+    'RuntimeError'
     """
     lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+    text = lines[0].rstrip(":").strip() if lines else ""
+    if not text:
+        return type(error).__name__
+    return f"{type(error).__name__}: {text}" if with_type else text

@@ -1,6 +1,9 @@
 """The journal: every finished record appended as it arrives, so a crashed scan can resume.
 
-A journal is a JSON-lines file. Each line is ``{"key": <scan key>, "record": {...}}`` and is
+A journal is a JSON-lines file, written by one scan at a time: a scan holds a lock on it (a
+``<journal>.lock`` file beside it, naming the scan's process) from its start to its end, and a
+second scan on the same journal (or the same output file) is refused with one line naming the
+first. Each line is ``{"key": <scan key>, "record": {...}}`` and is
 flushed and fsynced before the scan moves on; the scan key is a hash of the background workspace
 and of every setting that changes a result, so that a resumed scan never mixes in results computed
 differently. A last line cut short by a crash is ignored (and cut off before appending). A resumed
@@ -13,6 +16,11 @@ import hashlib
 import json
 import os
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not on POSIX: concurrent scans are not detected there
+    fcntl = None
 
 from pyhf_dist.exceptions import JournalError
 from pyhf_dist.results import FitRecord, json_safe
@@ -45,6 +53,47 @@ class Journal:
         self.path = Path(path)
         self.key = key
         self._stream = None
+        self._lock = None
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
+
+    def acquire(self) -> None:
+        """Make this scan the journal's only writer until :meth:`close`.
+
+        Raises:
+            JournalError: Another running scan holds the journal.
+        """
+        if fcntl is None or self._lock is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            stream = open(self.lock_path, "a+")
+            try:
+                fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                stream.seek(0)
+                owner = stream.read().strip() or "unknown"
+                stream.close()
+                raise JournalError(
+                    f"another scan (pid {owner}) is writing {self.path}: wait for it to finish, or give "
+                    "this scan another output file (-o) or --journal"
+                ) from None
+            # The previous holder removes the file as it finishes: a lock taken on a file that was
+            # removed meanwhile guards nothing, so take it again on the file now at that path.
+            try:
+                same = os.fstat(stream.fileno()).st_ino == os.stat(self.lock_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            stream.close()
+        stream.seek(0)
+        stream.truncate()
+        stream.write(f"{os.getpid()}\n")
+        stream.flush()
+        self._lock = stream
 
     def load(self) -> dict[str, FitRecord]:
         """Records already finished with this scan's key, by patch name (for resuming).
@@ -108,6 +157,14 @@ class Journal:
         os.fsync(self._stream.fileno())
 
     def close(self) -> None:
+        """Close the journal and release it for other scans."""
         if self._stream is not None:
             self._stream.close()
             self._stream = None
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            try:
+                os.unlink(self.lock_path)  # while still holding it: see acquire()
+            except OSError:
+                pass
+            lock.close()

@@ -148,6 +148,64 @@ class ScanResult:
     def names(self) -> list[str]:
         return [record.name for record in self.records]
 
+    # ---------------------------------------------------------------------------- data frames
+
+    def rows(self) -> list[dict]:
+        """One flat dict per record: the values under the pallet's labels, the CLs (and upper
+        limits) with their bands spread over ``*_m2 .. *_p2`` columns, status, error, timing and
+        worker — the columns of :meth:`to_csv`, with the values split by label.
+
+        >>> ScanResult([FitRecord("A", [1, 2], CLs_obs=0.5)], {"labels": ["m1", "m2"]}).rows()[0]["m2"]
+        2
+        """
+        labels = list(self.metadata.get("labels") or [])
+        rows = []
+        for record in self.records:
+            row = _flat(record)
+            values = row.pop("values")
+            names = labels if len(labels) == len(record.values) else [f"value {i + 1}" for i in range(len(record.values))]
+            row = {"name": row.pop("name"), **dict(zip(names, values)), **row}
+            rows.append(row)
+        return rows
+
+    def to_pandas(self):
+        """The records as a ``pandas.DataFrame`` indexed by patch name (needs pandas).
+
+        Columns as :meth:`rows`; ``CLs_obs``, ``CLs_exp`` (the median) and the band edges are
+        floats, NaN where a CLs is undefined or the fit failed.
+        """
+        try:
+            import pandas
+        except ImportError:
+            from pyhf_dist.exceptions import MissingDependencyError
+
+            raise MissingDependencyError("pandas", "pandas", "ScanResult.to_pandas()") from None
+        frame = pandas.DataFrame(self.rows())
+        return frame.set_index("name") if len(frame) else frame
+
+    def _repr_html_(self) -> str:
+        """What a notebook shows: a summary line and a table of the records (first 50)."""
+        import html
+
+        counts = self.counts()
+        head = (f"<p><b>ScanResult</b>: {counts['total']} patches, {counts['ok']} ok, {counts['failed']} failed, "
+                f"{counts['excluded']} excluded (CLs_obs &lt; 0.05)")
+        if self.metadata.get("executor"):
+            head += f" &middot; {html.escape(str(self.metadata['executor']))}"
+            if self.metadata.get("wall_seconds") is not None:
+                head += f", {self.metadata['wall_seconds']:.1f} s"
+        head += "</p>"
+        rows = self.rows()[:50]
+        if not rows:
+            return head
+        columns = [c for c in rows[0] if c not in ("host", "pid", "slurm_job_id", "error")] + ["error"]
+        cells = []
+        for row in rows:
+            cells.append("<tr>" + "".join(f"<td>{_cell(row.get(c))}</td>" for c in columns) + "</tr>")
+        more = f"<p>... {len(self.records) - 50} more</p>" if len(self.records) > 50 else ""
+        header = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+        return f"{head}<table><thead><tr>{header}</tr></thead><tbody>{''.join(cells)}</tbody></table>{more}"
+
     def failed(self) -> list[FitRecord]:
         return [record for record in self.records if not record.ok]
 
@@ -205,20 +263,8 @@ class ScanResult:
         writer = csv.DictWriter(stream, fieldnames=_CSV_FIELDS, lineterminator="\n")
         writer.writeheader()
         for record in self.records:
-            row = {
-                "name": record.name,
-                "values": " ".join(str(value) for value in record.values),
-                "status": record.status,
-                "CLs_obs": record.CLs_obs,
-                "mu_up_obs": record.mu_up_obs,
-                "error": record.error,
-                "fit_seconds": record.fit_seconds,
-                "attempts": record.attempts,
-                **{key: (record.worker or {}).get(key) for key in ("host", "pid", "slurm_job_id")},
-            }
-            for prefix, band in (("CLs_exp", record.CLs_exp), ("mu_up_exp", record.mu_up_exp)):
-                for suffix, value in zip(_BAND, band or [None] * 5):
-                    row[prefix if suffix is None else f"{prefix}_{suffix}"] = value
+            row = _flat(record)
+            row["values"] = " ".join(str(value) for value in row["values"])
             writer.writerow({key: "" if value is None else value for key, value in row.items()})
         text = stream.getvalue()
         if path is not None:
@@ -280,6 +326,35 @@ class ScanResult:
         if self.metadata.get("executor"):
             lines.append(f"{'executor':<28}{self.metadata['executor']} ({self.metadata.get('workers')} workers)")
         return "\n".join(lines)
+
+
+def _flat(record: FitRecord) -> dict:
+    """A record as one flat row (the CSV columns; ``values`` still a list)."""
+    row = {
+        "name": record.name,
+        "values": list(record.values),
+        "status": record.status,
+        "CLs_obs": record.CLs_obs,
+        "mu_up_obs": record.mu_up_obs,
+        "error": record.error,
+        "fit_seconds": record.fit_seconds,
+        "attempts": record.attempts,
+        **{key: (record.worker or {}).get(key) for key in ("host", "pid", "slurm_job_id")},
+    }
+    for prefix, band in (("CLs_exp", record.CLs_exp), ("mu_up_exp", record.mu_up_exp)):
+        for suffix, value in zip(_BAND, band or [None] * 5):
+            row[prefix if suffix is None else f"{prefix}_{suffix}"] = value
+    return {field: row[field] for field in _CSV_FIELDS}
+
+
+def _cell(value: Any) -> str:
+    import html
+
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return html.escape(str(value))
 
 
 def json_safe(value: Any) -> Any:

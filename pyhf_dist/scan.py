@@ -15,11 +15,13 @@ import concurrent.futures
 import dataclasses
 import os
 import platform
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterator
 
 from pyhf_dist.calculations import merge_chunks, plan_chunks
-from pyhf_dist.exceptions import ExecutorError, InputError
+from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, InputError, SettingsError, first_line
 from pyhf_dist.executors import get_executor
 from pyhf_dist.journal import Journal, scan_key
 from pyhf_dist.pallet import (
@@ -27,7 +29,7 @@ from pyhf_dist.pallet import (
 )
 from pyhf_dist.results import FitRecord, ScanResult
 from pyhf_dist.settings import FitSettings
-from pyhf_dist.worker import WorkerContext
+from pyhf_dist.worker import WorkerContext, failed_record, make_task
 
 __all__ = ["map_fits", "iter_fits", "prepare_pallet"]
 
@@ -88,8 +90,9 @@ def iter_fits(
 ) -> Iterator[FitRecord]:
     """Fit the selected patches and yield each record as it completes.
 
-    Arguments are those of :func:`map_fits` (without ``callback`` and ``progress``). Records read
-    back from the journal of a resumed scan come first. When given, ``metadata`` (a dict) is
+    Arguments are those of :func:`map_fits` (without ``callback`` and ``progress``; ``workers``
+    goes with the executor options). Records read back from the journal of a resumed scan come
+    first. When given, ``metadata`` (a dict) is
     filled with the scan's metadata as soon as it is known, and ``on_start`` is called with it once
     the executor is up (before the first result).
     """
@@ -102,11 +105,12 @@ def iter_fits(
         raise InputError(f"retries must be a non-negative integer, got {retries!r}")
     if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
         raise InputError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    runner = get_executor(executor, **executor_options)
+    runner = _executor(executor, executor_options)
     owned = isinstance(executor, str)
     info = metadata if metadata is not None else {}
     book = None
     started = time.time()
+    sigterm = _sigterm_as_interrupt()
     try:
         if owned:
             # Workers that can start early import what the fits need while the pallet is read.
@@ -118,6 +122,8 @@ def iter_fits(
         values_by_name = {patch.name: list(patch.values) for patch in selected}
 
         book = Journal(journal, scan_key(pallet.workspace, settings)) if journal is not None else None
+        if book is not None:
+            book.acquire()  # before reading it: two scans must never write one journal
         finished = book.load() if (book is not None and resume) else {}
         # Only fits that succeeded are kept: a resumed scan fits the failed ones again.
         finished = {name: record for name, record in finished.items() if name in values_by_name and record.ok}
@@ -154,7 +160,7 @@ def iter_fits(
             check_workspace(pallet.workspace, pallet.source)
             if isinstance(error, ExecutorError):
                 raise
-            raise ExecutorError(f"executor {runner.name!r} could not start: {_one_line(error)}") from error
+            raise ExecutorError(f"executor {runner.name!r} could not start: {first_line(error, with_type=True)}") from error
         # Full schema validation takes about a second for a large workspace: it runs while the
         # workers start, and before any result is taken.
         check_workspace(pallet.workspace, pallet.source)
@@ -171,11 +177,14 @@ def iter_fits(
                 book.write(record)
             yield record
     finally:
-        if owned:
-            runner.shutdown(cancel_futures=True)
-        if book is not None:
-            book.close()
-        info["wall_seconds"] = time.time() - started
+        try:
+            if owned:
+                runner.shutdown(cancel_futures=True)
+        finally:
+            if book is not None:
+                book.close()
+            info["wall_seconds"] = time.time() - started
+            _restore_sigterm(sigterm)
 
 
 def _run(runner, context, todo, settings, retries, timeout, values_by_name) -> Iterator[FitRecord]:
@@ -190,22 +199,21 @@ def _run(runner, context, todo, settings, retries, timeout, values_by_name) -> I
     first_submitted: dict[str, float] = {}
     attempts: dict[str, int] = collections.defaultdict(int)
     in_flight: dict[concurrent.futures.Future, _Job] = {}
-    limit = getattr(runner, "max_pending", None) or len(queue)
+    limit = runner.max_pending or len(queue)
 
     def submit(job: _Job) -> None:
         job.submitted = time.time()
         job.running_since = None
         first_submitted.setdefault(job.patch.name, job.submitted)
         attempts[job.patch.name] = max(attempts[job.patch.name], job.attempt)
-        task = {"name": job.patch.name, "patch": job.patch.operations, "context": context.key,
-                "chunk": job.chunk, "timeout": timeout}
+        task = make_task(job.patch.name, job.patch.operations, context.key, chunk=job.chunk, timeout=timeout)
         in_flight[runner.submit(task)] = job
 
     while queue or in_flight:
         while queue and len(in_flight) < limit:
             submit(queue.popleft())
         if timeout:  # checked with every worker busy, before waiting for the next result
-            _expire(runner, in_flight, queue, timeout)
+            _expire(runner, in_flight, timeout)
         done, _ = concurrent.futures.wait(list(in_flight), timeout=1.0, return_when=concurrent.futures.FIRST_COMPLETED)
         for future in [future for future in in_flight if future in done]:  # in submission order
             job = in_flight.pop(future)
@@ -214,17 +222,13 @@ def _run(runner, context, todo, settings, retries, timeout, values_by_name) -> I
             except concurrent.futures.CancelledError:
                 outcome = _failed(job, "cancelled by the executor")
             except Exception as error:
-                if runner.is_worker_lost(error) and _bystander(runner, future):
-                    # Lost only because another task's worker took the pool down with it: resubmit
-                    # without counting it against this task's retries.
-                    queue.appendleft(job)
-                    continue
-                if runner.is_worker_lost(error) and job.attempt <= retries:
+                lost = runner.is_worker_lost(error)
+                if lost and job.attempt <= retries:
                     job.attempt += 1
                     queue.appendleft(job)
                     continue
-                reason = f"worker lost {job.attempt} times" if runner.is_worker_lost(error) else "task failed"
-                outcome = _failed(job, f"{reason}: {_one_line(error)}")
+                reason = f"worker lost {job.attempt} times" if lost else "task failed"
+                outcome = _failed(job, f"{reason}: {first_line(error, with_type=True)}")
             partial[job.patch.name].append(outcome)
             if len(partial[job.patch.name]) == expected[job.patch.name]:
                 name = job.patch.name
@@ -234,49 +238,66 @@ def _run(runner, context, todo, settings, retries, timeout, values_by_name) -> I
                 yield FitRecord.from_dict(record)
 
 
-def _bystander(runner, future) -> bool:
-    """Whether a lost task was only collateral damage of another worker's death (executor's call)."""
-    check = getattr(runner, "was_bystander", None)
-    return bool(check(future)) if check is not None else False
-
-
-def _expire(runner, in_flight, queue, timeout) -> None:
+def _expire(runner, in_flight, timeout) -> None:
     # The worker stops a fit at ``timeout`` by itself where it can; this is the client's backstop
-    # for workers that cannot (tasks run in threads, a fit stuck in C code), measured from when the
-    # task was seen running.
+    # for workers that cannot (tasks run in threads, a fit stuck in C code), measured from when a
+    # worker began the task.
     now = time.time()
-    expired = []
-    started_at = getattr(runner, "started_at", None)  # executors that know when a worker took a task
     for future, job in list(in_flight.items()):
         if job.running_since is None:
-            job.running_since = started_at(future) if started_at is not None else (now if future.running() else None)
+            job.running_since = runner.started_at(future)
         if job.running_since is not None and now - job.running_since > timeout + TIMEOUT_GRACE:
-            future.cancel()
             replacement: concurrent.futures.Future = concurrent.futures.Future()
             replacement.set_result(_failed(job, f"timed out after {timeout} s (worker did not respond)"))
             in_flight[replacement] = in_flight.pop(future)
-            expired.append(replacement)
-    restart = getattr(runner, "restart_workers", None)
-    if not expired or restart is None:
-        return
-    # Restarting kills every worker: the other tasks in flight did nothing wrong, so they are
-    # resubmitted (first, and without counting it as an attempt) unless their result is already in.
-    for future, job in list(in_flight.items()):
-        if future in expired or (future.done() and not future.cancelled() and future.exception() is None):
-            continue
-        future.cancel()
-        del in_flight[future]
-        queue.appendleft(job)
-    restart()
+            runner.abandon(future)
 
 
 def _failed(job: _Job, message: str) -> dict:
-    return {"name": job.patch.name, "status": "failed", "error": message, "chunk": job.chunk}
+    return failed_record(make_task(job.patch.name, job.patch.operations, "", chunk=job.chunk), message)
 
 
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+def _executor(executor: Any, options: dict):
+    """The executor object, or one line naming the misspelt fit setting among ``options``."""
+    try:
+        return get_executor(executor, **options)
+    except ExecutorOptionError as error:
+        import difflib
+        import inspect
+
+        settings = [name for name in inspect.signature(map_fits).parameters if name not in ("workspace", "patchset")]
+        for option in options:
+            if option in settings:  # a real argument, just not one this executor takes
+                continue
+            close = difflib.get_close_matches(option, settings, n=1, cutoff=0.75)
+            if close:
+                raise SettingsError(f"unknown argument {option!r}: did you mean {close[0]}?") from None
+        raise
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt()
+
+
+def _sigterm_as_interrupt():
+    """Make SIGTERM stop the scan as Ctrl-C does, while it runs.
+
+    A batch job at its time limit gets SIGTERM; by default Python dies of it on the spot, leaving
+    the workers and clusters it started to notice by themselves. Only where nobody chose a
+    handler (the default), and only in the main thread, where handlers can be set. Returns what
+    to restore.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+    signal.signal(signal.SIGTERM, _interrupt)
+    return signal.SIG_DFL
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _versions() -> dict:
@@ -300,10 +321,19 @@ def map_fits(
     test_stat: str = "qtilde",
     backend: str | None = None,
     modifier_settings: dict | None = None,
+    calculation: str = "hypotest",
+    calctype: str = "asymptotics",
+    ntoys: int = 1000,
+    seed: int = 0,
+    upper_limit_scan: tuple | None = None,
+    journal: str | os.PathLike | None = None,
+    resume: bool = False,
+    retries: int = 2,
+    timeout: float | None = None,
     callback: Callable[[FitRecord], None] | None = None,
     progress: bool = False,
     on_start: Callable[[dict], None] | None = None,
-    **options,
+    **executor_options,
 ) -> ScanResult:
     """Fit every selected patch of a pallet and return all results.
 
@@ -318,20 +348,31 @@ def map_fits(
         patches: Patch names or shell-style patterns to fit; ``None`` fits all.
         poi_test: Signal strength tested.
         test_stat: ``"qtilde"``, ``"q"`` or ``"q0"``.
-        backend: ``"numpy"`` or ``"jax"``; ``None`` is jax when installed, else numpy.
+        backend: ``"numpy"`` (plain pyhf) or ``"jax"`` (compiled fast path); ``None`` is jax when
+            installed, else numpy.
         modifier_settings: Passed to ``pyhf.Workspace.model`` (interpolation codes).
+        calculation: ``"hypotest"`` (CLs at ``poi_test``) or ``"upper_limit"`` (95% CL limits on mu).
+        calctype: ``"asymptotics"`` or ``"toybased"`` (pseudo-experiments, split across workers).
+        ntoys: Pseudo-experiments per patch with ``calctype="toybased"``.
+        seed: Random seed of the pseudo-experiments.
+        upper_limit_scan: ``(start, stop, points)`` of a grid of mu values for upper limits;
+            ``None`` finds them by root-finding.
+        journal: A JSON-lines file every finished record is appended to as it arrives.
+        resume: Skip the patches whose record in ``journal`` is ok (failed ones are fit again).
+        retries: Resubmissions of a task whose worker died.
+        timeout: Seconds per fit, after which it is recorded as failed.
         callback: Called with each :class:`FitRecord` as it arrives.
         progress: Show a progress bar on standard error.
         on_start: Called with the scan's metadata once the executor is up.
-        **options: ``calculation``, ``calctype``, ``ntoys``, ``seed``, ``upper_limit_scan``,
-            ``journal`` (a JSON-lines file every finished record is appended to), ``resume``
-            (skip the patches whose record in ``journal`` is ok; failed ones are fit again),
-            ``retries`` (resubmissions of a task whose worker died, default 2), ``timeout``
-            (seconds per fit, after which it is recorded as failed), and the chosen executor's own
-            keyword arguments (e.g. ``jobs``, ``memory`` for ``"slurm"``).
+        **executor_options: The chosen executor's own keyword arguments (``jobs``, ``memory`` for
+            ``"slurm"``, ``address`` for ``"dask"``...); one it does not take is an error.
 
     Returns:
         A :class:`ScanResult` with one record per selected patch, in the pallet's order.
+
+    Raises:
+        InputError: Something given is wrong (the one-line message says how to fix it).
+        ExecutorError: The executor could not start or run the tasks.
 
     Example:
         >>> import pyhf_dist
@@ -341,7 +382,7 @@ def map_fits(
         (4, 0)
     """
     if workers is not None:
-        options["workers"] = workers
+        executor_options["workers"] = workers
     metadata: dict = {}
     records: dict[str, FitRecord] = {}
     bar = None
@@ -355,9 +396,12 @@ def map_fits(
         if on_start is not None:
             on_start(info)
 
-    stream = iter_fits(workspace, patchset, executor=executor, patches=patches, poi_test=poi_test,
-                       test_stat=test_stat, backend=backend, modifier_settings=modifier_settings,
-                       metadata=metadata, on_start=started, **options)
+    stream = iter_fits(
+        workspace, patchset, executor=executor, patches=patches, poi_test=poi_test, test_stat=test_stat,
+        backend=backend, modifier_settings=modifier_settings, calculation=calculation, calctype=calctype,
+        ntoys=ntoys, seed=seed, upper_limit_scan=upper_limit_scan, journal=journal, resume=resume,
+        retries=retries, timeout=timeout, metadata=metadata, on_start=started, **executor_options,
+    )
     try:
         for record in stream:
             records[record.name] = record

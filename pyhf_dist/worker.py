@@ -26,12 +26,13 @@ import signal
 import socket
 import threading
 import time
-import traceback
 from typing import Any
 
+from pyhf_dist.exceptions import first_line
+
 __all__ = [
-    "WorkerContext", "WorkerState", "initialize", "preload", "release", "run_task", "pin_threads", "worker_info",
-    "setup_count",
+    "WorkerContext", "WorkerState", "initialize", "preload", "release", "run_task", "pin_threads", "xla_flags",
+    "worker_info", "setup_count", "THREAD_LIMITS", "make_task", "new_record", "failed_record",
 ]
 
 #: One thread per numerical library per worker: many single-threaded pyhf processes on a few
@@ -46,6 +47,19 @@ THREAD_LIMITS = {
 XLA_SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
+def xla_flags(flags: str) -> str:
+    """``XLA_FLAGS`` with XLA's CPU backend limited to one thread, unless the flags already say.
+
+    >>> xla_flags("")
+    '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
+    >>> xla_flags("--xla_cpu_multi_thread_eigen=true")
+    '--xla_cpu_multi_thread_eigen=true'
+    """
+    if "xla_cpu_multi_thread_eigen" in flags:
+        return flags
+    return f"{flags} {XLA_SINGLE_THREAD}".strip()
+
+
 def pin_threads() -> None:
     """Limit numerical libraries to one thread in this process (before they are imported).
 
@@ -53,9 +67,7 @@ def pin_threads() -> None:
     """
     for name, value in THREAD_LIMITS.items():
         os.environ.setdefault(name, value)
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_multi_thread_eigen" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {XLA_SINGLE_THREAD}".strip()
+    os.environ["XLA_FLAGS"] = xla_flags(os.environ.get("XLA_FLAGS", ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,11 +206,56 @@ def _call_with_timeout(function, timeout: float | None):
         signal.signal(signal.SIGALRM, previous)
 
 
+def make_task(name: str, patch: list, context: str, *, chunk: dict | None = None,
+              timeout: float | None = None, kind: str | None = None) -> dict:
+    """The task of one patch (or of one chunk of its toys): what a scan submits to a worker.
+
+    Args:
+        name: The patch's name.
+        patch: Its jsonpatch operations.
+        context: The key of the :class:`WorkerContext` it applies to.
+        chunk: The slice of the patch's pseudo-experiments (:func:`pyhf_dist.toys.plan`), if split.
+        timeout: Seconds after which the worker gives up on the fit.
+        kind: ``"noop"`` for a task that computes nothing (benchmarks of an executor's overhead).
+
+    >>> make_task("A_1_2", [], "c0ffee")
+    {'name': 'A_1_2', 'patch': [], 'context': 'c0ffee', 'chunk': None, 'timeout': None}
+    """
+    task = {"name": name, "patch": patch, "context": context, "chunk": chunk, "timeout": timeout}
+    if kind is not None:
+        task["kind"] = kind
+    return task
+
+
+def new_record(task: dict) -> dict:
+    """The start of the record of ``task``: its name (and chunk), status ``"ok"``, no error.
+
+    >>> new_record(make_task("A_1_2", [], "c0ffee"))
+    {'name': 'A_1_2', 'status': 'ok', 'error': None}
+    """
+    record: dict[str, Any] = {"name": task["name"], "status": "ok", "error": None}
+    if task.get("chunk") is not None:
+        record["chunk"] = task["chunk"]
+    return record
+
+
+def failed_record(task: dict, error: str) -> dict:
+    """The record of a task that produced no result: status ``"failed"`` and why (one line, or a
+    remote traceback); no timing or worker, as nothing was measured.
+
+    >>> failed_record(make_task("A_1_2", [], "c0ffee"), "worker lost 3 times")["status"]
+    'failed'
+    """
+    record = new_record(task)
+    record.update(status="failed", error=error, started=None, finished=None, fit_seconds=None, worker=None)
+    return record
+
+
 def run_task(task: dict, context: WorkerContext | None = None) -> dict:
     """Fit one task (one patch, or one chunk of a patch's toys) and return its record.
 
     Args:
-        task: ``{"name", "patch" (jsonpatch operations), "context" (key), "kind", ...}``.
+        task: A task from :func:`make_task`.
         context: Given by executors without a per-worker setup hook; used on the first task only.
 
     Returns:
@@ -214,9 +271,7 @@ def run_task(task: dict, context: WorkerContext | None = None) -> dict:
             )
         state = initialize(context)
     started = time.time()
-    record: dict[str, Any] = {"name": task["name"], "status": "ok", "error": None}
-    if task.get("chunk") is not None:
-        record["chunk"] = task["chunk"]
+    record = new_record(task)
     try:
         from pyhf_dist import calculations
 
@@ -225,12 +280,7 @@ def run_task(task: dict, context: WorkerContext | None = None) -> dict:
     except FitTimeout:
         record.update(status="failed", error=f"timed out after {task.get('timeout')} s")
     except Exception as error:  # a failed fit is a result, not a crash of the scan
-        record.update(status="failed", error=_describe(error))
+        record.update(status="failed", error=first_line(error, with_type=True))
     finished = time.time()
     record.update(started=started, finished=finished, fit_seconds=finished - started, worker=worker_info())
     return record
-
-
-def _describe(error: BaseException) -> str:
-    summary = traceback.format_exception_only(type(error), error)[-1].strip()
-    return summary or type(error).__name__

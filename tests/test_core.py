@@ -7,11 +7,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 import pyhf_dist
-from pyhf_dist.executors.local import LocalExecutor, _worker_setup
+from pyhf_dist.executors.local import LocalExecutor
 from conftest import CODE4, LBB_SAMPLE, assert_matches_reference, serial_pyhf
 
 
@@ -53,35 +54,29 @@ def test_user_process_pool(erjr_dir, erjr_pallet):
     assert_matches_reference(result, serial_pyhf(erjr_pallet, names))
 
 
-def _counting_setup(context, log: str) -> None:
-    # Runs in each worker process: log every construction of a worker state, then set up as usual.
-    from pyhf_dist import worker
+class _CountSetups:
+    """A worker initializer that logs every construction of a worker state (in the worker)."""
 
-    original = worker.WorkerState.__init__
-
-    def counting_init(self, *args, **kwargs):
-        with open(log, "a") as stream:
-            stream.write(f"{os.getpid()}\n")
-        original(self, *args, **kwargs)
-
-    worker.WorkerState.__init__ = counting_init
-    _worker_setup(context)
-
-
-class _CountingLocalExecutor(LocalExecutor):
-    def __init__(self, log: str, **options):
-        super().__init__(**options)
+    def __init__(self, log: str):
         self.log = log
 
-    def _new_pool(self):
-        pool = super()._new_pool()
-        pool._initializer, pool._initargs = _counting_setup, (self.context, self.log)
-        return pool
+    def __call__(self) -> None:
+        from pyhf_dist import worker
+
+        original = worker.WorkerState.__init__
+        log = self.log
+
+        def counting_init(self, *args, **kwargs):
+            with open(log, "a") as stream:
+                stream.write(f"{os.getpid()}\n")
+            original(self, *args, **kwargs)
+
+        worker.WorkerState.__init__ = counting_init
 
 
 def test_worker_setup_runs_once_per_worker_not_per_task(erjr_dir, tmp_path):
     log = tmp_path / "setups.log"
-    executor = _CountingLocalExecutor(str(log), workers=2)
+    executor = LocalExecutor(workers=2, initializer=_CountSetups(str(log)))
     with executor:
         result = pyhf_dist.map_fits(erjr_dir, executor=executor, patches=["ERJR_1*"], backend="numpy")
     pids = {record.worker["pid"] for record in result}
@@ -101,6 +96,9 @@ def test_local_workers_start_before_the_context_exists(erjr_pallet):
     names = [patch.name for patch in erjr_pallet.patches[:4]]
     with LocalExecutor(workers=2) as executor:
         executor.prepare(settings)
+        deadline = time.time() + 120
+        while len(executor.worker_pids()) < 2 and time.time() < deadline:  # up before any context
+            time.sleep(0.05)
         spawned = set(executor.worker_pids())
         assert len(spawned) == 2
         executor.start(context)

@@ -34,15 +34,15 @@ from globus_compute_sdk.sdk.batch import Batch  # noqa: E402
 import pyhf_dist  # noqa: E402
 from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, PayloadTooLargeError  # noqa: E402
 from pyhf_dist.executors import get_executor  # noqa: E402
-from pyhf_dist.executors import funcx as funcx_module  # noqa: E402
-from pyhf_dist.executors.funcx import (  # noqa: E402
+from pyhf_dist.executors.funcx import transport  # noqa: E402
+from pyhf_dist.executors.funcx.endpoint import decode, encode, pyhf_dist_fit  # noqa: E402
+from pyhf_dist.executors.funcx.executor import FuncXExecutor  # noqa: E402
+from pyhf_dist.executors.funcx.transport import (  # noqa: E402
     MAX_REQUEST_BYTES,
-    FuncXExecutor,
-    _ContextSerializer,
-    _SplittingBatchRun,
+    ContextSerializer,
+    RequestSplitter,
     task_request_bytes,
 )
-from pyhf_dist.executors.remote import decode, encode, pyhf_dist_fit  # noqa: E402
 from pyhf_dist.pallet import Pallet  # noqa: E402
 from pyhf_dist.settings import FitSettings  # noqa: E402
 from pyhf_dist.worker import WorkerContext  # noqa: E402
@@ -80,7 +80,7 @@ def test_sdk_version_is_the_pinned_one():
 
 
 def test_remote_function_round_trips_through_the_sdk_serializer(erjr_pallet):
-    serializer = _ContextSerializer()
+    serializer = ContextSerializer()
     context = _context(erjr_pallet)
     text = encode(context.payload.decode())
     serializer.set_context(text)
@@ -115,7 +115,7 @@ def test_endpoint_runs_the_exact_service_bytes_without_pyhf_dist(erjr_pallet, tm
     from globus_compute_common import messagepack
     from globus_compute_common.messagepack.message_types import Task
 
-    serializer = _ContextSerializer()
+    serializer = ContextSerializer()
     context = _context(erjr_pallet)
     text = encode(context.payload.decode())
     serializer.set_context(text)
@@ -143,7 +143,7 @@ def test_endpoint_runs_the_exact_service_bytes_without_pyhf_dist(erjr_pallet, tm
         result = messagepack.unpack((tmp_path / f"{name}.result").read_bytes())
         assert not result.is_error, result.data
         assert result.data.startswith("11\n")  # JSON, as asked with result_serializers
-        assert len(result.data) < funcx_module.MAX_RESULT_BYTES // 1000
+        assert len(result.data) < transport.MAX_RESULT_BYTES // 1000
         records.append(serializer.deserialize(result.data))
     assert_matches_reference(records, serial_pyhf(erjr_pallet, ERJR_FEW[:2]))
 
@@ -153,7 +153,7 @@ def test_payload_sizes_of_the_1lbb_pallet(lbb_pallet):
     context = _context(lbb_pallet)
     sizes = {}
     for compress in (True, False):
-        serializer = _ContextSerializer()
+        serializer = ContextSerializer()
         text = encode(context.payload.decode(), compress=compress)
         serializer.set_context(text)
         args = (text, encode(_task(lbb_pallet, LBB_SAMPLE[0], context), compress=compress))
@@ -225,8 +225,8 @@ class _FakeService:
 
 def test_a_batch_over_10_MB_is_split_and_a_single_oversize_task_refused():
     service = _FakeService()
-    splitter = _SplittingBatchRun(service, MAX_REQUEST_BYTES)
-    batch = Batch(task_group_id=None, serializer=_ContextSerializer())
+    splitter = RequestSplitter(service, MAX_REQUEST_BYTES)
+    batch = Batch(task_group_id=None, serializer=ContextSerializer())
     function_id = uuid.uuid4()
     for index in range(7):  # 7 tasks of ~3 MB: 21 MB in one batch
         batch.add(function_id, ("x" * 3_000_000 + f"{index:06d}",))
@@ -237,7 +237,7 @@ def test_a_batch_over_10_MB_is_split_and_a_single_oversize_task_refused():
     assert len(ids) == 7 and ids == sorted(ids)  # every task, in submission order
     assert [count for count, _ in splitter.requests] == [3, 3, 1]
 
-    single = Batch(task_group_id=None, serializer=_ContextSerializer())
+    single = Batch(task_group_id=None, serializer=ContextSerializer())
     single.add(function_id, ("x" * 10_500_000,))
     with pytest.raises(PayloadTooLargeError, match="over the service's"):
         splitter(uuid.uuid4(), single)
@@ -447,9 +447,9 @@ def test_no_login_fails_fast_without_prompting(monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written: no token store was created
     monkeypatch.setenv("GLOBUS_COMPUTE_CLIENT_SECRET", "s")
     with pytest.raises(ExecutorError, match="GLOBUS_COMPUTE_CLIENT_ID is not"):
-        funcx_module.check_credentials()
+        transport.check_credentials()
     monkeypatch.setenv("GLOBUS_COMPUTE_CLIENT_ID", str(uuid.uuid4()))
-    assert funcx_module.check_credentials() == "client credentials"
+    assert transport.check_credentials() == "client credentials"
 
 
 def test_unsupported_calculations_are_refused_at_start():

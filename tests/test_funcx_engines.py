@@ -26,8 +26,8 @@ from globus_compute_endpoint.engines.base import GCFuture  # noqa: E402
 from globus_compute_sdk.sdk.batch import Batch  # noqa: E402
 from globus_compute_sdk.sdk.client import FunctionRegistrationData  # noqa: E402
 
-from pyhf_dist.executors.funcx import _ContextSerializer  # noqa: E402
-from pyhf_dist.executors.remote import encode, pyhf_dist_fit  # noqa: E402
+from pyhf_dist.executors.funcx.transport import ContextSerializer  # noqa: E402
+from pyhf_dist.executors.funcx.endpoint import encode, pyhf_dist_fit  # noqa: E402
 from pyhf_dist.settings import FitSettings  # noqa: E402
 from pyhf_dist.worker import WorkerContext  # noqa: E402
 
@@ -51,7 +51,7 @@ class Service:
 
     def __init__(self, pallet):
         self.pallet = pallet
-        self.serializer = _ContextSerializer()
+        self.serializer = ContextSerializer()
         self.context = WorkerContext.build(pallet.workspace, FitSettings(backend="numpy").to_dict())
         self.text = encode(self.context.payload.decode())
         self.serializer.set_context(self.text)

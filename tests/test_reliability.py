@@ -22,7 +22,7 @@ import pytest
 
 import pyhf_dist
 from pyhf_dist import scan
-from pyhf_dist.executors.local import LocalExecutor, _worker_setup
+from pyhf_dist.executors.local import LocalExecutor
 from pyhf_dist.pallet import Pallet, Patch
 from conftest import assert_matches_reference, serial_pyhf
 
@@ -100,8 +100,8 @@ def demo():
 
 
 def test_local_worker_killed_mid_scan_is_retried_and_nothing_is_lost(erjr_pallet):
-    """SIGKILL a worker while it fits: its task is resubmitted (charged one attempt), the tasks
-    that only shared the broken pool are resubmitted without being charged, every patch ends ok."""
+    """SIGKILL a worker while it fits: its task is resubmitted (charged one attempt), the tasks of
+    the other workers are not disturbed, every patch ends ok."""
     names = _erjr_names(erjr_pallet)
     executor = LocalExecutor(workers=3)
     killed: dict = {}
@@ -109,20 +109,14 @@ def test_local_worker_killed_mid_scan_is_retried_and_nothing_is_lost(erjr_pallet
     def kill_a_busy_worker(record):
         if killed:
             return
-        marks = list(Path(executor._marks_dir).glob("*.running"))  # tasks running right now
-        pids = {}
-        for mark in marks:
-            try:
-                pids[int(mark.read_text().split()[0])] = mark
-            except (OSError, ValueError, IndexError):
-                continue
-        busy = [pid for pid in pids if pid in executor.worker_pids()]
+        busy = [pid for pid in executor.running_tasks() if pid in executor.worker_pids()]
         if len(busy) < 2:  # wait for a moment with a victim and a bystander
             return
         os.kill(busy[0], signal.SIGKILL)
         killed.update(pid=busy[0], at=time.time())
         time.sleep(0.2)
-        killed.update(mid_task=pids[busy[0]].exists())  # a killed worker cannot remove its mark
+        # A killed worker cannot remove its mark: still listed means it died inside the task.
+        killed.update(mid_task=busy[0] in executor.running_tasks())
 
     with executor:
         result = pyhf_dist.map_fits(erjr_pallet, executor=executor, patches=names, backend="numpy",
@@ -150,16 +144,10 @@ def test_worker_killed_on_every_attempt_ends_failed_with_reason(demo, tmp_path):
     import threading
 
     def killer():
-        # Kill whichever worker runs the slow patch, a second after it started it. The executor
-        # marks each running task "<pid> <patch name>" (what it uses to tell victims from bystanders).
+        # Kill whichever worker runs the slow patch, a second after it started it.
         while not stop["now"]:
-            for mark in Path(executor._marks_dir).glob("*.running") if executor._marks_dir else []:
-                try:
-                    pid, name = mark.read_text().split()
-                    pid, age = int(pid), time.time() - mark.stat().st_mtime
-                except (OSError, ValueError):
-                    continue
-                if name == "slow_fit" and age > 1 and pid not in victims:
+            for pid, (name, began) in executor.running_tasks().items():
+                if name == "slow_fit" and time.time() - began > 1 and pid not in victims:
                     victims.append(pid)
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.1)
@@ -215,36 +203,30 @@ def test_fit_that_hangs_past_timeout_is_failed_and_frees_its_worker(demo):
     assert elapsed < 25, f"the scan waited for the slow fit ({elapsed:.0f} s)"
 
 
-def _no_alarm_setup(context) -> None:
+def _block_alarm() -> None:
     # A worker that cannot be interrupted (as if stuck in compiled code): SIGALRM stays blocked.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
-    _worker_setup(context)
 
 
-class _UninterruptibleLocalExecutor(LocalExecutor):
-    restarts: list
+class _CountingAbandons(LocalExecutor):
+    abandoned: list
 
-    def _new_pool(self):
-        pool = super()._new_pool()
-        pool._initializer = _no_alarm_setup
-        return pool
-
-    def restart_workers(self):
-        self.restarts = getattr(self, "restarts", []) + [time.time()]
-        super().restart_workers()
+    def abandon(self, future):
+        self.abandoned = getattr(self, "abandoned", []) + [(time.time(), self.running_tasks())]
+        super().abandon(future)
 
 
-def test_timeout_backstop_restarts_workers_and_resubmits_the_innocent(demo, monkeypatch):
-    """When a worker ignores the timeout, the scan restarts the pool itself; the fits that were
-    running beside the stuck one are resubmitted, uncharged, and finish ok."""
+def test_timeout_backstop_replaces_only_the_stuck_worker(demo, monkeypatch):
+    """When a worker ignores the timeout, the scan gives up on its task and the executor replaces
+    that worker alone: the fits running beside it go on undisturbed, nothing is resubmitted."""
     monkeypatch.setattr(scan, "TIMEOUT_GRACE", 1.0)
     # The stuck fit (~25 s) first, then fits of about a second each (60 extra parameters; well
     # under the 8 s timeout even on a busy machine) that keep the other worker busy until and after
-    # the scan restarts the pool (at ~9 s), then the plain demo patches.
+    # the scan gives up on the stuck one (at ~9 s), then the plain demo patches.
     medium = [_slow_patch(demo, 60, f"medium_{index}") for index in range(14)]
     pallet = Pallet(demo.workspace, [_slow_patch(demo)] + medium + demo.patches, demo.labels)
     began = time.time()
-    with _UninterruptibleLocalExecutor(workers=2) as executor:
+    with _CountingAbandons(workers=2, initializer=_block_alarm) as executor:
         result = pyhf_dist.map_fits(pallet, executor=executor, backend="numpy", timeout=8)
     elapsed = time.time() - began
     rows = assert_one_record_each(result, pallet.names())
@@ -253,10 +235,16 @@ def test_timeout_backstop_restarts_workers_and_resubmits_the_innocent(demo, monk
     others = [row for name, row in rows.items() if name != "slow_fit"]
     assert all(row["status"] == "ok" and row["attempts"] == 1 for row in others), [
         (row["name"], row["status"], row["error"], row["attempts"]) for row in others]
-    assert len(executor.restarts) == 1
-    restarted = executor.restarts[0]
-    resubmitted = [row["name"] for row in others if row["submitted"] < restarted < row["started"]]
-    assert resubmitted, "no fit was running beside the stuck one when the pool restarted"
+    assert len(executor.abandoned) == 1
+    abandoned_at, running = executor.abandoned[0]
+    stuck = [pid for pid, (name, _) in running.items() if name == "slow_fit"]
+    beside = [name for pid, (name, _) in running.items() if name != "slow_fit"]
+    assert stuck and beside, f"expected the stuck fit and another one running, got {running}"
+    # The fit that ran beside the stuck one finished where it was, after the stuck worker went.
+    assert rows[beside[0]]["finished"] > abandoned_at and rows[beside[0]]["worker"]["pid"] not in stuck
+    # Later fits ran on the other worker and on the stuck one's replacement: two pids, not the stuck one.
+    later = {row["worker"]["pid"] for row in others if row["started"] > abandoned_at}
+    assert len(later) == 2 and not later & set(stuck)
     assert elapsed < 60, f"the scan waited for the stuck fit ({elapsed:.0f} s)"
 
 

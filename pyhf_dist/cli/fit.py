@@ -147,10 +147,7 @@ def fit(source, patchset, patches, executor, workers, backend, poi_test, test_st
     }
     options.update(_parse_option(text) for text in extra_options)
     if show_job_script:
-        runner = get_executor(executor, **options)
-        if not hasattr(runner, "job_script"):
-            raise click.UsageError(f"--show-job-script is for batch executors such as slurm, not {executor!r}")
-        click.echo(runner.job_script())
+        click.echo(get_executor(executor, **options).job_script())
         return
     modifier_settings = parse_interpcodes(interpcodes)
     calculation_options = _calculation_options(upper_limit, scan_grid, toys, seed)

@@ -23,7 +23,7 @@ _REGISTRY: dict[str, str | Callable[..., Executor]] = {
     "sequential": "pyhf_dist.executors.sequential:SequentialExecutor",
     "dask": "pyhf_dist.executors.dask:DaskExecutor",
     "slurm": "pyhf_dist.executors.slurm:SlurmExecutor",
-    "funcx": "pyhf_dist.executors.funcx:FuncXExecutor",
+    "funcx": "pyhf_dist.executors.funcx.executor:FuncXExecutor",
     "parsl": "pyhf_dist.executors.parsl:ParslExecutor",
 }
 _ALIASES = {"globus-compute": "funcx"}
@@ -70,8 +70,9 @@ def get_executor(executor: Any = "local", **options) -> Executor:
     if isinstance(executor, concurrent.futures.Executor):
         from pyhf_dist.executors.futures import FuturesExecutor
 
+        workers = options.pop("workers", None)  # a hint for wrapped pools: how many run at once
         _no_options(options, f"a {type(executor).__name__}")
-        return FuturesExecutor(executor)
+        return FuturesExecutor(executor, workers=workers)
     if not isinstance(executor, str) or _ALIASES.get(executor, executor) not in _REGISTRY:
         raise UnknownExecutorError(
             f"unknown executor {executor!r}: choose one of {', '.join(available_executors())}"

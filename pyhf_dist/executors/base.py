@@ -16,6 +16,7 @@ import abc
 import concurrent.futures
 import os
 import threading
+import time
 from typing import Any, Callable
 
 from pyhf_dist.worker import WorkerContext
@@ -61,16 +62,31 @@ def call_within(seconds: float, function: Callable, *args, name: str = "pyhf-dis
 
 
 class Executor(abc.ABC):
-    """Runs fit tasks on workers.
+    """Runs fit tasks on workers: the whole contract between a scan and a scheduler.
 
-    Args:
-        workers: How many tasks may run at once; ``None`` lets the executor choose.
+    This class is everything the scan (:func:`pyhf_dist.iter_fits`) and the command line call on
+    an executor. A new executor subclasses it, implements :meth:`submit`, and overrides what its
+    engine can do better than the neutral defaults here. It releases only what it started.
+
+    The life of an executor in a scan::
+
+        runner.prepare(settings)        # only when the scan created it: start workers early
+        runner.start(context)           # ship the context to the workers, once each
+        future = runner.submit(task)    # many times; at most max_pending unfinished at once
+        runner.started_at(future)       # when a worker began it (for per-fit timeouts)
+        runner.abandon(future)          # a fit ran past its timeout: give up on it
+        runner.is_worker_lost(error)    # the future failed: worker death (retry) or fit failure?
+        runner.describe()               # facts for the results' metadata
+        runner.shutdown()               # however the scan ended
 
     Use as a context manager, or call :meth:`start` and :meth:`shutdown` yourself::
 
         with LocalExecutor(workers=2) as executor:
             executor.start(context)
             future = executor.submit(task)
+
+    Args:
+        workers: How many tasks may run at once; ``None`` lets the executor choose.
     """
 
     #: The registered name (``"local"``, ``"dask"``...), recorded in the scan's metadata.
@@ -84,21 +100,59 @@ class Executor(abc.ABC):
         self.workers = workers
         self.context: WorkerContext | None = None
 
+    @property
+    def max_pending(self) -> int | None:
+        """Most unfinished tasks the scan may have submitted at once; ``None``: no limit.
+
+        An engine that starts a task the moment it is submitted (the local pool) or runs it inside
+        :meth:`submit` (the sequential executor) gets tasks one per worker, so that results stream
+        back and a retry never waits behind a queue. Schedulers with their own queues (Dask,
+        Parsl, Globus Compute) take every task at once.
+        """
+        return None
+
     def prepare(self, settings: dict) -> None:
         """Optionally begin bringing up workers before the context exists.
 
-        A scan that owns its executor calls this first, with the fit settings, and only then reads
-        the pallet; workers that can start early import what those fits need meanwhile. The
-        default does nothing. :meth:`start` follows (or :meth:`shutdown`, if the pallet is bad).
+        A scan that owns its executor calls this first, with the fit settings (a
+        :class:`~pyhf_dist.settings.FitSettings` dict), and only then reads the pallet; workers
+        that can start early import what those fits need meanwhile. The default does nothing.
+        :meth:`start` follows (or :meth:`shutdown`, if the pallet is bad).
         """
 
     def start(self, context: WorkerContext) -> None:
-        """Bring up the workers (if needed) and make ``context`` available to each of them once."""
+        """Bring up the workers (if needed) and make ``context`` available to each of them once.
+
+        May be called again with another context on the same executor (one scan after another).
+        """
         self.context = context
 
     @abc.abstractmethod
     def submit(self, task: dict) -> concurrent.futures.Future:
-        """Submit one task; the future's result is the record from :func:`pyhf_dist.worker.run_task`."""
+        """Submit one task (:func:`pyhf_dist.worker.make_task`).
+
+        Returns:
+            A future whose result is the task's record (:func:`pyhf_dist.worker.run_task`). It
+            raises only when the task could not run: :meth:`is_worker_lost` tells whether to retry.
+        """
+
+    def started_at(self, future: concurrent.futures.Future) -> float | None:
+        """When a worker began the task of ``future`` (Unix time), or ``None`` if not yet.
+
+        The scan counts a task's timeout from the first answer that is not ``None``. The default
+        answers "now" once the future is running; an engine that queues tasks on busy or
+        starting workers knows better.
+        """
+        return time.time() if future.running() else None
+
+    def abandon(self, future: concurrent.futures.Future) -> None:
+        """Give up on a task that ran past the scan's timeout, freeing its worker if possible.
+
+        The scan records the task as failed whatever happens here. The default cancels the
+        future, which stops a task that has not started; an engine that can stop a running
+        task, or replace the worker stuck in it, does so.
+        """
+        future.cancel()
 
     def shutdown(self, cancel_futures: bool = True) -> None:
         """Release what this executor started. Safe to call more than once."""
@@ -110,6 +164,20 @@ class Executor(abc.ABC):
         from pyhf_dist.exceptions import WorkerLostError
 
         return isinstance(error, (WorkerLostError, BrokenProcessPool))
+
+    def job_script(self) -> str:
+        """The batch script a batch-system executor submits (``--show-job-script``), without
+        submitting anything.
+
+        Raises:
+            ExecutorOptionError: This executor submits no batch jobs (the default).
+        """
+        from pyhf_dist.exceptions import ExecutorOptionError
+
+        raise ExecutorOptionError(
+            f"executor {self.name!r} submits no batch jobs, so it has no job script: "
+            "--show-job-script is for batch executors such as slurm"
+        )
 
     def describe(self) -> dict[str, Any]:
         """Facts recorded in the scan's metadata (name, workers, dashboard link...)."""

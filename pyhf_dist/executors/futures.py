@@ -19,12 +19,14 @@ class FuturesExecutor(Executor):
 
     Args:
         pool: The ``concurrent.futures.Executor`` to run on.
+        workers: How many tasks it runs at once, if known (splits a patch's toys into as many
+            chunks; recorded in the metadata).
     """
 
     name = "futures"
 
-    def __init__(self, pool: concurrent.futures.Executor):
-        super().__init__(workers=getattr(pool, "_max_workers", None))
+    def __init__(self, pool: concurrent.futures.Executor, workers: int | None = None):
+        super().__init__(workers=workers)
         self.pool = pool
 
     def submit(self, task: dict) -> concurrent.futures.Future:

@@ -1,55 +1,88 @@
-"""Fit on a pool of local worker processes: the default executor."""
+"""Fit on worker processes of this machine: the default executor.
+
+Each worker is the single process of its own loky executor (loky is joblib's process pool).
+loky starts a worker as a fresh interpreter (fork and exec) that never re-runs the caller's
+``__main__``, so a scan works the same from a script without ``if __name__ == "__main__":``, from
+code piped to ``python -``, from ``python -c``, IPython and Jupyter. Thread limits reach a worker
+through its environment, before any library is imported. One executor per worker means a worker
+that dies (killed, out of memory, a crash in compiled code) takes down only the task it was
+running: the scan retries that task, and no other task in flight is touched. The same holds for
+a worker stuck in a fit past the scan's timeout: :meth:`LocalExecutor.abandon` replaces that one
+worker.
+
+The worker context (background workspace and settings) is written once to a file in a private
+temporary directory; each worker reads it on its first task (and workers replacing dead ones do
+the same), so a task carries only its patch.
+"""
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import itertools
-import multiprocessing
 import os
 import shutil
 import signal
 import tempfile
 import threading
 import time
-from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Callable
 
+from pyhf_dist.exceptions import MissingDependencyError
 from pyhf_dist.executors.base import Executor, default_workers
-from pyhf_dist.worker import initialize, preload, run_task
+from pyhf_dist.worker import THREAD_LIMITS, WorkerContext, initialize, preload, run_task, xla_flags
 
-__all__ = ["LocalExecutor"]
+try:
+    import loky
+    from loky import BrokenProcessPool
+except ImportError as error:  # a core dependency; only a broken installation lacks it
+    raise MissingDependencyError("loky", "local", 'executor="local"') from error
+
+__all__ = ["LocalExecutor", "FileContext"]
 
 
-def _worker_setup(context, pending=None, settings=None) -> None:
-    # Ctrl-C goes to the whole process group; the parent decides what happens to the scan, so a
-    # worker must not die of it with a traceback of its own.
+class FileContext:
+    """A :class:`~pyhf_dist.worker.WorkerContext` whose payload is read from a file when needed.
+
+    What a local task carries instead of the workspace: :func:`pyhf_dist.worker.run_task` reads
+    ``payload`` only on a worker's first task of this context.
+    """
+
+    __slots__ = ("key", "path")
+
+    def __init__(self, key: str, path: str):
+        self.key = key
+        self.path = path
+
+    @property
+    def payload(self) -> bytes:
+        return Path(self.path).read_bytes()
+
+    def __getstate__(self):
+        return (self.key, self.path)
+
+    def __setstate__(self, state):
+        self.key, self.path = state
+
+
+def _worker_setup(settings: dict | None, pid_directory: str, initializer: Callable | None) -> None:
+    """What a worker runs once, when it starts."""
+    # Ctrl-C reaches the whole process group; the scan in the parent decides what happens, so a
+    # worker must not die of it with a traceback of its own. (Workers start with SIGINT blocked,
+    # see _sigint_blocked; from here on it is ignored.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if initializer is not None:  # first: threads started below inherit what it sets (signal masks)
+        initializer()
     _exit_with_parent()
-    if context is None:  # started by prepare(): import now, the context follows from start()
+    Path(pid_directory, str(os.getpid())).touch()
+    if settings is not None:  # started by prepare(): import now, while the client reads the pallet
         preload(settings)
-        context = pending.get()
-    initialize(context)
-
-
-@contextlib.contextmanager
-def _children_ignore_sigint():
-    # A pool starts its processes inside submit(). Started while SIGINT is ignored, a worker ignores
-    # it from its first instruction (an ignored signal stays ignored across exec), so a Ctrl-C that
-    # reaches the whole process group while workers still import cannot print their tracebacks.
-    # Only the main thread may change handlers; elsewhere the workers ignore it from their setup on.
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _exit_with_parent() -> None:
-    # A parent killed with SIGKILL cannot stop its pool, and spawned workers would wait for tasks
-    # forever: each worker leaves as soon as its parent is gone.
+    # A parent killed with SIGKILL cannot stop its workers, which would wait for tasks forever:
+    # each worker leaves as soon as its parent is gone.
     parent = os.getppid()
 
     def watch() -> None:
@@ -60,219 +93,228 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="pyhf-dist-parent-watch", daemon=True).start()
 
 
-def _run_tracked(task: dict, mark: str):
-    # Leave a mark "<pid> <patch>" for as long as the task runs: if the process dies, the
-    # executor can tell the task that was running on it from the tasks merely in the same pool.
+def _warm_up(context: FileContext) -> None:
+    # Prepares the worker (parses the workspace, compiles the fast path's likelihood) as soon as
+    # the context exists, before its first task arrives.
+    initialize(context)
+
+
+def _run_tracked(task: dict, context: FileContext, mark: str) -> dict:
+    # Set up first (a no-op after the first task): a worker that replaces a dead one prepares
+    # itself here, and that is not part of the fit the scan's timeout is about.
+    initialize(context)
+    # A mark "<pid> <patch>" for as long as the task runs: its modification time says when the
+    # worker began the fit.
     try:
-        with open(mark, "w") as stream:
-            stream.write(f"{os.getpid()} {task.get('name')}")
+        Path(mark).write_text(f"{os.getpid()} {task['name']}")
     except OSError:
         pass
     try:
-        return run_task(task)
+        return run_task(task, context)
     finally:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(mark)
-        except OSError:
-            pass
 
 
-class _PoolTasks:
-    """The tasks submitted to one pool: their marks, and which of them were on a dead worker."""
+@contextlib.contextmanager
+def _sigint_blocked():
+    # loky starts a worker inside submit(). Started with SIGINT blocked (a signal mask survives
+    # fork and exec), a worker cannot be killed by a Ctrl-C that reaches the process group while
+    # it is still importing; a Ctrl-C meant for this process stays pending for the block and is
+    # delivered right after it, not lost.
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
-    def __init__(self, processes: dict):
-        self.processes = processes  # the pool's own pid -> process dict (kept after shutdown)
-        self.marks: dict[concurrent.futures.Future, str] = {}
-        self.culprits: set[concurrent.futures.Future] | None = None
 
-    def settle(self) -> None:
-        """Once, before we kill anything ourselves: find the tasks whose process died on its own."""
-        if self.culprits is not None:
-            return
-        # Workers the pool itself stops after a break exit with -SIGTERM; a worker that was killed
-        # (SIGKILL, out of memory, a crash) exits otherwise.
-        dead = {pid for pid, process in list(self.processes.items())
-                if process.exitcode is not None and process.exitcode != -signal.SIGTERM}
-        self.culprits = set()
-        for future, mark in list(self.marks.items()):
+class _Slot:
+    """One worker: a loky executor of one process, and the futures submitted to it."""
+
+    def __init__(self, make_pool: Callable[[], "loky.ProcessPoolExecutor"]):
+        self._make_pool = make_pool
+        self.pool = make_pool()
+        self.futures: set[concurrent.futures.Future] = set()
+
+    @property
+    def load(self) -> int:
+        # A copy: done-callbacks remove futures from loky's thread meanwhile.
+        return sum(1 for future in list(self.futures) if not future.done())
+
+    def submit(self, function, *args) -> concurrent.futures.Future:
+        with _sigint_blocked():
             try:
-                with open(mark) as stream:
-                    pid = int(stream.read().split(" ", 1)[0] or 0)
-            except (OSError, ValueError):
-                continue
-            if pid in dead:
-                self.culprits.add(future)
+                future = self.pool.submit(function, *args)
+            except BrokenProcessPool:  # its worker died: this slot gets a fresh one
+                self.replace()
+                future = self.pool.submit(function, *args)
+        self.futures.add(future)
+        future.add_done_callback(self.futures.discard)
+        return future
+
+    def replace(self) -> None:
+        self.stop()
+        self.pool = self._make_pool()
+
+    def stop(self, kill: bool = True) -> None:
+        # kill_workers: a worker busy with a fit would otherwise keep its core (and this
+        # interpreter alive at exit) until the fit ends.
+        self.pool.shutdown(wait=True, kill_workers=kill)
 
 
 class LocalExecutor(Executor):
-    """A pool of ``workers`` processes on this machine, each set up once.
+    """``workers`` processes on this machine, each set up once and kept for the whole scan.
 
-    Workers are started with ``spawn`` (a fork of a parent that already imported jax or a BLAS
-    thread pool is not safe), receive the worker context once through the pool initializer, and
-    keep their parsed workspace and compiled state between tasks. When a worker process dies the
-    pool is rebuilt on the next submit, and the scan resubmits the tasks that were running.
+    Workers keep their parsed workspace and compiled state between tasks. A worker that dies is
+    replaced on the next submit; the scan resubmits the task it was running.
 
     Args:
         workers: Number of processes; default: the cores this process may use.
-        start_method: ``"spawn"`` (default), ``"forkserver"`` or ``"fork"``.
+        initializer: A function each worker calls once when it starts, before it imports the
+            libraries the fits need (e.g. to configure logging). It must be picklable.
     """
 
     name = "local"
 
-    def __init__(self, workers: int | None = None, start_method: str = "spawn"):
+    def __init__(self, workers: int | None = None, initializer: Callable[[], None] | None = None):
         super().__init__(workers=workers or default_workers())
-        if start_method not in multiprocessing.get_all_start_methods():
-            from pyhf_dist.exceptions import ExecutorOptionError
+        self.initializer = initializer
+        self._slots: list[_Slot] = []
+        self._directory: str | None = None
+        self._contexts: dict[str, FileContext] = {}
+        self._marks: dict[concurrent.futures.Future, str] = {}
+        self._serial = 0
 
-            raise ExecutorOptionError(
-                f"start_method {start_method!r} is not available here: choose one of "
-                f"{', '.join(multiprocessing.get_all_start_methods())}"
-            )
-        self.start_method = start_method
-        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
-        self._marks_dir: str | None = None
-        self._serial = itertools.count()
-        self._tasks: dict[concurrent.futures.Future, _PoolTasks] = {}
-        self._current: _PoolTasks | None = None
-        self._pending = None  # the queue that workers spawned by prepare() take the context from
-
-    # A pool whose worker died rejects every later task; keeping at most one task per worker in
-    # flight means only the task that was running on the dead worker has to be retried.
     @property
     def max_pending(self) -> int:
+        # One task per worker in flight: a task then starts the moment it is submitted, and a
+        # queued task never waits behind a long fit while another worker is idle.
         return self.workers
 
-    def _new_pool(self, initargs: tuple | None = None) -> concurrent.futures.ProcessPoolExecutor:
-        return concurrent.futures.ProcessPoolExecutor(
-            max_workers=self.workers,
-            mp_context=multiprocessing.get_context(self.start_method),
-            initializer=_worker_setup,
-            initargs=initargs or (self.context,),
-        )
+    def _workspace(self) -> Path:
+        if self._directory is None:
+            self._directory = tempfile.mkdtemp(prefix="pyhf-dist-local-")
+            (Path(self._directory) / "workers").mkdir()
+        return Path(self._directory)
 
-    def _spawn_all(self) -> None:
-        # A pool spawns its processes on submit; start them all now so that they import, parse
-        # and compile while the client still reads the pallet and queues the tasks.
-        with _children_ignore_sigint():
-            for _ in range(self.workers):
-                self._pool.submit(os.getpid)
+    def _spawn(self, settings: dict | None) -> None:
+        directory = self._workspace()
+        # In force before the worker imports anything (values the user set explicitly are kept).
+        environment = {name: os.environ.get(name, value) for name, value in THREAD_LIMITS.items()}
+        environment["XLA_FLAGS"] = xla_flags(os.environ.get("XLA_FLAGS", ""))
+
+        def make_pool():
+            return loky.ProcessPoolExecutor(
+                max_workers=1,
+                initializer=_worker_setup,
+                initargs=(settings, str(directory / "workers"), self.initializer),
+                env=environment,
+            )
+
+        self._slots = [_Slot(make_pool) for _ in range(self.workers)]
+        for slot in self._slots:  # loky starts a worker on its first submit: start them all now
+            slot.submit(os.getpid)
 
     def prepare(self, settings: dict) -> None:
-        """Spawn the workers now: they import their libraries while the pallet is read, then
-        wait for the context that :meth:`start` sends them."""
-        if self._pool is not None:
-            return
-        self._pending = multiprocessing.get_context(self.start_method).Queue()
-        # Should a worker die before it read the context, exiting must not wait to flush it.
-        self._pending.cancel_join_thread()
-        self._pool = self._new_pool(initargs=(None, self._pending, settings))
-        self._spawn_all()
+        """Start the workers now: they import their libraries while the client reads the pallet."""
+        if not self._slots:
+            self._spawn(settings)
 
-    def start(self, context) -> None:
+    def start(self, context: WorkerContext) -> None:
         super().start(context)
-        if self._marks_dir is None:
-            self._marks_dir = tempfile.mkdtemp(prefix="pyhf-dist-local-")
-        if self._pending is not None:  # workers spawned by prepare() wait for it
-            for _ in range(self.workers):
-                self._pending.put(context)
-            self._pending = None
-            return
-        self._pool = self._new_pool()
-        self._spawn_all()
+        if not self._slots:
+            self._spawn(None)
+        if context.key not in self._contexts:
+            path = self._workspace() / f"context-{context.key}.json"
+            temporary = path.with_suffix(".tmp")
+            temporary.write_bytes(context.payload)
+            os.replace(temporary, path)
+            self._contexts[context.key] = FileContext(context.key, str(path))
+        for slot in self._slots:
+            slot.submit(_warm_up, self._contexts[context.key])
 
     def submit(self, task: dict) -> concurrent.futures.Future:
-        if self._pool is None:
+        context = self._contexts.get(task["context"])
+        if context is None:
             raise RuntimeError("LocalExecutor.start(context) must be called before submit()")
-        for _ in range(2):
-            if getattr(self._pool, "_broken", False):
-                self._discard_pool()
-                self._pool = self._new_pool()
-            if self._current is None or self._current.processes is not self._pool._processes:
-                self._current = _PoolTasks(self._pool._processes)
-            mark = os.path.join(self._marks_dir, f"{next(self._serial)}.running")
-            try:
-                with _children_ignore_sigint():
-                    future = self._pool.submit(_run_tracked, task, mark)
-            except BrokenProcessPool:  # a worker died since the check above: start a new pool
-                continue
-            self._current.marks[future] = mark
-            self._tasks[future] = self._current
-            future.add_done_callback(self._forget_finished)
-            return future
-        raise BrokenProcessPool("the local worker pool broke twice while a task was submitted")
-
-    def _forget_finished(self, future: concurrent.futures.Future) -> None:
-        # Only tasks lost with a broken pool are asked about later.
-        if future.cancelled() or future.exception() is None:
-            tasks = self._tasks.pop(future, None)
-            if tasks is not None:
-                tasks.marks.pop(future, None)
+        self._serial += 1
+        mark = str(self._workspace() / f"{self._serial}.running")
+        slot = min(self._slots, key=lambda slot: slot.load)
+        future = slot.submit(_run_tracked, task, context, mark)
+        self._marks[future] = mark
+        future.add_done_callback(lambda done: self._marks.pop(done, None))
+        return future
 
     def started_at(self, future: concurrent.futures.Future) -> float | None:
-        """When a worker began the task (``None``: not yet). A pool calls a queued task "running"
-        before any worker takes it, e.g. while the workers still start up."""
-        tasks = self._tasks.get(future)
-        mark = tasks.marks.get(future) if tasks is not None else None
+        """When a worker began the task (``None``: not yet, e.g. while the workers start up)."""
+        mark = self._marks.get(future)
         try:
             return os.stat(mark).st_mtime if mark is not None else None
         except OSError:
             return None
 
-    def was_bystander(self, future: concurrent.futures.Future) -> bool:
-        """Whether ``future`` failed only because another task's worker died and broke the pool.
+    def abandon(self, future: concurrent.futures.Future) -> None:
+        """Stop the worker running ``future`` (stuck past the timeout) and start a fresh one.
 
-        ``False`` when its own worker died, or when the dead worker's task cannot be told (the scan
-        then counts the loss against every task that was in the pool).
+        Only that worker is replaced: the tasks of the other workers go on undisturbed.
         """
-        tasks = self._tasks.pop(future, None)
-        if tasks is None:
-            return False
-        tasks.settle()
-        mark = tasks.marks.pop(future, None)
-        if mark is not None:
+        for slot in self._slots:
+            if future in slot.futures:
+                slot.replace()
+                return
+        future.cancel()
+
+    def running_tasks(self) -> dict[int, tuple[str, float]]:
+        """The tasks running now: ``{worker pid: (patch name, Unix time it began)}``."""
+        running = {}
+        for mark in list(self._marks.values()):
             try:
-                os.unlink(mark)
-            except OSError:
-                pass
-        return bool(tasks.culprits) and future not in tasks.culprits
+                pid, name = Path(mark).read_text().split(" ", 1)
+                running[int(pid)] = (name, os.stat(mark).st_mtime)
+            except (OSError, ValueError):
+                continue
+        return running
 
     def worker_pids(self) -> list[int]:
-        """Process ids of the current worker processes."""
-        processes = getattr(self._pool, "_processes", None) or {}
-        return [pid for pid, process in processes.items() if process.is_alive()]
-
-    def _discard_pool(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        # Stop the workers hard: a worker busy with a fit would otherwise keep its core (and the
-        # interpreter alive at exit) until the fit ends.
-        processes = list((getattr(pool, "_processes", None) or {}).values())
-        if self._current is not None:
-            self._current.settle()
-        pool.shutdown(wait=False, cancel_futures=True)
-        for process in processes:
-            if process.is_alive():
-                process.kill()
-        for process in processes:
-            process.join(timeout=5)
-
-    def restart_workers(self) -> None:
-        """Kill the worker processes and start fresh ones (used to free a worker stuck in a fit)."""
-        self._discard_pool()
-        self._pool = self._new_pool()
+        """Process ids of the worker processes alive now (started by this executor)."""
+        if self._directory is None:
+            return []
+        alive = []
+        for entry in (Path(self._directory) / "workers").iterdir():
+            pid = int(entry.name)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                continue
+            except PermissionError:
+                pass
+            if _running(pid):
+                alive.append(pid)
+        return alive
 
     def shutdown(self, cancel_futures: bool = True) -> None:
-        if cancel_futures:
-            self._discard_pool()
-        elif self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        self._tasks.clear()
-        self._current = None
-        if self._marks_dir is not None:
-            shutil.rmtree(self._marks_dir, ignore_errors=True)
-            self._marks_dir = None
+        slots, self._slots = self._slots, []
+        for slot in slots:
+            slot.stop(kill=cancel_futures)
+        self._contexts.clear()
+        self._marks.clear()
+        if self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
+            self._directory = None
 
     def describe(self) -> dict:
-        return {"executor": self.name, "workers": self.workers, "start_method": self.start_method}
+        return {"executor": self.name, "workers": self.workers}
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process rather than a zombie waiting to be reaped (Linux only;
+    elsewhere every existing process counts as live)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stream:
+            return stream.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True

@@ -1,4 +1,5 @@
-"""The function a Globus Compute endpoint runs for each patch: self-contained, pyhf + numpy only.
+"""The endpoint side of ``executor="funcx"``: the function a Globus Compute endpoint runs for each
+patch. It runs on the endpoint, never in the scan's process, and is self-contained (pyhf and numpy).
 
 :func:`pyhf_dist_fit` is shipped to the service as *source text* (``PureSourceTextInspect``), not
 by reference, so an endpoint needs pyhf and numpy but not pyhf-dist, and the endpoint's Python
@@ -72,7 +73,6 @@ def pyhf_dist_fit(context, task):
     import sys
     import threading
     import time
-    import traceback
     import types
     import zlib
 
@@ -178,8 +178,10 @@ def pyhf_dist_fit(context, task):
     except FitTimeout:
         record.update(status="failed", error=f"timed out after {timeout} s")
     except Exception as error:  # a failed fit is a result, not a failed task
-        summary = traceback.format_exception_only(type(error), error)[-1].strip()
-        record.update(status="failed", error=summary or type(error).__name__)
+        # As pyhf_dist.exceptions.first_line(error, with_type=True) words it on any other worker.
+        lines = str(error).strip().splitlines()
+        text = lines[0].rstrip(":").strip() if lines else ""
+        record.update(status="failed", error=f"{type(error).__name__}: {text}" if text else type(error).__name__)
     finished = time.time()
     record.update(
         started=started, finished=finished, fit_seconds=finished - started,
