@@ -167,6 +167,8 @@ def fit(source, patchset, patches, executor, workers, backend, poi_test, test_st
         )
         if metadata.get("dashboard"):
             click.echo(f"Dask dashboard: {metadata['dashboard']}", err=True)
+        if metadata.get("advice"):
+            click.echo(f"Note: {metadata['advice']}", err=True)
 
     try:
         result = pyhf_dist.map_fits(

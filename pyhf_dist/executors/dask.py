@@ -38,7 +38,7 @@ from typing import Any
 
 from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, MissingDependencyError, first_line
 from pyhf_dist.executors.base import Executor, NoAnswer, call_within, default_workers
-from pyhf_dist.worker import THREAD_LIMITS, XLA_SINGLE_THREAD, WorkerContext, preload, run_task
+from pyhf_dist.worker import THREAD_LIMITS, WorkerContext, preload, run_task, xla_flags
 
 try:
     import distributed
@@ -334,6 +334,7 @@ class DaskExecutor(Executor):
         self._bring_up_error: BaseException | None = None
         self._stop_bringing_up = threading.Event()
         self._log_directory: str | None = None
+        self._keep_logs = False
         #: One line for the user about their own cluster's settings (``None``: nothing to say).
         self.advice: str | None = None
 
@@ -412,6 +413,7 @@ class DaskExecutor(Executor):
             for process in processes:
                 reason = process.failure()
                 if reason is not None:
+                    self._keep_logs = True  # the message points to them
                     raise ExecutorError(
                         f"a Dask worker process of pyhf-dist could not start ({reason}); its log: {process.log_path}"
                     )
@@ -516,9 +518,9 @@ class DaskExecutor(Executor):
             finally:
                 self._own_cluster = False
                 self._stop_bringing_up.clear()
-                if self._log_directory is not None:
+                if self._log_directory is not None and not self._keep_logs:
                     shutil.rmtree(self._log_directory, ignore_errors=True)
-                    self._log_directory = None
+                self._log_directory = None
 
     def _close_cluster(self, cluster) -> None:
         cluster.close()
@@ -590,9 +592,7 @@ def _worker_environment(config: dict) -> dict[str, str]:
                 environment.setdefault(key, str(value))
     for key, value in THREAD_LIMITS.items():
         environment.setdefault(key, value)
-    flags = environment.get("XLA_FLAGS", "")
-    if "xla_cpu_multi_thread_eigen" not in flags:
-        environment["XLA_FLAGS"] = f"{flags} {XLA_SINGLE_THREAD}".strip()
+    environment["XLA_FLAGS"] = xla_flags(environment.get("XLA_FLAGS", ""))
     try:
         environment["DASK_INTERNAL_INHERIT_CONFIG"] = dask.config.serialize(config)
     except (TypeError, ValueError):  # something in the user's config that is not JSON: ours only
