@@ -74,9 +74,11 @@ def test_own_local_cluster_matches_serial_pyhf_and_is_closed(erjr_pallet, erjr_r
     assert cluster.status.name == "closed"
 
 
-def test_own_cluster_settings_reach_its_workers_and_nothing_else(erjr_pallet):
+def test_own_cluster_settings_reach_its_workers_and_nothing_else(erjr_pallet, monkeypatch):
     import dask
 
+    # What a Dask Nanny started earlier in this process leaves behind (Dask's default value).
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
     config_before = {key: dask.config.get(key, default=None) for key in TUNING}
     environment_before = dict(os.environ)
     with DaskExecutor(workers=2, dashboard_address=":0") as executor:

@@ -299,10 +299,12 @@ def test_job_script_exports_our_dask_settings_before_the_sites_prologue():
 
 @pytest.mark.slurm
 @requires_slurm
-def test_our_dask_settings_reach_the_workers_in_slurm_jobs(erjr_pallet, slurm_options):
+def test_our_dask_settings_reach_the_workers_in_slurm_jobs(erjr_pallet, slurm_options, monkeypatch):
     from pyhf_dist.executors.dask import TUNING
     from pyhf_dist.settings import FitSettings
 
+    # What a Dask Nanny started earlier in this process leaves behind; jobs inherit our environment.
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
     inside = lambda: {  # noqa: E731  (a lambda: pickled by value, no test module needed on workers)
         "MALLOC_TRIM_THRESHOLD_": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
         "config": {key: __import__("dask").config.get(key, default=None) for key in TUNING},

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import json
 import logging
@@ -96,13 +97,21 @@ def own_cluster_tuning() -> dict[str, Any]:
     return tuning
 
 
-def tuning_exports(tuning: dict[str, Any]) -> list[str]:
+def tuning_exports(tuning: dict[str, Any], environ: dict | None = None) -> list[str]:
     """Shell lines that give a Dask process started elsewhere (a batch job) the same settings.
 
+    Args:
+        tuning: Dask settings (dotted keys), as from :func:`own_cluster_tuning`.
+        environ: The environment the job inherits (a batch system copies the submitter's). A
+            variable ``tuning`` drops that it holds at Dask's default, as a Nanny that ran in the
+            submitting process leaves it, is unset too.
+
     >>> print(*tuning_exports({"distributed.worker.profile.enabled": False,
-    ...                        "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}), sep="\\n")
+    ...                        "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None},
+    ...                       environ={"MALLOC_TRIM_THRESHOLD_": "65536"}), sep="\\n")
     export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False
     export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON='{"MALLOC_TRIM_THRESHOLD_": None}'
+    unset MALLOC_TRIM_THRESHOLD_
     """
     import shlex
 
@@ -116,7 +125,26 @@ def tuning_exports(tuning: dict[str, Any]) -> list[str]:
         else:
             name, text = key.replace(".", "__"), value if isinstance(value, str) else repr(value)
         lines.append(f"export DASK_{name.upper().replace('-', '_')}={shlex.quote(text)}")
+    for variable in _leftovers(tuning, environ or {}):
+        lines.append(f"unset {variable}")
     return lines
+
+
+def _leftovers(tuning: dict[str, Any], environ: dict) -> list[str]:
+    """Variables of ``environ`` that ``tuning`` drops from a worker's environment and that hold
+    Dask's default value: left by a Nanny that ran in this process, not chosen by the user."""
+    import dask
+
+    defaults = dask.config.merge(*dask.config.defaults)
+    prefix = "distributed.nanny.pre-spawn-environ."
+    leftovers = []
+    for key, value in tuning.items():
+        if key.startswith(prefix) and value is None:
+            variable = key[len(prefix):]
+            default = dask.config.get(key, default=None, config=defaults)
+            if default is not None and environ.get(variable) == str(default):
+                leftovers.append(variable)
+    return leftovers
 
 
 def worker_facts() -> dict[str, Any]:
@@ -257,7 +285,8 @@ class _WorkerProcess(ProcessInterface):
             self._watcher.cancel()
         process = self.process
         if process is not None and process.returncode is None:
-            # Like the local pool's: the results are in, a graceful exit only costs time.
+            # Like the local pool's: the results are in, and a worker the scheduler retired
+            # does not end by itself for seconds.
             try:
                 os.killpg(process.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -348,7 +377,7 @@ class DaskExecutor(Executor):
         tuning = own_cluster_tuning()
         with dask.config.set(tuning):  # for the scheduler in this process, while it is built
             config = dask.config.config
-            environment = _worker_environment(config)
+            environment = _worker_environment(config, tuning)
             self._log_directory = tempfile.mkdtemp(prefix="pyhf-dist-dask-")
             workers = {
                 index: {"cls": _WorkerProcess, "options": {
@@ -490,6 +519,13 @@ class DaskExecutor(Executor):
             self._finish_bringing_up()
         except BaseException:  # start() reports it; here only what was started must go
             pass
+        # Closing a client and a cluster of our own makes Dask log, at INFO and with a traceback,
+        # the streams it finds closed; a SpecCluster hides its INFO lines until the end of its
+        # close, but not while it stops its event loop. Quiet until that loop has stopped.
+        with _quiet_dask_logs(self._own_cluster):
+            self._shutdown(cancel_futures)
+
+    def _shutdown(self, cancel_futures: bool) -> None:
         pool, self._pool = self._pool, None
         client = self.client
         try:
@@ -559,6 +595,21 @@ class DaskExecutor(Executor):
         return f"{type(self).__name__}(workers={self.workers!r})"
 
 
+@contextlib.contextmanager
+def _quiet_dask_logs(quiet: bool):
+    """Dask's loggers at ERROR for the duration (their own level, not their handlers', which a
+    closing SpecCluster resets), when ``quiet``."""
+    logger = logging.getLogger("distributed")
+    previous = logger.level
+    if quiet:
+        logger.setLevel(max(previous, logging.ERROR))
+    try:
+        yield
+    finally:
+        if quiet:
+            logger.setLevel(previous)
+
+
 def _stop_restarts(cluster) -> None:
     """Workers of ours that stop from now on stay stopped (the cluster is being closed).
 
@@ -571,21 +622,18 @@ def _stop_restarts(cluster) -> None:
             process.joined = False
 
 
-def _worker_environment(config: dict) -> dict[str, str]:
-    """The environment of a worker process we start: this process's, with what a Nanny would add
-    before it starts a worker (``pre-spawn-environ``, ``environ``; values already set win) and one
-    thread per numerical library, all in force before the interpreter loads anything."""
+def _worker_environment(config: dict, tuning: dict[str, Any]) -> dict[str, str]:
+    """The environment of a worker process we start: this process's (less what ``tuning`` drops
+    and a Nanny left here, see :func:`_leftovers`), with what a Nanny would add before it starts a
+    worker (``pre-spawn-environ``, ``environ``; values already set win) and one thread per
+    numerical library, all in force before the interpreter loads anything; and the Dask
+    configuration of this process, ``tuning`` included."""
     import dask
 
     environment = dict(os.environ)
+    for variable in _leftovers(tuning, environment):
+        del environment[variable]
     spawn = dask.config.get("distributed.nanny.pre-spawn-environ", config=config, default={}) or {}
-    if spawn.get("MALLOC_TRIM_THRESHOLD_", 0) is None:
-        # A Nanny started earlier in this process left Dask's default here (Nannies set their
-        # pre-spawn environment in their own process): not a choice of the user's.
-        default = dask.config.get("distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_",
-                                  config=dask.config.merge(*dask.config.defaults), default=None)
-        if default is not None and environment.get("MALLOC_TRIM_THRESHOLD_") == str(default):
-            del environment["MALLOC_TRIM_THRESHOLD_"]
     for section in (spawn, dask.config.get("distributed.nanny.environ", config=config, default={}) or {}):
         for key, value in section.items():
             if value is not None:

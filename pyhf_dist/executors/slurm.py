@@ -207,7 +207,8 @@ class SlurmExecutor(DaskExecutor):
         prologue = options.get("job_script_prologue")
         if prologue is None:
             prologue = dask.config.get(f"jobqueue.{self.config_name}.job-script-prologue", default=None) or []
-        options["job_script_prologue"] = [*tuning_exports(tuning), *prologue]
+        # A job inherits the submitting process's environment (sbatch --export=ALL).
+        options["job_script_prologue"] = [*tuning_exports(tuning, environ=dict(os.environ)), *prologue]
         return options
 
     def _cluster_kwargs(self, tuning: dict) -> dict:
