@@ -21,6 +21,7 @@ BEGAN = time.perf_counter()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -30,9 +31,10 @@ import tempfile  # noqa: E402
 class CpuMeter:
     """CPU seconds used by this process and by the scan's worker processes, between two moments.
 
-    Workers are this process's descendants (local pool, Dask workers pyhf-dist starts, Parsl and
-    Globus Compute engine pools), plus, for a scheduler address given (Dask workers in Slurm
-    jobs), the processes whose command line names it and their descendants.
+    Workers are this process's descendants (local pool, Dask workers pyhf-dist starts), the other
+    processes of its session but its ancestors (Parsl and Globus Compute worker pools, which their
+    launcher leaves to init), plus, for a scheduler address given (Dask workers in Slurm jobs),
+    the processes whose command line names it and their descendants.
     """
 
     def __init__(self):
@@ -45,6 +47,14 @@ class CpuMeter:
 
     def _workers(self) -> list:
         processes = {p.pid: p for p in self.me.children(recursive=True)}
+        ancestors = {p.pid for p in self.me.parents()} | {self.me.pid}
+        session = os.getsid(0)
+        for process in self.psutil.process_iter():
+            try:
+                if process.pid not in ancestors and os.getsid(process.pid) == session:
+                    processes.setdefault(process.pid, process)
+            except (OSError, self.psutil.Error):
+                continue
         if self.scheduler:
             port = self.scheduler.rsplit(":", 1)[-1]
             for process in self.psutil.process_iter(["cmdline"]):
