@@ -264,3 +264,30 @@ def test_dask_is_imported_only_when_asked_for_and_missing_dask_is_explained():
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert output.returncode == 0, output.stderr
     assert 'pip install "pyhf-dist[dask]"' in output.stdout
+
+
+def test_workers_of_a_killed_scan_end_by_themselves(erjr_dir, tmp_path):
+    psutil = pytest.importorskip("psutil")
+    code = (
+        "import pyhf_dist\n"
+        f"pyhf_dist.map_fits({str(erjr_dir)!r}, executor='dask', workers=2, backend='numpy', dashboard_address=':0')\n"
+    )
+    scan = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        workers: list = []
+        while time.monotonic() < deadline and len(workers) < 2:
+            time.sleep(0.5)
+            workers = [child for child in psutil.Process(scan.pid).children()
+                       if "distributed.cli.dask_spec" in " ".join(child.cmdline())]
+        assert len(workers) == 2, "the scan's two worker processes never appeared"
+        time.sleep(2)  # fitting now
+        scan.kill()  # no shutdown, no cleanup: as with kill -9 or an out-of-memory kill
+        scan.wait(timeout=30)
+        # Their scheduler (in the killed process) is gone: they close themselves.
+        gone, alive = psutil.wait_procs(workers, timeout=60)
+        assert not alive, f"worker processes outlived the scan: {[p.pid for p in alive]}"
+    finally:
+        if scan.poll() is None:
+            scan.kill()
