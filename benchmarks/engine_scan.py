@@ -58,7 +58,7 @@ def main() -> None:
     from pyhf_dist.settings import FitSettings
     from pyhf_dist.worker import WorkerContext
 
-    from one_scan import summary
+    from one_scan import CpuMeter, summary
 
     pallet = pyhf_dist.load_pallet(args.pallet, validate=False)
     patches = pallet.patches[: args.patches] if args.patches else pallet.patches
@@ -97,6 +97,7 @@ def main() -> None:
                 future = GCFuture(task_id)
                 engine.submit(future, body, resource_specification={}, result_serializers=[JSON_RESULTS])
                 futures[future] = (patch, submitted)
+            meter = CpuMeter()
             for future in concurrent.futures.as_completed(futures):
                 patch, submitted = futures[future]
                 result = messagepack.unpack(future.result())
@@ -106,6 +107,8 @@ def main() -> None:
                 record = serializer.deserialize(result.data)
                 record.update(values=list(patch.values), submitted=submitted)
                 records[patch.name] = record
+                if len(records) in (max(2, len(futures) // 10), len(futures)):
+                    meter.mark(len(records))
         finally:
             engine.shutdown()
         scan_seconds = time.time() - scan_began
@@ -113,7 +116,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         ScanResult([FitRecord.from_dict(record) for record in ordered]).to_json(f"{directory}/results.json")
     wall = time.perf_counter() - BEGAN
-    print(json.dumps(summary("globus-engine", args.workers, settings.backend, ordered, received, wall, scan_seconds)))
+    line = summary("globus-engine", args.workers, settings.backend, ordered, received, wall, scan_seconds)
+    line.update(meter.per_fit(), scans=1)
+    print(json.dumps(line))
 
 
 if __name__ == "__main__":

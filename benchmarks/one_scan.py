@@ -1,12 +1,17 @@
 """One scan from a cold process, as a user would run it; prints a JSON line of measurements.
 
-    python benchmarks/one_scan.py PALLET --executor local --workers 2 [--backend jax] [--patches N]
+    python benchmarks/one_scan.py PALLET [PALLET ...] --executor local --workers 2 [--backend jax] [--patches N]
                                   [--upper-limit [--scan START,STOP,POINTS]]
 
 Wall time covers everything after the interpreter started: imports, reading the pallet, starting
-the executor, fitting, writing the results file. The per-task breakdown comes from the records:
-queue wait (submitted -> started on a worker: includes transfer), compute on the worker, and result
-return (finished on the worker -> received by the client).
+the executor, fitting, writing the results file. Several pallets are scanned one after another
+in the same process, each scan starting its own workers (as a user without a multi-pallet
+source does). The per-task breakdown comes from the records: queue wait (submitted -> started
+on a worker: includes transfer), compute on the worker, and result return (finished on the
+worker -> received by the client). CPU per fit is measured from outside the fits: the CPU time
+every worker process (and this client process) used between the first tenth of the results
+and the last one, over the fits in between; so it includes what a worker spends besides
+fitting (event loops, heartbeats, monitors), which a fit's own clock cannot see.
 """
 
 from __future__ import annotations
@@ -17,15 +22,76 @@ BEGAN = time.perf_counter()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 
 
+class CpuMeter:
+    """CPU seconds used by this process and by the scan's worker processes, between two moments.
+
+    Workers are this process's descendants (local pool, Dask workers pyhf-dist starts), the other
+    processes of its session but its ancestors (Parsl and Globus Compute worker pools, which their
+    launcher leaves to init), plus, for a scheduler address given (Dask workers in Slurm jobs),
+    the processes whose command line names it and their descendants.
+    """
+
+    def __init__(self):
+        import psutil
+
+        self.psutil = psutil
+        self.me = psutil.Process()
+        self.scheduler: str | None = None
+        self.marks: list[tuple[int, float, float]] = []  # (results so far, client CPU, worker CPU)
+
+    def _workers(self) -> list:
+        processes = {p.pid: p for p in self.me.children(recursive=True)}
+        ancestors = {p.pid for p in self.me.parents()} | {self.me.pid}
+        session = os.getsid(0)
+        for process in self.psutil.process_iter():
+            try:
+                if process.pid not in ancestors and os.getsid(process.pid) == session:
+                    processes.setdefault(process.pid, process)
+            except (OSError, self.psutil.Error):
+                continue
+        if self.scheduler:
+            port = self.scheduler.rsplit(":", 1)[-1]
+            for process in self.psutil.process_iter(["cmdline"]):
+                try:
+                    if f":{port}" in " ".join(process.info["cmdline"] or []) and process.pid != self.me.pid:
+                        processes[process.pid] = process
+                        processes.update({child.pid: child for child in process.children(recursive=True)})
+                except self.psutil.Error:
+                    continue
+        return list(processes.values())
+
+    @staticmethod
+    def _cpu(process) -> float:
+        times = process.cpu_times()
+        return times.user + times.system
+
+    def mark(self, results: int) -> None:
+        workers = 0.0
+        for process in self._workers():
+            try:
+                workers += self._cpu(process)
+            except Exception:  # a process that just ended
+                continue
+        self.marks.append((results, self._cpu(self.me), workers))
+
+    def per_fit(self) -> dict:
+        """CPU seconds per fit between the first and the last mark (``None`` without two marks)."""
+        if len(self.marks) < 2 or self.marks[-1][0] <= self.marks[0][0]:
+            return {"client_cpu_per_fit": None, "worker_cpu_per_fit": None}
+        (n0, c0, w0), (n1, c1, w1) = self.marks[0], self.marks[-1]
+        return {"client_cpu_per_fit": (c1 - c0) / (n1 - n0), "worker_cpu_per_fit": (w1 - w0) / (n1 - n0)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("pallet")
+    parser.add_argument("pallets", nargs="+")
     parser.add_argument("--executor", default="local")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--backend", default=None)
@@ -37,11 +103,6 @@ def main() -> None:
 
     import pyhf_dist
 
-    pallet = args.pallet  # as the one-liner is used: map_fits reads it while the workers start
-    if args.patches:
-        pallet = pyhf_dist.load_pallet(args.pallet, validate=False)
-        pallet.patches = pallet.patches[: args.patches]
-    received = {}
     options = json.loads(args.options)
     if args.upper_limit:
         options["calculation"] = "upper_limit"
@@ -50,15 +111,49 @@ def main() -> None:
             options["upper_limit_scan"] = (float(start), float(stop), int(points))
     if args.executor != "sequential":
         options.setdefault("workers", args.workers)
-    result = pyhf_dist.map_fits(
-        pallet, executor=args.executor, backend=args.backend,
-        callback=lambda record: received.__setitem__(record.name, time.time()), **options,
-    )
-    with tempfile.TemporaryDirectory() as directory:
-        result.to_json(f"{directory}/results.json")
+    received: dict = {}
+    records: list[dict] = []
+    meters = []
+    backend = None
+    scan_seconds = 0.0
+    for source in args.pallets:
+        pallet = source  # as the one-liner is used: map_fits reads it while the workers start
+        if args.patches:
+            pallet = pyhf_dist.load_pallet(source, validate=False)
+            pallet.patches = pallet.patches[: args.patches]
+        meter = CpuMeter()
+        total: list[int] = []
+        done = [0]
+
+        def started(info: dict, meter=meter, total=total) -> None:
+            meter.scheduler = info.get("scheduler") if args.executor == "slurm" else None
+            total.append(info["patches"])
+
+        def arrived(record, meter=meter, total=total, done=done) -> None:
+            received[record.name] = time.time()
+            done[0] += 1
+            # After the first tenth (set-up and compilation behind us), and at the last result.
+            if done[0] in (max(2, total[0] // 10), total[0]):
+                meter.mark(done[0])
+
+        result = pyhf_dist.map_fits(pallet, executor=args.executor, backend=args.backend, callback=arrived,
+                                    on_start=started, **options)
+        with tempfile.TemporaryDirectory() as directory:
+            result.to_json(f"{directory}/results.json")
+        records += [record.to_dict() for record in result]
+        meters.append(meter)
+        backend = result.metadata["settings"]["backend"]
+        scan_seconds += result.metadata["wall_seconds"]
     wall = time.perf_counter() - BEGAN
-    print(json.dumps(summary(args.executor, args.workers, result.metadata["settings"]["backend"],
-                             [record.to_dict() for record in result], received, wall, result.metadata["wall_seconds"])))
+    line = summary(args.executor, args.workers, backend, records, received, wall, scan_seconds)
+    cpu = [meter.per_fit() for meter in meters]
+    for key in ("client_cpu_per_fit", "worker_cpu_per_fit"):
+        values = [entry[key] for entry in cpu if entry[key] is not None]
+        line[key] = statistics.mean(values) if values else None
+    if args.executor == "sequential":  # the fits ran in this process
+        line["worker_cpu_per_fit"] = line["client_cpu_per_fit"]
+    line["scans"] = len(args.pallets)
+    print(json.dumps(line))
 
 
 def summary(executor: str, workers: int, backend: str, records: list[dict], received: dict, wall: float,

@@ -17,7 +17,7 @@ distributed = pytest.importorskip("distributed")
 import pyhf_dist  # noqa: E402
 from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError  # noqa: E402
 from pyhf_dist.executors import get_executor  # noqa: E402
-from pyhf_dist.executors.dask import DaskExecutor  # noqa: E402
+from pyhf_dist.executors.dask import TUNING, DaskExecutor  # noqa: E402
 from pyhf_dist.settings import FitSettings  # noqa: E402
 from pyhf_dist.worker import WorkerContext, setup_count  # noqa: E402
 from distributed.diagnostics.plugin import SchedulerPlugin  # noqa: E402
@@ -37,6 +37,24 @@ def user_cluster():
     cluster.close()
 
 
+#: What a worker process runs with, seen from inside a task (a lambda: pickled by value, so that
+#: workers need not import this test module).
+_INSIDE = lambda: {  # noqa: E731
+    "MALLOC_TRIM_THRESHOLD_": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+    "threads": {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")},
+    "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
+    "config": {key: __import__("dask").config.get(key, default=None) for key in TUNING},
+    "frozen": __import__("gc").get_freeze_count(),
+    "main": getattr(getattr(sys.modules["__main__"], "__spec__", None), "name", None),
+}
+
+
+def _inside_each_worker(client) -> list[dict]:
+    """:data:`_INSIDE` run as a task on every worker."""
+    workers = sorted(client.scheduler_info()["workers"])
+    return [client.submit(_INSIDE, workers=[address], pure=False).result() for address in workers]
+
+
 def _context(pallet) -> WorkerContext:
     return WorkerContext.build(pallet.workspace, FitSettings(backend="numpy").to_dict())
 
@@ -54,6 +72,64 @@ def test_own_local_cluster_matches_serial_pyhf_and_is_closed(erjr_pallet, erjr_r
     # What we started, we closed.
     assert executor.cluster is None and executor.client is None
     assert cluster.status.name == "closed"
+
+
+def test_own_cluster_settings_reach_its_workers_and_nothing_else(erjr_pallet, monkeypatch):
+    import dask
+
+    # What a Dask Nanny started earlier in this process leaves behind (Dask's default value).
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    config_before = {key: dask.config.get(key, default=None) for key in TUNING}
+    environment_before = dict(os.environ)
+    with DaskExecutor(workers=2, dashboard_address=":0") as executor:
+        executor.start(_context(erjr_pallet))
+        inside = _inside_each_worker(executor.client)
+        # The caller's process: its Dask configuration and environment are as they were.
+        assert {key: dask.config.get(key, default=None) for key in TUNING} == config_before
+        assert dict(os.environ) == environment_before
+    assert len(inside) == 2
+    for facts in inside:
+        assert facts["MALLOC_TRIM_THRESHOLD_"] is None
+        assert facts["threads"] == dict.fromkeys(facts["threads"], "1")
+        assert "--xla_cpu_multi_thread_eigen=false" in facts["XLA_FLAGS"]
+        assert facts["config"] == TUNING
+        assert facts["frozen"] > 0  # set up, then frozen: later collections skip the workspace
+        # A process of its own: the worker never ran this test session's __main__.
+        assert facts["main"] == "distributed.cli.dask_spec"
+    assert dict(os.environ) == environment_before
+
+
+def test_user_cluster_is_left_as_it_was_with_advice(user_cluster, erjr_pallet, erjr_reference):
+    import dask
+
+    cluster, client = user_cluster
+
+    def snapshot() -> dict:
+        return {
+            "workers": sorted(client.scheduler_info()["workers"]),
+            "inside": _inside_each_worker(client),
+            "worker plugins": client.run(lambda dask_worker: sorted(dask_worker.plugins)),
+            "scheduler plugins": sorted(client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.plugins))),
+            "client config": {key: dask.config.get(key, default=None) for key in TUNING},
+        }
+
+    before = snapshot()
+    assert before["inside"][0]["MALLOC_TRIM_THRESHOLD_"] == "65536"  # Dask's default, set by its Nanny
+    names = [patch.name for patch in erjr_pallet.patches[:3]]
+    result = pyhf_dist.map_fits(erjr_pallet, executor="dask", client=client, patches=names, backend="numpy")
+    assert_matches_reference(result, {name: erjr_reference[name] for name in names})
+    after = snapshot()
+    # The one trace: a worker that fits for pyhf-dist limits XLA to one thread before jax loads
+    # (pin_threads, as every executor's workers do; a value of the user's would be kept).
+    for facts in after["inside"]:
+        assert "--xla_cpu_multi_thread_eigen=false" in facts.pop("XLA_FLAGS")
+    for facts in before["inside"]:
+        assert facts.pop("XLA_FLAGS") in (None, "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    for key in before:
+        assert after[key] == before[key], f"{key}: {before[key]} -> {after[key]}"
+    # Recommended, not done: one line in the metadata (the command line prints it).
+    advice = result.metadata["advice"]
+    assert "MALLOC_TRIM_THRESHOLD_=65536" in advice and "pre-spawn-environ" in advice and "\n" not in advice
 
 
 def test_user_cluster_matches_serial_pyhf_on_1lbb_and_stays_open(user_cluster, lbb_pallet, lbb_reference):
@@ -78,7 +154,7 @@ class _RecordTaskSpecs(SchedulerPlugin):
     def update_graph(self, scheduler, *, keys, **kwargs):
         for key in keys:
             state = scheduler.tasks.get(key)
-            if state is not None and "run_task" in str(key):
+            if state is not None and "run_pickled_task" in str(key):
                 self.specs[str(key)] = pickle.dumps(state.run_spec)
 
 
@@ -188,3 +264,30 @@ def test_dask_is_imported_only_when_asked_for_and_missing_dask_is_explained():
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert output.returncode == 0, output.stderr
     assert 'pip install "pyhf-dist[dask]"' in output.stdout
+
+
+def test_workers_of_a_killed_scan_end_by_themselves(erjr_dir, tmp_path):
+    psutil = pytest.importorskip("psutil")
+    code = (
+        "import pyhf_dist\n"
+        f"pyhf_dist.map_fits({str(erjr_dir)!r}, executor='dask', workers=2, backend='numpy', dashboard_address=':0')\n"
+    )
+    scan = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        workers: list = []
+        while time.monotonic() < deadline and len(workers) < 2:
+            time.sleep(0.5)
+            workers = [child for child in psutil.Process(scan.pid).children()
+                       if "distributed.cli.dask_spec" in " ".join(child.cmdline())]
+        assert len(workers) == 2, "the scan's two worker processes never appeared"
+        time.sleep(2)  # fitting now
+        scan.kill()  # no shutdown, no cleanup: as with kill -9 or an out-of-memory kill
+        scan.wait(timeout=30)
+        # Their scheduler (in the killed process) is gone: they close themselves.
+        gone, alive = psutil.wait_procs(workers, timeout=60)
+        assert not alive, f"worker processes outlived the scan: {[p.pid for p in alive]}"
+    finally:
+        if scan.poll() is None:
+            scan.kill()

@@ -276,3 +276,52 @@ def test_a_job_slurm_refuses_fails_the_scan_at_once_in_one_line(erjr_pallet, slu
     assert "no-such-partition" in str(error.value) or "partition" in str(error.value)
     assert "\n" not in str(error.value)
     assert not _our_jobs(slurm_options["job_name"])
+
+
+# --- the settings of the clusters pyhf-dist starts ---------------------------------------------------
+
+
+def test_job_script_exports_our_dask_settings_before_the_sites_prologue():
+    from pyhf_dist.executors.dask import TUNING
+
+    script = get_executor("slurm", job_script_prologue=["module load python"]).job_script()
+    lines = script.splitlines()
+    exports = [line for line in lines if line.startswith("export DASK_")]
+    assert len(exports) == len(TUNING)
+    assert "export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False" in exports
+    # The site's lines come after ours, so that they can change them.
+    assert lines.index(exports[-1]) < lines.index("module load python")
+    # A value the user set in their Dask config is theirs: not exported, not overridden.
+    with dask.config.set({"distributed.admin.tick.interval": "50ms"}):
+        script = get_executor("slurm").job_script()
+    assert "TICK__INTERVAL" not in script and "PROFILE__ENABLED=False" in script
+
+
+@pytest.mark.slurm
+@requires_slurm
+def test_our_dask_settings_reach_the_workers_in_slurm_jobs(erjr_pallet, slurm_options, monkeypatch):
+    from pyhf_dist.executors.dask import TUNING
+    from pyhf_dist.settings import FitSettings
+
+    # What a Dask Nanny started earlier in this process leaves behind; jobs inherit our environment.
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    inside = lambda: {  # noqa: E731  (a lambda: pickled by value, no test module needed on workers)
+        "MALLOC_TRIM_THRESHOLD_": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+        "config": {key: __import__("dask").config.get(key, default=None) for key in TUNING},
+        "frozen": __import__("gc").get_freeze_count(),
+        "job": os.environ.get("SLURM_JOB_ID"),
+    }
+    context = WorkerContext.build(erjr_pallet.workspace, FitSettings(backend="numpy").to_dict())
+    config_before = {key: dask.config.get(key, default=None) for key in TUNING}
+    with get_executor("slurm", **slurm_options) as executor:
+        executor.start(context)
+        executor.client.wait_for_workers(2, timeout=120)
+        workers = sorted(executor.client.scheduler_info()["workers"])
+        facts = [executor.client.submit(inside, workers=[address], pure=False).result() for address in workers]
+    assert {key: dask.config.get(key, default=None) for key in TUNING} == config_before
+    assert len({f["job"] for f in facts}) == 2 and None not in {f["job"] for f in facts}
+    for f in facts:
+        assert f["MALLOC_TRIM_THRESHOLD_"] is None
+        assert f["config"] == TUNING
+        assert f["frozen"] > 0
+    _assert_no_jobs_left(slurm_options["job_name"])

@@ -179,6 +179,8 @@ def fit(source, patchset, patches, pallets, combine, executor, workers, backend,
         )
         if metadata.get("dashboard"):
             click.echo(f"Dask dashboard: {metadata['dashboard']}", err=True)
+        if metadata.get("advice"):
+            click.echo(f"Note: {metadata['advice']}", err=True)
 
     try:
         result = pyhf_dist.map_fits(

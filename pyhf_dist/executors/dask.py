@@ -8,25 +8,165 @@ e.g. new Slurm jobs); a task carries only its patch. Tasks go through Dask's own
 Dask reruns the task of a worker that dies on another worker by itself; the scan only sees an
 error when Dask gives up on a task (``KilledWorker``) or loses the connection, and
 :meth:`DaskExecutor.is_worker_lost` tells it to retry those.
+
+The cluster started for a scan (no ``address``, ``client`` or ``cluster`` given) is a scheduler in
+this process and one ``python -m distributed.cli.dask_spec`` process per worker, started with an
+environment and a Dask configuration of our own (:func:`own_cluster_tuning`): glibc's default
+malloc (no ``MALLOC_TRIM_THRESHOLD_``), one thread per numerical library, no statistical profiler,
+slower housekeeping ticks. Worker processes of their own also never re-run the caller's
+``__main__`` (a script without a main guard, code piped to ``python -``), and end with a kill at
+shutdown, as the local pool's do. A cluster or client the user gives is never reconfigured.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import contextlib
 import functools
+import json
 import logging
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
 from typing import Any
 
-from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, MissingDependencyError
+from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, MissingDependencyError, first_line
 from pyhf_dist.executors.base import Executor, NoAnswer, call_within, default_workers
-from pyhf_dist.worker import WorkerContext, run_task
+from pyhf_dist.worker import THREAD_LIMITS, WorkerContext, preload, run_task, xla_flags
 
 try:
     import distributed
+    from distributed.core import Status
+    from distributed.deploy.spec import ProcessInterface
 except ImportError as error:  # the registry imports this module only when "dask" is asked for
     raise MissingDependencyError("distributed", "dask", 'executor="dask"') from error
 
-__all__ = ["DaskExecutor", "ContextPlugin"]
+__all__ = [
+    "DaskExecutor", "ContextPlugin", "own_cluster_tuning", "tuning_exports", "worker_facts", "run_pickled_task",
+]
+
+log = logging.getLogger(__name__)
+
+#: Dask settings for the clusters pyhf-dist starts (never for one it is given), each applied only
+#: where the user's Dask configuration still has Dask's default. Measured on the 1Lbb scan
+#: (benchmarks/dask_gap.py, README "Speed"):
+#: * ``MALLOC_TRIM_THRESHOLD_``, which a Nanny sets in every worker process (65536), fixes glibc's
+#:   thresholds: freed memory goes back to the system at once and the mmap threshold stops adapting,
+#:   so the buffers of every jax call are mapped and page-faulted afresh (about 7400 minor faults
+#:   and 18 ms of system time per 1Lbb fit instead of 250 and 3 ms): about 30% more CPU per fit.
+#: * The statistical profiler (a thread sampling every 10 ms), the 20 ms event-loop tick and the
+#:   0.5 s system monitor cost an idle two-worker cluster about 10% of one core; nobody reads them
+#:   during a scan.
+TUNING = {
+    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.admin.system-monitor.interval": "2s",
+    # With gilknocker installed, Dask polls the GIL every millisecond.
+    "distributed.admin.system-monitor.gil.enabled": False,
+}
+
+#: How long the workers of a cluster we start may take to connect.
+WORKER_START_TIMEOUT = 120.0
+#: How often a worker process of ours that dies is started again during a scan.
+MAX_WORKER_RESTARTS = 10
+
+
+def own_cluster_tuning() -> dict[str, Any]:
+    """The part of :data:`TUNING` that applies now: keys the user's Dask config leaves at Dask's default.
+
+    >>> "distributed.worker.profile.enabled" in own_cluster_tuning()  # doctest: +SKIP
+    True
+    """
+    import dask
+
+    defaults = dask.config.merge(*dask.config.defaults)
+    missing = object()
+    tuning = {}
+    for key, value in TUNING.items():
+        current = dask.config.get(key, default=missing)
+        if current is missing or current == dask.config.get(key, default=missing, config=defaults):
+            tuning[key] = value
+    return tuning
+
+
+def tuning_exports(tuning: dict[str, Any], environ: dict | None = None) -> list[str]:
+    """Shell lines that give a Dask process started elsewhere (a batch job) the same settings.
+
+    Args:
+        tuning: Dask settings (dotted keys), as from :func:`own_cluster_tuning`.
+        environ: The environment the job inherits (a batch system copies the submitter's). A
+            variable ``tuning`` drops that it holds at Dask's default, as a Nanny that ran in the
+            submitting process leaves it, is unset too.
+
+    >>> print(*tuning_exports({"distributed.worker.profile.enabled": False,
+    ...                        "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None},
+    ...                       environ={"MALLOC_TRIM_THRESHOLD_": "65536"}), sep="\\n")
+    export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False
+    export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON='{"MALLOC_TRIM_THRESHOLD_": None}'
+    unset MALLOC_TRIM_THRESHOLD_
+    """
+    import shlex
+
+    lines = []
+    for key, value in tuning.items():
+        *parents, leaf = key.split(".")
+        if leaf != leaf.lower():
+            # Dask lower-cases the names of DASK_* variables: an upper-case key (an environment
+            # variable's name) travels inside a mapping, which Dask merges into its parent.
+            name, text = "__".join(parents), f"{{{json.dumps(leaf)}: {value!r}}}"
+        else:
+            name, text = key.replace(".", "__"), value if isinstance(value, str) else repr(value)
+        lines.append(f"export DASK_{name.upper().replace('-', '_')}={shlex.quote(text)}")
+    for variable in _leftovers(tuning, environ or {}):
+        lines.append(f"unset {variable}")
+    return lines
+
+
+def _leftovers(tuning: dict[str, Any], environ: dict) -> list[str]:
+    """Variables of ``environ`` that ``tuning`` drops from a worker's environment and that hold
+    Dask's default value: left by a Nanny that ran in this process, not chosen by the user."""
+    import dask
+
+    defaults = dask.config.merge(*dask.config.defaults)
+    prefix = "distributed.nanny.pre-spawn-environ."
+    leftovers = []
+    for key, value in tuning.items():
+        if key.startswith(prefix) and value is None:
+            variable = key[len(prefix):]
+            default = dask.config.get(key, default=None, config=defaults)
+            if default is not None and environ.get(variable) == str(default):
+                leftovers.append(variable)
+    return leftovers
+
+
+def worker_facts() -> dict[str, Any]:
+    """What a worker process runs with, as far as fit speed goes (called on a worker)."""
+    import dask
+
+    return {
+        "MALLOC_TRIM_THRESHOLD_": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+        "profile": dask.config.get("distributed.worker.profile.enabled", default=None),
+    }
+
+
+def _advice(facts: dict[str, dict]) -> str | None:
+    """One line for the user whose own cluster runs fits slower than it could (never acted on)."""
+    trimmed = sorted({str(f.get("MALLOC_TRIM_THRESHOLD_")) for f in facts.values() if f.get("MALLOC_TRIM_THRESHOLD_")})
+    if not trimmed:
+        return None
+    return (
+        f"the workers run with MALLOC_TRIM_THRESHOLD_={','.join(trimmed)} (Dask's default), which makes each jax fit "
+        "take about 30% more CPU; start them with dask config distributed.nanny.pre-spawn-environ."
+        "MALLOC_TRIM_THRESHOLD_ set to None (see pyhf-dist's README, 'Speed on Dask')"
+    )
 
 
 class ContextPlugin(distributed.WorkerPlugin):
@@ -34,21 +174,35 @@ class ContextPlugin(distributed.WorkerPlugin):
 
     Args:
         context: The scan's :class:`~pyhf_dist.worker.WorkerContext`; pickled once per worker.
+        freeze: After the setup, move every object alive to the garbage collector's permanent
+            generation (``gc.freeze``): the parsed workspace and the compiled likelihood are
+            never walked again by a collection, nor by the interpreter's exit (about 2 s for a
+            1Lbb worker otherwise). Only for worker processes pyhf-dist started itself.
     """
 
-    def __init__(self, context: WorkerContext):
+    def __init__(self, context: WorkerContext, freeze: bool = False):
         self.context = context
+        self.freeze = freeze
 
     def setup(self, worker=None):
         from pyhf_dist.worker import initialize
 
         initialize(self.context)
+        if self.freeze:
+            import gc
+
+            gc.freeze()
 
     def teardown(self, worker=None):
         # A long-lived cluster of the user's sees many scans: drop this one's parsed workspace.
         from pyhf_dist.worker import release
 
         release(self.context.key)
+
+
+def run_pickled_task(task: bytes) -> dict:
+    """:func:`~pyhf_dist.worker.run_task` of a pickled task (what the scan submits to Dask)."""
+    return run_task(pickle.loads(task))
 
 
 #: Errors of a future that mean its worker (or our link to the workers) went away, not the fit.
@@ -59,12 +213,96 @@ def _lost_worker_errors() -> tuple[type[BaseException], ...]:
     return (KilledWorker, CommClosedError)
 
 
+class _WorkerProcess(ProcessInterface):
+    """One Dask worker in a ``python -m distributed.cli.dask_spec`` process of its own.
+
+    For the clusters pyhf-dist starts (a ``SpecCluster`` worker, as dask-jobqueue's jobs are).
+    A fresh interpreter, not a ``multiprocessing`` child: it never re-runs the caller's
+    ``__main__``, and its environment is set before any library loads. Started in a session of
+    its own, so that a Ctrl-C at the terminal reaches only the scan, which then stops it; it also
+    closes itself when the scheduler goes away. A worker that dies after it joined is started
+    again (a Nanny's job in a ``LocalCluster``), up to :data:`MAX_WORKER_RESTARTS` times.
+
+    Args:
+        scheduler: The scheduler's address (given by the ``SpecCluster``).
+        name: The worker's name.
+        environment: The process's environment.
+        log_path: File that receives the worker's output.
+        options: Keyword arguments of ``distributed.Worker``.
+    """
+
+    def __init__(self, scheduler: str, name: Any = None, *, environment: dict, log_path: str,
+                 options: dict | None = None):
+        super().__init__(scheduler, name)
+        self.scheduler_address = scheduler
+        self.name = name
+        self.environment = environment
+        self.log_path = log_path
+        self.options = dict(options or {}, name=name)
+        self.process: asyncio.subprocess.Process | None = None
+        #: Set by the executor once the worker joined: from then on, a death means a restart.
+        self.joined = False
+        self.restarts = 0
+        self._watcher: asyncio.Future | None = None
+
+    async def start(self) -> None:
+        await self._launch()
+        self._watcher = asyncio.ensure_future(self._keep_running())
+        await super().start()
+
+    async def _launch(self) -> None:
+        spec = json.dumps({"cls": "distributed.Worker", "opts": self.options})
+        with open(self.log_path, "ab") as output:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "distributed.cli.dask_spec", self.scheduler_address, "--spec", spec,
+                env=self.environment, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+                start_new_session=True,
+            )
+
+    async def _keep_running(self) -> None:
+        while self.process is not None:
+            await self.process.wait()
+            if self.status != Status.running or not self.joined or self.restarts >= MAX_WORKER_RESTARTS:
+                return
+            self.restarts += 1
+            log.warning("Dask worker %s died (exit code %s): starting it again", self.name, self.process.returncode)
+            await self._launch()
+
+    def failure(self) -> str | None:
+        """Why the process ended before it joined the scheduler, or ``None`` while it runs."""
+        if self.process is None or self.process.returncode is None:
+            return None
+        try:
+            with open(self.log_path, errors="replace") as output:
+                lines = [line.strip() for line in output if line.strip()]
+        except OSError:
+            lines = []
+        last = next((line for line in reversed(lines) if not line.startswith(("File ", "^", "Traceback"))), "")
+        return f"exit code {self.process.returncode}" + (f": {last}" if last else "")
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        process = self.process
+        if process is not None and process.returncode is None:
+            # Like the local pool's: the results are in, and a worker the scheduler retired
+            # does not end by itself for seconds.
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                process.kill()
+            await process.wait()
+        await super().close()
+
+
 class DaskExecutor(Executor):
     """Runs fits on Dask workers.
 
-    With no ``address``, ``client`` or ``cluster``, starts a ``distributed.LocalCluster`` of
-    ``workers`` single-threaded worker processes and closes it at shutdown. Whatever the user
-    passes in stays open: only our tasks and our worker plugin are removed from it.
+    With no ``address``, ``client`` or ``cluster``, starts a cluster of ``workers``
+    single-threaded worker processes on this machine (a scheduler in this process, a process per
+    worker, tuned as :func:`own_cluster_tuning` says) and closes it at shutdown. Whatever the user
+    passes in stays open and keeps its configuration: only our tasks and our worker plugin are
+    removed from it.
 
     Args:
         workers: Worker processes of the local cluster (default: the cores we may use).
@@ -114,24 +352,52 @@ class DaskExecutor(Executor):
         self.dashboard_address = dashboard_address
         self._user_client = client
         self._user_cluster = cluster
+        self._given = bool(given)
         self.client: distributed.Client | None = client
         self.cluster: Any = cluster
         self._own_client = False
         self._own_cluster = False
         self._pool: concurrent.futures.Executor | None = None
         self._plugin_name: str | None = None
+        self._bringing_up: threading.Thread | None = None
+        self._bring_up_error: BaseException | None = None
+        self._stop_bringing_up = threading.Event()
+        self._log_directory: str | None = None
+        self._keep_logs = False
+        #: One line for the user about their own cluster's settings (``None``: nothing to say).
+        self.advice: str | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def _make_cluster(self):
         """The cluster we start when the user gave none (SlurmExecutor starts a SLURMCluster)."""
-        return distributed.LocalCluster(
-            n_workers=self.workers,
-            threads_per_worker=1,  # pyhf fits hold the GIL: one fit per process
-            processes=True,
-            dashboard_address=self.dashboard_address,
-            silence_logs=logging.ERROR,
-        )
+        import dask
+        from distributed.deploy.spec import SpecCluster
+
+        tuning = own_cluster_tuning()
+        with dask.config.set(tuning):  # for the scheduler in this process, while it is built
+            config = dask.config.config
+            environment = _worker_environment(config, tuning)
+            self._log_directory = tempfile.mkdtemp(prefix="pyhf-dist-dask-")
+            workers = {
+                index: {"cls": _WorkerProcess, "options": {
+                    "environment": environment,
+                    "log_path": os.path.join(self._log_directory, f"worker-{index}.log"),
+                    # One fit per process: pyhf's and scipy's fitting loops hold the GIL.
+                    "options": {"nthreads": 1},
+                }}
+                for index in range(self.workers)
+            }
+            scheduler = {"cls": distributed.Scheduler, "options": {
+                "host": "127.0.0.1", "port": 0, "dashboard": self.dashboard_address is not None,
+                "dashboard_address": self.dashboard_address,
+            }}
+            return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR, name="pyhf-dist")
+
+    def _own_local_cluster(self) -> bool:
+        workers = getattr(self.cluster, "workers", None)
+        return self._own_cluster and isinstance(workers, dict) and bool(workers) and all(
+            isinstance(worker, _WorkerProcess) for worker in workers.values())
 
     def _connect(self) -> distributed.Client:
         if self.client is not None:
@@ -141,8 +407,8 @@ class DaskExecutor(Executor):
             client = self._connect_bounded()
         else:
             if self.cluster is None:
-                self.cluster = self._make_cluster()
                 self._own_cluster = True
+                self.cluster = self._make_cluster()
             client = distributed.Client(self.cluster, set_as_default=False)
         self._own_client = True
         return client
@@ -158,27 +424,108 @@ class DaskExecutor(Executor):
         except NoAnswer:
             reason = f"no answer within {self.connect_timeout:g} s (is it a Dask scheduler?)"
         except Exception as error:  # timeouts, refused connections, something else on that port
-            reason = _first_line(error)
+            reason = first_line(error)
         raise ExecutorError(f"cannot connect to the Dask scheduler at {self.address}: {reason}")
+
+    def _wait_for_own_workers(self) -> None:
+        """Until every worker process we started has joined; one clear line if one cannot."""
+        deadline = time.monotonic() + WORKER_START_TIMEOUT
+        processes = list(self.cluster.workers.values())
+        while True:
+            try:
+                self.client.wait_for_workers(len(processes), timeout=0.5)
+                break
+            except (TimeoutError, asyncio.TimeoutError, distributed.TimeoutError):
+                pass
+            if self._stop_bringing_up.is_set():
+                return
+            for process in processes:
+                reason = process.failure()
+                if reason is not None:
+                    self._keep_logs = True  # the message points to them
+                    raise ExecutorError(
+                        f"a Dask worker process of pyhf-dist could not start ({reason}); its log: {process.log_path}"
+                    )
+            if time.monotonic() > deadline:
+                raise ExecutorError(f"the Dask workers did not join within {WORKER_START_TIMEOUT:g} s")
+        for process in processes:
+            process.joined = True
+
+    def _bring_up(self, settings: dict | None) -> None:
+        """Connect (starting our cluster when we own one); with ``settings``, import what the
+        fits will need on our workers while the client is busy elsewhere."""
+        self.client = self._connect()
+        if self._own_local_cluster():
+            self._wait_for_own_workers()
+            if settings is not None and not self._stop_bringing_up.is_set():
+                self.client.run(preload, settings)
+
+    def prepare(self, settings: dict) -> None:
+        """Start the cluster we own in the background: its workers start and import jax and
+        scipy while the scan reads the pallet. Does nothing for a cluster the user gave."""
+        if self._given or self._bringing_up is not None or self.client is not None:
+            return
+
+        def bring_up() -> None:
+            try:
+                self._bring_up(settings)
+            except BaseException as error:  # raised again by start()
+                self._bring_up_error = error
+
+        self._bringing_up = threading.Thread(target=bring_up, name="pyhf-dist-dask-start", daemon=True)
+        self._bringing_up.start()
+
+    def _finish_bringing_up(self) -> None:
+        thread, self._bringing_up = self._bringing_up, None
+        if thread is not None:
+            thread.join()
+        error, self._bring_up_error = self._bring_up_error, None
+        if error is not None:
+            raise error
 
     def start(self, context: WorkerContext) -> None:
         super().start(context)
         try:
-            self.client = self._connect()
+            if self._bringing_up is not None:
+                self._finish_bringing_up()
+            else:
+                self._bring_up(None)
+            if not self._own_cluster:
+                self.advice = self._advise()
             # Workers that join later (adaptive scaling, a replaced Slurm job) get it on joining.
             self._plugin_name = f"pyhf-dist-{context.key}"
-            self.client.register_plugin(ContextPlugin(context), name=self._plugin_name)
+            self.client.register_plugin(ContextPlugin(context, freeze=self._own_cluster), name=self._plugin_name)
         except BaseException:
             self.shutdown()
             raise
         self._pool = self.client.get_executor(pure=False)
 
+    def _advise(self) -> str | None:
+        try:
+            return _advice(self.client.run(worker_facts))
+        except Exception:  # advice only: a worker that cannot answer has nothing to tell
+            return None
+
     def submit(self, task: dict) -> concurrent.futures.Future:
         if self._pool is None:
             raise RuntimeError(f"{type(self).__name__}.start(context) must be called before submit()")
-        return self._pool.submit(run_task, task)
+        # As bytes: Dask walks every list and dict of a task's arguments looking for keys and
+        # futures, and a 1Lbb patch is ~115 kB of nested JSON (22 ms per submit; 1.3 ms pickled).
+        return self._pool.submit(run_pickled_task, pickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL))
 
     def shutdown(self, cancel_futures: bool = True) -> None:
+        self._stop_bringing_up.set()  # a scan that ends before it started (bad pallet, Ctrl-C)
+        try:
+            self._finish_bringing_up()
+        except BaseException:  # start() reports it; here only what was started must go
+            pass
+        # Closing a client and a cluster of our own makes Dask log, at INFO and with a traceback,
+        # the streams it finds closed; a SpecCluster hides its INFO lines until the end of its
+        # close, but not while it stops its event loop. Quiet until that loop has stopped.
+        with _quiet_dask_logs(self._own_cluster):
+            self._shutdown(cancel_futures)
+
+    def _shutdown(self, cancel_futures: bool) -> None:
         pool, self._pool = self._pool, None
         client = self.client
         try:
@@ -198,10 +545,18 @@ class DaskExecutor(Executor):
                 client.close()
         finally:
             # Whatever failed above, a cluster we started must go (for Slurm: its jobs cancelled).
-            if self._own_cluster and self.cluster is not None:
-                cluster, self._own_cluster = self.cluster, False
-                self.cluster = self._user_cluster
-                self._close_cluster(cluster)
+            try:
+                if self._own_cluster and self.cluster is not None:
+                    cluster, self._own_cluster = self.cluster, False
+                    self.cluster = self._user_cluster
+                    _stop_restarts(cluster)
+                    self._close_cluster(cluster)
+            finally:
+                self._own_cluster = False
+                self._stop_bringing_up.clear()
+                if self._log_directory is not None and not self._keep_logs:
+                    shutil.rmtree(self._log_directory, ignore_errors=True)
+                self._log_directory = None
 
     def _close_cluster(self, cluster) -> None:
         cluster.close()
@@ -230,12 +585,68 @@ class DaskExecutor(Executor):
             info["dashboard"] = self.dashboard_link
             if self.workers is None:
                 info["workers"] = len(self.client.scheduler_info().get("workers", {})) or None
+        if self.advice is not None:
+            info["advice"] = self.advice
         return info
 
     def __repr__(self) -> str:
         if self.address is not None:
             return f"{type(self).__name__}(address={self.address!r})"
         return f"{type(self).__name__}(workers={self.workers!r})"
+
+
+@contextlib.contextmanager
+def _quiet_dask_logs(quiet: bool):
+    """Dask's loggers at ERROR for the duration (their own level, not their handlers', which a
+    closing SpecCluster resets), when ``quiet``."""
+    logger = logging.getLogger("distributed")
+    previous = logger.level
+    if quiet:
+        logger.setLevel(max(previous, logging.ERROR))
+    try:
+        yield
+    finally:
+        if quiet:
+            logger.setLevel(previous)
+
+
+def _stop_restarts(cluster) -> None:
+    """Workers of ours that stop from now on stay stopped (the cluster is being closed).
+
+    A function of its own: a loop variable left holding a dask-jobqueue ``Job`` would keep it
+    in the cluster's weak set of created workers, and ``SpecCluster.close`` asserts that every
+    worker there was closed (a ``Job`` never marks itself closed).
+    """
+    for process in list(getattr(cluster, "workers", {}).values()):
+        if isinstance(process, _WorkerProcess):
+            process.joined = False
+
+
+def _worker_environment(config: dict, tuning: dict[str, Any]) -> dict[str, str]:
+    """The environment of a worker process we start: this process's (less what ``tuning`` drops
+    and a Nanny left here, see :func:`_leftovers`), with what a Nanny would add before it starts a
+    worker (``pre-spawn-environ``, ``environ``; values already set win) and one thread per
+    numerical library, all in force before the interpreter loads anything; and the Dask
+    configuration of this process, ``tuning`` included."""
+    import dask
+
+    environment = dict(os.environ)
+    for variable in _leftovers(tuning, environment):
+        del environment[variable]
+    spawn = dask.config.get("distributed.nanny.pre-spawn-environ", config=config, default={}) or {}
+    for section in (spawn, dask.config.get("distributed.nanny.environ", config=config, default={}) or {}):
+        for key, value in section.items():
+            if value is not None:
+                environment.setdefault(key, str(value))
+    for key, value in THREAD_LIMITS.items():
+        environment.setdefault(key, value)
+    environment["XLA_FLAGS"] = xla_flags(environment.get("XLA_FLAGS", ""))
+    try:
+        environment["DASK_INTERNAL_INHERIT_CONFIG"] = dask.config.serialize(config)
+    except (TypeError, ValueError):  # something in the user's config that is not JSON: ours only
+        environment["DASK_INTERNAL_INHERIT_CONFIG"] = dask.config.serialize(
+            {key: value for key, value in config.items() if key == "distributed"})
+    return environment
 
 
 def _check_reachable(address: str, timeout: float) -> None:
@@ -256,11 +667,6 @@ def _check_reachable(address: str, timeout: float) -> None:
             pass
     except (OSError, ValueError) as error:
         raise ExecutorError(
-            f"cannot reach the Dask scheduler at {address} ({_first_line(error)}): "
+            f"cannot reach the Dask scheduler at {address} ({first_line(error)}): "
             "is it running, and is the address right?"
         ) from None
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__

@@ -35,7 +35,7 @@ try:
 except ImportError as error:  # the registry imports this module only when "parsl" is asked for
     raise MissingDependencyError("parsl", "parsl", 'executor="parsl"') from error
 
-__all__ = ["ParslExecutor", "PackedContext", "run_parsl_task", "PROVIDERS"]
+__all__ = ["ParslExecutor", "PackedContext", "run_parsl_task", "preload_parsl_worker", "PROVIDERS"]
 
 PROVIDERS = ("local", "slurm")
 LABEL = "pyhf_dist"
@@ -74,6 +74,13 @@ def run_parsl_task(task: dict, context: PackedContext) -> dict:
     from pyhf_dist.worker import run_task
 
     return run_task(task, context)
+
+
+def preload_parsl_worker(settings: dict) -> None:
+    """What a worker runs while the scan still reads the pallet: import what the fits need."""
+    from pyhf_dist.worker import preload
+
+    preload(settings)
 
 
 def _worker_lost_errors() -> tuple[type[BaseException], ...]:
@@ -296,13 +303,22 @@ class ParslExecutor(Executor):
         return self._own_run_dir
 
     # ------------------------------------------------------------------------------- lifecycle
-    def start(self, context: WorkerContext) -> None:
-        super().start(context)
+    def prepare(self, settings: dict) -> None:
+        """Start Parsl now (interchange, worker pools), and have each worker import what the fits
+        need, while the scan reads the pallet: the pools take seconds to start, and a worker's
+        first task would otherwise import jax and scipy too."""
+        if self._dfk is not None:
+            return
+        began = time.perf_counter()
+        self._start_parsl()
+        for _ in range(self.workers or 1):
+            self._pool.submit(preload_parsl_worker, settings)  # nothing waits for these
+        self.timings["prepare_seconds"] = time.perf_counter() - began
+
+    def _start_parsl(self) -> None:
         from parsl.concurrent import ParslPoolExecutor
         from parsl.dataflow.dflow import DataFlowKernel
 
-        began = time.perf_counter()
-        self._packed = PackedContext.pack(context)
         try:
             self._dfk = DataFlowKernel(self.build_config())
             # This scan's own numbered run directory (e.g. .../000): pools started for it carry it.
@@ -311,6 +327,13 @@ class ParslExecutor(Executor):
         except Exception as error:
             self.shutdown()
             raise ExecutorError(f"Parsl could not start: {error}") from error
+
+    def start(self, context: WorkerContext) -> None:
+        super().start(context)
+        began = time.perf_counter()
+        self._packed = PackedContext.pack(context)
+        if self._dfk is None:  # not started by prepare()
+            self._start_parsl()
         self.timings["start_seconds"] = time.perf_counter() - began
 
     def submit(self, task: dict) -> concurrent.futures.Future:

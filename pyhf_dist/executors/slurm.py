@@ -5,7 +5,10 @@ worker plugin ships the workspace to each worker once, and closing the cluster c
 Options resolve as dask-jobqueue users expect: a keyword argument wins over the
 ``cluster_config`` file, which wins over dask's own ``jobqueue.slurm`` configuration
 (``~/.config/dask/jobqueue.yaml``); pyhf-dist adds defaults only where those say nothing
-(one core and one single-threaded worker per job, 2 GB per core).
+(one core and one single-threaded worker per job, 2 GB per core). The jobs' Dask processes get
+the settings of every cluster pyhf-dist starts (:func:`~pyhf_dist.executors.dask.own_cluster_tuning`:
+no ``MALLOC_TRIM_THRESHOLD_``, no profiler, slower housekeeping ticks) as ``export DASK_...`` lines
+at the top of the job script, before the site's own ``job_script_prologue``, which can change them.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ import threading
 import uuid
 from typing import Any
 
-from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, MissingDependencyError
-from pyhf_dist.executors.dask import DaskExecutor, _first_line
+from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, MissingDependencyError, first_line
+from pyhf_dist.executors.dask import DaskExecutor, own_cluster_tuning, tuning_exports
 
 try:
     import dask
@@ -88,7 +91,7 @@ def load_cluster_config(path: str | os.PathLike, config_name: str = "slurm") -> 
     except OSError as error:
         raise ExecutorOptionError(f"cannot read cluster config {path}: {error.strerror}") from None
     except yaml.YAMLError as error:
-        raise ExecutorOptionError(f"cluster config {path} is not valid YAML: {_first_line(error)}") from None
+        raise ExecutorOptionError(f"cluster config {path} is not valid YAML: {first_line(error)}") from None
     if isinstance(data, dict) and isinstance(data.get("jobqueue"), dict):
         data = data["jobqueue"].get(config_name, {})
     if not isinstance(data, dict):
@@ -198,18 +201,28 @@ class SlurmExecutor(DaskExecutor):
             )
         return options
 
-    def _cluster_kwargs(self) -> dict:
-        return dict(self.options, config_name=self.config_name)
+    def _job_options(self, tuning: dict) -> dict:
+        """The options, with the Dask settings ``tuning`` exported first in each job's script."""
+        options = dict(self.options)
+        prologue = options.get("job_script_prologue")
+        if prologue is None:
+            prologue = dask.config.get(f"jobqueue.{self.config_name}.job-script-prologue", default=None) or []
+        # A job inherits the submitting process's environment (sbatch --export=ALL).
+        options["job_script_prologue"] = [*tuning_exports(tuning, environ=dict(os.environ)), *prologue]
+        return options
+
+    def _cluster_kwargs(self, tuning: dict) -> dict:
+        return dict(self._job_options(tuning), config_name=self.config_name)
 
     def job_script(self) -> str:
         """The batch script each job would run, without submitting anything (a dry run)."""
-        job_options = {key: value for key, value in self.options.items()
+        job_options = {key: value for key, value in self._job_options(own_cluster_tuning()).items()
                        if key not in _CLUSTER_KEYS - {"interface", "protocol", "security"}}
         try:
             job = SLURMJob("tcp://<scheduler-address>:8786", name="<worker-name>",
                            config_name=self.config_name, **job_options)
         except (TypeError, ValueError) as error:
-            raise ExecutorOptionError(f"invalid SLURMCluster options: {_first_line(error)}") from None
+            raise ExecutorOptionError(f"invalid SLURMCluster options: {first_line(error)}") from None
         return job.job_script()
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -218,10 +231,12 @@ class SlurmExecutor(DaskExecutor):
         _restore_ctrl_c()
         _check_slurm_commands()
         self._test_submission()
+        tuning = own_cluster_tuning()
         try:
-            cluster = dask_jobqueue.SLURMCluster(**self._cluster_kwargs())
+            with dask.config.set(tuning):  # for the scheduler in this process
+                cluster = dask_jobqueue.SLURMCluster(**self._cluster_kwargs(tuning))
         except (TypeError, ValueError) as error:
-            raise ExecutorOptionError(f"invalid SLURMCluster options: {_first_line(error)}") from None
+            raise ExecutorOptionError(f"invalid SLURMCluster options: {first_line(error)}") from None
         try:
             if self.adapt is not None:
                 cluster.adapt(minimum_jobs=self.adapt[0], maximum_jobs=self.adapt[1])
