@@ -185,10 +185,10 @@ def summary(executor: str, workers: int, backend: str, records: list[dict], rece
         "child_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         # What fitted each patch, and why the fast path declined the others.
         "engines": _count(r.get("engine") for r in ok),
-        "fallbacks": _count(r.get("fallback_reason") for r in ok if r.get("fallback_reason")),
         "results": {r["name"]: [r.get("CLs_obs"), r.get("CLs_exp")] for r in records},
         "limits": {r["name"]: [r.get("mu_up_obs"), r.get("mu_up_exp")] for r in records if r.get("mu_up_exp")},
         "errors": {r["name"]: r.get("error") for r in records if r["status"] != "ok"},
+        # Why the fast path declined each patch it did not fit.
         "fallbacks": {r["name"]: r.get("fallback_reason") for r in records if r.get("fallback_reason")},
     }
 

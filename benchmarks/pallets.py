@@ -19,6 +19,7 @@ yet there). Writes ``pallets.md`` and ``pallets.json`` to ``--output``.
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import json
 import math
@@ -144,7 +145,7 @@ def main() -> None:
             "patches": measured["patches"],
             "failed": measured["failed"],
             "engines": measured["engines"],
-            "fallbacks": measured["fallbacks"],
+            "fallbacks": collections.Counter(measured["fallbacks"].values()),
             "wall_seconds": measured["wall_seconds"],
             "compared": len(compared),
             "max_difference": worst,

@@ -336,7 +336,7 @@ def _executor(executor: Any, options: dict):
     """The executor object, or one line naming the misspelt fit setting among ``options``."""
     try:
         return get_executor(executor, **options)
-    except ExecutorOptionError as error:
+    except ExecutorOptionError:
         import difflib
         import inspect
 

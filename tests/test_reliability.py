@@ -255,13 +255,14 @@ def test_timeout_backstop_replaces_only_the_stuck_worker(demo, monkeypatch):
     assert len(executor.abandoned) == 1
     abandoned_at, running = executor.abandoned[0]
     stuck = [pid for pid, (name, _) in running.items() if name == "slow_fit"]
-    beside = [name for pid, (name, _) in running.items() if name != "slow_fit"]
-    assert stuck and beside, f"expected the stuck fit and another one running, got {running}"
-    # The fit that ran beside the stuck one finished where it was, after the stuck worker went.
-    assert rows[beside[0]]["finished"] > abandoned_at and rows[beside[0]]["worker"]["pid"] not in stuck
-    # Later fits ran on the other worker and on the stuck one's replacement: two pids, not the stuck one.
-    later = {row["worker"]["pid"] for row in others if row["started"] > abandoned_at}
-    assert len(later) == 2 and not later & set(stuck)
+    assert stuck, f"expected the stuck fit among the running tasks, got {running}"
+    # The other worker was not replaced: the process that fitted beside the stuck one until the
+    # scan gave up on it went on fitting after (the scan may give up between two of its fits).
+    before = {row["worker"]["pid"] for row in others if row["finished"] <= abandoned_at}
+    after = {row["worker"]["pid"] for row in others if row["started"] >= abandoned_at}
+    assert len(before) == 1 and before <= after and not before & set(stuck), (before, after, stuck)
+    # Later fits ran on that worker and on the stuck one's replacement: two pids, not the stuck one.
+    assert len(after) == 2 and not after & set(stuck)
     assert elapsed < 60, f"the scan waited for the stuck fit ({elapsed:.0f} s)"
 
 

@@ -1,22 +1,4 @@
-"""Fit on a Dask cluster: a local one we start, or one the user already runs.
-
-The workspace reaches each worker once, through a worker plugin that calls
-:func:`pyhf_dist.worker.initialize` when the worker joins (also for workers that join later,
-e.g. new Slurm jobs); a task carries only its patch. Tasks go through Dask's own
-``concurrent.futures`` adapter (``Client.get_executor``), so results stream back as they finish.
-
-Dask reruns the task of a worker that dies on another worker by itself; the scan only sees an
-error when Dask gives up on a task (``KilledWorker``) or loses the connection, and
-:meth:`DaskExecutor.is_worker_lost` tells it to retry those.
-
-The cluster started for a scan (no ``address``, ``client`` or ``cluster`` given) is a scheduler in
-this process and one ``python -m distributed.cli.dask_spec`` process per worker, started with an
-environment and a Dask configuration of our own (:func:`own_cluster_tuning`): glibc's default
-malloc (no ``MALLOC_TRIM_THRESHOLD_``), one thread per numerical library, no statistical profiler,
-slower housekeeping ticks. Worker processes of their own also never re-run the caller's
-``__main__`` (a script without a main guard, code piped to ``python -``), and end with a kill at
-shutdown, as the local pool's do. A cluster or client the user gives is never reconfigured.
-"""
+"""The Dask executor: a scan's tasks on a Dask cluster, through Dask's ``concurrent.futures`` adapter."""
 
 from __future__ import annotations
 
@@ -24,149 +6,27 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
-import json
 import logging
 import os
 import pickle
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from typing import Any
 
-from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, MissingDependencyError, first_line
+import distributed
+
+from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, first_line
 from pyhf_dist.executors.base import Executor, NoAnswer, call_within, default_workers
-from pyhf_dist.worker import THREAD_LIMITS, WorkerContext, preload, run_task, xla_flags
+from pyhf_dist.executors.dask.processes import WorkerProcess, stop_restarts
+from pyhf_dist.executors.dask.tuning import advice, own_cluster_tuning, worker_environment, worker_facts
+from pyhf_dist.worker import WorkerContext, preload, run_task
 
-try:
-    import distributed
-    from distributed.core import Status
-    from distributed.deploy.spec import ProcessInterface
-except ImportError as error:  # the registry imports this module only when "dask" is asked for
-    raise MissingDependencyError("distributed", "dask", 'executor="dask"') from error
-
-__all__ = [
-    "DaskExecutor", "ContextPlugin", "own_cluster_tuning", "tuning_exports", "worker_facts", "run_pickled_task",
-]
-
-log = logging.getLogger(__name__)
-
-#: Dask settings for the clusters pyhf-dist starts (never for one it is given), each applied only
-#: where the user's Dask configuration still has Dask's default. Measured on the 1Lbb scan
-#: (benchmarks/dask_gap.py, README "Speed"):
-#: * ``MALLOC_TRIM_THRESHOLD_``, which a Nanny sets in every worker process (65536), fixes glibc's
-#:   thresholds: freed memory goes back to the system at once and the mmap threshold stops adapting,
-#:   so the buffers of every jax call are mapped and page-faulted afresh (about 7400 minor faults
-#:   and 18 ms of system time per 1Lbb fit instead of 250 and 3 ms): about 30% more CPU per fit.
-#: * The statistical profiler (a thread sampling every 10 ms), the 20 ms event-loop tick and the
-#:   0.5 s system monitor cost an idle two-worker cluster about 10% of one core; nobody reads them
-#:   during a scan.
-TUNING = {
-    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
-    "distributed.worker.profile.enabled": False,
-    "distributed.admin.tick.interval": "1s",
-    "distributed.admin.system-monitor.interval": "2s",
-    # With gilknocker installed, Dask polls the GIL every millisecond.
-    "distributed.admin.system-monitor.gil.enabled": False,
-}
+__all__ = ["DaskExecutor", "ContextPlugin", "run_pickled_task", "WORKER_START_TIMEOUT"]
 
 #: How long the workers of a cluster we start may take to connect.
 WORKER_START_TIMEOUT = 120.0
-#: How often a worker process of ours that dies is started again during a scan.
-MAX_WORKER_RESTARTS = 10
-
-
-def own_cluster_tuning() -> dict[str, Any]:
-    """The part of :data:`TUNING` that applies now: keys the user's Dask config leaves at Dask's default.
-
-    >>> "distributed.worker.profile.enabled" in own_cluster_tuning()  # doctest: +SKIP
-    True
-    """
-    import dask
-
-    defaults = dask.config.merge(*dask.config.defaults)
-    missing = object()
-    tuning = {}
-    for key, value in TUNING.items():
-        current = dask.config.get(key, default=missing)
-        if current is missing or current == dask.config.get(key, default=missing, config=defaults):
-            tuning[key] = value
-    return tuning
-
-
-def tuning_exports(tuning: dict[str, Any], environ: dict | None = None) -> list[str]:
-    """Shell lines that give a Dask process started elsewhere (a batch job) the same settings.
-
-    Args:
-        tuning: Dask settings (dotted keys), as from :func:`own_cluster_tuning`.
-        environ: The environment the job inherits (a batch system copies the submitter's). A
-            variable ``tuning`` drops that it holds at Dask's default, as a Nanny that ran in the
-            submitting process leaves it, is unset too.
-
-    >>> print(*tuning_exports({"distributed.worker.profile.enabled": False,
-    ...                        "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None},
-    ...                       environ={"MALLOC_TRIM_THRESHOLD_": "65536"}), sep="\\n")
-    export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False
-    export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON='{"MALLOC_TRIM_THRESHOLD_": None}'
-    unset MALLOC_TRIM_THRESHOLD_
-    """
-    import shlex
-
-    lines = []
-    for key, value in tuning.items():
-        *parents, leaf = key.split(".")
-        if leaf != leaf.lower():
-            # Dask lower-cases the names of DASK_* variables: an upper-case key (an environment
-            # variable's name) travels inside a mapping, which Dask merges into its parent.
-            name, text = "__".join(parents), f"{{{json.dumps(leaf)}: {value!r}}}"
-        else:
-            name, text = key.replace(".", "__"), value if isinstance(value, str) else repr(value)
-        lines.append(f"export DASK_{name.upper().replace('-', '_')}={shlex.quote(text)}")
-    for variable in _leftovers(tuning, environ or {}):
-        lines.append(f"unset {variable}")
-    return lines
-
-
-def _leftovers(tuning: dict[str, Any], environ: dict) -> list[str]:
-    """Variables of ``environ`` that ``tuning`` drops from a worker's environment and that hold
-    Dask's default value: left by a Nanny that ran in this process, not chosen by the user."""
-    import dask
-
-    defaults = dask.config.merge(*dask.config.defaults)
-    prefix = "distributed.nanny.pre-spawn-environ."
-    leftovers = []
-    for key, value in tuning.items():
-        if key.startswith(prefix) and value is None:
-            variable = key[len(prefix):]
-            default = dask.config.get(key, default=None, config=defaults)
-            if default is not None and environ.get(variable) == str(default):
-                leftovers.append(variable)
-    return leftovers
-
-
-def worker_facts() -> dict[str, Any]:
-    """What a worker process runs with, as far as fit speed goes (called on a worker)."""
-    import dask
-
-    return {
-        "MALLOC_TRIM_THRESHOLD_": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
-        "profile": dask.config.get("distributed.worker.profile.enabled", default=None),
-    }
-
-
-def _advice(facts: dict[str, dict]) -> str | None:
-    """One line for the user whose own cluster runs fits slower than it could (never acted on)."""
-    trimmed = sorted({str(f.get("MALLOC_TRIM_THRESHOLD_")) for f in facts.values() if f.get("MALLOC_TRIM_THRESHOLD_")})
-    if not trimmed:
-        return None
-    return (
-        f"the workers run with MALLOC_TRIM_THRESHOLD_={','.join(trimmed)} (Dask's default), which makes each jax fit "
-        "take about 30% more CPU; start them with dask config distributed.nanny.pre-spawn-environ."
-        "MALLOC_TRIM_THRESHOLD_ set to None (see pyhf-dist's README, 'Speed on Dask')"
-    )
 
 
 class ContextPlugin(distributed.WorkerPlugin):
@@ -211,88 +71,6 @@ def _lost_worker_errors() -> tuple[type[BaseException], ...]:
     from distributed.scheduler import KilledWorker
 
     return (KilledWorker, CommClosedError)
-
-
-class _WorkerProcess(ProcessInterface):
-    """One Dask worker in a ``python -m distributed.cli.dask_spec`` process of its own.
-
-    For the clusters pyhf-dist starts (a ``SpecCluster`` worker, as dask-jobqueue's jobs are).
-    A fresh interpreter, not a ``multiprocessing`` child: it never re-runs the caller's
-    ``__main__``, and its environment is set before any library loads. Started in a session of
-    its own, so that a Ctrl-C at the terminal reaches only the scan, which then stops it; it also
-    closes itself when the scheduler goes away. A worker that dies after it joined is started
-    again (a Nanny's job in a ``LocalCluster``), up to :data:`MAX_WORKER_RESTARTS` times.
-
-    Args:
-        scheduler: The scheduler's address (given by the ``SpecCluster``).
-        name: The worker's name.
-        environment: The process's environment.
-        log_path: File that receives the worker's output.
-        options: Keyword arguments of ``distributed.Worker``.
-    """
-
-    def __init__(self, scheduler: str, name: Any = None, *, environment: dict, log_path: str,
-                 options: dict | None = None):
-        super().__init__(scheduler, name)
-        self.scheduler_address = scheduler
-        self.name = name
-        self.environment = environment
-        self.log_path = log_path
-        self.options = dict(options or {}, name=name)
-        self.process: asyncio.subprocess.Process | None = None
-        #: Set by the executor once the worker joined: from then on, a death means a restart.
-        self.joined = False
-        self.restarts = 0
-        self._watcher: asyncio.Future | None = None
-
-    async def start(self) -> None:
-        await self._launch()
-        self._watcher = asyncio.ensure_future(self._keep_running())
-        await super().start()
-
-    async def _launch(self) -> None:
-        spec = json.dumps({"cls": "distributed.Worker", "opts": self.options})
-        with open(self.log_path, "ab") as output:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "distributed.cli.dask_spec", self.scheduler_address, "--spec", spec,
-                env=self.environment, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
-                start_new_session=True,
-            )
-
-    async def _keep_running(self) -> None:
-        while self.process is not None:
-            await self.process.wait()
-            if self.status != Status.running or not self.joined or self.restarts >= MAX_WORKER_RESTARTS:
-                return
-            self.restarts += 1
-            log.warning("Dask worker %s died (exit code %s): starting it again", self.name, self.process.returncode)
-            await self._launch()
-
-    def failure(self) -> str | None:
-        """Why the process ended before it joined the scheduler, or ``None`` while it runs."""
-        if self.process is None or self.process.returncode is None:
-            return None
-        try:
-            with open(self.log_path, errors="replace") as output:
-                lines = [line.strip() for line in output if line.strip()]
-        except OSError:
-            lines = []
-        last = next((line for line in reversed(lines) if not line.startswith(("File ", "^", "Traceback"))), "")
-        return f"exit code {self.process.returncode}" + (f": {last}" if last else "")
-
-    async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-        process = self.process
-        if process is not None and process.returncode is None:
-            # Like the local pool's: the results are in, and a worker the scheduler retired
-            # does not end by itself for seconds.
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                process.kill()
-            await process.wait()
-        await super().close()
 
 
 class DaskExecutor(Executor):
@@ -377,10 +155,10 @@ class DaskExecutor(Executor):
         tuning = own_cluster_tuning()
         with dask.config.set(tuning):  # for the scheduler in this process, while it is built
             config = dask.config.config
-            environment = _worker_environment(config, tuning)
+            environment = worker_environment(config, tuning)
             self._log_directory = tempfile.mkdtemp(prefix="pyhf-dist-dask-")
             workers = {
-                index: {"cls": _WorkerProcess, "options": {
+                index: {"cls": WorkerProcess, "options": {
                     "environment": environment,
                     "log_path": os.path.join(self._log_directory, f"worker-{index}.log"),
                     # One fit per process: pyhf's and scipy's fitting loops hold the GIL.
@@ -397,7 +175,7 @@ class DaskExecutor(Executor):
     def _own_local_cluster(self) -> bool:
         workers = getattr(self.cluster, "workers", None)
         return self._own_cluster and isinstance(workers, dict) and bool(workers) and all(
-            isinstance(worker, _WorkerProcess) for worker in workers.values())
+            isinstance(worker, WorkerProcess) for worker in workers.values())
 
     def _connect(self) -> distributed.Client:
         if self.client is not None:
@@ -502,7 +280,7 @@ class DaskExecutor(Executor):
 
     def _advise(self) -> str | None:
         try:
-            return _advice(self.client.run(worker_facts))
+            return advice(self.client.run(worker_facts))
         except Exception:  # advice only: a worker that cannot answer has nothing to tell
             return None
 
@@ -549,7 +327,7 @@ class DaskExecutor(Executor):
                 if self._own_cluster and self.cluster is not None:
                     cluster, self._own_cluster = self.cluster, False
                     self.cluster = self._user_cluster
-                    _stop_restarts(cluster)
+                    stop_restarts(cluster)
                     self._close_cluster(cluster)
             finally:
                 self._own_cluster = False
@@ -608,45 +386,6 @@ def _quiet_dask_logs(quiet: bool):
     finally:
         if quiet:
             logger.setLevel(previous)
-
-
-def _stop_restarts(cluster) -> None:
-    """Workers of ours that stop from now on stay stopped (the cluster is being closed).
-
-    A function of its own: a loop variable left holding a dask-jobqueue ``Job`` would keep it
-    in the cluster's weak set of created workers, and ``SpecCluster.close`` asserts that every
-    worker there was closed (a ``Job`` never marks itself closed).
-    """
-    for process in list(getattr(cluster, "workers", {}).values()):
-        if isinstance(process, _WorkerProcess):
-            process.joined = False
-
-
-def _worker_environment(config: dict, tuning: dict[str, Any]) -> dict[str, str]:
-    """The environment of a worker process we start: this process's (less what ``tuning`` drops
-    and a Nanny left here, see :func:`_leftovers`), with what a Nanny would add before it starts a
-    worker (``pre-spawn-environ``, ``environ``; values already set win) and one thread per
-    numerical library, all in force before the interpreter loads anything; and the Dask
-    configuration of this process, ``tuning`` included."""
-    import dask
-
-    environment = dict(os.environ)
-    for variable in _leftovers(tuning, environment):
-        del environment[variable]
-    spawn = dask.config.get("distributed.nanny.pre-spawn-environ", config=config, default={}) or {}
-    for section in (spawn, dask.config.get("distributed.nanny.environ", config=config, default={}) or {}):
-        for key, value in section.items():
-            if value is not None:
-                environment.setdefault(key, str(value))
-    for key, value in THREAD_LIMITS.items():
-        environment.setdefault(key, value)
-    environment["XLA_FLAGS"] = xla_flags(environment.get("XLA_FLAGS", ""))
-    try:
-        environment["DASK_INTERNAL_INHERIT_CONFIG"] = dask.config.serialize(config)
-    except (TypeError, ValueError):  # something in the user's config that is not JSON: ours only
-        environment["DASK_INTERNAL_INHERIT_CONFIG"] = dask.config.serialize(
-            {key: value for key, value in config.items() if key == "distributed"})
-    return environment
 
 
 def _check_reachable(address: str, timeout: float) -> None:
