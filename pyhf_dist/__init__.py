@@ -13,7 +13,7 @@ from pyhf_dist.results import FitRecord, ScanResult
 from pyhf_dist.scan import iter_fits, map_fits
 from pyhf_dist.settings import FitSettings
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "map_fits",

@@ -266,6 +266,33 @@ def test_timeout_backstop_replaces_only_the_stuck_worker(demo, monkeypatch):
     assert elapsed < 60, f"the scan waited for the stuck fit ({elapsed:.0f} s)"
 
 
+_KEPT: list = []
+
+
+def _grow_with_each_fit() -> None:
+    """Each fit in this worker keeps 200 MB more memory, as compiled engines and toy batches do."""
+    from pyhf_dist import calculations
+
+    compute = calculations.compute
+
+    def growing(state, task):
+        _KEPT.append(b"\x01" * (200 * 1024**2))  # written, so resident (zeroed pages would not be)
+        time.sleep(1.1)  # loky looks at a worker's memory at most once a second
+        return compute(state, task)
+
+    calculations.compute = growing
+
+
+def test_a_worker_whose_memory_grows_is_kept(demo, recwarn):
+    """loky replaces a worker that grew by 300 MB as leaking (and warns); a pyhf-dist worker grows by
+    design and keeps its compiled state: the same process fits every patch, silently."""
+    with LocalExecutor(workers=1, initializer=_grow_with_each_fit) as executor:
+        result = pyhf_dist.map_fits(demo, executor=executor, backend="numpy", patches=demo.names()[:4])
+    assert result.counts()["failed"] == 0
+    assert len({record.worker["pid"] for record in result}) == 1
+    assert not [warning for warning in recwarn if "memory" in str(warning.message)]
+
+
 # ------------------------------------------------------------------------------ resume
 
 

@@ -42,6 +42,8 @@ __all__ = ["LocalExecutor", "FileContext"]
 
 #: What stops a scan (Ctrl-C, a batch system's SIGTERM): handled by the scan, ignored by workers.
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+#: Bytes a worker's memory may grow after its first task before loky replaces it as leaking.
+WORKER_MEMORY_GROWTH = 4 * 1024**3
 
 
 class FileContext:
@@ -227,6 +229,10 @@ class LocalExecutor(Executor):
         # In force before the worker imports anything (values the user set explicitly are kept).
         environment = {name: os.environ.get(name, value) for name, value in THREAD_LIMITS.items()}
         environment["XLA_FLAGS"] = xla_flags(os.environ.get("XLA_FLAGS", ""))
+        # loky restarts a worker whose memory grew by 300 MB since its first task, taking it for a
+        # leak; ours grow by design (compiled likelihoods, batched toy engines: ~500 MB for 1Lbb
+        # toys), and a restart would throw that away and warn. Only growth past this limit counts.
+        environment["LOKY_MAX_MEMORY_LEAK_SIZE"] = os.environ.get("LOKY_MAX_MEMORY_LEAK_SIZE", str(WORKER_MEMORY_GROWTH))
 
         def make_pool():
             return loky.ProcessPoolExecutor(
