@@ -165,12 +165,9 @@ def merge_chunks(records: list[dict], settings) -> dict:
     if settings.calctype == "toybased" and settings.calculation == "hypotest":
         from pyhf_dist import toys
 
-        # Also for a single chunk: its record holds samples, and CLs come from the merge.
-        merged = toys.merge(records, settings)
-        engines = {record.get("engine") for record in records}
-        if merged.get("status") == "ok" and len(engines) == 1:
-            merged.setdefault("engine", engines.pop())
-        return merged
+        # Also for a single chunk: its record holds samples, and CLs come from the merge (which
+        # also sets the patch's engine from its chunks').
+        return toys.merge(records, settings)
     if len(records) == 1:
         return records[0]
     raise NotImplementedError("merging chunked results is not available for this calculation")
