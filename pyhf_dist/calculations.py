@@ -34,12 +34,22 @@ def build_model(state, patch_operations: list):
     the ``{"channels", "parameters"}`` that ``Workspace.model(patches=...)`` patches.
     """
     import jsonpatch
-    import pyhf
 
     spec = jsonpatch.apply_patch(state.workspace_spec, patch_operations)
-    # The background was validated by the client; the patched model is validated by model().
+    return pyhf_model(spec, state.settings.modifier_settings)
+
+
+def pyhf_model(spec: dict, modifier_settings: dict | None, *, validate: bool = True):
+    """pyhf's own model of a (patched) workspace spec and its observed data:
+    ``pyhf.Workspace(spec).model(modifier_settings=...)`` and ``Workspace.data(model)``.
+
+    The workspace is not validated again (the client validated the background); the model is,
+    unless ``validate`` is off.
+    """
+    import pyhf
+
     workspace = pyhf.Workspace(spec, validate=False)
-    model = workspace.model(modifier_settings=state.settings.modifier_settings)
+    model = workspace.model(modifier_settings=modifier_settings, validate=validate)
     return model, workspace.data(model)
 
 
@@ -70,10 +80,7 @@ def compute(state, task: dict) -> dict[str, Any]:
         fast, reason = _fast(state, task)
         if fast is not None:
             return {**fast, "engine": "fast"}
-        if settings.require_fast:
-            raise FastPathRequired(
-                f"the fast path declined this patch ({reason}) and require_fast (--require-fast) is on"
-            )
+        _check_fallback_allowed(settings, reason)
     _use_numpy()
     model, data = build_model(state, task["patch"])
     if settings.calculation == "hypotest" and settings.calctype == "asymptotics":
@@ -92,15 +99,18 @@ def compute(state, task: dict) -> dict[str, Any]:
             values, reason = _fast_toys(state, task, model, data, chunk, key)
             if values is not None:
                 return values
-            if settings.require_fast:
-                raise FastPathRequired(
-                    f"the fast path declined this patch ({reason}) and require_fast (--require-fast) is on"
-                )
+            _check_fallback_allowed(settings, reason)
         values = toys.run_chunk(model, data, settings, chunk, key)
     values["engine"] = "pyhf"
     if reason is not None:
         values["fallback_reason"] = reason
     return values
+
+
+def _check_fallback_allowed(settings, reason: str | None) -> None:
+    """Plain pyhf may fit a patch the fast path declined, unless the scan requires the fast path."""
+    if settings.require_fast:
+        raise FastPathRequired(f"the fast path declined this patch ({reason}) and require_fast (--require-fast) is on")
 
 
 def _fast_toys(state, task: dict, model, data, chunk: dict, key: str) -> tuple[dict | None, str | None]:

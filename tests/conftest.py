@@ -53,6 +53,36 @@ CODE4 = {"normsys": {"interpcode": "code4"}, "histosys": {"interpcode": "code4p"
 TOLERANCE = 1e-6
 
 
+@pytest.fixture
+def numpy_backend():
+    """Plain pyhf on numpy is the reference; leave pyhf's backend as found."""
+    import pyhf
+
+    previous = pyhf.tensorlib.name
+    pyhf.set_backend("numpy")
+    yield
+    if pyhf.tensorlib.name != previous:
+        pyhf.set_backend(previous)
+
+
+@pytest.fixture
+def pyhf_percentile_fix(monkeypatch):
+    """Let pyhf 0.7.6's own ToyCalculator.expected_pvalues run on numpy >= 2.4.
+
+    pyhf calls ``np.percentile(..., interpolation="linear")``; numpy 2.4 removed that keyword in
+    favour of ``method`` (same meaning). The reference needs pyhf's function, so it is given the
+    renamed keyword; pyhf_dist itself never calls it.
+    """
+    from pyhf.tensor.numpy_backend import numpy_backend
+
+    def percentile(self, tensor_in, q, axis=None, interpolation="linear"):
+        import numpy as np
+
+        return np.percentile(tensor_in, q, axis=axis, method=interpolation)
+
+    monkeypatch.setattr(numpy_backend, "percentile", percentile)
+
+
 def _require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"published pallet not found at {path}: set PYHF_DIST_DATA")

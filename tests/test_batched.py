@@ -24,20 +24,15 @@ from pyhf_dist.settings import FitSettings  # noqa: E402
 from pyhf_dist.worker import WorkerContext, initialize  # noqa: E402
 
 from test_fast import HISTOSYS_CODES, NORMSYS_CODES, _random_points, _settings, small_workspace  # noqa: E402
-from test_toys import pyhf_percentile_fix, serial_pyhf_toys, tiny_pallet  # noqa: E402, F401
+from test_toys import serial_pyhf_toys, tiny_pallet  # noqa: E402
 
 SEED = 7
 #: Agreement asked of a toy's test statistic with pyhf's fits of that toy.
 TEST_STAT_TOLERANCE = 1e-3
 
 
-@pytest.fixture(autouse=True)
-def numpy_backend():
-    previous = pyhf.tensorlib.name
-    pyhf.set_backend("numpy")
-    yield
-    if pyhf.tensorlib.name != previous:
-        pyhf.set_backend(previous)
+# Plain pyhf on numpy is the reference (conftest.numpy_backend).
+pytestmark = pytest.mark.usefixtures("numpy_backend")
 
 
 def _pyhf_model(spec, settings=None):

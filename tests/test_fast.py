@@ -24,14 +24,8 @@ HISTOSYS_CODES = ("code0", "code2", "code4p")
 CLS_TOLERANCE = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def numpy_backend():
-    """Plain pyhf on numpy is the reference; leave the backend as found."""
-    previous = pyhf.tensorlib.name
-    pyhf.set_backend("numpy")
-    yield
-    if pyhf.tensorlib.name != previous:
-        pyhf.set_backend(previous)
+# Plain pyhf on numpy is the reference (conftest.numpy_backend).
+pytestmark = pytest.mark.usefixtures("numpy_backend")
 
 
 def _histosys(nominal, up, down):

@@ -40,22 +40,6 @@ def tiny_pallet() -> Pallet:
     return Pallet(workspace, patches, ["m1", "m2"], "tiny", "")
 
 
-@pytest.fixture
-def pyhf_percentile_fix(monkeypatch):
-    """Let pyhf 0.7.6's own ToyCalculator.expected_pvalues run on numpy >= 2.4.
-
-    pyhf calls ``np.percentile(..., interpolation="linear")``; numpy 2.4 removed that keyword in
-    favour of ``method`` (same meaning). The reference needs pyhf's function, so it is given the
-    renamed keyword; pyhf_dist itself never calls it.
-    """
-    from pyhf.tensor.numpy_backend import numpy_backend
-
-    def percentile(self, tensor_in, q, axis=None, interpolation="linear"):
-        return np.percentile(tensor_in, q, axis=axis, method=interpolation)
-
-    monkeypatch.setattr(numpy_backend, "percentile", percentile)
-
-
 def model_and_data(pallet, patch, settings):
     state = initialize(WorkerContext.build(pallet.workspace, settings.to_dict()))
     return state, *calculations.build_model(state, patch.operations)

@@ -173,11 +173,11 @@ class FastHypotest:
             if pyhf.tensorlib.name != "numpy":
                 pyhf.set_backend("numpy")
             if not built:
+                from pyhf_dist.calculations import pyhf_model
+
                 # As plain pyhf builds them: the patch applied to the whole workspace.
                 spec = layout.apply_patch(self._workspace, patch_operations or [])
-                workspace = pyhf.Workspace(spec, validate=False)
-                model = workspace.model(modifier_settings=self.modifier_settings)
-                built.extend([model, workspace.data(model)])
+                built.extend(pyhf_model(spec, self.modifier_settings))
             model, data = built
             observed, expected = pyhf.infer.hypotest(mu, data, model, test_stat=test_stat, return_expected_set=True)
             return float(observed), [float(value) for value in expected]
@@ -303,6 +303,8 @@ class FastHypotest:
         """
         import pyhf
 
+        from pyhf_dist.calculations import pyhf_model
+
         previous = pyhf.tensorlib.name
         if previous != "numpy":
             pyhf.set_backend("numpy")
@@ -310,9 +312,8 @@ class FastHypotest:
             try:
                 # Validation changes no number; the scan validated the background, and plain pyhf
                 # gives its own error on a patch it cannot read.
-                workspace = pyhf.Workspace(spec, validate=False)
-                model = workspace.model(validate=False, modifier_settings=self.modifier_settings)
-                data = np.asarray(workspace.data(model), dtype=float)
+                model, data = pyhf_model(spec, self.modifier_settings, validate=False)
+                data = np.asarray(data, dtype=float)
             except Exception as error:  # noqa: BLE001 - pyhf's own error comes with its fallback
                 log.warning("fast path: pyhf cannot build this patch's model (%s); using plain pyhf", error)
                 return False
