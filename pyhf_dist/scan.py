@@ -8,7 +8,9 @@ every chosen pallet's workspace, each task names its pallet, and records are ide
 what a scan must never lose: every finished record goes to the journal
 (when one is given) before anything else happens, tasks whose worker died are resubmitted up to
 ``retries`` times, a fit that raises becomes a failed record, and clusters or pools the scan
-started are shut down however it ends — normally, on an error, or on Ctrl-C.
+started are shut down however it ends — normally, on an error, or on Ctrl-C. On executors whose
+every task costs milliseconds of scheduling (the Dask clusters it starts), short fits travel
+several to a task (:class:`_Batching`); each still gets its own record.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import dataclasses
 import os
 import platform
 import signal
+import statistics
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -34,7 +37,7 @@ from pyhf_dist.pallet import (
 )
 from pyhf_dist.results import FitRecord, ScanResult
 from pyhf_dist.settings import FitSettings
-from pyhf_dist.worker import WorkerContext, failed_record, make_task
+from pyhf_dist.worker import WorkerContext, failed_record, make_batch, make_task
 
 __all__ = ["map_fits", "iter_fits", "prepare_pallet", "prepare_pallets"]
 
@@ -271,54 +274,95 @@ def _run(runner, context, todo, settings, retries, timeout, values_by_key) -> It
     partial: dict[tuple, list[dict]] = collections.defaultdict(list)
     first_submitted: dict[tuple, float] = {}
     attempts: dict[tuple, int] = collections.defaultdict(int)
-    in_flight: dict[concurrent.futures.Future, _Job] = {}
-    limit = runner.max_pending or len(queue)
+    in_flight: dict[concurrent.futures.Future, list[_Job]] = {}
+    batching = _Batching(runner, timeout)
+    # A scan that packs patches keeps only a few tasks ahead of the workers, so that each one is
+    # sized with what the fits so far took.
+    limit = runner.max_pending or (2 * workers if batching.enabled else len(queue))
 
-    def submit(job: _Job) -> None:
-        job.submitted = time.time()
-        job.running_since = None
-        first_submitted.setdefault(job.key, job.submitted)
-        attempts[job.key] = max(attempts[job.key], job.attempt)
-        task = make_task(job.patch.name, job.patch.operations, context.key, pallet=job.pallet, chunk=job.chunk,
-                         timeout=timeout)
-        in_flight[runner.submit(task)] = job
+    def submit(jobs: list[_Job]) -> None:
+        now = time.time()
+        tasks = []
+        for job in jobs:
+            job.submitted = now
+            job.running_since = None
+            first_submitted.setdefault(job.key, now)
+            attempts[job.key] = max(attempts[job.key], job.attempt)
+            tasks.append(make_task(job.patch.name, job.patch.operations, context.key, pallet=job.pallet,
+                                   chunk=job.chunk, timeout=timeout))
+        in_flight[runner.submit(tasks[0] if len(tasks) == 1 else make_batch(tasks))] = jobs
 
     while queue or in_flight:
         while queue and len(in_flight) < limit:
-            submit(queue.popleft())
+            size = batching.size(len(queue), workers)
+            submit([queue.popleft() for _ in range(min(size, len(queue)))])
         if timeout:  # checked with every worker busy, before waiting for the next result
             _expire(runner, in_flight, timeout)
         done, _ = concurrent.futures.wait(list(in_flight), timeout=1.0, return_when=concurrent.futures.FIRST_COMPLETED)
         for future in [future for future in in_flight if future in done]:  # in submission order
-            job = in_flight.pop(future)
+            jobs = in_flight.pop(future)
             try:
-                outcome = future.result()
+                result = future.result()
+                outcomes = [result] if len(jobs) == 1 else result["batch"]
             except concurrent.futures.CancelledError:
-                outcome = _failed(job, "cancelled by the executor")
+                outcomes = [_failed(job, "cancelled by the executor") for job in jobs]
             except Exception as error:
                 lost = runner.is_worker_lost(error)
-                if lost and job.attempt <= retries:
+                retried = [job for job in jobs if lost and job.attempt <= retries]
+                for job in reversed(retried):
                     job.attempt += 1
                     queue.appendleft(job)
-                    continue
-                reason = f"worker lost {job.attempt} times" if lost else "task failed"
-                outcome = _failed(job, f"{reason}: {first_line(error, with_type=True)}")
-            partial[job.key].append(outcome)
-            if len(partial[job.key]) == expected[job.key]:
-                key = job.key
-                record = merge_chunks(partial.pop(key), settings)
-                record.pop("chunk", None)
-                record.update(values=values_by_key[key], submitted=first_submitted[key], attempts=attempts[key],
-                              pallet=job.pallet)
-                yield FitRecord.from_dict(record)
+                jobs = [job for job in jobs if job not in retried]
+                outcomes = [_failed(job, f"{f'worker lost {job.attempt} times' if lost else 'task failed'}: "
+                                         f"{first_line(error, with_type=True)}") for job in jobs]
+            for job, outcome in zip(jobs, outcomes):
+                batching.measured(outcome)
+                partial[job.key].append(outcome)
+                if len(partial[job.key]) == expected[job.key]:
+                    key = job.key
+                    record = merge_chunks(partial.pop(key), settings)
+                    record.pop("chunk", None)
+                    record.update(values=values_by_key[key], submitted=first_submitted[key], attempts=attempts[key],
+                                  pallet=job.pallet)
+                    yield FitRecord.from_dict(record)
+
+
+class _Batching:
+    """How many patches go into one task: one, unless the executor asks for packing
+    (:attr:`~pyhf_dist.executors.base.Executor.batch_seconds`) and the fits so far were short.
+
+    The size is the executor's seconds over the median fit so far, and at most the queue over
+    four times the workers (guided self-scheduling: tasks shrink as the queue empties, so the last
+    ones are single fits and the workers finish together). Never with a per-fit timeout: a task
+    given up on would take its finished fits with it.
+    """
+
+    def __init__(self, runner, timeout: float | None):
+        self.seconds = runner.batch_seconds if runner.workers and not timeout else 0.0
+        self.fit_seconds: list[float] = []
+
+    @property
+    def enabled(self) -> bool:
+        return self.seconds > 0
+
+    def measured(self, outcome: dict) -> None:
+        if self.enabled and outcome.get("status") == "ok" and outcome.get("fit_seconds"):
+            self.fit_seconds.append(outcome["fit_seconds"])
+
+    def size(self, queued: int, workers: int) -> int:
+        if not self.enabled or not self.fit_seconds:
+            return 1
+        typical = max(statistics.median(self.fit_seconds[-64:]), 1e-3)
+        return max(1, min(int(self.seconds / typical), queued // (4 * workers)))
 
 
 def _expire(runner, in_flight, timeout) -> None:
     # The worker stops a fit at ``timeout`` by itself where it can; this is the client's backstop
     # for workers that cannot (tasks run in threads, a fit stuck in C code), measured from when a
-    # worker began the task.
+    # worker began the task. (A scan with a timeout sends one patch per task.)
     now = time.time()
-    for future, job in list(in_flight.items()):
+    for future, jobs in list(in_flight.items()):
+        job = jobs[0]
         if job.running_since is None:
             job.running_since = runner.started_at(future)
         if job.running_since is not None and now - job.running_since > timeout + TIMEOUT_GRACE:

@@ -33,7 +33,7 @@ from pyhf_dist.exceptions import first_line
 
 __all__ = [
     "WorkerContext", "WorkerState", "initialize", "preload", "release", "run_task", "pin_threads", "xla_flags",
-    "worker_info", "setup_count", "THREAD_LIMITS", "make_task", "new_record", "failed_record",
+    "worker_info", "setup_count", "THREAD_LIMITS", "make_task", "make_batch", "new_record", "failed_record",
 ]
 
 #: One thread per numerical library per worker: many single-threaded pyhf processes on a few
@@ -278,6 +278,18 @@ def make_task(name: str, patch: list, context: str, *, pallet: str | None = None
     return task
 
 
+def make_batch(tasks: list[dict]) -> dict:
+    """One task of several: :func:`run_task` fits them in turn on one worker and returns
+    ``{"batch": [record, ...]}``, in the same order. For short fits, whose cost in a scheduler's
+    per-task work would rival the fit itself.
+
+    >>> batch = make_batch([make_task("A_1_2", [], "c0ffee"), make_task("A_1_3", [], "c0ffee")])
+    >>> batch["kind"], batch["context"], len(batch["tasks"])
+    ('batch', 'c0ffee', 2)
+    """
+    return {"kind": "batch", "tasks": list(tasks), "context": tasks[0]["context"]}
+
+
 def new_record(task: dict) -> dict:
     """The start of the record of ``task``: its name (and chunk), status ``"ok"``, no error.
 
@@ -311,8 +323,11 @@ def run_task(task: dict, context: WorkerContext | None = None) -> dict:
 
     Returns:
         A dict with ``name``, ``status`` (``"ok"``/``"failed"``), ``error``, the calculation's
-        numbers (``CLs_obs``, ``CLs_exp``...), ``fit_seconds``, ``started``, ``finished``, ``worker``.
+        numbers (``CLs_obs``, ``CLs_exp``...), ``fit_seconds``, ``started``, ``finished``, ``worker``;
+        for a task of :func:`make_batch`, ``{"batch": [record, ...]}``.
     """
+    if task.get("kind") == "batch":
+        return {"batch": [run_task(each, context) for each in task["tasks"]]}
     state = _STATES.get(task["context"])
     if state is None:
         if context is None or context.key != task["context"]:

@@ -51,6 +51,8 @@ LBB_SAMPLE = [
 CODE4 = {"normsys": {"interpcode": "code4"}, "histosys": {"interpcode": "code4p"}}
 #: Agreement asked of every executor on the numpy backend.
 TOLERANCE = 1e-6
+#: The compiled fast path (jax) against plain pyhf: the agreement the README states for it.
+FAST_PATH_TOLERANCE = 1e-4
 
 
 @pytest.fixture
@@ -234,3 +236,15 @@ def parsl_processes() -> set[int]:
         if command.startswith("parsl:") or "process_worker_pool" in command or "interchange" in command:
             found.add(process.pid)
     return found
+
+
+class TaskSizes:
+    """Mixin for an executor under test: notes how many patches each task it is given holds."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sizes: list[int] = []
+
+    def submit(self, task):
+        self.sizes.append(len(task["tasks"]) if task.get("kind") == "batch" else 1)
+        return super().submit(task)

@@ -22,7 +22,7 @@ from pyhf_dist.settings import FitSettings  # noqa: E402
 from pyhf_dist.worker import WorkerContext, setup_count  # noqa: E402
 from distributed.diagnostics.plugin import SchedulerPlugin  # noqa: E402
 
-from conftest import LBB_SAMPLE, assert_matches_reference  # noqa: E402
+from conftest import FAST_PATH_TOLERANCE, LBB_SAMPLE, TaskSizes, assert_matches_reference, serial_pyhf  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,41 @@ def test_own_local_cluster_matches_serial_pyhf_and_is_closed(erjr_pallet, erjr_r
     # What we started, we closed.
     assert executor.cluster is None and executor.client is None
     assert cluster.status.name == "closed"
+
+
+class _SizesWrittenDown(TaskSizes, DaskExecutor):
+    """A DaskExecutor that notes how many patches each task it is given holds."""
+
+
+@pytest.fixture(scope="module")
+def demo_pallet_and_reference():
+    pallet = pyhf_dist.demo_pallet()
+    return pallet, serial_pyhf(pallet)
+
+
+def test_short_fits_are_packed_on_our_cluster_and_match_serial_pyhf(demo_pallet_and_reference):
+    pallet, reference = demo_pallet_and_reference
+    with _SizesWrittenDown(workers=2, dashboard_address=":0") as executor:
+        result = pyhf_dist.map_fits(pallet, executor=executor, backend="jax")
+    assert_matches_reference(result, reference, FAST_PATH_TOLERANCE)
+    names = [record.name for record in result]
+    assert len(names) == len(set(names)) == len(pallet.patches) == sum(executor.sizes)
+    assert all(record.ok and record.engine == "fast" for record in result)
+    # Fits of ~15 ms: once the first ones are timed, several patches go in one task; the last
+    # tasks hold one patch each, so that both workers finish together.
+    assert executor.sizes[:4] == [1, 1, 1, 1]
+    assert max(executor.sizes) > 1
+    assert executor.sizes[-2:] == [1, 1]
+
+
+def test_a_users_cluster_gets_one_patch_per_task(user_cluster, demo_pallet_and_reference):
+    # Packing would hide the queue from a cluster that scales with it.
+    pallet, reference = demo_pallet_and_reference
+    cluster, client = user_cluster
+    with _SizesWrittenDown(client=client) as executor:  # which takes its plugin back out at the end
+        result = pyhf_dist.map_fits(pallet, executor=executor, backend="jax")
+    assert_matches_reference(result, reference, FAST_PATH_TOLERANCE)
+    assert executor.sizes == [1] * len(pallet.patches)
 
 
 def test_own_cluster_settings_reach_its_workers_and_nothing_else(erjr_pallet, monkeypatch):

@@ -24,7 +24,7 @@ import pyhf_dist
 from pyhf_dist import scan
 from pyhf_dist.executors.local import LocalExecutor
 from pyhf_dist.pallet import Pallet, Patch
-from conftest import assert_matches_reference, serial_pyhf
+from conftest import FAST_PATH_TOLERANCE, TaskSizes, assert_matches_reference, serial_pyhf
 
 #: 14 patches of 3L-eRJR (ERJR_100*, ERJR_110*, ERJR_125*): about 0.3 s each on numpy.
 ERJR_GLOB = "ERJR_1[0-2]*"
@@ -97,6 +97,37 @@ def demo():
 
 
 # ------------------------------------------------------------------------------ local worker killed
+
+
+class _PackingLocal(TaskSizes, LocalExecutor):
+    """The local pool, packing short fits into tasks as the Dask clusters pyhf-dist starts do: a
+    worker killed here takes a task of several patches with it."""
+
+    batch_seconds = 0.25
+
+
+def test_worker_killed_in_a_packed_task_every_patch_of_it_is_retried():
+    pallet = pyhf_dist.demo_pallet()
+    names = pallet.names()
+    executor = _PackingLocal(workers=2)
+    killed: list[int] = []
+
+    def kill_a_worker_in_a_packed_task(record):
+        if killed or max(executor.sizes) < 2:
+            return
+        busy = [pid for pid in executor.running_tasks() if pid in executor.worker_pids()]
+        if busy:
+            os.kill(busy[0], signal.SIGKILL)
+            killed.append(busy[0])
+
+    with executor:
+        result = pyhf_dist.map_fits(pallet, executor=executor, backend="jax", callback=kill_a_worker_in_a_packed_task)
+    assert killed, "no packed task was running"
+    rows = assert_one_record_each(result, names)
+    assert_matches_reference(result, serial_pyhf(pallet), FAST_PATH_TOLERANCE)
+    assert all(row["status"] == "ok" for row in rows.values())
+    assert killed[0] not in {row["worker"]["pid"] for row in rows.values() if row["attempts"] > 1}
+    assert sum(executor.sizes) > len(names)  # the killed task's patches were submitted again
 
 
 def test_local_worker_killed_mid_scan_is_retried_and_nothing_is_lost(erjr_pallet):

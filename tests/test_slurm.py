@@ -281,8 +281,11 @@ def test_a_job_slurm_refuses_fails_the_scan_at_once_in_one_line(erjr_pallet, slu
 # --- the settings of the clusters pyhf-dist starts ---------------------------------------------------
 
 
-def test_job_script_exports_our_dask_settings_before_the_sites_prologue():
+def test_job_script_exports_our_dask_settings_before_the_sites_prologue(monkeypatch):
     from pyhf_dist.executors.dask import TUNING
+
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "XLA_FLAGS"):
+        monkeypatch.delenv(name, raising=False)
 
     script = get_executor("slurm", job_script_prologue=["module load python"]).job_script()
     lines = script.splitlines()
@@ -291,10 +294,28 @@ def test_job_script_exports_our_dask_settings_before_the_sites_prologue():
     assert "export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False" in exports
     # The site's lines come after ours, so that they can change them.
     assert lines.index(exports[-1]) < lines.index("module load python")
+    # One thread per numerical library, also before the site's lines.
+    for line in ("export OMP_NUM_THREADS=1", "export OPENBLAS_NUM_THREADS=1",
+                 "export XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'"):
+        assert lines.index(line) < lines.index("module load python")
+    # A limit the job inherits from the submitting shell is the user's: kept.
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert "OMP_NUM_THREADS" not in get_executor("slurm").job_script()
     # A value the user set in their Dask config is theirs: not exported, not overridden.
     with dask.config.set({"distributed.admin.tick.interval": "50ms"}):
         script = get_executor("slurm").job_script()
     assert "TICK__INTERVAL" not in script and "PROFILE__ENABLED=False" in script
+
+
+def test_one_worker_per_job_runs_without_a_nanny_unless_asked():
+    assert "--no-nanny" in get_executor("slurm").job_script()
+    assert "--nanny " in get_executor("slurm", nanny=True).job_script()
+    with dask.config.set({"jobqueue.slurm.nanny": True}):  # the site's choice is kept
+        assert "--nanny " in get_executor("slurm").job_script()
+    # Several workers in one job are started by Nannies: Dask's command line has no other way.
+    assert "--nanny " in get_executor("slurm", cores=2).job_script()
+    with pytest.raises(ExecutorOptionError, match="nanny=False needs one worker process per job"):
+        get_executor("slurm", cores=2, nanny=False)
 
 
 @pytest.mark.slurm
@@ -310,6 +331,9 @@ def test_our_dask_settings_reach_the_workers_in_slurm_jobs(erjr_pallet, slurm_op
         "config": {key: __import__("dask").config.get(key, default=None) for key in TUNING},
         "frozen": __import__("gc").get_freeze_count(),
         "job": os.environ.get("SLURM_JOB_ID"),
+        "threads": {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
+        "nanny": __import__("distributed").get_worker().nanny,
     }
     context = WorkerContext.build(erjr_pallet.workspace, FitSettings(backend="numpy").to_dict())
     config_before = {key: dask.config.get(key, default=None) for key in TUNING}
@@ -324,4 +348,35 @@ def test_our_dask_settings_reach_the_workers_in_slurm_jobs(erjr_pallet, slurm_op
         assert f["MALLOC_TRIM_THRESHOLD_"] is None
         assert f["config"] == TUNING
         assert f["frozen"] > 0
+        assert f["threads"] == {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+        assert "--xla_cpu_multi_thread_eigen=false" in f["XLA_FLAGS"]
+        assert f["nanny"] is None  # the job runs the worker itself
     _assert_no_jobs_left(slurm_options["job_name"])
+
+
+@pytest.mark.slurm
+@requires_slurm
+def test_a_worker_killed_inside_its_job_is_replaced_by_a_new_job(erjr_pallet, erjr_reference, slurm_options):
+    """The job's only process is the worker: when it dies, the job ends, and a fixed-size scan
+    submits a new one in its place (there is no Nanny to restart it)."""
+    names = [patch.name for patch in erjr_pallet.patches[:12]]
+    options = dict(slurm_options, jobs=1)
+    killed: list[dict] = []
+
+    def kill_the_worker(record):
+        if not killed and len(seen) >= 3:
+            os.kill(record.worker["pid"], signal.SIGKILL)
+            killed.append(record.worker)
+        seen.append(record.name)
+
+    seen: list[str] = []
+    # Dask waits lost-worker-timeout (15 s by default) for a lost worker to come back.
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1s"}):
+        result = pyhf_dist.map_fits(erjr_pallet, executor="slurm", patches=names, backend="numpy",
+                                    callback=kill_the_worker, **options)
+    assert killed
+    assert sorted(record.name for record in result) == sorted(names)
+    assert_matches_reference(result, {name: erjr_reference[name] for name in names})
+    jobs = {record.worker["slurm_job_id"] for record in result}
+    assert killed[0]["slurm_job_id"] in jobs and len(jobs) == 2
+    _assert_no_jobs_left(options["job_name"])

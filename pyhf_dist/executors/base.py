@@ -72,6 +72,7 @@ class Executor(abc.ABC):
 
         runner.prepare(settings)        # only when the scan created it: start workers early
         runner.start(context)           # ship the context to the workers, once each
+        runner.batch_seconds            # fitting time worth sending as one task (0: one patch each)
         future = runner.submit(task)    # many times; at most max_pending unfinished at once
         runner.started_at(future)       # when a worker began it (for per-fit timeouts)
         runner.abandon(future)          # a fit ran past its timeout: give up on it
@@ -110,6 +111,19 @@ class Executor(abc.ABC):
         Parsl, Globus Compute) take every task at once.
         """
         return None
+
+    @property
+    def batch_seconds(self) -> float:
+        """Seconds of fitting the scan may send to a worker as one task, when fits are short.
+
+        ``0`` (the default): one patch per task. An engine that spends milliseconds of scheduler,
+        client and worker time on every task (Dask) sets a few tenths of a second: once the first
+        fits tell how long a fit takes, the scan packs that many seconds of patches into one task
+        (:func:`pyhf_dist.worker.make_batch`), fewer towards the end so that no worker is left
+        alone with a long task. Read after :meth:`start`; it needs a known number of
+        :attr:`workers`, and a scan with a per-fit ``timeout`` never packs.
+        """
+        return 0.0
 
     def prepare(self, settings: dict) -> None:
         """Optionally begin bringing up workers before the context exists.

@@ -111,9 +111,10 @@ def _run_tracked(task: dict, context: FileContext, mark: str) -> dict:
     # itself here, and that is not part of the fit the scan's timeout is about.
     initialize(context)
     # A mark "<pid> <patch>" for as long as the task runs: its modification time says when the
-    # worker began the fit.
+    # worker began the fit. (A packed task lists its patches.)
+    names = [each["name"] for each in task["tasks"]] if task.get("kind") == "batch" else [task["name"]]
     try:
-        Path(mark).write_text(f"{os.getpid()} {task['name']}")
+        Path(mark).write_text(f"{os.getpid()} {', '.join(names)}")
     except OSError:
         pass
     try:

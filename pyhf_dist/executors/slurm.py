@@ -5,10 +5,12 @@ worker plugin ships the workspace to each worker once, and closing the cluster c
 Options resolve as dask-jobqueue users expect: a keyword argument wins over the
 ``cluster_config`` file, which wins over dask's own ``jobqueue.slurm`` configuration
 (``~/.config/dask/jobqueue.yaml``); pyhf-dist adds defaults only where those say nothing
-(one core and one single-threaded worker per job, 2 GB per core). The jobs' Dask processes get
-the settings of every cluster pyhf-dist starts (:func:`~pyhf_dist.executors.dask.own_cluster_tuning`:
-no ``MALLOC_TRIM_THRESHOLD_``, no profiler, slower housekeeping ticks) as ``export DASK_...`` lines
-at the top of the job script, before the site's own ``job_script_prologue``, which can change them.
+(one core and one single-threaded worker per job, 2 GB per core, and a worker without a Nanny
+process where a job holds one worker). The jobs' Dask processes get the settings of every cluster
+pyhf-dist starts (:func:`~pyhf_dist.executors.dask.own_cluster_tuning`: no
+``MALLOC_TRIM_THRESHOLD_``, no profiler, slower housekeeping ticks) and one thread per numerical
+library, as ``export`` lines at the top of the job script, before the site's own
+``job_script_prologue``, which can change them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import uuid
 from typing import Any
 
 from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, MissingDependencyError, first_line
-from pyhf_dist.executors.dask import DaskExecutor, own_cluster_tuning, tuning_exports
+from pyhf_dist.executors.dask import DaskExecutor, own_cluster_tuning, thread_limit_exports, tuning_exports
 
 try:
     import dask
@@ -188,12 +190,23 @@ class SlurmExecutor(DaskExecutor):
             options["processes"] = config.get("processes") or options["cores"]
         if options.get("memory") is None:
             options["memory"] = config.get("memory") or f"{2 * options['cores']}GB"
+        if options.get("nanny") is None and options["processes"] == 1:
+            # A Nanny is a second interpreter per job that only restarts a worker that dies; it
+            # delays the first fit by ~0.7 s (it imports Dask, then spawns the worker, which
+            # imports it again). A lost worker is replaced by a new job instead (see _make_cluster).
+            # Dask's command line needs a Nanny for several workers in one job.
+            options["nanny"] = bool(config["nanny"]) if "nanny" in config else False
         if config.get("name") not in (None, "dask-worker") and "job_name" not in options:
             options["job_name"] = config["name"]
         for key in ("cores", "processes"):
             value = options[key]
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ExecutorOptionError(f"{key} must be a positive integer, got {value!r}")
+        if options.get("nanny") is False and options["processes"] > 1:
+            raise ExecutorOptionError(
+                f"nanny=False needs one worker process per job (got processes={options['processes']}): "
+                "Dask starts several workers in a job through Nannies"
+            )
         if options["processes"] > options["cores"]:
             raise ExecutorOptionError(
                 f"processes ({options['processes']}) cannot exceed cores ({options['cores']}): "
@@ -208,7 +221,9 @@ class SlurmExecutor(DaskExecutor):
         if prologue is None:
             prologue = dask.config.get(f"jobqueue.{self.config_name}.job-script-prologue", default=None) or []
         # A job inherits the submitting process's environment (sbatch --export=ALL).
-        options["job_script_prologue"] = [*tuning_exports(tuning, environ=dict(os.environ)), *prologue]
+        environ = dict(os.environ)
+        options["job_script_prologue"] = [*tuning_exports(tuning, environ=environ), *thread_limit_exports(environ),
+                                          *prologue]
         return options
 
     def _cluster_kwargs(self, tuning: dict) -> dict:
@@ -238,10 +253,12 @@ class SlurmExecutor(DaskExecutor):
         except (TypeError, ValueError) as error:
             raise ExecutorOptionError(f"invalid SLURMCluster options: {first_line(error)}") from None
         try:
-            if self.adapt is not None:
-                cluster.adapt(minimum_jobs=self.adapt[0], maximum_jobs=self.adapt[1])
-            else:
-                cluster.scale(jobs=self.jobs)
+            # A fixed size is kept by Dask's adaptive scaling pinned to it: a job that ends early
+            # (a worker that crashed, a job cancelled or preempted) is replaced by a new one.
+            # Adaptive first acts one interval (1 s) after it starts: the first jobs go now.
+            minimum, maximum = self.adapt if self.adapt is not None else (self.jobs, self.jobs)
+            cluster.scale(jobs=minimum)
+            cluster.adapt(minimum_jobs=minimum, maximum_jobs=maximum)
         except BaseException:
             self._close_cluster(cluster)
             raise
@@ -275,6 +292,11 @@ class SlurmExecutor(DaskExecutor):
         if self.cluster is None:
             return []
         return [job.job_id for job in list(self.cluster.workers.values()) if getattr(job, "job_id", None)]
+
+    @property
+    def batch_seconds(self) -> float:
+        # With adapt, the number of tasks waiting is what tells Dask to submit more jobs.
+        return super().batch_seconds if self.adapt is None else 0.0
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()

@@ -2,7 +2,8 @@
 
 The workspace reaches each worker once, through a worker plugin that calls
 :func:`pyhf_dist.worker.initialize` when the worker joins (also for workers that join later,
-e.g. new Slurm jobs); a task carries only its patch. Tasks go through Dask's own
+e.g. new Slurm jobs); a task carries only its patch (on the clusters we start, several patches
+when fits are short: :attr:`DaskExecutor.batch_seconds`). Tasks go through Dask's own
 ``concurrent.futures`` adapter (``Client.get_executor``), so results stream back as they finish.
 
 Dask reruns the task of a worker that dies on another worker by itself; the scan only sees an
@@ -27,9 +28,11 @@ except ImportError as error:  # the registry imports this package only when "das
 
 from pyhf_dist.executors.dask.executor import WORKER_START_TIMEOUT, ContextPlugin, DaskExecutor, run_pickled_task
 from pyhf_dist.executors.dask.processes import MAX_WORKER_RESTARTS, WorkerProcess
-from pyhf_dist.executors.dask.tuning import TUNING, own_cluster_tuning, tuning_exports, worker_facts
+from pyhf_dist.executors.dask.tuning import (
+    TUNING, own_cluster_tuning, thread_limit_exports, tuning_exports, worker_facts,
+)
 
 __all__ = [
     "DaskExecutor", "ContextPlugin", "run_pickled_task", "WorkerProcess", "TUNING", "own_cluster_tuning",
-    "tuning_exports", "worker_facts", "WORKER_START_TIMEOUT", "MAX_WORKER_RESTARTS",
+    "tuning_exports", "thread_limit_exports", "worker_facts", "WORKER_START_TIMEOUT", "MAX_WORKER_RESTARTS",
 ]
