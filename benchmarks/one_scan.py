@@ -34,8 +34,8 @@ class CpuMeter:
 
     Workers are this process's descendants (local pool, Dask workers pyhf-dist starts), the other
     processes of its session but its ancestors (Parsl and Globus Compute worker pools, which their
-    launcher leaves to init), plus, for a scheduler address given (Dask workers in Slurm jobs),
-    the processes whose command line names it and their descendants.
+    launcher leaves to init), plus, for a Slurm job name given (Dask workers in Slurm jobs), the
+    job scripts of those jobs and their descendants.
     """
 
     def __init__(self):
@@ -43,7 +43,7 @@ class CpuMeter:
 
         self.psutil = psutil
         self.me = psutil.Process()
-        self.scheduler: str | None = None
+        self.job_name: str | None = None
         self.marks: list[tuple[int, float, float]] = []  # (results so far, client CPU, worker CPU)
 
     def _workers(self) -> list:
@@ -56,14 +56,15 @@ class CpuMeter:
                     processes.setdefault(process.pid, process)
             except (OSError, self.psutil.Error):
                 continue
-        if self.scheduler:
-            port = self.scheduler.rsplit(":", 1)[-1]
-            for process in self.psutil.process_iter(["cmdline"]):
+        if self.job_name:
+            for process in self.psutil.process_iter():
                 try:
-                    if f":{port}" in " ".join(process.info["cmdline"] or []) and process.pid != self.me.pid:
+                    if process.pid not in processes and process.environ().get("SLURM_JOB_NAME") == self.job_name:
                         processes[process.pid] = process
+                        # The job script's children: a process that renames itself rewrites
+                        # its environment's memory too.
                         processes.update({child.pid: child for child in process.children(recursive=True)})
-                except self.psutil.Error:
+                except (OSError, self.psutil.Error):
                     continue
         return list(processes.values())
 
@@ -126,7 +127,7 @@ def main() -> None:
         done = [0]
 
         def started(info: dict, meter=meter, total=total) -> None:
-            meter.scheduler = info.get("scheduler") if args.executor == "slurm" else None
+            meter.job_name = info.get("job_name") if args.executor == "slurm" else None
             total.append(info["patches"])
 
         def arrived(record, meter=meter, total=total, done=done) -> None:

@@ -17,7 +17,8 @@ study's Figure 2) and ``scaling.png``.
 Measured, per pallet, executor and backend (``globus-engine``: a Globus Compute endpoint engine on
 this machine, through ``engine_scan.py``):
 * wall time of a whole scan from a cold ``python`` process (imports, pallet, fits, results file),
-  over ``--trials`` runs, with a single worker, and (``--empty-cache``) once with an empty
+  over ``--trials`` runs taken in turns across the executors, with a single worker, and
+  (``--empty-cache``) once with an empty
   pyhf-dist cache (a fresh machine);
 * each executor's wall time over the local pool's, and per-fit compute: the median fit on a
   worker (wall) and the CPU time the worker processes spend per fit (fitting, and what else a
@@ -232,33 +233,37 @@ def measure_pallet(name: str, args, executors: list[str], backends: list) -> dic
     baselines = load_or_measure_baselines(name, pallet, args.workers, args.baselines, Path(args.output),
                                           args.serial_patches, args.pool_patches)
     reference = baselines["reference"]
+    combinations = [(executor, backend) for executor in executors for backend in backends]
+    # Trials go round the executors (local, dask, slurm, local, dask, ...): a stretch of time when
+    # the shared machine is slower then weighs on every executor, not on one of them.
+    runs: dict[tuple, list[dict]] = {combination: [] for combination in combinations}
+    for trial in range(args.trials):
+        for executor, backend in combinations:
+            run = cold_scan(sources, executor, args.workers, backend, args.patches)
+            runs[executor, backend].append(run)
+            print(f"{name:>6} {executor:>13} {run['backend']:>5} trial {trial + 1}: {run['wall_seconds']:7.2f} s"
+                  f"  failed {run['failed']}  max|ΔCLs| {max_difference(run['results'], reference):.1e}"
+                  f"  fit {run['compute_median_seconds'] * 1000:.0f} ms"
+                  + (f"  worker CPU/fit {run['worker_cpu_per_fit'] * 1000:.0f} ms"
+                     if run.get("worker_cpu_per_fit") else ""), flush=True)
     rows = []
-    for executor in executors:
-        for backend in backends:
-            runs = []
-            for trial in range(args.trials):
-                run = cold_scan(sources, executor, args.workers, backend, args.patches)
-                runs.append(run)
-                print(f"{name:>6} {executor:>13} {run['backend']:>5} trial {trial + 1}: {run['wall_seconds']:7.2f} s"
-                      f"  failed {run['failed']}  max|ΔCLs| {max_difference(run['results'], reference):.1e}"
-                      f"  fit {run['compute_median_seconds'] * 1000:.0f} ms"
-                      + (f"  worker CPU/fit {run['worker_cpu_per_fit'] * 1000:.0f} ms"
-                         if run.get("worker_cpu_per_fit") else ""), flush=True)
-            first = None
-            if args.empty_cache:
-                first = cold_scan(sources, executor, args.workers, backend, args.patches, empty_cache=True)
-                print(f"{name:>6} {executor:>13} {first['backend']:>5} empty cache: {first['wall_seconds']:7.2f} s",
-                      flush=True)
-            single = None
-            if executor != "sequential":
-                single = cold_scan(sources, executor, 1, backend, args.patches)["wall_seconds"]
-                print(f"{name:>6} {executor:>13} {runs[0]['backend']:>5} 1 worker: {single:7.2f} s", flush=True)
-            rows.append({
-                "executor": executor, "backend": runs[0]["backend"], "walls": [r["wall_seconds"] for r in runs],
-                "first_run": first["wall_seconds"] if first else None, "single_worker": single,
-                "runs": [{k: v for k, v in r.items() if k != "results"} for r in runs],
-                "max_difference": max(max_difference(r["results"], reference) for r in runs),
-            })
+    for executor, backend in combinations:
+        trials = runs[executor, backend]
+        first = None
+        if args.empty_cache:
+            first = cold_scan(sources, executor, args.workers, backend, args.patches, empty_cache=True)
+            print(f"{name:>6} {executor:>13} {first['backend']:>5} empty cache: {first['wall_seconds']:7.2f} s",
+                  flush=True)
+        single = None
+        if executor != "sequential":
+            single = cold_scan(sources, executor, 1, backend, args.patches)["wall_seconds"]
+            print(f"{name:>6} {executor:>13} {trials[0]['backend']:>5} 1 worker: {single:7.2f} s", flush=True)
+        rows.append({
+            "executor": executor, "backend": trials[0]["backend"], "walls": [r["wall_seconds"] for r in trials],
+            "first_run": first["wall_seconds"] if first else None, "single_worker": single,
+            "runs": [{k: v for k, v in r.items() if k != "results"} for r in trials],
+            "max_difference": max(max_difference(r["results"], reference) for r in trials),
+        })
     baselines = {k: v for k, v in baselines.items() if k != "reference"}
     baselines["compared_patches"] = len(reference)
     return {"name": name, "sources": sources, "patches": len(pallet), "rows": rows, "baselines": baselines}
