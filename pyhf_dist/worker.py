@@ -33,7 +33,8 @@ from pyhf_dist.exceptions import first_line
 
 __all__ = [
     "WorkerContext", "WorkerState", "initialize", "preload", "release", "run_task", "pin_threads", "xla_flags",
-    "worker_info", "setup_count", "THREAD_LIMITS", "make_task", "make_batch", "new_record", "failed_record",
+    "worker_info", "setup_count", "THREAD_LIMITS", "thread_limit_exports", "make_task", "make_batch", "new_record",
+    "failed_record",
 ]
 
 #: One thread per numerical library per worker: many single-threaded pyhf processes on a few
@@ -69,6 +70,25 @@ def pin_threads() -> None:
     for name, value in THREAD_LIMITS.items():
         os.environ.setdefault(name, value)
     os.environ["XLA_FLAGS"] = xla_flags(os.environ.get("XLA_FLAGS", ""))
+
+
+def thread_limit_exports(environ: dict) -> list[str]:
+    """Shell lines that give a worker started by a script (a batch job, a worker pool's launch
+    command) one thread per numerical library and XLA's single-thread flags, in force before the
+    interpreter loads numpy or jax, which read them once. A limit the script inherits from
+    ``environ`` (the submitting shell's) is kept.
+
+    >>> print(*thread_limit_exports({"OMP_NUM_THREADS": "4"})[:2], sep="\\n")
+    export OPENBLAS_NUM_THREADS=1
+    export MKL_NUM_THREADS=1
+    """
+    import shlex
+
+    lines = [f"export {name}={value}" for name, value in THREAD_LIMITS.items() if name not in environ]
+    flags = xla_flags(environ.get("XLA_FLAGS", ""))
+    if flags != environ.get("XLA_FLAGS"):
+        lines.append(f"export XLA_FLAGS={shlex.quote(flags)}")
+    return lines
 
 
 @dataclasses.dataclass(frozen=True)

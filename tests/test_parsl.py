@@ -98,7 +98,10 @@ def test_context_is_compressed_and_decompressed_lazily(erjr_pallet):
     assert pickle.loads(pickle.dumps(packed)).payload == context.payload
 
 
-def test_options_are_checked():
+def test_options_are_checked(monkeypatch):
+    # The pools inherit this process's thread limits; none set here, so the config sets them.
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "XLA_FLAGS"):
+        monkeypatch.delenv(name, raising=False)
     with pytest.raises(ExecutorOptionError, match="unknown Parsl provider 'pbs'"):
         get_executor("parsl", provider="pbs")
     with pytest.raises(ExecutorOptionError, match="max_blocks"):

@@ -26,7 +26,7 @@ from typing import Any
 
 from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, MissingDependencyError, WorkerLostError
 from pyhf_dist.executors.base import Executor, default_workers
-from pyhf_dist.worker import WorkerContext
+from pyhf_dist.worker import WorkerContext, thread_limit_exports
 
 try:
     import parsl
@@ -246,9 +246,8 @@ class ParslExecutor(Executor):
         launch_cmd = DEFAULT_LAUNCH_CMD.replace(
             "process_worker_pool.py", f"{python} -m parsl.executors.high_throughput.process_worker_pool", 1
         )
-        worker_init = "export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1"
-        if options["worker_init"]:
-            worker_init += "\n" + options["worker_init"]
+        # The pools inherit this process's environment (both providers).
+        worker_init = "\n".join([*thread_limit_exports(dict(os.environ)), options["worker_init"]]).strip()
         if self.provider == "local":
             from parsl.providers import LocalProvider
 

@@ -26,7 +26,8 @@ import uuid
 from typing import Any
 
 from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, MissingDependencyError, first_line
-from pyhf_dist.executors.dask import DaskExecutor, own_cluster_tuning, thread_limit_exports, tuning_exports
+from pyhf_dist.executors.dask import DaskExecutor, own_cluster_tuning, tuning_exports
+from pyhf_dist.worker import thread_limit_exports
 
 try:
     import dask

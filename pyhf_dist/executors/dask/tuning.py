@@ -14,8 +14,8 @@ from typing import Any
 
 from pyhf_dist.worker import THREAD_LIMITS, xla_flags
 
-__all__ = ["TUNING", "own_cluster_tuning", "tuning_exports", "thread_limit_exports", "leftover_variables",
-           "worker_facts", "advice", "worker_environment"]
+__all__ = ["TUNING", "own_cluster_tuning", "tuning_exports", "leftover_variables", "worker_facts", "advice",
+           "worker_environment"]
 
 #: Dask settings for the clusters pyhf-dist starts (never for one it is given), each applied only
 #: where the user's Dask configuration still has Dask's default. Measured on the 1Lbb scan
@@ -84,25 +84,6 @@ def tuning_exports(tuning: dict[str, Any], environ: dict | None = None) -> list[
         lines.append(f"export DASK_{name.upper().replace('-', '_')}={shlex.quote(text)}")
     for variable in leftover_variables(tuning, environ or {}):
         lines.append(f"unset {variable}")
-    return lines
-
-
-def thread_limit_exports(environ: dict) -> list[str]:
-    """Shell lines that give a worker started by a batch job one thread per numerical library, as
-    :func:`worker_environment` does for ours: in force before the interpreter loads numpy or jax,
-    which read them once (a Nanny would set the BLAS ones; a worker without one needs them here).
-    A limit the job inherits from ``environ`` is kept.
-
-    >>> print(*thread_limit_exports({"OMP_NUM_THREADS": "4"})[:2], sep="\\n")
-    export OPENBLAS_NUM_THREADS=1
-    export MKL_NUM_THREADS=1
-    """
-    import shlex
-
-    lines = [f"export {name}={value}" for name, value in THREAD_LIMITS.items() if name not in environ]
-    flags = xla_flags(environ.get("XLA_FLAGS", ""))
-    if flags != environ.get("XLA_FLAGS"):
-        lines.append(f"export XLA_FLAGS={shlex.quote(flags)}")
     return lines
 
 
