@@ -313,8 +313,9 @@ def _run(runner, context, todo, settings, retries, timeout, values_by_key) -> It
                     job.attempt += 1
                     queue.appendleft(job)
                 jobs = [job for job in jobs if job not in retried]
-                outcomes = [_failed(job, f"{f'worker lost {job.attempt} times' if lost else 'task failed'}: "
-                                         f"{first_line(error, with_type=True)}") for job in jobs]
+                detail = first_line(error, with_type=True)
+                outcomes = [_failed(job, f"worker lost {job.attempt} times: {detail}" if lost else f"task failed: {detail}")
+                            for job in jobs]
             for job, outcome in zip(jobs, outcomes):
                 batching.measured(outcome)
                 partial[job.key].append(outcome)

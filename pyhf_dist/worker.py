@@ -33,7 +33,7 @@ from pyhf_dist.exceptions import first_line
 
 __all__ = [
     "WorkerContext", "WorkerState", "initialize", "preload", "release", "run_task", "pin_threads", "xla_flags",
-    "worker_info", "setup_count", "THREAD_LIMITS", "thread_limit_exports", "make_task", "make_batch", "new_record",
+    "worker_info", "setup_count", "THREAD_LIMITS", "thread_limits", "thread_limit_exports", "make_task", "make_batch", "new_record",
     "failed_record",
 ]
 
@@ -62,21 +62,32 @@ def xla_flags(flags: str) -> str:
     return f"{flags} {XLA_SINGLE_THREAD}".strip()
 
 
+def thread_limits(environ: dict) -> dict[str, str]:
+    """What ``environ`` lacks for one thread per numerical library: the :data:`THREAD_LIMITS` it
+    does not set, and ``XLA_FLAGS`` with XLA's CPU backend on one thread. Values set are kept.
+
+    >>> thread_limits({"OMP_NUM_THREADS": "4", "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=true"})
+    {'OPENBLAS_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1', 'NUMEXPR_NUM_THREADS': '1', 'VECLIB_MAXIMUM_THREADS': '1'}
+    """
+    missing = {name: value for name, value in THREAD_LIMITS.items() if name not in environ}
+    flags = xla_flags(environ.get("XLA_FLAGS", ""))
+    if flags != environ.get("XLA_FLAGS"):
+        missing["XLA_FLAGS"] = flags
+    return missing
+
+
 def pin_threads() -> None:
     """Limit numerical libraries to one thread in this process (before they are imported).
 
     Values the user set explicitly are kept.
     """
-    for name, value in THREAD_LIMITS.items():
-        os.environ.setdefault(name, value)
-    os.environ["XLA_FLAGS"] = xla_flags(os.environ.get("XLA_FLAGS", ""))
+    os.environ.update(thread_limits(os.environ))
 
 
 def thread_limit_exports(environ: dict) -> list[str]:
-    """Shell lines that give a worker started by a script (a batch job, a worker pool's launch
-    command) one thread per numerical library and XLA's single-thread flags, in force before the
-    interpreter loads numpy or jax, which read them once. A limit the script inherits from
-    ``environ`` (the submitting shell's) is kept.
+    """:func:`thread_limits` as shell lines, for a worker started by a script (a batch job, a
+    worker pool's launch command): in force before the interpreter loads numpy or jax, which read
+    them once. ``environ`` is what the script inherits (the submitting shell's).
 
     >>> print(*thread_limit_exports({"OMP_NUM_THREADS": "4"})[:2], sep="\\n")
     export OPENBLAS_NUM_THREADS=1
@@ -84,11 +95,7 @@ def thread_limit_exports(environ: dict) -> list[str]:
     """
     import shlex
 
-    lines = [f"export {name}={value}" for name, value in THREAD_LIMITS.items() if name not in environ]
-    flags = xla_flags(environ.get("XLA_FLAGS", ""))
-    if flags != environ.get("XLA_FLAGS"):
-        lines.append(f"export XLA_FLAGS={shlex.quote(flags)}")
-    return lines
+    return [f"export {name}={shlex.quote(value)}" for name, value in thread_limits(environ).items()]
 
 
 @dataclasses.dataclass(frozen=True)

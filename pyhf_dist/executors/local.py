@@ -30,7 +30,7 @@ from typing import Callable
 
 from pyhf_dist.exceptions import MissingDependencyError
 from pyhf_dist.executors.base import Executor, default_workers
-from pyhf_dist.worker import THREAD_LIMITS, WorkerContext, initialize, preload, run_task, xla_flags
+from pyhf_dist.worker import WorkerContext, initialize, preload, run_task, thread_limits
 
 try:
     import loky
@@ -227,9 +227,9 @@ class LocalExecutor(Executor):
 
     def _spawn(self, settings: dict | None) -> None:
         directory = self._workspace()
-        # In force before the worker imports anything (values the user set explicitly are kept).
-        environment = {name: os.environ.get(name, value) for name, value in THREAD_LIMITS.items()}
-        environment["XLA_FLAGS"] = xla_flags(os.environ.get("XLA_FLAGS", ""))
+        # In force before the worker imports anything (values the user set explicitly, which the
+        # worker inherits, are kept).
+        environment = thread_limits(os.environ)
         # loky restarts a worker whose memory grew by 300 MB since its first task, taking it for a
         # leak; ours grow by design (compiled likelihoods, batched toy engines: ~500 MB for 1Lbb
         # toys), and a restart would throw that away and warn. Only growth past this limit counts.

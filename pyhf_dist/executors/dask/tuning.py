@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any
 
-from pyhf_dist.worker import THREAD_LIMITS, xla_flags
+from pyhf_dist.worker import thread_limits
 
 __all__ = ["TUNING", "own_cluster_tuning", "tuning_exports", "leftover_variables", "worker_facts", "advice",
            "worker_environment"]
@@ -142,9 +142,7 @@ def worker_environment(config: dict, tuning: dict[str, Any]) -> dict[str, str]:
         for key, value in section.items():
             if value is not None:
                 environment.setdefault(key, str(value))
-    for key, value in THREAD_LIMITS.items():
-        environment.setdefault(key, value)
-    environment["XLA_FLAGS"] = xla_flags(environment.get("XLA_FLAGS", ""))
+    environment.update(thread_limits(environment))
     try:
         environment["DASK_INTERNAL_INHERIT_CONFIG"] = dask.config.serialize(config)
     except (TypeError, ValueError):  # something in the user's config that is not JSON: ours only
