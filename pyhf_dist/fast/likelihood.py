@@ -217,7 +217,9 @@ def poisson_terms(n, lam):
     import jax.numpy as jnp
 
     positive = n > 0
-    excess = lam / jnp.where(positive, n, 1.0) - 1.0
+    # The branch not taken is kept finite, gradient included: where() passes a NaN of it on
+    # (0 * inf) to the gradient, as in a bin padded to a shared layout (n = lam = 0).
+    excess = jnp.where(positive, lam / jnp.where(positive, n, 1.0) - 1.0, 0.0)
     return jnp.where(positive, n * (jnp.log1p(excess) - excess), -lam)
 
 
