@@ -186,6 +186,9 @@ def summary(executor: str, workers: int, backend: str, records: list[dict], rece
         "child_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         # What fitted each patch, and why the fast path declined the others.
         "engines": _count(r.get("engine") for r in ok),
+        # How the fits ended: records certified converged, and those where pyhf's default stalls.
+        "converged": sum(r.get("converged") is True for r in ok),
+        "pyhf_stalls": sum(bool(r.get("pyhf_default")) for r in ok),
         "results": {r["name"]: [r.get("CLs_obs"), r.get("CLs_exp")] for r in records},
         "limits": {r["name"]: [r.get("mu_up_obs"), r.get("mu_up_exp")] for r in records if r.get("mu_up_exp")},
         "errors": {r["name"]: r.get("error") for r in records if r["status"] != "ok"},

@@ -11,18 +11,28 @@ from typing import Any
 
 from pyhf_dist.exceptions import FastPathRequired, first_line
 
-__all__ = ["compute", "build_model", "hypotest", "plan_chunks", "merge_chunks"]
+__all__ = ["compute", "build_model", "hypotest", "plan_chunks", "merge_chunks", "use_numpy"]
 
 
-def _use_numpy() -> None:
+def use_numpy(optimizer: str = "scipy") -> None:
+    """Plain pyhf on numpy with ``optimizer`` (``"scipy"``, pyhf's default, or ``"minuit"``)."""
     # Plain pyhf always runs on numpy, the reference: "jax" names the compiled fast path, and what
     # it does not cover is fitted exactly as serial pyhf would fit it. (pyhf on its jax backend
     # stops its fits at different points on stiff likelihoods such as 3L-eRJR and gives CLs that
     # differ from numpy's by up to 4e-4.)
     import pyhf
 
-    if pyhf.tensorlib.name != "numpy":
-        pyhf.set_backend("numpy")
+    if pyhf.tensorlib.name != "numpy" or pyhf.optimizer.name != optimizer:
+        if optimizer == "minuit":
+            import logging
+
+            # MIGRAD with strategy 2, as physicists run MINUIT. A fit MINUIT fails becomes a
+            # failed record that says so; pyhf would also log the whole fit state (a table of
+            # every parameter and its covariance) as an error.
+            logging.getLogger("pyhf.optimize.mixins").setLevel(logging.CRITICAL)
+            pyhf.set_backend("numpy", pyhf.optimize.minuit_optimizer(tolerance=1e-4, strategy=2))
+        else:
+            pyhf.set_backend("numpy", pyhf.optimize.scipy_optimizer())
 
 
 def build_model(state, patch_operations: list):
@@ -81,7 +91,7 @@ def compute(state, task: dict) -> dict[str, Any]:
         if fast is not None:
             return {**fast, "engine": "fast"}
         _check_fallback_allowed(settings, reason)
-    _use_numpy()
+    use_numpy(settings.optimizer)
     model, data = build_model(state, task["patch"])
     if settings.calculation == "hypotest" and settings.calctype == "asymptotics":
         values = hypotest(model, data, settings)

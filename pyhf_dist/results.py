@@ -60,6 +60,17 @@ class FitRecord:
             fast path declined the patch (one line); ``None`` otherwise.
         ntoys: Pseudo-experiments per hypothesis (toy-based records).
         seed: Random seed of the pseudo-experiments (toy-based records).
+        converged: How the fits behind the numbers ended: ``True`` when every one is certified
+            converged (the fast path checks each: projected gradient, a second start, the free
+            fit not above any conditional one); ``False`` when one is not; ``None`` when they were
+            not checked (plain pyhf's own fits, whose minimizer reports success even where it
+            stalls).
+        fits: The certificate of each fit (fast path): ``{name: {"twice_nll", "gradient",
+            "converged", "start"}}``, names such as ``"observed free"``, ``"observed mu=1"``,
+            ``"asimov mu=1"``; ``"other_starts"`` lists starts that ended on higher minima.
+        pyhf_default: Where pyhf's default minimizer (SciPy's SLSQP) stalls at its starting
+            point on the patch: ``{"stalls_at_start": True, "fit", "stops_above_minimum"}`` (how
+            far, in -2 log L, above the minimum its fit stops); ``None`` otherwise.
     """
 
     name: str
@@ -82,6 +93,9 @@ class FitRecord:
     fallback_reason: str | None = None
     ntoys: int | None = None
     seed: int | None = None
+    converged: bool | None = None
+    fits: dict | None = None
+    pyhf_default: dict | None = None
 
     @property
     def ok(self) -> bool:
@@ -139,6 +153,7 @@ _CSV_FIELDS = [
     "status", "CLs_obs", "CLs_exp_m2", "CLs_exp_m1", "CLs_exp", "CLs_exp_p1", "CLs_exp_p2",
     "mu_up_obs", "mu_up_exp_m2", "mu_up_exp_m1", "mu_up_exp", "mu_up_exp_p1", "mu_up_exp_p2",
     "error", "fit_seconds", "attempts", "host", "pid", "slurm_job_id", "engine", "fallback_reason", "ntoys", "seed",
+    "converged",
 ]
 _BAND = ("m2", "m1", None, "p1", "p2")
 
@@ -402,6 +417,7 @@ class ScanResult:
                         fallback_reason=row.get("fallback_reason") or None,
                         ntoys=number(row.get("ntoys", ""), int),
                         seed=number(row.get("seed", ""), int),
+                        converged={"True": True, "False": False}.get(row.get("converged", "")),
                     )
                 )
         return cls(records)
@@ -426,6 +442,23 @@ class ScanResult:
                 fallbacks[record.fallback_reason] = fallbacks.get(record.fallback_reason, 0) + 1
         ordered = dict(sorted(fallbacks.items(), key=lambda item: (-item[1], item[0])))
         return {"engines": dict(sorted(engines.items())), "fallbacks": ordered}
+
+    def certification(self) -> dict:
+        """How the fits behind the ok records ended: ``certified`` (every fit checked converged),
+        ``not_converged``, ``unchecked`` (plain pyhf), and ``pyhf_stalls``: records on whose
+        patch pyhf's default minimizer stalls at its starting point.
+
+        >>> ScanResult([FitRecord("A", converged=True, pyhf_default={"stalls_at_start": True}),
+        ...             FitRecord("B", engine="pyhf")]).certification()
+        {'certified': 1, 'not_converged': 0, 'unchecked': 1, 'pyhf_stalls': 1}
+        """
+        records = [record for record in self.records if record.ok and not record.combined]
+        return {
+            "certified": sum(record.converged is True for record in records),
+            "not_converged": sum(record.converged is False for record in records),
+            "unchecked": sum(record.converged is None for record in records),
+            "pyhf_stalls": sum(bool(record.pyhf_default) for record in records),
+        }
 
     def summary(self) -> str:
         """A short text table: counts, wall time, how many points are excluded (per pallet, and for
@@ -453,6 +486,7 @@ class ScanResult:
         if not pallets and any(record.mu_up_obs is not None for record in self.records):
             below = sum(1 for r in self.records if r.mu_up_obs is not None and r.mu_up_obs < 1)
             lines.append(f"{'excluded (mu_up_obs < 1)':<28}{below}")
+        lines += self._certification_lines()
         engines = self.engines()
         for engine, count in engines["engines"].items():
             lines.append(f"{'engine ' + engine:<28}{count}")
@@ -463,6 +497,21 @@ class ScanResult:
         if self.metadata.get("executor"):
             lines.append(f"{'executor':<28}{self.metadata['executor']} ({self.metadata.get('workers')} workers)")
         return "\n".join(lines)
+
+    def _certification_lines(self) -> list[str]:
+        """Summary lines on how the fits ended (only where some record was checked)."""
+        found = self.certification()
+        checked = found["certified"] + found["not_converged"]
+        if not checked:
+            return []
+        lines = [f"{'fits converged (certified)':<28}{found['certified']} of {checked}"]
+        if found["pyhf_stalls"]:
+            ok = self.counts()["ok"]
+            lines.append(
+                f"{'pyhf default fits stall':<28}on {found['pyhf_stalls']} of {ok} patches "
+                "(the CLs here are from converged fits; --match-pyhf gives pyhf's own)"
+            )
+        return lines
 
     def _pallet_lines(self, pallets: list[str]) -> list[str]:
         """One summary line per pallet: its counts, and for a combination the pallets it took."""
@@ -503,6 +552,7 @@ def _flat(record: FitRecord) -> dict:
         "fallback_reason": record.fallback_reason,
         "ntoys": record.ntoys,
         "seed": record.seed,
+        "converged": record.converged,
         **{key: (record.worker or {}).get(key) for key in ("host", "pid", "slurm_job_id")},
     }
     for prefix, band in (("CLs_exp", record.CLs_exp), ("mu_up_exp", record.mu_up_exp)):

@@ -123,6 +123,8 @@ def iter_fits(
     seed: int = 0,
     upper_limit_scan: tuple | None = None,
     require_fast: bool = False,
+    match_pyhf: bool = False,
+    optimizer: str = "scipy",
     journal: str | os.PathLike | None = None,
     resume: bool = False,
     retries: int = 2,
@@ -143,7 +145,7 @@ def iter_fits(
     settings = FitSettings(
         poi_test=poi_test, test_stat=test_stat, backend=backend, modifier_settings=modifier_settings,
         calculation=calculation, calctype=calctype, ntoys=ntoys, seed=seed,
-        upper_limit_scan=upper_limit_scan, require_fast=require_fast,
+        upper_limit_scan=upper_limit_scan, require_fast=require_fast, match_pyhf=match_pyhf, optimizer=optimizer,
     )
     if not isinstance(retries, int) or retries < 0:
         raise InputError(f"retries must be a non-negative integer, got {retries!r}")
@@ -449,6 +451,8 @@ def map_fits(
     seed: int = 0,
     upper_limit_scan: tuple | None = None,
     require_fast: bool = False,
+    match_pyhf: bool = False,
+    optimizer: str = "scipy",
     journal: str | os.PathLike | None = None,
     resume: bool = False,
     retries: int = 2,
@@ -489,6 +493,11 @@ def map_fits(
             ``None`` finds them by root-finding.
         require_fast: A patch the compiled fast path declines becomes a failed record saying why,
             instead of being fitted by plain pyhf (for benchmarks and CI).
+        match_pyhf: On the fast path, reproduce pyhf's own numbers instead of the converged,
+            certified fits (the default): pyhf's fits' starting points, and plain pyhf where its
+            minimizer stalls at its start or the noise of its fits decides a CLs value.
+        optimizer: Plain pyhf's minimizer: ``"scipy"`` (SLSQP, pyhf's default) or ``"minuit"``
+            (MINUIT via iminuit).
         journal: A JSON-lines file every finished record is appended to as it arrives.
         resume: Skip the patches whose record in ``journal`` is ok (failed ones are fit again).
         retries: Resubmissions of a task whose worker died.
@@ -534,7 +543,7 @@ def map_fits(
         workspace, patchset, executor=executor, patches=patches, pallet=pallet, combine=combine,
         poi_test=poi_test, test_stat=test_stat, backend=backend, modifier_settings=modifier_settings,
         calculation=calculation, calctype=calctype, ntoys=ntoys, seed=seed, upper_limit_scan=upper_limit_scan,
-        require_fast=require_fast, journal=journal, resume=resume, retries=retries, timeout=timeout, metadata=metadata, on_start=started,
+        require_fast=require_fast, match_pyhf=match_pyhf, optimizer=optimizer, journal=journal, resume=resume, retries=retries, timeout=timeout, metadata=metadata, on_start=started,
         **executor_options,
     )
     try:

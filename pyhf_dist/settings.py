@@ -23,6 +23,7 @@ __all__ = [
     "CALCULATIONS",
     "NORMSYS_CODES",
     "HISTOSYS_CODES",
+    "OPTIMIZERS",
     "default_backend",
     "parse_interpcodes",
 ]
@@ -35,6 +36,8 @@ CALCULATIONS = ("hypotest", "upper_limit")
 CALCTYPES = ("asymptotics", "toybased")
 NORMSYS_CODES = ("code1", "code4")
 HISTOSYS_CODES = ("code0", "code2", "code4p")
+#: The minimizers of plain pyhf: SciPy's SLSQP (pyhf's default) or MINUIT (MIGRAD via iminuit).
+OPTIMIZERS = ("scipy", "minuit")
 DEFAULT_MODIFIER_SETTINGS = {"normsys": {"interpcode": "code4"}, "histosys": {"interpcode": "code4p"}}
 
 
@@ -90,6 +93,12 @@ class FitSettings:
         require_fast: Make a patch the fast path declines a failed record (saying why) instead of
             fitting it with plain pyhf: for benchmarks and CI that must measure the fast path.
             Needs the fast path (``backend="jax"``, asymptotic hypotests).
+        match_pyhf: On the fast path, reproduce pyhf's own numbers (its fits' starting points,
+            and plain pyhf where pyhf's minimizer stalls or the noise of its fits decides a CLs
+            value) instead of the converged fits the fast path certifies (the default).
+        optimizer: The minimizer of plain pyhf (``backend="numpy"``, and the patches the fast
+            path declines): ``"scipy"`` (SLSQP, pyhf's default) or ``"minuit"`` (MINUIT's MIGRAD
+            through iminuit, strategy 2, as ``pyhf.optimize.minuit_optimizer``).
 
     >>> FitSettings(poi_test=1.0, backend="numpy").test_stat
     'qtilde'
@@ -110,6 +119,8 @@ class FitSettings:
     upper_limit_scan: tuple | None = None
     level: float = 0.05
     require_fast: bool = False
+    match_pyhf: bool = False
+    optimizer: str = "scipy"
 
     def __post_init__(self):
         poi = _number(self.poi_test, "POI value")
@@ -166,6 +177,12 @@ class FitSettings:
             object.__setattr__(self, "upper_limit_scan", (start, stop, points))
         if not isinstance(self.require_fast, bool):
             raise SettingsError(f"require_fast must be True or False, got {self.require_fast!r}")
+        if not isinstance(self.match_pyhf, bool):
+            raise SettingsError(f"match_pyhf must be True or False, got {self.match_pyhf!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise SettingsError(f"unknown optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if self.optimizer == "minuit" and importlib.util.find_spec("iminuit") is None:
+            raise SettingsError('optimizer "minuit" needs iminuit: pip install "pyhf-dist[minuit]" (or use --optimizer scipy)')
         if self.require_fast and not (self.fast_path or self.fast_toys):
             raise SettingsError(
                 "require_fast needs the fast path, which covers hypotests and upper limits on backend jax: "
@@ -226,6 +243,13 @@ class FitSettings:
             data.pop("level")
         if not self.require_fast:  # off, results are those of a scan without the setting
             data.pop("require_fast")
+        # Results of the fast path that reproduce pyhf (before certification, the only kind)
+        # keep their digest; certified ones get another.
+        data.pop("match_pyhf")
+        if self.fast_path and not self.match_pyhf:
+            data["answers"] = "certified"
+        if self.optimizer == "scipy":
+            data.pop("optimizer")
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

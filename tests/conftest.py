@@ -123,23 +123,33 @@ def lbb_pallet(lbb_tarball):
 _REFERENCE_CACHE: dict = {}
 
 
-def serial_pyhf(pallet, names=None, poi_test=1.0, test_stat="qtilde", modifier_settings=None) -> dict:
+def serial_pyhf(pallet, names=None, poi_test=1.0, test_stat="qtilde", modifier_settings=None, optimizer="scipy") -> dict:
     """Plain pyhf, one patch after another, on numpy: ``{name: (CLs_obs, [CLs_exp x5])}``.
+
+    ``optimizer="minuit"`` fits with MINUIT (``pyhf.optimize.minuit_optimizer``, strategy 2), the
+    field's standard minimizer: the arbiter where pyhf's default SLSQP stalls. A patch MINUIT
+    cannot fit gives ``None``.
 
     Each patch is applied to the whole background workspace, as ``pyhf.PatchSet.apply`` (and
     ``jsonpatch BkgOnly.json patch.json | pyhf cls``) applies it. Cached for the session by pallet
     source and name, patch and settings: a pallet built in a test needs a source of its own.
     """
+    import logging
+
     import pyhf
 
-    pyhf.set_backend("numpy")
+    if optimizer == "minuit":
+        logging.getLogger("pyhf.optimize.mixins").setLevel(logging.CRITICAL)  # its failures print the fit state
+        pyhf.set_backend("numpy", pyhf.optimize.minuit_optimizer(tolerance=1e-4, strategy=2))
+    else:
+        pyhf.set_backend("numpy")
     modifier_settings = modifier_settings or CODE4
     validated = False
     selected = [p for p in pallet.patches if names is None or p.name in names]
     results = {}
     for patch in selected:
         key = (pallet.source, getattr(pallet, "name", None), patch.name, poi_test, test_stat,
-               json.dumps(modifier_settings, sort_keys=True))
+               json.dumps(modifier_settings, sort_keys=True), optimizer)
         if key not in _REFERENCE_CACHE:
             if not validated:
                 pyhf.Workspace(pallet.workspace)  # the background, against pyhf's schema
@@ -150,11 +160,19 @@ def serial_pyhf(pallet, names=None, poi_test=1.0, test_stat="qtilde", modifier_s
                                            "patch": patch.operations}).apply(pallet.workspace)
             workspace = pyhf.Workspace(patched, validate=False)
             model = workspace.model(modifier_settings=modifier_settings)
-            observed, expected = pyhf.infer.hypotest(
-                poi_test, workspace.data(model), model, test_stat=test_stat, return_expected_set=True
-            )
-            _REFERENCE_CACHE[key] = (float(observed), [float(value) for value in expected])
+            try:
+                observed, expected = pyhf.infer.hypotest(
+                    poi_test, workspace.data(model), model, test_stat=test_stat, return_expected_set=True
+                )
+            except pyhf.exceptions.FailedMinimization:
+                if optimizer == "scipy":
+                    raise
+                _REFERENCE_CACHE[key] = None
+            else:
+                _REFERENCE_CACHE[key] = (float(observed), [float(value) for value in expected])
         results[patch.name] = _REFERENCE_CACHE[key]
+    if optimizer != "scipy":
+        pyhf.set_backend("numpy", pyhf.optimize.scipy_optimizer())
     return results
 
 

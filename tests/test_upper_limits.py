@@ -223,7 +223,7 @@ def test_demo_fast_path_matches_serial_pyhf(scan):
     pallet = pyhf_dist.demo_pallet()
     names = DEMO_SAMPLE if scan is None else ["demo_600_300", "demo_700_150", "demo_800_0"]
     result = pyhf_dist.map_fits(pallet, executor="sequential", patches=names, backend="jax",
-                                calculation="upper_limit", upper_limit_scan=scan)
+                                calculation="upper_limit", upper_limit_scan=scan, match_pyhf=True)
     assert_limits_match(result, serial_upper_limits(pallet, names, scan))
     # Every demo point's best fit is at mu = 0; the fast path computed them all (asking plain pyhf
     # for its CLs at mu = 0 where that decides the outcome: demo_300_0's NaN).
@@ -232,12 +232,33 @@ def test_demo_fast_path_matches_serial_pyhf(scan):
 
 
 @needs_jax
+def test_demo_certified_limits_where_pyhfs_noise_fails_its_search():
+    """Certified fits (the default): where pyhf's search meets its own fits' noise at mu = 0 as a
+    0/0 CLs and fails (demo_300_0), the converged fits give the limit (CLs = 1 at mu = 0, where
+    the signal hypothesis is the background); everywhere else the limits are pyhf's."""
+    pallet = pyhf_dist.demo_pallet()
+    reference = serial_upper_limits(pallet, DEMO_SAMPLE)
+    failing = [name for name, value in reference.items() if isinstance(value, Exception) and "NaN" in str(value)]
+    assert failing, "pyhf's search no longer fails on a demo point: this test tests nothing"
+    result = pyhf_dist.map_fits(pallet, executor="sequential", patches=DEMO_SAMPLE, backend="jax",
+                                calculation="upper_limit")
+    for name in failing:
+        record = result[name]
+        assert record.ok and record.engine == "fast" and record.converged, (name, record.error)
+        assert all(math.isfinite(value) and value > 0 for value in [record.mu_up_obs, *record.mu_up_exp])
+        assert record.mu_up_exp == sorted(record.mu_up_exp)
+    # Elsewhere pyhf's limits, or pyhf's failure (a limit beyond the POI bounds).
+    assert_limits_match([record for record in result if record.name not in failing],
+                        {name: value for name, value in reference.items() if name not in failing})
+
+
+@needs_jax
 def test_fast_path_asks_plain_pyhf_only_for_the_value_its_noise_decides(caplog):
     """Best fit at mu = 0 (every demo point): of the 40-50 values tested, pyhf computes mu = 0 alone."""
     from pyhf_dist.fast import FastHypotest
 
     pallet = pyhf_dist.demo_pallet()
-    fast = FastHypotest(pallet.workspace)
+    fast = FastHypotest(pallet.workspace, match_pyhf=True)
     (patch,) = [p for p in pallet.patches if p.name == "demo_800_150"]
     with caplog.at_level(logging.INFO, logger="pyhf_dist.fast"):
         limits = fast.upper_limit(patch.operations)
@@ -282,10 +303,11 @@ def test_lbb_fast_path_matches_serial_pyhf(lbb_pallet):
 
 @needs_jax
 def test_fast_path_declines_to_plain_pyhf_where_pyhf_stalls(erjr_pallet, tmp_path):
-    """3L-eRJR: pyhf's minimizer stops at its starting point; plain pyhf computes those limits."""
+    """3L-eRJR: pyhf's minimizer stops at its starting point; asked for pyhf's numbers, plain pyhf
+    computes those limits."""
     names = ERJR_SAMPLE[:1]
     result = pyhf_dist.map_fits(erjr_pallet, executor="sequential", patches=names, backend="jax",
-                                calculation="upper_limit")
+                                calculation="upper_limit", match_pyhf=True)
     assert_limits_match(result, serial_upper_limits(erjr_pallet, names))
     for record in result:
         assert record.engine == "pyhf"

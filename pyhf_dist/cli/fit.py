@@ -101,6 +101,10 @@ def _parse_option(text: str) -> tuple[str, object]:
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed of the pseudo-experiments.")
 @click.option("--require-fast", is_flag=True,
               help="Fail each patch the compiled fast path declines (saying why) instead of fitting it with pyhf.")
+@click.option("--match-pyhf", is_flag=True,
+              help="Reproduce pyhf's own numbers, stalled fits included, instead of certified converged fits.")
+@click.option("--optimizer", type=click.Choice(["scipy", "minuit"]), default="scipy", show_default=True,
+              help="Plain pyhf's minimizer (backend numpy, and patches the fast path declines).")
 @click.option("-o", "--output", default="results.json", show_default=True, type=click.Path(),
               help="Results file (.json, or .csv for a table).")
 @click.option("--journal", type=click.Path(dir_okay=False),
@@ -128,7 +132,7 @@ def _parse_option(text: str) -> tuple[str, object]:
               help="Any other executor keyword argument (repeatable), e.g. --option processes=2.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def fit(source, patchset, patches, pallets, combine, executor, workers, backend, poi_test, test_stat, interpcodes,
-        upper_limit, scan_grid, toys, seed, require_fast, output,
+        upper_limit, scan_grid, toys, seed, require_fast, match_pyhf, optimizer, output,
         journal, resume, retries, timeout, jobs, cores, memory, walltime, queue, account, cluster_config,
         show_job_script, address, endpoint_id, batch_size, amqp_port, provider, max_blocks, extra_options, quiet):
     """Fit the signal patches of SOURCE and write the results.
@@ -160,6 +164,10 @@ def fit(source, patchset, patches, pallets, combine, executor, workers, backend,
     calculation_options = _calculation_options(upper_limit, scan_grid, toys, seed)
     if require_fast:
         calculation_options["require_fast"] = True
+    if match_pyhf:
+        calculation_options["match_pyhf"] = True
+    if optimizer != "scipy":
+        calculation_options["optimizer"] = optimizer
     check_output(output)
     journal_path = Path(journal) if journal else journal_path_for(output)
     if resume and not journal_path.exists():

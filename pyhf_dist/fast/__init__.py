@@ -8,7 +8,9 @@ likelihood compiled once per layout and process (:mod:`~pyhf_dist.fast.likelihoo
 runs in a persistent XLA compilation cache) and fitted with preconditioned L-BFGS-B
 (:mod:`~pyhf_dist.fast.fit`).
 
-It never returns a number pyhf would not: anything it does not reproduce raises
+Its answers are converged fits, certified fit by fit (:mod:`~pyhf_dist.fast.fit`): the lowest
+``-2 log L`` within pyhf's bounds, not the point where pyhf's default minimizer happens to stop;
+with ``match_pyhf`` it reproduces pyhf's own numbers instead. What it does not cover raises
 :class:`FastPathUnsupported` with a one-line reason (the worker then runs plain pyhf for that
 patch and records why), and the first patch of every new structure is checked against pyhf's own
 model of the patched workspace (parameters, data, ``logpdf``); a structure that fails the check is
@@ -17,7 +19,7 @@ never fitted here.
 Example:
     >>> fast = FastHypotest(workspace_spec)  # doctest: +SKIP
     >>> fast.hypotest(patch_operations, poi_test=1.0, test_stat="qtilde")  # doctest: +SKIP
-    {'CLs_obs': 0.52..., 'CLs_exp': [...]}
+    {'CLs_obs': 0.52..., 'CLs_exp': [...], 'converged': True, 'fits': {...}}
 """
 
 from __future__ import annotations
@@ -64,13 +66,22 @@ class FastHypotest:
         key: A digest of the workspace and settings (the worker context's); when given, the
             outcome of each structure's check is remembered on disk (:mod:`pyhf_dist.cache`)
             for later processes with the same workspace, settings and package versions.
+        match_pyhf: Reproduce pyhf's own numbers (its fits' starting points, and plain pyhf
+            where its minimizer stalls or its fits' noise decides a CLs value) instead of the
+            certified converged fits.
 
     Raises:
         FastPathUnsupported: The workspace itself is outside what the fast path covers.
     """
 
     def __init__(
-        self, workspace_spec: dict, modifier_settings: dict | None = None, *, verify: bool = True, key: str | None = None
+        self,
+        workspace_spec: dict,
+        modifier_settings: dict | None = None,
+        *,
+        verify: bool = True,
+        key: str | None = None,
+        match_pyhf: bool = False,
     ):
         from pyhf_dist.fast import layout
 
@@ -86,6 +97,7 @@ class FastHypotest:
         self._workspace = workspace_spec
         self._verify = verify
         self._key = key
+        self.match_pyhf = match_pyhf
         self._layouts: list = []
         self._verified: dict = {}
         self._lock = threading.Lock()
@@ -113,7 +125,10 @@ class FastHypotest:
             test_stat: ``"qtilde"``, ``"q"`` or ``"q0"``.
 
         Returns:
-            ``{"CLs_obs": float, "CLs_exp": [5 floats]}`` (CLs+b for ``q0``, as pyhf returns).
+            ``{"CLs_obs": float, "CLs_exp": [5 floats]}`` (CLs+b for ``q0``, as pyhf returns) and
+            the fits' certificate: ``converged``, ``fits`` (per fit: ``twice_nll``,
+            ``gradient``, ``converged``, ``start``) and, where pyhf's default minimizer stalls on
+            the patch, ``pyhf_default``.
 
         Raises:
             FastPathUnsupported: The patch has something not covered, a fit did not converge, or
@@ -123,11 +138,11 @@ class FastHypotest:
 
         try:
             with self._lock:
-                result = fit.hypotest(self._problem(patch_operations), poi_test, test_stat)
+                result = fit.hypotest(self._problem(patch_operations), poi_test, test_stat, match_pyhf=self.match_pyhf)
         except FastPathUnsupported as error:
             log.info("fast path declined a patch (plain pyhf fits it): %s", error)
             raise
-        return {"CLs_obs": result["CLs_obs"], "CLs_exp": result["CLs_exp"]}
+        return {key: value for key, value in result.items() if key not in ("qmu", "qmu_A")}
 
     def upper_limit(
         self, patch_operations: list | None, test_stat: str = "qtilde", level: float = 0.05, scan=None
@@ -135,11 +150,13 @@ class FastHypotest:
         """``pyhf.infer.intervals.upper_limits.upper_limit(data, model, scan, level, test_stat=...)``
         for one patch (:func:`pyhf_dist.fast.limits.upper_limit`).
 
-        Where the noise of pyhf's fits decides a CLs value the limit depends on (``mu = 0`` when
-        the best fit lies at ``mu = 0``), that value is computed by plain pyhf.
+        With ``match_pyhf``, where the noise of pyhf's fits decides a CLs value the limit
+        depends on (``mu = 0`` when the best fit lies at ``mu = 0``), that value is computed by
+        plain pyhf.
 
         Returns:
-            ``{"mu_up_obs": float, "mu_up_exp": [5 floats]}``.
+            ``{"mu_up_obs": float, "mu_up_exp": [5 floats]}`` and the fits' certificate (as
+            :meth:`hypotest`; the conditional fits of the search summarised in one entry).
 
         Raises:
             FastPathUnsupported: As :meth:`hypotest`.
@@ -150,8 +167,8 @@ class FastHypotest:
         try:
             with self._lock:
                 problem = self._problem(patch_operations)
-                exact = self._pyhf_hypotest(patch_operations, test_stat)
-                result = limits.upper_limit(problem, test_stat, level, scan, exact=exact)
+                exact = self._pyhf_hypotest(patch_operations, test_stat) if self.match_pyhf else None
+                result = limits.upper_limit(problem, test_stat, level, scan, exact=exact, match_pyhf=self.match_pyhf)
         except FastPathUnsupported as error:
             log.info("fast path declined a patch (plain pyhf fits it): %s", error)
             raise
@@ -159,7 +176,7 @@ class FastHypotest:
             log.info(
                 "fast path: %d of %d POI values computed by plain pyhf", result["exact_values"], result["poi_values"]
             )
-        return {"mu_up_obs": result["mu_up_obs"], "mu_up_exp": result["mu_up_exp"]}
+        return {key: value for key, value in result.items() if key not in ("poi_values", "exact_values")}
 
     def _pyhf_hypotest(self, patch_operations, test_stat):
         """``mu -> (CLs_obs, [CLs_exp x5])`` of plain pyhf on numpy for the patch (model built on first use)."""
@@ -403,7 +420,10 @@ def for_state(state) -> FastHypotest:
         with state.lock:
             fast = state.cache.get("fast_hypotest")
             if fast is None:
-                fast = FastHypotest(state.workspace_spec, state.settings.modifier_settings, key=state.key)
+                settings = state.settings
+                fast = FastHypotest(
+                    state.workspace_spec, settings.modifier_settings, key=state.key, match_pyhf=settings.match_pyhf
+                )
                 state.cache["fast_hypotest"] = fast
     return fast
 

@@ -7,8 +7,10 @@ first met in the searches of the expected limits only the fit to the Asimov data
 band depends on nothing else). The searches themselves are pyhf's
 (:func:`pyhf_dist.limits.toms748_scan`, :func:`pyhf_dist.limits.grid_scan`).
 
-A test statistic within fit precision of zero (:data:`~pyhf_dist.fast.fit.NOISE_FLOOR`; at
-``mu = 0``, always for the Asimov data) has a CLs that is the noise of pyhf's fits there. That
+The fits are certified (:mod:`~pyhf_dist.fast.fit`): every CLs value is that of converged fits.
+With ``match_pyhf`` the limits are pyhf's own instead, noise included. A test statistic within
+fit precision of zero (:data:`~pyhf_dist.fast.fit.NOISE_FLOOR`; at ``mu = 0``, always for the
+Asimov data) has a CLs that is the noise of pyhf's fits there. That
 noise changes no limit as long as it leaves the CLs on the same side of the level in a root
 search (it only steers the next trial value: the search ends within its tolerance of the same
 crossing), and no interpolated limit of a grid. Where it could, and where it could make pyhf's
@@ -40,7 +42,13 @@ LIMIT_NOISE = 1e-4
 
 
 def upper_limit(
-    problem, test_stat: str, level: float, scan=None, exact: Callable[[float], tuple] | None = None
+    problem,
+    test_stat: str,
+    level: float,
+    scan=None,
+    exact: Callable[[float], tuple] | None = None,
+    *,
+    match_pyhf: bool = False,
 ) -> dict:
     """Observed and expected upper limits of one patch, as ``pyhf...upper_limit(data, model, scan, level)``.
 
@@ -50,11 +58,16 @@ def upper_limit(
         level: CLs level of the limit (0.05: 95% CL).
         scan: ``None`` for pyhf's root-finding between the POI bounds, or the grid of POI values.
         exact: ``mu -> (CLs_obs, [CLs_exp x5])`` from plain pyhf, for the POI values where the
-            noise of pyhf's fits decides the outcome; ``None`` declines such patches.
+            noise of pyhf's fits decides the outcome (``match_pyhf``); ``None`` declines such patches.
+        match_pyhf: Reproduce pyhf's limits (its fits' starting points and noise) instead of
+            those of the certified converged fits.
 
     Returns:
         ``{"mu_up_obs": float, "mu_up_exp": [5 floats], "poi_values": int, "exact_values": int}``
-        (how many POI values the search tested, and how many of them plain pyhf computed).
+        (how many POI values the search tested, and how many of them plain pyhf computed), and
+        the fits' certificate: ``converged``, ``fits`` (the three fits every POI value shares,
+        and ``"conditional"``: how many conditional fits, their largest gradient, whether all
+        converged), ``pyhf_default`` where pyhf's default minimizer stalls on the patch.
 
     Raises:
         FastPathUnsupported: The limit would not be pyhf's (see the module); plain pyhf then.
@@ -64,7 +77,7 @@ def upper_limit(
 
     if test_stat not in ("qtilde", "q"):
         raise FastPathUnsupported(f"upper limits with test statistic {test_stat!r}")
-    poi_scan = fit.PoiScan(problem, test_stat)
+    poi_scan = fit.PoiScan(problem, test_stat, match_pyhf=match_pyhf)
     lower, upper = poi_scan.bounds
     ranges: dict[float, tuple] = {}  # mu -> (least, greatest) CLs values over pyhf's noise
     exact_values: dict[float, tuple] = {}
@@ -90,7 +103,7 @@ def upper_limit(
                 )
         results = []
         for mu, stats in zip(mus, poi_scan.statistics_many(mus, observed)):
-            central, low, high = _cls_range(stats, test_stat)
+            central, low, high = _cls_range(stats, test_stat, powerless_is_one=not match_pyhf)
             ranges[mu] = (low, high)
             if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
                 results.append(pyhf_value(mu, "pyhf's CLs there may be undefined (0/0)"))
@@ -109,7 +122,21 @@ def upper_limit(
             if mu not in exact_values and _moves_limit(results, index, ranges[mu], grid, level):
                 results[index] = pyhf_value(mu, "the interpolated limit depends on its CLs")
         observed, expected = limits.grid_scan(lambda mus: results, grid, level)
-    return {"mu_up_obs": observed, "mu_up_exp": expected, "poi_values": len(ranges), "exact_values": len(exact_values)}
+    shared = poi_scan.shared_fits
+    certificate = poi_scan.certificate(shared)
+    conditional = [found for name, found in poi_scan.fits.items() if name not in shared]
+    certificate["fits"]["conditional"] = {
+        "count": len(conditional),
+        "gradient": max((found.gradient for found in conditional), default=0.0),
+        "converged": all(found.converged for found in conditional),
+    }
+    return {
+        "mu_up_obs": observed,
+        "mu_up_exp": expected,
+        "poi_values": len(ranges),
+        "exact_values": len(exact_values),
+        **certificate,
+    }
 
 
 def _moves_limit(results: list, index: int, bounds: tuple, grid: list, level: float) -> bool:
@@ -130,7 +157,7 @@ def _moves_limit(results: list, index: int, bounds: tuple, grid: list, level: fl
     return False
 
 
-def _cls_range(stats: dict, test_stat: str):
+def _cls_range(stats: dict, test_stat: str, *, powerless_is_one: bool = False):
     """CLs observed and expected (6 values) at the statistics, and their least and greatest over
     the range a noisy statistic may take in pyhf (between 0 and :data:`~pyhf_dist.fast.fit.NOISE_FLOOR`).
 
@@ -147,7 +174,7 @@ def _cls_range(stats: dict, test_stat: str):
 
     def cls(qmu, qmu_a):
         with np.errstate(divide="ignore", invalid="ignore"):
-            result = fit.asymptotic_cls(qmu, qmu_a, test_stat)
+            result = fit.asymptotic_cls(qmu, qmu_a, test_stat, powerless_is_one=powerless_is_one)
         return np.array([result["CLs_obs"] if observed else 0.5, *result["CLs_exp"]])
 
     qmu = stats["qmu"] if observed else 0.0

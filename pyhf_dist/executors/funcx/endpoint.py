@@ -187,7 +187,9 @@ def pyhf_dist_fit(context, task):
             raise KeyError(f"the scan's context has no pallet {task.get('pallet')!r}")
 
         # Plain pyhf runs on numpy, the reference, as on every other executor.
-        if pyhf.tensorlib.name != "numpy":
+        if settings.get("optimizer", "scipy") == "minuit":
+            pyhf.set_backend("numpy", pyhf.optimize.minuit_optimizer(tolerance=1e-4, strategy=2))
+        elif pyhf.tensorlib.name != "numpy":
             pyhf.set_backend("numpy")
         # The patch applies to the whole workspace, as pyhf.PatchSet applies it (it may change
         # observations and the measurement, not only the channels).
