@@ -277,12 +277,12 @@ def test_a_patch_removing_a_channel_converges_on_the_shared_layout(lbb_pallet):
 def test_a_fit_l_bfgs_b_does_not_finish_is_finished_by_minuit(erjr_pallet, monkeypatch):
     """Fitted harder: where L-BFGS-B stops short of a minimum (here held to 3 iterations), MINUIT
     continues on the compiled gradient, and the certificate names it."""
-    from pyhf_dist.fast import FastHypotest, fit
+    from pyhf_dist.fast import FastHypotest, problem as fits
 
     problem = FastHypotest(erjr_pallet.workspace).problem(erjr_pallet.patches[0].operations)
     reference = problem.minimum(problem.main, problem.aux, {"init": problem.init})
     assert reference.converged
-    monkeypatch.setattr(fit, "MAXITER", 3)
+    monkeypatch.setattr(fits, "MAXITER", 3)
     stopped = problem.minimum(problem.main, problem.aux, {"init": problem.init})
     assert not stopped.converged and stopped.value > reference.value + 1e-3
     finished = problem.minimum(problem.main, problem.aux, {"init": problem.init}, harder=True)

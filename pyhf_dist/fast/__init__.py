@@ -202,7 +202,7 @@ class FastHypotest:
         return hypotest
 
     def problem(self, patch_operations: list | None):
-        """The patch's :class:`~pyhf_dist.fast.fit.FitProblem` (its structure checked against pyhf once).
+        """The patch's :class:`~pyhf_dist.fast.problem.FitProblem` (its structure checked against pyhf once).
 
         Raises:
             FastPathUnsupported: As :meth:`hypotest`, for the patch itself.
@@ -269,7 +269,7 @@ class FastHypotest:
         return device, params, main, functions
 
     def _problem(self, patch_operations):
-        from pyhf_dist.fast import fit
+        from pyhf_dist.fast.problem import FitProblem
 
         configure_jax()
         spec, arrays = self.arrays(patch_operations)
@@ -284,7 +284,7 @@ class FastHypotest:
                 raise FastPathUnsupported("this structure did not reproduce pyhf's model in the check")
         import jax
 
-        return fit.FitProblem(
+        return FitProblem(
             functions=functions,
             layout=device,
             init=params["init"],

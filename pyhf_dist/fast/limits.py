@@ -53,7 +53,7 @@ def upper_limit(
     """Observed and expected upper limits of one patch, as ``pyhf...upper_limit(data, model, scan, level)``.
 
     Args:
-        problem: The patch (:class:`~pyhf_dist.fast.fit.FitProblem`).
+        problem: The patch (:class:`~pyhf_dist.fast.problem.FitProblem`).
         test_stat: ``"qtilde"`` or ``"q"``.
         level: CLs level of the limit (0.05: 95% CL).
         scan: ``None`` for pyhf's root-finding between the POI bounds, or the grid of POI values.
