@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--options", default="{}", help="JSON of extra executor options")
     parser.add_argument("--upper-limit", action="store_true", help="95%% CL upper limits instead of CLs at mu = 1")
     parser.add_argument("--scan", default=None, help="with --upper-limit: a grid START,STOP,POINTS")
+    parser.add_argument("--match-pyhf", action="store_true", help="pyhf's own digits instead of certified fits")
     args = parser.parse_args()
 
     import pyhf_dist
@@ -138,7 +139,7 @@ def main() -> None:
                 meter.mark(done[0])
 
         result = pyhf_dist.map_fits(pallet, executor=args.executor, backend=args.backend, callback=arrived,
-                                    on_start=started, **options)
+                                    on_start=started, match_pyhf=args.match_pyhf, **options)
         with tempfile.TemporaryDirectory() as directory:
             result.to_json(f"{directory}/results.json")
         records += [record.to_dict() for record in result]
