@@ -151,9 +151,9 @@ class Journal:
         except OSError as error:
             raise JournalError(f"cannot read {self.path}: {describe_errno(error)}") from None
         lines = data.split(b"\n")
-        torn = bool(lines and lines[-1].strip())  # no newline at the end: the write a crash cut short
-        if not torn:
-            lines = lines[:-1]
+        # No newline at the end: the write a crash cut short. Never a record, even where what was
+        # written happens to parse: appending cuts it off (see open()).
+        lines = lines[:-1]
         bad: list[int] = []
         for number, raw in enumerate(lines, start=1):
             if not raw.strip():
@@ -175,12 +175,12 @@ class Journal:
                 f"{self.path} holds {foreign} results computed with other settings or another workspace "
                 "(or pallet choice): resume with the same settings, or start afresh without --resume"
             )
-        if bad and not self._lines and (len(bad) > 1 or not torn):
+        if bad and not self._lines:
             raise JournalError(
                 f"{self.path} is not a journal (no line of it is a journal entry): delete the file or give "
                 "another --journal"
             )
-        self.skipped = [number for number in bad if not (torn and number == len(lines))]
+        self.skipped = bad
         if self.skipped:
             log.warning(
                 "%s: skipped line%s %s (not journal entries, e.g. a disk that lost a block): their patches are "
