@@ -16,7 +16,9 @@ Per executor and fault kind it prints: faults injected, scans completed, runs (t
 resume), records lost (patches missing from the final results: must be 0), records duplicated
 (patches twice in the results, or fitted again although the journal already held them ok: must be
 0), the largest |ΔCLs| (observed and the five expected) against an undisturbed run of the same
-backend, and stops that printed a traceback (must be 0). The table goes to
+backend, and the stops (runs ending non-zero) that were clean: one line, or the interruption
+message, or the SIGKILL injected, and no traceback (a run the script had to kill after
+``--run-timeout`` seconds is never clean). The table goes to
 ``benchmarks/output/chaos.md`` with the command that made it; every run's details to
 ``chaos.json``.
 
@@ -266,7 +268,10 @@ class Scan:
         while len(self.runs) < self.args.max_runs:
             if resume:
                 self.snapshot.update(journal_ok(self.journal))
-            process = subprocess.Popen(self.command(resume), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            # Standard error to a file, not a pipe: a killed client's children may hold a pipe open
+            # long after it died, and the run is over when the client is.
+            errors = tempfile.TemporaryFile(mode="w+")
+            process = subprocess.Popen(self.command(resume), stdout=subprocess.DEVNULL, stderr=errors, text=True,
                                        start_new_session=True)
             self._children = []
             injected: list[str] = []
@@ -288,17 +293,23 @@ class Scan:
 
             thread = threading.Thread(target=injector, daemon=True)
             thread.start()
+            timed_out = False
             try:
-                stdout, stderr = process.communicate(timeout=self.args.run_timeout)
-            except subprocess.TimeoutExpired:
+                process.wait(timeout=self.args.run_timeout)
+            except subprocess.TimeoutExpired:  # a hung scan: never a clean stop
+                timed_out = True
                 os.killpg(process.pid, signal.SIGKILL)
-                stdout, stderr = process.communicate()
+                process.wait()
             stop_injecting.set()
             thread.join()
             if self.kind == "client-kill" and process.returncode == -signal.SIGKILL:
                 strays += self.after_client_kill()
+            errors.seek(0)
+            stderr = errors.read()
+            errors.close()
             error_lines = [line for line in stderr.splitlines() if line.startswith("Error:")]
-            self.runs.append({"rc": process.returncode, "faults": injected, "traceback": "Traceback" in stderr,
+            self.runs.append({"rc": process.returncode, "faults": injected, "timed_out": timed_out,
+                              "traceback": "Traceback" in stderr,
                               "error_lines": error_lines, "stderr_tail": stderr[-2000:]})
             resume = True
             if process.returncode == 0 and self._all_ok():
@@ -337,6 +348,8 @@ class Scan:
             "tracebacks": sum(run["traceback"] for run in self.runs),
             "stops": len(stops),
             "stops_one_line": sum(1 for run in stops if run["rc"] in (-9, 130) or len(run["error_lines"]) == 1),
+            "stops_clean": sum(1 for run in stops if (run["rc"] in (-9, 130) or len(run["error_lines"]) == 1)
+                               and not run["traceback"] and not run["timed_out"]),
             "strays_after_client_kill": strays, "seconds": seconds, "runs_detail": self.runs,
         }
 
@@ -374,11 +387,11 @@ def table(rows: list[dict], command: str, args, notes: list[str]) -> str:
         completed = sum(row["completed"] for row in group)
         differences = [row["max_dcls"] for row in group if row["max_dcls"] is not None]
         stops = sum(row["stops"] for row in group)
-        clean = sum(row["stops_one_line"] for row in group) - sum(row["tracebacks"] for row in group)
+        clean = sum(row["stops_clean"] for row in group)
         return (f"| {label_executor} | {label_kind} | {sum(row['faults'] for row in group)} | {completed}/{len(group)} | "
                 f"{sum(row['runs'] for row in group)} | {sum(row['lost'] for row in group)} | "
                 f"{sum(row['duplicated'] for row in group)} | {max(differences) if differences else float('nan'):.2g} | "
-                f"{stops} | {max(clean, 0)}/{stops} |")
+                f"{stops} | {clean}/{stops} |")
 
     for (executor, kind), group in sorted(groups.items()):
         lines.append(line(executor, kind, group))
@@ -447,6 +460,10 @@ def main() -> int:
                       f"rcs {[run['rc'] for run in row['runs_detail']]} ({row['seconds']:.0f} s)", flush=True)
             if done < per_executor[executor]:
                 notes.append(f"{executor}: {done} of {per_executor[executor]} faults fitted in the time given")
+            strays = sum(row["strays_after_client_kill"] for row in rows if row["executor"] == executor)
+            if strays:
+                notes.append(f"{executor}: after client SIGKILLs, {strays} processes (or Slurm jobs) were still there 10 s "
+                             "later; this script stopped them before resuming")
     finally:
         disk.close()
     text = table(rows, command, args, notes)
