@@ -415,16 +415,23 @@ class _MemoryWatch:
             self._thread.start()
 
     def _sample(self, pid: int) -> None:
+        try:
+            with open(f"/proc/{pid}/statm") as stream:
+                rss = int(stream.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            rss = 0
+        if not rss:
+            # Killed and not yet reaped (a zombie reads as 0 bytes, in the root cgroup) or gone: its
+            # last sample stays. (A read can also fail while it starts: then it is sampled again.)
+            if not os.path.exists(f"/proc/{pid}") or _zombie(pid):
+                self._pids.discard(pid)
+            return
+        self.rss[pid] = rss
         group = memory_cgroup(pid)
-        if group is not None and self.cgroups.get(pid, (None,))[0] != group:
+        if group is not None and self.cgroups.get(pid, (None,))[0] != group and not _zombie(pid):
             # A worker may move to another cgroup as it starts (a site's initializer, a job step):
             # its counter is read from where it lives now.
             self.cgroups[pid] = (group, oom_kills(group))
-        try:
-            with open(f"/proc/{pid}/statm") as stream:
-                self.rss[pid] = int(stream.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            self._pids.discard(pid)  # gone: its last sample stays
 
     def _run(self) -> None:
         while not self._stopped.wait(self.INTERVAL):
@@ -435,6 +442,10 @@ class _MemoryWatch:
         self._stopped.set()
         self._thread = None
         self._pids.clear()
+
+
+def _zombie(pid: int) -> bool:
+    return not _running(pid)
 
 
 def memory_cgroup(pid: int) -> Path | None:
