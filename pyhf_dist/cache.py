@@ -14,6 +14,12 @@ same code. The directory is ``$PYHF_DIST_CACHE``, by default ``$XDG_CACHE_HOME/p
 (``~/.cache/pyhf-dist``); ``PYHF_DIST_CACHE=off`` disables all of it. Deleting the directory is
 always safe.
 
+A cache that falls over never fails a scan. Each remembered answer carries a digest of itself, so
+a truncated or damaged entry reads as absent and is computed again. A compile cache that cannot
+be written (full disk, quota, read-only, not a directory) or holds damaged entries is given up for
+the process, with one note: the likelihood is then compiled in memory (:func:`usable`,
+:func:`guard_compile_cache`).
+
 >>> key = digest("example", b"bytes")
 >>> len(key)
 40
@@ -27,10 +33,14 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-__all__ = ["CACHE_ENV", "root", "directory", "digest", "versions", "recall", "remember", "exclusive"]
+__all__ = [
+    "CACHE_ENV", "root", "directory", "digest", "versions", "recall", "remember", "exclusive", "usable",
+    "guard_compile_cache",
+]
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +95,24 @@ def versions(*packages: str) -> str:
     return ";".join(found)
 
 
+#: First line of every remembered answer: ``<digest of the answer>``, then the answer.
+_SEAL = "sealed "
+
+
 def recall(kind: str, key: str) -> str | None:
-    """The answer remembered for check ``kind`` under ``key``, or ``None``."""
+    """The answer remembered for check ``kind`` under ``key``, or ``None`` (also for an entry that
+    is damaged or cut short: it no longer matches its digest)."""
     path = directory("checks")
     if path is None:
         return None
     try:
-        return (path / f"{kind}-{key}").read_text()
+        text = (path / f"{kind}-{key}").read_text()
     except (OSError, UnicodeDecodeError):
         return None
+    head, newline, answer = text.partition("\n")
+    if not newline or not head.startswith(_SEAL) or head[len(_SEAL):] != digest(answer):
+        return None
+    return answer
 
 
 def remember(kind: str, key: str, answer: str) -> None:
@@ -101,14 +120,95 @@ def remember(kind: str, key: str, answer: str) -> None:
     path = directory("checks")
     if path is None:
         return
+    temporary = None
     try:
         # Workers of one scan may write the same answer at once: write aside, then rename.
         handle, temporary = tempfile.mkstemp(dir=path, prefix=f".{kind}-")
         with os.fdopen(handle, "w") as stream:
-            stream.write(answer)
+            stream.write(f"{_SEAL}{digest(answer)}\n{answer}")
         os.replace(temporary, path / f"{kind}-{key}")
     except OSError as error:
         log.debug("could not remember %s check: %s", kind, error)
+        if temporary is not None:  # a full disk must not also keep the half-written file
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+
+
+def usable(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot serve as a cache directory now, or ``None`` when it can.
+
+    It must exist (or be creatable) and take a small file written and synced: a full disk, an
+    exceeded quota, a read-only filesystem or a file in the way all fail here, before any
+    compilation tries to use it.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=path, prefix=".probe-")
+    except OSError as error:
+        return error.strerror or type(error).__name__
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(b"\0" * 4096)
+            stream.flush()
+            os.fsync(stream.fileno())
+    except OSError as error:
+        return error.strerror or type(error).__name__
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+    return None
+
+
+_GUARD_LOCK = threading.Lock()
+_GUARDED = False
+
+
+def guard_compile_cache(path: str) -> None:
+    """Give jax's persistent compilation cache at ``path`` up at its first error, saying so once.
+
+    jax itself only warns when it cannot read or write an entry — on every compilation, each a
+    long ``UserWarning`` — and goes on compiling. Here the first such warning turns the cache off
+    for this process (compiling in memory from then on) and becomes one note; later ones are
+    silenced.
+    """
+    global _GUARDED
+    import warnings
+
+    with _GUARD_LOCK:
+        if _GUARDED:
+            return
+        _GUARDED = True
+    shown = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if "persistent compilation cache entry" not in text:
+            return shown(message, category, filename, lineno, file, line)
+        give_up_compile_cache(path, text.split(": ", 1)[-1])
+
+    warnings.showwarning = showwarning
+
+
+_GIVEN_UP = False
+
+
+def give_up_compile_cache(path: str, reason: str) -> None:
+    """Turn jax's persistent compilation cache off for this process, with one note (the first time)."""
+    global _GIVEN_UP
+    with _GUARD_LOCK:
+        if _GIVEN_UP:
+            return
+        _GIVEN_UP = True
+    try:
+        import jax
+        from jax._src import compilation_cache
+
+        jax.config.update("jax_enable_compilation_cache", False)
+        compilation_cache.reset_cache()
+    except Exception as error:  # a jax without these: its own warnings go on, fits are unaffected
+        log.debug("could not turn the compilation cache off: %s", error)
+    log.warning("compile cache %s unusable (%s): compiling in memory instead", path, reason)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ __all__ = [
     "ExecutorOptionError",
     "OutputError",
     "JournalError",
+    "StorageError",
     "MissingDependencyError",
     "ExecutorError",
     "WorkerLostError",
@@ -71,6 +72,45 @@ class OutputError(InputError):
 
 class JournalError(InputError):
     """A journal that cannot be resumed (unreadable, or written with other settings)."""
+
+
+class StorageError(PyhfDistError, OSError):
+    """The machine could not keep what a scan writes: a full disk, an exceeded quota, an output
+    folder made read-only or removed.
+
+    The scan stops (it would otherwise fit patches whose results it cannot keep). The message is
+    one line saying what failed and what was kept; :attr:`kept` counts the whole records in the
+    journal, which a scan run again with ``resume=True`` (``--resume``) skips.
+
+    Attributes:
+        path: The file that could not be written.
+        kept: Whole records in the journal (``None``: no journal).
+        journal: The journal holding them.
+        errno: The operating system's error number (``errno.ENOSPC``...), when there is one.
+    """
+
+    def __init__(self, message: str, *, path=None, kept: int | None = None, journal=None, errno: int | None = None):
+        super().__init__(message)
+        self.path = path
+        self.kept = kept
+        self.journal = journal
+        self.errno = errno
+
+    def __str__(self) -> str:
+        return self.args[0] if self.args else ""
+
+    @property
+    def remedy(self) -> str:
+        """What to do before continuing, in a few words."""
+        import errno as codes
+
+        return {
+            codes.ENOSPC: "free some space there",
+            codes.EDQUOT: "free some of your disk quota",
+            codes.EROFS: "make that folder writable again",
+            codes.EACCES: "make that folder writable again",
+            codes.EPERM: "make that folder writable again",
+        }.get(self.errno, "fix that")
 
 
 class MissingDependencyError(PyhfDistError, ImportError):

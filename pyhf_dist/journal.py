@@ -6,15 +6,24 @@ second scan on the same journal (or the same output file) is refused with one li
 first. Each line is ``{"key": <scan key>, "record": {...}}`` and is
 flushed and fsynced before the scan moves on; the scan key is a hash of the background workspace
 and of every setting that changes a result, so that a resumed scan never mixes in results computed
-differently. A last line cut short by a crash is ignored (and cut off before appending). A resumed
-scan skips the patches whose latest record is ``ok`` and fits the failed ones again. Records are
-identified by ``(pallet, name)``: a scan of several pallets can hold one patch name in each.
+differently. A last line cut short by a crash is ignored (and cut off before appending); other
+lines that are not entries (a disk that lost a block, a stray edit) are skipped, and
+:attr:`Journal.skipped` names them: their patches are fitted again. A resumed scan skips the
+patches whose latest record is ``ok`` and fits the failed ones again. Records are identified by
+``(pallet, name)``: a scan of several pallets can hold one patch name in each.
+
+What the machine can do to the file is answered without losing a finished record: a full disk,
+an exceeded quota or a folder made read-only stops the scan with a :class:`StorageError` that
+counts the whole records kept; a journal removed mid-scan (its folder with it) is written again
+from memory, and the scan goes on.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -23,10 +32,24 @@ try:
 except ImportError:  # not on POSIX: concurrent scans are not detected there
     fcntl = None
 
-from pyhf_dist.exceptions import JournalError
+from pyhf_dist.exceptions import JournalError, StorageError
 from pyhf_dist.results import FitRecord, json_safe
 
-__all__ = ["Journal", "scan_key", "journal_path_for"]
+__all__ = ["Journal", "scan_key", "journal_path_for", "describe_errno"]
+
+log = logging.getLogger(__name__)
+
+
+def describe_errno(error: OSError) -> str:
+    """The operating system's words for ``error``, with a plainer name for the common faults.
+
+    >>> import errno
+    >>> describe_errno(OSError(errno.ENOSPC, "No space left on device"))
+    'No space left on device (disk full)'
+    """
+    text = error.strerror or type(error).__name__
+    plain = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only filesystem"}
+    return f"{text} ({plain[error.errno]})" if error.errno in plain else text
 
 
 def scan_key(workspace: dict, settings) -> str:
@@ -56,6 +79,14 @@ class Journal:
         self.key = key
         self._stream = None
         self._lock = None
+        #: Lines of the journal skipped when it was loaded, as not being entries (1-based).
+        self.skipped: list[int] = []
+        #: Whole records in the file now: those loaded with this scan's key, then those written.
+        self.kept = 0
+        # Every whole line of this scan's key in the file, so that a journal removed mid-scan can
+        # be written again without losing one.
+        self._lines: list[bytes] = []
+        self._inode: int | None = None
 
     @property
     def lock_path(self) -> Path:
@@ -91,54 +122,91 @@ class Journal:
             if same:
                 break
             stream.close()
-        stream.seek(0)
-        stream.truncate()
-        stream.write(f"{os.getpid()}\n")
-        stream.flush()
+        try:
+            stream.seek(0)
+            stream.truncate()
+            stream.write(f"{os.getpid()}\n")
+            stream.flush()
+        except OSError as error:
+            # The lock is held whatever the file says; only the owner's name for a second scan is missing.
+            log.debug("could not write the lock's owner to %s: %s", self.lock_path, error)
         self._lock = stream
 
     def load(self) -> dict[tuple, FitRecord]:
         """Records already finished with this scan's key, by ``(pallet, patch name)`` (for resuming).
 
+        Lines that are not journal entries are skipped and listed in :attr:`skipped` (a last line
+        cut short by a crash is expected, and only dropped).
+
         Raises:
             JournalError: The journal holds records computed with other settings or another
-                workspace, or is not a journal at all.
+                workspace, or is not a journal at all (no line of it is an entry).
         """
         if not self.path.exists():
             return {}
         done: dict[tuple, FitRecord] = {}
         foreign = 0
-        lines = self.path.read_text().splitlines()
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
+        try:
+            data = self.path.read_bytes()
+        except OSError as error:
+            raise JournalError(f"cannot read {self.path}: {describe_errno(error)}") from None
+        lines = data.split(b"\n")
+        # No newline at the end: the write a crash cut short. Never a record, even where what was
+        # written happens to parse: appending cuts it off (see open()).
+        lines = lines[:-1]
+        bad: list[int] = []
+        for number, raw in enumerate(lines, start=1):
+            if not raw.strip():
                 continue
             try:
-                entry = json.loads(line)
+                entry = json.loads(raw.decode("utf-8"))
                 record = FitRecord.from_dict(entry["record"])
                 key = entry["key"]
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                if number == len(lines):  # the write a crash interrupted
-                    continue
-                raise JournalError(
-                    f"{self.path} line {number} is not a journal entry: delete the file or give another --journal"
-                ) from None
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+                bad.append(number)
+                continue
             if key != self.key:
                 foreign += 1
                 continue
             done[record.key] = record
+            self._lines.append(raw + b"\n")
         if foreign:
             raise JournalError(
                 f"{self.path} holds {foreign} results computed with other settings or another workspace "
                 "(or pallet choice): resume with the same settings, or start afresh without --resume"
             )
+        if bad and not self._lines:
+            raise JournalError(
+                f"{self.path} is not a journal (no line of it is a journal entry): delete the file or give "
+                "another --journal"
+            )
+        self.skipped = bad
+        if self.skipped:
+            log.warning(
+                "%s: skipped line%s %s (not journal entries, e.g. a disk that lost a block): their patches are "
+                "fitted again", self.path, "s" if len(self.skipped) > 1 else "", _ranges(self.skipped),
+            )
+        self.kept = len(self._lines)
         return done
 
     def open(self, append: bool) -> None:
-        """Open for writing: append to what is there (resuming) or start a new journal."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if append:
-            self._drop_partial_line()
-        self._stream = open(self.path, "a" if append else "w")
+        """Open for writing: append to what is there (resuming) or start a new journal.
+
+        Raises:
+            StorageError: The file cannot be created or written (nothing was fitted yet).
+        """
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if append:
+                self._drop_partial_line()
+            else:
+                self._lines, self.kept = [], 0
+            # Unbuffered: a write that fails (a full disk) leaves nothing pending that closing the
+            # file would try, and fail, to write again.
+            self._stream = open(self.path, "ab" if append else "wb", buffering=0)
+            self._inode = os.fstat(self._stream.fileno()).st_ino
+        except OSError as error:
+            raise self._fault(error, "open") from None
 
     def _drop_partial_line(self) -> None:
         # A crash during a write leaves a last line without its newline: cut it off, or the next
@@ -152,21 +220,96 @@ class Journal:
             pass
 
     def write(self, record: FitRecord) -> None:
-        """Append one record and make sure it is on disk before returning."""
-        line = json.dumps({"key": self.key, "record": json_safe(record.to_dict())}, default=str)
-        self._stream.write(line + "\n")
-        self._stream.flush()
-        os.fsync(self._stream.fileno())
+        """Append one record and make sure it is on disk before returning.
+
+        A journal removed meanwhile (with its folder, say) is written again, whole, from what this
+        scan holds, and the scan goes on.
+
+        Raises:
+            StorageError: The record could not be kept (full disk, quota, read-only folder); the
+                error counts the whole records the journal keeps.
+        """
+        line = (json.dumps({"key": self.key, "record": json_safe(record.to_dict())}, default=str) + "\n").encode()
+        try:
+            view = memoryview(line)
+            while view:  # a write to a nearly full disk can be partial before it fails
+                view = view[os.write(self._stream.fileno(), view):]
+            os.fsync(self._stream.fileno())
+        except OSError as error:
+            raise self._fault(error, "write") from None
+        self._lines.append(line)
+        self.kept += 1
+        if not self._still_there():
+            self._write_again()
+
+    def _still_there(self) -> bool:
+        try:
+            return os.stat(self.path).st_ino == self._inode
+        except OSError:
+            return False
+
+    def _write_again(self) -> None:
+        """Write the whole journal again at its path: the file there was removed or replaced."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            with open(temporary, "wb") as stream:
+                stream.write(b"".join(self._lines))
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, self.path)
+            stream = open(self.path, "ab", buffering=0)
+        except OSError as error:
+            self.kept = 0
+            raise StorageError(
+                f"the journal {self.path} was removed mid-scan and cannot be written again "
+                f"({describe_errno(error)}): the {len(self._lines)} records finished are lost with it",
+                path=self.path, kept=0, journal=self.path, errno=error.errno,
+            ) from None
+        self._stream.close()
+        self._stream = stream
+        self._inode = os.fstat(stream.fileno()).st_ino
+        log.warning(
+            "the journal %s was removed mid-scan: written again with the %d records finished, and the scan goes on",
+            self.path, len(self._lines),
+        )
+
+    def _fault(self, error: OSError, doing: str) -> StorageError:
+        """The one-line error for a journal the machine would not let us write."""
+        where = f"{self.kept} finished record{'s are' if self.kept != 1 else ' is'} kept in it"
+        what = {"open": "create", "write": "write to"}[doing]
+        return StorageError(
+            f"cannot {what} the journal {self.path}: {describe_errno(error)}; {where}",
+            path=self.path, kept=self.kept, journal=self.path, errno=error.errno,
+        )
 
     def close(self) -> None:
         """Close the journal and release it for other scans."""
         if self._stream is not None:
-            self._stream.close()
-            self._stream = None
+            stream, self._stream = self._stream, None
+            try:
+                stream.close()
+            except OSError:  # unbuffered: nothing is pending; a failing close loses nothing
+                pass
         if self._lock is not None:
             lock, self._lock = self._lock, None
             try:
                 os.unlink(self.lock_path)  # while still holding it: see acquire()
             except OSError:
                 pass
-            lock.close()
+            try:
+                lock.close()
+            except OSError:
+                pass
+
+
+def _ranges(numbers: list[int]) -> str:
+    """``[1, 2, 3, 7]`` -> ``"1-3, 7"``."""
+    parts, start = [], None
+    for index, number in enumerate(numbers):
+        if start is None:
+            start = number
+        if index + 1 == len(numbers) or numbers[index + 1] != number + 1:
+            parts.append(str(start) if start == number else f"{start}-{number}")
+            start = None
+    return ", ".join(parts)

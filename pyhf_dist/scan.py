@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import logging
 import os
 import platform
 import signal
@@ -40,6 +41,8 @@ from pyhf_dist.settings import FitSettings
 from pyhf_dist.worker import WorkerContext, failed_record, make_batch, make_task
 
 __all__ = ["map_fits", "iter_fits", "prepare_pallet", "prepare_pallets"]
+
+log = logging.getLogger(__name__)
 
 #: Extra seconds the client waits past ``timeout`` before it gives up on a task itself (the worker
 #: normally stops the fit on time; this covers workers that cannot).
@@ -177,6 +180,8 @@ def iter_fits(
         if book is not None:
             book.acquire()  # before reading it: two scans must never write one journal
         finished = book.load() if (book is not None and resume) else {}
+        if book is not None and book.skipped:
+            info["journal_skipped"] = list(book.skipped)
         # Only fits that succeeded are kept: a resumed scan fits the failed ones again.
         finished = {key: record for key, record in finished.items() if key in values_by_key and record.ok}
         todo = [(each.name, patch) for each, selected in zip(pallets, chosen) for patch in selected
@@ -315,7 +320,10 @@ def _run(runner, context, todo, settings, retries, timeout, values_by_key) -> It
                     job.attempt += 1
                     queue.appendleft(job)
                 jobs = [job for job in jobs if job not in retried]
-                detail = first_line(error, with_type=True)
+                detail = runner.explain_loss(future, error) if lost else first_line(error, with_type=True)
+                if retried:
+                    log.warning("%s: %s again (attempt %d of %d)", detail,
+                                _patches([job.patch.name for job in retried]), retried[0].attempt, retries + 1)
                 outcomes = [_failed(job, f"worker lost {job.attempt} times: {detail}" if lost else f"task failed: {detail}")
                             for job in jobs]
             for job, outcome in zip(jobs, outcomes):
@@ -363,16 +371,27 @@ def _expire(runner, in_flight, timeout) -> None:
     # The worker stops a fit at ``timeout`` by itself where it can; this is the client's backstop
     # for workers that cannot (tasks run in threads, a fit stuck in C code), measured from when a
     # worker began the task. (A scan with a timeout sends one patch per task.)
-    now = time.time()
+    now, wall = time.monotonic(), time.time()
     for future, jobs in list(in_flight.items()):
         job = jobs[0]
         if job.running_since is None:
-            job.running_since = runner.started_at(future)
+            began = runner.started_at(future)  # Unix time, as executors know it
+            if began is not None:
+                # From here on the task's age is counted on the monotonic clock: a wall clock set
+                # forward (NTP, an operator) must not time out every task in flight at once, nor
+                # one set back keep a stuck task for ever.
+                job.running_since = now - max(0.0, wall - began)
         if job.running_since is not None and now - job.running_since > timeout + TIMEOUT_GRACE:
             replacement: concurrent.futures.Future = concurrent.futures.Future()
             replacement.set_result(_failed(job, f"timed out after {timeout} s (worker did not respond)"))
             in_flight[replacement] = in_flight.pop(future)
             runner.abandon(future)
+
+
+def _patches(names: list[str]) -> str:
+    """``"fitting A"``, ``"fitting A, B and 3 more"``: the patches a retry submits again."""
+    shown = ", ".join(names[:2])
+    return f"fitting {shown}" + (f" and {len(names) - 2} more" if len(names) > 2 else "")
 
 
 def _failed(job: _Job, message: str) -> dict:

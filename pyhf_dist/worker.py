@@ -364,6 +364,9 @@ def run_task(task: dict, context: WorkerContext | None = None) -> dict:
             )
         state = initialize(context)
     started = time.time()
+    # Durations on the monotonic clock: a clock set forward or back mid-fit (NTP, an operator) must
+    # not give a fit a negative or hour-long duration.
+    began = time.monotonic()
     record = new_record(task)
     try:
         from pyhf_dist import calculations
@@ -376,5 +379,5 @@ def run_task(task: dict, context: WorkerContext | None = None) -> dict:
     except Exception as error:  # a failed fit is a result, not a crash of the scan
         record.update(status="failed", error=first_line(error, with_type=True))
     finished = time.time()
-    record.update(started=started, finished=finished, fit_seconds=finished - started, worker=worker_info())
+    record.update(started=started, finished=finished, fit_seconds=time.monotonic() - began, worker=worker_info())
     return record

@@ -410,7 +410,7 @@ def test_resume_with_a_journal_from_other_settings_or_not_a_journal(capsys, demo
         journal.write_text("not a journal\n{}\n")
         code = main(["fit", str(demo_dir), "--resume", "--executor", "sequential", "-o", str(output), "-q"])
         err = capsys.readouterr().err
-        assert code == 2 and "line 1 is not a journal entry" in err and "Traceback" not in err
+        assert code == 2 and "is not a journal (no line of it is a journal entry)" in err and "Traceback" not in err
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert not output.exists() and journal.read_text() == "not a journal\n{}\n", "the journal is left as it was"

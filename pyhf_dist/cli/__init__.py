@@ -55,10 +55,24 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt()
 
 
+def _notes_on_stderr() -> None:
+    """What the library notes on the way (a worker lost and its task resubmitted, journal lines
+    skipped, a compile cache given up) as one ``Note:`` line each on standard error."""
+    import logging
+
+    logger = logging.getLogger("pyhf_dist")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("Note: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        logger.addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     from pyhf_dist.exceptions import InputError, PyhfDistError
 
+    _notes_on_stderr()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     # A batch system stops jobs with SIGTERM: treat it like Ctrl-C so that finished results stay
     # in the journal and started clusters are shut down.

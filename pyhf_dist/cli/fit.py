@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from pyhf_dist.exceptions import OutputError
+from pyhf_dist.exceptions import OutputError, StorageError
 
 __all__ = ["fit", "check_output", "print_table"]
 
@@ -30,6 +30,25 @@ def check_output(path: str | os.PathLike) -> None:
         raise OutputError(f"cannot write {path}: {error.strerror} in {directory}") from None
     if path.exists() and not os.access(path, os.W_OK):
         raise OutputError(f"cannot write {path}: the file is read-only")
+
+
+def _check_compile_cache() -> None:
+    """Say once, here, that the compile cache cannot be used, and keep the workers off it.
+
+    Workers started on this machine inherit the environment: with the cache off they compile in
+    memory without each saying so again. (Workers elsewhere check their own cache.)
+    """
+    from pyhf_dist import cache
+    from pyhf_dist.fast.likelihood import CACHE_ENV
+
+    base = cache.root()
+    directory = os.environ.get(CACHE_ENV) or (str(base / "jax") if base is not None else "off")
+    if directory.lower() == "off":
+        return
+    reason = cache.usable(directory)
+    if reason:
+        click.echo(f"Note: compile cache {directory} unusable ({reason}): compiling in memory instead", err=True)
+        os.environ[CACHE_ENV] = "off"
 
 
 def print_table(result, points: bool = False) -> None:
@@ -169,6 +188,8 @@ def fit(source, patchset, patches, pallets, combine, executor, workers, backend,
     if optimizer != "scipy":
         calculation_options["optimizer"] = optimizer
     check_output(output)
+    if backend != "numpy":
+        _check_compile_cache()
     journal_path = Path(journal) if journal else journal_path_for(output)
     if resume and not journal_path.exists():
         click.echo(f"No journal at {journal_path}: starting from the beginning.", err=True)
@@ -206,10 +227,27 @@ def fit(source, patchset, patches, pallets, combine, executor, workers, backend,
             err=True,
         )
         raise click.exceptions.Exit(130) from None
-    if str(output).lower().endswith(".csv"):
-        result.to_csv(output)
-    else:
-        result.to_json(output)
+    except StorageError as error:
+        # The machine's fault, not the user's input: one line, what was kept, the command that continues.
+        go_on = (f"{error.remedy}, then run: {resume_command} --resume" if error.kept
+                 else f"{error.remedy}, then run: {resume_command}")
+        click.echo(f"\nError: {error}; {go_on}", err=True)
+        raise click.exceptions.Exit(1) from None
+    try:
+        if str(output).lower().endswith(".csv"):
+            result.to_csv(output)
+        else:
+            result.to_json(output)
+    except OSError as error:
+        from pyhf_dist.journal import describe_errno
+
+        fault = StorageError("", errno=error.errno)
+        click.echo(
+            f"\nError: cannot write the results {output}: {describe_errno(error)}; all {len(result)} records are kept "
+            f"in {journal_path}; {fault.remedy}, then run: {resume_command} --resume (it fits nothing again)",
+            err=True,
+        )
+        raise click.exceptions.Exit(1) from None
     if not result.failed():
         journal_path.unlink(missing_ok=True)
     print_table(result)

@@ -77,6 +77,7 @@ class Executor(abc.ABC):
         runner.started_at(future)       # when a worker began it (for per-fit timeouts)
         runner.abandon(future)          # a fit ran past its timeout: give up on it
         runner.is_worker_lost(error)    # the future failed: worker death (retry) or fit failure?
+        runner.explain_loss(future, error)  # a worker died: which, of what, with how much memory
         runner.describe()               # facts for the results' metadata
         runner.shutdown()               # however the scan ended
 
@@ -178,6 +179,17 @@ class Executor(abc.ABC):
         from pyhf_dist.exceptions import WorkerLostError
 
         return isinstance(error, (WorkerLostError, BrokenProcessPool))
+
+    def explain_loss(self, future: concurrent.futures.Future, error: BaseException) -> str:
+        """One line on how the worker of ``future`` died (``error`` made :meth:`is_worker_lost` true).
+
+        It goes into the scan's note of the retry and, once retries are used up, into the failed
+        record. The default is the error's first line; an engine that knows its worker processes
+        says which one, the signal that killed it, and whether the kernel's OOM killer did.
+        """
+        from pyhf_dist.exceptions import first_line
+
+        return first_line(error, with_type=True)
 
     def job_script(self) -> str:
         """The batch script a batch-system executor submits (``--show-job-script``), without

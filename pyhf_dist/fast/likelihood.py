@@ -87,8 +87,17 @@ def configure_jax() -> None:
             base = cache.root()
             directory = str(base / "jax") if base is not None else "off"
         if directory.lower() != "off":
+            from pyhf_dist import cache
+
+            # A cache that cannot take a file (full disk, quota, read-only) is not used: compiling
+            # in memory, said once, rather than failing or warning at every compilation.
+            unusable = cache.usable(directory)
+            if unusable:
+                log.warning("compile cache %s unusable (%s): compiling in memory instead", directory, unusable)
+                directory = "off"
+        if directory.lower() != "off":
             try:
-                os.makedirs(directory, exist_ok=True)
+                cache.guard_compile_cache(directory)
                 jax.config.update("jax_compilation_cache_dir", directory)
                 # The likelihood compiles in about a second, under jax's default threshold for
                 # caching, but it is what every cold worker waits for: cache every compilation.

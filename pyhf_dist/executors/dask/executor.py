@@ -68,6 +68,19 @@ def run_pickled_task(task: bytes) -> dict:
 
 
 #: Errors of a future that mean its worker (or our link to the workers) went away, not the fit.
+#: Starts of a cluster of our own, when a worker is killed while it starts (an operator, the OOM
+#: killer, a job cancelled): a worker lost later is the scan's to retry, this is before any fit.
+START_ATTEMPTS = 3
+
+
+def _killed_while_starting(error: BaseException, executor) -> bool:
+    """Whether a failed start was a worker process (or batch job) lost, not a worker unable to start."""
+    if isinstance(error, _lost_worker_errors()):
+        return True
+    text = str(error)
+    return "killed by SIG" in text or (isinstance(error, ExecutorError) and "CommClosedError" in text)
+
+
 def _lost_worker_errors() -> tuple[type[BaseException], ...]:
     from distributed.comm.core import CommClosedError
     from distributed.scheduler import KilledWorker
@@ -264,6 +277,22 @@ class DaskExecutor(Executor):
             raise error
 
     def start(self, context: WorkerContext) -> None:
+        """Bring the workers up and ship ``context``; a cluster of our own whose worker (or job)
+        was killed while it started is started afresh, up to :data:`START_ATTEMPTS` times."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                # A worker of our own cluster killed while it starts makes Dask log the closed
+                # stream with a traceback; what happened is said in one line here or by the scan.
+                with _quiet_dask_logs(not self._given, logging.CRITICAL):
+                    return self._start(context)
+            except Exception as error:
+                if self._given or attempt == START_ATTEMPTS or not _killed_while_starting(error, self):
+                    raise
+                logging.getLogger("pyhf_dist").warning(
+                    "a worker was lost while the %s cluster started (%s): starting it again (attempt %d of %d)",
+                    self.name, first_line(error), attempt + 1, START_ATTEMPTS)
+
+    def _start(self, context: WorkerContext) -> None:
         super().start(context)
         try:
             if self._bringing_up is not None:
@@ -387,13 +416,13 @@ class DaskExecutor(Executor):
 
 
 @contextlib.contextmanager
-def _quiet_dask_logs(quiet: bool):
-    """Dask's loggers at ERROR for the duration (their own level, not their handlers', which a
+def _quiet_dask_logs(quiet: bool, level: int = logging.ERROR):
+    """Dask's loggers at ``level`` for the duration (their own level, not their handlers', which a
     closing SpecCluster resets), when ``quiet``."""
     logger = logging.getLogger("distributed")
     previous = logger.level
     if quiet:
-        logger.setLevel(max(previous, logging.ERROR))
+        logger.setLevel(max(previous, level))
     try:
         yield
     finally:

@@ -86,8 +86,15 @@ class WorkerProcess(ProcessInterface):
                 lines = [line.strip() for line in output if line.strip()]
         except OSError:
             lines = []
+        code = self.process.returncode
+        if code < 0:  # not a failure of its own: something (an operator, the OOM killer) stopped it
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            return f"killed by {name} while starting, before any fit"
         last = next((line for line in reversed(lines) if not line.startswith(("File ", "^", "Traceback"))), "")
-        return f"exit code {self.process.returncode}" + (f": {last}" if last else "")
+        return f"exit code {code}" + (f": {last}" if last else "")
 
     async def close(self) -> None:
         if self._watcher is not None:
