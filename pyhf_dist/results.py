@@ -60,6 +60,8 @@ class FitRecord:
             fast path declined the patch (one line); ``None`` otherwise.
         ntoys: Pseudo-experiments per hypothesis (toy-based records).
         seed: Random seed of the pseudo-experiments (toy-based records).
+        toy_summary: Toy-based records: the toys whose likelihood has no minimum, per hypothesis,
+            and CLs with them treated otherwise (:func:`pyhf_dist.toys.no_minimum_summary`).
     """
 
     name: str
@@ -82,6 +84,7 @@ class FitRecord:
     fallback_reason: str | None = None
     ntoys: int | None = None
     seed: int | None = None
+    toy_summary: dict | None = None
 
     @property
     def ok(self) -> bool:

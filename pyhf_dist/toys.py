@@ -31,6 +31,24 @@ Consequences:
 The global random state is seeded under a process-wide lock and restored afterwards, so chunks
 running in threads of one process, or in the user's own process (``executor="sequential"``), do not
 disturb each other or the caller's random numbers.
+
+Toys whose likelihood has no minimum
+------------------------------------
+pyhf lets the expected yield of a bin with no observed events go below zero (the Poisson term
+of an empty bin is ``-lam``, finite for any ``lam``). Where the nuisance parameters can drive such
+a bin's yield down without a constraint holding them, ``-2 log L`` decreases without bound in
+both fits of the toy (the conditional and the free one): the toy has no maximum-likelihood
+estimate and no likelihood ratio. pyhf's SLSQP then stops wherever it gives up (``-2 log L`` of
+-10^4 to -10^5, parameters at their bounds), and the statistic is the difference of two
+arbitrary numbers. On 1Lbb ``C1N2_Wh_hbb_700_150`` this happens to about 3% of the toys of
+either hypothesis, more than the 2.3% tail that sets the ±2σ band.
+
+Such a toy's statistic is :data:`NO_MINIMUM_STATISTIC` (0): the data can be made arbitrarily
+likely at the tested POI value as well as at any other, so they do not discriminate; it is also
+what pyhf's own fits gave on most such toys measured (``benchmarks/toys.py --per-toy``). The
+record counts them per hypothesis and gives CLs and the band two other ways: with those toys
+dropped, and with their statistic at the other end of its range (+inf, the toy as incompatible
+with the tested value as can be). 0 and +inf bracket any value one could assign them.
 """
 
 from __future__ import annotations
@@ -46,17 +64,24 @@ from pyhf_dist import cache
 __all__ = [
     "MIN_FAST_TOYS_PER_CHUNK",
     "MIN_TOYS_PER_CHUNK",
+    "NO_MINIMUM_STATISTIC",
     "NORMAL_PERCENTILES",
     "cls_from_distributions",
     "draw",
     "generating_key",
     "merge",
+    "no_minimum_summary",
     "plan",
     "plan_fast",
     "pyhf_statistic",
     "run_chunk",
     "split",
 ]
+
+#: The test statistic of a toy whose likelihood has no minimum (the module's "Toys whose
+#: likelihood has no minimum").
+NO_MINIMUM_STATISTIC = 0.0
+
 
 #: Smallest chunk worth a task: a chunk pays two fixed-POI fits (and re-draws the sample) before
 #: its toys, each of which costs about four fits; 25 toys keep that overhead near 2%.
@@ -196,16 +221,23 @@ def generating_key(workspace_digest: str, patch_operations, settings) -> str:
     return cache.digest("toys-generating", workspace_digest, described, cache.versions("pyhf", "numpy", "scipy"))
 
 
-def pyhf_statistic(model, data, settings) -> float:
-    """pyhf's test statistic of one dataset, as its ToyCalculator computes it for a toy."""
+def pyhf_statistic(model, data, settings, *, with_minimum: bool = False):
+    """pyhf's test statistic of one dataset, as its ToyCalculator computes it for a toy.
+
+    With ``with_minimum``, ``(statistic, whether both of pyhf's fits ended in the physical
+    region)``: a fit that ends with a bin of no events expecting fewer than zero has followed a
+    likelihood without a minimum (the module's "Toys whose likelihood has no minimum").
+    """
     from pyhf.infer.utils import get_test_stat
 
     config = model.config
-    return float(
-        get_test_stat(settings.test_stat)(
-            settings.poi_test, data, model, config.suggested_init(), config.suggested_bounds(), config.suggested_fixed()
-        )
-    )
+    arguments = (settings.poi_test, data, model, config.suggested_init(), config.suggested_bounds(), config.suggested_fixed())
+    if not with_minimum:
+        return float(get_test_stat(settings.test_stat)(*arguments))
+    statistic, fitted = get_test_stat(settings.test_stat)(*arguments, return_fitted_pars=True)
+    main = np.asarray(data, dtype=float)[: config.nmaindata]
+    physical = all(not np.any((main == 0) & (np.asarray(model.expected_actualdata(pars)) < 0)) for pars in fitted)
+    return float(statistic), physical
 
 
 def run_chunk(model, data, settings, chunk: dict | None = None, key: str | None = None) -> dict[str, Any]:
@@ -221,14 +253,23 @@ def run_chunk(model, data, settings, chunk: dict | None = None, key: str | None 
 
     Returns:
         ``{"toys": {"start", "stop", "ntoys", "teststat" (observed; first chunk only, else None),
-        "sb" (list), "b" (list)}, "engine": "pyhf"}``. :func:`merge` turns the chunks of a patch
-        into CLs.
+        "sb" (list), "b" (list), "no_minimum" (as the fast path's; the statistics stay pyhf's)},
+        "engine": "pyhf"}``. :func:`merge` turns the chunks of a patch into CLs.
     """
     chunk = chunk or _whole(settings.ntoys)
     samples = draw(model, data, settings, chunk["ntoys"], key)
 
-    def statistics(sample) -> list[float]:
-        return [pyhf_statistic(model, toy, settings) for toy in sample[chunk["start"] : chunk["stop"]]]
+    no_minimum: dict[str, list] = {}
+
+    def statistics(sample, key: str) -> list[float]:
+        values = []
+        no_minimum[key] = []
+        for index, toy in enumerate(sample[chunk["start"] : chunk["stop"]], start=chunk["start"]):
+            value, physical = pyhf_statistic(model, toy, settings, with_minimum=True)
+            values.append(value)
+            if not physical:  # counted; plain pyhf keeps the statistic where its fits stopped
+                no_minimum[key].append([index, value])
+        return values
 
     teststat = pyhf_statistic(model, data, settings) if chunk["index"] == 0 else None
     return {
@@ -237,8 +278,9 @@ def run_chunk(model, data, settings, chunk: dict | None = None, key: str | None 
             "stop": chunk["stop"],
             "ntoys": chunk["ntoys"],
             "teststat": teststat,
-            "sb": statistics(samples["signal"]),
-            "b": statistics(samples["background"]),
+            "sb": statistics(samples["signal"], "sb"),
+            "b": statistics(samples["background"], "b"),
+            "no_minimum": no_minimum,
         },
         "engine": "pyhf",
     }
@@ -323,11 +365,55 @@ def merge(records: list[dict], settings) -> dict:
     result = cls_from_distributions(teststat, sb, b, settings.test_stat)
     merged.update(CLs_obs=result["CLs_obs"], CLs_exp=result["CLs_exp"], **_engine(ordered))
     merged["toys"] = {"teststat": teststat, "sb": sb, "b": b, "chunks": len(parts)}
-    # What the fast path reports about its fits (absent on plain pyhf's chunks).
-    for key in ("runaway", "fallbacks"):
-        if any(key in part for part in parts):
-            merged["toys"][key] = sum(part.get(key, 0) for part in parts)
+    if any("fallbacks" in part for part in parts):  # the fast path's fits redone one at a time
+        merged["toys"]["fallbacks"] = sum(part.get("fallbacks", 0) for part in parts)
+    no_minimum = {key: [entry for part in parts for entry in (part.get("no_minimum") or {}).get(key, [])]
+                  for key in ("sb", "b")}
+    merged["toy_summary"] = no_minimum_summary(teststat, sb, b, no_minimum, settings.test_stat,
+                                               kept=merged.get("engine") == "pyhf")
+    merged["toys"]["no_minimum"] = no_minimum
     return merged
+
+
+def no_minimum_summary(teststat: float, sb, b, no_minimum: dict, test_stat: str = "qtilde", kept: bool = False) -> dict:
+    """What a record says about its toys without a minimum (the module's "Toys whose likelihood has no minimum").
+
+    Args:
+        teststat: The observed statistic.
+        sb, b: The statistics of all toys, those without a minimum at :data:`NO_MINIMUM_STATISTIC`.
+        no_minimum: ``{"sb": [[toy index, q where the fits stopped], ...], "b": [...]}``.
+        test_stat: As :func:`cls_from_distributions`.
+        kept: The statistics are plain pyhf's where its fits stopped, not
+            :data:`NO_MINIMUM_STATISTIC` (records of plain pyhf).
+
+    Returns:
+        ``{"no_minimum": {"sb": n, "b": n}, "statistic": 0.0}`` (``"statistic": "pyhf"`` with
+        ``kept``) and, where there are such toys,
+        ``"if_dropped"`` and ``"if_infinite"``: ``{"CLs_obs", "CLs_exp"}`` with those toys left
+        out, and with their statistic at +inf.
+
+    >>> summary = no_minimum_summary(1.0, [0.0, 2.0, 0.0], [0.5, 3.0, 0.0], {"sb": [[2, 9.0]], "b": []})
+    >>> summary["no_minimum"], summary["if_dropped"]["CLs_obs"], summary["if_infinite"]["CLs_obs"]
+    ({'sb': 1, 'b': 0}, 0.75, 1.0)
+    """
+    summary: dict[str, Any] = {
+        "no_minimum": {key: len(no_minimum.get(key, [])) for key in ("sb", "b")},
+        "statistic": "pyhf" if kept else NO_MINIMUM_STATISTIC,
+    }
+    if not any(summary["no_minimum"].values()):
+        return summary
+    samples = {"sb": np.asarray(sb, dtype=float), "b": np.asarray(b, dtype=float)}
+    away = {key: np.zeros(len(values), dtype=bool) for key, values in samples.items()}
+    for key, entries in no_minimum.items():
+        away[key][[int(index) for index, _ in entries]] = True
+    for name, alternative in (
+        ("if_dropped", {key: samples[key][~away[key]] for key in samples}),
+        ("if_infinite", {key: np.where(away[key], np.inf, samples[key]) for key in samples}),
+    ):
+        if len(alternative["sb"]) and len(alternative["b"]):
+            result = cls_from_distributions(teststat, alternative["sb"], alternative["b"], test_stat)
+            summary[name] = {"CLs_obs": result["CLs_obs"], "CLs_exp": result["CLs_exp"]}
+    return summary
 
 
 def _engine(records: list[dict]) -> dict:
