@@ -9,6 +9,10 @@ and of every setting that changes a result, so that a resumed scan never mixes i
 differently. A last line cut short by a crash is ignored (and cut off before appending). A resumed
 scan skips the patches whose latest record is ``ok`` and fits the failed ones again. Records are
 identified by ``(pallet, name)``: a scan of several pallets can hold one patch name in each.
+
+Toy-based scans also journal every finished chunk of a patch's toys as it arrives (``{"key",
+"chunk": {"pallet", "record"}}``, the statistics packed bit for bit): a resumed scan merges them
+with the chunks it still has to fit, and fits no toy twice.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ except ImportError:  # not on POSIX: concurrent scans are not detected there
 
 from pyhf_dist.exceptions import JournalError
 from pyhf_dist.results import FitRecord, json_safe
+from pyhf_dist.toys import pack_chunk, unpack_chunk
 
 __all__ = ["Journal", "scan_key", "journal_path_for"]
 
@@ -56,6 +61,8 @@ class Journal:
         self.key = key
         self._stream = None
         self._lock = None
+        #: Finished chunks of toy-based patches, by ``(pallet, patch name)`` (filled by :meth:`load`).
+        self.chunks: dict[tuple, list[dict]] = {}
 
     @property
     def lock_path(self) -> Path:
@@ -114,8 +121,16 @@ class Journal:
                 continue
             try:
                 entry = json.loads(line)
-                record = FitRecord.from_dict(entry["record"])
                 key = entry["key"]
+                if "chunk" in entry:  # one finished chunk of a toy-based patch
+                    chunk = entry["chunk"]
+                    where = (chunk["pallet"], chunk["record"]["name"])
+                    if key == self.key:
+                        self.chunks.setdefault(where, []).append(unpack_chunk(chunk["record"]))
+                    else:
+                        foreign += 1
+                    continue
+                record = FitRecord.from_dict(entry["record"])
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 if number == len(lines):  # the write a crash interrupted
                     continue
@@ -154,6 +169,15 @@ class Journal:
     def write(self, record: FitRecord) -> None:
         """Append one record and make sure it is on disk before returning."""
         line = json.dumps({"key": self.key, "record": json_safe(record.to_dict())}, default=str)
+        self._stream.write(line + "\n")
+        self._stream.flush()
+        os.fsync(self._stream.fileno())
+
+    def write_chunk(self, pallet: str | None, outcome: dict) -> None:
+        """Append one finished chunk of a toy-based patch (its statistics packed, exactly) and make
+        sure it is on disk: a resumed scan fits only the toys no such line covers."""
+        line = json.dumps({"key": self.key, "chunk": {"pallet": pallet, "record": json_safe(pack_chunk(outcome))}},
+                          default=str)
         self._stream.write(line + "\n")
         self._stream.flush()
         os.fsync(self._stream.fileno())

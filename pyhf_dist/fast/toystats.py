@@ -201,9 +201,9 @@ def run_chunk(fast, patch_operations, model, data, settings, chunk: dict, key: s
             "pyhf's minimizer stops at its starting point on this model (its toys' statistics come "
             "from unconverged fits); plain pyhf reproduces them"
         )
-    samples = toys.draw(model, data, settings, chunk["ntoys"], key)
+    samples = toys.chunk_samples(model, data, settings, chunk, key)
     teststat = None
-    if chunk["index"] == 0:
+    if chunk["start"] == 0:
         conditional, free, muhat = fits.twice_nll[0], fits.twice_nll[1], fits.theta[1, problem.poi_index]
         if at_noise_level(settings.test_stat, mu, conditional, free, muhat):
             # Which toys tie with the observed statistic decides CLs here: take pyhf's own.
@@ -213,7 +213,7 @@ def run_chunk(fast, patch_operations, model, data, settings, chunk: dict, key: s
     start, stop = chunk["start"], chunk["stop"]
     parts, no_minimum, fallbacks = {}, {}, 0
     for key, sample, generating in (("sb", "signal", "signal_pars"), ("b", "background", "background_pars")):
-        rows = np.asarray(samples[sample])[start:stop]
+        rows = np.asarray(samples[sample])
         # Every fit starts where pyhf's starts, at the suggested initial values: HistFactory
         # likelihoods have local minima (on 1Lbb toys 0.2 apart in -2 log L), and a fit started
         # elsewhere (the generating parameters save a tenth of the evaluations) ends in another
