@@ -28,6 +28,14 @@ Consequences:
 * each chunk holds ``2 * ntoys`` toys in memory (``ntoys * (bins + auxdata)`` floats per
   hypothesis): about 20 MB for 10,000 toys of the 1Lbb model.
 
+Beyond :data:`PYHF_STREAM_MAX` toys per hypothesis, drawing the whole sample in every chunk costs
+more than it saves (a million toys of 1Lbb are 1 GB per hypothesis): toys then come in blocks of
+:data:`BLOCK`, block ``k`` drawn from its own stream ``SeedSequence(seed, spawn_key=(k,))``
+(:func:`block_state`), one chunk per block (:func:`plan_blocks`). The toys are then no longer those
+of one ``numpy.random.seed(seed)``, but they still depend on nothing but the seed: not on the
+chunks, workers, executor or on a scan being resumed (its journal keeps finished chunks,
+:func:`missing_chunks` plans the rest).
+
 The global random state is seeded under a process-wide lock and restored afterwards, so chunks
 running in threads of one process, or in the user's own process (``executor="sequential"``), do not
 disturb each other or the caller's random numbers.
