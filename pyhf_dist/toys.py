@@ -466,6 +466,8 @@ def merge(records: list[dict], settings) -> dict:
                   for key in ("sb", "b")}
     merged["toy_summary"] = no_minimum_summary(teststat, sb, b, no_minimum, settings.test_stat,
                                                kept=merged.get("engine") == "pyhf")
+    if any("by_pyhf" in part for part in parts):  # fast path: toys whose fits it lost, fitted by pyhf
+        merged["toy_summary"]["by_pyhf"] = sum(part.get("by_pyhf", 0) for part in parts)
     merged["toys"]["no_minimum"] = no_minimum
     return merged
 

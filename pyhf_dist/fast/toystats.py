@@ -173,8 +173,9 @@ def run_chunk(fast, patch_operations, model, data, settings, chunk: dict, key: s
         As :func:`pyhf_dist.toys.run_chunk`, with ``engine="fast"`` and, under ``"toys"``, the
         toys whose likelihood has no minimum (``no_minimum``: ``{"sb": [[toy, q where the fits
         stopped], ...], "b": [...]}``; their statistic is :data:`pyhf_dist.toys.NO_MINIMUM_STATISTIC`,
-        see :mod:`pyhf_dist.toys`) and the number of fits redone one at a time
-        (``fallbacks``).
+        see :mod:`pyhf_dist.toys`), the number of fits redone one at a time (``fallbacks``) and
+        of toys whose statistic is pyhf's own fits, both minimizers of the fast path having lost
+        a fit (``by_pyhf``): every other toy's fits converged, or it has no minimum.
 
     Raises:
         FastPathUnsupported: The fast path does not reproduce pyhf for this patch (its structure
@@ -211,14 +212,14 @@ def run_chunk(fast, patch_operations, model, data, settings, chunk: dict, key: s
         else:
             teststat = float(statistics_from_fits(settings.test_stat, mu, conditional, free, muhat))
     start, stop = chunk["start"], chunk["stop"]
-    parts, no_minimum, fallbacks = {}, {}, 0
+    parts, no_minimum, fallbacks, by_pyhf = {}, {}, 0, 0
     for key, sample, generating in (("sb", "signal", "signal_pars"), ("b", "background", "background_pars")):
         rows = np.asarray(samples[sample])
         # Every fit starts where pyhf's starts, at the suggested initial values: HistFactory
         # likelihoods have local minima (on 1Lbb toys 0.2 apart in -2 log L), and a fit started
         # elsewhere (the generating parameters save a tenth of the evaluations) ends in another
-        # one on some toys (1 of the first 67 compared with pyhf on 1Lbb). The engine's metric is the information at the generating
-        # parameters, around which the toys' minima scatter.
+        # one on some toys (1 of the first 67 compared with pyhf on 1Lbb). The engine's metric
+        # is the information at the generating parameters, around which the toys' minima scatter.
         generating_pars = np.asarray(samples[generating], dtype=float)
         result = toy_statistics(fitter, rows, settings.poi_test, settings.test_stat, metric_at=generating_pars)
         values = result["teststat"]
@@ -230,6 +231,7 @@ def run_chunk(fast, patch_operations, model, data, settings, chunk: dict, key: s
         for i in np.flatnonzero(~np.isfinite(values)):
             # Lost by the engine and by the one-at-a-time minimizer: pyhf's own fits.
             values[i] = toys.pyhf_statistic(model, rows[i], settings)
+            by_pyhf += 1
         parts[key] = [float(v) for v in values]
         no_minimum[key] = [[int(start + i), float(q)] for i, q in zip(np.flatnonzero(away), stopped)]
         fallbacks += result["fallbacks"]
@@ -243,6 +245,7 @@ def run_chunk(fast, patch_operations, model, data, settings, chunk: dict, key: s
             "b": parts["b"],
             "no_minimum": no_minimum,
             "fallbacks": fallbacks,
+            "by_pyhf": by_pyhf,
         },
         "engine": "fast",
         "fallback_reason": None,
