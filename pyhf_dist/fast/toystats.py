@@ -127,7 +127,11 @@ def toy_statistics(fitter, samples, poi_test: float, test_stat: str, metric_at=N
         # domain holds the conditional minimum: impossible at its own minimum); the lower minimum
         # of each is kept. Toys without a minimum are left out.
         fitted = ~runaway & np.isfinite(values[:count]) & np.isfinite(values[count:])
-        conditional_again = np.flatnonzero(fitted)
+        muhat = theta[count:, problem.poi_index]
+        # Where the best-fit POI sets the statistic to zero (qtilde and q: above the tested
+        # value; q0: below zero) the conditional minimum does not enter it.
+        zeroed = muhat < 0 if test_stat == "q0" else muhat > mu
+        conditional_again = np.flatnonzero(fitted & ~zeroed)
         free_again = np.flatnonzero(fitted & (values[count:] > values[:count] + FREE_ABOVE))
         rows = np.concatenate([conditional_again, free_again])
         if len(rows):
