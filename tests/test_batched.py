@@ -320,3 +320,38 @@ def test_toys_without_a_minimum_are_counted_and_set_to_zero(pyhf_percentile_fix)
     record = FitRecord.from_dict(result[patch.name].to_dict())
     assert record.toy_summary["no_minimum"] == summary["no_minimum"]
     assert (record.CLs_obs, record.CLs_exp) == (merged["CLs_obs"], merged["CLs_exp"])
+
+
+def test_stau_toys_are_pyhfs_fits_toy_by_toy(stau_tarball):
+    """A stau Region-combined patch, 8 toys of each hypothesis through the worker: each statistic is
+    pyhf's to 1e-5, or pyhf's own fit of that toy stopped above the minimum the fast path found
+    (pyhf's -2 log L at the fast path's parameters is lower than where SLSQP stopped); never the
+    other way round."""
+    from pyhf.infer.mle import fit, fixed_poi_fit
+
+    pallet = pyhf_dist.load_pallet(stau_tarball, pallet="Region-combined", validate=False)
+    patch = next(p for p in pallet.patches if p.name == "DS_240_40_Staus")
+    settings = FitSettings(backend="jax", calctype="toybased", ntoys=8, seed=SEED)
+    state = initialize(WorkerContext.build(pallet.workspace, settings.to_dict()))
+    chunk = calculations.compute(state, {"patch": patch.operations, "chunk": toys.split(8, 1)[0]})
+    assert chunk["engine"] == "fast"
+    model, data = calculations.build_model(state, patch.operations)
+    samples = toys.draw(model, data, settings)
+    fitter = batched.BatchFitter(pyhf_dist.fast.for_state(state).problem(patch.operations))
+    init, bounds, fixed = model.config.suggested_init(), model.config.suggested_bounds(), model.config.suggested_fixed()
+    agree = 0
+    for key, sample, generating in (("sb", "signal", "signal_pars"), ("b", "background", "background_pars")):
+        ours = toystats.toy_statistics(fitter, samples[sample], 1.0, "qtilde", metric_at=samples[generating])
+        assert list(ours["teststat"]) == chunk["toys"][key]  # the fits behind the worker's statistics
+        for index, row in enumerate(samples[sample]):
+            conditional, conditional_value = fixed_poi_fit(1.0, row, model, init, bounds, fixed, return_fitted_val=True)
+            free, free_value = fit(row, model, init, bounds, fixed, return_fitted_val=True)
+            theirs = 0.0 if free[model.config.poi_index] > 1.0 else max(float(conditional_value - free_value), 0.0)
+            if abs(ours["teststat"][index] - theirs) <= 1e-5:
+                agree += 1
+                continue
+            gaps = [float(value) - float(-2 * model.logpdf(theta, row)[0])
+                    for value, theta in ((conditional_value, ours["theta_conditional"][index]),
+                                         (free_value, ours["theta_free"][index]))]
+            assert min(gaps) > -1e-4 and max(gaps) > 1e-4, (key, index, ours["teststat"][index], theirs, gaps)
+    assert agree >= 12
