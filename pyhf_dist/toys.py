@@ -106,6 +106,12 @@ __all__ = [
 NO_MINIMUM_STATISTIC = 0.0
 
 
+#: An empty bin expecting fewer events than this at the end of one of plain pyhf's fits marks a toy
+#: without a minimum. A minimum where constraints hold an empty bin's yield below zero lies within
+#: a few events of it (-1 to -6 on 1Lbb toys); fits that follow a likelihood without a minimum end
+#: hundreds to tens of thousands of events below zero (-250 to -66,000 measured).
+NO_MINIMUM_YIELD = -100.0
+
 #: Smallest chunk worth a task: a chunk pays two fixed-POI fits (and re-draws the sample) before
 #: its toys, each of which costs about four fits; 25 toys keep that overhead near 2%.
 MIN_TOYS_PER_CHUNK = 25
@@ -318,8 +324,8 @@ def generating_key(workspace_digest: str, patch_operations, settings) -> str:
 def pyhf_statistic(model, data, settings, *, with_minimum: bool = False):
     """pyhf's test statistic of one dataset, as its ToyCalculator computes it for a toy.
 
-    With ``with_minimum``, ``(statistic, whether both of pyhf's fits ended in the physical
-    region)``: a fit that ends with a bin of no events expecting fewer than zero has followed a
+    With ``with_minimum``, ``(statistic, whether the toy has a minimum)``: a fit that ends with a
+    bin of no events expecting fewer than :data:`NO_MINIMUM_YIELD` events has followed a
     likelihood without a minimum (the module's "Toys whose likelihood has no minimum").
     """
     from pyhf.infer.utils import get_test_stat
@@ -330,7 +336,8 @@ def pyhf_statistic(model, data, settings, *, with_minimum: bool = False):
         return float(get_test_stat(settings.test_stat)(*arguments))
     statistic, fitted = get_test_stat(settings.test_stat)(*arguments, return_fitted_pars=True)
     main = np.asarray(data, dtype=float)[: config.nmaindata]
-    physical = all(not np.any((main == 0) & (np.asarray(model.expected_actualdata(pars)) < 0)) for pars in fitted)
+    physical = all(not np.any((main == 0) & (np.asarray(model.expected_actualdata(pars)) < NO_MINIMUM_YIELD))
+                   for pars in fitted)
     return float(statistic), physical
 
 

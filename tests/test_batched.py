@@ -320,6 +320,10 @@ def test_toys_without_a_minimum_are_counted_and_set_to_zero(pyhf_percentile_fix)
     record = FitRecord.from_dict(result[patch.name].to_dict())
     assert record.toy_summary["no_minimum"] == summary["no_minimum"]
     assert (record.CLs_obs, record.CLs_exp) == (merged["CLs_obs"], merged["CLs_exp"])
+    # Plain pyhf counts the same toys, keeping its own statistics for them.
+    plain = pyhf_dist.map_fits(pallet, executor="sequential", backend="numpy", calctype="toybased", ntoys=40,
+                               seed=SEED)[patch.name]
+    assert plain.toy_summary["no_minimum"] == summary["no_minimum"] and plain.toy_summary["statistic"] == "pyhf"
 
 
 def test_stau_toys_are_pyhfs_fits_toy_by_toy(stau_tarball):
