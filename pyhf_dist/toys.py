@@ -48,8 +48,9 @@ a bin's yield down without a constraint holding them, ``-2 log L`` decreases wit
 both fits of the toy (the conditional and the free one): the toy has no maximum-likelihood
 estimate and no likelihood ratio. pyhf's SLSQP then stops wherever it gives up (``-2 log L`` of
 -10^4 to -10^5, parameters at their bounds), and the statistic is the difference of two
-arbitrary numbers. On 1Lbb ``C1N2_Wh_hbb_700_150`` this happens to about 3% of the toys of
-either hypothesis, more than the 2.3% tail that sets the ±2σ band.
+arbitrary numbers. On 1Lbb ``C1N2_Wh_hbb_700_150`` this happens to 1.7% of the
+signal-plus-background toys and 4.4% of the background-only ones, more than the 2.3% tail that
+sets the ±2σ band.
 
 Such a toy's statistic is :data:`NO_MINIMUM_STATISTIC` (0): the data can be made arbitrarily
 likely at the tested POI value as well as at any other, so they do not discriminate; it is also
