@@ -169,11 +169,15 @@ def plan_chunks(settings, workers: int, patches: int = 1) -> list:
 
     Toy-based hypotests split their ``ntoys`` pseudo-experiments into up to ``workers`` chunks
     (:func:`pyhf_dist.toys.plan`); on the fast path only as far as the scan's ``patches`` leave
-    workers idle (:func:`pyhf_dist.toys.plan_fast`). Everything else is one task per patch.
+    workers idle (:func:`pyhf_dist.toys.plan_fast`); beyond :data:`pyhf_dist.toys.PYHF_STREAM_MAX`
+    toys, one chunk per block of toys (:func:`pyhf_dist.toys.plan_blocks`). Everything else is one
+    task per patch.
     """
     if settings.calctype == "toybased" and settings.calculation == "hypotest":
         from pyhf_dist import toys
 
+        if toys.block_stream(settings.ntoys):
+            return toys.plan_blocks(settings.ntoys)
         if settings.fast_toys:
             return toys.plan_fast(settings.ntoys, workers, patches)
         return toys.plan(settings.ntoys, workers)

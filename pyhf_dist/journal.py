@@ -16,6 +16,10 @@ What the machine can do to the file is answered without losing a finished record
 an exceeded quota or a folder made read-only stops the scan with a :class:`StorageError` that
 counts the whole records kept; a journal removed mid-scan (its folder with it) is written again
 from memory, and the scan goes on.
+
+Toy-based scans also journal every finished chunk of a patch's toys as it arrives (``{"key",
+"chunk": {"pallet", "record"}}``, the statistics packed bit for bit): a resumed scan merges them
+with the chunks it still has to fit, and fits no toy twice.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ except ImportError:  # not on POSIX: concurrent scans are not detected there
 
 from pyhf_dist.exceptions import JournalError, StorageError
 from pyhf_dist.results import FitRecord, json_safe
+from pyhf_dist.toys import pack_chunk, unpack_chunk
 
 __all__ = ["Journal", "scan_key", "journal_path_for", "describe_errno"]
 
@@ -87,6 +92,8 @@ class Journal:
         # be written again without losing one.
         self._lines: list[bytes] = []
         self._inode: int | None = None
+        #: Finished chunks of toy-based patches, by ``(pallet, patch name)`` (filled by :meth:`load`).
+        self.chunks: dict[tuple, list[dict]] = {}
 
     @property
     def lock_path(self) -> Path:
@@ -155,21 +162,32 @@ class Journal:
         # written happens to parse: appending cuts it off (see open()).
         lines = lines[:-1]
         bad: list[int] = []
+        records = 0
         for number, raw in enumerate(lines, start=1):
             if not raw.strip():
                 continue
             try:
                 entry = json.loads(raw.decode("utf-8"))
-                record = FitRecord.from_dict(entry["record"])
                 key = entry["key"]
+                if "chunk" in entry:  # one finished chunk of a toy-based patch
+                    chunk = entry["chunk"]
+                    where = (chunk["pallet"], chunk["record"]["name"])
+                    unpacked = unpack_chunk(chunk["record"]) if key == self.key else None
+                    record = None
+                else:
+                    record = FitRecord.from_dict(entry["record"])
             except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
                 bad.append(number)
                 continue
             if key != self.key:
                 foreign += 1
                 continue
-            done[record.key] = record
             self._lines.append(raw + b"\n")
+            if record is None:
+                self.chunks.setdefault(where, []).append(unpacked)
+                continue
+            done[record.key] = record
+            records += 1
         if foreign:
             raise JournalError(
                 f"{self.path} holds {foreign} results computed with other settings or another workspace "
@@ -186,7 +204,7 @@ class Journal:
                 "%s: skipped line%s %s (not journal entries, e.g. a disk that lost a block): their patches are "
                 "fitted again", self.path, "s" if len(self.skipped) > 1 else "", _ranges(self.skipped),
             )
-        self.kept = len(self._lines)
+        self.kept = records
         return done
 
     def open(self, append: bool) -> None:
@@ -229,7 +247,21 @@ class Journal:
             StorageError: The record could not be kept (full disk, quota, read-only folder); the
                 error counts the whole records the journal keeps.
         """
-        line = (json.dumps({"key": self.key, "record": json_safe(record.to_dict())}, default=str) + "\n").encode()
+        self._append({"key": self.key, "record": json_safe(record.to_dict())})
+        self.kept += 1
+
+    def write_chunk(self, pallet: str | None, outcome: dict) -> None:
+        """Append one finished chunk of a toy-based patch (its statistics packed, exactly) and make
+        sure it is on disk: a resumed scan fits only the toys no such line covers.
+
+        Raises:
+            StorageError: As :meth:`write`.
+        """
+        self._append({"key": self.key, "chunk": {"pallet": pallet, "record": json_safe(pack_chunk(outcome))}})
+
+    def _append(self, entry: dict) -> None:
+        """Write one line, on disk before returning; a journal removed meanwhile is written again."""
+        line = (json.dumps(entry, default=str) + "\n").encode()
         try:
             view = memoryview(line)
             while view:  # a write to a nearly full disk can be partial before it fails
@@ -238,7 +270,6 @@ class Journal:
         except OSError as error:
             raise self._fault(error, "write") from None
         self._lines.append(line)
-        self.kept += 1
         if not self._still_there():
             self._write_again()
 

@@ -71,6 +71,8 @@ class FitRecord:
         pyhf_default: Where pyhf's default minimizer (SciPy's SLSQP) stalls at its starting
             point on the patch: ``{"stalls_at_start": True, "fit", "stops_above_minimum"}`` (how
             far, in -2 log L, above the minimum its fit stops); ``None`` otherwise.
+        toy_summary: Toy-based records: the toys whose likelihood has no minimum, per hypothesis,
+            and CLs with them treated otherwise (:func:`pyhf_dist.toys.no_minimum_summary`).
     """
 
     name: str
@@ -96,6 +98,7 @@ class FitRecord:
     converged: bool | None = None
     fits: dict | None = None
     pyhf_default: dict | None = None
+    toy_summary: dict | None = None
 
     @property
     def ok(self) -> bool:

@@ -25,10 +25,12 @@ import signal
 import statistics
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from pyhf_dist import discovery
 from pyhf_dist.calculations import merge_chunks, plan_chunks
+from pyhf_dist.toys import missing_chunks
 from pyhf_dist.combine import check_method, combine as combine_records
 from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, InputError, SettingsError, first_line
 from pyhf_dist.executors import get_executor
@@ -134,6 +136,8 @@ def iter_fits(
     timeout: float | None = None,
     metadata: dict | None = None,
     on_start: Callable[[dict], None] | None = None,
+    keep_toys: str | os.PathLike | None = None,
+    on_chunk: Callable[[dict], None] | None = None,
     **executor_options,
 ) -> Iterator[FitRecord]:
     """Fit the selected patches and yield each record as it completes.
@@ -143,7 +147,8 @@ def iter_fits(
     first; with ``combine``, the combined records come last, once every fit is in. When given,
     ``metadata`` (a dict) is
     filled with the scan's metadata as soon as it is known, and ``on_start`` is called with it once
-    the executor is up (before the first result).
+    the executor is up (before the first result); ``on_chunk`` is called with every finished
+    chunk of toys (its record as the worker returned it).
     """
     settings = FitSettings(
         poi_test=poi_test, test_stat=test_stat, backend=backend, modifier_settings=modifier_settings,
@@ -154,6 +159,8 @@ def iter_fits(
         raise InputError(f"retries must be a non-negative integer, got {retries!r}")
     if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
         raise InputError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if keep_toys is not None:
+        _check_keep_toys(keep_toys, settings)
     runner = _executor(executor, executor_options)
     owned = isinstance(executor, str)
     info = metadata if metadata is not None else {}
@@ -209,11 +216,21 @@ def iter_fits(
         started = time.time()
         info["started"] = started
         done = list(finished.values())
+        kept: dict = {}
+        if keep_toys is not None and book is not None:
+            # Patches finished by an earlier run of this scan: their toys are the journal's chunks.
+            for key in finished:
+                chunks = book.chunks.get(key)
+                if chunks:
+                    merged = merge_chunks(list(chunks), settings)
+                    if merged["status"] == "ok":
+                        kept[key] = merged["toys"]
         if not todo:
             info.update(runner.describe())
             if on_start is not None:
                 on_start(info)
             yield from done
+            _write_kept(keep_toys, kept, settings)
             yield from _combination(done, combine, pallets, values_by_key)
             return
         try:
@@ -238,11 +255,25 @@ def iter_fits(
             # Opened only now, once the executor is up: a scan that cannot start leaves an earlier
             # journal as it was (and creates no file).
             book.open(append=resume)
-        for record in _run(runner, context, todo, settings, retries, timeout, values_by_key):
+        chunks_done = book.chunks if (book is not None and resume) else {}
+
+        def chunk_finished(pallet, outcome: dict) -> None:
+            if book is not None:
+                book.write_chunk(pallet, outcome)
+            if on_chunk is not None:
+                on_chunk(outcome)
+
+        def on_merged(key: tuple, record: dict) -> None:
+            if keep_toys is not None:
+                kept[key] = record["toys"]
+
+        for record in _run(runner, context, todo, settings, retries, timeout, values_by_key, chunks_done,
+                           chunk_finished, on_merged):
             if book is not None:
                 book.write(record)
             done.append(record)
             yield record
+        _write_kept(keep_toys, kept, settings)
         yield from _combination(done, combine, pallets, values_by_key)
     finally:
         try:
@@ -253,6 +284,25 @@ def iter_fits(
                 book.close()
             info["wall_seconds"] = time.time() - started
             _restore_sigterm(sigterm)
+
+
+def _check_keep_toys(path, settings) -> None:
+    """``keep_toys`` needs a toy-based hypotest and a ``.npz`` file in a folder that exists."""
+    if settings.calctype != "toybased" or settings.calculation != "hypotest":
+        raise SettingsError("keep_toys (--keep-toys) needs toy-based hypotests (--toys N)")
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise InputError(f"--keep-toys writes a .npz file, not {path.name!r}")
+    if not path.parent.is_dir():
+        raise InputError(f"--keep-toys: no folder {str(path.parent)!r} to write {path.name} in")
+
+
+def _write_kept(path, kept: dict, settings) -> None:
+    """The kept toys of the scan's patches (in the order of their keys), when asked for."""
+    if path is not None and kept:
+        from pyhf_dist.toys import write_kept
+
+        write_kept(path, dict(sorted(kept.items(), key=lambda item: (item[0][0] or "", item[0][1]))), settings)
 
 
 def _combination(done: list[FitRecord], combine: str | None, pallets: list[Pallet], order: dict) -> list:
@@ -270,18 +320,39 @@ def _check_workspaces(pallets: list[Pallet]) -> None:
         check_workspace(each.workspace, each.source if each.name is None else f"{each.source}:{each.name}")
 
 
-def _run(runner, context, todo, settings, retries, timeout, values_by_key) -> Iterator[FitRecord]:
+def _run(runner, context, todo, settings, retries, timeout, values_by_key, chunks_done=None, chunk_finished=None,
+         on_merged=None) -> Iterator[FitRecord]:
     workers = runner.workers or 1
-    queue: collections.deque[_Job] = collections.deque(
-        _Job(patch, chunk, pallet) for pallet, patch in todo for chunk in plan_chunks(settings, workers, len(todo))
-    )
-    expected = {(pallet, patch.name): 0 for pallet, patch in todo}
-    for job in queue:
-        expected[job.key] += 1
+    planned = plan_chunks(settings, workers, len(todo))
+    toy_based = settings.calctype == "toybased" and settings.calculation == "hypotest"
+    chunks_done = chunks_done or {}
+    queue: collections.deque[_Job] = collections.deque()
     partial: dict[tuple, list[dict]] = collections.defaultdict(list)
+    expected = {(pallet, patch.name): 0 for pallet, patch in todo}
+    for pallet, patch in todo:
+        done = chunks_done.get((pallet, patch.name), []) if toy_based else []
+        # A resumed toy scan fits only the toys its journal's chunks do not cover.
+        chunks = missing_chunks(settings.ntoys, done, planned) if done else planned
+        partial[(pallet, patch.name)].extend(done)
+        expected[(pallet, patch.name)] = len(done) + len(chunks)
+        queue.extend(_Job(patch, chunk, pallet) for chunk in chunks)
+
+    def merged(key: tuple, pallet) -> FitRecord:
+        record = merge_chunks(partial.pop(key), settings)
+        record.pop("chunk", None)
+        if on_merged is not None and record.get("status") == "ok" and "toys" in record:
+            on_merged(key, record)
+        record.update(values=values_by_key[key], submitted=first_submitted.get(key), attempts=attempts[key] or 1,
+                      pallet=pallet)
+        return FitRecord.from_dict(record)
+
     first_submitted: dict[tuple, float] = {}
     attempts: dict[tuple, int] = collections.defaultdict(int)
     in_flight: dict[concurrent.futures.Future, list[_Job]] = {}
+    for pallet, patch in todo:  # every chunk already in the journal (a kill before its merge)
+        key = (pallet, patch.name)
+        if partial.get(key) and len(partial[key]) == expected[key]:
+            yield merged(key, pallet)
     batching = _Batching(runner, timeout)
     # A scan that packs patches keeps only a few tasks ahead of the workers, so that each one is
     # sized with what the fits so far took.
@@ -329,13 +400,10 @@ def _run(runner, context, todo, settings, retries, timeout, values_by_key) -> It
             for job, outcome in zip(jobs, outcomes):
                 batching.measured(outcome)
                 partial[job.key].append(outcome)
+                if toy_based and outcome.get("status") == "ok" and "toys" in outcome and chunk_finished is not None:
+                    chunk_finished(job.pallet, outcome)
                 if len(partial[job.key]) == expected[job.key]:
-                    key = job.key
-                    record = merge_chunks(partial.pop(key), settings)
-                    record.pop("chunk", None)
-                    record.update(values=values_by_key[key], submitted=first_submitted[key], attempts=attempts[key],
-                                  pallet=job.pallet)
-                    yield FitRecord.from_dict(record)
+                    yield merged(job.key, job.pallet)
 
 
 class _Batching:
@@ -479,6 +547,7 @@ def map_fits(
     callback: Callable[[FitRecord], None] | None = None,
     progress: bool = False,
     on_start: Callable[[dict], None] | None = None,
+    keep_toys: str | os.PathLike | None = None,
     **executor_options,
 ) -> ScanResult:
     """Fit every selected patch of a pallet and return all results.
@@ -522,7 +591,10 @@ def map_fits(
         retries: Resubmissions of a task whose worker died.
         timeout: Seconds per fit, after which it is recorded as failed.
         callback: Called with each :class:`FitRecord` as it arrives.
-        progress: Show a progress bar on standard error.
+        progress: Show a progress bar on standard error (for toys, with toys per second).
+        keep_toys: Write every patch's toy distributions to this ``.npz`` file
+            (:func:`pyhf_dist.toys.write_kept`; files of runs with different seeds merge with
+            :func:`pyhf_dist.toys.merge_kept`).
         on_start: Called with the scan's metadata once the executor is up.
         **executor_options: The chosen executor's own keyword arguments (``jobs``, ``memory`` for
             ``"slurm"``, ``address`` for ``"dask"``...); one it does not take is an error.
@@ -554,7 +626,8 @@ def map_fits(
         if progress:
             from pyhf_dist.progress import ProgressBar
 
-            bar = ProgressBar(total=info["patches"])
+            toy_based = calctype == "toybased"
+            bar = ProgressBar(total=info["patches"], toys=ntoys * (info["patches"] - info["resumed"]) if toy_based else 0)
         if on_start is not None:
             on_start(info)
 
@@ -562,7 +635,9 @@ def map_fits(
         workspace, patchset, executor=executor, patches=patches, pallet=pallet, combine=combine,
         poi_test=poi_test, test_stat=test_stat, backend=backend, modifier_settings=modifier_settings,
         calculation=calculation, calctype=calctype, ntoys=ntoys, seed=seed, upper_limit_scan=upper_limit_scan,
-        require_fast=require_fast, match_pyhf=match_pyhf, optimizer=optimizer, journal=journal, resume=resume, retries=retries, timeout=timeout, metadata=metadata, on_start=started,
+        require_fast=require_fast, match_pyhf=match_pyhf, optimizer=optimizer, journal=journal, resume=resume,
+        retries=retries, timeout=timeout, metadata=metadata, on_start=started,
+        keep_toys=keep_toys, on_chunk=lambda outcome: bar.chunk(outcome) if bar is not None else None,
         **executor_options,
     )
     try:

@@ -28,9 +28,36 @@ Consequences:
 * each chunk holds ``2 * ntoys`` toys in memory (``ntoys * (bins + auxdata)`` floats per
   hypothesis): about 20 MB for 10,000 toys of the 1Lbb model.
 
+Beyond :data:`PYHF_STREAM_MAX` toys per hypothesis, drawing the whole sample in every chunk costs
+more than it saves (a million toys of 1Lbb are 1 GB per hypothesis): toys then come in blocks of
+:data:`BLOCK`, block ``k`` drawn from its own stream ``SeedSequence(seed, spawn_key=(k,))``
+(:func:`block_state`), one chunk per block (:func:`plan_blocks`). The toys are then no longer those
+of one ``numpy.random.seed(seed)``, but they still depend on nothing but the seed: not on the
+chunks, workers, executor or on a scan being resumed (its journal keeps finished chunks,
+:func:`missing_chunks` plans the rest).
+
 The global random state is seeded under a process-wide lock and restored afterwards, so chunks
 running in threads of one process, or in the user's own process (``executor="sequential"``), do not
 disturb each other or the caller's random numbers.
+
+Toys whose likelihood has no minimum
+------------------------------------
+pyhf lets the expected yield of a bin with no observed events go below zero (the Poisson term
+of an empty bin is ``-lam``, finite for any ``lam``). Where the nuisance parameters can drive such
+a bin's yield down without a constraint holding them, ``-2 log L`` decreases without bound in
+both fits of the toy (the conditional and the free one): the toy has no maximum-likelihood
+estimate and no likelihood ratio. pyhf's SLSQP then stops wherever it gives up (``-2 log L`` of
+-10^4 to -10^5, parameters at their bounds), and the statistic is the difference of two
+arbitrary numbers. On 1Lbb ``C1N2_Wh_hbb_700_150`` this happens to 1.7% of the
+signal-plus-background toys and 4.4% of the background-only ones, more than the 2.3% tail that
+sets the ±2σ band.
+
+Such a toy's statistic is :data:`NO_MINIMUM_STATISTIC` (0): the data can be made arbitrarily
+likely at the tested POI value as well as at any other, so they do not discriminate; it is also
+what pyhf's own fits gave on most such toys measured (``benchmarks/toys.py --per-toy``). The
+record counts them per hypothesis and gives CLs and the band two other ways: with those toys
+dropped, and with their statistic at the other end of its range (+inf, the toy as incompatible
+with the tested value as can be). 0 and +inf bracket any value one could assign them.
 """
 
 from __future__ import annotations
@@ -45,18 +72,46 @@ from pyhf_dist import cache
 
 __all__ = [
     "MIN_FAST_TOYS_PER_CHUNK",
+    "BLOCK",
     "MIN_TOYS_PER_CHUNK",
+    "PYHF_STREAM_MAX",
+    "block_state",
+    "block_stream",
+    "chunk_samples",
+    "cls_from_kept",
+    "merge_kept",
+    "read_kept",
+    "write_kept",
+    "plan_blocks",
+    "NO_MINIMUM_STATISTIC",
     "NORMAL_PERCENTILES",
     "cls_from_distributions",
     "draw",
     "generating_key",
     "merge",
+    "missing_chunks",
+    "no_minimum_summary",
+    "pack",
+    "pack_chunk",
     "plan",
     "plan_fast",
     "pyhf_statistic",
     "run_chunk",
     "split",
+    "unpack",
+    "unpack_chunk",
 ]
+
+#: The test statistic of a toy whose likelihood has no minimum (the module's "Toys whose
+#: likelihood has no minimum").
+NO_MINIMUM_STATISTIC = 0.0
+
+
+#: An empty bin expecting fewer events than this at the end of one of plain pyhf's fits marks a toy
+#: without a minimum. A minimum where constraints hold an empty bin's yield below zero lies within
+#: a few events of it (-1 to -6 on 1Lbb toys); fits that follow a likelihood without a minimum end
+#: hundreds to tens of thousands of events below zero (-250 to -66,000 measured).
+NO_MINIMUM_YIELD = -100.0
 
 #: Smallest chunk worth a task: a chunk pays two fixed-POI fits (and re-draws the sample) before
 #: its toys, each of which costs about four fits; 25 toys keep that overhead near 2%.
@@ -102,6 +157,30 @@ def plan(ntoys: int, workers: int, min_chunk: int | None = None) -> list[dict]:
     return split(ntoys, max(1, min(int(workers or 1), int(ntoys) // max(1, int(min_chunk)))))
 
 
+#: Up to this many toys per hypothesis a patch's toys are pyhf's own stream (``numpy.random.seed``
+#: then the whole sample, which every chunk draws again: ``ntoys * (bins + auxdata)`` floats per
+#: hypothesis, 21 MB for 20,000 toys of 1Lbb). Beyond, toys come in blocks of :data:`BLOCK`, each
+#: with its own stream (:func:`block_state`), and a chunk draws only its own blocks.
+PYHF_STREAM_MAX = 20_000
+#: Toys per hypothesis of one block of a large toy scan (the unit of its chunks and of its journal).
+BLOCK = 10_000
+
+
+def block_stream(ntoys: int) -> bool:
+    """Whether ``ntoys`` toys per hypothesis are drawn in blocks rather than as pyhf's one stream."""
+    return int(ntoys) > PYHF_STREAM_MAX
+
+
+def block_state(seed: int, block: int) -> np.random.RandomState:
+    """The random state block ``block`` of a scan with ``seed`` draws its toys from.
+
+    A numpy ``SeedSequence`` of the seed, spawned once per block: independent streams, the same
+    for a block whatever chunk, worker, executor or run fits it.
+    """
+    sequence = np.random.SeedSequence(int(seed), spawn_key=(int(block),))
+    return np.random.RandomState(np.random.MT19937(sequence))
+
+
 #: Smallest chunk of the fast path: a chunk pays pyhf's two generating fits and a pyhf model
 #: (seconds on 1Lbb) before its toys, which take about a millisecond each.
 MIN_FAST_TOYS_PER_CHUNK = 1000
@@ -125,13 +204,17 @@ def _whole(ntoys: int) -> dict:
     return split(ntoys, 1)[0]
 
 
-def _sample(signal_pdf, background_pdf, ntoys: int, seed: int):
+def _sample(signal_pdf, background_pdf, ntoys: int, seed: int, state: np.random.RandomState | None = None):
     # Same calls, in the same order, as ToyCalculator.distributions after numpy.random.seed(seed);
-    # the fits between them there do not touch the random state.
+    # the fits between them there do not touch the random state. pyhf samples from numpy's
+    # global state: a block's own state (block_state) is installed there for the draw.
     with _RANDOM_LOCK:
         saved = np.random.get_state()
         try:
-            np.random.seed(seed)
+            if state is None:
+                np.random.seed(seed)
+            else:
+                np.random.set_state(state.get_state())
             signal_sample = signal_pdf.sample((ntoys,))
             background_sample = background_pdf.sample((ntoys,))
         finally:
@@ -139,7 +222,7 @@ def _sample(signal_pdf, background_pdf, ntoys: int, seed: int):
     return signal_sample, background_sample
 
 
-def draw(model, data, settings, ntoys: int | None = None, key: str | None = None) -> dict:
+def draw(model, data, settings, ntoys: int | None = None, key: str | None = None, blocks: tuple | None = None) -> dict:
     """The pseudo-experiments of one patch, exactly as pyhf's ToyCalculator draws them.
 
     pyhf's conditional fits of the observed data at the tested POI value and at the
@@ -157,6 +240,8 @@ def draw(model, data, settings, ntoys: int | None = None, key: str | None = None
             generating parameters, which depend on nothing else (not on the seed or the number of
             toys), are then remembered on this machine (:mod:`pyhf_dist.cache`, bit for bit) and
             later chunks and scans of the patch skip pyhf's two fits.
+        blocks: ``(first, last)``: draw only these blocks of a block-drawn scan (their toys in
+            order; :func:`block_state`) instead of pyhf's one stream of ``ntoys``.
 
     Returns:
         ``{"signal_pars", "background_pars", "signal", "background"}``: the generating parameters
@@ -179,8 +264,49 @@ def draw(model, data, settings, ntoys: int | None = None, key: str | None = None
         if key is not None:
             both = np.stack([np.asarray(signal_pars, dtype="<f8"), np.asarray(background_pars, dtype="<f8")])
             cache.remember("toys", key, both.tobytes().hex())
-    signal, background = _sample(model.make_pdf(signal_pars), model.make_pdf(background_pars), ntoys, settings.seed)
+    signal_pdf, background_pdf = model.make_pdf(signal_pars), model.make_pdf(background_pars)
+    if blocks is None:
+        signal, background = _sample(signal_pdf, background_pdf, ntoys, settings.seed)
+    else:
+        parts = [
+            _sample(signal_pdf, background_pdf, min(BLOCK, ntoys - block * BLOCK), settings.seed,
+                    block_state(settings.seed, block))
+            for block in range(*blocks)
+        ]
+        signal = np.concatenate([part[0] for part in parts])
+        background = np.concatenate([part[1] for part in parts])
     return {"signal_pars": signal_pars, "background_pars": background_pars, "signal": signal, "background": background}
+
+
+def chunk_samples(model, data, settings, chunk: dict, key: str | None = None) -> dict:
+    """The toys ``[start, stop)`` of a chunk, and their generating parameters (as :func:`draw`).
+
+    Up to :data:`PYHF_STREAM_MAX` toys, pyhf's own stream, drawn whole and sliced; beyond, only
+    the chunk's blocks (a chunk of a large scan covers whole blocks: :func:`plan_blocks`).
+    """
+    ntoys, start, stop = int(chunk["ntoys"]), int(chunk["start"]), int(chunk["stop"])
+    if not block_stream(ntoys):
+        samples = draw(model, data, settings, ntoys, key)
+        return {**samples, "signal": samples["signal"][start:stop], "background": samples["background"][start:stop]}
+    if start % BLOCK or (stop % BLOCK and stop != ntoys):
+        raise ValueError(f"a chunk of a block-drawn toy scan must cover whole blocks of {BLOCK} toys")
+    return draw(model, data, settings, ntoys, key, blocks=(start // BLOCK, -(-stop // BLOCK)))
+
+
+def plan_blocks(ntoys: int, missing=None) -> list[dict]:
+    """The chunks of a block-drawn toy scan: one per block (see :data:`BLOCK`).
+
+    ``missing``: only the toy ranges ``[(start, stop), ...]`` still to fit (a resumed scan).
+
+    >>> [(c["start"], c["stop"]) for c in plan_blocks(25_000)]
+    [(0, 10000), (10000, 20000), (20000, 25000)]
+    """
+    ntoys = int(ntoys)
+    bounds = [(start, min(start + BLOCK, ntoys)) for start in range(0, ntoys, BLOCK)]
+    if missing is not None:
+        bounds = [(a, b) for a, b in bounds if any(a < stop and start < b for start, stop in missing)]
+    return [{"index": start // BLOCK, "of": -(-ntoys // BLOCK), "start": start, "stop": stop, "ntoys": ntoys}
+            for start, stop in bounds]
 
 
 def generating_key(workspace_digest: str, patch_operations, settings) -> str:
@@ -196,16 +322,24 @@ def generating_key(workspace_digest: str, patch_operations, settings) -> str:
     return cache.digest("toys-generating", workspace_digest, described, cache.versions("pyhf", "numpy", "scipy"))
 
 
-def pyhf_statistic(model, data, settings) -> float:
-    """pyhf's test statistic of one dataset, as its ToyCalculator computes it for a toy."""
+def pyhf_statistic(model, data, settings, *, with_minimum: bool = False):
+    """pyhf's test statistic of one dataset, as its ToyCalculator computes it for a toy.
+
+    With ``with_minimum``, ``(statistic, whether the toy has a minimum)``: a fit that ends with a
+    bin of no events expecting fewer than :data:`NO_MINIMUM_YIELD` events has followed a
+    likelihood without a minimum (the module's "Toys whose likelihood has no minimum").
+    """
     from pyhf.infer.utils import get_test_stat
 
     config = model.config
-    return float(
-        get_test_stat(settings.test_stat)(
-            settings.poi_test, data, model, config.suggested_init(), config.suggested_bounds(), config.suggested_fixed()
-        )
-    )
+    arguments = (settings.poi_test, data, model, config.suggested_init(), config.suggested_bounds(), config.suggested_fixed())
+    if not with_minimum:
+        return float(get_test_stat(settings.test_stat)(*arguments))
+    statistic, fitted = get_test_stat(settings.test_stat)(*arguments, return_fitted_pars=True)
+    main = np.asarray(data, dtype=float)[: config.nmaindata]
+    physical = all(not np.any((main == 0) & (np.asarray(model.expected_actualdata(pars)) < NO_MINIMUM_YIELD))
+                   for pars in fitted)
+    return float(statistic), physical
 
 
 def run_chunk(model, data, settings, chunk: dict | None = None, key: str | None = None) -> dict[str, Any]:
@@ -221,24 +355,34 @@ def run_chunk(model, data, settings, chunk: dict | None = None, key: str | None 
 
     Returns:
         ``{"toys": {"start", "stop", "ntoys", "teststat" (observed; first chunk only, else None),
-        "sb" (list), "b" (list)}, "engine": "pyhf"}``. :func:`merge` turns the chunks of a patch
-        into CLs.
+        "sb" (list), "b" (list), "no_minimum" (as the fast path's; the statistics stay pyhf's)},
+        "engine": "pyhf"}``. :func:`merge` turns the chunks of a patch into CLs.
     """
     chunk = chunk or _whole(settings.ntoys)
-    samples = draw(model, data, settings, chunk["ntoys"], key)
+    samples = chunk_samples(model, data, settings, chunk, key)
 
-    def statistics(sample) -> list[float]:
-        return [pyhf_statistic(model, toy, settings) for toy in sample[chunk["start"] : chunk["stop"]]]
+    no_minimum: dict[str, list] = {}
 
-    teststat = pyhf_statistic(model, data, settings) if chunk["index"] == 0 else None
+    def statistics(sample, key: str) -> list[float]:
+        values = []
+        no_minimum[key] = []
+        for index, toy in enumerate(sample, start=chunk["start"]):
+            value, physical = pyhf_statistic(model, toy, settings, with_minimum=True)
+            values.append(value)
+            if not physical:  # counted; plain pyhf keeps the statistic where its fits stopped
+                no_minimum[key].append([index, value])
+        return values
+
+    teststat = pyhf_statistic(model, data, settings) if chunk["start"] == 0 else None
     return {
         "toys": {
             "start": chunk["start"],
             "stop": chunk["stop"],
             "ntoys": chunk["ntoys"],
             "teststat": teststat,
-            "sb": statistics(samples["signal"]),
-            "b": statistics(samples["background"]),
+            "sb": statistics(samples["signal"], "sb"),
+            "b": statistics(samples["background"], "b"),
+            "no_minimum": no_minimum,
         },
         "engine": "pyhf",
     }
@@ -289,7 +433,8 @@ def merge(records: list[dict], settings) -> dict:
     The returned record keeps the merged samples under ``"toys"`` (``teststat``, ``sb``, ``b``) for
     callers that want the distributions; the scan's :class:`~pyhf_dist.results.FitRecord` drops them.
     """
-    ordered = sorted(records, key=lambda r: (r.get("chunk") or {}).get("index", 0))
+    # In toy order: a resumed scan's chunks come from plans of different sizes.
+    ordered = sorted(records, key=lambda r: ((r.get("toys") or r.get("chunk") or {}).get("start", 0)))
     first = ordered[0]
     merged: dict[str, Any] = {"name": first["name"], "status": "ok", "error": None, "ntoys": settings.ntoys,
                               "seed": settings.seed}
@@ -323,11 +468,119 @@ def merge(records: list[dict], settings) -> dict:
     result = cls_from_distributions(teststat, sb, b, settings.test_stat)
     merged.update(CLs_obs=result["CLs_obs"], CLs_exp=result["CLs_exp"], **_engine(ordered))
     merged["toys"] = {"teststat": teststat, "sb": sb, "b": b, "chunks": len(parts)}
-    # What the fast path reports about its fits (absent on plain pyhf's chunks).
-    for key in ("runaway", "fallbacks"):
-        if any(key in part for part in parts):
-            merged["toys"][key] = sum(part.get(key, 0) for part in parts)
+    if any("fallbacks" in part for part in parts):  # the fast path's fits redone one at a time
+        merged["toys"]["fallbacks"] = sum(part.get("fallbacks", 0) for part in parts)
+    no_minimum = {key: [entry for part in parts for entry in (part.get("no_minimum") or {}).get(key, [])]
+                  for key in ("sb", "b")}
+    merged["toy_summary"] = no_minimum_summary(teststat, sb, b, no_minimum, settings.test_stat,
+                                               kept=merged.get("engine") == "pyhf")
+    if any("by_pyhf" in part for part in parts):  # fast path: toys whose fits it lost, fitted by pyhf
+        merged["toy_summary"]["by_pyhf"] = sum(part.get("by_pyhf", 0) for part in parts)
+    merged["toys"]["no_minimum"] = no_minimum
     return merged
+
+
+def no_minimum_summary(teststat: float, sb, b, no_minimum: dict, test_stat: str = "qtilde", kept: bool = False) -> dict:
+    """What a record says about its toys without a minimum (the module's "Toys whose likelihood has no minimum").
+
+    Args:
+        teststat: The observed statistic.
+        sb, b: The statistics of all toys, those without a minimum at :data:`NO_MINIMUM_STATISTIC`.
+        no_minimum: ``{"sb": [[toy index, q where the fits stopped], ...], "b": [...]}``.
+        test_stat: As :func:`cls_from_distributions`.
+        kept: The statistics are plain pyhf's where its fits stopped, not
+            :data:`NO_MINIMUM_STATISTIC` (records of plain pyhf).
+
+    Returns:
+        ``{"no_minimum": {"sb": n, "b": n}, "statistic": 0.0}`` (``"statistic": "pyhf"`` with
+        ``kept``) and, where there are such toys,
+        ``"if_dropped"`` and ``"if_infinite"``: ``{"CLs_obs", "CLs_exp"}`` with those toys left
+        out, and with their statistic at +inf.
+
+    >>> summary = no_minimum_summary(1.0, [0.0, 2.0, 0.0], [0.5, 3.0, 0.0], {"sb": [[2, 9.0]], "b": []})
+    >>> summary["no_minimum"], summary["if_dropped"]["CLs_obs"], summary["if_infinite"]["CLs_obs"]
+    ({'sb': 1, 'b': 0}, 1.5, 2.0)
+    """
+    summary: dict[str, Any] = {
+        "no_minimum": {key: len(no_minimum.get(key, [])) for key in ("sb", "b")},
+        "statistic": "pyhf" if kept else NO_MINIMUM_STATISTIC,
+    }
+    if not any(summary["no_minimum"].values()):
+        return summary
+    samples = {"sb": np.asarray(sb, dtype=float), "b": np.asarray(b, dtype=float)}
+    away = {key: np.zeros(len(values), dtype=bool) for key, values in samples.items()}
+    for key, entries in no_minimum.items():
+        away[key][[int(index) for index, _ in entries]] = True
+    for name, alternative in (
+        ("if_dropped", {key: samples[key][~away[key]] for key in samples}),
+        ("if_infinite", {key: np.where(away[key], np.inf, samples[key]) for key in samples}),
+    ):
+        if len(alternative["sb"]) and len(alternative["b"]):
+            result = cls_from_distributions(teststat, alternative["sb"], alternative["b"], test_stat)
+            summary[name] = {"CLs_obs": result["CLs_obs"], "CLs_exp": result["CLs_exp"]}
+    return summary
+
+
+def pack(values) -> str:
+    """Test statistics as text, exactly: base64 of little-endian float64 (a third of JSON's size)."""
+    import base64
+
+    return base64.b64encode(np.asarray(values, dtype="<f8").tobytes()).decode("ascii")
+
+
+def unpack(text: str) -> list[float]:
+    """The statistics :func:`pack` wrote, bit for bit."""
+    import base64
+
+    return np.frombuffer(base64.b64decode(text), dtype="<f8").tolist()
+
+
+def pack_chunk(outcome: dict) -> dict:
+    """A finished chunk's record as the journal keeps it: its statistics packed (:func:`pack`)."""
+    part = dict(outcome["toys"])
+    part["sb"], part["b"] = pack(part["sb"]), pack(part["b"])
+    return {**{k: v for k, v in outcome.items() if k != "toys"}, "toys": part, "packed": True}
+
+
+def unpack_chunk(entry: dict) -> dict:
+    """The chunk record :func:`pack_chunk` wrote, as the worker returned it."""
+    outcome = {k: v for k, v in entry.items() if k != "packed"}
+    part = dict(entry["toys"])
+    part["sb"], part["b"] = unpack(part["sb"]), unpack(part["b"])
+    outcome["toys"] = part
+    return outcome
+
+
+def missing_chunks(ntoys: int, done: list[dict], planned: list[dict]) -> list[dict]:
+    """The chunks still to fit of a patch whose ``done`` chunk records a journal kept.
+
+    Toys no finished chunk covers, cut as ``planned`` cuts them where a planned chunk lies
+    wholly among them, else as the gaps themselves (a resumed scan may plan for other workers);
+    in blocks for block-drawn scans. No toy is fitted twice.
+
+    >>> done = [{"toys": {"start": 0, "stop": 40}}]
+    >>> [(c["start"], c["stop"]) for c in missing_chunks(100, done, split(100, 4))]
+    [(50, 75), (75, 100), (40, 50)]
+    """
+    covered = sorted((r["toys"]["start"], r["toys"]["stop"]) for r in done)
+    gaps, position = [], 0
+    for start, stop in covered:
+        if start > position:
+            gaps.append((position, start))
+        position = max(position, stop)
+    if position < ntoys:
+        gaps.append((position, int(ntoys)))
+    if block_stream(ntoys):
+        return plan_blocks(ntoys, missing=gaps)
+    chunks = [c for c in planned if any(a <= c["start"] and c["stop"] <= b for a, b in gaps)]
+    rest = [(a, b) for a, b in gaps]
+    for c in chunks:  # what the planned chunks leave of each gap
+        rest = [piece for a, b in rest
+                for piece in (((a, min(b, c["start"])), (max(a, c["stop"]), b)) if a < c["stop"] and c["start"] < b
+                              else ((a, b),))
+                if piece[0] < piece[1]]
+    chunks += [{"index": -1, "of": 0, "start": a, "stop": b, "ntoys": int(ntoys)} for a, b in rest]
+    return chunks
 
 
 def _engine(records: list[dict]) -> dict:
@@ -346,5 +599,158 @@ def _engine(records: list[dict]) -> dict:
 def _describe(chunk: dict | None) -> str:
     if not chunk:
         return "toys"
+    if chunk.get("index", -1) < 0:
+        return f"toys {chunk['start']}-{chunk['stop'] - 1}"
     return f"chunk {chunk['index'] + 1}/{chunk['of']} (toys {chunk['start']}-{chunk['stop'] - 1})"
 
+
+
+# ---------------------------------------------------------------------------- kept toy files
+
+#: Format tag of the files ``--keep-toys`` writes.
+KEPT_FORMAT = "pyhf-dist-toys/1"
+
+
+def _kept_settings(settings) -> dict:
+    """What toys of different runs must share to be merged: everything but the seed and the count."""
+    data = settings.to_dict()
+    for name in ("ntoys", "seed", "require_fast", "upper_limit_scan", "level"):
+        data.pop(name, None)
+    return data
+
+
+def write_kept(path, distributions: dict, settings) -> None:
+    """Write the toy distributions of a scan's patches to ``path`` (a compressed ``.npz``).
+
+    Args:
+        path: The file (``.npz``).
+        distributions: ``{(pallet, patch name): merged "toys"}`` as :func:`merge` returns them.
+        settings: The scan's :class:`~pyhf_dist.settings.FitSettings`.
+    """
+    parts = [{"pallet": pallet, "name": name, "seed": int(settings.seed), "ntoys": int(settings.ntoys)}
+             for pallet, name in distributions]
+    _write_kept(path, parts, [distributions[(p["pallet"], p["name"])] for p in parts], _kept_settings(settings))
+
+
+def _write_kept(path, parts: list[dict], arrays: list[dict], settings: dict) -> None:
+    import os
+    import tempfile
+    from pathlib import Path
+
+    payload = {"meta": np.array(json.dumps({"format": KEPT_FORMAT, "settings": settings, "parts": parts}))}
+    for index, toys in enumerate(arrays):
+        payload[f"{index}/teststat"] = np.array(float(toys["teststat"]))
+        payload[f"{index}/sb"] = np.asarray(toys["sb"], dtype="<f8")
+        payload[f"{index}/b"] = np.asarray(toys["b"], dtype="<f8")
+        for key in ("sb", "b"):
+            entries = (toys.get("no_minimum") or {}).get(key, [])
+            payload[f"{index}/{key}_no_minimum"] = np.asarray([int(i) for i, _ in entries], dtype=np.int64)
+    path = Path(path)
+    # Through a temporary file and a rename: a kill leaves the previous file or the new one.
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent or ".")
+    os.close(handle)
+    try:
+        np.savez_compressed(temporary, **payload)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def read_kept(path) -> tuple[dict, list[dict], list[dict]]:
+    """``(settings, parts, distributions)`` of a kept toy file (see :func:`write_kept`).
+
+    Raises:
+        InputError: The file is missing or not a kept toy file.
+    """
+    from pyhf_dist.exceptions import InputError
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            if meta.get("format") != KEPT_FORMAT:
+                raise ValueError(meta.get("format"))
+            arrays = []
+            for index in range(len(meta["parts"])):
+                arrays.append({
+                    "teststat": float(data[f"{index}/teststat"]),
+                    "sb": data[f"{index}/sb"].copy(),
+                    "b": data[f"{index}/b"].copy(),
+                    "no_minimum": {key: [[int(i), None] for i in data[f"{index}/{key}_no_minimum"]] for key in ("sb", "b")},
+                })
+    except FileNotFoundError:
+        raise InputError(f"no kept toy file at {path}") from None
+    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        raise InputError(f"{path} is not a file of kept toys (pyhf-dist fit --keep-toys writes them)") from None
+    return meta["settings"], meta["parts"], arrays
+
+
+def merge_kept(paths, output) -> dict:
+    """Merge kept toy files of runs with different seeds into one file at ``output``.
+
+    Parts are identified by ``(pallet, patch, seed)``; one found in several files must be the same
+    toys (it is then kept once); files of different settings (test statistic, tested POI value,
+    interpolation codes, backend) are refused.
+
+    Returns:
+        :func:`cls_from_kept` of the merged file.
+
+    Raises:
+        InputError: A file is not a kept toy file, the settings differ, or a seed's toys differ.
+    """
+    from pyhf_dist.exceptions import InputError
+
+    settings, parts, arrays, seen = None, [], [], {}
+    for path in paths:
+        their_settings, their_parts, their_arrays = read_kept(path)
+        if settings is None:
+            settings = their_settings
+        elif their_settings != settings:
+            raise InputError(f"{path} holds toys of other settings than {paths[0]}: only toys of one test can be merged")
+        for part, toys in zip(their_parts, their_arrays):
+            identity = (part["pallet"], part["name"], part["seed"])
+            if identity in seen:
+                earlier = arrays[seen[identity]]
+                if not (np.array_equal(earlier["sb"], toys["sb"]) and np.array_equal(earlier["b"], toys["b"])):
+                    raise InputError(f"{path}: seed {part['seed']} of {part['name']} holds other toys than an "
+                                     "earlier file: toys of one seed can be merged only once")
+                continue
+            seen[identity] = len(parts)
+            parts.append(part)
+            arrays.append(toys)
+    if settings is None:
+        raise InputError("no kept toy files to merge")
+    _write_kept(output, parts, arrays, settings)
+    return cls_from_kept(output)
+
+
+def cls_from_kept(path) -> dict:
+    """CLs of every patch in a kept toy file: its parts (seeds) concatenated in seed order.
+
+    Returns:
+        ``{patch name (pallet:name in a scan of several pallets): {"CLs_obs", "CLs_exp", "ntoys",
+        "seeds", "toy_summary"}}``.
+    """
+    settings, parts, arrays = read_kept(path)
+    by_patch: dict = {}
+    for part, toys in zip(parts, arrays):
+        by_patch.setdefault((part["pallet"], part["name"]), []).append((part["seed"], toys))
+    results = {}
+    for (pallet, name), entries in by_patch.items():
+        entries.sort(key=lambda entry: entry[0])
+        teststat = entries[0][1]["teststat"]
+        sb = np.concatenate([toys["sb"] for _, toys in entries])
+        b = np.concatenate([toys["b"] for _, toys in entries])
+        no_minimum, offset = {"sb": [], "b": []}, 0
+        for _, toys in entries:
+            for key in ("sb", "b"):
+                no_minimum[key] += [[offset + i, None] for i, _ in toys["no_minimum"][key]]
+            offset += len(toys["sb"])
+        result = cls_from_distributions(teststat, sb, b, settings["test_stat"])
+        results[f"{pallet}:{name}" if pallet else name] = {
+            "CLs_obs": result["CLs_obs"], "CLs_exp": result["CLs_exp"], "ntoys": int(len(sb)),
+            "seeds": [seed for seed, _ in entries],
+            "toy_summary": no_minimum_summary(teststat, sb, b, no_minimum, settings["test_stat"]),
+        }
+    return results

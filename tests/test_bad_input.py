@@ -414,3 +414,26 @@ def test_resume_with_a_journal_from_other_settings_or_not_a_journal(capsys, demo
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert not output.exists() and journal.read_text() == "not a journal\n{}\n", "the journal is left as it was"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ((), "needs toy-based hypotests"),
+    (("--toys", "10"), "writes a .npz file"),
+    (("--toys", "10", "--keep-toys", "no/such/folder/toys.npz"), "no folder"),
+])
+def test_keep_toys_refused_in_one_line(cli, tmp_path, extra, message):
+    keep = tmp_path / "toys.txt" if "--keep-toys" not in extra else None
+    args = ["fit", str(tmp_path / "missing-not-read.tar.gz"), *extra]
+    if keep is not None:
+        args += ["--keep-toys", str(keep)]
+    result = cli(*args)
+    assert result.code == 2 and message in result.stderr, result
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_merge_toys_refuses_what_is_not_a_toy_file(capsys, tmp_path):
+    (tmp_path / "a.npz").write_text("not toys")
+    assert main(["merge-toys", str(tmp_path / "a.npz"), "-o", str(tmp_path / "m.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "not a file of kept toys" in err and "Traceback" not in err
+    assert not (tmp_path / "m.npz").exists()

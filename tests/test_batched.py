@@ -239,3 +239,123 @@ def test_plan_fast_splits_only_for_idle_workers():
     assert len(calculations.plan_chunks(FitSettings(backend="jax", calctype="toybased", ntoys=10000), 2, 1)) == 2
     assert len(calculations.plan_chunks(FitSettings(backend="jax", calctype="toybased", ntoys=10000), 2, 125)) == 1
     assert len(calculations.plan_chunks(FitSettings(backend="numpy", calctype="toybased", ntoys=1000), 2, 125)) == 2
+
+
+# ------------------------------------------------------------------- toys without a minimum
+
+
+def empty_bin_pallet():
+    """A signal region whose second bin expects under one event, and a background ("fake") whose
+    histosys extrapolates that bin far below zero: for a toy with no event there, -2 log L falls
+    (pyhf allows negative yields in empty bins) until the nuisance parameter reaches its bound,
+    thousands below zero, as it does on about 3% of 1Lbb's toys."""
+    from pyhf_dist.pallet import Pallet, Patch
+
+    workspace = {
+        "channels": [
+            {"name": "SR", "samples": [
+                {"name": "bkg", "data": [20.0, 0.6], "modifiers": [{"name": "norm", "type": "normfactor", "data": None}]},
+                {"name": "fake", "data": [1.0, 0.3], "modifiers": [
+                    {"name": "shape", "type": "histosys", "data": {"hi_data": [1.0, 1.0], "lo_data": [1.0, -300.0]}}]}]},
+            {"name": "CR", "samples": [
+                {"name": "bkg", "data": [100.0], "modifiers": [{"name": "norm", "type": "normfactor", "data": None}]}]},
+        ],
+        "observations": [{"name": "SR", "data": [21.0, 1.0]}, {"name": "CR", "data": [100.0]}],
+        "measurements": [{"name": "m", "config": {"poi": "mu", "parameters": []}}],
+        "version": "1.0.0",
+    }
+    operations = [{"op": "add", "path": "/channels/0/samples/2", "value": {
+        "name": "signal", "data": [5.0, 0.5], "modifiers": [{"name": "mu", "type": "normfactor", "data": None}]}}]
+    return Pallet(workspace, [Patch("empty_1_0", (1, 0), operations)], ["m1", "m2"], "empty-bin", "")
+
+
+def test_toys_without_a_minimum_are_counted_and_set_to_zero(pyhf_percentile_fix):
+    """Per toy against pyhf's own fits: a toy the record counts as having no minimum is one whose
+    pyhf fits also end with an empty bin expecting fewer than zero events; every other toy's
+    statistic is pyhf's; the record's CLs are those of its statistics with the others at 0."""
+    from pyhf.infer.mle import fit, fixed_poi_fit
+
+    pallet = empty_bin_pallet()
+    patch = pallet.patches[0]
+    settings = FitSettings(backend="jax", calctype="toybased", ntoys=40, seed=SEED)
+    state = initialize(WorkerContext.build(pallet.workspace, settings.to_dict()))
+    chunk = calculations.compute(state, {"patch": patch.operations, "chunk": toys.split(40, 1)[0]})
+    assert chunk["engine"] == "fast"
+    part = chunk["toys"]
+    model, data = calculations.build_model(state, patch.operations)
+    samples = toys.draw(model, data, settings)
+    init, bounds, fixed = model.config.suggested_init(), model.config.suggested_bounds(), model.config.suggested_fixed()
+    for key, sample in (("sb", "signal"), ("b", "background")):
+        flagged = {index for index, _ in part["no_minimum"][key]}
+        assert 0 < len(flagged) < 40  # the model makes both kinds of toy
+        for index, row in enumerate(samples[sample]):
+            main = np.asarray(row[: model.config.nmaindata])
+            if index in flagged:
+                assert part[key][index] == toys.NO_MINIMUM_STATISTIC
+                pars = fixed_poi_fit(1.0, row, model, init, bounds, fixed)
+                expected = model.expected_actualdata(pars)
+                assert np.any((main == 0) & (expected < 0)), "pyhf's fit of a toy without a minimum stays physical"
+            else:
+                assert part[key][index] == pytest.approx(toys.pyhf_statistic(model, row, settings), abs=TEST_STAT_TOLERANCE)
+                free = fit(row, model, init, bounds, fixed)
+                assert np.all(model.expected_actualdata(free)[main == 0] >= -1e-9)
+    merged = calculations.merge_chunks([{"name": patch.name, "status": "ok", "error": None, "chunk": toys.split(40, 1)[0],
+                                         **chunk}], settings)
+    summary = merged["toy_summary"]
+    assert summary["no_minimum"] == {key: len(part["no_minimum"][key]) for key in ("sb", "b")}
+    assert summary["statistic"] == 0.0
+    assert summary["by_pyhf"] == 0  # every other toy's fits converged on the engine
+    # The alternatives are the CLs of the distributions changed as they say.
+    sb, b = np.asarray(part["sb"]), np.asarray(part["b"])
+    keep = {key: np.ones(40, bool) for key in ("sb", "b")}
+    for key in keep:
+        keep[key][[index for index, _ in part["no_minimum"][key]]] = False
+    dropped = toys.cls_from_distributions(part["teststat"], sb[keep["sb"]], b[keep["b"]])
+    infinite = toys.cls_from_distributions(part["teststat"], np.where(keep["sb"], sb, np.inf), np.where(keep["b"], b, np.inf))
+    assert summary["if_dropped"] == {"CLs_obs": dropped["CLs_obs"], "CLs_exp": dropped["CLs_exp"]}
+    assert summary["if_infinite"] == {"CLs_obs": infinite["CLs_obs"], "CLs_exp": infinite["CLs_exp"]}
+    assert summary["if_infinite"]["CLs_obs"] != merged["CLs_obs"]  # the choice matters on this model
+    # ... and the scan's record carries the summary, through JSON.
+    result = pyhf_dist.map_fits(pallet, executor="sequential", backend="jax", calctype="toybased", ntoys=40, seed=SEED)
+    record = FitRecord.from_dict(result[patch.name].to_dict())
+    assert record.toy_summary["no_minimum"] == summary["no_minimum"]
+    assert (record.CLs_obs, record.CLs_exp) == (merged["CLs_obs"], merged["CLs_exp"])
+    # Plain pyhf counts the same toys, keeping its own statistics for them.
+    plain = pyhf_dist.map_fits(pallet, executor="sequential", backend="numpy", calctype="toybased", ntoys=40,
+                               seed=SEED)[patch.name]
+    assert plain.toy_summary["no_minimum"] == summary["no_minimum"] and plain.toy_summary["statistic"] == "pyhf"
+
+
+def test_stau_toys_are_pyhfs_fits_toy_by_toy(stau_tarball):
+    """A stau Region-combined patch, 8 toys of each hypothesis through the worker: each statistic is
+    pyhf's to 1e-5, or pyhf's own fit of that toy stopped above the minimum the fast path found
+    (pyhf's -2 log L at the fast path's parameters is lower than where SLSQP stopped); never the
+    other way round."""
+    from pyhf.infer.mle import fit, fixed_poi_fit
+
+    pallet = pyhf_dist.load_pallet(stau_tarball, pallet="Region-combined", validate=False)
+    patch = next(p for p in pallet.patches if p.name == "DS_240_40_Staus")
+    settings = FitSettings(backend="jax", calctype="toybased", ntoys=8, seed=SEED)
+    state = initialize(WorkerContext.build(pallet.workspace, settings.to_dict()))
+    chunk = calculations.compute(state, {"patch": patch.operations, "chunk": toys.split(8, 1)[0]})
+    assert chunk["engine"] == "fast"
+    model, data = calculations.build_model(state, patch.operations)
+    samples = toys.draw(model, data, settings)
+    fitter = batched.BatchFitter(pyhf_dist.fast.for_state(state).problem(patch.operations))
+    init, bounds, fixed = model.config.suggested_init(), model.config.suggested_bounds(), model.config.suggested_fixed()
+    agree = 0
+    for key, sample, generating in (("sb", "signal", "signal_pars"), ("b", "background", "background_pars")):
+        ours = toystats.toy_statistics(fitter, samples[sample], 1.0, "qtilde", metric_at=samples[generating])
+        assert list(ours["teststat"]) == chunk["toys"][key]  # the fits behind the worker's statistics
+        for index, row in enumerate(samples[sample]):
+            conditional, conditional_value = fixed_poi_fit(1.0, row, model, init, bounds, fixed, return_fitted_val=True)
+            free, free_value = fit(row, model, init, bounds, fixed, return_fitted_val=True)
+            theirs = 0.0 if free[model.config.poi_index] > 1.0 else max(float(conditional_value - free_value), 0.0)
+            if abs(ours["teststat"][index] - theirs) <= 1e-5:
+                agree += 1
+                continue
+            gaps = [float(value) - float(-2 * model.logpdf(theta, row)[0])
+                    for value, theta in ((conditional_value, ours["theta_conditional"][index]),
+                                         (free_value, ours["theta_free"][index]))]
+            assert min(gaps) > -1e-4 and max(gaps) > 1e-4, (key, index, ours["teststat"][index], theirs, gaps)
+    assert agree >= 12

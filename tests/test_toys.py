@@ -252,3 +252,149 @@ def test_toy_upper_limits_are_refused_before_fitting():
     with pytest.raises(SettingsError, match="toy-based upper limits"):
         pyhf_dist.map_fits(tiny_pallet(), executor="sequential", backend="numpy", calculation="upper_limit",
                            calctype="toybased", ntoys=10)
+
+
+# ------------------------------------------------------------- large scans: blocks and resuming
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Block-drawn toys from 20 toys on, in blocks of 10: a large scan's machinery at the size of a test."""
+    monkeypatch.setattr(toys, "PYHF_STREAM_MAX", 20)
+    monkeypatch.setattr(toys, "BLOCK", 10)
+
+
+def test_block_streams_do_not_depend_on_chunks_or_workers(small_blocks):
+    """Each block draws from its own stream of the seed: any split over any workers, one answer."""
+    pallet = tiny_pallet()
+    settings = FitSettings(backend="numpy", calctype="toybased", ntoys=35, seed=SEED)
+    assert [(c["start"], c["stop"]) for c in calculations.plan_chunks(settings, 2)] == [(0, 10), (10, 20), (20, 30), (30, 35)]
+    state, model, data = model_and_data(pallet, pallet.patches[0], settings)
+    whole = toys.draw(model, data, settings, blocks=(0, 4))
+    part = toys.chunk_samples(model, data, settings, {"index": 2, "of": 4, "start": 20, "stop": 30, "ntoys": 35})
+    assert np.array_equal(part["signal"], whole["signal"][20:30])
+    assert np.array_equal(part["background"], whole["background"][20:30])
+    other_seed = toys.draw(model, data, FitSettings(backend="numpy", calctype="toybased", ntoys=35, seed=SEED + 1),
+                           blocks=(0, 4))
+    assert not np.array_equal(other_seed["signal"], whole["signal"])
+    answers = []
+    for workers in (1, 3):
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            result = pyhf_dist.map_fits(pallet, executor=pool, patches=["tiny_200_0"], backend="numpy",
+                                        calctype="toybased", ntoys=35, seed=SEED)
+        record = result["tiny_200_0"]
+        assert record.ok, record.error
+        answers.append((record.CLs_obs, record.CLs_exp))
+    assert answers[0] == answers[1]
+
+
+_KILLED_SCAN = """
+import sys
+sys.path.insert(0, {tests!r})
+import pyhf_dist
+from pyhf_dist import toys
+from test_toys import tiny_pallet
+toys.PYHF_STREAM_MAX, toys.BLOCK = 20, 10
+pyhf_dist.map_fits(tiny_pallet(), executor="sequential", patches=["tiny_100_0"], backend="numpy",
+                   calctype="toybased", ntoys=80, seed={seed}, journal={journal!r})
+"""
+
+
+def _journaled_chunks(journal) -> list[tuple]:
+    """``(start, stop)`` of the toy chunks in a journal (a last line cut short is skipped)."""
+    import json
+
+    found = []
+    for line in journal.read_text().splitlines() if journal.exists() else []:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if "chunk" in entry:
+            part = entry["chunk"]["record"]["toys"]
+            found.append((part["start"], part["stop"]))
+    return sorted(found)
+
+
+def test_toy_scan_killed_mid_way_resumes_to_identical_cls(small_blocks, tmp_path, monkeypatch):
+    """SIGKILL while chunks are being journaled; the resumed scan fits only the missing chunks and
+    gives exactly the CLs of a scan never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    journal = tmp_path / "scan.journal.jsonl"
+    code = _KILLED_SCAN.format(tests=os.path.dirname(__file__), seed=SEED, journal=str(journal))
+    process = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and process.poll() is None:
+            if len(_journaled_chunks(journal)) >= 3:
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, "the scan ended before it could be killed"
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    options = dict(executor="sequential", patches=["tiny_100_0"], backend="numpy", calctype="toybased", ntoys=80, seed=SEED)
+    journaled = _journaled_chunks(journal)
+    assert 3 <= len(journaled) < 8  # killed mid-way, with chunks kept
+
+    fitted = []
+    original = toys.run_chunk
+
+    def spy(model, data, settings, chunk=None, key=None):
+        fitted.append((chunk["start"], chunk["stop"]))
+        return original(model, data, settings, chunk, key)
+
+    monkeypatch.setattr(toys, "run_chunk", spy)
+    resumed = pyhf_dist.map_fits(tiny_pallet(), journal=journal, resume=True, **options)["tiny_100_0"]
+    assert resumed.ok, resumed.error
+    assert not set(fitted) & set(journaled), "a journaled chunk was fitted again"
+    assert sorted(fitted + journaled) == [(start, start + 10) for start in range(0, 80, 10)]
+    fitted.clear()
+    uninterrupted = pyhf_dist.map_fits(tiny_pallet(), **options)["tiny_100_0"]
+    assert len(fitted) == 8
+    assert (resumed.CLs_obs, resumed.CLs_exp) == (uninterrupted.CLs_obs, uninterrupted.CLs_exp)
+    assert resumed.toy_summary == uninterrupted.toy_summary
+
+
+def test_kept_toys_of_two_seeds_merge_to_their_union(tmp_path, pyhf_percentile_fix):
+    """--keep-toys files of runs with different seeds merge into the toys of both, bit for bit; CLs
+    of the merged file are those of the union; a seed merged twice is kept once; bad files are refused."""
+    from pyhf_dist.exceptions import InputError
+
+    pallet = tiny_pallet()
+    options = dict(executor="sequential", patches=["tiny_200_0"], backend="numpy", calctype="toybased", ntoys=30)
+    runs = {}
+    for seed in (1, 2):
+        path = tmp_path / f"seed{seed}.npz"
+        record = pyhf_dist.map_fits(pallet, seed=seed, keep_toys=path, **options)["tiny_200_0"]
+        _, parts, arrays = toys.read_kept(path)
+        assert parts == [{"pallet": None, "name": "tiny_200_0", "seed": seed, "ntoys": 30}]
+        assert toys.cls_from_kept(path)["tiny_200_0"]["CLs_obs"] == record.CLs_obs
+        runs[seed] = arrays[0]
+    merged = tmp_path / "merged.npz"
+    result = toys.merge_kept([tmp_path / "seed2.npz", tmp_path / "seed1.npz", tmp_path / "seed1.npz"], merged)
+    _, parts, arrays = toys.read_kept(merged)
+    assert sorted(part["seed"] for part in parts) == [1, 2]
+    for part, kept in zip(parts, arrays):
+        assert np.array_equal(kept["sb"], runs[part["seed"]]["sb"]) and np.array_equal(kept["b"], runs[part["seed"]]["b"])
+    union = toys.cls_from_distributions(runs[1]["teststat"], np.concatenate([runs[1]["sb"], runs[2]["sb"]]),
+                                        np.concatenate([runs[1]["b"], runs[2]["b"]]))
+    assert (result["tiny_200_0"]["CLs_obs"], result["tiny_200_0"]["CLs_exp"]) == (union["CLs_obs"], union["CLs_exp"])
+    assert result["tiny_200_0"]["ntoys"] == 60 and result["tiny_200_0"]["seeds"] == [1, 2]
+    other = tmp_path / "q.npz"
+    pyhf_dist.map_fits(pallet, seed=1, keep_toys=other, test_stat="q", **options)
+    with pytest.raises(InputError, match="other settings"):
+        toys.merge_kept([tmp_path / "seed1.npz", other], tmp_path / "bad.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a file of toys")
+    with pytest.raises(InputError, match="not a file of kept toys"):
+        toys.read_kept(tmp_path / "junk.npz")
+    with pytest.raises(SettingsError, match="needs toy-based"):
+        pyhf_dist.map_fits(pallet, executor="sequential", backend="numpy", keep_toys=tmp_path / "x.npz")

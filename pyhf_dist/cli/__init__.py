@@ -14,6 +14,7 @@ import click
 
 from pyhf_dist.cli.demo import demo
 from pyhf_dist.cli.fit import fit
+from pyhf_dist.cli.toys import merge_toys
 
 __all__ = ["cli", "main"]
 
@@ -36,6 +37,7 @@ def cli(context: click.Context, debug: bool) -> None:
 
 cli.add_command(fit)
 cli.add_command(demo)
+cli.add_command(merge_toys)
 
 
 def _register_optional_commands() -> None:

@@ -118,6 +118,8 @@ def _parse_option(text: str) -> tuple[str, object]:
               help="With --upper-limit: scan a grid of mu values instead of root-finding.")
 @click.option("--toys", type=int, help="Use N pseudo-experiments per patch (split across workers) instead of asymptotics.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed of the pseudo-experiments.")
+@click.option("--keep-toys", type=click.Path(dir_okay=False),
+              help="With --toys: write the toy distributions to this .npz (merge runs with pyhf-dist merge-toys).")
 @click.option("--require-fast", is_flag=True,
               help="Fail each patch the compiled fast path declines (saying why) instead of fitting it with pyhf.")
 @click.option("--match-pyhf", is_flag=True,
@@ -151,7 +153,7 @@ def _parse_option(text: str) -> tuple[str, object]:
               help="Any other executor keyword argument (repeatable), e.g. --option processes=2.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def fit(source, patchset, patches, pallets, combine, executor, workers, backend, poi_test, test_stat, interpcodes,
-        upper_limit, scan_grid, toys, seed, require_fast, match_pyhf, optimizer, output,
+        upper_limit, scan_grid, toys, seed, keep_toys, require_fast, match_pyhf, optimizer, output,
         journal, resume, retries, timeout, jobs, cores, memory, walltime, queue, account, cluster_config,
         show_job_script, address, endpoint_id, batch_size, amqp_port, provider, max_blocks, extra_options, quiet):
     """Fit the signal patches of SOURCE and write the results.
@@ -217,7 +219,7 @@ def fit(source, patchset, patches, pallets, combine, executor, workers, backend,
             pallet=None if not pallets else pallets[0] if len(pallets) == 1 else list(pallets), combine=combine,
             poi_test=poi_test,
             test_stat=test_stat, backend=backend, modifier_settings=modifier_settings, journal=journal_path,
-            resume=resume, retries=retries, timeout=timeout, progress=not quiet, on_start=started,
+            resume=resume, retries=retries, timeout=timeout, progress=not quiet, on_start=started, keep_toys=keep_toys,
             **calculation_options, **options,
         )
     except KeyboardInterrupt:
