@@ -351,14 +351,17 @@ def test_1lbb_patch_arrays_are_one_layout(lbb_pallet):
 def test_structure_check_outcome_is_remembered_per_workspace(tmp_path, monkeypatch):
     """The check against pyhf.Model runs once per structure and machine; a remembered failure
     keeps the structure off the fast path in a later process too."""
+    from pyhf_dist import cache
+
     monkeypatch.setenv("PYHF_DIST_CACHE", str(tmp_path))
     spec = small_workspace()
     assert FastHypotest(spec).hypotest(None)["CLs_obs"] > 0
     assert not list((tmp_path / "checks").glob("structure-*"))  # no key: not kept
     FastHypotest(spec, key="workspace-a").hypotest(None)
     (remembered,) = (tmp_path / "checks").glob("structure-*")
-    assert remembered.read_text() == "same"
-    remembered.write_text("different")
+    key = remembered.name[len("structure-"):]
+    assert cache.recall("structure", key) == "same"
+    cache.remember("structure", key, "different")
     with pytest.raises(FastPathUnsupported, match="did not reproduce"):
         FastHypotest(spec, key="workspace-a").hypotest(None)
     assert FastHypotest(spec, key="workspace-b").hypotest(None)["CLs_obs"] > 0  # another workspace: checked anew
