@@ -119,7 +119,7 @@ class PoiScan:
         if certified:
             # The second start of the fit the Asimov data come from: the free fit's minimum.
             background = self._fit(background_name, main, aux, {"observed free": free.theta}, asimov_mu, known=background)
-            self._settle_free("observed", background)
+            self._settle_free("observed", background_name)
         gap = problem.pyhf_stall(asimov_mu, background.value)
         self.pyhf_default = None
         if gap is not None:
@@ -175,10 +175,10 @@ class PoiScan:
             # A conditional fit too high gives too large a test statistic: a false exclusion.
             starts[f"{data} free"] = self.fits[f"{data} free"].theta
         found = self._fit(name, main, aux, starts, mu)
-        self._settle_free(data, found)
+        self._settle_free(data, name)
         return found
 
-    def _settle_free(self, data: str, conditional: Fit) -> None:
+    def _settle_free(self, data: str, conditional_name: str) -> None:
         """Certified: a free fit above a conditional one has missed its minimum; refit it from there.
 
         The free fit's domain contains every conditional fit's, so at the true minimum its
@@ -188,12 +188,11 @@ class PoiScan:
         if self.match_pyhf:
             return
         name = f"{data} free"
-        free = self.fits[name]
+        free, conditional = self.fits[name], self.fits[conditional_name]
         if free.value <= conditional.value + SAME_MINIMUM:
             return
         problem = self.problem
         main, aux = (problem.main, problem.aux) if data == "observed" else self._asimov
-        conditional_name = next(key for key, value in self.fits.items() if value is conditional)
         again = self.problem.minimum(main, aux, {conditional_name: conditional.theta}, harder=True)
         self.several_minima = True
         if again.converged and again.value < free.value:
