@@ -52,11 +52,12 @@ def main() -> None:
 
     import pyhf_dist
     from pyhf_dist.executors.funcx.transport import ContextSerializer
-    from pyhf_dist.executors.funcx.endpoint import encode, pyhf_dist_fit
+    from pyhf_dist.executors.funcx.endpoint import pyhf_dist_fit
+    from pyhf_dist.protocol import encode
     from pyhf_dist.pallet import check_workspace
     from pyhf_dist.results import FitRecord, ScanResult
     from pyhf_dist.settings import FitSettings
-    from pyhf_dist.worker import WorkerContext
+    from pyhf_dist.protocol import WorkerContext
 
     from one_scan import CpuMeter, summary
 

@@ -56,7 +56,7 @@ def draw_toys(workspace: dict, operations: list, problem, ntoys: int, seed: int 
     except ImportError:
         pyhf = None
     if pyhf is not None:
-        from pyhf_dist import toys
+        from pyhf_dist.runtime import toys
         from pyhf_dist.settings import FitSettings
 
         pyhf.set_backend("numpy")

@@ -43,12 +43,12 @@ def main() -> None:
     import pyhf
     from pyhf.infer.mle import fit, fixed_poi_fit
 
-    from pyhf_dist import toys
+    from pyhf_dist.runtime import toys
     from pyhf_dist.settings import FitSettings
 
     pyhf.set_backend("numpy")
     spec, operations = load(args.model)
-    from pyhf_dist.calculations import pyhf_model
+    from pyhf_dist.runtime.reference import pyhf_model
     import jsonpatch
 
     settings = FitSettings(backend="numpy", calctype="toybased", ntoys=args.ntoys, seed=args.seed)

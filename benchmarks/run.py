@@ -163,7 +163,7 @@ def noop_overhead(executor: str, workers: int, tasks: int) -> dict:
 
     import pyhf_dist
     from pyhf_dist.settings import FitSettings
-    from pyhf_dist.worker import WorkerContext
+    from pyhf_dist.protocol import WorkerContext
 
     context = WorkerContext.build(pyhf_dist.demo_pallet(points=1).workspace, FitSettings(backend="numpy").to_dict())
     runner = pyhf_dist.get_executor(executor, **executor_options(executor, workers))

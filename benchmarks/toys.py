@@ -100,16 +100,21 @@ def fast_toys(label: str, ntoys: int, seed: int) -> dict:
 
     from toy_models import load
 
-    from pyhf_dist import calculations, toys
+    from pyhf_dist.runtime import calculations
+
+    from pyhf_dist.runtime import reference
+
+    from pyhf_dist.runtime import toys
     from pyhf_dist.fast import FastPathUnsupported, batched, for_state, toystats
     from pyhf_dist.settings import FitSettings
-    from pyhf_dist.worker import WorkerContext, initialize
+    from pyhf_dist.protocol import WorkerContext
+    from pyhf_dist.runtime import initialize
 
     spec, operations = load(label)
     settings = FitSettings(backend="jax", calctype="toybased", ntoys=ntoys, seed=seed)
     state = initialize(WorkerContext.build(spec, settings.to_dict()))
     pyhf.set_backend("numpy")
-    model, data = calculations.build_model(state, operations)
+    model, data = reference.build_model(state, operations)
     fast = for_state(state)
     began = time.perf_counter()
     try:
@@ -260,7 +265,7 @@ def interrupted_and_resumed(pallet: str, patch: str, ntoys: int, workers: int, c
     journaled, resumed, and the same scan uninterrupted: their CLs, and which chunks were fitted."""
     import signal
 
-    from pyhf_dist import toys
+    from pyhf_dist.runtime import toys
 
     environment = dict(os.environ, PYHF_DIST_CACHE=cache)
     blocks = len(toys.plan_blocks(ntoys)) if toys.block_stream(ntoys) else None

@@ -33,7 +33,7 @@ import math
 from typing import Iterable, Sequence
 
 from pyhf_dist.exceptions import InputError
-from pyhf_dist.results import COMBINATIONS, FitRecord
+from pyhf_dist.records import COMBINATIONS, FitRecord
 
 __all__ = ["combine", "best_expected", "check_method"]
 

@@ -24,7 +24,6 @@ __all__ = [
     "ExecutorError",
     "WorkerLostError",
     "PayloadTooLargeError",
-    "first_line",
     "FastPathRequired",
     "UpperLimitError",
 ]
@@ -146,28 +145,6 @@ class FastPathRequired(PyhfDistError):
     Not raised to the caller of a scan: the patch's record fails with this message, which says
     why the fast path declined.
     """
-
-
-def first_line(error: BaseException, *, with_type: bool = False) -> str:
-    """The first line of an error's message, for one-line reports (its type name if it has none).
-
-    Args:
-        error: The exception.
-        with_type: Prefix the exception's type name (``"KeyError: 'x'"``), for errors whose
-            message alone does not say what went wrong.
-
-    >>> first_line(ValueError("bad value:\\nmore detail"))
-    'bad value'
-    >>> first_line(KeyError("x"), with_type=True)
-    "KeyError: 'x'"
-    >>> first_line(RuntimeError())
-    'RuntimeError'
-    """
-    lines = str(error).strip().splitlines()
-    text = lines[0].rstrip(":").strip() if lines else ""
-    if not text:
-        return type(error).__name__
-    return f"{type(error).__name__}: {text}" if with_type else text
 
 
 class UpperLimitError(PyhfDistError, ValueError):

@@ -38,7 +38,7 @@ except ImportError:  # not on POSIX: concurrent scans are not detected there
 
 from pyhf_dist.exceptions import JournalError, StorageError
 from pyhf_dist.results import FitRecord, json_safe
-from pyhf_dist.toys import pack_chunk, unpack_chunk
+from pyhf_dist.chunks import compact_chunk, expand_chunk
 
 __all__ = ["Journal", "scan_key", "journal_path_for", "describe_errno"]
 
@@ -172,7 +172,7 @@ class Journal:
                 if "chunk" in entry:  # one finished chunk of a toy-based patch
                     chunk = entry["chunk"]
                     where = (chunk["pallet"], chunk["record"]["name"])
-                    unpacked = unpack_chunk(chunk["record"]) if key == self.key else None
+                    unpacked = expand_chunk(chunk["record"]) if key == self.key else None
                     record = None
                 else:
                     record = FitRecord.from_dict(entry["record"])
@@ -257,7 +257,7 @@ class Journal:
         Raises:
             StorageError: As :meth:`write`.
         """
-        self._append({"key": self.key, "chunk": {"pallet": pallet, "record": json_safe(pack_chunk(outcome))}})
+        self._append({"key": self.key, "chunk": {"pallet": pallet, "record": json_safe(compact_chunk(outcome))}})
 
     def _append(self, entry: dict) -> None:
         """Write one line, on disk before returning; a journal removed meanwhile is written again."""

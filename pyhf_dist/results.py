@@ -1,155 +1,27 @@
-"""Scan results: one :class:`FitRecord` per patch, gathered in a :class:`ScanResult`.
+"""Scan results: one :class:`~pyhf_dist.records.FitRecord` per patch, gathered in a :class:`ScanResult`.
 
 The JSON file schema is ``{"metadata": {...}, "results": [{...}, ...]}`` with one object per
 patch holding the fields of :class:`FitRecord`. A scan of several pallets of one source holds the
 records of each (``pallet`` names it; a patch name can be in several) and, when asked, their
 combination (records whose ``pallet`` is the combination's name, e.g. ``"best-expected"``; see
-:mod:`pyhf_dist.combine`). Files are written atomically (a temporary file
-in the same directory, then a rename), so an interrupted write never leaves half a file.
+:mod:`pyhf_dist.combine`). Files are written atomically (:func:`~pyhf_dist.records.write_atomic`).
 """
 
 from __future__ import annotations
 
 import collections
 import csv
-import dataclasses
 import io
 import json
-import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from pyhf_dist.combine import combine
 from pyhf_dist.exceptions import PalletError
+from pyhf_dist.records import COMBINATIONS, EXCLUSION_LEVEL, FitRecord, json_safe, write_atomic
 
 __all__ = ["FitRecord", "ScanResult", "write_atomic", "json_safe", "EXCLUSION_LEVEL", "COMBINATIONS"]
-
-EXCLUSION_LEVEL = 0.05
-#: Names of the combinations of several pallets; records of a combination carry it as ``pallet``.
-COMBINATIONS = ("best-expected",)
-
-
-@dataclasses.dataclass
-class FitRecord:
-    """The result of one patch.
-
-    Attributes:
-        name: Patch name.
-        values: The patch's point in the signal plane (e.g. masses).
-        status: ``"ok"`` or ``"failed"``.
-        CLs_obs: Observed CLs at the tested POI value (hypotests).
-        CLs_exp: Expected CLs, five values for -2σ, -1σ, median, +1σ, +2σ (hypotests).
-        error: Why the fit failed (``None`` when ok).
-        fit_seconds: Time spent computing on the worker.
-        submitted: Unix time the task was submitted.
-        started: Unix time the worker started it.
-        finished: Unix time the worker finished it.
-        worker: ``{"host", "pid", "slurm_job_id"}`` of the worker that ran it.
-        attempts: 1, plus once for every time the worker running it died (its retries).
-        mu_up_obs: Observed upper limit on the signal strength (upper-limit scans).
-        mu_up_exp: Expected upper limits, five values -2σ..+2σ (upper-limit scans).
-        pallet: The pallet the patch belongs to, in a source that holds several (e.g.
-            ``"Region-combined"``); ``None`` for the only pallet of its source. For a combination
-            of pallets, the combination's name (``"best-expected"``).
-        chosen_pallet: In a combination's record, the pallet whose result it took (``None`` when
-            no pallet could be chosen: the record is then failed and ``error`` says why).
-        engine: What fitted the patch: ``"fast"`` (the compiled fast path) or ``"pyhf"`` (plain
-            pyhf on numpy); ``None`` for a failed record.
-        fallback_reason: For ``engine="pyhf"`` on a scan that asked for the fast path: why the
-            fast path declined the patch (one line); ``None`` otherwise.
-        ntoys: Pseudo-experiments per hypothesis (toy-based records).
-        seed: Random seed of the pseudo-experiments (toy-based records).
-        converged: How the fits behind the numbers ended: ``True`` when every one is certified
-            converged (the fast path checks each: projected gradient, a second start, the free
-            fit not above any conditional one); ``False`` when one is not; ``None`` when they were
-            not checked (plain pyhf's own fits, whose minimizer reports success even where it
-            stalls).
-        fits: The certificate of each fit (fast path): ``{name: {"twice_nll", "gradient",
-            "converged", "start"}}``, names such as ``"observed free"``, ``"observed mu=1"``,
-            ``"asimov mu=1"``; ``"other_starts"`` lists starts that ended on higher minima.
-        pyhf_default: Where pyhf's default minimizer (SciPy's SLSQP) stalls at its starting
-            point on the patch: ``{"stalls_at_start": True, "fit", "stops_above_minimum"}`` (how
-            far, in -2 log L, above the minimum its fit stops); ``None`` otherwise.
-        toy_summary: Toy-based records: the toys whose likelihood has no minimum, per hypothesis,
-            and CLs with them treated otherwise (:func:`pyhf_dist.toys.no_minimum_summary`).
-    """
-
-    name: str
-    values: list = dataclasses.field(default_factory=list)
-    status: str = "ok"
-    CLs_obs: float | None = None
-    CLs_exp: list | None = None
-    error: str | None = None
-    fit_seconds: float | None = None
-    submitted: float | None = None
-    started: float | None = None
-    finished: float | None = None
-    worker: dict | None = None
-    attempts: int = 1
-    mu_up_obs: float | None = None
-    mu_up_exp: list | None = None
-    pallet: str | None = None
-    chosen_pallet: str | None = None
-    engine: str | None = None
-    fallback_reason: str | None = None
-    ntoys: int | None = None
-    seed: int | None = None
-    converged: bool | None = None
-    fits: dict | None = None
-    pyhf_default: dict | None = None
-    toy_summary: dict | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    @property
-    def key(self) -> tuple:
-        """``(pallet, name)``: what identifies a record in a scan of several pallets."""
-        return (self.pallet, self.name)
-
-    @property
-    def combined(self) -> bool:
-        """Whether the record is a combination of pallets' records, not a fit of its own."""
-        return self.pallet in COMBINATIONS
-
-    @property
-    def excluded(self) -> bool | None:
-        """Whether the observed CLs excludes the point at 95% CL (``None`` when unknown)."""
-        if not self.ok or self.CLs_obs is None:
-            return None
-        return self.CLs_obs < EXCLUSION_LEVEL
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "FitRecord":
-        """Build a record from a dict; unknown keys are ignored, missing ones take defaults."""
-        names = {field.name for field in dataclasses.fields(cls)}
-        known = {key: value for key, value in data.items() if key in names}
-        if "name" not in known:
-            raise ValueError("a result record needs a 'name'")
-        known["values"] = list(known.get("values") or [])
-        return cls(**known)
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
 
 _CSV_FIELDS = [
     "name", "pallet", "chosen_pallet", "values",
@@ -300,8 +172,6 @@ class ScanResult:
             return ScanResult([record for record in self.records if record.pallet == pallet], metadata)
         fitted = [name for name in available if name not in COMBINATIONS]
         if pallet in COMBINATIONS and len(fitted) > 1:
-            from pyhf_dist.combine import combine
-
             return ScanResult(combine([r for r in self.records if not r.combined], pallet, fitted), metadata)
         if not available:
             raise PalletSelectionError(
@@ -572,15 +442,3 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return html.escape(str(value))
-
-
-def json_safe(value: Any) -> Any:
-    """The value with every non-finite float replaced by ``None`` (JSON has no NaN)."""
-    # JSON has no NaN or infinity; a failed number is written as null.
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [json_safe(item) for item in value]
-    return value

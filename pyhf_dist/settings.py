@@ -14,10 +14,23 @@ import json
 import math
 from typing import Any
 
+
+class CHOICE(tuple):
+    """The values a setting takes, for its command-line flag (``click.Choice`` there)."""
+
+
+#: A setting's flag takes a file path (``click.Path(dir_okay=False)`` there).
+PATH = "path"
+
 from pyhf_dist.exceptions import SettingsError
 
 __all__ = [
     "FitSettings",
+    "Flag",
+    "CHOICE",
+    "PATH",
+    "option",
+    "declared",
     "TEST_STATISTICS",
     "BACKENDS",
     "CALCULATIONS",
@@ -75,30 +88,69 @@ def _number(value: Any, what: str) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class FitSettings:
-    """The statistical settings of a scan.
+class Flag:
+    """How a setting appears on the command line: its flags and click's keyword arguments.
 
-    Args:
-        poi_test: Value of the parameter of interest (signal strength) tested; ``>= 0``.
-        test_stat: ``"qtilde"`` (default), ``"q"`` or ``"q0"``.
-        backend: ``"numpy"`` (plain pyhf, the reference) or ``"jax"`` (compiled fast path);
-            ``None`` picks :func:`default_backend`.
-        modifier_settings: Passed to ``pyhf.Workspace.model``; ``None`` means code4/code4p.
-        calculation: ``"hypotest"`` (CLs at ``poi_test``) or ``"upper_limit"`` (95% CL limits on mu).
-        calctype: ``"asymptotics"`` or ``"toybased"`` (pseudo-experiments, split across workers).
-        ntoys: Pseudo-experiments per patch for ``calctype="toybased"``.
-        seed: Base random seed of the pseudo-experiments.
-        upper_limit_scan: ``None`` for root-finding, or ``(start, stop, points)`` for a grid scan.
-        level: Test size of the upper limits (0.05 for 95% CL).
-        require_fast: Make a patch the fast path declines a failed record (saying why) instead of
-            fitting it with plain pyhf: for benchmarks and CI that must measure the fast path.
-            Needs the fast path (``backend="jax"``, asymptotic hypotests).
-        match_pyhf: On the fast path, reproduce pyhf's own numbers (its fits' starting points,
-            and plain pyhf where pyhf's minimizer stalls or the noise of its fits decides a CLs
-            value) instead of the converged fits the fast path certifies (the default).
-        optimizer: The minimizer of plain pyhf (``backend="numpy"``, and the patches the fast
-            path declines): ``"scipy"`` (SLSQP, pyhf's default) or ``"minuit"`` (MINUIT's MIGRAD
-            through iminuit, strategy 2, as ``pyhf.optimize.minuit_optimizer``).
+    ``to_options`` turns the parsed value into scan options (default: ``{field: value}``, nothing
+    when the value is ``None``), for flags that set something else than their own field
+    (``--toys N`` sets ``calctype`` and ``ntoys``).
+    """
+
+    flags: tuple[str, ...]
+    click: dict = dataclasses.field(default_factory=dict)
+    to_options: Any = None
+
+
+def option(value: Any, doc: str, *flags: str, to_options: Any = None, **click: Any) -> Any:
+    """Declare a setting once: its default ``value``, its ``doc``, and (with ``flags``) its
+    command-line flag, with click's keyword arguments (``help`` there when the flag's own wording
+    differs from ``doc``).
+
+    The scan's keyword arguments (:func:`pyhf_dist.map_fits`), their documentation and the
+    ``pyhf-dist fit`` options are all derived from these declarations (:func:`declared`).
+    """
+    metadata = {"help": doc, "flag": Flag(tuple(flags), click, to_options) if flags else None}
+    return dataclasses.field(default=value, metadata=metadata)
+
+
+def declared(cls) -> list[dataclasses.Field]:
+    """The settings :func:`option` declared on dataclass ``cls``, in order."""
+    return [field for field in dataclasses.fields(cls) if "help" in field.metadata]
+
+
+def _upper_limit_flag(value: bool) -> dict:
+    return {"calculation": "upper_limit"} if value else {}
+
+
+def _scan_flag(text: str | None) -> dict:
+    if text is None:
+        return {}
+    try:
+        start, stop, points = text.split(",")
+        return {"upper_limit_scan": (float(start), float(stop), int(points))}
+    except ValueError:
+        raise SettingsError(f"--scan {text!r} is not START,STOP,N (e.g. --scan 0,5,21)") from None
+
+
+def _toys_flag(ntoys: int | None) -> dict:
+    return {} if ntoys is None else {"calctype": "toybased", "ntoys": ntoys}
+
+
+def _interpcodes_flag(text: str | None) -> dict:
+    return {} if text is None else {"modifier_settings": parse_interpcodes(text)}
+
+
+def _true_flag(name: str):
+    return lambda value: {name: True} if value else {}
+
+
+@dataclasses.dataclass(frozen=True)
+class FitSettings:
+    """The statistical settings of a scan: what every worker applies to every patch.
+
+    Each field is declared once, with its help and its command-line flag; ``help(FitSettings)``
+    and the documentation list them. Invalid values raise :class:`SettingsError` with one line
+    that says what to give instead.
 
     >>> FitSettings(poi_test=1.0, backend="numpy").test_stat
     'qtilde'
@@ -108,19 +160,40 @@ class FitSettings:
     pyhf_dist.exceptions.SettingsError: POI value must be >= 0, got -1.0 (give e.g. --poi-test 1.0)
     """
 
-    poi_test: float = 1.0
-    test_stat: str = "qtilde"
-    backend: str | None = None
-    modifier_settings: dict | None = None
-    calculation: str = "hypotest"
-    calctype: str = "asymptotics"
-    ntoys: int = 1000
-    seed: int = 0
-    upper_limit_scan: tuple | None = None
-    level: float = 0.05
-    require_fast: bool = False
-    match_pyhf: bool = False
-    optimizer: str = "scipy"
+    poi_test: float = option(1.0, "Signal strength (POI value) tested; >= 0.", "--poi-test", type=float,
+                             show_default=True)
+    test_stat: str = option("qtilde", "Test statistic: qtilde, q or q0.", "--test-stat",
+                            type=CHOICE(TEST_STATISTICS), show_default=True)
+    backend: str | None = option(
+        None, "numpy: plain pyhf, the reference; jax: the compiled fast path (default when jax is installed).",
+        "--backend", type=CHOICE(BACKENDS))
+    modifier_settings: dict | None = option(
+        None, "pyhf's modifier_settings (interpolation codes); None is normsys code4, histosys code4p.",
+        "--interpcodes", to_options=_interpcodes_flag, metavar="NORMSYS,HISTOSYS",
+        help="Interpolation codes of normsys,histosys [default: code4,code4p].")
+    calculation: str = option("hypotest", "hypotest (CLs at poi_test) or upper_limit (95% CL limits on mu).",
+                              "--upper-limit", to_options=_upper_limit_flag, is_flag=True,
+                              help="Compute observed and expected 95% CL upper limits on mu instead of CLs.")
+    calctype: str = option("asymptotics", "asymptotics, or toybased (pseudo-experiments split across workers).")
+    ntoys: int = option(1000, "Pseudo-experiments per patch with calctype toybased.",
+                               "--toys", to_options=_toys_flag, type=int, default=None,
+                               help="Use N pseudo-experiments per patch (split across workers) instead of asymptotics.")
+    seed: int = option(0, "Random seed of the pseudo-experiments.", "--seed", type=int, show_default=True)
+    upper_limit_scan: tuple | None = option(
+        None, "(start, stop, points): a grid of mu values for upper limits; None finds them by root-finding.",
+        "--scan", to_options=_scan_flag, metavar="START,STOP,N",
+        help="With --upper-limit: scan a grid of mu values instead of root-finding.")
+    level: float = option(0.05, "Test size of the upper limits (0.05 for 95% CL).")
+    require_fast: bool = option(
+        False, "A patch the compiled fast path declines becomes a failed record saying why, instead of "
+        "being fitted by plain pyhf (for benchmarks and CI).", "--require-fast", to_options=_true_flag("require_fast"),
+        is_flag=True)
+    match_pyhf: bool = option(
+        False, "On the fast path, reproduce pyhf's own numbers (its starting points, and plain pyhf where its "
+        "minimizer stalls) instead of the converged fits it certifies.", "--match-pyhf",
+        to_options=_true_flag("match_pyhf"), is_flag=True)
+    optimizer: str = option("scipy", "Plain pyhf's minimizer: scipy (SLSQP, pyhf's default) or minuit (MIGRAD).",
+                            "--optimizer", type=CHOICE(OPTIMIZERS), show_default=True)
 
     def __post_init__(self):
         poi = _number(self.poi_test, "POI value")
@@ -161,6 +234,8 @@ class FitSettings:
         if not 0 < level < 1:
             raise SettingsError(f"level must be between 0 and 1, got {level}")
         object.__setattr__(self, "level", level)
+        if self.upper_limit_scan is not None and self.calculation != "upper_limit":
+            raise SettingsError("upper_limit_scan (--scan) goes with calculation='upper_limit' (--upper-limit)")
         if self.upper_limit_scan is not None:
             try:
                 start, stop, points = self.upper_limit_scan

@@ -264,5 +264,5 @@ class TaskSizes:
         self.sizes: list[int] = []
 
     def submit(self, task):
-        self.sizes.append(len(task["tasks"]) if task.get("kind") == "batch" else 1)
+        self.sizes.append(len(task["tasks"]) if task.get("kind") == "pack" else 1)
         return super().submit(task)

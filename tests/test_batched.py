@@ -17,11 +17,15 @@ pytest.importorskip("jax")
 import pyhf  # noqa: E402
 
 import pyhf_dist  # noqa: E402
-from pyhf_dist import calculations, toys  # noqa: E402
+from pyhf_dist.runtime import calculations  # noqa: E402
+from pyhf_dist.runtime import reference  # noqa: E402
+from pyhf_dist import chunks as chunk_plan  # noqa: E402
+from pyhf_dist.runtime import toys  # noqa: E402
 from pyhf_dist.fast import FastHypotest, batch_model, batched, toystats  # noqa: E402
 from pyhf_dist.results import FitRecord, ScanResult  # noqa: E402
 from pyhf_dist.settings import FitSettings  # noqa: E402
-from pyhf_dist.worker import WorkerContext, initialize  # noqa: E402
+from pyhf_dist.protocol import WorkerContext  # noqa: E402
+from pyhf_dist.runtime import initialize  # noqa: E402
 
 from test_fast import HISTOSYS_CODES, NORMSYS_CODES, _random_points, _settings, small_workspace  # noqa: E402
 from test_toys import serial_pyhf_toys, tiny_pallet  # noqa: E402
@@ -188,9 +192,9 @@ def test_tiny_pallet_fast_toys_equal_serial_pyhf(pyhf_percentile_fix):
         assert (record.engine, record.fallback_reason, record.ntoys, record.seed) == ("fast", None, 60, SEED)
         state = initialize(WorkerContext.build(pallet.workspace, settings.to_dict()))
         patch = next(p for p in pallet.patches if p.name == record.name)
-        model, data = calculations.build_model(state, patch.operations)
-        reference = serial_pyhf_toys(model, data, settings)
-        assert (record.CLs_obs, record.CLs_exp) == (reference["CLs_obs"], reference["CLs_exp"])
+        model, data = reference.build_model(state, patch.operations)
+        expected = serial_pyhf_toys(model, data, settings)
+        assert (record.CLs_obs, record.CLs_exp) == (expected["CLs_obs"], expected["CLs_exp"])
 
 
 def test_chunked_fast_toys_merge_to_the_unchunked_result():
@@ -203,7 +207,7 @@ def test_chunked_fast_toys_merge_to_the_unchunked_result():
             record = {"name": "small", "status": "ok", "error": None, "chunk": chunk}
             record.update(calculations.compute(state, {"patch": [], "chunk": chunk}))
             records.append(record)
-        merged[chunks] = calculations.merge_chunks(records[::-1], settings)
+        merged[chunks] = chunk_plan.merge_chunks(records[::-1], settings)
         assert merged[chunks]["toys"]["chunks"] == chunks
     one, three = merged[1], merged[3]
     np.testing.assert_allclose(three["toys"]["sb"], one["toys"]["sb"], atol=1e-9)
@@ -236,9 +240,9 @@ def test_toy_record_fields_survive_json_and_csv(tmp_path):
 
 
 def test_plan_fast_splits_only_for_idle_workers():
-    assert len(calculations.plan_chunks(FitSettings(backend="jax", calctype="toybased", ntoys=10000), 2, 1)) == 2
-    assert len(calculations.plan_chunks(FitSettings(backend="jax", calctype="toybased", ntoys=10000), 2, 125)) == 1
-    assert len(calculations.plan_chunks(FitSettings(backend="numpy", calctype="toybased", ntoys=1000), 2, 125)) == 2
+    assert len(chunk_plan.plan_chunks(FitSettings(backend="jax", calctype="toybased", ntoys=10000), 2, 1)) == 2
+    assert len(chunk_plan.plan_chunks(FitSettings(backend="jax", calctype="toybased", ntoys=10000), 2, 125)) == 1
+    assert len(chunk_plan.plan_chunks(FitSettings(backend="numpy", calctype="toybased", ntoys=1000), 2, 125)) == 2
 
 
 # ------------------------------------------------------------------- toys without a minimum
@@ -282,7 +286,7 @@ def test_toys_without_a_minimum_are_counted_and_set_to_zero(pyhf_percentile_fix)
     chunk = calculations.compute(state, {"patch": patch.operations, "chunk": toys.split(40, 1)[0]})
     assert chunk["engine"] == "fast"
     part = chunk["toys"]
-    model, data = calculations.build_model(state, patch.operations)
+    model, data = reference.build_model(state, patch.operations)
     samples = toys.draw(model, data, settings)
     init, bounds, fixed = model.config.suggested_init(), model.config.suggested_bounds(), model.config.suggested_fixed()
     for key, sample in (("sb", "signal"), ("b", "background")):
@@ -299,7 +303,7 @@ def test_toys_without_a_minimum_are_counted_and_set_to_zero(pyhf_percentile_fix)
                 assert part[key][index] == pytest.approx(toys.pyhf_statistic(model, row, settings), abs=TEST_STAT_TOLERANCE)
                 free = fit(row, model, init, bounds, fixed)
                 assert np.all(model.expected_actualdata(free)[main == 0] >= -1e-9)
-    merged = calculations.merge_chunks([{"name": patch.name, "status": "ok", "error": None, "chunk": toys.split(40, 1)[0],
+    merged = chunk_plan.merge_chunks([{"name": patch.name, "status": "ok", "error": None, "chunk": toys.split(40, 1)[0],
                                          **chunk}], settings)
     summary = merged["toy_summary"]
     assert summary["no_minimum"] == {key: len(part["no_minimum"][key]) for key in ("sb", "b")}
@@ -339,7 +343,7 @@ def test_stau_toys_are_pyhfs_fits_toy_by_toy(stau_tarball):
     state = initialize(WorkerContext.build(pallet.workspace, settings.to_dict()))
     chunk = calculations.compute(state, {"patch": patch.operations, "chunk": toys.split(8, 1)[0]})
     assert chunk["engine"] == "fast"
-    model, data = calculations.build_model(state, patch.operations)
+    model, data = reference.build_model(state, patch.operations)
     samples = toys.draw(model, data, settings)
     fitter = batched.BatchFitter(pyhf_dist.fast.for_state(state).problem(patch.operations))
     init, bounds, fixed = model.config.suggested_init(), model.config.suggested_bounds(), model.config.suggested_fixed()

@@ -50,7 +50,8 @@ import json, sys
 import pyhf_dist
 from pyhf_dist.pallet import check_workspace
 from pyhf_dist.settings import FitSettings
-from pyhf_dist.worker import WorkerContext, initialize, run_task
+from pyhf_dist.protocol import WorkerContext
+from pyhf_dist.runtime import initialize, run_task
 
 pallet = pyhf_dist.load_pallet(sys.argv[1])
 check_workspace(pallet.workspace, "background")

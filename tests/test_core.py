@@ -61,7 +61,7 @@ class _CountSetups:
         self.log = log
 
     def __call__(self) -> None:
-        from pyhf_dist import worker
+        from pyhf_dist.runtime import state as worker
 
         original = worker.WorkerState.__init__
         log = self.log
@@ -89,7 +89,7 @@ def test_worker_setup_runs_once_per_worker_not_per_task(erjr_dir, tmp_path):
 def test_local_workers_start_before_the_context_exists(erjr_pallet):
     """prepare() spawns the workers (they import meanwhile); start() hands each the context once."""
     from pyhf_dist.settings import FitSettings
-    from pyhf_dist.worker import WorkerContext
+    from pyhf_dist.protocol import WorkerContext
 
     settings = FitSettings(backend="numpy").to_dict()
     context = WorkerContext.build(erjr_pallet.workspace, settings)

@@ -19,7 +19,8 @@ from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError  # noqa: E40
 from pyhf_dist.executors import get_executor  # noqa: E402
 from pyhf_dist.executors.dask import TUNING, DaskExecutor  # noqa: E402
 from pyhf_dist.settings import FitSettings  # noqa: E402
-from pyhf_dist.worker import WorkerContext, setup_count  # noqa: E402
+from pyhf_dist.protocol import WorkerContext  # noqa: E402
+from pyhf_dist.runtime import setup_count  # noqa: E402
 from distributed.diagnostics.plugin import SchedulerPlugin  # noqa: E402
 
 from conftest import FAST_PATH_TOLERANCE, LBB_SAMPLE, TaskSizes, assert_matches_reference, serial_pyhf  # noqa: E402

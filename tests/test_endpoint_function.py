@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import pytest
 
-from pyhf_dist.executors.funcx.endpoint import encode, pyhf_dist_fit
+from pyhf_dist.executors.funcx.endpoint import pyhf_dist_fit
+from pyhf_dist.protocol import encode
 from pyhf_dist.pallet import Patch
 from pyhf_dist.settings import FitSettings
-from pyhf_dist.worker import WorkerContext, make_task, run_task
+from pyhf_dist.protocol import WorkerContext, make_task
+
+#: Fields measured where the task ran, which differ between two runs of one task.
+from pyhf_dist.runtime import run_task
 
 #: Fields measured where the task ran, which differ between two runs of one task.
 MEASURED = {"started", "finished", "fit_seconds"}

@@ -253,9 +253,10 @@ def test_apply_patch_is_jsonpatch_without_touching_the_input():
 def test_unsupported_feature_falls_back_to_pyhf():
     """A shapefactor first met in a narrower channel: pyhf indexes the wider channel's extra bins
     into parameter 0 (a quirk, not reproduced). The worker falls back and reports pyhf's CLs."""
-    from pyhf_dist import calculations
+    from pyhf_dist.runtime import calculations
     from pyhf_dist.settings import FitSettings
-    from pyhf_dist.worker import WorkerContext, initialize
+    from pyhf_dist.protocol import WorkerContext
+    from pyhf_dist.runtime import initialize
 
     spec = small_workspace()
     # Rename CR (3 bins) to TR so that it sorts after SR (2 bins).
@@ -279,7 +280,8 @@ def test_unsupported_feature_falls_back_to_pyhf():
 
 def test_worker_hooks_build_once_and_compile():
     from pyhf_dist.settings import FitSettings
-    from pyhf_dist.worker import WorkerContext, initialize
+    from pyhf_dist.protocol import WorkerContext
+    from pyhf_dist.runtime import initialize
 
     state = initialize(WorkerContext.build(small_workspace(), FitSettings(backend="jax").to_dict()))
     warm_up(state)
@@ -288,7 +290,7 @@ def test_worker_hooks_build_once_and_compile():
 
 
 def test_importing_the_package_does_not_import_jax():
-    code = "import sys, pyhf_dist, pyhf_dist.fast, pyhf_dist.calculations; print('jax' in sys.modules)"
+    code = "import sys, pyhf_dist, pyhf_dist.fast, pyhf_dist.runtime.calculations; print('jax' in sys.modules)"
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert output.strip() == "False"
 
@@ -313,9 +315,10 @@ def test_erjr_agrees_with_pyhf_or_declines_when_matching_pyhf(erjr_pallet, erjr_
 
 
 def test_erjr_fallback_through_the_worker_gives_pyhf(erjr_pallet, erjr_reference):
-    from pyhf_dist import calculations
+    from pyhf_dist.runtime import calculations
     from pyhf_dist.settings import FitSettings
-    from pyhf_dist.worker import WorkerContext, initialize
+    from pyhf_dist.protocol import WorkerContext
+    from pyhf_dist.runtime import initialize
 
     settings = FitSettings(backend="jax", match_pyhf=True)
     state = initialize(WorkerContext.build(erjr_pallet.workspace, settings.to_dict()))

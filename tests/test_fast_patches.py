@@ -21,14 +21,16 @@ pytest.importorskip("jax")
 import pyhf  # noqa: E402
 
 import pyhf_dist  # noqa: E402
-from pyhf_dist import calculations  # noqa: E402
+from pyhf_dist.runtime import calculations  # noqa: E402
 from pyhf_dist.exceptions import SettingsError  # noqa: E402
-from pyhf_dist.executors.funcx.endpoint import encode, pyhf_dist_fit  # noqa: E402
+from pyhf_dist.executors.funcx.endpoint import pyhf_dist_fit  # noqa: E402
+from pyhf_dist.protocol import encode  # noqa: E402
 from pyhf_dist.fast import FastHypotest  # noqa: E402
 from pyhf_dist.pallet import Pallet, Patch  # noqa: E402
 from pyhf_dist.results import ScanResult  # noqa: E402
 from pyhf_dist.settings import FitSettings  # noqa: E402
-from pyhf_dist.worker import WorkerContext, initialize  # noqa: E402
+from pyhf_dist.protocol import WorkerContext  # noqa: E402
+from pyhf_dist.runtime import initialize  # noqa: E402
 
 from conftest import DATA, assert_matches_reference, serial_pyhf  # noqa: E402
 from test_fast import small_workspace  # noqa: E402

@@ -35,7 +35,8 @@ import pyhf_dist  # noqa: E402
 from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, PayloadTooLargeError  # noqa: E402
 from pyhf_dist.executors import get_executor  # noqa: E402
 from pyhf_dist.executors.funcx import transport  # noqa: E402
-from pyhf_dist.executors.funcx.endpoint import decode, encode, pyhf_dist_fit  # noqa: E402
+from pyhf_dist.executors.funcx.endpoint import pyhf_dist_fit  # noqa: E402
+from pyhf_dist.protocol import decode, encode  # noqa: E402
 from pyhf_dist.executors.funcx.executor import FuncXExecutor  # noqa: E402
 from pyhf_dist.executors.funcx.transport import (  # noqa: E402
     MAX_REQUEST_BYTES,
@@ -45,7 +46,7 @@ from pyhf_dist.executors.funcx.transport import (  # noqa: E402
 )
 from pyhf_dist.pallet import Pallet  # noqa: E402
 from pyhf_dist.settings import FitSettings  # noqa: E402
-from pyhf_dist.worker import WorkerContext  # noqa: E402
+from pyhf_dist.protocol import WorkerContext  # noqa: E402
 
 import globus_cloud_standin  # noqa: E402
 from conftest import LBB_SAMPLE, assert_matches_reference, serial_pyhf  # noqa: E402
@@ -194,7 +195,7 @@ def test_remote_function_takes_the_fast_path_where_pyhf_dist_is_installed(lbb_pa
     """On the jax backend an endpoint with pyhf-dist installed fits on the compiled likelihood and
     keeps it between tasks; the numbers are serial pyhf's within the fast path's tolerance."""
     pytest.importorskip("jax")
-    from pyhf_dist import worker
+    from pyhf_dist import runtime as worker
 
     context = WorkerContext.build(lbb_pallet.workspace, FitSettings(backend="jax").to_dict())
     text = encode(context.payload.decode())
@@ -205,8 +206,8 @@ def test_remote_function_takes_the_fast_path_where_pyhf_dist_is_installed(lbb_pa
     finally:
         sys.modules.pop("_pyhf_dist_remote_cache", None)
     assert remote_state["workspace"] is None  # no plain pyhf model was made
-    assert remote_state["prepared"] is worker.initialize(context)  # one state, kept for every task
-    assert "fast_hypotest" in remote_state["prepared"].cache
+    assert remote_state["prepared"][0] is worker.initialize(context)  # one state, kept for every task
+    assert "fast_hypotest" in remote_state["prepared"][0].memo
     assert_matches_reference(records, serial_pyhf(lbb_pallet, LBB_SAMPLE[:3]), tolerance=1e-4)
 
 

@@ -27,9 +27,10 @@ from globus_compute_sdk.sdk.batch import Batch  # noqa: E402
 from globus_compute_sdk.sdk.client import FunctionRegistrationData  # noqa: E402
 
 from pyhf_dist.executors.funcx.transport import ContextSerializer  # noqa: E402
-from pyhf_dist.executors.funcx.endpoint import encode, pyhf_dist_fit  # noqa: E402
+from pyhf_dist.executors.funcx.endpoint import pyhf_dist_fit  # noqa: E402
+from pyhf_dist.protocol import encode  # noqa: E402
 from pyhf_dist.settings import FitSettings  # noqa: E402
-from pyhf_dist.worker import WorkerContext  # noqa: E402
+from pyhf_dist.protocol import WorkerContext  # noqa: E402
 
 from conftest import assert_matches_reference, parsl_processes, serial_pyhf, slurm_partition  # noqa: E402
 

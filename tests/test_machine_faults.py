@@ -23,7 +23,8 @@ import pytest
 
 import pyhf_dist
 from pyhf_dist import cache
-from pyhf_dist.executors.local import LocalExecutor, memory_cgroup
+from pyhf_dist.executors.deaths import memory_cgroup
+from pyhf_dist.executors.local import LocalExecutor
 from pyhf_dist.pallet import Pallet, Patch
 from conftest import REPOSITORY
 
@@ -273,7 +274,7 @@ def _join_cgroup_and_hunger() -> None:
     """Worker initializer: join the test's limited memory cgroup; fits of patches named ``hungry*``
     then take memory until the kernel's OOM killer ends the worker."""
     Path(os.environ["PYHF_DIST_TEST_CGROUP"], "cgroup.procs").write_text(str(os.getpid()))
-    from pyhf_dist import calculations
+    from pyhf_dist.runtime import calculations
 
     compute = calculations.compute
     kept = []

@@ -439,9 +439,10 @@ def test_the_endpoint_function_reads_a_context_of_several_pallets(backend, stau_
 
     if backend == "jax":
         pytest.importorskip("jax")
-    from pyhf_dist.executors.funcx.endpoint import encode, pyhf_dist_fit
+    from pyhf_dist.executors.funcx.endpoint import pyhf_dist_fit
+    from pyhf_dist.protocol import encode
     from pyhf_dist.settings import FitSettings
-    from pyhf_dist.worker import WorkerContext
+    from pyhf_dist.protocol import WorkerContext
 
     pallets = {"Region-combined": "DS_200_80_Staus", "Region-lowMass": "DS_120_40_Staus"}
     # Plain pyhf takes seconds per stau fit: one pallet's suffices there (the other pallet's
@@ -516,7 +517,7 @@ def test_pallet_objects_fitted_together():
 
 
 def test_a_single_pallet_scan_is_as_it_was(tmp_path):
-    from pyhf_dist.worker import WorkerContext
+    from pyhf_dist.protocol import WorkerContext
 
     pallet = pyhf_dist.demo_pallet(points=2)
     result = pyhf_dist.map_fits(pallet, executor="sequential", backend="numpy")

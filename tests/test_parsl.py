@@ -16,9 +16,10 @@ parsl = pytest.importorskip("parsl")
 import pyhf_dist  # noqa: E402
 from pyhf_dist.exceptions import ExecutorOptionError  # noqa: E402
 from pyhf_dist.executors import get_executor  # noqa: E402
-from pyhf_dist.executors.parsl import PackedContext, ParslExecutor  # noqa: E402
+from pyhf_dist.executors.parsl import ParslExecutor  # noqa: E402
+from pyhf_dist.protocol import CompressedContext  # noqa: E402
 from pyhf_dist.settings import FitSettings  # noqa: E402
-from pyhf_dist.worker import WorkerContext  # noqa: E402
+from pyhf_dist.protocol import WorkerContext  # noqa: E402
 
 from conftest import LBB_SAMPLE, assert_matches_reference, parsl_processes, serial_pyhf, slurm_partition  # noqa: E402
 
@@ -90,7 +91,7 @@ def test_a_users_parsl_config(erjr_pallet, tmp_path, no_leftovers):
 
 def test_context_is_compressed_and_decompressed_lazily(erjr_pallet):
     context = WorkerContext.build(erjr_pallet.workspace, FitSettings(backend="numpy").to_dict())
-    packed = PackedContext.pack(context)
+    packed = CompressedContext.of(context)
     assert packed.key == context.key and packed.payload == context.payload
     assert len(packed.packed) < len(context.payload) / 4
     import pickle

@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 import pyhf_dist
-from pyhf_dist import scan
+from pyhf_dist.scan import loop as scan_loop
 from pyhf_dist.executors.local import LocalExecutor
 from pyhf_dist.pallet import Pallet, Patch
 from conftest import FAST_PATH_TOLERANCE, TaskSizes, assert_matches_reference, serial_pyhf
@@ -103,7 +103,7 @@ class _PackingLocal(TaskSizes, LocalExecutor):
     """The local pool, packing short fits into tasks as the Dask clusters pyhf-dist starts do: a
     worker killed here takes a task of several patches with it."""
 
-    batch_seconds = 0.25
+    pack_seconds = 0.25
 
 
 def test_worker_killed_in_a_packed_task_every_patch_of_it_is_retried():
@@ -244,7 +244,7 @@ def _block_alarm_and_pace() -> None:
     second of wall time, however fast this machine fits: the worker beside the stuck one stays busy
     for a known time."""
     _block_alarm()
-    from pyhf_dist import calculations
+    from pyhf_dist.runtime import calculations
 
     compute = calculations.compute
 
@@ -267,7 +267,7 @@ class _CountingAbandons(LocalExecutor):
 def test_timeout_backstop_replaces_only_the_stuck_worker(demo, monkeypatch):
     """When a worker ignores the timeout, the scan gives up on its task and the executor replaces
     that worker alone: the fits running beside it go on undisturbed, nothing is resubmitted."""
-    monkeypatch.setattr(scan, "TIMEOUT_GRACE", 1.0)
+    monkeypatch.setattr(scan_loop, "TIMEOUT_GRACE", 1.0)
     # The stuck fit (~25 s) first, then 30 paced fits of at least half a second each (well under
     # the 8 s timeout even on a busy machine) that keep the other worker busy until and after the
     # scan gives up on the stuck one (at ~9 s), then the plain demo patches.
@@ -302,7 +302,7 @@ _KEPT: list = []
 
 def _grow_with_each_fit() -> None:
     """Each fit in this worker keeps 200 MB more memory, as compiled engines and toy batches do."""
-    from pyhf_dist import calculations
+    from pyhf_dist.runtime import calculations
 
     compute = calculations.compute
 

@@ -23,7 +23,7 @@ import dask  # noqa: E402
 import pyhf_dist  # noqa: E402
 from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError  # noqa: E402
 from pyhf_dist.executors import get_executor  # noqa: E402
-from pyhf_dist.worker import WorkerContext  # noqa: E402
+from pyhf_dist.protocol import WorkerContext  # noqa: E402
 
 from conftest import LBB_SAMPLE, REPOSITORY, assert_matches_reference  # noqa: E402
 

@@ -14,11 +14,16 @@ import pytest
 from hypothesis import given, settings as hypothesis_settings, strategies as st
 
 import pyhf_dist
-from pyhf_dist import calculations, toys
+from pyhf_dist.runtime import calculations
+from pyhf_dist.runtime import reference
+from pyhf_dist import chunks as chunk_plan
+from pyhf_dist.runtime import toys
+from pyhf_dist import kept_toys
 from pyhf_dist.exceptions import SettingsError
 from pyhf_dist.pallet import Pallet, Patch
 from pyhf_dist.settings import FitSettings
-from pyhf_dist.worker import WorkerContext, initialize
+from pyhf_dist.protocol import WorkerContext
+from pyhf_dist.runtime import initialize
 
 SEED = 20211
 
@@ -42,7 +47,7 @@ def tiny_pallet() -> Pallet:
 
 def model_and_data(pallet, patch, settings):
     state = initialize(WorkerContext.build(pallet.workspace, settings.to_dict()))
-    return state, *calculations.build_model(state, patch.operations)
+    return state, *reference.build_model(state, patch.operations)
 
 
 def serial_pyhf_toys(model, data, settings):
@@ -73,7 +78,7 @@ def run_split(state, patch, settings, chunks: int) -> dict:
         record.update(calculations.compute(state, {"patch": patch.operations, "chunk": chunk}))
         records.append(record)
     # Chunks come back in any order.
-    return calculations.merge_chunks(records[::-1], settings)
+    return chunk_plan.merge_chunks(records[::-1], settings)
 
 
 # ------------------------------------------------------------------------------------- splitting
@@ -94,18 +99,18 @@ def test_split_is_a_contiguous_cover(ntoys, chunks):
 @given(st.integers(min_value=1, max_value=100000), st.integers(min_value=1, max_value=512))
 @hypothesis_settings(max_examples=200, deadline=None)
 def test_plan_uses_workers_without_tiny_chunks(ntoys, workers):
-    entries = toys.plan(ntoys, workers)
+    entries = chunk_plan.plan(ntoys, workers)
     assert len(entries) <= workers
     if len(entries) > 1:
-        assert min(e["stop"] - e["start"] for e in entries) >= toys.MIN_TOYS_PER_CHUNK
-    if ntoys >= workers * toys.MIN_TOYS_PER_CHUNK:
+        assert min(e["stop"] - e["start"] for e in entries) >= chunk_plan.MIN_TOYS_PER_CHUNK
+    if ntoys >= workers * chunk_plan.MIN_TOYS_PER_CHUNK:
         assert len(entries) == workers
 
 
 def test_plan_chunks_only_splits_toy_hypotests():
-    assert calculations.plan_chunks(FitSettings(backend="numpy"), 8) == [None]
-    assert calculations.plan_chunks(FitSettings(backend="numpy", calculation="upper_limit"), 8) == [None]
-    assert len(calculations.plan_chunks(FitSettings(backend="numpy", calctype="toybased", ntoys=1000), 8)) == 8
+    assert chunk_plan.plan_chunks(FitSettings(backend="numpy"), 8) == [None]
+    assert chunk_plan.plan_chunks(FitSettings(backend="numpy", calculation="upper_limit"), 8) == [None]
+    assert len(chunk_plan.plan_chunks(FitSettings(backend="numpy", calctype="toybased", ntoys=1000), 8)) == 8
     with pytest.raises(SettingsError, match="toy-based upper limits"):
         FitSettings(backend="numpy", calculation="upper_limit", calctype="toybased")
 
@@ -229,7 +234,7 @@ def test_failed_chunk_fails_the_patch_with_its_reason():
          "started": 4.0, "finished": 64.0, "worker": {"pid": 2}},
         {"name": "p", "status": "failed", "error": "worker lost 3 times: BrokenProcessPool", "chunk": chunks[2]},
     ]
-    merged = calculations.merge_chunks(records, settings)
+    merged = chunk_plan.merge_chunks(records, settings)
     assert merged["status"] == "failed"
     assert "2 of 3 toy chunks failed" in merged["error"]
     assert "chunk 2/3 (toys 34-66): timed out after 60 s" in merged["error"]
@@ -244,7 +249,7 @@ def test_merge_refuses_incomplete_cover():
     settings = FitSettings(backend="numpy", calctype="toybased", ntoys=10)
     part = {"name": "p", "status": "ok", "error": None, "chunk": toys.split(10, 2)[0],
             "toys": {"start": 0, "stop": 5, "ntoys": 10, "teststat": 1.0, "sb": [1.0] * 5, "b": [1.0] * 5}}
-    merged = calculations.merge_chunks([part], settings)
+    merged = chunk_plan.merge_chunks([part], settings)
     assert merged["status"] == "failed" and "5 of 10 toys" in merged["error"]
 
 
@@ -268,7 +273,7 @@ def test_block_streams_do_not_depend_on_chunks_or_workers(small_blocks):
     """Each block draws from its own stream of the seed: any split over any workers, one answer."""
     pallet = tiny_pallet()
     settings = FitSettings(backend="numpy", calctype="toybased", ntoys=35, seed=SEED)
-    assert [(c["start"], c["stop"]) for c in calculations.plan_chunks(settings, 2)] == [(0, 10), (10, 20), (20, 30), (30, 35)]
+    assert [(c["start"], c["stop"]) for c in chunk_plan.plan_chunks(settings, 2)] == [(0, 10), (10, 20), (20, 30), (30, 35)]
     state, model, data = model_and_data(pallet, pallet.patches[0], settings)
     whole = toys.draw(model, data, settings, blocks=(0, 4))
     part = toys.chunk_samples(model, data, settings, {"index": 2, "of": 4, "start": 20, "stop": 30, "ntoys": 35})
@@ -292,7 +297,9 @@ _KILLED_SCAN = """
 import sys
 sys.path.insert(0, {tests!r})
 import pyhf_dist
-from pyhf_dist import toys
+from pyhf_dist.runtime import toys
+from pyhf_dist import chunks as chunk_plan
+from pyhf_dist import kept_toys
 from test_toys import tiny_pallet
 toys.PYHF_STREAM_MAX, toys.BLOCK = 20, 10
 pyhf_dist.map_fits(tiny_pallet(), executor="sequential", patches=["tiny_100_0"], backend="numpy",
@@ -375,13 +382,13 @@ def test_kept_toys_of_two_seeds_merge_to_their_union(tmp_path, pyhf_percentile_f
     for seed in (1, 2):
         path = tmp_path / f"seed{seed}.npz"
         record = pyhf_dist.map_fits(pallet, seed=seed, keep_toys=path, **options)["tiny_200_0"]
-        _, parts, arrays = toys.read_kept(path)
+        _, parts, arrays = kept_toys.read_kept(path)
         assert parts == [{"pallet": None, "name": "tiny_200_0", "seed": seed, "ntoys": 30}]
-        assert toys.cls_from_kept(path)["tiny_200_0"]["CLs_obs"] == record.CLs_obs
+        assert kept_toys.cls_from_kept(path)["tiny_200_0"]["CLs_obs"] == record.CLs_obs
         runs[seed] = arrays[0]
     merged = tmp_path / "merged.npz"
-    result = toys.merge_kept([tmp_path / "seed2.npz", tmp_path / "seed1.npz", tmp_path / "seed1.npz"], merged)
-    _, parts, arrays = toys.read_kept(merged)
+    result = kept_toys.merge_kept([tmp_path / "seed2.npz", tmp_path / "seed1.npz", tmp_path / "seed1.npz"], merged)
+    _, parts, arrays = kept_toys.read_kept(merged)
     assert sorted(part["seed"] for part in parts) == [1, 2]
     for part, kept in zip(parts, arrays):
         assert np.array_equal(kept["sb"], runs[part["seed"]]["sb"]) and np.array_equal(kept["b"], runs[part["seed"]]["b"])
@@ -392,9 +399,9 @@ def test_kept_toys_of_two_seeds_merge_to_their_union(tmp_path, pyhf_percentile_f
     other = tmp_path / "q.npz"
     pyhf_dist.map_fits(pallet, seed=1, keep_toys=other, test_stat="q", **options)
     with pytest.raises(InputError, match="other settings"):
-        toys.merge_kept([tmp_path / "seed1.npz", other], tmp_path / "bad.npz")
+        kept_toys.merge_kept([tmp_path / "seed1.npz", other], tmp_path / "bad.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a file of toys")
     with pytest.raises(InputError, match="not a file of kept toys"):
-        toys.read_kept(tmp_path / "junk.npz")
+        kept_toys.read_kept(tmp_path / "junk.npz")
     with pytest.raises(SettingsError, match="needs toy-based"):
         pyhf_dist.map_fits(pallet, executor="sequential", backend="numpy", keep_toys=tmp_path / "x.npz")

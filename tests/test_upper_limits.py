@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 
 import pyhf_dist
-from pyhf_dist.exceptions import first_line
+from pyhf_dist.protocol import first_line
 from pyhf_dist.demo import demo_patchset, demo_workspace
-from pyhf_dist.limits import grid_scan, scan_points, toms748_scan
+from pyhf_dist.runtime.reference import grid_scan, scan_points, toms748_scan
 
 from conftest import CODE4, DATA
 
@@ -87,7 +87,7 @@ def _masked(message: str) -> str:
 def _same_failure(record, error: Exception) -> bool:
     """The scan failed this patch as pyhf did: the same message, or (fast path) the search left the
     POI bounds, where pyhf refuses to fit ("lies outside of its bounds")."""
-    # Records keep the first line of an error (its type named), as pyhf_dist.exceptions.first_line.
+    # Records keep the first line of an error (its type named), as pyhf_dist.protocol.first_line.
     if _masked(record.error) == _masked(first_line(error, with_type=True)):
         return True
     return "UpperLimitError" in record.error and "outside of its bounds" in str(error)

@@ -13,7 +13,7 @@ import sys
 import click
 
 from pyhf_dist.cli.demo import demo
-from pyhf_dist.cli.fit import fit
+from pyhf_dist.cli.scan_command import fit
 from pyhf_dist.cli.toys import merge_toys
 
 __all__ = ["cli", "main"]
@@ -53,10 +53,6 @@ def _register_optional_commands() -> None:
 _register_optional_commands()
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt()
-
-
 def _notes_on_stderr() -> None:
     """What the library notes on the way (a worker lost and its task resubmitted, journal lines
     skipped, a compile cache given up) as one ``Note:`` line each on standard error."""
@@ -78,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     # A batch system stops jobs with SIGTERM: treat it like Ctrl-C so that finished results stay
     # in the journal and started clusters are shut down.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         # Outside standalone mode click returns (not raises) the code of a ``ctx.exit``/``Exit``.
         code = cli.main(args=argv, prog_name="pyhf-dist", standalone_mode=False)

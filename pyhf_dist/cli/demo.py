@@ -21,7 +21,7 @@ def demo(workers, executor, backend, output):
     in an (m1, m2) plane.
     """
     import pyhf_dist
-    from pyhf_dist.cli.fit import check_output, print_table
+    from pyhf_dist.cli.scan_command import check_output, print_table
 
     if output:
         check_output(output)

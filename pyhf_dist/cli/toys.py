@@ -17,7 +17,7 @@ def merge_toys(files, output):
     Toys of one seed found in several files are kept once; files of other test settings are refused.
     """
     from pyhf_dist.exceptions import InputError
-    from pyhf_dist.toys import merge_kept
+    from pyhf_dist.kept_toys import merge_kept
 
     if not str(output).endswith(".npz"):
         raise InputError(f"merge-toys writes a .npz file, not {output!r}")

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from pyhf_dist.exceptions import ExecutorOptionError, UnknownExecutorError
 from pyhf_dist.executors.base import Executor, default_workers
 
-__all__ = ["Executor", "get_executor", "register_executor", "available_executors", "default_workers"]
+__all__ = ["Executor", "get_executor", "register_executor", "available_executors", "default_workers", "executor_flags"]
 
 # name -> "module:attribute" (imported on first use) or a factory registered at run time.
 _REGISTRY: dict[str, str | Callable[..., Executor]] = {
@@ -79,7 +79,20 @@ def get_executor(executor: Any = "local", **options) -> Executor:
         )
     factory = _factory(executor)
     _check_options(factory, executor, options)
-    return factory(**options)
+    runner = factory(**options)
+    runner.owned = True  # made here, for the scan that named it: the scan prepares and shuts it down
+    return runner
+
+
+def executor_flags(name: str) -> tuple:
+    """The command-line options (:class:`~pyhf_dist.executors.base.ExecutorFlag`) executor ``name``
+    declares; none for a name nobody registered, or a factory that declares none.
+
+    Imports that executor's module (and its optional backend) only.
+    """
+    if _ALIASES.get(name, name) not in _REGISTRY:
+        return ()
+    return tuple(getattr(_factory(name), "flags", ()))
 
 
 def _no_options(options: dict, what: str) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import concurrent.futures
 
-from pyhf_dist.executors.base import Executor
-from pyhf_dist.worker import run_task
+from pyhf_dist.executors.base import Description, Executor
+from pyhf_dist.protocol import Pack, Task
+from pyhf_dist.runtime import run_task
 
 __all__ = ["FuturesExecutor"]
 
@@ -30,10 +31,10 @@ class FuturesExecutor(Executor):
         super().__init__(workers=workers or _pool_size(pool))
         self.pool = pool
 
-    def submit(self, task: dict) -> concurrent.futures.Future:
+    def submit(self, task: Task | Pack) -> concurrent.futures.Future:
         return self.pool.submit(run_task, task, self.context)
 
-    def describe(self) -> dict:
+    def describe(self) -> Description:
         return {"executor": f"{type(self.pool).__module__}.{type(self.pool).__qualname__}", "workers": self.workers}
 
 

@@ -5,7 +5,7 @@ process hands tasks to long-lived worker pools, started on this machine (``provi
 the default) or as Slurm jobs (``provider="slurm"``), or however a user's ``parsl.Config`` says.
 
 HTEX workers are long-lived processes, so each one keeps its parsed workspace between tasks
-(:func:`pyhf_dist.worker.run_task` caches it per process). HTEX has no hook that runs Python once
+(:func:`pyhf_dist.runtime.run_task` caches it per process). HTEX has no hook that runs Python once
 per worker, so the context still travels with every task; it is zlib-compressed once on the
 client (a workspace shrinks about 6x) and decompressed only by a worker's first task.
 
@@ -20,13 +20,12 @@ import os
 import shutil
 import sys
 import tempfile
-import time
-import zlib
 from typing import Any
 
 from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, MissingDependencyError, WorkerLostError
-from pyhf_dist.executors.base import Executor, default_workers
-from pyhf_dist.worker import WorkerContext, thread_limit_exports
+from pyhf_dist.executors.base import Description, Executor, ExecutorFlag, default_workers
+from pyhf_dist.protocol import CompressedContext, Context, Pack, Task
+from pyhf_dist.runtime.threads import thread_limit_exports
 
 try:
     import parsl
@@ -35,55 +34,27 @@ try:
 except ImportError as error:  # the registry imports this module only when "parsl" is asked for
     raise MissingDependencyError("parsl", "parsl", 'executor="parsl"') from error
 
-__all__ = ["ParslExecutor", "PackedContext", "run_parsl_task", "preload_parsl_worker", "PROVIDERS"]
+__all__ = ["ParslExecutor", "run_parsl_task", "preload_parsl_worker", "PROVIDERS"]
 
 PROVIDERS = ("local", "slurm")
 LABEL = "pyhf_dist"
 
 
-class PackedContext:
-    """A :class:`~pyhf_dist.worker.WorkerContext` whose payload travels zlib-compressed.
-
-    Duck-types ``WorkerContext`` for :func:`pyhf_dist.worker.run_task`: the payload is only
-    decompressed when the worker has not seen this context yet.
-    """
-
-    __slots__ = ("key", "packed")
-
-    def __init__(self, key: str, packed: bytes):
-        self.key = key
-        self.packed = packed
-
-    @classmethod
-    def pack(cls, context: WorkerContext) -> "PackedContext":
-        return cls(context.key, zlib.compress(context.payload, 6))
-
-    @property
-    def payload(self) -> bytes:
-        return zlib.decompress(self.packed)
-
-    def __getstate__(self):
-        return (self.key, self.packed)
-
-    def __setstate__(self, state):
-        self.key, self.packed = state
-
-
-def run_parsl_task(task: dict, context: PackedContext) -> dict:
-    """What an HTEX worker runs: one task, the context set up on the worker's first task."""
-    from pyhf_dist.worker import run_task
+def run_parsl_task(task: Task | Pack, context: CompressedContext) -> dict:
+    """What an HTEX worker runs: one task or pack, the context set up on the worker's first task."""
+    from pyhf_dist.runtime import run_task
 
     return run_task(task, context)
 
 
 def preload_parsl_worker(settings: dict) -> None:
     """What a worker runs while the scan still reads the pallet: import what the fits need."""
-    from pyhf_dist.worker import preload
+    from pyhf_dist.runtime import preload
 
     preload(settings)
 
 
-def _worker_lost_errors() -> tuple[type[BaseException], ...]:
+def lost_worker_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = []
     try:
         from parsl.executors.high_throughput.errors import WorkerLost
@@ -171,6 +142,11 @@ class ParslExecutor(Executor):
     """
 
     name = "parsl"
+    flags = (
+        ExecutorFlag("workers", "Workers of the worker pools [default: the cores we may use].", int),
+        ExecutorFlag("provider", "Where worker pools run.", PROVIDERS),
+        ExecutorFlag("max_blocks", "Most blocks (batch jobs, or local worker pools).", int),
+    )
 
     def __init__(
         self,
@@ -229,8 +205,7 @@ class ParslExecutor(Executor):
         self._active_run_dir: str | None = None
         self._dfk: Any = None
         self._pool: Any = None
-        self._packed: PackedContext | None = None
-        self.timings: dict[str, float] = {}
+        self._compressed: CompressedContext | None = None
         if self.workers is None and config is None:
             self.workers = default_workers()
 
@@ -308,11 +283,9 @@ class ParslExecutor(Executor):
         first task would otherwise import jax and scipy too."""
         if self._dfk is not None:
             return
-        began = time.perf_counter()
         self._start_parsl()
         for _ in range(self.workers or 1):
             self._pool.submit(preload_parsl_worker, settings)  # nothing waits for these
-        self.timings["prepare_seconds"] = time.perf_counter() - began
 
     def _start_parsl(self) -> None:
         from parsl.concurrent import ParslPoolExecutor
@@ -327,21 +300,18 @@ class ParslExecutor(Executor):
             self.shutdown()
             raise ExecutorError(f"Parsl could not start: {error}") from error
 
-    def start(self, context: WorkerContext) -> None:
-        super().start(context)
-        began = time.perf_counter()
-        self._packed = PackedContext.pack(context)
+    def launch(self, context: Context) -> None:
+        self._compressed = CompressedContext.of(context)
         if self._dfk is None:  # not started by prepare()
             self._start_parsl()
-        self.timings["start_seconds"] = time.perf_counter() - began
 
-    def submit(self, task: dict) -> concurrent.futures.Future:
+    def submit(self, task: Task | Pack) -> concurrent.futures.Future:
         if self._pool is None:
             raise RuntimeError("ParslExecutor.start(context) must be called before submit()")
-        return self._pool.submit(run_parsl_task, task, self._packed)
+        return self._pool.submit(run_parsl_task, task, self._compressed)
 
     def is_worker_lost(self, error: BaseException) -> bool:
-        return isinstance(error, (WorkerLostError, *_worker_lost_errors()))
+        return isinstance(error, (WorkerLostError, *lost_worker_errors()))
 
     def shutdown(self, cancel_futures: bool = True) -> None:
         dfk, self._dfk = self._dfk, None
@@ -362,8 +332,8 @@ class ParslExecutor(Executor):
         if run_dir is not None:
             shutil.rmtree(run_dir, ignore_errors=True)
 
-    def describe(self) -> dict:
-        info = {"executor": self.name, "workers": self.workers, "provider": self.provider,
+    def describe(self) -> Description:
+        info: Description = {"executor": self.name, "workers": self.workers, "provider": self.provider,
                 "parsl_version": parsl.__version__}
         if self.config is None:
             info.update({k: v for k, v in self.options.items() if v not in (None, "")})

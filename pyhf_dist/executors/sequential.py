@@ -5,7 +5,8 @@ from __future__ import annotations
 import concurrent.futures
 
 from pyhf_dist.executors.base import Executor
-from pyhf_dist.worker import initialize, run_task
+from pyhf_dist.protocol import Context, Pack, Task
+from pyhf_dist.runtime import initialize, run_task
 
 __all__ = ["SequentialExecutor"]
 
@@ -24,11 +25,10 @@ class SequentialExecutor(Executor):
     def __init__(self, workers: int | None = None):
         super().__init__(workers=1)
 
-    def start(self, context):
-        super().start(context)
+    def launch(self, context: Context) -> None:
         initialize(context)
 
-    def submit(self, task: dict) -> concurrent.futures.Future:
+    def submit(self, task: Task | Pack) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
         try:
             future.set_result(run_task(task))

@@ -23,11 +23,12 @@ import subprocess
 import tempfile
 import threading
 import uuid
-from typing import Any
 
-from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, MissingDependencyError, first_line
+from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, MissingDependencyError
+from pyhf_dist.executors.base import Description, ExecutorFlag
 from pyhf_dist.executors.dask import DaskExecutor, own_cluster_tuning, tuning_exports
-from pyhf_dist.worker import thread_limit_exports
+from pyhf_dist.protocol import first_line
+from pyhf_dist.runtime.threads import thread_limit_exports
 
 try:
     import dask
@@ -130,6 +131,15 @@ class SlurmExecutor(DaskExecutor):
     """
 
     name = "slurm"
+    flags = (
+        ExecutorFlag("jobs", "Batch jobs to start.", int),
+        ExecutorFlag("cores", "Cores per job.", int),
+        ExecutorFlag("memory", "Memory per job, e.g. 2GB."),
+        ExecutorFlag("walltime", "Wall time per job, e.g. 00:30:00."),
+        ExecutorFlag("queue", "Partition."),
+        ExecutorFlag("account", "Account to charge."),
+        ExecutorFlag("cluster_config", "YAML file of further SLURMCluster arguments.", "file"),
+    )
 
     def __init__(
         self,
@@ -194,7 +204,7 @@ class SlurmExecutor(DaskExecutor):
         if options.get("nanny") is None and options["processes"] == 1:
             # A Nanny is a second interpreter per job that only restarts a worker that dies; it
             # delays the first fit by ~0.7 s (it imports Dask, then spawns the worker, which
-            # imports it again). A lost worker is replaced by a new job instead (see _make_cluster).
+            # imports it again). A lost worker is replaced by a new job instead (see make_cluster).
             # Dask's command line needs a Nanny for several workers in one job.
             options["nanny"] = bool(config["nanny"]) if "nanny" in config else False
         if config.get("name") not in (None, "dask-worker") and "job_name" not in options:
@@ -243,7 +253,7 @@ class SlurmExecutor(DaskExecutor):
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    def _make_cluster(self):
+    def make_cluster(self):
         _restore_ctrl_c()
         _check_slurm_commands()
         self._test_submission()
@@ -261,7 +271,7 @@ class SlurmExecutor(DaskExecutor):
             cluster.scale(jobs=minimum)
             cluster.adapt(minimum_jobs=minimum, maximum_jobs=maximum)
         except BaseException:
-            self._close_cluster(cluster)
+            self.close_cluster(cluster)
             raise
         return cluster
 
@@ -277,7 +287,7 @@ class SlurmExecutor(DaskExecutor):
             message = _slurm_error(result.stderr) or f"exit code {result.returncode}"
             raise ExecutorError(f"Slurm refuses the worker job: {message} (see the script with --show-job-script)")
 
-    def _close_cluster(self, cluster) -> None:
+    def close_cluster(self, cluster) -> None:
         try:
             cluster.close()
         finally:
@@ -288,18 +298,12 @@ class SlurmExecutor(DaskExecutor):
 
     # --- what the scan asks ------------------------------------------------------------------
 
-    def job_ids(self) -> list[str]:
-        """Slurm job ids of the cluster's current jobs."""
-        if self.cluster is None:
-            return []
-        return [job.job_id for job in list(self.cluster.workers.values()) if getattr(job, "job_id", None)]
-
     @property
-    def batch_seconds(self) -> float:
+    def pack_seconds(self) -> float:
         # With adapt, the number of tasks waiting is what tells Dask to submit more jobs.
-        return super().batch_seconds if self.adapt is None else 0.0
+        return super().pack_seconds if self.adapt is None else 0.0
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> Description:
         info = super().describe()
         info.update(
             executor=self.name,

@@ -190,7 +190,7 @@ class FastHypotest:
             if pyhf.tensorlib.name != "numpy":
                 pyhf.set_backend("numpy")
             if not built:
-                from pyhf_dist.calculations import pyhf_model
+                from pyhf_dist.runtime.reference import pyhf_model
 
                 # As plain pyhf builds them: the patch applied to the whole workspace.
                 spec = layout.apply_patch(self._workspace, patch_operations or [])
@@ -320,7 +320,7 @@ class FastHypotest:
         """
         import pyhf
 
-        from pyhf_dist.calculations import pyhf_model
+        from pyhf_dist.runtime.reference import pyhf_model
 
         previous = pyhf.tensorlib.name
         if previous != "numpy":
@@ -415,16 +415,16 @@ def _compile(caps, codes, functions, device, params, main) -> None:
 
 def for_state(state) -> FastHypotest:
     """The :class:`FastHypotest` of a worker's :class:`~pyhf_dist.worker.WorkerState` (made once)."""
-    fast = state.cache.get("fast_hypotest")
+    fast = state.memo.get("fast_hypotest")
     if fast is None:
         with state.lock:
-            fast = state.cache.get("fast_hypotest")
+            fast = state.memo.get("fast_hypotest")
             if fast is None:
                 settings = state.settings
                 fast = FastHypotest(
                     state.workspace_spec, settings.modifier_settings, key=state.key, match_pyhf=settings.match_pyhf
                 )
-                state.cache["fast_hypotest"] = fast
+                state.memo["fast_hypotest"] = fast
     return fast
 
 

@@ -5,7 +5,7 @@ pyhf's ``upper_limit`` calls a full hypotest (five fits) at every POI value its 
 on the POI value are made once per patch, each value costs two conditional fits, and the values
 first met in the searches of the expected limits only the fit to the Asimov data (the expected
 band depends on nothing else). The searches themselves are pyhf's
-(:func:`pyhf_dist.limits.toms748_scan`, :func:`pyhf_dist.limits.grid_scan`).
+(:func:`pyhf_dist.runtime.reference.toms748_scan`, :func:`pyhf_dist.runtime.reference.grid_scan`).
 
 The fits are certified (:mod:`~pyhf_dist.fast.fit`): every CLs value is that of converged fits.
 With ``match_pyhf`` the limits are pyhf's own instead, noise included. A test statistic within
@@ -73,7 +73,7 @@ def upper_limit(
         FastPathUnsupported: The limit would not be pyhf's (see the module); plain pyhf then.
         UpperLimitError: The search reaches beyond the POI bounds (pyhf fails there too).
     """
-    from pyhf_dist import limits
+    from pyhf_dist.runtime import reference as limits
 
     if test_stat not in ("qtilde", "q"):
         raise FastPathUnsupported(f"upper limits with test statistic {test_stat!r}")
@@ -141,7 +141,7 @@ def upper_limit(
 
 def _moves_limit(results: list, index: int, bounds: tuple, grid: list, level: float) -> bool:
     """Whether moving the CLs values at ``grid[index]`` across their noise range moves a limit."""
-    from pyhf_dist import limits
+    from pyhf_dist.runtime import reference as limits
 
     low, high = bounds
     if np.array_equal(low, high):

@@ -6,7 +6,7 @@ with SLSQP, one after the other. Here the same statistics come from the batched 
 
 * the toys themselves are pyhf's, bit for bit: they are drawn by pyhf from the parameters of
   pyhf's own conditional fits (``pyhf.infer.mle.fixed_poi_fit``) after ``numpy.random.seed``
-  (:func:`pyhf_dist.toys.draw`); only their fits move to the engine;
+  (:func:`pyhf_dist.runtime.toys.draw`); only their fits move to the engine;
 * each statistic is pyhf's formula (``pyhf.infer.test_statistics``) on the two minima:
   ``tmu = clip(-2 log L(mu) - (-2 log L(muhat)), 0)``, zero where ``muhat > mu`` (``qtilde``,
   ``q``) or ``muhat < 0`` (``q0``, with ``mu = 0``); every fit starts, as pyhf's, from the
@@ -170,13 +170,13 @@ def run_chunk(fast, patch_operations, model, data, settings, chunk: dict, key: s
         model: The patched ``pyhf.pdf.Model`` (numpy backend): pyhf's generating fits and draws.
         data: Its observed data.
         settings: The scan's :class:`~pyhf_dist.settings.FitSettings`.
-        chunk: An entry of :func:`pyhf_dist.toys.plan`.
-        key: See :func:`pyhf_dist.toys.draw`.
+        chunk: An entry of :func:`pyhf_dist.chunks.plan`.
+        key: See :func:`pyhf_dist.runtime.toys.draw`.
 
     Returns:
-        As :func:`pyhf_dist.toys.run_chunk`, with ``engine="fast"`` and, under ``"toys"``, the
+        As :func:`pyhf_dist.runtime.toys.run_chunk`, with ``engine="fast"`` and, under ``"toys"``, the
         toys whose likelihood has no minimum (``no_minimum``: ``{"sb": [[toy, q where the fits
-        stopped], ...], "b": [...]}``; their statistic is :data:`pyhf_dist.toys.NO_MINIMUM_STATISTIC`,
+        stopped], ...], "b": [...]}``; their statistic is :data:`pyhf_dist.runtime.toys.NO_MINIMUM_STATISTIC`,
         see :mod:`pyhf_dist.toys`), the number of fits redone one at a time (``fallbacks``) and
         of toys whose statistic is pyhf's own fits, both minimizers of the fast path having lost
         a fit (``by_pyhf``): every other toy's fits converged, or it has no minimum.
@@ -185,7 +185,7 @@ def run_chunk(fast, patch_operations, model, data, settings, chunk: dict, key: s
         FastPathUnsupported: The fast path does not reproduce pyhf for this patch (its structure
             check, or pyhf's own minimizer stalling on it); plain pyhf fits the chunk.
     """
-    from pyhf_dist import toys
+    from pyhf_dist.runtime import toys
     from pyhf_dist.fast.batched import BatchFitter
     from pyhf_dist.fast.errors import FastPathUnsupported
 

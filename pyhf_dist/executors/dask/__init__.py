@@ -1,9 +1,9 @@
 """Fit on a Dask cluster: a local one we start, or one the user already runs.
 
 The workspace reaches each worker once, through a worker plugin that calls
-:func:`pyhf_dist.worker.initialize` when the worker joins (also for workers that join later,
+:func:`pyhf_dist.runtime.initialize` when the worker joins (also for workers that join later,
 e.g. new Slurm jobs); a task carries only its patch (on the clusters we start, several patches
-when fits are short: :attr:`DaskExecutor.batch_seconds`). Tasks go through Dask's own
+when fits are short: :attr:`DaskExecutor.pack_seconds`). Tasks go through Dask's own
 ``concurrent.futures`` adapter (``Client.get_executor``), so results stream back as they finish.
 
 Dask reruns the task of a worker that dies on another worker by itself; the scan only sees an

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import functools
 import logging
 import os
@@ -17,38 +16,40 @@ from typing import Any
 
 import distributed
 
-from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, first_line
-from pyhf_dist.executors.base import Executor, NoAnswer, call_within, default_workers
+from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError
+from pyhf_dist.executors.base import Description, Executor, ExecutorFlag, NoAnswer, call_within, default_workers
 from pyhf_dist.executors.dask.processes import WorkerProcess, stop_restarts
+from pyhf_dist.executors.dask.support import (
+    check_reachable, killed_while_starting, lost_worker_errors, quiet_dask_logs, transfer,
+)
 from pyhf_dist.executors.dask.tuning import advice, own_cluster_tuning, worker_environment, worker_facts
-from pyhf_dist.worker import WorkerContext, preload, run_task
+from pyhf_dist.protocol import Context, Pack, Task, first_line
+from pyhf_dist.runtime import initialize, preload, release, run_task
 
 __all__ = ["DaskExecutor", "ContextPlugin", "run_pickled_task", "WORKER_START_TIMEOUT"]
 
 #: How long the workers of a cluster we start may take to connect.
 WORKER_START_TIMEOUT = 120.0
-#: Seconds of fitting per task on the clusters we start (see :attr:`DaskExecutor.batch_seconds`).
-BATCH_SECONDS = 0.25
+#: Seconds of fitting per task on the clusters we start (see :attr:`DaskExecutor.pack_seconds`).
+PACK_SECONDS = 0.25
 
 
 class ContextPlugin(distributed.WorkerPlugin):
     """Sets a worker up for one scan when it joins, and forgets the scan when removed.
 
     Args:
-        context: The scan's :class:`~pyhf_dist.worker.WorkerContext`; pickled once per worker.
+        context: The scan's context (:class:`~pyhf_dist.protocol.Context`); pickled once per worker.
         freeze: After the setup, move every object alive to the garbage collector's permanent
             generation (``gc.freeze``): the parsed workspace and the compiled likelihood are
             never walked again by a collection, nor by the interpreter's exit (about 2 s for a
             1Lbb worker otherwise). Only for worker processes pyhf-dist started itself.
     """
 
-    def __init__(self, context: WorkerContext, freeze: bool = False):
+    def __init__(self, context: Context, freeze: bool = False):
         self.context = context
         self.freeze = freeze
 
     def setup(self, worker=None):
-        from pyhf_dist.worker import initialize
-
         initialize(self.context)
         if self.freeze:
             import gc
@@ -57,13 +58,11 @@ class ContextPlugin(distributed.WorkerPlugin):
 
     def teardown(self, worker=None):
         # A long-lived cluster of the user's sees many scans: drop this one's parsed workspace.
-        from pyhf_dist.worker import release
-
         release(self.context.key)
 
 
 def run_pickled_task(task: bytes) -> dict:
-    """:func:`~pyhf_dist.worker.run_task` of a pickled task (what the scan submits to Dask)."""
+    """:func:`~pyhf_dist.runtime.run_task` of a pickled task (what the scan submits to Dask)."""
     return run_task(pickle.loads(task))
 
 
@@ -71,21 +70,6 @@ def run_pickled_task(task: bytes) -> dict:
 #: Starts of a cluster of our own, when a worker is killed while it starts (an operator, the OOM
 #: killer, a job cancelled): a worker lost later is the scan's to retry, this is before any fit.
 START_ATTEMPTS = 3
-
-
-def _killed_while_starting(error: BaseException, executor) -> bool:
-    """Whether a failed start was a worker process (or batch job) lost, not a worker unable to start."""
-    if isinstance(error, _lost_worker_errors()):
-        return True
-    text = str(error)
-    return "killed by SIG" in text or (isinstance(error, ExecutorError) and "CommClosedError" in text)
-
-
-def _lost_worker_errors() -> tuple[type[BaseException], ...]:
-    from distributed.comm.core import CommClosedError
-    from distributed.scheduler import KilledWorker
-
-    return (KilledWorker, CommClosedError)
 
 
 class DaskExecutor(Executor):
@@ -112,6 +96,10 @@ class DaskExecutor(Executor):
     """
 
     name = "dask"
+    flags = (
+        ExecutorFlag("workers", "Worker processes of the cluster started here [default: the cores we may use].", int),
+        ExecutorFlag("address", "Address of a running Dask scheduler, e.g. tcp://host:8786."),
+    )
 
     def __init__(
         self,
@@ -150,7 +138,12 @@ class DaskExecutor(Executor):
         self.cluster: Any = cluster
         self._own_client = False
         self._own_cluster = False
-        self._pool: concurrent.futures.Executor | None = None
+        self._launched = False  # the context is shipped: tasks may be submitted
+        # The Dask future of each future handed to the scan, and when its task was seen running.
+        self._inner: dict[concurrent.futures.Future, distributed.Future] = {}
+        self._began: dict[concurrent.futures.Future, float] = {}
+        self._processing: set = set()
+        self._processing_checked = 0.0
         self._plugin_name: str | None = None
         self._bringing_up: threading.Thread | None = None
         self._bring_up_error: BaseException | None = None
@@ -162,8 +155,10 @@ class DaskExecutor(Executor):
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    def _make_cluster(self):
-        """The cluster we start when the user gave none (SlurmExecutor starts a SLURMCluster)."""
+    def make_cluster(self):
+        """The cluster this executor starts when the user gave none: a hook that executors for
+        other cluster types override (:class:`~pyhf_dist.executors.slurm.SlurmExecutor` starts a
+        ``SLURMCluster``)."""
         import dask
         from distributed.deploy.spec import SpecCluster
 
@@ -196,12 +191,12 @@ class DaskExecutor(Executor):
         if self.client is not None:
             return self.client
         if self.address is not None:
-            _check_reachable(self.address, self.connect_timeout)
+            check_reachable(self.address, self.connect_timeout)
             client = self._connect_bounded()
         else:
             if self.cluster is None:
                 self._own_cluster = True
-                self.cluster = self._make_cluster()
+                self.cluster = self.make_cluster()
             client = distributed.Client(self.cluster, set_as_default=False)
         self._own_client = True
         return client
@@ -276,24 +271,23 @@ class DaskExecutor(Executor):
         if error is not None:
             raise error
 
-    def start(self, context: WorkerContext) -> None:
+    def launch(self, context: Context) -> None:
         """Bring the workers up and ship ``context``; a cluster of our own whose worker (or job)
         was killed while it started is started afresh, up to :data:`START_ATTEMPTS` times."""
         for attempt in range(1, START_ATTEMPTS + 1):
             try:
                 # A worker of our own cluster killed while it starts makes Dask log the closed
                 # stream with a traceback; what happened is said in one line here or by the scan.
-                with _quiet_dask_logs(not self._given, logging.CRITICAL):
-                    return self._start(context)
+                with quiet_dask_logs(not self._given, logging.CRITICAL):
+                    return self._launch_once(context)
             except Exception as error:
-                if self._given or attempt == START_ATTEMPTS or not _killed_while_starting(error, self):
+                if self._given or attempt == START_ATTEMPTS or not killed_while_starting(error, self):
                     raise
                 logging.getLogger("pyhf_dist").warning(
                     "a worker was lost while the %s cluster started (%s): starting it again (attempt %d of %d)",
                     self.name, first_line(error), attempt + 1, START_ATTEMPTS)
 
-    def _start(self, context: WorkerContext) -> None:
-        super().start(context)
+    def _launch_once(self, context: Context) -> None:
         try:
             if self._bringing_up is not None:
                 self._finish_bringing_up()
@@ -307,7 +301,7 @@ class DaskExecutor(Executor):
         except BaseException:
             self.shutdown()
             raise
-        self._pool = self.client.get_executor(pure=False)
+        self._launched = True
 
     def _advise(self) -> str | None:
         try:
@@ -316,7 +310,7 @@ class DaskExecutor(Executor):
             return None
 
     @property
-    def batch_seconds(self) -> float:
+    def pack_seconds(self) -> float:
         """A quarter of a second of fits per task on the clusters we start, none on the user's.
 
         Each task costs a few milliseconds of client, scheduler and worker time (messages, state
@@ -324,14 +318,42 @@ class DaskExecutor(Executor):
         made the scan ~10% slower on two cores. A cluster of the user's may scale with the number
         of tasks waiting, which packing would hide from it.
         """
-        return BATCH_SECONDS if self._own_cluster else 0.0
+        return PACK_SECONDS if self._own_cluster else 0.0
 
-    def submit(self, task: dict) -> concurrent.futures.Future:
-        if self._pool is None:
+    def submit(self, task: Task | Pack) -> concurrent.futures.Future:
+        if not self._launched:
             raise RuntimeError(f"{type(self).__name__}.start(context) must be called before submit()")
         # As bytes: Dask walks every list and dict of a task's arguments looking for keys and
         # futures, and a 1Lbb patch is ~115 kB of nested JSON (22 ms per submit; 1.3 ms pickled).
-        return self._pool.submit(run_pickled_task, pickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL))
+        inner = self.client.submit(run_pickled_task, pickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL), pure=False)
+        outer: concurrent.futures.Future = concurrent.futures.Future()
+        self._inner[outer] = inner
+        outer.add_done_callback(self._forget)
+        inner.add_done_callback(functools.partial(transfer, outer))
+        return outer
+
+    def _forget(self, outer: concurrent.futures.Future) -> None:
+        inner = self._inner.pop(outer, None)
+        self._began.pop(outer, None)
+        if inner is not None and outer.cancelled():
+            inner.cancel()  # abandoned by the scan (past its timeout), or cancelled at shutdown
+
+    def started_at(self, future: concurrent.futures.Future) -> float | None:
+        """When the scheduler first showed the task processing on a worker (checked at most twice
+        a second for all tasks at once): Dask's futures do not say when their task began."""
+        inner = self._inner.get(future)
+        if inner is None:
+            return None
+        now = time.monotonic()
+        if now - self._processing_checked > 0.5:
+            self._processing_checked = now
+            try:
+                self._processing = {key for keys in self.client.processing().values() for key in keys}
+            except Exception:  # the scheduler is away: timeouts wait until it answers again
+                self._processing = set()
+        if future not in self._began and inner.key in self._processing:
+            self._began[future] = time.time()
+        return self._began.get(future)
 
     def shutdown(self, cancel_futures: bool = True) -> None:
         self._stop_bringing_up.set()  # a scan that ends before it started (bad pallet, Ctrl-C)
@@ -342,15 +364,16 @@ class DaskExecutor(Executor):
         # Closing a client and a cluster of our own makes Dask log, at INFO and with a traceback,
         # the streams it finds closed; a SpecCluster hides its INFO lines until the end of its
         # close, but not while it stops its event loop. Quiet until that loop has stopped.
-        with _quiet_dask_logs(self._own_cluster):
+        with quiet_dask_logs(self._own_cluster):
             self._shutdown(cancel_futures)
 
     def _shutdown(self, cancel_futures: bool) -> None:
-        pool, self._pool = self._pool, None
+        launched, self._launched = self._launched, False
         client = self.client
         try:
-            if pool is not None and client is not None and client.status == "running":
-                pool.shutdown(wait=not cancel_futures)
+            if launched and cancel_futures:
+                for outer in list(self._inner):
+                    outer.cancel()
             if self._plugin_name is not None and not self._own_cluster and client is not None:
                 # On the user's cluster, take our plugin (and with it the parsed workspace) back out.
                 try:
@@ -370,7 +393,7 @@ class DaskExecutor(Executor):
                     cluster, self._own_cluster = self.cluster, False
                     self.cluster = self._user_cluster
                     stop_restarts(cluster)
-                    self._close_cluster(cluster)
+                    self.close_cluster(cluster)
             finally:
                 self._own_cluster = False
                 self._stop_bringing_up.clear()
@@ -378,13 +401,14 @@ class DaskExecutor(Executor):
                     shutil.rmtree(self._log_directory, ignore_errors=True)
                 self._log_directory = None
 
-    def _close_cluster(self, cluster) -> None:
+    def close_cluster(self, cluster) -> None:
+        """Close a cluster :meth:`make_cluster` started (a hook, as :meth:`make_cluster`)."""
         cluster.close()
 
     # --- what the scan asks ------------------------------------------------------------------
 
     def is_worker_lost(self, error: BaseException) -> bool:
-        return super().is_worker_lost(error) or isinstance(error, _lost_worker_errors())
+        return super().is_worker_lost(error) or isinstance(error, lost_worker_errors())
 
     @property
     def dashboard_link(self) -> str | None:
@@ -398,8 +422,8 @@ class DaskExecutor(Executor):
         except Exception:
             return None
 
-    def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"executor": self.name, "workers": self.workers}
+    def describe(self) -> Description:
+        info: Description = {"executor": self.name, "workers": self.workers}
         if self.client is not None:
             info["scheduler"] = self.client.scheduler.address
             info["dashboard"] = self.dashboard_link
@@ -413,41 +437,3 @@ class DaskExecutor(Executor):
         if self.address is not None:
             return f"{type(self).__name__}(address={self.address!r})"
         return f"{type(self).__name__}(workers={self.workers!r})"
-
-
-@contextlib.contextmanager
-def _quiet_dask_logs(quiet: bool, level: int = logging.ERROR):
-    """Dask's loggers at ``level`` for the duration (their own level, not their handlers', which a
-    closing SpecCluster resets), when ``quiet``."""
-    logger = logging.getLogger("distributed")
-    previous = logger.level
-    if quiet:
-        logger.setLevel(max(previous, level))
-    try:
-        yield
-    finally:
-        if quiet:
-            logger.setLevel(previous)
-
-
-def _check_reachable(address: str, timeout: float) -> None:
-    """Fail at once, in one line, when nothing listens at a ``tcp://host:port`` address.
-
-    Without this, a ``Client`` retries a refused connection until its timeout and leaves behind
-    a half-built client that blocks the interpreter's exit for another ten seconds.
-    """
-    import socket
-    import urllib.parse
-
-    parsed = urllib.parse.urlsplit(address if "://" in address else f"tcp://{address}")
-    if parsed.scheme != "tcp" or parsed.hostname is None:
-        return  # tls://, ws://, inproc://: let the Client handle them
-    try:
-        port = parsed.port or 8786
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
-            pass
-    except (OSError, ValueError) as error:
-        raise ExecutorError(
-            f"cannot reach the Dask scheduler at {address} ({first_line(error)}): "
-            "is it running, and is the address right?"
-        ) from None

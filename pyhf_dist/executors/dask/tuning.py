@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any
 
-from pyhf_dist.worker import thread_limits
+from pyhf_dist.runtime.threads import thread_limits
 
 __all__ = ["TUNING", "own_cluster_tuning", "tuning_exports", "leftover_variables", "worker_facts", "advice",
            "worker_environment"]

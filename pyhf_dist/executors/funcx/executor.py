@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
-import json
 import logging
 import os
 import re
 import threading
-import time
 from typing import Any
 
 from pyhf_dist.exceptions import (
@@ -46,11 +44,10 @@ from pyhf_dist.exceptions import (
     ExecutorOptionError,
     MissingDependencyError,
     PayloadTooLargeError,
-    SettingsError,
     WorkerLostError,
 )
-from pyhf_dist.executors.base import Executor
-from pyhf_dist.worker import WorkerContext, failed_record
+from pyhf_dist.executors.base import Description, Executor, ExecutorFlag
+from pyhf_dist.protocol import Context, Task, encode, failed_record, make_task
 
 try:
     import globus_compute_sdk
@@ -59,7 +56,7 @@ try:
 except ImportError as error:  # the registry imports this module only when "funcx" is asked for
     raise MissingDependencyError("globus-compute-sdk", "funcx", 'executor="funcx" (Globus Compute)') from error
 
-from pyhf_dist.executors.funcx.endpoint import encode, pyhf_dist_fit  # noqa: E402
+from pyhf_dist.executors.funcx.endpoint import pyhf_dist_fit  # noqa: E402
 from pyhf_dist.executors.funcx.transport import (  # noqa: E402
     MAX_REQUEST_BYTES,
     REQUEST_MARGIN,
@@ -110,6 +107,11 @@ class FuncXExecutor(Executor):
     """
 
     name = "funcx"
+    flags = (
+        ExecutorFlag("endpoint_id", "Globus Compute endpoint id [default: $GLOBUS_COMPUTE_ENDPOINT_ID]."),
+        ExecutorFlag("batch_size", "Most tasks per submission request (lowered to stay under 10 MB).", int),
+        ExecutorFlag("amqp_port", "Port of the result stream.", (443, 5671, 5672)),
+    )
 
     def __init__(
         self,
@@ -168,24 +170,19 @@ class FuncXExecutor(Executor):
         self._lock = threading.Lock()
         self._poller: ResultPoller | None = None
         self._endpoint_status: str | None = None
-        self.timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------ start
-    def start(self, context: WorkerContext) -> None:
-        super().start(context)
-        data = json.loads(context.payload)
-        settings = data["settings"]
-        if settings.get("calculation", "hypotest") != "hypotest" or settings.get("calctype", "asymptotics") != "asymptotics":
-            raise SettingsError(
-                f'executor="funcx" runs asymptotic hypotests only; calculation={settings.get("calculation")!r}, '
-                f'calctype={settings.get("calctype")!r} are not available there yet'
-            )
-        began = time.perf_counter()
+    def supports(self, settings) -> str | None:
+        if settings.calculation != "hypotest" or settings.calctype != "asymptotics":
+            return (f'executor="funcx" runs asymptotic hypotests only; calculation={settings.calculation!r}, '
+                    f'calctype={settings.calctype!r} are not available there yet: use executor="parsl" on the site')
+        return None
+
+    def launch(self, context: Context) -> None:
         self._context_text = encode(context.payload.decode(), compress=self.compress)
         self._serializer.set_context(self._context_text)
-        probe = {"name": "", "patch": [], "context": context.key, "chunk": None, "timeout": None}
+        probe = make_task("", [], context.key)
         self._check_size(task_request_bytes(self._serializer, (self._context_text, encode(probe, self.compress))), "the background workspace alone")
-        self.timings["encode_seconds"] = time.perf_counter() - began
 
         if self._given_executor is not None:
             self._sdk = self._given_executor
@@ -218,7 +215,6 @@ class FuncXExecutor(Executor):
         except Exception:
             self.shutdown()
             raise
-        self.timings["start_seconds"] = time.perf_counter() - began
 
     def _copy_client(self, client):
         # The scan sets its serializer and request splitter on a client: on a copy of one the user
@@ -259,7 +255,7 @@ class FuncXExecutor(Executor):
                 "travel with the tasks: use executor=\"parsl\" or \"slurm\" on the site instead"
             )
 
-    def submit(self, task: dict) -> concurrent.futures.Future:
+    def submit(self, task: Task) -> concurrent.futures.Future:
         if self._sdk is None:
             raise RuntimeError("FuncXExecutor.start(context) must be called before submit()")
         task_text = encode(task, compress=self.compress)
@@ -341,8 +337,8 @@ class FuncXExecutor(Executor):
         for outer in leftover:
             outer.cancel()
 
-    def describe(self) -> dict:
-        info = {
+    def describe(self) -> Description:
+        info: Description = {
             "executor": self.name,
             "workers": self.workers,
             "endpoint_id": self.endpoint_id,
@@ -353,11 +349,6 @@ class FuncXExecutor(Executor):
         if self._context_text is not None:
             info["context_bytes"] = len(self._context_text)
         return info
-
-    @property
-    def requests(self) -> list[tuple[int, int]]:
-        """``(tasks, bytes)`` of every submission request sent so far."""
-        return list(self._splitter.requests) if self._splitter is not None else []
 
     def __repr__(self) -> str:
         return f"FuncXExecutor(endpoint_id={self.endpoint_id!r}, batch_size={self.batch_size!r}, compress={self.compress!r})"

@@ -1,22 +1,27 @@
-"""Upper limits on the signal strength of one patch, as pyhf's ``upper_limit`` computes them.
+"""Plain pyhf, the reference: its model of a patched workspace, its hypotest, its upper limits.
 
-A worker calls :func:`upper_limit` with the patched model on plain pyhf; the numbers are those of
-``pyhf.infer.intervals.upper_limits.upper_limit`` called serially with the same arguments:
-root-finding (``scan=None``, pyhf's TOMS 748 search between the POI bounds) by default, or
-interpolation on the grid ``numpy.linspace(start, stop, points)`` when the settings give
-``upper_limit_scan=(start, stop, points)``.
+What the fast path does not cover is fitted here exactly as serial pyhf fits it, on numpy
+(:func:`use_numpy`): :func:`build_model` applies the patch to the whole workspace and builds
+pyhf's model, :func:`hypotest` and :func:`upper_limit` call pyhf's own functions.
 
-The compiled fast path (:mod:`pyhf_dist.fast.limits`) runs the same two searches,
-:func:`toms748_scan` and :func:`grid_scan`, pyhf 0.7.6's algorithms with the hypotest as an
-argument: the same tolerances, bounds, bracket extension, choice of brackets for the expected
-band and interpolation, so the same limits come out of CLs values that agree with pyhf's.
+Upper limits are those of ``pyhf.infer.intervals.upper_limits.upper_limit`` called serially with
+the same arguments: root-finding (``scan=None``, pyhf's TOMS 748 search between the POI bounds)
+by default, or interpolation on the grid ``numpy.linspace(start, stop, points)`` when the
+settings give ``upper_limit_scan=(start, stop, points)``. The compiled fast path
+(:mod:`pyhf_dist.fast.limits`) runs the same two searches, :func:`toms748_scan` and
+:func:`grid_scan`, pyhf 0.7.6's algorithms with the hypotest as an argument: the same
+tolerances, bounds, bracket extension, choice of brackets for the expected band and
+interpolation, so the same limits come out of CLs values that agree with pyhf's.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-__all__ = ["upper_limit", "scan_points", "toms748_scan", "grid_scan", "ATOL", "RTOL"]
+__all__ = [
+    "use_numpy", "build_model", "pyhf_model", "hypotest", "upper_limit", "scan_points", "toms748_scan", "grid_scan",
+    "ATOL", "RTOL",
+]
 
 #: pyhf's tolerances of the TOMS 748 search (``toms748_scan``'s defaults, used by ``upper_limit``).
 ATOL = 2e-12
@@ -24,6 +29,66 @@ RTOL = 1e-4
 #: Halvings of a lower bound that does not bracket the level before giving up (pyhf halves for
 #: ever, and from a lower bound of 0 never gets anywhere).
 _MAX_HALVINGS = 64
+
+
+def use_numpy(optimizer: str = "scipy") -> None:
+    """Plain pyhf on numpy with ``optimizer`` (``"scipy"``, pyhf's default, or ``"minuit"``)."""
+    # Plain pyhf always runs on numpy, the reference: "jax" names the compiled fast path, and what
+    # it does not cover is fitted exactly as serial pyhf would fit it. (pyhf on its jax backend
+    # stops its fits at different points on stiff likelihoods such as 3L-eRJR and gives CLs that
+    # differ from numpy's by up to 4e-4.)
+    import pyhf
+
+    if pyhf.tensorlib.name != "numpy" or pyhf.optimizer.name != optimizer:
+        if optimizer == "minuit":
+            import logging
+
+            # MIGRAD with strategy 2, as physicists run MINUIT. A fit MINUIT fails becomes a
+            # failed record that says so; pyhf would also log the whole fit state (a table of
+            # every parameter and its covariance) as an error.
+            logging.getLogger("pyhf.optimize.mixins").setLevel(logging.CRITICAL)
+            pyhf.set_backend("numpy", pyhf.optimize.minuit_optimizer(tolerance=1e-4, strategy=2))
+        else:
+            pyhf.set_backend("numpy", pyhf.optimize.scipy_optimizer())
+
+
+def build_model(state, patch_operations: list):
+    """The patched model and its observed data, built exactly as plain pyhf builds them.
+
+    The patch applies to the whole workspace, as ``pyhf.PatchSet.apply`` and
+    ``jsonpatch BkgOnly.json patch.json | pyhf cls`` apply it: it may change channels,
+    observations and the measurement (POI, parameter bounds, inits, fixed parameters), not only
+    the ``{"channels", "parameters"}`` that ``Workspace.model(patches=...)`` patches.
+    """
+    import jsonpatch
+
+    spec = jsonpatch.apply_patch(state.workspace_spec, patch_operations)
+    return pyhf_model(spec, state.settings.modifier_settings)
+
+
+def pyhf_model(spec: dict, modifier_settings: dict | None, *, validate: bool = True):
+    """pyhf's own model of a (patched) workspace spec and its observed data:
+    ``pyhf.Workspace(spec).model(modifier_settings=...)`` and ``Workspace.data(model)``.
+
+    The workspace is not validated again (the client validated the background); the model is,
+    unless ``validate`` is off.
+    """
+    import pyhf
+
+    workspace = pyhf.Workspace(spec, validate=False)
+    model = workspace.model(modifier_settings=modifier_settings, validate=validate)
+    return model, workspace.data(model)
+
+
+def hypotest(model, data, settings) -> dict:
+    """Observed CLs and the expected CLs band (-2σ..+2σ) at ``settings.poi_test``."""
+    import pyhf
+
+    cls_obs, cls_exp = pyhf.infer.hypotest(
+        settings.poi_test, data, model, test_stat=settings.test_stat, return_expected_set=True
+    )
+    return {"CLs_obs": float(cls_obs), "CLs_exp": [float(value) for value in cls_exp]}
+
 
 #: ``hypotest(mu, observed) -> (CLs_obs, [CLs_exp x5])``; with ``observed=False`` only the expected
 #: band is needed (``CLs_obs`` may then be ``None``).
@@ -53,7 +118,7 @@ def upper_limit(model, data, settings) -> dict[str, Any]:
     search, which does not split into chunks like one hypotest (and pyhf 0.7.6's serial toy
     hypotest fails on numpy >= 2.4, which dropped ``percentile(interpolation=)``, so there is no
     reference either); they are refused before the scan starts
-    (:func:`pyhf_dist.calculations.plan_chunks`).
+    (:func:`pyhf_dist.chunks.plan_chunks`).
 
     Returns:
         ``{"mu_up_obs": float, "mu_up_exp": [5 floats]}``.

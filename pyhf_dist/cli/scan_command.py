@@ -1,0 +1,288 @@
+"""``pyhf-dist fit``: fit the patches of a pallet and write the results.
+
+Its options are derived from the declarations of the scan's options
+(:mod:`pyhf_dist.scan.options`, :class:`~pyhf_dist.settings.FitSettings`) and, for the executor
+chosen with ``--executor``, from that executor's :attr:`~pyhf_dist.executors.base.Executor.flags`
+(``pyhf-dist fit --executor slurm --help`` lists Slurm's).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from pyhf_dist.exceptions import MissingDependencyError, OutputError, StorageError
+from pyhf_dist.executors import executor_flags
+from pyhf_dist.scan.options import ScanOptions
+from pyhf_dist.settings import PATH, FitSettings, declared
+
+__all__ = ["fit", "check_output", "print_table"]
+
+
+def check_output(path: str | os.PathLike) -> None:
+    """Fail now, before any fit, if ``path`` cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"output {path} is a directory: give a file name, e.g. {path / 'results.json'}")
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise OutputError(f"cannot write {path}: directory {directory} does not exist (create it first)")
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".pyhf-dist-check-"):
+            pass
+    except OSError as error:
+        raise OutputError(f"cannot write {path}: {error.strerror} in {directory}") from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputError(f"cannot write {path}: the file is read-only")
+
+
+def _check_compile_cache() -> None:
+    """Say once, here, that the compile cache cannot be used, and keep the workers off it.
+
+    Workers started on this machine inherit the environment: with the cache off they compile in
+    memory without each saying so again. (Workers elsewhere check their own cache.)
+    """
+    from pyhf_dist import cache
+    from pyhf_dist.fast.likelihood import CACHE_ENV
+
+    base = cache.root()
+    directory = os.environ.get(CACHE_ENV) or (str(base / "jax") if base is not None else "off")
+    if directory.lower() == "off":
+        return
+    reason = cache.usable(directory)
+    if reason:
+        click.echo(f"Note: compile cache {directory} unusable ({reason}): compiling in memory instead", err=True)
+        os.environ[CACHE_ENV] = "off"
+
+
+def print_table(result, points: bool = False) -> None:
+    """Print per-point results (optional) and the summary table."""
+    if points:
+        labels = result.metadata.get("labels") or []
+        head = "".join(f"{label:>10}" for label in labels)
+        click.echo(f"{'patch':<24}{head}{'CLs_obs':>12}{'CLs_exp':>12}  status")
+        for record in result:
+            values = "".join(f"{value:>10g}" for value in record.values)
+            observed = f"{record.CLs_obs:12.4g}" if record.CLs_obs is not None else f"{'-':>12}"
+            expected = f"{record.CLs_exp[2]:12.4g}" if record.CLs_exp else f"{'-':>12}"
+            status = ("excluded" if record.excluded else "ok") if record.ok else f"FAILED: {record.error}"
+            click.echo(f"{record.name:<24}{values}{observed}{expected}  {status}")
+        click.echo("")
+    click.echo(result.summary())
+
+
+def _parse_option(text: str) -> tuple[str, object]:
+    import yaml
+
+    if "=" not in text:
+        raise click.BadParameter(f"{text!r} is not KEY=VALUE (e.g. --option processes=2)")
+    key, value = text.split("=", 1)
+    return key.strip().replace("-", "_"), yaml.safe_load(value)
+
+
+def _click_type(kind):
+    """The click type of a declared option's or an executor flag's ``type``."""
+    if kind == PATH:
+        return click.Path(dir_okay=False)
+    if kind == "file":
+        return click.Path(exists=True, dir_okay=False)
+    if isinstance(kind, tuple):
+        return click.Choice([str(choice) for choice in kind])
+    return kind
+
+
+def _declared_options() -> list[click.Option]:
+    """One click option per declared scan option or fit setting that has a flag."""
+    options = []
+    for cls in (FitSettings, ScanOptions):
+        for field in declared(cls):
+            flag = field.metadata["flag"]
+            if flag is None:
+                continue
+            kwargs = dict(flag.click)
+            kwargs.setdefault("help", field.metadata["help"])
+            if "type" in kwargs:
+                kwargs["type"] = _click_type(kwargs["type"])
+            kwargs.setdefault("default", field.default if kwargs.get("show_default") else None)
+            options.append(click.Option([*flag.flags, field.name], **kwargs))
+    return options
+
+
+def _scan_options(values: dict) -> dict:
+    """The map_fits options of the parsed declared flags (``values`` loses them)."""
+    options: dict = {}
+    for cls in (FitSettings, ScanOptions):
+        for field in declared(cls):
+            flag = field.metadata["flag"]
+            if flag is None:
+                continue
+            value = values.pop(field.name)
+            if flag.to_options is not None:
+                options.update(flag.to_options(value))
+            elif value is not None:
+                options[field.name] = value
+    return options
+
+
+class _ExecutorFlag(click.Option):
+    """A flag an executor declares (:class:`~pyhf_dist.executors.base.ExecutorFlag`)."""
+
+    def __init__(self, declared_flag):
+        self.declared_flag = declared_flag
+        flag = declared_flag.flag or "--" + declared_flag.name.replace("_", "-")
+        kind = declared_flag.type
+        super().__init__([flag, declared_flag.name], help=declared_flag.help, is_flag=declared_flag.is_flag,
+                         type=None if declared_flag.is_flag else _click_type(kind), default=None)
+
+    def value_of(self, text):
+        kind = self.declared_flag.type
+        return type(kind[0])(text) if isinstance(kind, tuple) and text is not None else text
+
+
+def _executor_named(args: list[str]) -> str:
+    for index, arg in enumerate(args):
+        if arg == "--executor" and index + 1 < len(args):
+            return args[index + 1]
+        if arg.startswith("--executor="):
+            return arg.split("=", 1)[1]
+    return "local"
+
+
+class _FitCommand(click.Command):
+    """``pyhf-dist fit``, with the flags of the executor ``--executor`` names."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            flags = executor_flags(_executor_named(args))
+        except MissingDependencyError:
+            flags = ()  # the scan says which package to install, in one line
+        self.params = [param for param in self.params if not isinstance(param, _ExecutorFlag)]
+        self.params[-1:-1] = [_ExecutorFlag(flag) for flag in flags]
+        return super().parse_args(ctx, args)
+
+
+def fit_parameters() -> list[click.Parameter]:
+    """The parameters of ``pyhf-dist fit`` before its executor's flags."""
+    return [
+        click.Argument(["source"]),
+        click.Option(["--patchset"], help="Patches for a BkgOnly.json SOURCE: patchset.json or a directory of patch files."),
+        click.Option(["--executor"], default="local", show_default=True,
+                     help="local, sequential, dask, slurm, funcx (globus-compute) or parsl; "
+                          "`--executor NAME --help` lists its options."),
+        *_declared_options(),
+        click.Option(["-o", "--output"], default="results.json", show_default=True, type=click.Path(),
+                     help="Results file (.json, or .csv for a table)."),
+        click.Option(["--show-job-script"], is_flag=True, help="Print the batch script of a batch executor and exit."),
+        click.Option(["--option", "extra_options"], multiple=True, metavar="KEY=VALUE",
+                     help="Any other executor keyword argument (repeatable), e.g. --option processes=2."),
+        click.Option(["-q", "--quiet"], is_flag=True, help="No progress bar."),
+    ]
+
+
+@click.pass_context
+def _fit(context: click.Context, source, patchset, executor, output, show_job_script, extra_options, quiet, **values):
+    """Fit the signal patches of SOURCE and write the results.
+
+    SOURCE is a pallet (a HEPData .tar.gz, a directory with BkgOnly.json and patchset.json or
+    patch.<name>.json files, or a HEPData DOI), or a BkgOnly.json given with --patchset. A SOURCE
+    that holds several pallets (one per folder) needs --pallet.
+    """
+    from pyhf_dist.journal import journal_path_for
+
+    executor_options = {param.name: param.value_of(values.pop(param.name)) for param in context.command.params
+                        if isinstance(param, _ExecutorFlag)}
+    executor_options = {name: value for name, value in executor_options.items() if value not in (None, False)}
+    executor_options.update(_parse_option(text) for text in extra_options)
+    if show_job_script:
+        from pyhf_dist.executors import get_executor
+
+        click.echo(get_executor(executor, **executor_options).job_script())
+        return
+    options = _scan_options(values)
+    check_output(output)
+    if options.get("backend") != "numpy":
+        _check_compile_cache()
+    journal_path = Path(options.get("journal") or journal_path_for(output))
+    options["journal"] = journal_path
+    if options.get("resume") and not journal_path.exists():
+        click.echo(f"No journal at {journal_path}: starting from the beginning.", err=True)
+    resume_command = " ".join(shlex.quote(arg) for arg in ["pyhf-dist", *sys.argv[1:]] if arg != "--resume")
+    result = _run(source, patchset, executor, options, executor_options, quiet, journal_path, resume_command)
+    _write(result, output, journal_path, resume_command)
+
+
+fit = _FitCommand("fit", callback=_fit, params=fit_parameters(), help=_fit.__doc__,
+                  context_settings={"max_content_width": 100})
+
+
+def _started(metadata: dict) -> None:
+    where = metadata.get("executor")
+    fitted = metadata.get("pallets")
+    click.echo(
+        f"Fitting {metadata['patches'] - metadata['resumed']} patches"
+        + (f" of {len(fitted)} pallets ({', '.join(f'{name} {count}' for name, count in fitted.items())})"
+           if fitted and len(fitted) > 1 else f" of pallet {next(iter(fitted))}" if fitted else "")
+        + (f" ({metadata['resumed']} already in the journal)" if metadata["resumed"] else "")
+        + f" on {where} with {metadata.get('workers')} workers, backend {metadata['settings']['backend']}",
+        err=True,
+    )
+    if metadata.get("dashboard"):
+        click.echo(f"Dask dashboard: {metadata['dashboard']}", err=True)
+    if metadata.get("advice"):
+        click.echo(f"Note: {metadata['advice']}", err=True)
+
+
+def _run(source, patchset, executor, options, executor_options, quiet, journal_path, resume_command):
+    """The scan, with its interruptions and storage faults told in one line and what continues it."""
+    import pyhf_dist
+
+    try:
+        return pyhf_dist.map_fits(source, patchset, executor=executor, progress=not quiet, on_start=_started,
+                                  **options, **executor_options)
+    except KeyboardInterrupt:
+        click.echo(
+            f"\nInterrupted. Finished results are kept in {journal_path}; to fit the rest run:\n"
+            f"  {resume_command} --resume",
+            err=True,
+        )
+        raise click.exceptions.Exit(130) from None
+    except StorageError as error:
+        # The machine's fault, not the user's input: one line, what was kept, the command that continues.
+        go_on = (f"{error.remedy}, then run: {resume_command} --resume" if error.kept
+                 else f"{error.remedy}, then run: {resume_command}")
+        click.echo(f"\nError: {error}; {go_on}", err=True)
+        raise click.exceptions.Exit(1) from None
+
+
+def _write(result, output, journal_path: Path, resume_command: str) -> None:
+    """Write the results file, drop the journal when nothing failed, and print the summary."""
+    try:
+        if str(output).lower().endswith(".csv"):
+            result.to_csv(output)
+        else:
+            result.to_json(output)
+    except OSError as error:
+        from pyhf_dist.journal import describe_errno
+
+        fault = StorageError("", errno=error.errno)
+        click.echo(
+            f"\nError: cannot write the results {output}: {describe_errno(error)}; all {len(result)} records are kept "
+            f"in {journal_path}; {fault.remedy}, then run: {resume_command} --resume (it fits nothing again)",
+            err=True,
+        )
+        raise click.exceptions.Exit(1) from None
+    if not result.failed():
+        journal_path.unlink(missing_ok=True)
+    print_table(result)
+    click.echo(f"Results written to {output}")
+    if result.failed():
+        click.echo(
+            f"{len(result.failed())} fits failed (see 'error' in the results); "
+            f"'{resume_command} --resume' refits only those.",
+            err=True,
+        )

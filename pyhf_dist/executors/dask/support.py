@@ -1,0 +1,81 @@
+"""What the Dask executor needs around its engine: futures handed on, errors told apart, logs
+quieted, a scheduler address checked."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+
+from pyhf_dist.exceptions import ExecutorError
+from pyhf_dist.protocol import first_line
+
+__all__ = ["transfer", "killed_while_starting", "lost_worker_errors", "quiet_dask_logs", "check_reachable"]
+
+
+def transfer(outer: concurrent.futures.Future, inner) -> None:
+    """Hand the outcome of a Dask future on to the ``concurrent.futures`` future of the scan."""
+    if outer.done():
+        return
+    if inner.status == "cancelled":
+        outer.cancel()
+        outer.set_running_or_notify_cancel()  # wakes up whoever waits on it
+        return
+    error = inner.exception() if inner.status == "error" else None
+    if error is None:
+        outer.set_result(inner.result())
+    else:
+        outer.set_exception(error)
+
+
+def killed_while_starting(error: BaseException, executor) -> bool:
+    """Whether a failed start was a worker process (or batch job) lost, not a worker unable to start."""
+    if isinstance(error, lost_worker_errors()):
+        return True
+    text = str(error)
+    return "killed by SIG" in text or (isinstance(error, ExecutorError) and "CommClosedError" in text)
+
+
+def lost_worker_errors() -> tuple[type[BaseException], ...]:
+    from distributed.comm.core import CommClosedError
+    from distributed.scheduler import KilledWorker
+
+    return (KilledWorker, CommClosedError)
+
+
+@contextlib.contextmanager
+def quiet_dask_logs(quiet: bool, level: int = logging.ERROR):
+    """Dask's loggers at ``level`` for the duration (their own level, not their handlers', which a
+    closing SpecCluster resets), when ``quiet``."""
+    logger = logging.getLogger("distributed")
+    previous = logger.level
+    if quiet:
+        logger.setLevel(max(previous, level))
+    try:
+        yield
+    finally:
+        if quiet:
+            logger.setLevel(previous)
+
+
+def check_reachable(address: str, timeout: float) -> None:
+    """Fail at once, in one line, when nothing listens at a ``tcp://host:port`` address.
+
+    Without this, a ``Client`` retries a refused connection until its timeout and leaves behind
+    a half-built client that blocks the interpreter's exit for another ten seconds.
+    """
+    import socket
+    import urllib.parse
+
+    parsed = urllib.parse.urlsplit(address if "://" in address else f"tcp://{address}")
+    if parsed.scheme != "tcp" or parsed.hostname is None:
+        return  # tls://, ws://, inproc://: let the Client handle them
+    try:
+        port = parsed.port or 8786
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            pass
+    except (OSError, ValueError) as error:
+        raise ExecutorError(
+            f"cannot reach the Dask scheduler at {address} ({first_line(error)}): "
+            "is it running, and is the address right?"
+        ) from None

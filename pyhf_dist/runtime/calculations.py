@@ -1,0 +1,102 @@
+"""The statistical calculation a task performs on a worker: the fast path, or plain pyhf.
+
+:func:`compute` runs what the scan's settings ask for on one task — an asymptotic hypotest, an
+upper limit, or one chunk of a patch's pseudo-experiments — on the compiled fast path
+(:mod:`pyhf_dist.fast`) when the settings choose it and it covers the patch, and on plain pyhf
+(:mod:`pyhf_dist.runtime.reference`) otherwise, recording why.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pyhf_dist.exceptions import FastPathRequired
+from pyhf_dist.protocol import first_line
+from pyhf_dist.runtime import reference
+
+__all__ = ["compute"]
+
+
+def compute(state, task: dict) -> dict[str, Any]:
+    """Run the calculation the scan's settings ask for on one task; returns the record's numbers.
+
+    The numbers come with ``engine``: ``"fast"`` (the compiled fast path) or ``"pyhf"`` (plain pyhf
+    on numpy), and, where the scan asked for the fast path and it declined, ``fallback_reason``.
+
+    Raises:
+        FastPathRequired: The fast path declined the patch and ``settings.require_fast`` is on.
+    """
+    settings = state.settings
+    reason = None
+    if settings.fast_path:
+        fast, reason = _fast(state, task)
+        if fast is not None:
+            return {**fast, "engine": "fast"}
+        _check_fallback_allowed(settings, reason)
+    reference.use_numpy(settings.optimizer)
+    model, data = reference.build_model(state, task["patch"])
+    if settings.calculation == "hypotest" and settings.calctype == "asymptotics":
+        values = reference.hypotest(model, data, settings)
+    elif settings.calculation == "upper_limit":
+        values = reference.upper_limit(model, data, settings)
+    else:
+        from pyhf_dist.runtime import toys
+
+        # One chunk of the patch's pseudo-experiments (all of them when the task is not split).
+        chunk = task.get("chunk") or toys.split(settings.ntoys, 1)[0]
+        key = toys.generating_key(_workspace_digest(state), task["patch"], settings)
+        if settings.fast_toys:
+            values, reason = _fast_toys(state, task, model, data, chunk, key)
+            if values is not None:
+                return values
+            _check_fallback_allowed(settings, reason)
+        values = toys.run_chunk(model, data, settings, chunk, key)
+    values["engine"] = "pyhf"
+    if reason is not None:
+        values["fallback_reason"] = reason
+    return values
+
+
+def _check_fallback_allowed(settings, reason: str | None) -> None:
+    """Plain pyhf may fit a patch the fast path declined, unless the scan requires the fast path."""
+    if settings.require_fast:
+        raise FastPathRequired(f"the fast path declined this patch ({reason}) and require_fast (--require-fast) is on")
+
+
+def _fast_toys(state, task: dict, model, data, chunk: dict, key: str) -> tuple[dict | None, str | None]:
+    """``(chunk numbers, None)`` from the batched fast path, or ``(None, why it declined)``."""
+    from pyhf_dist import fast
+    from pyhf_dist.fast import toystats
+
+    try:
+        return toystats.run_chunk(fast.for_state(state), task["patch"], model, data, state.settings, chunk, key), None
+    except fast.FastPathUnsupported as error:
+        return None, first_line(error)
+
+
+def _workspace_digest(state) -> str:
+    """A digest of the worker's background workspace (computed once per worker)."""
+    found = state.memo.get("workspace_digest")
+    if found is None:
+        import json
+
+        from pyhf_dist import cache
+
+        text = json.dumps(state.workspace_spec, sort_keys=True, separators=(",", ":"))
+        found = state.memo["workspace_digest"] = cache.digest("workspace", text)
+    return found
+
+
+def _fast(state, task: dict) -> tuple[dict | None, str | None]:
+    """``(numbers, None)`` from the compiled fast path, or ``(None, why it declined)``."""
+    from pyhf_dist import fast
+
+    settings = state.settings
+    try:
+        engine = fast.for_state(state)
+        if settings.calculation == "upper_limit":
+            scan = reference.scan_points(settings.upper_limit_scan)
+            return engine.upper_limit(task["patch"], settings.test_stat, settings.level, scan), None
+        return engine.hypotest(task["patch"], settings.poi_test, settings.test_stat), None
+    except fast.FastPathUnsupported as error:
+        return None, first_line(error)

@@ -1,0 +1,98 @@
+"""What runs on a worker: one task, a pack of tasks, or nothing, and its record.
+
+Every executor runs :func:`run_task`. It fits one patch (or one chunk of its toys) and returns a
+plain-dict record (:class:`~pyhf_dist.protocol.Record`); a pack of tasks gives
+``{"pack": [record, ...]}``. A fit that raises becomes a record with ``status="failed"`` and the
+error's first line; only the death of the worker itself escapes as an exception.
+
+Executors that can run a setup hook per worker (process-pool initializers, Dask worker plugins,
+Parsl/Globus Compute warm workers) call :func:`~pyhf_dist.runtime.state.initialize` there and
+submit ``run_task(task)``; any other executor submits ``run_task(task, context)`` and the worker
+sets itself up on its first task.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+from pyhf_dist.protocol import FIT, NOOP, PACK, Context, Record, Task, first_line, new_record
+from pyhf_dist.runtime import calculations
+from pyhf_dist.runtime.state import initialize, prepared
+
+__all__ = ["run_task", "worker_info", "FitTimeout"]
+
+
+def worker_info() -> dict:
+    """Where a task ran: host, process id, and the Slurm job id (``None`` outside Slurm)."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+
+
+class FitTimeout(Exception):
+    """A fit ran past the scan's per-fit ``timeout``."""
+
+
+def _on_alarm(signum, frame):
+    raise FitTimeout()
+
+
+def _call_with_timeout(function, timeout: float | None):
+    # A timed-out fit must free its worker. SIGALRM interrupts the fit between two Python-level
+    # steps of the minimizer; it can only be used from a process's main thread, which is where
+    # process-pool, Parsl and Globus Compute workers run their tasks. Elsewhere (threads) the
+    # scan's client-side timeout takes over.
+    if not timeout or threading.current_thread() is not threading.main_thread():
+        return function()
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, float(timeout))
+    try:
+        return function()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_task(task: Task, context: Context | None = None) -> Record | dict:
+    """Run one task (one patch, or one chunk of a patch's toys), or a pack of them; return the record.
+
+    Args:
+        task: A task (:func:`~pyhf_dist.protocol.make_task`) or a pack
+            (:func:`~pyhf_dist.protocol.make_pack`).
+        context: Given by executors without a per-worker setup hook; used on the first task only.
+
+    Returns:
+        The record: ``name``, ``status`` (``"ok"``/``"failed"``), ``error``, the calculation's
+        numbers (``CLs_obs``, ``CLs_exp``...), ``fit_seconds``, ``started``, ``finished``, ``worker``;
+        for a pack, ``{"pack": [record, ...]}`` in the order of its tasks.
+    """
+    kind = task.get("kind", FIT)
+    if kind == PACK:
+        return {"pack": [run_task(each, context) for each in task["tasks"]]}
+    if kind not in (FIT, NOOP):
+        raise ValueError(f"unknown task kind {kind!r}: this worker runs {FIT!r}, {NOOP!r} and {PACK!r}")
+    state = prepared(task["context"])
+    if state is None:
+        if context is None or context.key != task["context"]:
+            raise RuntimeError(
+                f"worker has no context {task['context']!r}: the executor must call "
+                "pyhf_dist.runtime.initialize(context) or pass the context with the task"
+            )
+        state = initialize(context)
+    started = time.time()
+    # Durations on the monotonic clock: a clock set forward or back mid-fit (NTP, an operator) must
+    # not give a fit a negative or hour-long duration.
+    began = time.monotonic()
+    record = new_record(task)
+    if kind == FIT:
+        try:
+            part = state.for_pallet(task.get("pallet"))
+            record.update(_call_with_timeout(lambda: calculations.compute(part, task), task.get("timeout")))
+        except FitTimeout:
+            record.update(status="failed", error=f"timed out after {task.get('timeout')} s")
+        except Exception as error:  # a failed fit is a result, not a crash of the scan
+            record.update(status="failed", error=first_line(error, with_type=True))
+    record.update(started=started, finished=time.time(), fit_seconds=time.monotonic() - began, worker=worker_info())
+    return record

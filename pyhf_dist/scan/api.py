@@ -1,0 +1,321 @@
+"""The scan: fit every selected patch of a pallet on the chosen executor.
+
+:func:`iter_fits` yields one :class:`~pyhf_dist.results.FitRecord` per patch as results arrive;
+:func:`map_fits` collects them into a :class:`~pyhf_dist.results.ScanResult`. Both take the same
+options (:mod:`pyhf_dist.scan.options`). A scan can fit several pallets of one source at once
+(``pallet=``): one context holds every chosen pallet's workspace, each task names its pallet, and
+records are identified by ``(pallet, name)``; ``combine="best-expected"`` adds their combination
+at the end. The scan keeps what it must never lose: every finished record goes to the journal
+(when one is given) before anything else happens, tasks whose worker died are resubmitted up to
+``retries`` times (:mod:`pyhf_dist.scan.loop`), a fit that raises becomes a failed record, and
+executors the scan started are shut down however it ends — normally, on an error, or on Ctrl-C
+(or a batch system's SIGTERM, which stops the scan as Ctrl-C does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import platform
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from pyhf_dist.combine import combine as combine_records
+from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, InputError, SettingsError
+from pyhf_dist.executors import get_executor
+from pyhf_dist.journal import Journal
+from pyhf_dist.protocol import first_line
+from pyhf_dist.results import FitRecord, ScanResult
+from pyhf_dist.scan.loop import Loop
+from pyhf_dist.scan.options import misspelt, options_doc, signature, split_options
+from pyhf_dist.scan.plan import Plan
+
+__all__ = ["map_fits", "iter_fits"]
+
+
+def iter_fits(workspace: Any, patchset: Any = None, *, executor: Any = "local", **options) -> Iterator[FitRecord]:
+    """Fit the selected patches and yield each record as it completes.
+
+    Records read back from the journal of a resumed scan come first; with ``combine``, the
+    combined records come last, once every fit is in. ``metadata`` (a dict), when given, is
+    filled with the scan's metadata as soon as it is known, and ``on_start`` is called with it
+    once the executor is up (before the first result).
+
+    Args:
+{arguments}
+        **options: The options below, and the chosen executor's own keyword arguments
+            (``workers``; ``jobs``, ``memory`` for ``"slurm"``; ``address`` for ``"dask"``...); one it
+            does not take is an error.
+
+    Options:
+{options}
+    """
+    settings, scan, executor_options = split_options(options)
+    runner = _executor(executor, executor_options)
+    reason = runner.supports(settings)
+    if reason is not None:
+        raise SettingsError(reason)
+    if scan.keep_toys is not None:
+        _check_keep_toys(scan.keep_toys, settings)
+    info = scan.metadata if scan.metadata is not None else {}
+    started = time.time()
+    book = None
+    with _sigterm_as_interrupt():
+        try:
+            if runner.owned:
+                # Workers that can start early import what the fits need while the pallet is read.
+                runner.prepare(settings.to_dict())
+            plan = Plan.of(workspace, patchset, scan.pallet, scan.patches, scan.combine)
+            book = Journal(scan.journal, plan.journal_key(settings)) if scan.journal is not None else None
+            if book is not None:
+                book.acquire()  # before reading it: two scans must never write one journal
+            finished = _finished(book, scan.resume, plan, info)
+            info.update(plan.describe(), resumed=len(finished), settings=settings.to_dict(),
+                        settings_digest=settings.digest(), scan_key=plan.journal_key(settings),
+                        journal=str(book.path) if book is not None else None, **_versions())
+            info["started"] = started = time.time()
+            yield from _scan(runner, plan, settings, scan, book, finished, info)
+        finally:
+            try:
+                if runner.owned:
+                    runner.shutdown(cancel_futures=True)
+            finally:
+                if book is not None:
+                    book.close()
+                info["wall_seconds"] = time.time() - started
+
+
+def _scan(runner, plan: Plan, settings, scan, book, finished: dict, info: dict) -> Iterator[FitRecord]:
+    """Start the executor, yield the journal's records, then every new one, then the combination."""
+    done = list(finished.values())
+    kept = _kept_from_journal(book, finished, settings) if scan.keep_toys is not None else {}
+    todo = plan.todo(finished)
+    if todo:
+        context = plan.context(settings)
+        _start(runner, context, plan)
+    info.update(runner.describe())
+    if scan.on_start is not None:
+        scan.on_start(info)
+    yield from done
+    if todo:
+        if book is not None:
+            # Opened only now, once the executor is up: a scan that cannot start leaves an earlier
+            # journal as it was (and creates no file).
+            book.open(append=scan.resume)
+
+        def chunk_finished(pallet, outcome: dict) -> None:
+            if book is not None:
+                book.write_chunk(pallet, outcome)
+            if scan.on_chunk is not None:
+                scan.on_chunk(outcome)
+
+        loop = Loop(runner, context, settings, scan.retries, scan.timeout, plan.values_by_key,
+                    book.chunks if (book is not None and scan.resume) else {}, chunk_finished,
+                    lambda key, record: kept.__setitem__(key, record["toys"]))
+        for record in loop.records(todo):
+            if book is not None:
+                book.write(record)
+            done.append(record)
+            yield record
+    _write_kept(scan.keep_toys, kept, settings)
+    yield from _combination(done, plan)
+
+
+def _start(runner, context, plan: Plan) -> None:
+    """Start the executor with ``context``; then check the workspaces (while the workers start)."""
+    try:
+        runner.start(context)
+    except InputError:
+        raise
+    except Exception as error:
+        # An invalid workspace must be refused as bad input (naming the JSON path), not surface
+        # as a worker that cannot start.
+        plan.check()
+        if isinstance(error, ExecutorError):
+            raise
+        raise ExecutorError(f"executor {runner.name!r} could not start: {first_line(error, with_type=True)}") from error
+    # Full schema validation takes about a second for a large workspace: it runs while the
+    # workers start, and before any result is taken.
+    plan.check()
+
+
+def _finished(book, resume: bool, plan: Plan, info: dict) -> dict:
+    """The ok records a resumed scan's journal holds for the plan's patches (none otherwise)."""
+    finished = book.load() if (book is not None and resume) else {}
+    if book is not None and book.skipped:
+        info["journal_skipped"] = list(book.skipped)
+    # Only fits that succeeded are kept: a resumed scan fits the failed ones again.
+    return {key: record for key, record in finished.items() if key in plan.values_by_key and record.ok}
+
+
+def _kept_from_journal(book, finished: dict, settings) -> dict:
+    """The toys of patches an earlier run of this scan finished: the journal's chunks."""
+    from pyhf_dist.chunks import merge_chunks
+
+    kept = {}
+    for key in finished if book is not None else ():
+        chunks = book.chunks.get(key)
+        if chunks:
+            merged = merge_chunks(list(chunks), settings)
+            if merged["status"] == "ok":
+                kept[key] = merged["toys"]
+    return kept
+
+
+def _check_keep_toys(path, settings) -> None:
+    """``keep_toys`` needs a toy-based hypotest and a ``.npz`` file in a folder that exists."""
+    if settings.calctype != "toybased" or settings.calculation != "hypotest":
+        raise SettingsError("keep_toys (--keep-toys) needs toy-based hypotests (--toys N)")
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise InputError(f"--keep-toys writes a .npz file, not {path.name!r}")
+    if not path.parent.is_dir():
+        raise InputError(f"--keep-toys: no folder {str(path.parent)!r} to write {path.name} in")
+
+
+def _write_kept(path, kept: dict, settings) -> None:
+    """The kept toys of the scan's patches (in the order of their keys), when asked for."""
+    if path is not None and kept:
+        from pyhf_dist.kept_toys import write_kept
+
+        write_kept(path, dict(sorted(kept.items(), key=lambda item: (item[0][0] or "", item[0][1]))), settings)
+
+
+def _combination(done: list[FitRecord], plan: Plan) -> list:
+    """The combined records of a scan (none without ``combine``): derived from its records, never
+    journaled (a resumed scan combines afresh), in the pallets' order, not the order fits finished."""
+    if plan.combine is None:
+        return []
+    position = {key: index for index, key in enumerate(plan.values_by_key)}
+    return combine_records(sorted(done, key=lambda record: position[record.key]), plan.combine,
+                           [each.name for each in plan.pallets])
+
+
+def _executor(executor: Any, options: dict):
+    """The executor object, or one line naming the misspelt option among ``options``."""
+    try:
+        return get_executor(executor, **options)
+    except ExecutorOptionError:
+        misspelt(options)
+        raise
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Make SIGTERM stop the scan as Ctrl-C does, while it runs.
+
+    A batch job at its time limit gets SIGTERM; by default Python dies of it on the spot, leaving
+    the workers and clusters it started to notice by themselves. Only where nobody chose a
+    handler (the default), and only in the main thread, where handlers can be set.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    ours = main and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    if ours:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
+    try:
+        yield
+    finally:
+        if ours and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    from pyhf_dist import __version__
+
+    # From the installed metadata: the client need not import pyhf itself.
+    return {"pyhf_version": metadata.version("pyhf"), "pyhf_dist_version": __version__,
+            "python": platform.python_version(), "host": platform.node()}
+
+
+def map_fits(workspace: Any, patchset: Any = None, *, executor: Any = "local", workers: int | None = None,
+             callback=None, progress: bool = False, **options) -> ScanResult:
+    """Fit every selected patch of a pallet and return all results.
+
+    Args:
+{arguments}
+        workers: Number of workers for executors that start their own.
+        callback: Called with each :class:`~pyhf_dist.results.FitRecord` as it arrives.
+        progress: Show a progress bar on standard error (for toys, with toys per second).
+        **options: The options below, and the chosen executor's own keyword arguments (``jobs``,
+            ``memory`` for ``"slurm"``, ``address`` for ``"dask"``...); one it does not take is an
+            error.
+
+    Returns:
+        A :class:`~pyhf_dist.results.ScanResult` with one record per selected patch and pallet, in
+        the pallets' order, then the combined records.
+
+    Raises:
+        InputError: Something given is wrong (the one-line message says how to fix it).
+        ExecutorError: The executor could not start or run the tasks.
+
+    Example:
+        >>> import pyhf_dist
+        >>> pallet = pyhf_dist.demo_pallet(points=4)
+        >>> result = pyhf_dist.map_fits(pallet, executor="sequential", backend="numpy")
+        >>> len(result), result.counts()["failed"]
+        (4, 0)
+
+    Options:
+{options}
+    """
+    if workers is not None:
+        options["workers"] = workers
+    metadata: dict = {}
+    records: dict[tuple, FitRecord] = {}
+    combined: list[FitRecord] = []
+    bar = None
+    on_start = options.pop("on_start", None)
+
+    def started(info: dict) -> None:
+        nonlocal bar
+        if progress:
+            from pyhf_dist.progress import ProgressBar
+
+            toys = options.get("ntoys", 1000) * (info["patches"] - info["resumed"])
+            bar = ProgressBar(total=info["patches"], toys=toys if options.get("calctype") == "toybased" else 0)
+        if on_start is not None:
+            on_start(info)
+
+    stream = iter_fits(workspace, patchset, executor=executor, metadata=metadata, on_start=started,
+                       on_chunk=lambda outcome: bar.chunk(outcome) if bar is not None else None, **options)
+    try:
+        for record in stream:
+            if record.combined:
+                combined.append(record)
+            else:
+                records[record.key] = record
+                if bar is not None:
+                    bar.update(record)
+            if callback is not None:
+                callback(record)
+    finally:
+        stream.close()
+        if bar is not None:
+            bar.close()
+    order = metadata.pop("order")
+    return ScanResult([records[key] for key in order if key in records] + combined, metadata)
+
+
+_LEADING = [
+    inspect.Parameter("workspace", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+    inspect.Parameter("patchset", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+    inspect.Parameter("executor", inspect.Parameter.KEYWORD_ONLY, default="local"),
+]
+iter_fits.__signature__ = signature(*_LEADING)
+map_fits.__signature__ = signature(*_LEADING, inspect.Parameter("workers", inspect.Parameter.KEYWORD_ONLY, default=None),
+                                   collector=True)
+_ARGUMENTS = """\
+        workspace: The background workspace (``pyhf.Workspace``, dict or JSON path), or a whole
+            pallet (directory, HEPData ``.tar.gz``, DOI, :class:`~pyhf_dist.pallet.Pallet`) when
+            ``patchset`` is ``None``.
+        patchset: ``pyhf.PatchSet``, dict, ``patchset.json`` path, or a directory of
+            ``patch.<name>.json`` files.
+        executor: ``"local"``, ``"sequential"``, ``"dask"``, ``"slurm"``, ``"funcx"``, ``"parsl"``,
+            an executor object of this library, or any ``concurrent.futures.Executor``."""
+for _function in (iter_fits, map_fits):
+    _function.__doc__ = _function.__doc__.replace("{arguments}", _ARGUMENTS).replace("{options}", options_doc())

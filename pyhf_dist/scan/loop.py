@@ -1,0 +1,228 @@
+"""The loop of a scan: submit tasks, collect records, retry what a lost worker took with it.
+
+:class:`Loop` keeps a queue of :class:`Job`\\ s (one per patch, or per chunk of a patch's toys),
+submits them to the executor (several to a pack where the executor asks for it,
+:class:`Packing`), and turns every finished future into records: a fit that raised is a failed
+record, a task whose worker died goes back to the queue up to ``retries`` times, a task past its
+timeout is given up on (:func:`expire`). A patch's record is yielded once all its chunks are in.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import statistics
+import time
+from typing import Any, Callable, Iterator
+
+from pyhf_dist.chunks import merge_chunks, missing_chunks, plan_chunks
+from pyhf_dist.pallet import Patch
+from pyhf_dist.protocol import failed_record, first_line, make_pack, make_task, records_of
+from pyhf_dist.results import FitRecord
+
+__all__ = ["Job", "Loop", "Packing", "expire", "TIMEOUT_GRACE"]
+
+log = logging.getLogger("pyhf_dist.scan")
+
+#: Extra seconds the client waits past ``timeout`` before it gives up on a task itself (the worker
+#: normally stops the fit on time; this covers workers that cannot).
+TIMEOUT_GRACE = 10.0
+
+
+@dataclasses.dataclass
+class Job:
+    """One task of a patch: the patch, its pallet, which chunk of it, and how often it was submitted."""
+
+    patch: Patch
+    chunk: Any
+    pallet: str | None = None
+    attempt: int = 1
+    submitted: float = 0.0
+    running_since: float | None = None
+
+    @property
+    def key(self) -> tuple:
+        """``(pallet, patch name)``: a patch name can be in several pallets of a scan."""
+        return (self.pallet, self.patch.name)
+
+    def failed(self, message: str) -> dict:
+        """The record of this job when it produced nothing."""
+        return failed_record(make_task(self.patch.name, self.patch.operations, "", chunk=self.chunk), message)
+
+
+class Packing:
+    """How many patches go into one task: one, unless the executor asks for packs
+    (:attr:`~pyhf_dist.executors.base.Executor.pack_seconds`) and the fits so far were short.
+
+    The size is the executor's seconds over the median fit so far, and at most the queue over
+    four times the workers (guided self-scheduling: tasks shrink as the queue empties, so the last
+    ones are single fits and the workers finish together). Never with a per-fit timeout: a task
+    given up on would take its finished fits with it.
+    """
+
+    def __init__(self, runner, timeout: float | None):
+        self.seconds = runner.pack_seconds if runner.workers and not timeout else 0.0
+        self.fit_seconds: list[float] = []
+
+    @property
+    def enabled(self) -> bool:
+        return self.seconds > 0
+
+    def measured(self, outcome: dict) -> None:
+        if self.enabled and outcome.get("status") == "ok" and outcome.get("fit_seconds"):
+            self.fit_seconds.append(outcome["fit_seconds"])
+
+    def size(self, queued: int, workers: int) -> int:
+        if not self.enabled or not self.fit_seconds:
+            return 1
+        typical = max(statistics.median(self.fit_seconds[-64:]), 1e-3)
+        return max(1, min(int(self.seconds / typical), queued // (4 * workers)))
+
+
+def expire(runner, in_flight: dict, timeout: float) -> None:
+    """Give up on tasks that ran past ``timeout`` (plus :data:`TIMEOUT_GRACE`): each becomes a
+    failed record, and the executor frees its worker (:meth:`~pyhf_dist.executors.base.Executor.abandon`).
+
+    The worker stops a fit at ``timeout`` by itself where it can; this is the client's backstop
+    for workers that cannot (tasks run in threads, a fit stuck in C code), measured from when a
+    worker began the task. (A scan with a timeout sends one patch per task.)
+    """
+    now, wall = time.monotonic(), time.time()
+    for future, jobs in list(in_flight.items()):
+        job = jobs[0]
+        if job.running_since is None:
+            began = runner.started_at(future)  # Unix time, as executors know it
+            if began is not None:
+                # From here on the task's age is counted on the monotonic clock: a wall clock set
+                # forward (NTP, an operator) must not time out every task in flight at once, nor
+                # one set back keep a stuck task for ever.
+                job.running_since = now - max(0.0, wall - began)
+        if job.running_since is not None and now - job.running_since > timeout + TIMEOUT_GRACE:
+            replacement: concurrent.futures.Future = concurrent.futures.Future()
+            replacement.set_result(job.failed(f"timed out after {timeout} s (worker did not respond)"))
+            in_flight[replacement] = in_flight.pop(future)
+            runner.abandon(future)
+
+
+def _patches(names: list[str]) -> str:
+    """``"fitting A"``, ``"fitting A, B and 3 more"``: the patches a retry submits again."""
+    shown = ", ".join(names[:2])
+    return f"fitting {shown}" + (f" and {len(names) - 2} more" if len(names) > 2 else "")
+
+
+class Loop:
+    """Fits the patches ``todo`` (``[(pallet name, Patch)]``) on a started executor.
+
+    Args:
+        runner: The executor, started with ``context``.
+        context: The scan's context (its key goes with every task).
+        settings: The scan's :class:`~pyhf_dist.settings.FitSettings`.
+        retries: Resubmissions of a task whose worker died.
+        timeout: Seconds per fit, or ``None``.
+        values_by_key: ``(pallet, patch name)`` -> the patch's parameter values.
+        chunks_done: Chunks of toys a resumed scan's journal holds, by key.
+        chunk_finished: Called with ``(pallet, outcome)`` for each finished chunk of toys.
+        on_merged: Called with ``(key, record dict)`` for each patch whose toys are merged.
+    """
+
+    def __init__(self, runner, context, settings, retries: int, timeout: float | None, values_by_key: dict,
+                 chunks_done: dict | None = None, chunk_finished: Callable | None = None,
+                 on_merged: Callable | None = None):
+        self.runner, self.context, self.settings = runner, context, settings
+        self.retries, self.timeout, self.values_by_key = retries, timeout, values_by_key
+        self.chunks_done = chunks_done or {}
+        self.chunk_finished, self.on_merged = chunk_finished, on_merged
+        self.toy_based = settings.calctype == "toybased" and settings.calculation == "hypotest"
+        self.workers = runner.workers or 1
+        self.queue: collections.deque[Job] = collections.deque()
+        self.partial: dict[tuple, list[dict]] = collections.defaultdict(list)
+        self.expected: dict[tuple, int] = {}
+        self.first_submitted: dict[tuple, float] = {}
+        self.attempts: dict[tuple, int] = collections.defaultdict(int)
+        self.in_flight: dict[concurrent.futures.Future, list[Job]] = {}
+        self.packing = Packing(runner, timeout)
+
+    def records(self, todo: list) -> Iterator[FitRecord]:
+        """Yield the record of every patch of ``todo`` as it completes."""
+        yield from self._plan(todo)
+        # A scan that packs patches keeps only a few tasks ahead of the workers, so that each one
+        # is sized with what the fits so far took.
+        limit = self.runner.max_pending or (2 * self.workers if self.packing.enabled else len(self.queue))
+        while self.queue or self.in_flight:
+            while self.queue and len(self.in_flight) < limit:
+                size = self.packing.size(len(self.queue), self.workers)
+                self._submit([self.queue.popleft() for _ in range(min(size, len(self.queue)))])
+            if self.timeout:  # checked with every worker busy, before waiting for the next result
+                expire(self.runner, self.in_flight, self.timeout)
+            done, _ = concurrent.futures.wait(list(self.in_flight), timeout=1.0,
+                                              return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in [future for future in self.in_flight if future in done]:  # in submission order
+                jobs = self.in_flight.pop(future)
+                jobs, outcomes = self._outcomes(future, jobs)
+                for job, outcome in zip(jobs, outcomes):
+                    yield from self._finished(job, outcome)
+
+    def _plan(self, todo: list) -> Iterator[FitRecord]:
+        planned = plan_chunks(self.settings, self.workers, len(todo))
+        for pallet, patch in todo:
+            key = (pallet, patch.name)
+            done = self.chunks_done.get(key, []) if self.toy_based else []
+            # A resumed toy scan fits only the toys its journal's chunks do not cover.
+            chunks = missing_chunks(self.settings.ntoys, done, planned) if done else planned
+            self.partial[key].extend(done)
+            self.expected[key] = len(done) + len(chunks)
+            self.queue.extend(Job(patch, chunk, pallet) for chunk in chunks)
+        for pallet, patch in todo:  # every chunk already in the journal (a kill before its merge)
+            key = (pallet, patch.name)
+            if self.partial.get(key) and len(self.partial[key]) == self.expected[key]:
+                yield self._merged(key, pallet)
+
+    def _submit(self, jobs: list[Job]) -> None:
+        now = time.time()
+        tasks = []
+        for job in jobs:
+            job.submitted, job.running_since = now, None
+            self.first_submitted.setdefault(job.key, now)
+            self.attempts[job.key] = max(self.attempts[job.key], job.attempt)
+            tasks.append(make_task(job.patch.name, job.patch.operations, self.context.key, pallet=job.pallet,
+                                   chunk=job.chunk, timeout=self.timeout))
+        self.in_flight[self.runner.submit(tasks[0] if len(tasks) == 1 else make_pack(tasks))] = jobs
+
+    def _outcomes(self, future, jobs: list[Job]) -> tuple[list[Job], list[dict]]:
+        """The records of a finished future's jobs; jobs whose worker died go back to the queue."""
+        try:
+            return jobs, records_of(future.result(), len(jobs))
+        except concurrent.futures.CancelledError:
+            return jobs, [job.failed("cancelled by the executor") for job in jobs]
+        except Exception as error:
+            lost = self.runner.is_worker_lost(error)
+            retried = [job for job in jobs if lost and job.attempt <= self.retries]
+            for job in reversed(retried):
+                job.attempt += 1
+                self.queue.appendleft(job)
+            jobs = [job for job in jobs if job not in retried]
+            detail = self.runner.explain_loss(future, error) if lost else first_line(error, with_type=True)
+            if retried:
+                log.warning("%s: %s again (attempt %d of %d)", detail, _patches([job.patch.name for job in retried]),
+                            retried[0].attempt, self.retries + 1)
+            return jobs, [job.failed(f"worker lost {job.attempt} times: {detail}" if lost else f"task failed: {detail}")
+                          for job in jobs]
+
+    def _finished(self, job: Job, outcome: dict) -> Iterator[FitRecord]:
+        self.packing.measured(outcome)
+        self.partial[job.key].append(outcome)
+        if self.toy_based and outcome.get("status") == "ok" and "toys" in outcome and self.chunk_finished is not None:
+            self.chunk_finished(job.pallet, outcome)
+        if len(self.partial[job.key]) == self.expected[job.key]:
+            yield self._merged(job.key, job.pallet)
+
+    def _merged(self, key: tuple, pallet) -> FitRecord:
+        record = merge_chunks(self.partial.pop(key), self.settings)
+        record.pop("chunk", None)
+        if self.on_merged is not None and record.get("status") == "ok" and "toys" in record:
+            self.on_merged(key, record)
+        record.update(values=self.values_by_key[key], submitted=self.first_submitted.get(key),
+                      attempts=self.attempts[key] or 1, pallet=pallet)
+        return FitRecord.from_dict(record)
