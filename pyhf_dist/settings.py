@@ -160,8 +160,9 @@ class FitSettings:
     pyhf_dist.exceptions.SettingsError: POI value must be >= 0, got -1.0 (give e.g. --poi-test 1.0)
     """
 
-    poi_test: float = option(1.0, "Signal strength (POI value) tested; >= 0.", "--poi-test", type=float,
-                             show_default=True)
+    # The flag's text is read here, not by click: one message for the CLI and the Python API.
+    poi_test: float = option(1.0, "Signal strength (POI value) tested; >= 0.", "--poi-test", type=str,
+                             metavar="MU", show_default=True)
     test_stat: str = option("qtilde", "Test statistic: qtilde, q or q0.", "--test-stat",
                             type=CHOICE(TEST_STATISTICS), show_default=True)
     backend: str | None = option(

@@ -340,7 +340,9 @@ def test_invalid_backend(cli, demo_dir):
 
 def test_invalid_test_statistic(cli, demo_dir):
     run = cli("fit", str(demo_dir), "--test-stat", "qmu")
-    assert run.code == 2 and "unknown test statistic 'qmu': choose one of qtilde, q, q0" in _one_error_line(run)
+    assert run.code == 2 and "Invalid value for '--test-stat': 'qmu' is not one of 'qtilde', 'q', 'q0'" in _one_error_line(run)
+    with pytest.raises(pyhf_dist.exceptions.SettingsError, match="unknown test statistic 'qmu': choose one of qtilde"):
+        pyhf_dist.map_fits(demo_dir, test_stat="qmu")
 
 
 @pytest.mark.parametrize("value, message", [
