@@ -1,0 +1,62 @@
+"""Griffe extension for the API reference: the package's docstrings, read as Markdown.
+
+The docstrings are Google style, with two habits of reStructuredText that Markdown would show
+verbatim or misread:
+
+- Sphinx roles name other objects (``:class:`Executor```, ``:func:`~pyhf_dist.worker.make_task```):
+  each becomes inline code of the name (a leading ``~`` keeps the last part, as in Sphinx).
+- Doctests stand as bare ``>>>`` paragraphs outside an ``Example:`` section, where Markdown would
+  read ``[0]["m2"]`` as a link: each such run of lines becomes a fenced ``pycon`` block. A
+  paragraph ending in ``::`` (a literal block follows) ends in ``:``.
+
+The docstrings themselves stay as they are: their doctests run under pytest.
+"""
+
+from __future__ import annotations
+
+import re
+
+import griffe
+
+ROLE = re.compile(r":(?:py:)?(?:class|func|meth|attr|mod|data|exc|obj|const):`(~?)([^`]+)`")
+SECTION = re.compile(r"^(\s*)([A-Z][A-Za-z ]*):\s*$")
+
+
+def _role(match: re.Match) -> str:
+    short, name = match.group(1), match.group(2)
+    return f"`{name.rsplit('.', 1)[-1] if short else name}`"
+
+
+def markdown(text: str) -> str:
+    """The docstring ``text`` with roles as code and bare doctests fenced."""
+    lines = ROLE.sub(_role, text).split("\n")
+    out: list[str] = []
+    in_example, in_doctest, indent = None, False, ""
+    for line in lines:
+        section = SECTION.match(line)
+        if section and not in_doctest:
+            in_example = len(section.group(1)) if section.group(2) in ("Example", "Examples") else None
+        elif in_example is not None and line.strip() and len(line) - len(line.lstrip()) <= in_example:
+            in_example = None
+        if in_doctest and not line.strip():
+            out.append(f"{indent}```")
+            in_doctest = False
+        elif not in_doctest and in_example is None and line.lstrip().startswith(">>>"):
+            indent = line[: len(line) - len(line.lstrip())]
+            out.append(f"{indent}```pycon")
+            in_doctest = True
+        if line.rstrip().endswith("::") and not in_doctest:
+            line = line.rstrip()[:-1]
+        out.append(line)
+    if in_doctest:
+        out.append(f"{indent}```")
+    return "\n".join(out)
+
+
+class MarkdownDocstrings(griffe.Extension):
+    """Rewrites every docstring before the Google parser reads it."""
+
+    def on_instance(self, *, obj: griffe.Object, **kwargs) -> None:
+        """Rewrite ``obj``'s docstring, if it has one."""
+        if obj.docstring is not None:
+            obj.docstring.value = markdown(obj.docstring.value)
