@@ -162,6 +162,9 @@ def test_shell_command_parses(page, arguments):
     assert rest, f"{page}: no subcommand in pyhf-dist {' '.join(arguments)}"
     command = cli.get_command(group, rest[0])
     assert command is not None, f"{page}: pyhf-dist has no command {rest[0]!r}"
+    # A lenient parse first lets a command settle its parameters from the arguments (``fit`` adds
+    # the flags of the executor that --executor names); the strict parse below checks them.
+    command.parse_args(click.Context(command, info_name=rest[0], parent=group, resilient_parsing=True), list(rest[1:]))
     context = click.Context(command, info_name=rest[0], parent=group)
     try:
         options, extra, _ = command.make_parser(context).parse_args(rest[1:])
