@@ -1,13 +1,15 @@
 """Griffe extension for the API reference: the package's docstrings, read as Markdown.
 
-The docstrings are Google style, with two habits of reStructuredText that Markdown would show
-verbatim or misread:
+The docstrings are Google style, with habits of reStructuredText, and section names, that
+Markdown or the Google parser would show verbatim or misread:
 
 - Sphinx roles name other objects (``:class:`Executor```, ``:func:`~pyhf_dist.worker.make_task```):
   each becomes inline code of the name (a leading ``~`` keeps the last part, as in Sphinx).
 - Doctests stand as bare ``>>>`` paragraphs outside an ``Example:`` section, where Markdown would
   read ``[0]["m2"]`` as a link: each such run of lines becomes a fenced ``pycon`` block. A
   paragraph ending in ``::`` (a literal block follows) ends in ``:``.
+- ``Example:`` sections become ``Examples:`` (the parser's name for them), and ``Options:`` (the
+  scan's declared options, in :func:`pyhf_dist.map_fits`) ``Other Parameters:``.
 
 The docstrings themselves stay as they are: their doctests run under pytest.
 """
@@ -20,6 +22,10 @@ import griffe
 
 ROLE = re.compile(r":(?:py:)?(?:class|func|meth|attr|mod|data|exc|obj|const):`(~?)([^`]+)`")
 SECTION = re.compile(r"^(\s*)([A-Z][A-Za-z ]*):\s*$")
+#: Sections the Google parser knows under another name: ``Example:`` would be an admonition, whose
+#: doctest Markdown reads as nested quotes; ``Options:`` (the scan's declared options,
+#: :mod:`pyhf_dist.scan.options`) are keyword arguments, shown as a table.
+RENAMED = {"Example": "Examples", "Options": "Other Parameters"}
 
 
 def _role(match: re.Match) -> str:
@@ -28,7 +34,7 @@ def _role(match: re.Match) -> str:
 
 
 def markdown(text: str) -> str:
-    """The docstring ``text`` with roles as code and bare doctests fenced."""
+    """The docstring ``text`` with roles as code, bare doctests fenced and sections renamed."""
     lines = ROLE.sub(_role, text).split("\n")
     out: list[str] = []
     in_example, in_doctest, indent = None, False, ""
@@ -45,6 +51,8 @@ def markdown(text: str) -> str:
             indent = line[: len(line) - len(line.lstrip())]
             out.append(f"{indent}```pycon")
             in_doctest = True
+        if section and not in_doctest and section.group(2) in RENAMED:
+            line = f"{section.group(1)}{RENAMED[section.group(2)]}:"
         if line.rstrip().endswith("::") and not in_doctest:
             line = line.rstrip()[:-1]
         out.append(line)

@@ -178,7 +178,8 @@ def test_shell_command_parses(page, arguments):
 
 
 def test_api_reference_extension_reads_docstrings_as_markdown():
-    """The griffe extension of the API reference: Sphinx roles become code, bare doctests fenced."""
+    """The griffe extension of the API reference: Sphinx roles become code, bare doctests fenced,
+    sections named as the Google parser knows them."""
     pytest.importorskip("griffe", reason="the docs extra is not installed (pip install -e '.[docs]')")
     sys.path.insert(0, str(REPOSITORY / "docs"))
     try:
@@ -188,5 +189,5 @@ def test_api_reference_extension_reads_docstrings_as_markdown():
     text = "See :class:`~a.B` and :func:`c.d`::\n\n    x = 1\n\n>>> f()[0][\"m2\"]\n2\n\nExample:\n    >>> 3\n    3"
     assert markdown(text).split("\n") == [
         "See `B` and `c.d`:", "", "    x = 1", "", "```pycon", ">>> f()[0][\"m2\"]", "2", "```", "",
-        "Example:", "    >>> 3", "    3",
+        "Examples:", "    >>> 3", "    3",
     ]
