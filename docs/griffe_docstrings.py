@@ -16,6 +16,8 @@ The docstrings themselves stay as they are: their doctests run under pytest.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import re
 
 import griffe
@@ -26,6 +28,8 @@ SECTION = re.compile(r"^(\s*)([A-Z][A-Za-z ]*):\s*$")
 #: doctest Markdown reads as nested quotes; ``Options:`` (the scan's declared options,
 #: :mod:`pyhf_dist.scan.options`) are keyword arguments, shown as a table.
 RENAMED = {"Example": "Examples", "Options": "Other Parameters"}
+#: A line of a docstring that is filled in at import.
+PLACEHOLDER = re.compile(r"^\s*\{\w+\}\s*$", flags=re.MULTILINE)
 
 
 def _role(match: re.Match) -> str:
@@ -61,10 +65,36 @@ def markdown(text: str) -> str:
     return "\n".join(out)
 
 
+def _parameters(function) -> griffe.Parameters:
+    """The parameters of ``function``'s signature at run time, as griffe describes them."""
+    found = []
+    for parameter in inspect.signature(function).parameters.values():
+        annotation = parameter.annotation
+        found.append(griffe.Parameter(
+            parameter.name,
+            kind=griffe.ParameterKind(parameter.kind.description),
+            annotation=None if annotation is inspect.Parameter.empty else
+            annotation if isinstance(annotation, str) else inspect.formatannotation(annotation),
+            default=None if parameter.default is inspect.Parameter.empty else repr(parameter.default),
+        ))
+    return griffe.Parameters(*found)
+
+
 class MarkdownDocstrings(griffe.Extension):
-    """Rewrites every docstring before the Google parser reads it."""
+    """Rewrites every docstring before the Google parser reads it.
+
+    A function whose docstring is a template filled in at import (a ``{placeholder}`` line:
+    :func:`pyhf_dist.map_fits` and :func:`pyhf_dist.iter_fits` list the options declared in
+    :mod:`pyhf_dist.scan.options`) is documented as Python sees it: its filled-in docstring and
+    the signature it is given at import.
+    """
 
     def on_instance(self, *, obj: griffe.Object, **kwargs) -> None:
         """Rewrite ``obj``'s docstring, if it has one."""
-        if obj.docstring is not None:
-            obj.docstring.value = markdown(obj.docstring.value)
+        if obj.docstring is None:
+            return
+        if obj.is_function and PLACEHOLDER.search(obj.docstring.value):
+            function = getattr(importlib.import_module(obj.module.path), obj.name)
+            obj.docstring.value = inspect.getdoc(function)
+            obj.parameters = _parameters(function)
+        obj.docstring.value = markdown(obj.docstring.value)
