@@ -46,9 +46,9 @@ def iter_fits(workspace: Any, patchset: Any = None, *, executor: Any = "local", 
 
     Args:
 {arguments}
-        **options: The options below, and the chosen executor's own keyword arguments
-            (``workers``; ``jobs``, ``memory`` for ``"slurm"``; ``address`` for ``"dask"``...); one it
-            does not take is an error.
+        **executor_options: The chosen executor's own keyword arguments (``workers``; ``jobs``,
+            ``memory`` for ``"slurm"``; ``address`` for ``"dask"``...); one it does not take is an
+            error. (The options below are keyword arguments too: the signature lists them.)
 
     Options:
 {options}
@@ -241,9 +241,9 @@ def map_fits(workspace: Any, patchset: Any = None, *, executor: Any = "local", w
         workers: Number of workers for executors that start their own.
         callback: Called with each :class:`~pyhf_dist.results.FitRecord` as it arrives.
         progress: Show a progress bar on standard error (for toys, with toys per second).
-        **options: The options below, and the chosen executor's own keyword arguments (``jobs``,
-            ``memory`` for ``"slurm"``, ``address`` for ``"dask"``...); one it does not take is an
-            error.
+        **executor_options: The chosen executor's own keyword arguments (``jobs``, ``memory``
+            for ``"slurm"``, ``address`` for ``"dask"``...); one it does not take is an error. (The
+            options below are keyword arguments too: the signature lists them.)
 
     Returns:
         A :class:`~pyhf_dist.results.ScanResult` with one record per selected patch and pallet, in

@@ -19,7 +19,7 @@ __all__ = ["TUNING", "own_cluster_tuning", "tuning_exports", "leftover_variables
 
 #: Dask settings for the clusters pyhf-dist starts (never for one it is given), each applied only
 #: where the user's Dask configuration still has Dask's default. Measured on the 1Lbb scan
-#: (worker CPU per fit in benchmarks/run.py; README "Speed on Dask"):
+#: (worker CPU per fit in benchmarks/run.py; docs/performance.md, "Speed on Dask"):
 #: * ``MALLOC_TRIM_THRESHOLD_``, which a Nanny sets in every worker process (65536), fixes glibc's
 #:   thresholds: freed memory goes back to the system at once and the mmap threshold stops adapting,
 #:   so the buffers of every jax call are mapped and page-faulted afresh (about 7400 minor faults
@@ -122,7 +122,7 @@ def advice(facts: dict[str, dict]) -> str | None:
     return (
         f"the workers run with MALLOC_TRIM_THRESHOLD_={','.join(trimmed)} (Dask's default), which makes each jax fit "
         "take about 30% more CPU; start them with dask config distributed.nanny.pre-spawn-environ."
-        "MALLOC_TRIM_THRESHOLD_ set to None (see pyhf-dist's README, 'Speed on Dask')"
+        "MALLOC_TRIM_THRESHOLD_ set to None (see pyhf-dist's docs/performance.md, 'Speed on Dask')"
     )
 
 
