@@ -22,7 +22,7 @@ from pyhf_dist.settings import FitSettings  # noqa: E402
 from pyhf_dist.worker import WorkerContext, setup_count  # noqa: E402
 from distributed.diagnostics.plugin import SchedulerPlugin  # noqa: E402
 
-from conftest import FAST_PATH_TOLERANCE, LBB_SAMPLE, TaskSizes, assert_matches_reference, serial_pyhf  # noqa: E402
+from helpers import FAST_PATH_TOLERANCE, LBB_SAMPLE, TaskSizes, assert_matches_reference, serial_pyhf  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LBB_SAMPLE, REPOSITORY, assert_matches_reference, slurm_partition
+from helpers import LBB_SAMPLE, REPOSITORY, assert_matches_reference, slurm_partition
 
 #: The fast path's agreement with plain pyhf on numpy (measured: 3.8e-5 on 1Lbb).
 TOLERANCE = 1e-4
