@@ -26,6 +26,7 @@ for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from baselines import build_model, use_numpy  # noqa: E402
 from toy_models import MODELS, load  # noqa: E402
 
 
@@ -40,19 +41,15 @@ def main() -> None:
     args = parser.parse_args()
 
     import numpy as np
-    import pyhf
     from pyhf.infer.mle import fit, fixed_poi_fit
 
     from pyhf_dist import toys
     from pyhf_dist.settings import FitSettings
 
-    pyhf.set_backend("numpy")
+    use_numpy()
     spec, operations = load(args.model)
-    from pyhf_dist.calculations import pyhf_model
-    import jsonpatch
-
     settings = FitSettings(backend="numpy", calctype="toybased", ntoys=args.ntoys, seed=args.seed)
-    model, data = pyhf_model(jsonpatch.apply_patch(spec, operations), settings.modifier_settings, validate=False)
+    model, data = build_model(spec, operations, settings.modifier_settings, validate=False)
     samples = toys.draw(model, data, settings)
     init, bounds, fixed = model.config.suggested_init(), model.config.suggested_bounds(), model.config.suggested_fixed()
     poi = model.config.poi_index
