@@ -119,9 +119,9 @@ def _setup(spec: dict, optimizer: str = "scipy") -> None:
 
 def _fit(job: tuple) -> tuple:
     name, operations, modifier_settings = job
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     observed, expected = hypotest(_WORKSPACE, operations, modifier_settings)
-    return name, observed, expected, time.perf_counter() - began
+    return name, observed, expected, (time.perf_counter() - began, time.process_time() - cpu)
 
 
 def _limit(job: tuple) -> tuple:
@@ -136,7 +136,8 @@ def serial_pyhf(pallet, modifier_settings: dict | None = None, optimizer: str = 
                 seconds_per_patch: dict | None = None) -> tuple[dict, float]:
     """Every patch one after another in this process: ``({name: (obs, exp)}, seconds)``.
 
-    ``seconds_per_patch``, when given, is filled with each patch's own time (model and hypotest).
+    ``seconds_per_patch``, when given, is filled with each patch's own ``(wall, CPU)`` seconds
+    (model and hypotest): far apart on a machine busy with other work.
     """
     began = time.perf_counter()
     _setup(pallet.workspace, optimizer)
@@ -208,6 +209,7 @@ def timed_in_process(name: str, mode: str, workers: int, count: int, seed: int, 
     """Time plain pyhf on a sample of a pallet in this process (see the module's command line)."""
     import sources
 
+    load = os.getloadavg()[0]
     pallet = sources.load(name)
     total = len(pallet)
     names = sample(pallet.names(), count, seed)
@@ -220,7 +222,9 @@ def timed_in_process(name: str, mode: str, workers: int, count: int, seed: int, 
         line["seconds_per_patch"] = seconds
     else:
         results, wall = pool_pyhf(pallet, CODE4, workers, optimizer)
-    line.update(wall_seconds=wall, results=results)
+    # How busy the machine was (1-minute load average, before and after): a shared machine's
+    # other work slows every timing of the run, plain pyhf's and pyhf-dist's alike.
+    line.update(wall_seconds=wall, results=results, load=[load, os.getloadavg()[0]])
     return line
 
 

@@ -39,7 +39,7 @@ CLIENT = """
 import json, sys, time
 began = time.perf_counter()
 sys.path.insert(0, {here!r})
-import pyhf_dist
+from pyhf_dist import load_pallet, map_fits  # what a scan imports
 imported = time.perf_counter()
 import sources
 from pyhf_dist.pallet import check_workspace
@@ -51,7 +51,7 @@ check_workspace(pallet.workspace, "probe")
 checked = time.perf_counter()
 context = WorkerContext.build(pallet.workspace, FitSettings().to_dict())
 built = time.perf_counter()
-print(json.dumps({{"import pyhf_dist": imported - began, "read the pallet (load_pallet)": read - imported,
+print(json.dumps({{"import pyhf_dist (map_fits, load_pallet)": imported - began, "read the pallet (load_pallet)": read - imported,
                   "schema check": checked - read, "worker context (JSON of the workspace)": built - checked}}))
 """
 
@@ -113,10 +113,10 @@ def interpreter_seconds() -> float:
 
 
 def import_profile(top: int = 6) -> list[tuple[str, float]]:
-    """The modules ``import pyhf_dist`` spends most on (cumulative ms, ``python -X importtime``),
-    one per top-level package, outside the standard library's own start-up."""
-    run = subprocess.run([sys.executable, "-X", "importtime", "-c", "import pyhf_dist"], capture_output=True,
-                         text=True, check=True)
+    """The modules a scan's imports (``from pyhf_dist import map_fits``) spend most on (cumulative
+    ms, ``python -X importtime``)."""
+    run = subprocess.run([sys.executable, "-X", "importtime", "-c", "from pyhf_dist import load_pallet, map_fits"],
+                         capture_output=True, text=True, check=True)
     best: dict[str, float] = {}
     for line in run.stderr.splitlines():
         parts = [part.strip() for part in line.split("|")]
@@ -147,6 +147,7 @@ def write_inputs(name: str, directory: Path, patches: int) -> tuple[Path, Path, 
 
 def measure(name: str, workers: int, repeats: int, empty_cache: bool) -> dict:
     """Median seconds of every step over ``repeats`` fresh processes."""
+    load = os.getloadavg()[0]
     worker_environment = single_threaded()
     samples: dict[str, list[float]] = {"interpreter start (python -c pass)": []}
     extra: dict = {}
@@ -172,7 +173,7 @@ def measure(name: str, workers: int, repeats: int, empty_cache: bool) -> dict:
                     else:
                         extra[step] = value
     return {"steps": {step: statistics.median(values) for step, values in samples.items()},
-            "repeats": repeats, "extra": extra, "imports": import_profile()}
+            "repeats": repeats, "extra": extra, "imports": import_profile(), "load": [load, os.getloadavg()[0]]}
 
 
 def table(name: str, measured: dict, workers: int) -> str:
@@ -180,7 +181,8 @@ def table(name: str, measured: dict, workers: int) -> str:
     lines += [f"| {step} | {seconds:.3f} |" for step, seconds in measured["steps"].items()]
     imports = ", ".join(f"{module} {ms:.0f} ms" for module, ms in measured["imports"])
     return ("\n".join(lines) + f"\n\nFast path on the probe's patches: {measured['extra'].get('engine')}. "
-            f"Largest imports under `import pyhf_dist` (cumulative): {imports}.\n")
+            f"Largest imports of a scan (cumulative): {imports}. Machine load (1-minute average, "
+            f"{os.cpu_count()} cores) during the probes: {measured['load'][0]:.1f}→{measured['load'][1]:.1f}.\n")
 
 
 def main() -> None:
