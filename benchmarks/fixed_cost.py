@@ -35,48 +35,54 @@ sys.path.insert(0, str(HERE))
 import sources  # noqa: E402
 from baselines import single_threaded  # noqa: E402
 
-CLIENT = """
-import json, sys, time
-began = time.perf_counter()
+#: Each probe marks its steps: (wall, CPU) seconds since the previous mark. CPU time hardly
+#: depends on what else runs on the machine; wall time does.
+MARKS = """
+import json, statistics, sys, time
+clock = [time.perf_counter(), time.process_time()]
+steps = dict()
+def mark(step):
+    now = [time.perf_counter(), time.process_time()]
+    steps[step] = [now[0] - clock[0], now[1] - clock[1]]
+    clock[:] = now
+"""
+
+CLIENT = MARKS + """
 sys.path.insert(0, {here!r})
 from pyhf_dist import load_pallet, map_fits  # what a scan imports
-imported = time.perf_counter()
+mark("import pyhf_dist (map_fits, load_pallet)")
 import sources
 from pyhf_dist.pallet import check_workspace
 from pyhf_dist.settings import FitSettings
 from pyhf_dist.worker import WorkerContext
 pallet = sources.load({name!r})
-read = time.perf_counter()
+mark("read the pallet (load_pallet)")
 check_workspace(pallet.workspace, "probe")
-checked = time.perf_counter()
+mark("schema check")
 context = WorkerContext.build(pallet.workspace, FitSettings().to_dict())
-built = time.perf_counter()
-print(json.dumps({{"import pyhf_dist (map_fits, load_pallet)": imported - began, "read the pallet (load_pallet)": read - imported,
-                  "schema check": checked - read, "worker context (JSON of the workspace)": built - checked}}))
+mark("worker context (JSON of the workspace)")
+print(json.dumps(steps))
 """
 
-WORKER = """
-import json, statistics, sys, time
-began = time.perf_counter()
+WORKER = MARKS + """
 from pyhf_dist import worker
-imported = time.perf_counter()
+mark("import pyhf_dist.worker")
 tasks = json.load(open({tasks!r}))
 worker.preload(tasks["settings"])
-preloaded = time.perf_counter()
+mark("worker imports (preload: jax, scipy, fast path)")
 context = worker.WorkerContext(tasks["key"], open({payload!r}, "rb").read())
 worker.initialize(context)
-initialized = time.perf_counter()
-seconds = []
-for task in tasks["tasks"]:
-    start = time.perf_counter()
+mark("worker set-up (initialize: workspace, compiled likelihood)")
+later = []
+for index, task in enumerate(tasks["tasks"]):
     record = worker.run_task(task)
     assert record["status"] == "ok", record["error"]
-    seconds.append(time.perf_counter() - start)
-print(json.dumps({{"import pyhf_dist.worker": imported - began, "worker imports (preload: jax, scipy, fast path)":
-                  preloaded - imported, "worker set-up (initialize: workspace, compiled likelihood)":
-                  initialized - preloaded, "first patch (structure check, first calls)": seconds[0],
-                  "next patches, median (cost per patch)": statistics.median(seconds[1:]),
-                  "engine": record.get("engine")}}))
+    mark("first patch (structure check, first calls)" if index == 0 else "next")
+    if index:
+        later.append(steps.pop("next"))
+steps["next patches, median (cost per patch)"] = [statistics.median(column) for column in zip(*later)]
+steps["engine"] = record.get("engine")
+print(json.dumps(steps))
 """
 
 EXECUTOR = """
@@ -93,8 +99,8 @@ futures = [runner.submit({{"name": f"noop{{i}}", "patch": [], "context": context
 [future.result() for future in futures]
 up = time.perf_counter()
 runner.shutdown()
-print(json.dumps({{"local workers: start to first no-op results": up - began,
-                  "local workers: shutdown": time.perf_counter() - up}}))
+print(json.dumps({{"local workers: start to first no-op results": [up - began, None],
+                  "local workers: shutdown": [time.perf_counter() - up, None]}}))
 """
 
 
@@ -106,10 +112,10 @@ def probe(code: str, environment: dict | None = None) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def interpreter_seconds() -> float:
+def interpreter_seconds() -> list:
     began = time.perf_counter()
     subprocess.run([sys.executable, "-c", "pass"], check=True)
-    return time.perf_counter() - began
+    return [time.perf_counter() - began, None]
 
 
 def import_profile(top: int = 6) -> list[tuple[str, float]]:
@@ -149,7 +155,7 @@ def measure(name: str, workers: int, repeats: int, empty_cache: bool) -> dict:
     """Median seconds of every step over ``repeats`` fresh processes."""
     load = os.getloadavg()[0]
     worker_environment = single_threaded()
-    samples: dict[str, list[float]] = {"interpreter start (python -c pass)": []}
+    samples: dict[str, list] = {"interpreter start (python -c pass)": []}
     extra: dict = {}
     with tempfile.TemporaryDirectory(prefix="pyhf-dist-fixed-cost-") as scratch:
         payload, tasks, key = write_inputs(name, Path(scratch), patches=4)
@@ -168,17 +174,24 @@ def measure(name: str, workers: int, repeats: int, empty_cache: bool) -> dict:
                 runs.append({"schema check, empty cache": first["schema check"]})
             for run in runs:
                 for step, value in run.items():
-                    if isinstance(value, (int, float)):
+                    if isinstance(value, list):
                         samples.setdefault(step, []).append(value)
                     else:
                         extra[step] = value
-    return {"steps": {step: statistics.median(values) for step, values in samples.items()},
+    return {"steps": {step: [_median(column) for column in zip(*values)] for step, values in samples.items()},
             "repeats": repeats, "extra": extra, "imports": import_profile(), "load": [load, os.getloadavg()[0]]}
 
 
+def _median(values) -> float | None:
+    known = [value for value in values if value is not None]
+    return statistics.median(known) if known else None
+
+
 def table(name: str, measured: dict, workers: int) -> str:
-    lines = [f"| step ({name}, {workers} workers) | seconds (median of {measured['repeats']}) |", "| --- | ---: |"]
-    lines += [f"| {step} | {seconds:.3f} |" for step, seconds in measured["steps"].items()]
+    lines = [f"| step ({name}, {workers} workers) | wall s (median of {measured['repeats']}) | CPU s of that process |",
+             "| --- | ---: | ---: |"]
+    lines += [f"| {step} | {wall:.3f} | {'–' if cpu is None else f'{cpu:.3f}'} |"
+              for step, (wall, cpu) in measured["steps"].items()]
     imports = ", ".join(f"{module} {ms:.0f} ms" for module, ms in measured["imports"])
     return ("\n".join(lines) + f"\n\nFast path on the probe's patches: {measured['extra'].get('engine')}. "
             f"Largest imports of a scan (cumulative): {imports}. Machine load (1-minute average, "
