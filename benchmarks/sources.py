@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["DATA", "PALLETS", "location", "spec", "parse", "load", "map_source"]
+__all__ = ["DATA", "PALLETS", "location", "spec", "parse", "load"]
 
 HERE = Path(__file__).resolve().parent
 DATA = Path(os.environ.get("PYHF_DIST_DATA", HERE.parent.parent / "shared" / "data"))
@@ -61,9 +61,3 @@ def load(name: str, validate: bool = False):
     path, pallet = location(name)
     return pyhf_dist.load_pallet(path, pallet=pallet, validate=validate)
 
-
-def map_source(name: str) -> dict:
-    """Keyword arguments that hand the pallet to ``pyhf_dist.map_fits`` as a user would: its path
-    (read by the scan itself, while the workers start) and, for a multi-pallet source, ``pallet``."""
-    path, pallet = location(name)
-    return {"workspace": path} if pallet is None else {"workspace": path, "pallet": pallet}
