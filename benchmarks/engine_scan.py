@@ -33,37 +33,18 @@ TEMPLATE = HERE.parent / "executors" / "funcx" / "workstation" / "config.yaml"
 JSON_RESULTS = "globus_compute_sdk.serialize.concretes.JSONData"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("pallet")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--backend", default=None)
-    parser.add_argument("--patches", type=int, default=None, help="fit only the first N patches")
-    parser.add_argument("--config", default=str(TEMPLATE), help="endpoint config.yaml whose engine runs the fits")
-    args = parser.parse_args()
-
-    import yaml
+def task_encoder(pallet, settings):
+    """``(context, serializer, task_bytes)``: ``task_bytes(task)`` is ``(task id, the bytes an endpoint
+    receives for task)``, as the Globus Compute SDK packs a batch of ``pyhf_dist_fit`` calls."""
     from globus_compute_common import messagepack
     from globus_compute_common.messagepack.message_types import Task
-    from globus_compute_endpoint.endpoint.config.utils import load_config_yaml
-    from globus_compute_endpoint.engines.base import GCFuture
     from globus_compute_sdk.sdk.batch import Batch
     from globus_compute_sdk.sdk.client import FunctionRegistrationData
 
-    import pyhf_dist
-    from pyhf_dist.executors.funcx.transport import ContextSerializer
     from pyhf_dist.executors.funcx.endpoint import pyhf_dist_fit
-    from pyhf_dist.protocol import encode
-    from pyhf_dist.pallet import check_workspace
-    from pyhf_dist.results import FitRecord, ScanResult
-    from pyhf_dist.settings import FitSettings
-    from pyhf_dist.protocol import WorkerContext
+    from pyhf_dist.executors.funcx.transport import ContextSerializer
+    from pyhf_dist.protocol import WorkerContext, encode
 
-    from one_scan import CpuMeter, summary
-
-    pallet = pyhf_dist.load_pallet(args.pallet, validate=False)
-    patches = pallet.patches[: args.patches] if args.patches else pallet.patches
-    settings = FitSettings(backend=args.backend)
     context = WorkerContext.build(pallet.workspace, settings.to_dict())
     serializer = ContextSerializer()
     context_text = encode(context.payload.decode())
@@ -77,11 +58,46 @@ def main() -> None:
         task_id = uuid.uuid4()
         return task_id, messagepack.pack(Task(task_id=task_id, task_buffer=function_buffer + arguments))
 
-    config = yaml.safe_load(Path(args.config).read_text())
-    config["engine"]["max_workers_per_node"] = args.workers
+    return context, serializer, task_bytes
+
+
+def load_engine(config_path: str, workers: int):
+    """The engine of an endpoint ``config.yaml``, with ``workers`` workers."""
+    import yaml
+    from globus_compute_endpoint.endpoint.config.utils import load_config_yaml
+
+    config = yaml.safe_load(Path(config_path).read_text())
+    config["engine"]["max_workers_per_node"] = workers
     # The engine starts its interchange with the `globus-compute-endpoint` command of this Python.
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    engine = load_config_yaml(yaml.safe_dump(config)).engine
+    return load_config_yaml(yaml.safe_dump(config)).engine
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("pallet", help="PATH, or PATH::PALLET for one pallet of a multi-pallet source")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--backend", default=None)
+    parser.add_argument("--patches", type=int, default=None, help="fit only the first N patches")
+    parser.add_argument("--config", default=str(TEMPLATE), help="endpoint config.yaml whose engine runs the fits")
+    args = parser.parse_args()
+
+    from globus_compute_common import messagepack
+    from globus_compute_endpoint.engines.base import GCFuture
+
+    import pyhf_dist
+    from pyhf_dist.pallet import check_workspace
+    from pyhf_dist.results import FitRecord, ScanResult
+    from pyhf_dist.settings import FitSettings
+
+    from one_scan import CpuMeter, summary
+
+    path, name = args.pallet.partition("::")[::2]
+    pallet = pyhf_dist.load_pallet(path, pallet=name or None, validate=False)
+    patches = pallet.patches[: args.patches] if args.patches else pallet.patches
+    settings = FitSettings(backend=args.backend)
+    context, serializer, task_bytes = task_encoder(pallet, settings)
+    engine = load_engine(args.config, args.workers)
     received: dict[str, float] = {}
     records: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as run_dir:

@@ -5,7 +5,7 @@
 
 What it does (a few minutes; it stops adding batch sizes when ``--budget`` seconds are spent):
 
-1. reads the pallet straight from the tarball and builds the fast path's model of the patch
+1. reads the pallet with ``pyhf_dist.load_pallet`` (unvalidated) and builds the fast path's model of the patch
    (``--patch``, default C1N2_Wh_hbb_700_150) — no network, no pyhf-dist cache needed;
 2. draws ``--ntoys`` signal-plus-background and as many background-only toys: with pyhf exactly as
    its ToyCalculator does after ``numpy.random.seed(1)`` when pyhf is installed, otherwise with
@@ -30,21 +30,10 @@ BEGAN = time.perf_counter()
 import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
-import tarfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-
-def read_pallet(tarball: str) -> tuple[dict, dict]:
-    """``(background workspace, patchset)`` from a HEPData tarball."""
-    found = {}
-    with tarfile.open(tarball) as archive:
-        for member in archive.getmembers():
-            name = Path(member.name).name
-            if name in ("BkgOnly.json", "patchset.json") and member.isfile():
-                found[name] = json.load(archive.extractfile(member))
-    return found["BkgOnly.json"], found["patchset.json"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def draw_toys(workspace: dict, operations: list, problem, ntoys: int, seed: int = 1) -> dict:
@@ -59,9 +48,10 @@ def draw_toys(workspace: dict, operations: list, problem, ntoys: int, seed: int 
         from pyhf_dist.runtime import toys
         from pyhf_dist.settings import FitSettings
 
-        pyhf.set_backend("numpy")
-        model = pyhf.Workspace(workspace, validate=False).model(patches=[operations])
-        data = pyhf.Workspace(workspace, validate=False).data(model)
+        from baselines import build_model, use_numpy
+
+        use_numpy()
+        model, data = build_model(workspace, operations)
         settings = FitSettings(backend="jax", calctype="toybased", ntoys=ntoys, seed=seed)
         samples = toys.draw(model, data, settings)
         samples["source"] = "pyhf (as ToyCalculator after numpy.random.seed)"
@@ -140,11 +130,13 @@ def main() -> None:
     import jax
     import numpy as np
 
+    import pyhf_dist
     from pyhf_dist.fast import FastHypotest, configure_jax
 
     configure_jax()
-    workspace, patchset = read_pallet(args.tarball)
-    operations = next(p["patch"] for p in patchset["patches"] if p["metadata"]["name"] == args.patch)
+    pallet = pyhf_dist.load_pallet(args.tarball, validate=False)
+    workspace = pallet.workspace
+    operations = next(p.operations for p in pallet.patches if p.name == args.patch)
     import importlib.util
 
     verify = importlib.util.find_spec("pyhf") is not None  # the structure check compares with pyhf.Model

@@ -30,20 +30,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing
-import os
 import statistics
 import subprocess
 import sys
-import tarfile
-import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DATA = Path(os.environ.get("PYHF_DIST_DATA", HERE.parent.parent / "shared" / "data"))
+sys.path.insert(0, str(HERE))
+
+import sources  # noqa: E402
+from baselines import CODE4, pool_upper_limits  # noqa: E402
+
 OUTPUT = HERE / "output"
-CODE4 = {"normsys": {"interpcode": "code4"}, "histosys": {"interpcode": "code4p"}}
 BANDS = ("obs", "exp-2", "exp-1", "exp", "exp+1", "exp+2")
 #: Sample patches across each plane (excluded, boundary, allowed; for stau also best fits at mu = 0).
 SAMPLES = {
@@ -52,50 +50,6 @@ SAMPLES = {
     "stau": ["DS_100_1_Staus", "DS_120_40_Staus", "DS_240_80_Staus", "DS_300_1_Staus", "DS_160_100_Staus",
              "DS_200_120_Staus"],
 }
-
-
-def pallet_path(name: str, scratch: Path) -> Path:
-    if name == "1Lbb":
-        return DATA / "1Lbb-likelihoods-hepdata.tar.gz"
-    if name == "stau":
-        target = scratch / "1911.06660" / "Region-combined"
-        if not target.exists():
-            with tarfile.open(DATA / "stau-likelihoods-1911.06660.tar.gz") as archive:
-                archive.extractall(scratch, filter="data")
-        return target
-    raise SystemExit(f"unknown pallet {name!r}: choose 1Lbb or stau")
-
-
-# ------------------------------------------------------------------------------ plain pyhf
-
-_WORKSPACE = None
-
-
-def _setup(spec):
-    global _WORKSPACE
-    import pyhf
-
-    pyhf.set_backend("numpy")
-    _WORKSPACE = pyhf.Workspace(spec)
-
-
-def _pyhf_limit(job):
-    import numpy as np
-    import pyhf
-
-    name, operations, scan, level = job
-    began = time.perf_counter()
-    model = _WORKSPACE.model(patches=[operations], modifier_settings=CODE4)
-    grid = None if scan is None else np.linspace(scan[0], scan[1], int(scan[2]))
-    try:
-        observed, expected = pyhf.infer.intervals.upper_limits.upper_limit(
-            _WORKSPACE.data(model), model, grid, level=level, test_stat="qtilde"
-        )
-        outcome = {"limits": [float(observed), *(float(value) for value in expected)]}
-    except Exception as error:  # pyhf's own outcome for this patch
-        outcome = {"error": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
-    outcome["seconds"] = time.perf_counter() - began
-    return name, outcome
 
 
 def references(key: str, pallet, names: list, scan, level: float, workers: int) -> dict:
@@ -108,24 +62,20 @@ def references(key: str, pallet, names: list, scan, level: float, workers: int) 
     todo = [p for p in pallet.patches if p.name in names and prefix + p.name not in cache]
     if todo:
         print(f"  plain pyhf upper limits on {len(todo)} {key} patches (cached afterwards)...", flush=True)
-        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ.setdefault(name, "1")
-        jobs = [(p.name, p.operations, scan, level) for p in todo]
-        context = multiprocessing.get_context("spawn")
-        with context.Pool(min(workers, len(jobs)), initializer=_setup, initargs=(pallet.workspace,)) as pool:
-            for name, outcome in pool.imap_unordered(_pyhf_limit, jobs):
-                cache[prefix + name] = outcome
-                OUTPUT.mkdir(exist_ok=True)
-                path.write_text(json.dumps(cache, indent=1))
-                found = outcome.get("limits") or outcome.get("error")
-                print(f"    {name}: {found} ({outcome['seconds']:.0f} s)", flush=True)
+        jobs = [(p.name, p.operations, scan, level, CODE4) for p in todo]
+        for name, outcome in pool_upper_limits(pallet, jobs, workers):
+            cache[prefix + name] = outcome
+            OUTPUT.mkdir(exist_ok=True)
+            path.write_text(json.dumps(cache, indent=1))
+            found = outcome.get("limits") or outcome.get("error")
+            print(f"    {name}: {found} ({outcome['seconds']:.0f} s)", flush=True)
     return {name: cache[prefix + name] for name in names if prefix + name in cache}
 
 
 # -------------------------------------------------------------------------------- fast path
 
-def timed_scan(path: Path, workers: int, scan, upper_limit: bool = True) -> dict:
-    command = [sys.executable, str(HERE / "one_scan.py"), str(path), "--executor", "local",
+def timed_scan(source: str, workers: int, scan, upper_limit: bool = True) -> dict:
+    command = [sys.executable, str(HERE / "one_scan.py"), source, "--executor", "local",
                "--workers", str(workers), "--backend", "jax"]
     if upper_limit:
         command.append("--upper-limit")
@@ -168,41 +118,40 @@ def main() -> None:
         start, stop, points = args.scan.split(",")
         scan = (float(start), float(stop), int(points))
 
-    import pyhf_dist
-
     report = {}
-    with tempfile.TemporaryDirectory() as scratch:
-        for key in args.pallets.split(","):
-            path = pallet_path(key, Path(scratch))
-            print(f"{key}: {path}", flush=True)
-            walls, cls_walls = [], []
-            for _ in range(args.trials):
-                # Side by side: the CLs scan times this machine's speed at the moment of the limits' one.
-                cls_walls.append(timed_scan(path, args.workers, None, upper_limit=False)["wall_seconds"])
-                last = timed_scan(path, args.workers, scan)
-                walls.append(last["wall_seconds"])
-            pallet = pyhf_dist.load_pallet(path)
-            names = SAMPLES[key][: args.sample]
-            reference = references(key, pallet, names, scan, args.level, args.workers)
-            seconds = [outcome["seconds"] for outcome in reference.values()]
-            per_patch = statistics.mean(seconds) if seconds else None
-            report[key] = {
-                "patches": last["patches"],
-                "workers": args.workers,
-                "scan": scan,
-                "wall_seconds": walls,
-                "wall_seconds_mean": statistics.mean(walls),
-                "cls_scan_wall_seconds": cls_walls,
-                "engines": last["engines"],
-                "failed": last["failed"],
-                "errors": _counts(last["errors"]),
-                "fallbacks": _counts(last["fallbacks"]),
-                "compute_seconds_mean": last["compute_seconds"],
-                "agreement": agreement(last["limits"], last["errors"], reference),
-                "pyhf_seconds_per_patch": per_patch,
-                "pyhf_pallet_seconds_estimate": per_patch * last["patches"] / args.workers if per_patch else None,
-            }
-            _print(key, report[key])
+    for key in args.pallets.split(","):
+        if key not in SAMPLES:
+            raise SystemExit(f"unknown pallet {key!r}: choose {' or '.join(SAMPLES)}")
+        source = sources.spec(key)
+        print(f"{key}: {source}", flush=True)
+        walls, cls_walls = [], []
+        for _ in range(args.trials):
+            # Side by side: the CLs scan times this machine's speed at the moment of the limits' one.
+            cls_walls.append(timed_scan(source, args.workers, None, upper_limit=False)["wall_seconds"])
+            last = timed_scan(source, args.workers, scan)
+            walls.append(last["wall_seconds"])
+        pallet = sources.load(key, validate=True)
+        names = SAMPLES[key][: args.sample]
+        reference = references(key, pallet, names, scan, args.level, args.workers)
+        seconds = [outcome["seconds"] for outcome in reference.values()]
+        per_patch = statistics.mean(seconds) if seconds else None
+        report[key] = {
+            "patches": last["patches"],
+            "workers": args.workers,
+            "scan": scan,
+            "wall_seconds": walls,
+            "wall_seconds_mean": statistics.mean(walls),
+            "cls_scan_wall_seconds": cls_walls,
+            "engines": last["engines"],
+            "failed": last["failed"],
+            "errors": _counts(last["errors"]),
+            "fallbacks": _counts(last["fallbacks"]),
+            "compute_seconds_mean": last["compute_seconds"],
+            "agreement": agreement(last["limits"], last["errors"], reference),
+            "pyhf_seconds_per_patch": per_patch,
+            "pyhf_pallet_seconds_estimate": per_patch * last["patches"] / args.workers if per_patch else None,
+        }
+        _print(key, report[key])
     OUTPUT.mkdir(exist_ok=True)
     (OUTPUT / "limits.json").write_text(json.dumps(report, indent=1))
 

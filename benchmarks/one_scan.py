@@ -3,6 +3,10 @@
     python benchmarks/one_scan.py PALLET [PALLET ...] --executor local --workers 2 [--backend jax] [--patches N]
                                   [--upper-limit [--scan START,STOP,POINTS]]
 
+A PALLET is a path, or ``PATH::NAME`` for one pallet of a source that holds several (the stau
+archive: ``stau-likelihoods-1911.06660.tar.gz::Region-combined``), read as
+``load_pallet(PATH, pallet=NAME)`` reads it.
+
 Wall time covers everything after the interpreter started: imports, reading the pallet, starting
 the executor, fitting, writing the results file. Several pallets are scanned one after another
 in the same process, each scan starting its own workers (as a user without a multi-pallet
@@ -119,10 +123,13 @@ def main() -> None:
     backend = None
     scan_seconds = 0.0
     for source in args.pallets:
-        pallet = source  # as the one-liner is used: map_fits reads it while the workers start
+        path, name = source.partition("::")[::2]
+        # As the one-liner is used: map_fits reads the pallet while the workers start.
+        where = {"workspace": path, "pallet": name or None}
         if args.patches:
-            pallet = pyhf_dist.load_pallet(source, validate=False)
+            pallet = pyhf_dist.load_pallet(path, pallet=name or None, validate=False)
             pallet.patches = pallet.patches[: args.patches]
+            where = {"workspace": pallet}
         meter = CpuMeter()
         total: list[int] = []
         done = [0]
@@ -138,7 +145,7 @@ def main() -> None:
             if done[0] in (max(2, total[0] // 10), total[0]):
                 meter.mark(done[0])
 
-        result = pyhf_dist.map_fits(pallet, executor=args.executor, backend=args.backend, callback=arrived,
+        result = pyhf_dist.map_fits(**where, executor=args.executor, backend=args.backend, callback=arrived,
                                     on_start=started, match_pyhf=args.match_pyhf, **options)
         with tempfile.TemporaryDirectory() as directory:
             result.to_json(f"{directory}/results.json")

@@ -32,46 +32,25 @@ import collections
 import hashlib
 import json
 import math
-import os
 import subprocess
 import sys
-import tarfile
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from baselines import serial_pyhf  # noqa: E402
+import sources  # noqa: E402
+from baselines import CODE4, serial_pyhf  # noqa: E402
 
-DATA = Path(os.environ.get("PYHF_DIST_DATA", HERE.parent.parent / "shared" / "data"))
-CODE4 = {"normsys": {"interpcode": "code4"}, "histosys": {"interpcode": "code4p"}}
-STAU = "stau-likelihoods-1911.06660.tar.gz"
+DATA = sources.DATA
 #: SLSQP and MINUIT "agree" (both converged) when their CLs differ by at most this.
 AGREE = 1e-4
-#: name -> (where it is, relative to the data directory or the extracted stau tarball).
+#: name -> where it is in the data directory (``file/pallet`` for one pallet of a multi-pallet
+#: archive); the string is part of the reference caches' keys.
 PALLETS = {
-    "1Lbb": "1Lbb-likelihoods-hepdata.tar.gz",
-    "stau-combined": f"{STAU}/Region-combined",
-    "stau-lowMass": f"{STAU}/Region-lowMass",
-    "stau-highMass": f"{STAU}/Region-highMass",
-    "3L-eRJR": "3L-eRJR",
+    name: where if pallet is None else f"{where}/{pallet}"
+    for name, (where, pallet) in sources.PALLETS.items() if name != "stau"
 }
-
-
-def pallet_path(name: str, scratch: Path) -> Path:
-    """The pallet's path; the stau tarball is extracted into ``scratch`` (a temporary directory:
-    published pallets are never copied into the repository)."""
-    where = PALLETS[name]
-    if not where.startswith(STAU):
-        return DATA / where
-    target = scratch / "stau"
-    region = where.split("/", 1)[1]
-    if not (target / "1911.06660" / region / "patchset.json").exists():
-        with tarfile.open(DATA / STAU) as archive:
-            members = [m for m in archive.getmembers() if m.name.endswith(("BkgOnly.json", "patchset.json"))]
-            archive.extractall(target, members=members, filter="data")
-    return target / "1911.06660" / region
 
 
 def spread(names: list[str], count: int) -> list[str]:
@@ -86,18 +65,16 @@ def spread(names: list[str], count: int) -> list[str]:
     return names[::step][:count]
 
 
-def reference(name: str, path: Path, names: list[str], output: Path, optimizer: str = "scipy") -> tuple[dict, float | None]:
+def reference(name: str, names: list[str], output: Path, optimizer: str = "scipy") -> tuple[dict, float | None]:
     """Plain serial pyhf on ``names``: ``({name: (obs, exp)}, seconds per patch)``, cached per patch
     (``(None, None)`` where MINUIT fails)."""
-    import pyhf_dist
-
     key = hashlib.sha256(f"{name}\n{PALLETS[name]}\n{DATA}".encode()).hexdigest()[:12]
     suffix = "" if optimizer == "scipy" else f"-{optimizer}"
     cache = output / f"reference-{name}-{key}{suffix}.json"
     known = json.loads(cache.read_text()) if cache.exists() else {"results": {}, "seconds": {}}
     missing = [n for n in names if n not in known["results"]]
     if missing:
-        pallet = pyhf_dist.load_pallet(path)
+        pallet = sources.load(name, validate=True)
         pallet.patches = [patch for patch in pallet.patches if patch.name in missing]
         print(f"  plain serial pyhf ({optimizer}) on {len(missing)} patches of {name} (numpy; the slow part)...",
               flush=True)
@@ -149,13 +126,13 @@ def difference(value, expected) -> float:
     return math.inf if any(undefined) else abs(value - expected)
 
 
-def scan(path: Path, workers: int) -> dict:
+def scan(source: str, workers: int) -> dict:
     """One scan of the whole pallet on the local executor, backend jax, in a fresh process."""
-    command = [sys.executable, str(HERE / "one_scan.py"), str(path), "--executor", "local",
+    command = [sys.executable, str(HERE / "one_scan.py"), source, "--executor", "local",
                "--workers", str(workers), "--backend", "jax"]
     run = subprocess.run(command, capture_output=True, text=True)
     if run.returncode != 0:
-        raise RuntimeError(f"one_scan.py failed on {path}:\n{run.stderr[-2000:]}")
+        raise RuntimeError(f"one_scan.py failed on {source}:\n{run.stderr[-2000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
@@ -171,15 +148,16 @@ def main() -> None:
     output.mkdir(parents=True, exist_ok=True)
 
     rows = []
-    scratch = tempfile.TemporaryDirectory(prefix="pyhf-dist-pallets-")
     for name in args.pallets.split(","):
-        path = pallet_path(name, Path(scratch.name))
-        print(f"{name}: scanning {path} on {args.workers} local workers...", flush=True)
-        measured = scan(path, args.workers)
+        if name not in PALLETS:
+            raise SystemExit(f"unknown pallet {name!r}: choose from {', '.join(PALLETS)}")
+        source = sources.spec(name)
+        print(f"{name}: scanning {source} on {args.workers} local workers...", flush=True)
+        measured = scan(source, args.workers)
         records = measured["results"]
         compared = spread(sorted(records), args.reference_patches)
-        slsqp, serial_per_patch = reference(name, path, compared, output)
-        minuit, _ = reference(name, path, compared, output, optimizer="minuit")
+        slsqp, serial_per_patch = reference(name, compared, output)
+        minuit, _ = reference(name, compared, output, optimizer="minuit")
         row = {
             "pallet": name,
             "patches": measured["patches"],
@@ -197,7 +175,6 @@ def main() -> None:
         print(f"  {row['engines']} in {row['wall_seconds']:.1f} s; {row['converged']} converged; max |ΔCLs| "
               f"{row['max_vs_pyhf']:.1e} vs pyhf on {row['agree']}, {row['max_vs_minuit']:.1e} vs MINUIT on "
               f"{row['stopped_short'] - row['minuit_failed']} of {len(compared)} patches", flush=True)
-    scratch.cleanup()
     table = write_table(rows, args.workers)
     (output / "pallets.md").write_text(table)
     (output / "pallets.json").write_text(json.dumps(rows, indent=1))

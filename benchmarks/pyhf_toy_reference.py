@@ -7,7 +7,7 @@ run stopped early still covers both hypotheses alike) it records what pyhf 0.7.6
 default SLSQP makes of it: the conditional fit at the tested POI value and the free fit (each
 ``-2 log L``, the POI, whether pyhf raised and with what), and pyhf's own test statistic
 (``pyhf.infer.test_statistics.qmu_tilde``'s formula on those two fits, which are the fits it runs). One JSON line per toy, flushed as it is done; a rerun
-with the same output skips the toys already there. Toys are drawn by :func:`pyhf_dist.toys.draw`,
+with the same output skips the toys already there. Toys are drawn by :func:`pyhf_dist.runtime.toys.draw`,
 which draws them as pyhf's ToyCalculator does after ``numpy.random.seed(seed)``.
 """
 
@@ -26,6 +26,7 @@ for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from baselines import build_model, use_numpy  # noqa: E402
 from toy_models import MODELS, load  # noqa: E402
 
 
@@ -40,19 +41,15 @@ def main() -> None:
     args = parser.parse_args()
 
     import numpy as np
-    import pyhf
     from pyhf.infer.mle import fit, fixed_poi_fit
 
     from pyhf_dist.runtime import toys
     from pyhf_dist.settings import FitSettings
 
-    pyhf.set_backend("numpy")
+    use_numpy()
     spec, operations = load(args.model)
-    from pyhf_dist.runtime.reference import pyhf_model
-    import jsonpatch
-
     settings = FitSettings(backend="numpy", calctype="toybased", ntoys=args.ntoys, seed=args.seed)
-    model, data = pyhf_model(jsonpatch.apply_patch(spec, operations), settings.modifier_settings, validate=False)
+    model, data = build_model(spec, operations, settings.modifier_settings, validate=False)
     samples = toys.draw(model, data, settings)
     init, bounds, fixed = model.config.suggested_init(), model.config.suggested_bounds(), model.config.suggested_fixed()
     poi = model.config.poi_index

@@ -167,7 +167,6 @@ def classify(fast: dict, reference: dict) -> dict:
     for toys without a minimum (the fast path's fits ran away): ``no minimum: pyhf q = 0``,
     ``no minimum: pyhf q > 0``, ``no minimum: pyhf raised``; ``pyhf raised`` elsewhere.
     """
-    import numpy as np
 
     model = fast["model"]
     counts: dict[str, dict] = {}

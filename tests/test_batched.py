@@ -27,8 +27,9 @@ from pyhf_dist.settings import FitSettings  # noqa: E402
 from pyhf_dist.protocol import WorkerContext  # noqa: E402
 from pyhf_dist.runtime import initialize  # noqa: E402
 
-from test_fast import HISTOSYS_CODES, NORMSYS_CODES, _random_points, _settings, small_workspace  # noqa: E402
-from test_toys import serial_pyhf_toys, tiny_pallet  # noqa: E402
+from helpers import (  # noqa: E402
+    HISTOSYS_CODES, NORMSYS_CODES, interp_settings, random_points, serial_pyhf_toys, small_workspace, tiny_pallet,
+)
 
 SEED = 7
 #: Agreement asked of a toy's test statistic with pyhf's fits of that toy.
@@ -41,7 +42,7 @@ pytestmark = pytest.mark.usefixtures("numpy_backend")
 
 def _pyhf_model(spec, settings=None):
     workspace = pyhf.Workspace(spec)
-    model = workspace.model(modifier_settings=settings or _settings("code4", "code4p"))
+    model = workspace.model(modifier_settings=settings or interp_settings("code4", "code4p"))
     return model, workspace.data(model)
 
 
@@ -60,12 +61,12 @@ def test_batch_likelihood_equals_one_at_a_time(normsys, histosys):
     """Values and gradients of whole batches equal the one-at-a-time likelihood's, every branch."""
     import jax
 
-    settings = _settings(normsys, histosys)
+    settings = interp_settings(normsys, histosys)
     problem = FastHypotest(small_workspace(), settings, verify=False).problem([])
     model = batch_model.BatchModel.from_problem(problem)
     n, cap = model.n, model.caps.pars
     arrays = FastHypotest(small_workspace(), settings, verify=False).arrays([])[1]
-    points = np.array(_random_points(arrays, 12, seed=3))
+    points = np.array(random_points(arrays, 12, seed=3))
     rng = np.random.default_rng(4)
     main = rng.poisson(np.asarray(problem.main) + 5.0, (len(points), len(problem.main))).astype(float)
     main[0, 0] = 0.0  # an empty bin: pyhf's -lam term, no floor

@@ -17,7 +17,7 @@ import pytest
 import pyhf_dist
 from pyhf_dist.pallet import Pallet, Patch
 
-from conftest import FAST_PATH_TOLERANCE, assert_matches_reference, serial_pyhf
+from helpers import FAST_PATH_TOLERANCE, assert_matches_reference, serial_pyhf
 
 pytest.importorskip("jax")
 pytest.importorskip("iminuit")

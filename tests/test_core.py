@@ -13,7 +13,7 @@ import pytest
 
 import pyhf_dist
 from pyhf_dist.executors.local import LocalExecutor
-from conftest import CODE4, LBB_SAMPLE, assert_matches_reference, serial_pyhf
+from helpers import CODE4, LBB_SAMPLE, assert_matches_reference, serial_pyhf
 
 
 def test_local_matches_serial_pyhf_on_all_3L_eRJR_patches(erjr_dir, erjr_reference):

@@ -23,7 +23,7 @@ from pyhf_dist.protocol import WorkerContext  # noqa: E402
 from pyhf_dist.runtime import setup_count  # noqa: E402
 from distributed.diagnostics.plugin import SchedulerPlugin  # noqa: E402
 
-from conftest import FAST_PATH_TOLERANCE, LBB_SAMPLE, TaskSizes, assert_matches_reference, serial_pyhf  # noqa: E402
+from helpers import FAST_PATH_TOLERANCE, LBB_SAMPLE, TaskSizes, assert_matches_reference, serial_pyhf  # noqa: E402
 
 
 @pytest.fixture(scope="module")

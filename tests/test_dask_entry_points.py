@@ -20,8 +20,7 @@ import pytest
 
 pytest.importorskip("distributed")
 
-from conftest import assert_matches_reference, serial_pyhf  # noqa: E402
-from test_entry_points import LIMIT, NAMES, assert_clean_run, run, scan_code  # noqa: E402
+from helpers import LIMIT, NAMES, assert_clean_run, assert_matches_reference, run, scan_code, serial_pyhf  # noqa: E402
 
 
 def test_script_without_main_guard(erjr_dir, erjr_pallet, tmp_path):

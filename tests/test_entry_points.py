@@ -8,43 +8,11 @@ blocking the suite, and checks the CLs against plain serial pyhf.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 
-from conftest import assert_matches_reference, serial_pyhf
-
-NAMES = ["ERJR_100p0_20p0", "ERJR_200p0_50p0", "ERJR_350p0_100p0"]
-#: Generous for a loaded 2-core machine; a hang is what this bounds.
-LIMIT = 240
-
-
-def scan_code(erjr_dir: Path, output: Path, executor: str = "local") -> str:
-    """The user's code: no main guard, no functions, as it would be pasted."""
-    return textwrap.dedent(f"""\
-        import pyhf_dist
-        results = pyhf_dist.map_fits({str(erjr_dir)!r}, executor={executor!r}, workers=2,
-                                     backend="numpy", patches={NAMES!r})
-        results.to_json({str(output)!r})
-        print("fitted", len(results))
-    """)
-
-
-def run(command: list[str], cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=cwd, input=stdin, capture_output=True, text=True, timeout=LIMIT)
-
-
-def assert_clean_run(run_: subprocess.CompletedProcess, output: Path, erjr_pallet) -> None:
-    assert run_.returncode == 0, run_.stderr
-    noise = [marker for marker in ("Traceback", "Exception ignored", "leaked semaphore", "resource_tracker")
-             if marker in run_.stderr]
-    assert not noise, f"{noise} in stderr:\n{run_.stderr}"
-    assert "fitted 3" in run_.stdout
-    assert_matches_reference(json.loads(output.read_text())["results"], serial_pyhf(erjr_pallet, NAMES))
-
+from helpers import LIMIT, NAMES, assert_clean_run, assert_matches_reference, run, scan_code, serial_pyhf
 
 def test_script_without_main_guard(erjr_dir, erjr_pallet, tmp_path):
     output = tmp_path / "results.json"

@@ -16,128 +16,14 @@ import pyhf  # noqa: E402
 
 from pyhf_dist.fast import FastHypotest, FastPathUnsupported, for_state, layout, likelihood, warm_up  # noqa: E402
 
-from conftest import LBB_SAMPLE  # noqa: E402
+from helpers import HISTOSYS_CODES, LBB_SAMPLE, NORMSYS_CODES, interp_settings, random_points, small_workspace  # noqa: E402
 
-NORMSYS_CODES = ("code1", "code4")
-HISTOSYS_CODES = ("code0", "code2", "code4p")
 #: CLs agreement asked of the fast path (the issue's target).
 CLS_TOLERANCE = 1e-4
 
 
 # Plain pyhf on numpy is the reference (conftest.numpy_backend).
 pytestmark = pytest.mark.usefixtures("numpy_backend")
-
-
-def _histosys(nominal, up, down):
-    return {"hi_data": [n * up for n in nominal], "lo_data": [n * down for n in nominal]}
-
-
-def small_workspace() -> dict:
-    """Two channels (listed unsorted, of different widths) exercising every modifier type.
-
-    Covers: normfactor (POI and a shared background one with configured bounds), lumi with its
-    measurement configuration, normsys and histosys (one name as both: a single parameter),
-    staterror pooled over samples (one bin without uncertainty: fixed), shapesys (one bin without
-    yield: fixed), shapefactor, a fixed normsys, samples listed unsorted.
-    """
-    sr_signal = [5.0, 3.0]
-    sr_bkg1 = [50.0, 30.0]
-    sr_bkg2 = [20.0, 10.0]
-    cr_bkg1 = [100.0, 80.0, 60.0]
-    cr_bkg2 = [30.0, 20.0, 0.0]
-    cr_signal = [0.5, 0.3, 0.1]
-    channels = [
-        {
-            "name": "SR",
-            "samples": [
-                {
-                    "name": "signal",
-                    "data": sr_signal,
-                    "modifiers": [
-                        {"name": "mu", "type": "normfactor", "data": None},
-                        {"name": "lumi", "type": "lumi", "data": None},
-                        {"name": "norm_a", "type": "normsys", "data": {"hi": 1.1, "lo": 0.85}},
-                        {"name": "shape_b", "type": "histosys", "data": _histosys(sr_signal, 1.12, 0.9)},
-                        {"name": "stat_SR", "type": "staterror", "data": [0.5, 0.4]},
-                    ],
-                },
-                {
-                    "name": "bkg2",
-                    "data": sr_bkg2,
-                    "modifiers": [
-                        {"name": "bkg2_shape_SR", "type": "shapesys", "data": [2.0, 1.5]},
-                        {"name": "mu_bkg", "type": "normfactor", "data": None},
-                        {"name": "norm_fixed", "type": "normsys", "data": {"hi": 1.2, "lo": 0.8}},
-                    ],
-                },
-                {
-                    "name": "bkg1",
-                    "data": sr_bkg1,
-                    "modifiers": [
-                        {"name": "norm_a", "type": "normsys", "data": {"hi": 1.05, "lo": 0.93}},
-                        {"name": "shape_b", "type": "histosys", "data": _histosys(sr_bkg1, 1.04, 0.95)},
-                        {"name": "shape_b", "type": "normsys", "data": {"hi": 1.03, "lo": 0.96}},
-                        {"name": "stat_SR", "type": "staterror", "data": [3.0, 2.5]},
-                        {"name": "lumi", "type": "lumi", "data": None},
-                    ],
-                },
-            ],
-        },
-        {
-            "name": "CR",
-            "samples": [
-                {
-                    "name": "bkg1",
-                    "data": cr_bkg1,
-                    "modifiers": [
-                        {"name": "mu_bkg", "type": "normfactor", "data": None},
-                        {"name": "stat_CR", "type": "staterror", "data": [5.0, 4.0, 0.0]},
-                        {"name": "shape_c", "type": "histosys", "data": _histosys(cr_bkg1, 1.08, 0.97)},
-                        {"name": "norm_a", "type": "normsys", "data": {"hi": 1.02, "lo": 0.99}},
-                    ],
-                },
-                {
-                    "name": "bkg2",
-                    "data": cr_bkg2,
-                    "modifiers": [
-                        {"name": "stat_CR", "type": "staterror", "data": [2.0, 1.5, 0.0]},
-                        {"name": "sf_CR", "type": "shapefactor", "data": None},
-                        {"name": "cr_shapesys", "type": "shapesys", "data": [3.0, 2.0, 1.0]},
-                    ],
-                },
-                {
-                    "name": "signal",
-                    "data": cr_signal,
-                    "modifiers": [
-                        {"name": "mu", "type": "normfactor", "data": None},
-                        {"name": "lumi", "type": "lumi", "data": None},
-                    ],
-                },
-            ],
-        },
-    ]
-    return {
-        "channels": channels,
-        "observations": [{"name": "SR", "data": [57.0, 41.0]}, {"name": "CR", "data": [131.0, 99.0, 62.0]}],
-        "measurements": [
-            {
-                "name": "meas",
-                "config": {
-                    "poi": "mu",
-                    "parameters": [
-                        {"name": "lumi", "auxdata": [1.0], "sigmas": [0.02], "bounds": [[0.9, 1.1]], "inits": [1.0]},
-                        {"name": "mu_bkg", "bounds": [[0.1, 5.0]]},
-                        {"name": "norm_fixed", "fixed": True},
-                    ],
-                },
-            }
-        ],
-        "version": "1.0.0",
-    }
-
-
-def _settings(normsys, histosys):
-    return {"normsys": {"interpcode": normsys}, "histosys": {"interpcode": histosys}}
 
 
 def _fast_model(spec, settings, patch=None):
@@ -151,28 +37,17 @@ def _fast_model(spec, settings, patch=None):
     return patched, arrays, params, likelihood.device_layout(padded, codes), likelihood.functions(*codes)
 
 
-def _random_points(arrays, count, seed):
-    rng = np.random.default_rng(seed)
-    n = len(arrays.init)
-    points = [arrays.init.copy()]
-    for _ in range(count):
-        # Nuisance parameters around 0 reach |alpha| > 1 (every interpolation branch).
-        shifted = np.where(arrays.init == 0, rng.uniform(-2.5, 2.5, n), arrays.init * rng.uniform(0.6, 1.4, n))
-        points.append(np.clip(shifted, arrays.lower, arrays.upper))
-    return points
-
-
 @pytest.mark.parametrize("normsys", NORMSYS_CODES)
 @pytest.mark.parametrize("histosys", HISTOSYS_CODES)
 def test_logpdf_matches_pyhf_at_random_points(normsys, histosys):
     spec = small_workspace()
-    settings = _settings(normsys, histosys)
+    settings = interp_settings(normsys, histosys)
     patched, arrays, params, device, functions = _fast_model(spec, settings)
     workspace = pyhf.Workspace(spec)
     model = workspace.model(modifier_settings=settings)
     data = np.asarray(workspace.data(model))
     n = len(arrays.init)
-    for point in _random_points(arrays, 40, seed=1):
+    for point in random_points(arrays, 40, seed=1):
         theta = params["init"].copy()
         theta[:n] = point
         expected = float(model.logpdf(point, data)[0])
@@ -186,7 +61,7 @@ def test_logpdf_matches_pyhf_at_random_points(normsys, histosys):
 
 def test_parameters_match_pyhf():
     spec = small_workspace()
-    _, arrays, _, _, _ = _fast_model(spec, _settings("code4", "code4p"))
+    _, arrays, _, _, _ = _fast_model(spec, interp_settings("code4", "code4p"))
     config = pyhf.Workspace(spec).model().config
     assert arrays.par_names == config.par_names
     assert arrays.poi_index == config.poi_index
@@ -200,10 +75,10 @@ def test_parameters_match_pyhf():
 
 def test_gradient_is_the_derivative_of_the_objective():
     spec = small_workspace()
-    _, arrays, params, device, functions = _fast_model(spec, _settings("code4", "code4p"))
+    _, arrays, params, device, functions = _fast_model(spec, interp_settings("code4", "code4p"))
     n = len(arrays.init)
     theta = params["init"].copy()
-    theta[:n] = _random_points(arrays, 1, seed=3)[1]
+    theta[:n] = random_points(arrays, 1, seed=3)[1]
     value, *gradient = functions.value_and_grad(theta, arrays.main_data, params["aux"], device)
     step = 1e-6
     for i in range(n):
@@ -220,7 +95,7 @@ def test_hypotest_matches_pyhf_on_a_small_workspace(test_stat, poi_test):
     if test_stat == "q0":
         # An excess, so that q0 is clearly above zero (at zero only pyhf reproduces pyhf).
         spec["observations"][0]["data"] = [80.0, 52.0]
-    settings = _settings("code4", "code4p")
+    settings = interp_settings("code4", "code4p")
     workspace = pyhf.Workspace(spec)
     model = workspace.model(modifier_settings=settings)
     observed, expected = pyhf.infer.hypotest(

@@ -32,8 +32,7 @@ from pyhf_dist.settings import FitSettings  # noqa: E402
 from pyhf_dist.protocol import WorkerContext  # noqa: E402
 from pyhf_dist.runtime import initialize  # noqa: E402
 
-from conftest import DATA, assert_matches_reference, serial_pyhf  # noqa: E402
-from test_fast import small_workspace  # noqa: E402
+from helpers import DATA, assert_matches_reference, serial_pyhf, small_workspace  # noqa: E402
 
 STAU_TARBALL = DATA / "stau-likelihoods-1911.06660.tar.gz"
 #: CLs agreement asked of the fast path.

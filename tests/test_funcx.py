@@ -49,7 +49,7 @@ from pyhf_dist.settings import FitSettings  # noqa: E402
 from pyhf_dist.protocol import WorkerContext  # noqa: E402
 
 import globus_cloud_standin  # noqa: E402
-from conftest import LBB_SAMPLE, assert_matches_reference, serial_pyhf  # noqa: E402
+from helpers import LBB_SAMPLE, assert_matches_reference, serial_pyhf  # noqa: E402
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ERJR_FEW = ["ERJR_100p0_20p0", "ERJR_110p0_20p0", "ERJR_200p0_100p0", "ERJR_500p0_0p0"]

@@ -32,7 +32,7 @@ from pyhf_dist.protocol import encode  # noqa: E402
 from pyhf_dist.settings import FitSettings  # noqa: E402
 from pyhf_dist.protocol import WorkerContext  # noqa: E402
 
-from conftest import assert_matches_reference, parsl_processes, serial_pyhf, slurm_partition  # noqa: E402
+from helpers import assert_matches_reference, parsl_processes, serial_pyhf, slurm_partition  # noqa: E402
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "executors" / "funcx"
 NAMES = ["ERJR_100p0_20p0", "ERJR_200p0_100p0", "ERJR_300p0_150p0", "ERJR_500p0_0p0"]

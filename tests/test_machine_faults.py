@@ -26,7 +26,7 @@ from pyhf_dist import cache
 from pyhf_dist.executors.deaths import memory_cgroup
 from pyhf_dist.executors.local import LocalExecutor
 from pyhf_dist.pallet import Pallet, Patch
-from conftest import REPOSITORY
+from helpers import REPOSITORY
 
 #: 14 patches of 3L-eRJR: about 0.3 s each on numpy.
 ERJR_GLOB = "ERJR_1[0-2]*"

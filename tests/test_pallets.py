@@ -25,7 +25,7 @@ from pyhf_dist.cli import main
 from pyhf_dist.combine import combine
 from pyhf_dist.exceptions import InputError, JournalError, PalletSelectionError
 from pyhf_dist.results import FitRecord, ScanResult
-from conftest import assert_matches_reference, serial_pyhf
+from helpers import assert_matches_reference, serial_pyhf
 
 REGIONS = ["Region-combined", "Region-highMass", "Region-lowMass"]
 #: One point per pallet compared with serial pyhf: near the combined fit's exclusion boundary, in

@@ -27,7 +27,7 @@ from pathlib import Path
 import click
 import pytest
 
-from conftest import ERJR_DIR, LBB_SAMPLE, REPOSITORY, STAU_TARBALL, assert_matches_reference, slurm_partition
+from helpers import ERJR_DIR, LBB_SAMPLE, REPOSITORY, STAU_TARBALL, assert_matches_reference, slurm_partition
 
 #: The fast path's agreement with plain pyhf on numpy (measured: 3.8e-5 on 1Lbb).
 TOLERANCE = 1e-4

@@ -24,7 +24,7 @@ import pyhf_dist
 from pyhf_dist.scan import loop as scan_loop
 from pyhf_dist.executors.local import LocalExecutor
 from pyhf_dist.pallet import Pallet, Patch
-from conftest import FAST_PATH_TOLERANCE, TaskSizes, assert_matches_reference, serial_pyhf
+from helpers import FAST_PATH_TOLERANCE, TaskSizes, assert_matches_reference, serial_pyhf
 
 #: 14 patches of 3L-eRJR (ERJR_100*, ERJR_110*, ERJR_125*): about 0.3 s each on numpy.
 ERJR_GLOB = "ERJR_1[0-2]*"

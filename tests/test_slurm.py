@@ -25,7 +25,7 @@ from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError  # noqa: E40
 from pyhf_dist.executors import get_executor  # noqa: E402
 from pyhf_dist.protocol import WorkerContext  # noqa: E402
 
-from conftest import LBB_SAMPLE, REPOSITORY, assert_matches_reference  # noqa: E402
+from helpers import LBB_SAMPLE, REPOSITORY, assert_matches_reference  # noqa: E402
 
 
 def _slurm_answers() -> str | None:

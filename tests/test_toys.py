@@ -20,53 +20,18 @@ from pyhf_dist import chunks as chunk_plan
 from pyhf_dist.runtime import toys
 from pyhf_dist import kept_toys
 from pyhf_dist.exceptions import SettingsError
-from pyhf_dist.pallet import Pallet, Patch
 from pyhf_dist.settings import FitSettings
 from pyhf_dist.protocol import WorkerContext
 from pyhf_dist.runtime import initialize
 
+from helpers import serial_pyhf_toys, tiny_pallet
+
 SEED = 20211
-
-
-def tiny_pallet() -> Pallet:
-    """Two bins, one shapesys background, two signal points: fits take a few milliseconds."""
-    workspace = {
-        "channels": [{"name": "SR", "samples": [{"name": "bkg", "data": [50.0, 52.0], "modifiers": [
-            {"name": "uncorr_bkguncrt", "type": "shapesys", "data": [3.0, 7.0]}]}]}],
-        "observations": [{"name": "SR", "data": [51.0, 48.0]}],
-        "measurements": [{"name": "m", "config": {"poi": "mu", "parameters": []}}],
-        "version": "1.0.0",
-    }
-    patches = []
-    for m1, signal in ((100, [12.0, 11.0]), (200, [6.0, 5.0])):
-        operations = [{"op": "add", "path": "/channels/0/samples/1", "value": {
-            "name": "signal", "data": signal, "modifiers": [{"name": "mu", "type": "normfactor", "data": None}]}}]
-        patches.append(Patch(f"tiny_{m1}_0", (m1, 0), operations))
-    return Pallet(workspace, patches, ["m1", "m2"], "tiny", "")
 
 
 def model_and_data(pallet, patch, settings):
     state = initialize(WorkerContext.build(pallet.workspace, settings.to_dict()))
     return state, *reference.build_model(state, patch.operations)
-
-
-def serial_pyhf_toys(model, data, settings):
-    """Plain pyhf, seeded like a serial user would: samples, and hypotest's CLs."""
-    import pyhf
-
-    pyhf.set_backend("numpy")
-    np.random.seed(settings.seed)
-    calculator = pyhf.infer.calculators.ToyCalculator(
-        data, model, test_stat=settings.test_stat, ntoys=settings.ntoys, track_progress=False
-    )
-    sb, b = calculator.distributions(settings.poi_test)
-    np.random.seed(settings.seed)
-    observed, expected = pyhf.infer.hypotest(
-        settings.poi_test, data, model, test_stat=settings.test_stat, calctype="toybased",
-        ntoys=settings.ntoys, track_progress=False, return_expected_set=True,
-    )
-    return {"sb": np.asarray(sb.samples), "b": np.asarray(b.samples), "CLs_obs": float(observed),
-            "CLs_exp": [float(value) for value in expected]}
 
 
 def run_split(state, patch, settings, chunks: int) -> dict:
@@ -298,9 +263,7 @@ import sys
 sys.path.insert(0, {tests!r})
 import pyhf_dist
 from pyhf_dist.runtime import toys
-from pyhf_dist import chunks as chunk_plan
-from pyhf_dist import kept_toys
-from test_toys import tiny_pallet
+from helpers import tiny_pallet
 toys.PYHF_STREAM_MAX, toys.BLOCK = 20, 10
 pyhf_dist.map_fits(tiny_pallet(), executor="sequential", patches=["tiny_100_0"], backend="numpy",
                    calctype="toybased", ntoys=80, seed={seed}, journal={journal!r})

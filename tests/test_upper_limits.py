@@ -30,7 +30,7 @@ from pyhf_dist.protocol import first_line
 from pyhf_dist.demo import demo_patchset, demo_workspace
 from pyhf_dist.runtime.reference import grid_scan, scan_points, toms748_scan
 
-from conftest import CODE4, DATA
+from helpers import CODE4, DATA
 
 #: The agreement the issue asks for; the worker calls the same pyhf function, so it is usually exact.
 RELATIVE = 1e-3
