@@ -14,7 +14,7 @@ pytest.importorskip("jax")
 
 import pyhf  # noqa: E402
 
-from pyhf_dist.fast import FastHypotest, FastPathUnsupported, for_state, layout, likelihood, warm_up  # noqa: E402
+from pyhf_dist.fast import FastHypotest, FastPathUnsupported, for_state, layout, likelihood, parsets, warm_up  # noqa: E402
 
 from helpers import HISTOSYS_CODES, LBB_SAMPLE, NORMSYS_CODES, interp_settings, random_points, small_workspace  # noqa: E402
 
@@ -248,15 +248,15 @@ def test_structure_check_outcome_is_remembered_per_workspace(tmp_path, monkeypat
 def test_parameter_requirements_are_pyhfs():
     """The restated requirement helpers give what pyhf's own give, for every modifier type."""
     nominal, data = [5.0, 0.0, 3.0], [1.0, 2.0, 0.0]
-    for mtype, ours in layout._REQUIRED_PARSET.items():
+    for mtype, ours in parsets.REQUIRED_PARSET.items():
         assert ours(nominal, data) == getattr(pyhf.modifiers, mtype).required_parset(nominal, data), mtype
-    assert layout._staterror_parset([0.1, 0.2], [False, True]) == pyhf.modifiers.staterror.required_parset(
+    assert parsets.staterror_parset([0.1, 0.2], [False, True]) == pyhf.modifiers.staterror.required_parset(
         [0.1, 0.2], [False, True]
     )
     requirements = {
-        "lumi": [layout._REQUIRED_PARSET["lumi"](nominal, None)],
-        "mu": [layout._REQUIRED_PARSET["normfactor"](nominal, None)],
-        "shape": [layout._REQUIRED_PARSET["shapefactor"](nominal, None)] * 2,
+        "lumi": [parsets.REQUIRED_PARSET["lumi"](nominal, None)],
+        "mu": [parsets.REQUIRED_PARSET["normfactor"](nominal, None)],
+        "shape": [parsets.REQUIRED_PARSET["shapefactor"](nominal, None)] * 2,
     }
     user = {
         "lumi": {"name": "lumi", "auxdata": [1.0], "sigmas": [0.02], "bounds": [[0.9, 1.1]], "inits": [1.0]},
@@ -265,9 +265,9 @@ def test_parameter_requirements_are_pyhfs():
     theirs = pyhf.parameters.reduce_paramsets_requirements(requirements, user)
     # pyhf leaves an empty set under the keys a type does not define; they are never read.
     theirs = {name: {k: v for k, v in req.items() if v != set()} for name, req in theirs.items()}
-    assert layout._reduce_configured(requirements, user) == theirs
+    assert parsets.reduce_configured(requirements, user) == theirs
     for bad in ({"mu": {"bounds": [[0, 1], [0, 2]]}}, {"mu": {"sigmas": [0.1]}}):
         with pytest.raises(pyhf.exceptions.InvalidModel):
             pyhf.parameters.reduce_paramsets_requirements(requirements, bad)
         with pytest.raises(FastPathUnsupported):
-            layout._reduce_configured(requirements, bad)
+            parsets.reduce_configured(requirements, bad)

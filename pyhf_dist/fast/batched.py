@@ -47,8 +47,10 @@ import logging
 
 import numpy as np
 
+from pyhf_dist.fast import quasi_newton
 from pyhf_dist.fast.batch_model import BatchModel, kernels
 from pyhf_dist.fast.errors import FastPathUnsupported
+from pyhf_dist.fast.quasi_newton import MAX_HELD
 
 __all__ = [
     "BatchFitter",
@@ -70,8 +72,6 @@ TOLERANCE = 1e-7
 #: Below this promised decrease a line search that cannot progress is at the floating-point
 #: floor of the objective: converged.
 STALL_TOLERANCE = 1e-6
-#: Parameters held at bounds (or at a fixed POI value) beyond the model's fixed ones, at once.
-MAX_HELD = 4
 #: An accepted step lowering -2 log L by less than this (relative to max(1, |value|)) makes no
 #: progress; :data:`FLAT_STEPS` such steps or failed line searches in a row end a fit as
 #: converged. This stops fits whose minimum lies where an expected yield reaches zero (a toy
@@ -394,21 +394,10 @@ def _iteration(s, consts, evaluate):
     moved = jnp.any(step != 0, -1)
     accept = running & finite & (fresh | (moved & (f_trial <= f + ARMIJO * predicted)))
 
-    # L-BFGS memory: the newest pair last; rho = 0 marks an empty entry.
-    y = g_trial - g
-    sy = jnp.sum(step * y, -1)
-    curvature = sy > 1e-10 * jnp.sqrt(jnp.sum(step * step, -1) * jnp.sum(y * y, -1))
-    update = accept & ~fresh & curvature
-
-    def push(memory, item):
-        shape = (-1,) + (1,) * (memory.ndim - 1)
-        return jnp.where(update.reshape(shape), jnp.concatenate([memory[:, 1:], item[:, None]], 1), memory)
-
     # Stored masked to the parameters that move (fixed, pinned and bound ones do not; a change of
     # the bound set clears the memory below), so the two-loop recursion needs no masks.
     moving = ~held & ~(((trial <= lo) & (g_trial > 0)) | ((trial >= hi) & (g_trial < 0)))
-    S, Y = push(s["S"], step), push(s["Y"], jnp.where(moving, y, 0.0))
-    rho = push(s["rho"], 1.0 / jnp.where(update, sy, 1.0))
+    S, Y, rho = _remember(s, accept & ~fresh, step, g_trial - g, moving)
     x = jnp.where(accept[:, None], trial, x)
     f = jnp.where(accept, f_trial, f)
     g = jnp.where(accept[:, None], g_trial, g)
@@ -426,7 +415,7 @@ def _iteration(s, consts, evaluate):
     bound = ~held & (((x <= lo) & (g > 0)) | ((x >= hi) & (g < 0)))
     changed = jnp.any(bound != s["active"], -1)
     rho = jnp.where((restart | (accept & changed))[:, None], 0.0, rho)
-    direction, solvable = _direction(g, S, Y, rho, held, bound, s["pinned"], h0inv)
+    direction, solvable = quasi_newton.direction(g, S, Y, rho, held, bound, s["pinned"], h0inv)
     renew = accept | restart
     d = jnp.where(renew[:, None], direction, s["d"])
     # A trial step moves no parameter by more than STEP_LIMIT (standard deviations, in these
@@ -463,75 +452,18 @@ def _iteration(s, consts, evaluate):
     return out
 
 
-def _direction(g, S, Y, rho, held, bound, pinned, h0inv):
-    """The L-BFGS step over the free parameters (``held`` and ``bound`` ones stay), and whether it exists."""
+def _remember(s, accepted, step, y, moving):
+    """The L-BFGS memory of ``s`` with the pair ``(step, y)`` pushed where a step was
+    ``accepted`` with positive curvature: ``(S, Y, rho)``; ``y`` is kept on the ``moving``
+    parameters only. The newest pair last; ``rho = 0`` marks an empty entry."""
     import jax.numpy as jnp
 
-    import jax
+    sy = jnp.sum(step * y, -1)
+    curvature = sy > 1e-10 * jnp.sqrt(jnp.sum(step * step, -1) * jnp.sum(y * y, -1))
+    update = accepted & curvature
 
-    free = ~held & ~bound
-    memory = rho.shape[1]
+    def push(memory, item):
+        shape = (-1,) + (1,) * (memory.ndim - 1)
+        return jnp.where(update.reshape(shape), jnp.concatenate([memory[:, 1:], item[:, None]], 1), memory)
 
-    # Loops rather than unrolled Python: the compiled program stays small (compilation time).
-    def newest_first(j, carry):
-        q, coefficients = carry
-        i = memory - 1 - j
-        a = rho[:, i] * jnp.sum(S[:, i] * q, -1)
-        return q - a[:, None] * Y[:, i], coefficients.at[:, i].set(a)
-
-    q, coefficients = jax.lax.fori_loop(0, memory, newest_first, (jnp.where(free, g, 0.0), jnp.zeros_like(rho)))
-    r, solvable = _held_solve(q, bound | pinned, h0inv)
-
-    def oldest_first(i, r):
-        b = rho[:, i] * jnp.sum(Y[:, i] * r, -1)
-        return r + S[:, i] * (coefficients[:, i] - b)[:, None]
-
-    r = jax.lax.fori_loop(0, memory, oldest_first, jnp.where(free, r, 0.0))
-    return -jnp.where(free, r, 0.0), solvable
-
-
-def _held_solve(q, held, h0inv):
-    """``(H restricted to the parameters not held)^-1 q`` from ``H^-1``, for up to MAX_HELD held.
-
-    With ``z = H^-1 q``, the solution keeping the held ones at zero is
-    ``z - H^-1[:, A] (H^-1[A, A])^-1 z[A]`` (a Schur complement): a ``k x k`` solve per slot.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    k = MAX_HELD
-    n = held.shape[-1]
-    z = q @ h0inv
-    # The first k held indices (the largest scores); a score of 0 marks an unused entry.
-    scores, order = jax.lax.top_k(jnp.where(held, n - jnp.arange(n), 0), k)
-    valid = scores > 0
-    columns = jnp.take(h0inv, order, axis=0)  # [slots, k, n]: rows of a symmetric matrix
-    block = jnp.take_along_axis(columns, order[:, None, :], axis=2)
-    block = jnp.where(valid[:, :, None] & valid[:, None, :], block, jnp.eye(k))
-    z_held = jnp.where(valid, jnp.take_along_axis(z, order, axis=1), 0.0)
-    solution = _spd_solve(block, z_held)
-    return z - jnp.einsum("skn,sk->sn", columns, solution), jnp.sum(held, axis=-1) <= k
-
-
-def _spd_solve(matrix, rhs):
-    """Solve ``k x k`` symmetric positive definite systems per slot, unrolled (``k`` is small).
-
-    Elementwise over slots: a batched LAPACK call per slot costs more than the arithmetic.
-    """
-    import jax.numpy as jnp
-
-    k = matrix.shape[-1]
-    lower = [[None] * k for _ in range(k)]
-    for j in range(k):
-        pivot = matrix[:, j, j] - sum(lower[j][p] ** 2 for p in range(j))
-        pivot = jnp.sqrt(jnp.maximum(pivot, 1e-300))
-        lower[j][j] = pivot
-        for i in range(j + 1, k):
-            lower[i][j] = (matrix[:, i, j] - sum(lower[i][p] * lower[j][p] for p in range(j))) / pivot
-    forward = []
-    for i in range(k):
-        forward.append((rhs[:, i] - sum(lower[i][p] * forward[p] for p in range(i))) / lower[i][i])
-    solution = [None] * k
-    for i in reversed(range(k)):
-        solution[i] = (forward[i] - sum(lower[p][i] * solution[p] for p in range(i + 1, k))) / lower[i][i]
-    return jnp.stack(solution, axis=-1)
+    return push(s["S"], step), push(s["Y"], jnp.where(moving, y, 0.0)), push(s["rho"], 1.0 / jnp.where(update, sy, 1.0))

@@ -1,0 +1,435 @@
+"""The fast path's engine: :class:`FastHypotest`, one per worker and background workspace.
+
+It turns a patch into a :class:`~pyhf_dist.fast.problem.FitProblem` on a compiled layout
+(:mod:`~pyhf_dist.fast.layout`, :mod:`~pyhf_dist.fast.likelihood`), checks the first patch of
+every structure against pyhf's own model, and runs the hypotests and upper limits of
+:mod:`~pyhf_dist.fast.fit` and :mod:`~pyhf_dist.fast.limits` on it. The worker hooks
+(:func:`for_state`, :func:`preload`, :func:`warm_up`) make and warm it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import threading
+
+import numpy as np
+
+from pyhf_dist import cache
+from pyhf_dist.fast.errors import FastPathUnsupported
+from pyhf_dist.fast.likelihood import configure_jax
+from pyhf_dist.runtime.reference import pyhf_model, use_numpy
+from pyhf_dist.settings import DEFAULT_MODIFIER_SETTINGS
+
+__all__ = ["FastHypotest", "for_state", "preload", "warm_up"]
+
+log = logging.getLogger(__name__)
+
+# Tolerance of the structure check: pyhf and this module sum the same terms in other orders.
+_LOGPDF_RTOL = 1e-9
+#: A patch uses an existing layout of another shape only while that layout's tables are at most
+#: this many times the size of its own, or small anyway (the padding is evaluated in every call of
+#: every fit; tables of a few thousand entries cost nothing next to the call itself); otherwise it
+#: gets a layout of its own, one more compilation per process. (1Lbb's: ~35 000 entries.)
+_SHARE_LIMIT = 2.0
+_SMALL_LAYOUT = 10_000
+
+
+class FastHypotest:
+    """Asymptotic hypotests of patches of one background workspace on the compiled likelihood.
+
+    A patch applies to the whole workspace, as ``pyhf.PatchSet`` applies it (and as
+    ``jsonpatch BkgOnly.json patch.json | pyhf cls`` does): it may add, remove or replace
+    channels, samples, modifiers, observations and the measurement's POI and parameter settings
+    (bounds, inits, fixed parameters). Patches of one shape share a compiled layout; a patch of
+    another shape (a channel removed or added, another binning) gets a layout of its own, compiled
+    once per process, or shares a larger one where the padding stays cheap.
+
+    Args:
+        workspace_spec: The background workspace (dict), as given to ``pyhf.Workspace``.
+        modifier_settings: pyhf's ``modifier_settings``; ``None`` means code4/code4p.
+        verify: Check the first patch of each structure against plain pyhf (leave on; tests
+            switch it off to exercise the arithmetic alone).
+        key: A digest of the workspace and settings (the worker context's); when given, the
+            outcome of each structure's check is remembered on disk (:mod:`pyhf_dist.cache`)
+            for later processes with the same workspace, settings and package versions.
+        match_pyhf: Reproduce pyhf's own numbers (its fits' starting points, and plain pyhf
+            where its minimizer stalls or its fits' noise decides a CLs value) instead of the
+            certified converged fits.
+
+    Raises:
+        FastPathUnsupported: The workspace itself is outside what the fast path covers.
+    """
+
+    def __init__(
+        self,
+        workspace_spec: dict,
+        modifier_settings: dict | None = None,
+        *,
+        verify: bool = True,
+        key: str | None = None,
+        match_pyhf: bool = False,
+    ):
+        from pyhf_dist.fast import layout
+
+        self.modifier_settings = modifier_settings or copy.deepcopy(DEFAULT_MODIFIER_SETTINGS)
+        self._codes = layout.interpolation_codes(self.modifier_settings)
+        try:
+            self._samples = layout.SampleCache(workspace_spec)
+        except (KeyError, IndexError, TypeError) as error:
+            raise FastPathUnsupported(f"not a workspace the fast path reads: {error!r}") from None
+        self._workspace = workspace_spec
+        self._verify = verify
+        self._key = key
+        self.match_pyhf = match_pyhf
+        self._layouts: list = []
+        self._verified: dict = {}
+        self._lock = threading.Lock()
+
+    @property
+    def layouts(self) -> list:
+        """The :class:`~pyhf_dist.fast.layout.Caps` of the layouts in use, in order of creation."""
+        return list(self._layouts)
+
+    def arrays(self, patch_operations: list | None, *, require_poi: bool = True):
+        """The patched workspace and its :class:`~pyhf_dist.fast.layout.PatchArrays` (unpadded)."""
+        from pyhf_dist.fast import layout
+
+        spec = layout.apply_patch(self._workspace, patch_operations or [])
+        arrays = layout.workspace_arrays(spec, self.modifier_settings, require_poi=require_poi, samples=self._samples)
+        return spec, arrays
+
+    def hypotest(self, patch_operations: list | None, poi_test: float = 1.0, test_stat: str = "qtilde") -> dict:
+        """``pyhf.infer.hypotest(poi_test, ..., test_stat=..., return_expected_set=True)`` for one patch.
+
+        Args:
+            patch_operations: jsonpatch operations applied to the whole workspace (as
+                ``pyhf.PatchSet.apply``); ``None`` for the background.
+            poi_test: The POI value tested.
+            test_stat: ``"qtilde"``, ``"q"`` or ``"q0"``.
+
+        Returns:
+            ``{"CLs_obs": float, "CLs_exp": [5 floats]}`` (CLs+b for ``q0``, as pyhf returns) and
+            the fits' certificate: ``converged``, ``fits`` (per fit: ``twice_nll``,
+            ``gradient``, ``converged``, ``start``) and, where pyhf's default minimizer stalls on
+            the patch, ``pyhf_default``.
+
+        Raises:
+            FastPathUnsupported: The patch has something not covered, a fit did not converge, or
+                its structure failed the check against pyhf. Its message is one line saying why.
+        """
+        from pyhf_dist.fast import fit
+
+        try:
+            with self._lock:
+                result = fit.hypotest(self._problem(patch_operations), poi_test, test_stat, match_pyhf=self.match_pyhf)
+        except FastPathUnsupported as error:
+            log.info("fast path declined a patch (plain pyhf fits it): %s", error)
+            raise
+        return {key: value for key, value in result.items() if key not in ("qmu", "qmu_A")}
+
+    def upper_limit(
+        self, patch_operations: list | None, test_stat: str = "qtilde", level: float = 0.05, scan=None
+    ) -> dict:
+        """``pyhf.infer.intervals.upper_limits.upper_limit(data, model, scan, level, test_stat=...)``
+        for one patch (:func:`pyhf_dist.fast.limits.upper_limit`).
+
+        With ``match_pyhf``, where the noise of pyhf's fits decides a CLs value the limit
+        depends on (``mu = 0`` when the best fit lies at ``mu = 0``), that value is computed by
+        plain pyhf.
+
+        Returns:
+            ``{"mu_up_obs": float, "mu_up_exp": [5 floats]}`` and the fits' certificate (as
+            :meth:`hypotest`; the conditional fits of the search summarised in one entry).
+
+        Raises:
+            FastPathUnsupported: As :meth:`hypotest`.
+            UpperLimitError: pyhf's search would test a POI value outside the POI bounds.
+        """
+        from pyhf_dist.fast import limits
+
+        try:
+            with self._lock:
+                problem = self._problem(patch_operations)
+                exact = self._pyhf_hypotest(patch_operations, test_stat) if self.match_pyhf else None
+                result = limits.upper_limit(problem, test_stat, level, scan, exact=exact, match_pyhf=self.match_pyhf)
+        except FastPathUnsupported as error:
+            log.info("fast path declined a patch (plain pyhf fits it): %s", error)
+            raise
+        if result["exact_values"]:
+            log.info(
+                "fast path: %d of %d POI values computed by plain pyhf", result["exact_values"], result["poi_values"]
+            )
+        return {key: value for key, value in result.items() if key not in ("poi_values", "exact_values")}
+
+    def _pyhf_hypotest(self, patch_operations, test_stat):
+        """``mu -> (CLs_obs, [CLs_exp x5])`` of plain pyhf on numpy for the patch (model built on first use)."""
+        built = []
+
+        def hypotest(mu):
+            import pyhf
+
+            from pyhf_dist.fast import layout
+
+            use_numpy()  # pyhf's own numbers: numpy and its default minimizer
+            if not built:
+
+                # As plain pyhf builds them: the patch applied to the whole workspace.
+                spec = layout.apply_patch(self._workspace, patch_operations or [])
+                built.extend(pyhf_model(spec, self.modifier_settings))
+            model, data = built
+            observed, expected = pyhf.infer.hypotest(mu, data, model, test_stat=test_stat, return_expected_set=True)
+            return float(observed), [float(value) for value in expected]
+
+        return hypotest
+
+    def problem(self, patch_operations: list | None):
+        """The patch's :class:`~pyhf_dist.fast.problem.FitProblem` (its structure checked against pyhf once).
+
+        Raises:
+            FastPathUnsupported: As :meth:`hypotest`, for the patch itself.
+        """
+        with self._lock:
+            return self._problem(patch_operations)
+
+    def warm_up(self) -> None:
+        """Compile (or load from the persistent cache) the likelihood for this workspace's layout.
+
+        Uses the background-only model with room for a signal sample in every channel, so the
+        first patch usually finds its layout compiled (patches that remove channels share it).
+        Cheap to call more than once.
+        """
+        from pyhf_dist.fast import layout
+
+        configure_jax()
+        with self._lock:
+            if self._layouts:
+                return
+            _, arrays = self.arrays(None, require_poi=False)
+            sizes = arrays.sizes
+            room = layout.Caps(
+                bins=sizes.bins,
+                slots=sizes.slots + len(self._workspace["channels"]),
+                width=sizes.width,
+                histosys=sizes.histosys,
+                normsys=sizes.normsys,
+                factors=sizes.factors + 1,
+                pars=sizes.pars + 1,
+            )
+            caps = layout.Caps.around(room)
+            self._layouts.append(caps)
+            self._padded(arrays, caps)
+
+    def _layout_for(self, sizes):
+        """The layout a patch of ``sizes`` is padded to: a cheap enough existing one, one grown, or a new one."""
+        from pyhf_dist.fast import layout
+
+        own = layout.Caps.around(sizes)
+        limit = max(_SHARE_LIMIT * own.volume, _SMALL_LAYOUT)
+        fitting = [caps for caps in self._layouts if caps.covers(sizes) and caps.volume <= limit]
+        if fitting:
+            return min(fitting, key=lambda caps: caps.volume)
+        for index, caps in enumerate(self._layouts):
+            grown = caps.grown(sizes)
+            if grown.volume <= limit:
+                # One layout for both shapes: later patches of either need no other compilation.
+                self._layouts[index] = grown
+                return grown
+        self._layouts.append(own)
+        return own
+
+    def _padded(self, arrays, caps):
+        """``(device layout, padded parameters, padded main data, functions)``, compiled for ``caps``."""
+        from pyhf_dist.fast import layout, likelihood
+
+        padded = layout.pad(arrays, caps)
+        params = layout.pad_parameters(arrays, caps)
+        main = layout.pad_main(arrays, caps)
+        device = likelihood.device_layout(padded, self._codes)
+        functions = likelihood.functions(*self._codes)
+        _compile(caps, self._codes, functions, device, params, main)
+        return device, params, main, functions
+
+    def _problem(self, patch_operations):
+        from pyhf_dist.fast.problem import FitProblem
+
+        configure_jax()
+        spec, arrays = self.arrays(patch_operations)
+        caps = self._layout_for(arrays.sizes)
+        device, params, main, functions = self._padded(arrays, caps)
+        if self._verify:
+            described = _structure(spec, arrays, caps, self._codes)
+            if described not in self._verified:
+                checked = self._check_structure(described, spec, arrays, functions, device, params, main)
+                self._verified[described] = checked
+            if not self._verified[described]:
+                raise FastPathUnsupported("this structure did not reproduce pyhf's model in the check")
+        import jax
+
+        return FitProblem(
+            functions=functions,
+            layout=device,
+            init=params["init"],
+            lower=params["lower"],
+            upper=params["upper"],
+            fixed=params["fixed"],
+            main=jax.device_put(main),
+            aux=jax.device_put(params["aux"]),
+            poi_index=arrays.poi_index,
+            n_pars=len(arrays.init),
+        )
+
+    def _check_structure(self, described, spec, arrays, functions, device, params, main) -> bool:
+        """:meth:`_matches_pyhf`, or its remembered outcome for this workspace, settings and versions."""
+        if self._key is None:
+            return self._matches_pyhf(spec, arrays, functions, device, params, main)
+        key = cache.digest(self._key, described, cache.versions("pyhf", "jax", "jaxlib", "numpy", "scipy"))
+        # Workers meeting a structure together: one checks, the others take its outcome.
+        with cache.exclusive("structure-" + key):
+            remembered = cache.recall("structure", key)
+            if remembered in ("same", "different"):
+                return remembered == "same"
+            same = self._matches_pyhf(spec, arrays, functions, device, params, main)
+            cache.remember("structure", key, "same" if same else "different")
+        return same
+
+    def _matches_pyhf(self, spec, arrays, functions, device, params, main) -> bool:
+        """Compare parameters, data and logpdf at the init and random points with pyhf's model.
+
+        The model and data are pyhf's own for the patched workspace, ``pyhf.Workspace(spec)``,
+        ``.model(modifier_settings=...)`` and ``.data(model)``: what a user fitting the patch
+        with pyhf gets.
+        """
+        import pyhf
+
+        previous = pyhf.tensorlib.name
+        if previous != "numpy":
+            pyhf.set_backend("numpy")
+        try:
+            try:
+                # Validation changes no number; the scan validated the background, and plain pyhf
+                # gives its own error on a patch it cannot read.
+                model, data = pyhf_model(spec, self.modifier_settings, validate=False)
+                data = np.asarray(data, dtype=float)
+            except Exception as error:  # noqa: BLE001 - pyhf's own error comes with its fallback
+                log.warning("fast path: pyhf cannot build this patch's model (%s); using plain pyhf", error)
+                return False
+            config = model.config
+            n = len(arrays.init)
+            bins = len(arrays.main_data)
+            constrained = arrays.gauss | arrays.poisson
+            same = (
+                config.par_names == arrays.par_names
+                and config.poi_index == arrays.poi_index
+                and np.array_equal(config.suggested_init(), arrays.init)
+                and np.array_equal(np.asarray(config.suggested_bounds(), dtype=float), np.stack([arrays.lower, arrays.upper], 1))
+                and list(config.suggested_fixed()) == list(arrays.fixed)
+                and len(data) == bins + len(config.auxdata)
+                and np.array_equal(data[:bins], arrays.main_data)
+                and np.allclose(config.auxdata, arrays.aux[constrained], rtol=1e-12, atol=0)
+            )
+            if not same:
+                log.warning("fast path: parameters or data differ from pyhf's for this structure; using plain pyhf")
+                return False
+            rng = np.random.default_rng(7)
+            points = [arrays.init]
+            for _ in range(3):
+                # Nuisance parameters around 0 reach past +-1 to exercise every interpolation branch.
+                around_zero = arrays.init + rng.uniform(-1.6, 1.6, n)
+                around_one = arrays.init * rng.uniform(0.8, 1.2, n)
+                points.append(np.clip(np.where(arrays.init == 0, around_zero, around_one), arrays.lower, arrays.upper))
+            for point in points:
+                expected = float(model.logpdf(point, data)[0])
+                theta = params["init"].copy()
+                theta[:n] = point
+                ours = functions.logpdf(theta, main, params["aux"], device)
+                if not np.isfinite(expected):
+                    continue
+                if not abs(ours - expected) <= _LOGPDF_RTOL * max(1.0, abs(expected)):
+                    log.warning("fast path: logpdf %.12g differs from pyhf's %.12g; using plain pyhf", ours, expected)
+                    return False
+            return True
+        finally:
+            if previous != "numpy":
+                pyhf.set_backend(previous)
+
+
+def _structure(spec: dict, arrays, caps, codes) -> str:
+    """What one check against pyhf vouches for: the layout, interpolation codes, modifier types,
+    channels (names and bins), which parameters the measurement configures (and how), the POI.
+
+    Deterministic across processes (it keys the remembered outcome): sorted, no sets.
+    """
+    config = spec["measurements"][0]["config"]
+    channels = sorted((channel["name"], len(channel["samples"][0]["data"])) for channel in spec["channels"])
+    configured = sorted((parameter["name"], sorted(parameter)) for parameter in config.get("parameters", []))
+    return repr((caps, codes, sorted(arrays.modifier_types), channels, configured, config["poi"]))
+
+
+_COMPILED: set = set()
+_COMPILED_LOCK = threading.Lock()
+
+
+def _compile(caps, codes, functions, device, params, main) -> None:
+    """Compile the functions for ``caps`` in this process, once; on a machine, one worker compiles.
+
+    Workers that meet a layout not compiled yet take turns: the first compiles into the persistent
+    cache, the others then load from it instead of compiling too.
+    """
+    from pyhf_dist.fast import likelihood
+
+    with _COMPILED_LOCK:
+        if (caps, codes) in _COMPILED:
+            return
+        # The device arrays' names are part of the compiled function's signature.
+        key = cache.digest(repr((caps, codes, sorted(device))), cache.versions("jax", "jaxlib"))
+        first = likelihood.persistent_cache() is not None and cache.recall("compiled", key) is None
+        with cache.exclusive("compile-" + key) if first else contextlib.nullcontext():
+            functions.value_and_grad(params["init"], main, params["aux"], device)
+            functions.expected(params["init"], device)
+            functions.fisher_diagonal(params["init"], device)
+            if first:
+                cache.remember("compiled", key, "yes")
+        _COMPILED.add((caps, codes))
+
+
+def for_state(state) -> FastHypotest:
+    """The :class:`FastHypotest` of a worker's :class:`~pyhf_dist.runtime.state.WorkerState` (made once)."""
+    fast = state.memo.get("fast_hypotest")
+    if fast is None:
+        with state.lock:
+            fast = state.memo.get("fast_hypotest")
+            if fast is None:
+                settings = state.settings
+                fast = FastHypotest(
+                    state.workspace_spec, settings.modifier_settings, key=state.key, match_pyhf=settings.match_pyhf
+                )
+                state.memo["fast_hypotest"] = fast
+    return fast
+
+
+def preload() -> None:
+    """Import and configure what the fast path runs on (jax, scipy's minimizer), nothing else."""
+    import scipy.optimize  # noqa: F401
+
+    from pyhf_dist.fast import fit, layout  # noqa: F401
+
+    configure_jax()
+    import jax
+
+    jax.devices()  # starts the XLA CPU client
+
+
+def warm_up(state) -> None:
+    """Worker start-up hook: compile the likelihood before the first task arrives.
+
+    For scans that will take the fast path (``backend="jax"``, asymptotic hypotests); does nothing
+    otherwise, and never raises (a workspace the fast path cannot read is simply fitted by pyhf).
+    """
+    if not state.settings.fast_path:
+        return
+    try:
+        for_state(state).warm_up()
+    except FastPathUnsupported as error:
+        log.info("fast path not used for this workspace: %s", error)
