@@ -57,7 +57,7 @@ def draw_toys(workspace: dict, operations: list, problem, ntoys: int, seed: int 
         samples["source"] = "pyhf (as ToyCalculator after numpy.random.seed)"
         return samples
     # Without pyhf: the fast path's conditional fits and pyhf's sampling distributions.
-    from pyhf_dist.fast import toystats
+    from pyhf_dist.runtime.fast import toystats
 
     rng = np.random.default_rng(seed)
     n = problem.n_pars
@@ -84,7 +84,7 @@ def run(problem, samples, device, batch: int, count: int) -> dict:
     """Statistics of the first ``count`` toys of each hypothesis on ``device``; times and results."""
     import numpy as np
 
-    from pyhf_dist.fast import batched, toystats
+    from pyhf_dist.runtime.fast import batched, toystats
 
     fitter = batched.BatchFitter(problem, device=device, batch=batch, fallback=False)
     # Compile (or load from the persistent cache) on a handful of toys first.
@@ -131,7 +131,7 @@ def main() -> None:
     import numpy as np
 
     import pyhf_dist
-    from pyhf_dist.fast import FastHypotest, configure_jax
+    from pyhf_dist.runtime.fast import FastHypotest, configure_jax
 
     configure_jax()
     pallet = pyhf_dist.load_pallet(args.tarball, validate=False)

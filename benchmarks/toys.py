@@ -105,7 +105,7 @@ def fast_toys(label: str, ntoys: int, seed: int) -> dict:
     from pyhf_dist.runtime import reference
 
     from pyhf_dist.runtime import toys
-    from pyhf_dist.fast import FastPathUnsupported, batched, for_state, toystats
+    from pyhf_dist.runtime.fast import FastPathUnsupported, batched, for_state, toystats
     from pyhf_dist.settings import FitSettings
     from pyhf_dist.protocol import WorkerContext
     from pyhf_dist.runtime import initialize

@@ -21,7 +21,7 @@ from pyhf_dist.runtime import calculations  # noqa: E402
 from pyhf_dist.runtime import reference  # noqa: E402
 from pyhf_dist import chunks as chunk_plan  # noqa: E402
 from pyhf_dist.runtime import toys  # noqa: E402
-from pyhf_dist.fast import FastHypotest, batch_model, batched, toystats  # noqa: E402
+from pyhf_dist.runtime.fast import FastHypotest, batch_model, batched, toystats  # noqa: E402
 from pyhf_dist.results import FitRecord, ScanResult  # noqa: E402
 from pyhf_dist.settings import FitSettings  # noqa: E402
 from pyhf_dist.protocol import WorkerContext  # noqa: E402
@@ -346,7 +346,7 @@ def test_stau_toys_are_pyhfs_fits_toy_by_toy(stau_tarball):
     assert chunk["engine"] == "fast"
     model, data = reference.build_model(state, patch.operations)
     samples = toys.draw(model, data, settings)
-    fitter = batched.BatchFitter(pyhf_dist.fast.for_state(state).problem(patch.operations))
+    fitter = batched.BatchFitter(pyhf_dist.runtime.fast.for_state(state).problem(patch.operations))
     init, bounds, fixed = model.config.suggested_init(), model.config.suggested_bounds(), model.config.suggested_fixed()
     agree = 0
     for key, sample, generating in (("sb", "signal", "signal_pars"), ("b", "background", "background_pars")):

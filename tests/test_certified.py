@@ -248,7 +248,7 @@ def test_a_patch_removing_a_channel_converges_on_the_shared_layout(lbb_pallet):
     fell back to plain pyhf as "a fit did not converge"."""
     import numpy as np
 
-    from pyhf_dist.fast import FastHypotest
+    from pyhf_dist.runtime.fast import FastHypotest
 
     workspace = lbb_pallet.workspace
     channel = next(i for i, c in enumerate(workspace["channels"]) if c["name"] == "SRHMEM_mct2")
@@ -277,7 +277,7 @@ def test_a_patch_removing_a_channel_converges_on_the_shared_layout(lbb_pallet):
 def test_a_fit_l_bfgs_b_does_not_finish_is_finished_by_minuit(erjr_pallet, monkeypatch):
     """Fitted harder: where L-BFGS-B stops short of a minimum (here held to 3 iterations), MINUIT
     continues on the compiled gradient, and the certificate names it."""
-    from pyhf_dist.fast import FastHypotest, problem as fits
+    from pyhf_dist.runtime.fast import FastHypotest, problem as fits
 
     problem = FastHypotest(erjr_pallet.workspace).problem(erjr_pallet.patches[0].operations)
     reference = problem.minimum(problem.main, problem.aux, {"init": problem.init})

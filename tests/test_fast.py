@@ -14,7 +14,7 @@ pytest.importorskip("jax")
 
 import pyhf  # noqa: E402
 
-from pyhf_dist.fast import FastHypotest, FastPathUnsupported, for_state, layout, likelihood, parsets, warm_up  # noqa: E402
+from pyhf_dist.runtime.fast import FastHypotest, FastPathUnsupported, for_state, layout, likelihood, parsets, warm_up  # noqa: E402
 
 from helpers import HISTOSYS_CODES, LBB_SAMPLE, NORMSYS_CODES, interp_settings, random_points, small_workspace  # noqa: E402
 
@@ -165,7 +165,7 @@ def test_worker_hooks_build_once_and_compile():
 
 
 def test_importing_the_package_does_not_import_jax():
-    code = "import sys, pyhf_dist, pyhf_dist.fast, pyhf_dist.runtime.calculations; print('jax' in sys.modules)"
+    code = "import sys, pyhf_dist, pyhf_dist.runtime.fast, pyhf_dist.runtime.calculations; print('jax' in sys.modules)"
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert output.strip() == "False"
 

@@ -25,7 +25,7 @@ from pyhf_dist.runtime import calculations  # noqa: E402
 from pyhf_dist.exceptions import SettingsError  # noqa: E402
 from pyhf_dist.executors.funcx.endpoint import pyhf_dist_fit  # noqa: E402
 from pyhf_dist.protocol import encode  # noqa: E402
-from pyhf_dist.fast import FastHypotest  # noqa: E402
+from pyhf_dist.runtime.fast import FastHypotest  # noqa: E402
 from pyhf_dist.pallet import Pallet, Patch  # noqa: E402
 from pyhf_dist.results import ScanResult  # noqa: E402
 from pyhf_dist.settings import FitSettings  # noqa: E402

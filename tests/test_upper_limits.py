@@ -255,12 +255,12 @@ def test_demo_certified_limits_where_pyhfs_noise_fails_its_search():
 @needs_jax
 def test_fast_path_asks_plain_pyhf_only_for_the_value_its_noise_decides(caplog):
     """Best fit at mu = 0 (every demo point): of the 40-50 values tested, pyhf computes mu = 0 alone."""
-    from pyhf_dist.fast import FastHypotest
+    from pyhf_dist.runtime.fast import FastHypotest
 
     pallet = pyhf_dist.demo_pallet()
     fast = FastHypotest(pallet.workspace, match_pyhf=True)
     (patch,) = [p for p in pallet.patches if p.name == "demo_800_150"]
-    with caplog.at_level(logging.INFO, logger="pyhf_dist.fast"):
+    with caplog.at_level(logging.INFO, logger="pyhf_dist.runtime.fast"):
         limits = fast.upper_limit(patch.operations)
     pattern = r"fast path: (\d+) of (\d+) POI values computed by plain pyhf"
     (found,) = [match for match in (re.match(pattern, r.getMessage()) for r in caplog.records) if match]

@@ -48,7 +48,7 @@ def _check_compile_cache() -> None:
     memory without each saying so again. (Workers elsewhere check their own cache.)
     """
     from pyhf_dist import cache
-    from pyhf_dist.fast.likelihood import CACHE_ENV
+    from pyhf_dist.runtime.fast.likelihood import CACHE_ENV
 
     base = cache.root()
     directory = os.environ.get(CACHE_ENV) or (str(base / "jax") if base is not None else "off")

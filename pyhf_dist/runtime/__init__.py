@@ -13,7 +13,7 @@ defines them.
 * :mod:`~pyhf_dist.runtime.calculations` — the fast path or plain pyhf for a task;
 * :mod:`~pyhf_dist.runtime.reference` — plain pyhf: model building, hypotest, upper limits;
 * :mod:`~pyhf_dist.runtime.toys` — one chunk of a patch's pseudo-experiments;
-* :mod:`pyhf_dist.fast` — the compiled engine.
+* :mod:`pyhf_dist.runtime.fast` — the compiled engine.
 """
 
 from pyhf_dist.runtime.dispatch import run_task, worker_info

@@ -2,7 +2,7 @@
 
 :func:`compute` runs what the scan's settings ask for on one task — an asymptotic hypotest, an
 upper limit, or one chunk of a patch's pseudo-experiments — on the compiled fast path
-(:mod:`pyhf_dist.fast`) when the settings choose it and it covers the patch, and on plain pyhf
+(:mod:`pyhf_dist.runtime.fast`) when the settings choose it and it covers the patch, and on plain pyhf
 (:mod:`pyhf_dist.runtime.reference`) otherwise, recording why.
 """
 
@@ -65,8 +65,8 @@ def _check_fallback_allowed(settings, reason: str | None) -> None:
 
 def _fast_toys(state, task: dict, model, data, chunk: dict, key: str) -> tuple[dict | None, str | None]:
     """``(chunk numbers, None)`` from the batched fast path, or ``(None, why it declined)``."""
-    from pyhf_dist import fast
-    from pyhf_dist.fast import toystats
+    from pyhf_dist.runtime import fast
+    from pyhf_dist.runtime.fast import toystats
 
     try:
         return toystats.run_chunk(fast.for_state(state), task["patch"], model, data, state.settings, chunk, key), None
@@ -89,7 +89,7 @@ def _workspace_digest(state) -> str:
 
 def _fast(state, task: dict) -> tuple[dict | None, str | None]:
     """``(numbers, None)`` from the compiled fast path, or ``(None, why it declined)``."""
-    from pyhf_dist import fast
+    from pyhf_dist.runtime import fast
 
     settings = state.settings
     try:

@@ -8,7 +8,7 @@ Upper limits are those of ``pyhf.infer.intervals.upper_limits.upper_limit`` call
 the same arguments: root-finding (``scan=None``, pyhf's TOMS 748 search between the POI bounds)
 by default, or interpolation on the grid ``numpy.linspace(start, stop, points)`` when the
 settings give ``upper_limit_scan=(start, stop, points)``. The compiled fast path
-(:mod:`pyhf_dist.fast.limits`) runs the same two searches, :func:`toms748_scan` and
+(:mod:`pyhf_dist.runtime.fast.limits`) runs the same two searches, :func:`toms748_scan` and
 :func:`grid_scan`, pyhf 0.7.6's algorithms with the hypotest as an argument: the same
 tolerances, bounds, bracket extension, choice of brackets for the expected band and
 interpolation, so the same limits come out of CLs values that agree with pyhf's.

@@ -103,7 +103,7 @@ def initialize(context: Context) -> WorkerState:
             state = WorkerState(context)
             _STATES[context.key] = state
             _SETUP_COUNT += 1
-            from pyhf_dist import fast
+            from pyhf_dist.runtime import fast
 
             # Compile the fast path's likelihood now, while the client is still sending tasks
             # (a no-op for scans that do not use it).
@@ -123,7 +123,7 @@ def preload(settings: dict) -> None:
         from pyhf_dist.settings import FitSettings
 
         if FitSettings.from_dict(settings).fast_path:
-            from pyhf_dist import fast
+            from pyhf_dist.runtime import fast
 
             fast.preload()
         else:

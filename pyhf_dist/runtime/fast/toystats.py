@@ -2,7 +2,7 @@
 
 pyhf's :class:`~pyhf.infer.calculators.ToyCalculator` fits every toy twice (conditional and free)
 with SLSQP, one after the other. Here the same statistics come from the batched engine
-(:mod:`~pyhf_dist.fast.batched`), all fits of a chunk in one stream:
+(:mod:`~pyhf_dist.runtime.fast.batched`), all fits of a chunk in one stream:
 
 * the toys themselves are pyhf's, bit for bit: they are drawn by pyhf from the parameters of
   pyhf's own conditional fits (``pyhf.infer.mle.fixed_poi_fit``) after ``numpy.random.seed``
@@ -12,7 +12,7 @@ with SLSQP, one after the other. Here the same statistics come from the batched 
   ``q``) or ``muhat < 0`` (``q0``, with ``mu = 0``); every fit starts, as pyhf's, from the
   suggested initial values (the POI at the tested value for the conditional fit);
 * the observed statistic too, unless it lies at the noise level of pyhf's fits
-  (:data:`~pyhf_dist.fast.fit.NOISE_FLOOR`): there CLs hinges on which toys tie with it, so it is
+  (:data:`~pyhf_dist.runtime.fast.fit.NOISE_FLOOR`): there CLs hinges on which toys tie with it, so it is
   taken from pyhf's own fits.
 
 Example:
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pyhf_dist.fast.fit import NOISE_FLOOR, SIGN_FLOOR
+from pyhf_dist.runtime.fast.fit import NOISE_FLOOR, SIGN_FLOOR
 
 __all__ = [
     "at_noise_level",
@@ -88,7 +88,7 @@ def toy_statistics(fitter, samples, poi_test: float, test_stat: str, metric_at=N
     """The test statistic of every data row of ``samples``.
 
     Args:
-        fitter: A :class:`~pyhf_dist.fast.batched.BatchFitter` of the patch.
+        fitter: A :class:`~pyhf_dist.runtime.fast.batched.BatchFitter` of the patch.
         samples: ``[N, bins + auxdata]`` datasets in pyhf's layout (toys, or the observed data).
         poi_test: The tested POI value.
         test_stat: ``"qtilde"``, ``"q"`` or ``"q0"``.
@@ -106,7 +106,7 @@ def toy_statistics(fitter, samples, poi_test: float, test_stat: str, metric_at=N
         [N, n_pars], "theta_free": [N, n_pars], "converged": [N], "runaway": [N],
         "evaluations": int, "fallbacks": int}`` (``-2 log L`` minima up to a
         constant per row; a statistic is NaN where a fit was lost, see
-        :class:`~pyhf_dist.fast.batched.BatchResult`).
+        :class:`~pyhf_dist.runtime.fast.batched.BatchResult`).
     """
     problem = fitter.problem
     mu = tested_value(poi_test, test_stat)
@@ -165,7 +165,7 @@ def run_chunk(fast, patch_operations, model, data, settings, chunk: dict, key: s
     """The toys ``[start, stop)`` of one patch on the batched engine: a chunk record as plain pyhf's.
 
     Args:
-        fast: The worker's :class:`~pyhf_dist.fast.FastHypotest`.
+        fast: The worker's :class:`~pyhf_dist.runtime.fast.FastHypotest`.
         patch_operations: The patch's jsonpatch operations.
         model: The patched ``pyhf.pdf.Model`` (numpy backend): pyhf's generating fits and draws.
         data: Its observed data.
@@ -186,8 +186,8 @@ def run_chunk(fast, patch_operations, model, data, settings, chunk: dict, key: s
             check, or pyhf's own minimizer stalling on it); plain pyhf fits the chunk.
     """
     from pyhf_dist.runtime import toys
-    from pyhf_dist.fast.batched import BatchFitter
-    from pyhf_dist.fast.errors import FastPathUnsupported
+    from pyhf_dist.runtime.fast.batched import BatchFitter
+    from pyhf_dist.runtime.fast.errors import FastPathUnsupported
 
     problem = fast.problem(patch_operations)
     fitter = BatchFitter(problem)

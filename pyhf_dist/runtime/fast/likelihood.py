@@ -1,7 +1,7 @@
 """The HistFactory likelihood in jax, with every patch-specific number an argument.
 
 One compiled function per (interpolation codes, array shapes) serves every patch padded to the
-same :class:`~pyhf_dist.fast.layout.Caps` (bins past a patch's own, marked by ``bin_used``, add
+same :class:`~pyhf_dist.runtime.fast.layout.Caps` (bins past a patch's own, marked by ``bin_used``, add
 nothing): a new patch costs a host-to-device copy of its arrays, not a trace and an XLA
 compilation as a new ``pyhf.Model`` on the jax backend does.
 
@@ -158,7 +158,7 @@ def device_layout(padded: dict, codes: tuple):
 
 
 # The arithmetic shared by the likelihood of one dataset (:class:`Functions`) and of a batch of
-# datasets (:mod:`pyhf_dist.fast.batched`). Leading axes of ``a`` and ``theta`` are batch axes.
+# datasets (:mod:`pyhf_dist.runtime.fast.batched`). Leading axes of ``a`` and ``theta`` are batch axes.
 
 
 def histosys_coefficients(a, code: str):

@@ -1,6 +1,6 @@
 """The batched fitting engine: many maximum-likelihood fits of one patch in one compiled loop.
 
-One fit on the fast path (:meth:`~pyhf_dist.fast.fit.FitProblem.fit`) drives scipy's L-BFGS-B
+One fit on the fast path (:meth:`~pyhf_dist.runtime.fast.fit.FitProblem.fit`) drives scipy's L-BFGS-B
 from Python: each of its ~200 evaluations crosses from Python to XLA and back, which costs far
 more than the arithmetic. Pseudo-experiments are the same model with other data, so here many
 fits advance together inside XLA, each in a *slot* of a batch:
@@ -19,7 +19,7 @@ fits advance together inside XLA, each in a *slot* of a batch:
   so a slow fit holds one slot, not a whole batch.
 * **Fallback** — a fit that does not converge here (more than :data:`MAX_HELD` parameters at
   bounds, :data:`MAX_EVALUATIONS` evaluations, a line search that cannot progress away from a
-  minimum) is redone one at a time by :meth:`~pyhf_dist.fast.fit.FitProblem.fit`.
+  minimum) is redone one at a time by :meth:`~pyhf_dist.runtime.fast.fit.FitProblem.fit`.
 
 It runs wherever jax runs: on a GPU when jax sees one (large batches), on CPU otherwise
 (batches of :data:`CPU_BATCH`, whose arrays stay in the processor's caches).
@@ -47,10 +47,10 @@ import logging
 
 import numpy as np
 
-from pyhf_dist.fast import quasi_newton
-from pyhf_dist.fast.batch_model import BatchModel, kernels
-from pyhf_dist.fast.errors import FastPathUnsupported
-from pyhf_dist.fast.quasi_newton import MAX_HELD
+from pyhf_dist.runtime.fast import quasi_newton
+from pyhf_dist.runtime.fast.batch_model import BatchModel, kernels
+from pyhf_dist.runtime.fast.errors import FastPathUnsupported
+from pyhf_dist.runtime.fast.quasi_newton import MAX_HELD
 
 __all__ = [
     "BatchFitter",
@@ -81,7 +81,7 @@ FLAT = 1e-9
 FLAT_STEPS = 4
 #: The objective is >= 0 wherever every expected yield is >= 0; it goes below only through
 #: negative yields of empty bins, which pyhf allows (see
-#: :func:`~pyhf_dist.fast.likelihood.expected_for_poisson`). Below -RUNAWAY a fit has left any
+#: :func:`~pyhf_dist.runtime.fast.likelihood.expected_for_poisson`). Below -RUNAWAY a fit has left any
 #: physical region (an empty bin expecting hundreds of events below zero, parameters at their
 #: bounds): the likelihood has no minimum there, pyhf's minimizer stops wherever it fails, and
 #: the fit is stopped and reported as such (:attr:`BatchResult.runaway`).
@@ -139,7 +139,7 @@ class BatchResult:
 
 
 class BatchFitter:
-    """Batches of fits of one :class:`~pyhf_dist.fast.fit.FitProblem`.
+    """Batches of fits of one :class:`~pyhf_dist.runtime.fast.fit.FitProblem`.
 
     Args:
         problem: The patch on the fast path (its layout, bounds, fixed parameters, scaling).

@@ -1,10 +1,10 @@
 """One patch's likelihood for a batch of parameter vectors and datasets at once.
 
-The likelihood of :mod:`~pyhf_dist.fast.likelihood` evaluates one parameter vector per call;
+The likelihood of :mod:`~pyhf_dist.runtime.fast.likelihood` evaluates one parameter vector per call;
 vectorising it with ``jax.vmap`` turns its gathers into batched scatters in the gradient and its
 code4 product into strided passes over large arrays, which on a CPU cost ten times the arithmetic.
 Here the same HistFactory arithmetic (the interpolation helpers of
-:mod:`~pyhf_dist.fast.likelihood`) is written for a leading batch axis:
+:mod:`~pyhf_dist.runtime.fast.likelihood`) is written for a leading batch axis:
 
 * only what carries numbers is kept: the (sample, bin) entries that exist (the padded layout
   is twice as large on 1Lbb), histosys and normsys rows of real parameters; these compact
@@ -29,7 +29,7 @@ import threading
 
 import numpy as np
 
-from pyhf_dist.fast.likelihood import (
+from pyhf_dist.runtime.fast.likelihood import (
     YIELD_FLOOR,
     configure_jax,
     expected_for_poisson,
@@ -109,7 +109,7 @@ class BatchModel:
 
     @classmethod
     def from_problem(cls, problem) -> "BatchModel":
-        """The compact arrays of a :class:`~pyhf_dist.fast.fit.FitProblem`'s padded layout."""
+        """The compact arrays of a :class:`~pyhf_dist.runtime.fast.fit.FitProblem`'s padded layout."""
         import jax
 
         configure_jax()
@@ -205,7 +205,7 @@ def _code4_parts(at, coef):
     """Factors ``1 + sum_k c_k alpha^k`` inside ``|alpha| < 1`` (1 outside) and their derivatives.
 
     ``at`` is ``[Kn, N]``; the results are ``[Kn, S, N]``. Horner's scheme, the same polynomial
-    as pyhf's code4 (see :func:`~pyhf_dist.fast.likelihood.code4_coefficients`).
+    as pyhf's code4 (see :func:`~pyhf_dist.runtime.fast.likelihood.code4_coefficients`).
     """
     import jax.numpy as jnp
 

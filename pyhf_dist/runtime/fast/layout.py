@@ -3,15 +3,15 @@
 pyhf builds a new ``Model`` (and new constants for jax) for every patch; here a patch becomes a
 :class:`PatchArrays` of numpy arrays whose *shapes* are all the compiled likelihood depends on.
 :func:`workspace_arrays` reads a whole patched workspace, as ``pyhf.PatchSet`` applies a patch
-(:func:`~pyhf_dist.fast.patching.apply_patch`, copy-on-write). The parameters follow pyhf's
-parameter sets (:mod:`~pyhf_dist.fast.parsets`); :mod:`~pyhf_dist.fast.padding` brings the arrays
-of different patches to one common shape (:class:`~pyhf_dist.fast.padding.Caps`), so one compiled
+(:func:`~pyhf_dist.runtime.fast.patching.apply_patch`, copy-on-write). The parameters follow pyhf's
+parameter sets (:mod:`~pyhf_dist.runtime.fast.parsets`); :mod:`~pyhf_dist.runtime.fast.padding` brings the arrays
+of different patches to one common shape (:class:`~pyhf_dist.runtime.fast.padding.Caps`), so one compiled
 function serves every patch of that shape. Those names are re-exported here.
 
 The semantics follow pyhf 0.7 exactly (``pyhf.pdf``, ``pyhf.modifiers``): channels and samples in
 sorted order, parameters in pyhf's ``par_order``, staterror widths pooled over every sample
 carrying the modifier, shapesys factors ``(nominal/uncertainty)**2``. Anything outside what is
-reproduced here raises :class:`~pyhf_dist.fast.errors.FastPathUnsupported`.
+reproduced here raises :class:`~pyhf_dist.runtime.fast.errors.FastPathUnsupported`.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import dataclasses
 
 import numpy as np
 
-from pyhf_dist.fast import parsets
-from pyhf_dist.fast.errors import FastPathUnsupported
-from pyhf_dist.fast.padding import Caps, pad, pad_main, pad_parameters
-from pyhf_dist.fast.parsets import MODIFIER_TYPES
-from pyhf_dist.fast.patching import apply_patch
+from pyhf_dist.runtime.fast import parsets
+from pyhf_dist.runtime.fast.errors import FastPathUnsupported
+from pyhf_dist.runtime.fast.padding import Caps, pad, pad_main, pad_parameters
+from pyhf_dist.runtime.fast.parsets import MODIFIER_TYPES
+from pyhf_dist.runtime.fast.patching import apply_patch
 from pyhf_dist.settings import HISTOSYS_CODES, NORMSYS_CODES
 
 __all__ = [

@@ -17,7 +17,7 @@ import typing
 import numpy as np
 from scipy.optimize import minimize
 
-from pyhf_dist.fast.errors import FastPathUnsupported
+from pyhf_dist.runtime.fast.errors import FastPathUnsupported
 
 __all__ = ["ACCEPT_GRADIENT", "PROBE_RADIUS", "SAME_MINIMUM", "Fit", "FitProblem"]
 
@@ -100,7 +100,7 @@ class FitProblem:
     """One patch on the compiled likelihood.
 
     Attributes:
-        functions: The :class:`~pyhf_dist.fast.likelihood.Functions`.
+        functions: The :class:`~pyhf_dist.runtime.fast.likelihood.Functions`.
         layout: The patch's device arrays (``L``).
         init, lower, upper: Suggested initial values and bounds (padded).
         fixed: Parameters held at their initial value.

@@ -1,6 +1,6 @@
 """pyhf's asymptotic hypotests on the compiled likelihood, from certified fits.
 
-The fits are :class:`~pyhf_dist.fast.problem.FitProblem`'s (L-BFGS-B on the compiled likelihood).
+The fits are :class:`~pyhf_dist.runtime.fast.problem.FitProblem`'s (L-BFGS-B on the compiled likelihood).
 The test statistics and p-values are pyhf's (``pyhf.infer.calculators.AsymptoticCalculator``,
 ``pyhf.infer.test_statistics``): the same five fits, the same Asimov dataset (expected main and
 auxiliary data at the conditional fit of the Asimov POI value), the same clipping and branches.
@@ -9,7 +9,7 @@ auxiliary data at the conditional fit of the Asimov POI value), the same clippin
 lowest ``-2 log L`` within pyhf's bounds, and every fit is checked before its number is used
 (:class:`Fit` is its certificate):
 
-* its projected gradient is small (:data:`~pyhf_dist.fast.problem.ACCEPT_GRADIENT`, in units
+* its projected gradient is small (:data:`~pyhf_dist.runtime.fast.problem.ACCEPT_GRADIENT`, in units
   of one standard deviation);
 * the free fit's ``-2 log L`` is not above any conditional fit's (the free fit's domain contains
   every conditional fit's): where it is, the free fit is refitted from that minimum;
@@ -17,7 +17,7 @@ lowest ``-2 log L`` within pyhf's bounds, and every fit is checked before its nu
   initial values (and, where the measurement sets others, from the constraints' centres) and
   from the minimum of another fit (the free fit from the conditional fit that makes the Asimov
   data, and every conditional fit from the free fit's minimum); a second start stops early once
-  it is within :data:`~pyhf_dist.fast.problem.PROBE_RADIUS` of the first's minimum. Where two
+  it is within :data:`~pyhf_dist.runtime.fast.problem.PROBE_RADIUS` of the first's minimum. Where two
   starts (or the check above) find different minima, the fits to the Asimov data get second
   starts too. Every fit starts where pyhf's starts, so where pyhf's fits converge, the numbers
   are pyhf's;
@@ -40,8 +40,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import ndtr
 
-from pyhf_dist.fast.errors import FastPathUnsupported
-from pyhf_dist.fast.problem import SAME_MINIMUM, Fit, FitProblem
+from pyhf_dist.runtime.fast.errors import FastPathUnsupported
+from pyhf_dist.runtime.fast.problem import SAME_MINIMUM, Fit, FitProblem
 
 __all__ = ["Fit", "FitProblem", "PoiScan", "asymptotic_cls", "hypotest"]
 

@@ -1,4 +1,4 @@
-"""Upper limits on the compiled likelihood: pyhf's searches driven by :class:`~pyhf_dist.fast.fit.PoiScan`.
+"""Upper limits on the compiled likelihood: pyhf's searches driven by :class:`~pyhf_dist.runtime.fast.fit.PoiScan`.
 
 pyhf's ``upper_limit`` calls a full hypotest (five fits) at every POI value its search visits,
 40 to 50 of them per patch with the default root-finding. Here the three fits that do not depend
@@ -7,9 +7,9 @@ first met in the searches of the expected limits only the fit to the Asimov data
 band depends on nothing else). The searches themselves are pyhf's
 (:func:`pyhf_dist.runtime.reference.toms748_scan`, :func:`pyhf_dist.runtime.reference.grid_scan`).
 
-The fits are certified (:mod:`~pyhf_dist.fast.fit`): every CLs value is that of converged fits.
+The fits are certified (:mod:`~pyhf_dist.runtime.fast.fit`): every CLs value is that of converged fits.
 With ``match_pyhf`` the limits are pyhf's own instead, noise included. A test statistic within
-fit precision of zero (:data:`~pyhf_dist.fast.fit.NOISE_FLOOR`; at ``mu = 0``, always for the
+fit precision of zero (:data:`~pyhf_dist.runtime.fast.fit.NOISE_FLOOR`; at ``mu = 0``, always for the
 Asimov data) has a CLs that is the noise of pyhf's fits there. That
 noise changes no limit as long as it leaves the CLs on the same side of the level in a root
 search (it only steers the next trial value: the search ends within its tolerance of the same
@@ -31,8 +31,8 @@ from typing import Callable
 import numpy as np
 
 from pyhf_dist.exceptions import UpperLimitError
-from pyhf_dist.fast import fit
-from pyhf_dist.fast.errors import FastPathUnsupported
+from pyhf_dist.runtime.fast import fit
+from pyhf_dist.runtime.fast.errors import FastPathUnsupported
 
 __all__ = ["upper_limit", "LIMIT_NOISE"]
 
@@ -53,7 +53,7 @@ def upper_limit(
     """Observed and expected upper limits of one patch, as ``pyhf...upper_limit(data, model, scan, level)``.
 
     Args:
-        problem: The patch (:class:`~pyhf_dist.fast.problem.FitProblem`).
+        problem: The patch (:class:`~pyhf_dist.runtime.fast.problem.FitProblem`).
         test_stat: ``"qtilde"`` or ``"q"``.
         level: CLs level of the limit (0.05: 95% CL).
         scan: ``None`` for pyhf's root-finding between the POI bounds, or the grid of POI values.
@@ -159,7 +159,7 @@ def _moves_limit(results: list, index: int, bounds: tuple, grid: list, level: fl
 
 def _cls_range(stats: dict, test_stat: str, *, powerless_is_one: bool = False):
     """CLs observed and expected (6 values) at the statistics, and their least and greatest over
-    the range a noisy statistic may take in pyhf (between 0 and :data:`~pyhf_dist.fast.fit.NOISE_FLOOR`).
+    the range a noisy statistic may take in pyhf (between 0 and :data:`~pyhf_dist.runtime.fast.fit.NOISE_FLOOR`).
 
     >>> central, low, high = _cls_range({"qmu": 0.0, "qmu_A": 1e-11, "noisy_obs": True, "noisy_A": True}, "qtilde")
     >>> bool(np.isnan(low[0]))  # pyhf's qmu_A rounded to 0 and its qmu not: 0/0

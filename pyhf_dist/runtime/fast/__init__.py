@@ -1,14 +1,14 @@
-"""The compiled fast path: asymptotic hypotests and upper limits (:mod:`~pyhf_dist.fast.limits`) of
+"""The compiled fast path: asymptotic hypotests and upper limits (:mod:`~pyhf_dist.runtime.fast.limits`) of
 many patches on one compiled likelihood.
 
 Plain pyhf builds a model per patch and, on the jax backend, traces and compiles it anew. Here a
 patch (applied to the whole workspace, as ``pyhf.PatchSet`` applies it) becomes arrays
-(:mod:`~pyhf_dist.fast.layout`) padded to a layout shared by the patches of its shape, fed to a
-likelihood compiled once per layout and process (:mod:`~pyhf_dist.fast.likelihood`, kept across
+(:mod:`~pyhf_dist.runtime.fast.layout`) padded to a layout shared by the patches of its shape, fed to a
+likelihood compiled once per layout and process (:mod:`~pyhf_dist.runtime.fast.likelihood`, kept across
 runs in a persistent XLA compilation cache) and fitted with preconditioned L-BFGS-B
-(:mod:`~pyhf_dist.fast.fit`).
+(:mod:`~pyhf_dist.runtime.fast.fit`).
 
-Its answers are converged fits, certified fit by fit (:mod:`~pyhf_dist.fast.fit`): the lowest
+Its answers are converged fits, certified fit by fit (:mod:`~pyhf_dist.runtime.fast.fit`): the lowest
 ``-2 log L`` within pyhf's bounds, not the point where pyhf's default minimizer happens to stop;
 with ``match_pyhf`` it reproduces pyhf's own numbers instead. What it does not cover raises
 :class:`FastPathUnsupported` with a one-line reason (the worker then runs plain pyhf for that
@@ -22,8 +22,8 @@ Example:
     {'CLs_obs': 0.52..., 'CLs_exp': [...], 'converged': True, 'fits': {...}}
 """
 
-from pyhf_dist.fast.engine import FastHypotest, for_state, preload, warm_up
-from pyhf_dist.fast.errors import FastPathUnsupported
-from pyhf_dist.fast.likelihood import CACHE_ENV, configure_jax
+from pyhf_dist.runtime.fast.engine import FastHypotest, for_state, preload, warm_up
+from pyhf_dist.runtime.fast.errors import FastPathUnsupported
+from pyhf_dist.runtime.fast.likelihood import CACHE_ENV, configure_jax
 
 __all__ = ["FastHypotest", "FastPathUnsupported", "CACHE_ENV", "configure_jax", "for_state", "preload", "warm_up"]

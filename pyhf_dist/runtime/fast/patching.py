@@ -2,14 +2,14 @@
 
 pyhf applies a patch with ``jsonpatch`` to a deep copy of the whole (multi-megabyte) workspace;
 :func:`apply_patch` gives the same document while sharing every untouched part with the original,
-which also lets :class:`~pyhf_dist.fast.layout.SampleCache` recognise untouched samples by identity.
+which also lets :class:`~pyhf_dist.runtime.fast.layout.SampleCache` recognise untouched samples by identity.
 """
 
 from __future__ import annotations
 
 import copy
 
-from pyhf_dist.fast.errors import FastPathUnsupported
+from pyhf_dist.runtime.fast.errors import FastPathUnsupported
 
 __all__ = ["apply_patch"]
 

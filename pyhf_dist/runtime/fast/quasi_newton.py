@@ -1,4 +1,4 @@
-"""The quasi-Newton direction of the batched engine (:mod:`~pyhf_dist.fast.batched`), per slot.
+"""The quasi-Newton direction of the batched engine (:mod:`~pyhf_dist.runtime.fast.batched`), per slot.
 
 The L-BFGS two-loop recursion over the parameters that move, with the starting inverse Hessian
 restricted to them by a Schur complement (parameters held at bounds or at a fixed POI value stay

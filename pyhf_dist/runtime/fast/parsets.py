@@ -3,7 +3,7 @@
 pyhf 0.7's ``required_parset`` of each modifier type and ``reduce_paramsets_requirements``,
 restated so that a worker need not import pyhf (and scipy.stats with it) to build a layout; the
 first patch of each structure is compared with pyhf's own model
-(:class:`~pyhf_dist.fast.engine.FastHypotest`), which catches any difference here.
+(:class:`~pyhf_dist.runtime.fast.engine.FastHypotest`), which catches any difference here.
 
 Parameters are registered in pyhf's ``par_order``: a builder's parameter sets in order of first
 occurrence over (sorted channels, sorted samples, sorted (name, type)), builder by builder in
@@ -19,7 +19,7 @@ import dataclasses
 
 import numpy as np
 
-from pyhf_dist.fast.errors import FastPathUnsupported
+from pyhf_dist.runtime.fast.errors import FastPathUnsupported
 
 __all__ = [
     "MODIFIER_TYPES",
@@ -131,7 +131,7 @@ def staterror_widths(name: str, carriers: list, geometry) -> tuple:
     Returns ``(sigmas, fixed, rank)`` where ``rank[global_bin]`` is the bin's parameter index
     within the modifier's parameter set (pyhf indexes the set by the masked global bins).
     Bins of zero width are fixed (with width 1), as in pyhf. ``geometry`` is the model's
-    :class:`~pyhf_dist.fast.layout.Channels`.
+    :class:`~pyhf_dist.runtime.fast.layout.Channels`.
     """
     channels, offsets, n_bins = geometry.channels, geometry.offsets, geometry.n_bins
     # pyhf keeps one mask per sample (by name, over all channels) and requires every carrier's
@@ -170,7 +170,7 @@ def reduced_requirements(slots: list, geometry, configured: list) -> tuple[dict,
         slots: ``(channel, sample, parsed sample)`` in pyhf's loop order (sorted channels, then
             sorted samples); a parsed sample has ``nominal``, ``modifiers`` (``(name, type,
             data)`` sorted by name and type) and ``staterrors`` (``(name, uncertainties)``).
-        geometry: The channels (:class:`~pyhf_dist.fast.layout.Channels`).
+        geometry: The channels (:class:`~pyhf_dist.runtime.fast.layout.Channels`).
         configured: The measurement's ``parameters`` (user configuration).
 
     Returns:
@@ -213,7 +213,7 @@ def reduced_requirements(slots: list, geometry, configured: list) -> tuple[dict,
 
 @dataclasses.dataclass
 class Parameters:
-    """The parameters of a model in pyhf's order, as arrays (see :class:`~pyhf_dist.fast.layout.PatchArrays`).
+    """The parameters of a model in pyhf's order, as arrays (see :class:`~pyhf_dist.runtime.fast.layout.PatchArrays`).
 
     ``start`` maps each parameter set's name to the index of its first parameter.
     """

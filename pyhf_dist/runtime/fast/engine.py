@@ -1,9 +1,9 @@
 """The fast path's engine: :class:`FastHypotest`, one per worker and background workspace.
 
-It turns a patch into a :class:`~pyhf_dist.fast.problem.FitProblem` on a compiled layout
-(:mod:`~pyhf_dist.fast.layout`, :mod:`~pyhf_dist.fast.likelihood`), checks the first patch of
+It turns a patch into a :class:`~pyhf_dist.runtime.fast.problem.FitProblem` on a compiled layout
+(:mod:`~pyhf_dist.runtime.fast.layout`, :mod:`~pyhf_dist.runtime.fast.likelihood`), checks the first patch of
 every structure against pyhf's own model, and runs the hypotests and upper limits of
-:mod:`~pyhf_dist.fast.fit` and :mod:`~pyhf_dist.fast.limits` on it. The worker hooks
+:mod:`~pyhf_dist.runtime.fast.fit` and :mod:`~pyhf_dist.runtime.fast.limits` on it. The worker hooks
 (:func:`for_state`, :func:`preload`, :func:`warm_up`) make and warm it.
 """
 
@@ -17,8 +17,8 @@ import threading
 import numpy as np
 
 from pyhf_dist import cache
-from pyhf_dist.fast.errors import FastPathUnsupported
-from pyhf_dist.fast.likelihood import configure_jax
+from pyhf_dist.runtime.fast.errors import FastPathUnsupported
+from pyhf_dist.runtime.fast.likelihood import configure_jax
 from pyhf_dist.runtime.reference import pyhf_model, use_numpy
 from pyhf_dist.settings import DEFAULT_MODIFIER_SETTINGS
 
@@ -71,7 +71,7 @@ class FastHypotest:
         key: str | None = None,
         match_pyhf: bool = False,
     ):
-        from pyhf_dist.fast import layout
+        from pyhf_dist.runtime.fast import layout
 
         self.modifier_settings = modifier_settings or copy.deepcopy(DEFAULT_MODIFIER_SETTINGS)
         self._codes = layout.interpolation_codes(self.modifier_settings)
@@ -89,12 +89,12 @@ class FastHypotest:
 
     @property
     def layouts(self) -> list:
-        """The :class:`~pyhf_dist.fast.layout.Caps` of the layouts in use, in order of creation."""
+        """The :class:`~pyhf_dist.runtime.fast.layout.Caps` of the layouts in use, in order of creation."""
         return list(self._layouts)
 
     def arrays(self, patch_operations: list | None, *, require_poi: bool = True):
-        """The patched workspace and its :class:`~pyhf_dist.fast.layout.PatchArrays` (unpadded)."""
-        from pyhf_dist.fast import layout
+        """The patched workspace and its :class:`~pyhf_dist.runtime.fast.layout.PatchArrays` (unpadded)."""
+        from pyhf_dist.runtime.fast import layout
 
         spec = layout.apply_patch(self._workspace, patch_operations or [])
         arrays = layout.workspace_arrays(spec, self.modifier_settings, require_poi=require_poi, samples=self._samples)
@@ -119,7 +119,7 @@ class FastHypotest:
             FastPathUnsupported: The patch has something not covered, a fit did not converge, or
                 its structure failed the check against pyhf. Its message is one line saying why.
         """
-        from pyhf_dist.fast import fit
+        from pyhf_dist.runtime.fast import fit
 
         try:
             with self._lock:
@@ -133,7 +133,7 @@ class FastHypotest:
         self, patch_operations: list | None, test_stat: str = "qtilde", level: float = 0.05, scan=None
     ) -> dict:
         """``pyhf.infer.intervals.upper_limits.upper_limit(data, model, scan, level, test_stat=...)``
-        for one patch (:func:`pyhf_dist.fast.limits.upper_limit`).
+        for one patch (:func:`pyhf_dist.runtime.fast.limits.upper_limit`).
 
         With ``match_pyhf``, where the noise of pyhf's fits decides a CLs value the limit
         depends on (``mu = 0`` when the best fit lies at ``mu = 0``), that value is computed by
@@ -147,7 +147,7 @@ class FastHypotest:
             FastPathUnsupported: As :meth:`hypotest`.
             UpperLimitError: pyhf's search would test a POI value outside the POI bounds.
         """
-        from pyhf_dist.fast import limits
+        from pyhf_dist.runtime.fast import limits
 
         try:
             with self._lock:
@@ -170,7 +170,7 @@ class FastHypotest:
         def hypotest(mu):
             import pyhf
 
-            from pyhf_dist.fast import layout
+            from pyhf_dist.runtime.fast import layout
 
             use_numpy()  # pyhf's own numbers: numpy and its default minimizer
             if not built:
@@ -185,7 +185,7 @@ class FastHypotest:
         return hypotest
 
     def problem(self, patch_operations: list | None):
-        """The patch's :class:`~pyhf_dist.fast.problem.FitProblem` (its structure checked against pyhf once).
+        """The patch's :class:`~pyhf_dist.runtime.fast.problem.FitProblem` (its structure checked against pyhf once).
 
         Raises:
             FastPathUnsupported: As :meth:`hypotest`, for the patch itself.
@@ -200,7 +200,7 @@ class FastHypotest:
         first patch usually finds its layout compiled (patches that remove channels share it).
         Cheap to call more than once.
         """
-        from pyhf_dist.fast import layout
+        from pyhf_dist.runtime.fast import layout
 
         configure_jax()
         with self._lock:
@@ -223,7 +223,7 @@ class FastHypotest:
 
     def _layout_for(self, sizes):
         """The layout a patch of ``sizes`` is padded to: a cheap enough existing one, one grown, or a new one."""
-        from pyhf_dist.fast import layout
+        from pyhf_dist.runtime.fast import layout
 
         own = layout.Caps.around(sizes)
         limit = max(_SHARE_LIMIT * own.volume, _SMALL_LAYOUT)
@@ -241,7 +241,7 @@ class FastHypotest:
 
     def _padded(self, arrays, caps):
         """``(device layout, padded parameters, padded main data, functions)``, compiled for ``caps``."""
-        from pyhf_dist.fast import layout, likelihood
+        from pyhf_dist.runtime.fast import layout, likelihood
 
         padded = layout.pad(arrays, caps)
         params = layout.pad_parameters(arrays, caps)
@@ -252,7 +252,7 @@ class FastHypotest:
         return device, params, main, functions
 
     def _problem(self, patch_operations):
-        from pyhf_dist.fast.problem import FitProblem
+        from pyhf_dist.runtime.fast.problem import FitProblem
 
         configure_jax()
         spec, arrays = self.arrays(patch_operations)
@@ -377,7 +377,7 @@ def _compile(caps, codes, functions, device, params, main) -> None:
     Workers that meet a layout not compiled yet take turns: the first compiles into the persistent
     cache, the others then load from it instead of compiling too.
     """
-    from pyhf_dist.fast import likelihood
+    from pyhf_dist.runtime.fast import likelihood
 
     with _COMPILED_LOCK:
         if (caps, codes) in _COMPILED:
@@ -413,7 +413,7 @@ def preload() -> None:
     """Import and configure what the fast path runs on (jax, scipy's minimizer), nothing else."""
     import scipy.optimize  # noqa: F401
 
-    from pyhf_dist.fast import fit, layout  # noqa: F401
+    from pyhf_dist.runtime.fast import fit, layout  # noqa: F401
 
     configure_jax()
     import jax

@@ -1,7 +1,7 @@
 """Padding a patch's arrays to a layout shared by the patches of a pallet.
 
 A :class:`Caps` is the array sizes one compiled likelihood takes; :func:`pad`,
-:func:`pad_parameters` and :func:`pad_main` bring a :class:`~pyhf_dist.fast.layout.PatchArrays`
+:func:`pad_parameters` and :func:`pad_main` bring a :class:`~pyhf_dist.runtime.fast.layout.PatchArrays`
 to those sizes with identity elements (zero yields, unit factors, fixed unconstrained parameters,
 masked bins), so one compiled function serves every patch that fits the layout.
 """
