@@ -50,7 +50,7 @@ def test_toys_from_the_command_line(demo_dir, tmp_path):
 def test_bad_physics_options_are_one_line_errors(demo_dir, tmp_path):
     for args, message in (
         (["--toys", "10", "--upper-limit"], "toy-based upper limits are not supported"),
-        (["--scan", "0,5,21"], "--scan goes with --upper-limit"),
+        (["--scan", "0,5,21"], "(--scan) goes with calculation='upper_limit' (--upper-limit)"),
         (["--upper-limit", "--scan", "0,5"], "is not START,STOP,N"),
         (["--toys", "0"], "ntoys must be a positive integer"),
     ):
