@@ -1,7 +1,7 @@
 """The executor contract: everything a scan and the command line ask of a scheduler.
 
 An :class:`Executor` wraps a native engine (a process pool, a Dask client, a Parsl or Globus
-Compute executor — all ``concurrent.futures.Executor``\ s) and adds what a scan needs: shipping
+Compute executor, each a ``concurrent.futures.Executor``) and adds what a scan needs: shipping
 the context (:class:`~pyhf_dist.protocol.Context`) to each worker once (:meth:`Executor.start`),
 telling the death of a worker apart from a failed fit (:meth:`Executor.is_worker_lost`) so that
 the scan can retry the former, and saying in one line what it cannot run

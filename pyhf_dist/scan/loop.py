@@ -1,6 +1,6 @@
 """The loop of a scan: submit tasks, collect records, retry what a lost worker took with it.
 
-:class:`Loop` keeps a queue of :class:`Job`\\ s (one per patch, or per chunk of a patch's toys),
+:class:`Loop` keeps a queue of jobs (:class:`Job`: one per patch, or per chunk of a patch's toys),
 submits them to the executor (several to a pack where the executor asks for it,
 :class:`Packing`), and turns every finished future into records: a fit that raised is a failed
 record, a task whose worker died goes back to the queue up to ``retries`` times, a task past its
