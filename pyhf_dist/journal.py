@@ -247,8 +247,18 @@ class Journal:
             StorageError: The record could not be kept (full disk, quota, read-only folder); the
                 error counts the whole records the journal keeps.
         """
-        self._append({"key": self.key, "record": json_safe(record.to_dict())})
-        self.kept += 1
+        self.write_many([record])
+
+    def write_many(self, records: list[FitRecord]) -> None:
+        """Append several records with one write and one flush to disk: when it returns, every
+        one of them is on disk (what :meth:`write` promises for one).
+
+        Raises:
+            StorageError: As :meth:`write`; the error counts the whole records kept, those of
+                this group that reached the disk included.
+        """
+        if records:
+            self._append_lines([self._line({"key": self.key, "record": json_safe(record.to_dict())}) for record in records])
 
     def write_chunk(self, pallet: str | None, outcome: dict) -> None:
         """Append one finished chunk of a toy-based patch (its statistics packed, exactly) and make
@@ -260,16 +270,29 @@ class Journal:
         self._append({"key": self.key, "chunk": {"pallet": pallet, "record": json_safe(pack_chunk(outcome))}})
 
     def _append(self, entry: dict) -> None:
-        """Write one line, on disk before returning; a journal removed meanwhile is written again."""
-        line = (json.dumps(entry, default=str) + "\n").encode()
+        """Write one line (not a record), on disk before returning."""
+        self._append_lines([self._line(entry)], records=False)
+
+    @staticmethod
+    def _line(entry: dict) -> bytes:
+        return (json.dumps(entry, default=str) + "\n").encode()
+
+    def _append_lines(self, lines: list[bytes], records: bool = True) -> None:
+        """Write whole lines with one write and one fsync, on disk before returning; a journal
+        removed meanwhile is written again."""
+        data = b"".join(lines)
+        view = memoryview(data)
         try:
-            view = memoryview(line)
             while view:  # a write to a nearly full disk can be partial before it fails
                 view = view[os.write(self._stream.fileno(), view):]
             os.fsync(self._stream.fileno())
         except OSError as error:
+            if records:  # the group's lines that reached the file whole are kept
+                self.kept += data[:len(data) - len(view)].count(b"\n")
             raise self._fault(error, "write") from None
-        self._lines.append(line)
+        self._lines.extend(lines)
+        if records:
+            self.kept += len(lines)
         if not self._still_there():
             self._write_again()
 

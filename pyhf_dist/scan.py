@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from pyhf_dist import discovery
+from pyhf_dist import discovery, signals as signal_points
 from pyhf_dist.calculations import merge_chunks, plan_chunks
 from pyhf_dist.toys import missing_chunks
 from pyhf_dist.combine import check_method, combine as combine_records
@@ -36,7 +36,7 @@ from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, InputError,
 from pyhf_dist.executors import get_executor
 from pyhf_dist.journal import Journal, scan_key
 from pyhf_dist.pallet import (
-    Pallet, Patch, check_workspace, is_pyhf, load_pallet, load_patches, load_workspace, select_across,
+    Pallet, Patch, check_workspace, is_pyhf, load_pallet, load_patches, load_workspace,
 )
 from pyhf_dist.results import FitRecord, ScanResult
 from pyhf_dist.settings import FitSettings
@@ -138,6 +138,8 @@ def iter_fits(
     on_start: Callable[[dict], None] | None = None,
     keep_toys: str | os.PathLike | None = None,
     on_chunk: Callable[[dict], None] | None = None,
+    signals: Any = None,
+    template: Any = None,
     **executor_options,
 ) -> Iterator[FitRecord]:
     """Fit the selected patches and yield each record as it completes.
@@ -173,11 +175,14 @@ def iter_fits(
             runner.prepare(settings.to_dict())
         # Full schema validation is deferred (see below) until the patch selection and settings
         # are known to be right.
+        if signals is not None or template is not None:  # points as data: one lazily read pallet
+            workspace = _signals_pallet(workspace, patchset, pallet, signals, template)
         pallets = prepare_pallets(workspace, patchset, pallet, validate=False)
         combine = check_method(combine, pallets)
-        chosen = select_across(pallets, patches)
+        chosen = signal_points.select(pallets, patches)
         values_by_key = {
-            (each.name, patch.name): list(patch.values) for each, selected in zip(pallets, chosen) for patch in selected
+            (each.name, name): list(values) for each, selected in zip(pallets, chosen)
+            for name, values in signal_points.named_values(selected)
         }
         # Single-pallet scans keep the key they always had (their journals resume across versions).
         key_spec = pallets[0].workspace if len(pallets) == 1 and pallets[0].name is None else {
@@ -191,8 +196,8 @@ def iter_fits(
             info["journal_skipped"] = list(book.skipped)
         # Only fits that succeeded are kept: a resumed scan fits the failed ones again.
         finished = {key: record for key, record in finished.items() if key in values_by_key and record.ok}
-        todo = [(each.name, patch) for each, selected in zip(pallets, chosen) for patch in selected
-                if (each.name, patch.name) not in finished]
+        # A list, or for a signals file a stream that makes each patch as the scan submits it.
+        todo = signal_points.pending(pallets, chosen, finished)
 
         if len(pallets) == 1:
             context = WorkerContext.build(pallets[0].workspace, settings.to_dict())
@@ -267,12 +272,13 @@ def iter_fits(
             if keep_toys is not None:
                 kept[key] = record["toys"]
 
-        for record in _run(runner, context, todo, settings, retries, timeout, values_by_key, chunks_done,
-                           chunk_finished, on_merged):
+        for group in _run(runner, context, todo, settings, retries, timeout, values_by_key, chunks_done,
+                          chunk_finished, on_merged):
+            # One write and flush per group: every record is on disk before it is yielded.
             if book is not None:
-                book.write(record)
-            done.append(record)
-            yield record
+                book.write_many(group)
+            done.extend(group)
+            yield from group
         _write_kept(keep_toys, kept, settings)
         yield from _combination(done, combine, pallets, values_by_key)
     finally:
@@ -284,6 +290,15 @@ def iter_fits(
                 book.close()
             info["wall_seconds"] = time.time() - started
             _restore_sigterm(sigterm)
+
+
+def _signals_pallet(workspace, patchset, pallet, signals, template) -> Pallet:
+    """The pallet of a ``signals=`` scan (see :mod:`pyhf_dist.signals`)."""
+    if signals is None:
+        raise InputError("template= (--template) describes the rows of a signals file: also give signals=")
+    if patchset is not None or pallet is not None:
+        raise InputError("signals= (--signals) replaces the patchset: give the background workspace and the signals file")
+    return signal_points.load_signals(workspace, signals, template)
 
 
 def _check_keep_toys(path, settings) -> None:
@@ -326,33 +341,26 @@ def _run(runner, context, todo, settings, retries, timeout, values_by_key, chunk
     planned = plan_chunks(settings, workers, len(todo))
     toy_based = settings.calctype == "toybased" and settings.calculation == "hypotest"
     chunks_done = chunks_done or {}
-    queue: collections.deque[_Job] = collections.deque()
     partial: dict[tuple, list[dict]] = collections.defaultdict(list)
-    expected = {(pallet, patch.name): 0 for pallet, patch in todo}
-    for pallet, patch in todo:
-        done = chunks_done.get((pallet, patch.name), []) if toy_based else []
-        # A resumed toy scan fits only the toys its journal's chunks do not cover.
-        chunks = missing_chunks(settings.ntoys, done, planned) if done else planned
-        partial[(pallet, patch.name)].extend(done)
-        expected[(pallet, patch.name)] = len(done) + len(chunks)
-        queue.extend(_Job(patch, chunk, pallet) for chunk in chunks)
+    queue, expected = _plan_jobs(todo, settings, planned, chunks_done, partial, toy_based)
 
     def merged(key: tuple, pallet) -> FitRecord:
         record = merge_chunks(partial.pop(key), settings)
         record.pop("chunk", None)
         if on_merged is not None and record.get("status") == "ok" and "toys" in record:
             on_merged(key, record)
-        record.update(values=values_by_key[key], submitted=first_submitted.get(key), attempts=attempts[key] or 1,
-                      pallet=pallet)
+        # Popped: what the loop keeps per patch must not grow with the scan.
+        record.update(values=values_by_key[key], submitted=first_submitted.pop(key, None),
+                      attempts=attempts.pop(key, 0) or 1, pallet=pallet)
         return FitRecord.from_dict(record)
 
     first_submitted: dict[tuple, float] = {}
     attempts: dict[tuple, int] = collections.defaultdict(int)
     in_flight: dict[concurrent.futures.Future, list[_Job]] = {}
-    for pallet, patch in todo:  # every chunk already in the journal (a kill before its merge)
+    for pallet, patch in todo if toy_based else ():  # every chunk already in the journal (a kill before its merge)
         key = (pallet, patch.name)
         if partial.get(key) and len(partial[key]) == expected[key]:
-            yield merged(key, pallet)
+            yield [merged(key, pallet)]
     batching = _Batching(runner, timeout)
     # A scan that packs patches keeps only a few tasks ahead of the workers, so that each one is
     # sized with what the fits so far took.
@@ -360,6 +368,9 @@ def _run(runner, context, todo, settings, retries, timeout, values_by_key, chunk
 
     def submit(jobs: list[_Job]) -> None:
         now = time.time()
+        jobs = _reject_invalid(jobs, in_flight)  # rows of a signals file that cannot be fitted
+        if not jobs:
+            return
         tasks = []
         for job in jobs:
             job.submitted = now
@@ -377,6 +388,7 @@ def _run(runner, context, todo, settings, retries, timeout, values_by_key, chunk
         if timeout:  # checked with every worker busy, before waiting for the next result
             _expire(runner, in_flight, timeout)
         done, _ = concurrent.futures.wait(list(in_flight), timeout=1.0, return_when=concurrent.futures.FIRST_COMPLETED)
+        group = []  # every record of this round: journaled with one write
         for future in [future for future in in_flight if future in done]:  # in submission order
             jobs = in_flight.pop(future)
             try:
@@ -403,7 +415,70 @@ def _run(runner, context, todo, settings, retries, timeout, values_by_key, chunk
                 if toy_based and outcome.get("status") == "ok" and "toys" in outcome and chunk_finished is not None:
                     chunk_finished(job.pallet, outcome)
                 if len(partial[job.key]) == expected[job.key]:
-                    yield merged(job.key, job.pallet)
+                    group.append(merged(job.key, job.pallet))
+        if group:
+            yield group
+
+
+def _plan_jobs(todo, settings, planned, chunks_done, partial, toy_based) -> tuple:
+    """The scan's queue of jobs and how many outcomes each patch waits for."""
+    if not toy_based:
+        # One task per patch: jobs are made as they are submitted, never all held at once.
+        return _JobQueue((_Job(patch, None, pallet) for pallet, patch in todo), len(todo)), _OnePerPatch()
+    queue: collections.deque[_Job] = collections.deque()
+    expected = {(pallet, patch.name): 0 for pallet, patch in todo}
+    for pallet, patch in todo:
+        done = chunks_done.get((pallet, patch.name), [])
+        # A resumed toy scan fits only the toys its journal's chunks do not cover.
+        chunks = missing_chunks(settings.ntoys, done, planned) if done else planned
+        partial[(pallet, patch.name)].extend(done)
+        expected[(pallet, patch.name)] = len(done) + len(chunks)
+        queue.extend(_Job(patch, chunk, pallet) for chunk in chunks)
+    return queue, expected
+
+
+class _JobQueue:
+    """The queue of a scan with one task per patch: the jobs still to be made (from a lazy
+    ``todo``), behind those put back for a retry. What the loop needs of a deque, sized."""
+
+    def __init__(self, jobs: Iterator[_Job], count: int):
+        self.jobs, self.count = iter(jobs), count
+        self.retried: collections.deque[_Job] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self.retried) + self.count
+
+    def popleft(self) -> _Job:
+        if self.retried:
+            return self.retried.popleft()
+        self.count -= 1
+        return next(self.jobs)
+
+    def appendleft(self, job: _Job) -> None:
+        self.retried.appendleft(job)
+
+
+class _OnePerPatch:
+    """``expected`` of a scan with one task per patch: every patch waits for one outcome."""
+
+    def __getitem__(self, key) -> int:
+        return 1
+
+
+def _reject_invalid(jobs: list[_Job], in_flight: dict) -> list[_Job]:
+    """Jobs whose patch says it cannot be fitted (a malformed row of a signals file) get a failed
+    record at once, with the row's reason; the others are returned, to be submitted."""
+    if not any(getattr(job.patch, "error", None) for job in jobs):
+        return jobs
+    kept = []
+    for job in jobs:
+        if getattr(job.patch, "error", None):
+            resolved: concurrent.futures.Future = concurrent.futures.Future()
+            resolved.set_result(_failed(job, job.patch.error))
+            in_flight[resolved] = [job]
+        else:
+            kept.append(job)
+    return kept
 
 
 class _Batching:
@@ -418,7 +493,7 @@ class _Batching:
 
     def __init__(self, runner, timeout: float | None):
         self.seconds = runner.batch_seconds if runner.workers and not timeout else 0.0
-        self.fit_seconds: list[float] = []
+        self.fit_seconds: collections.deque[float] = collections.deque(maxlen=64)  # the latest only
 
     @property
     def enabled(self) -> bool:
@@ -431,7 +506,7 @@ class _Batching:
     def size(self, queued: int, workers: int) -> int:
         if not self.enabled or not self.fit_seconds:
             return 1
-        typical = max(statistics.median(self.fit_seconds[-64:]), 1e-3)
+        typical = max(statistics.median(self.fit_seconds), 1e-3)
         return max(1, min(int(self.seconds / typical), queued // (4 * workers)))
 
 
@@ -548,6 +623,8 @@ def map_fits(
     progress: bool = False,
     on_start: Callable[[dict], None] | None = None,
     keep_toys: str | os.PathLike | None = None,
+    signals: Any = None,
+    template: Any = None,
     **executor_options,
 ) -> ScanResult:
     """Fit every selected patch of a pallet and return all results.
@@ -596,6 +673,12 @@ def map_fits(
             (:func:`pyhf_dist.toys.write_kept`; files of runs with different seeds merge with
             :func:`pyhf_dist.toys.merge_kept`).
         on_start: Called with the scan's metadata once the executor is up.
+        signals: A ``.csv`` or ``.parquet`` file of signal points, one row each (name, model
+            parameters, yields per channel bin): fitted instead of a patchset, each row made into
+            a patch by ``template`` as the scan goes (:mod:`pyhf_dist.signals`). ``workspace`` is
+            then the background workspace; records' ``values`` are the row's parameters.
+        template: How a row becomes a patch: a :class:`pyhf_dist.signals.Template`, its dict, or a
+            JSON file (channels, sample name, normsys, staterror or shapesys); ``None``: defaults.
         **executor_options: The chosen executor's own keyword arguments (``jobs``, ``memory`` for
             ``"slurm"``, ``address`` for ``"dask"``...); one it does not take is an error.
 
@@ -638,7 +721,7 @@ def map_fits(
         require_fast=require_fast, match_pyhf=match_pyhf, optimizer=optimizer, journal=journal, resume=resume,
         retries=retries, timeout=timeout, metadata=metadata, on_start=started,
         keep_toys=keep_toys, on_chunk=lambda outcome: bar.chunk(outcome) if bar is not None else None,
-        **executor_options,
+        signals=signals, template=template, **executor_options,
     )
     try:
         for record in stream:

@@ -98,6 +98,9 @@ def _parse_option(text: str) -> tuple[str, object]:
 @click.command(context_settings={"max_content_width": 100})
 @click.argument("source")
 @click.option("--patchset", help="Patches for a BkgOnly.json SOURCE: patchset.json or a directory of patch files.")
+@click.option("--signals", type=click.Path(dir_okay=False),
+              help="Signal points as data: a .csv or .parquet file, one row per point (name, parameters, yields per bin).")
+@click.option("--template", help="With --signals: how a row becomes a patch, a JSON file or JSON text (channels, sample, normsys, uncertainty).")
 @click.option("-p", "--patch", "patches", multiple=True, help="Patch name or glob to fit (repeatable; default: all).")
 @click.option("--pallet", "pallets", multiple=True, metavar="NAME",
               help="Pallet to fit in a SOURCE that holds several, e.g. Region-combined (repeatable, or 'all').")
@@ -152,14 +155,14 @@ def _parse_option(text: str) -> tuple[str, object]:
 @click.option("--option", "extra_options", multiple=True, metavar="KEY=VALUE",
               help="Any other executor keyword argument (repeatable), e.g. --option processes=2.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def fit(source, patchset, patches, pallets, combine, executor, workers, backend, poi_test, test_stat, interpcodes,
+def fit(source, patchset, signals, template, patches, pallets, combine, executor, workers, backend, poi_test, test_stat, interpcodes,
         upper_limit, scan_grid, toys, seed, keep_toys, require_fast, match_pyhf, optimizer, output,
         journal, resume, retries, timeout, jobs, cores, memory, walltime, queue, account, cluster_config,
         show_job_script, address, endpoint_id, batch_size, amqp_port, provider, max_blocks, extra_options, quiet):
     """Fit the signal patches of SOURCE and write the results.
 
     SOURCE is a pallet (a HEPData .tar.gz, a directory with BkgOnly.json and patchset.json or
-    patch.<name>.json files, or a HEPData DOI), or a BkgOnly.json given with --patchset. A SOURCE
+    patch.<name>.json files, or a HEPData DOI), or a BkgOnly.json given with --patchset or --signals. A SOURCE
     that holds several pallets (one per folder) needs --pallet.
     """
     import pyhf_dist
@@ -189,6 +192,8 @@ def fit(source, patchset, patches, pallets, combine, executor, workers, backend,
         calculation_options["match_pyhf"] = True
     if optimizer != "scipy":
         calculation_options["optimizer"] = optimizer
+    if signals is not None or template is not None:  # points as data (pyhf_dist.signals)
+        calculation_options.update(signals=signals, template=template)
     check_output(output)
     if backend != "numpy":
         _check_compile_cache()
