@@ -276,3 +276,16 @@ def test_write_many_keeps_every_record_of_every_group(tmp_path):
     loaded = Journal(path, "k").load()
     assert sorted(name for _, name in loaded) == sorted(r.name for group in groups for r in group)
     assert loaded[(None, "r2_16")].values == [2, 16] and math.isclose(loaded[(None, "r2_16")].CLs_obs, 1.6)
+
+
+def test_cli_writes_parquet_results_with_the_parameters_as_columns(background, tmp_path):
+    parquet = pytest.importorskip("pyarrow.parquet")
+    csv_file = _write_csv(tmp_path / "yields.csv", POINTS)
+    output = tmp_path / "r.parquet"
+    run = subprocess.run([sys.executable, "-m", "pyhf_dist", "fit", str(background), "--signals", str(csv_file),
+                          "--executor", "sequential", "--backend", "numpy", "-o", str(output), "-q"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    table = parquet.read_table(output).to_pylist()
+    assert [(row["name"], row["m1"], row["m2"]) for row in table] == [(n, m1, m2) for n, (m1, m2, _) in POINTS.items()]
+    assert all(row["status"] == "ok" and 0 <= row["CLs_obs"] <= 1 for row in table)

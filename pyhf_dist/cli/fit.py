@@ -130,7 +130,7 @@ def _parse_option(text: str) -> tuple[str, object]:
 @click.option("--optimizer", type=click.Choice(["scipy", "minuit"]), default="scipy", show_default=True,
               help="Plain pyhf's minimizer (backend numpy, and patches the fast path declines).")
 @click.option("-o", "--output", default="results.json", show_default=True, type=click.Path(),
-              help="Results file (.json, or .csv for a table).")
+              help="Results file (.json, or .csv or .parquet for a table).")
 @click.option("--journal", type=click.Path(dir_okay=False),
               help="Journal of finished results [default: <output>.journal.jsonl beside the output].")
 @click.option("--resume", is_flag=True,
@@ -243,6 +243,10 @@ def fit(source, patchset, signals, template, patches, pallets, combine, executor
     try:
         if str(output).lower().endswith(".csv"):
             result.to_csv(output)
+        elif str(output).lower().endswith(".parquet"):  # a table with the parameters as columns
+            from pyhf_dist.signals.output import write_parquet
+
+            write_parquet(result, output)
         else:
             result.to_json(output)
     except OSError as error:
