@@ -90,7 +90,7 @@ class Journal:
         self.kept = 0
         # Every whole line of this scan's key in the file, so that a journal removed mid-scan can
         # be written again without losing one.
-        self._lines: list[bytes] = []
+        self._lines = _Lines()
         self._inode: int | None = None
         #: Finished chunks of toy-based patches, by ``(pallet, patch name)`` (filled by :meth:`load`).
         self.chunks: dict[tuple, list[dict]] = {}
@@ -218,7 +218,7 @@ class Journal:
             if append:
                 self._drop_partial_line()
             else:
-                self._lines, self.kept = [], 0
+                self._lines, self.kept = _Lines(), 0
             # Unbuffered: a write that fails (a full disk) leaves nothing pending that closing the
             # file would try, and fail, to write again.
             self._stream = open(self.path, "ab" if append else "wb", buffering=0)
@@ -308,7 +308,7 @@ class Journal:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             with open(temporary, "wb") as stream:
-                stream.write(b"".join(self._lines))
+                stream.write(self._lines.data())
                 stream.flush()
                 os.fsync(stream.fileno())
             os.replace(temporary, self.path)
@@ -355,6 +355,52 @@ class Journal:
                 lock.close()
             except OSError:
                 pass
+
+
+class _Lines:
+    """The journal's whole lines, kept to write it again should it be removed: in a temporary file
+    rather than in memory, so that the client's memory does not grow by a line per record (in
+    memory only where no temporary file can be made or written)."""
+
+    def __init__(self):
+        self.count, self._memory, self._file = 0, [], None
+        try:
+            import tempfile
+
+            self._file = tempfile.TemporaryFile(prefix="pyhf-dist-journal-")
+        except OSError:
+            self._file = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def append(self, line: bytes) -> None:
+        self.extend([line])
+
+    def extend(self, lines: list[bytes]) -> None:
+        self.count += len(lines)
+        if self._file is not None:
+            try:
+                self._file.write(b"".join(lines))
+                return
+            except OSError:  # a full temporary folder: from here on in memory, after what is there
+                self._memory = [self._spilled()]
+                self._file = None
+        self._memory.extend(lines)
+
+    def _spilled(self) -> bytes:
+        self._file.flush()
+        self._file.seek(0)
+        data = self._file.read()
+        self._file.seek(0, 2)
+        return data
+
+    def data(self) -> bytes:
+        """Every line, in order."""
+        return self._spilled() if self._file is not None else b"".join(self._memory)
 
 
 def _ranges(numbers: list[int]) -> str:

@@ -277,7 +277,8 @@ def iter_fits(
             # One write and flush per group: every record is on disk before it is yielded.
             if book is not None:
                 book.write_many(group)
-            done.extend(group)
+            if combine is not None:  # only a combination needs them all: a stream keeps none
+                done.extend(group)
             yield from group
         _write_kept(keep_toys, kept, settings)
         yield from _combination(done, combine, pallets, values_by_key)

@@ -60,7 +60,7 @@ class SignalPoints:
         self.layout = layout_of(columns, workspace, template.parameters, str(self.path))
         self.bound = template.resolve(workspace, self.layout.named_channels)
         self.labels = list(self.layout.parameters)
-        self.names_, self.values_ = self._index()
+        self.point_names, self.point_values = self._index()
         self.chosen: set | None = None
 
     def _index(self) -> tuple[list[str], list[tuple]]:
@@ -83,15 +83,15 @@ class SignalPoints:
         return names, values
 
     def __len__(self) -> int:
-        return len(self.names_) if self.chosen is None else len(self.chosen)
+        return len(self.point_names) if self.chosen is None else len(self.chosen)
 
     def names(self) -> list[str]:
         """The points' names, in the file's order."""
-        return self.names_ if self.chosen is None else [name for name in self.names_ if name in self.chosen]
+        return self.point_names if self.chosen is None else [name for name in self.point_names if name in self.chosen]
 
     def named_values(self) -> Iterator[tuple[str, tuple]]:
         """``(name, parameters)`` of the chosen points, without reading the file again."""
-        for name, values in zip(self.names_, self.values_):
+        for name, values in zip(self.point_names, self.point_values):
             if self.chosen is None or name in self.chosen:
                 yield name, values
 
@@ -104,7 +104,7 @@ class SignalPoints:
 
     def __iter__(self) -> Iterator[SignalPatch]:
         """The chosen points as patches, made one row at a time, in the file's order."""
-        for (_, row), name, values in zip(read_rows(self.path), self.names_, self.values_):
+        for (_, row), name, values in zip(read_rows(self.path), self.point_names, self.point_values):
             if self.chosen is not None and name not in self.chosen:
                 continue
             checked = check_row(row, self.layout, self.bound)
