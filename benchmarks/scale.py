@@ -228,6 +228,7 @@ def simulate_one(config: dict) -> dict:
     folder, workers = Path(config["folder"]), config["workers"]
     if config["executor"] == "dask":
         runner = get_executor("dask", address=config["address"])
+        runner.workers = workers  # known here: what packing sizes its tasks by
         scheduler = config["scheduler_pid"]
     else:
         runner = get_executor("parsl", workers=workers, run_dir=str(folder / f"parsl-{workers}"))

@@ -258,7 +258,7 @@ class Journal:
                 this group that reached the disk included.
         """
         if records:
-            self._append_lines([self._line({"key": self.key, "record": json_safe(dict(vars(record)))}) for record in records])
+            self._append_lines([self._line({"key": self.key, "record": dict(vars(record))}) for record in records])
 
     def write_chunk(self, pallet: str | None, outcome: dict) -> None:
         """Append one finished chunk of a toy-based patch (its statistics packed, exactly) and make
@@ -275,7 +275,11 @@ class Journal:
 
     @staticmethod
     def _line(entry: dict) -> bytes:
-        return (json.dumps(entry, default=str) + "\n").encode()
+        try:  # most records hold only finite numbers: one pass, no copy
+            text = json.dumps(entry, default=str, allow_nan=False)
+        except ValueError:  # JSON has no NaN: written as null
+            text = json.dumps(json_safe(entry), default=str)
+        return (text + "\n").encode()
 
     def _append_lines(self, lines: list[bytes], records: bool = True) -> None:
         """Write whole lines with one write and one fsync, on disk before returning; a journal

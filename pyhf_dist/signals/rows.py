@@ -193,7 +193,7 @@ def parameter_value(value: Any) -> Any:
         number = float(text)
     except ValueError:
         return text
-    return int(number) if number.is_integer() and re.fullmatch(r"[+-]?\d+", text) else number
+    return int(number) if text.lstrip("+-").isdigit() else number
 
 
 def check_row(row: dict, layout: Layout, bound: Bound) -> tuple[dict, dict | None] | str:
