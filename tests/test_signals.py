@@ -289,3 +289,27 @@ def test_cli_writes_parquet_results_with_the_parameters_as_columns(background, t
     table = parquet.read_table(output).to_pylist()
     assert [(row["name"], row["m1"], row["m2"]) for row in table] == [(n, m1, m2) for n, (m1, m2, _) in POINTS.items()]
     assert all(row["status"] == "ok" and 0 <= row["CLs_obs"] <= 1 for row in table)
+
+
+def test_require_fast_holds_on_a_signals_scan(tmp_path):
+    """The patches made from rows take the compiled fast path, and --require-fast is kept."""
+    pytest.importorskip("jax")
+    workspace = {
+        "version": "1.0.0",
+        "channels": [{"name": "SR", "samples": [{"name": "bkg", "data": [52.0, 27.0, 11.0], "modifiers": [
+            {"name": "bkg_norm", "type": "normsys", "data": {"hi": 1.1, "lo": 0.9}},
+            {"name": "staterror_SR", "type": "staterror", "data": [1.5, 1.1, 0.7]}]}]}],
+        "observations": [{"name": "SR", "data": [55.0, 24.0, 13.0]}],
+        "measurements": [{"name": "meas", "config": {"poi": "mu_SIG", "parameters": []}}],
+    }
+    background = tmp_path / "BkgOnly.json"
+    background.write_text(json.dumps(workspace))
+    rows = tmp_path / "y.csv"
+    rows.write_text("name,m1,SR[0],SR[1],SR[2]\na,1,2.0,3.5,4.5\nb,2,0.5,0.9,1.1\n")
+    template = {"normsys": {"name": "sig_xsec", "hi": 1.15, "lo": 0.85}}
+    fast = pyhf_dist.map_fits(background, signals=rows, template=template, executor="sequential", backend="jax",
+                              require_fast=True)
+    assert [(record.status, record.engine) for record in fast] == [("ok", "fast"), ("ok", "fast")], fast.failed()
+    plain = pyhf_dist.map_fits(background, signals=rows, template=template, executor="sequential", backend="numpy")
+    for one, other in zip(fast, plain):
+        assert abs(one.CLs_obs - other.CLs_obs) < 1e-4
