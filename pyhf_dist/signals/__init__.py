@@ -104,9 +104,11 @@ class SignalPoints:
 
     def __iter__(self) -> Iterator[SignalPatch]:
         """The chosen points as patches, made one row at a time, in the file's order."""
-        for (_, row), name, values in zip(read_rows(self.path), self.point_names, self.point_values):
+        for (number, row), name, values in zip(read_rows(self.path), self.point_names, self.point_values):
             if self.chosen is not None and name not in self.chosen:
                 continue
+            if str(row.get("name")).strip() != name:  # read twice: it must be the same file both times
+                raise SignalsError(f"{self.path} changed while the scan read it (row {number} is no longer {name!r})")
             checked = check_row(row, self.layout, self.bound)
             if isinstance(checked, str):
                 yield SignalPatch(name, values, [], error=checked)
