@@ -99,10 +99,12 @@ def noop_executor(runner):
     """``runner`` with every task made a no-op (the worker returns at once): what is left is the
     executor's and the scan's own cost per point."""
     original = runner.submit
+    runner.tasks_submitted = 0
 
     def submit(task):
         for each in task["tasks"] if task.get("kind") == "batch" else [task]:
             each["kind"] = "noop"
+        runner.tasks_submitted += 1
         return original(task)
 
     runner.submit = submit
@@ -251,7 +253,7 @@ def simulate_one(config: dict) -> dict:
     points = len(result)
     return {**{key: value for key, value in config.items() if key not in ("folder", "address", "scheduler_pid")},
             "points": points, "failed": len(result.failed()), "loop_wall_s": round(wall, 2),
-            "points_per_s": round(points / wall, 1), "client_cpu_ms_per_point": round(1e3 * cpu / points, 4),
+            "points_per_task": round(points / max(runner.tasks_submitted, 1), 2), "points_per_s": round(points / wall, 1), "client_cpu_ms_per_point": round(1e3 * cpu / points, 4),
             "scheduler_cpu_ms_per_point": round(1e3 * scheduler_cpu / points, 4) if scheduler_cpu is not None else None}
 
 
@@ -297,10 +299,37 @@ def simulate_parsl(folder: Path, workers: int, packing: bool) -> dict:
 
 
 def saturation(row: dict) -> dict:
-    """Workers at which the client (or the scheduler) has no time left: fit seconds per point over
-    the CPU seconds each spends per point."""
+    """Workers at which the client (or the scheduler) has no time left at the measured task size:
+    fit seconds per point over the CPU seconds each spends per point."""
     busiest = max(row.get("client_cpu_ms_per_point") or 0, row.get("scheduler_cpu_ms_per_point") or 0) / 1e3
     return {label: (round(seconds / busiest) if busiest else None) for label, seconds in FITS.items()}
+
+
+def cost_model(rows: list[dict], batch_seconds: float = 0.25) -> list[dict]:
+    """Per executor and worker count, CPU per point = per point + per task / points per task, from
+    the run with one point per task and the packed run; then the saturating worker count for each
+    fit size with tasks of ``batch_seconds`` of fits (what the scan packs on a large scan), and
+    with one point per task."""
+    model = []
+    keys = sorted({(row["executor"], row["workers"]) for row in rows if "error" not in row})
+    for executor, workers in keys:
+        pair = {row.get("packed"): row for row in rows
+                if "error" not in row and (row["executor"], row["workers"]) == (executor, workers)}
+        if set(pair) != {False, True} or pair[True]["points_per_task"] <= 1.05:
+            continue
+        entry = {"executor": executor, "workers": workers}
+        for part in ("client", "scheduler"):
+            single, packed_cost = (pair[flag][f"{part}_cpu_ms_per_point"] for flag in (False, True))
+            per_task = max(0.0, (single - packed_cost) / (1 - 1 / pair[True]["points_per_task"]))
+            entry[f"{part}_ms_per_task"] = round(per_task, 4)
+            entry[f"{part}_ms_per_point"] = round(max(0.0, single - per_task), 4)
+        for label, seconds in FITS.items():
+            for size_label, size in (("packed", max(1.0, batch_seconds / seconds)), ("1/task", 1.0)):
+                busiest = max(entry[f"{part}_ms_per_point"] + entry[f"{part}_ms_per_task"] / size
+                              for part in ("client", "scheduler")) / 1e3
+                entry[f"{label}, {size_label}"] = round(seconds / busiest) if busiest else None
+        model.append(entry)
+    return model
 
 
 # ------------------------------------------------------------------------ tables and plot
@@ -308,7 +337,7 @@ def saturation(row: dict) -> dict:
 COLUMNS = {
     "table": ["code", "route", "executor", "points", "failed", "wall_s", "worker_fit_ms_per_point",
               "children_cpu_ms_per_point", "client_cpu_ms_per_point", "loop_cpu_ms_per_point", "client_peak_rss_mb"],
-    "simulate": ["executor", "packed", "workers", "points", "workers_up_s", "points_per_s", "client_cpu_ms_per_point",
+    "simulate": ["executor", "packed", "workers", "points", "points_per_task", "workers_up_s", "points_per_s", "client_cpu_ms_per_point",
                  "scheduler_cpu_ms_per_point", *FITS],
 }
 
@@ -388,6 +417,11 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     if args.section == "simulate":
         plot(rows, out / f"{name}.png")
+        model = cost_model(rows)
+        (out / f"{name}-model.json").write_text(json.dumps(model, indent=1))
+        text = markdown(model, list(model[0]) if model else ["executor"])
+        (out / f"{name}-model.md").write_text(text + "\n")
+        print(text)
 
 
 def run_section(args, folder: Path) -> list[dict]:
