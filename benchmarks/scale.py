@@ -136,6 +136,7 @@ def run_one(config: dict) -> dict:
         if not isinstance(runner, str):
             runner.shutdown()
     wall, (cpu1, children, rss) = time.monotonic() - began, _usage()
+    options["journal"].unlink(missing_ok=True)  # every record is in the result
     points = len(result)
     fit = [record.fit_seconds for record in result if record.fit_seconds is not None]
     start_wall, start_cpu = marks.get("start", (began, cpu0))
