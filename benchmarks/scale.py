@@ -352,8 +352,8 @@ def markdown(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Points per second and the extrapolated saturation worker count, per executor."""
+def plot(rows: list[dict], model: list[dict], path: Path) -> None:
+    """Points per second sustained, and the saturating worker count of the cost model, per executor."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -367,8 +367,12 @@ def plot(rows: list[dict], path: Path) -> None:
         label = f"{executor}{' packed' if packing else ', one point per task'}"
         counts = [row["workers"] for row in chosen]
         left.plot(counts, [row["points_per_s"] for row in chosen], "o-", label=label)
-        for fit, style in zip(FITS, ("-", "--")):
-            right.plot(counts, [row.get(fit) for row in chosen], "o" + style, label=f"{label}, {fit}")
+    for executor in sorted({entry["executor"] for entry in model}):
+        chosen = [entry for entry in model if entry["executor"] == executor]
+        for column, style in (("1Lbb-sized (50 ms), packed", "o-"), ("1Lbb-sized (50 ms), 1/task", "s--"),
+                              ("small (1 ms), packed", "^:")):
+            right.plot([entry["workers"] for entry in chosen], [entry[column] for entry in chosen], style,
+                       label=f"{executor}: {column}")
     for axis, title in ((left, "no-op points per second sustained"), (right, "workers at which client/scheduler saturate")):
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
@@ -384,7 +388,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("section", choices=["table", "noop", "simulate", "one", "scheduler", "workers"])
+    parser.add_argument("section", choices=["table", "noop", "simulate", "report", "one", "scheduler", "workers"])
     parser.add_argument("arguments", nargs="*")
     parser.add_argument("--points", type=int, default=20000)
     parser.add_argument("--workers", type=int, default=2)
@@ -394,6 +398,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backend", default=None)
     parser.add_argument("--simulated", default="16,64,256,1024")
     parser.add_argument("--simulators", default="dask,parsl")
+    parser.add_argument("--packing", choices=["both", "one", "packed"], default="both",
+                        help="simulated runs with one point per task, packed tasks, or both")
     parser.add_argument("--parsl-max", type=int, default=64, help="most Parsl worker processes to start")
     parser.add_argument("--out", default=str(HERE / "output" / "scale"))
     args = parser.parse_args(argv)
@@ -407,22 +413,32 @@ def main(argv: list[str] | None = None) -> None:
         return serve_workers(args.arguments[0], int(args.arguments[1]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.section == "report":  # simulated-worker runs made apart (JSON files), in one table
+        rows = [row for path in args.arguments for row in json.loads(Path(path).read_text())]
+        return report(rows, out / "scale-simulate")
     folder = out / f"inputs-{args.points}"
     if not (folder / "yields.csv").exists():
         write_inputs(folder, args.points)
     rows = run_section(args, folder)
     name = f"scale-{args.section}-{args.points}"
     (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
-    table = markdown(rows, COLUMNS["simulate" if args.section == "simulate" else "table"])
+    if args.section == "simulate":
+        return report(rows, out / name)
+    table = markdown(rows, COLUMNS["table"])
     (out / f"{name}.md").write_text(table + "\n")
     print(table)
-    if args.section == "simulate":
-        plot(rows, out / f"{name}.png")
-        model = cost_model(rows)
-        (out / f"{name}-model.json").write_text(json.dumps(model, indent=1))
-        text = markdown(model, list(model[0]) if model else ["executor"])
-        (out / f"{name}-model.md").write_text(text + "\n")
-        print(text)
+
+
+def report(rows: list[dict], stem: Path) -> None:
+    """The simulated-worker table, the cost model's table and the plot, beside ``stem``."""
+    rows = sorted(rows, key=lambda row: (row["executor"], row["workers"], bool(row.get("packed"))))
+    table = markdown(rows, COLUMNS["simulate"])
+    model = cost_model(rows)
+    text = markdown(model, list(model[0]) if model else ["executor"])
+    stem.with_suffix(".md").write_text(table + "\n\n" + text + "\n")
+    stem.with_name(stem.name + "-model.json").write_text(json.dumps(model, indent=1))
+    plot(rows, model, stem.with_suffix(".png"))
+    print(table + "\n\n" + text)
 
 
 def run_section(args, folder: Path) -> list[dict]:
@@ -432,7 +448,7 @@ def run_section(args, folder: Path) -> list[dict]:
             for simulator in args.simulators.split(","):
                 if simulator == "parsl" and count > args.parsl_max:
                     continue
-                for packing in (False, True):
+                for packing in {"both": (False, True), "one": (False,), "packed": (True,)}[args.packing]:
                     run = simulate_dask if simulator == "dask" else simulate_parsl
                     row = run(folder, count, packing)
                     row.update(saturation(row) if "error" not in row else {})
