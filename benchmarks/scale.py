@@ -91,8 +91,21 @@ def write_inputs(folder: Path, points: int) -> dict:
 
 
 def _usage() -> tuple[float, float, float]:
+    """CPU seconds of this process and of its waited-for children, and this process's peak RSS in MB."""
     mine, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return mine.ru_utime + mine.ru_stime, children.ru_utime + children.ru_stime, mine.ru_maxrss / 1024
+    return mine.ru_utime + mine.ru_stime, children.ru_utime + children.ru_stime, _peak_rss_mb()
+
+
+def _peak_rss_mb() -> float:
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child started by a large
+    # parent would report the parent's peak.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def noop_executor(runner):
