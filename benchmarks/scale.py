@@ -294,9 +294,9 @@ def simulate_dask(folder: Path, workers: int, packing: bool) -> dict:
 
         with Client(address, timeout=60) as client:
             began = time.monotonic()
-            client.wait_for_workers(workers, timeout=600)
+            joined = _wait_for_workers(client, workers)
             up = time.monotonic() - began
-        config = {"executor": "dask", "workers": workers, "packed": packing, "folder": str(folder),
+        config = {"executor": "dask", "workers": joined, "packed": packing, "folder": str(folder),
                   "address": address, "scheduler_pid": scheduler.pid}
         result = in_fresh_process(config, mode="simulate")
         return {**result, "workers_up_s": round(up, 1)}
@@ -305,6 +305,19 @@ def simulate_dask(folder: Path, workers: int, packing: bool) -> dict:
             if process is not None:
                 process.kill()
                 process.wait()
+
+
+def _wait_for_workers(client, workers: int, patience: float = 60.0, limit: float = 900.0) -> int:
+    """How many of ``workers`` joined: all, or as many as there are once no more joined for
+    ``patience`` seconds (on a loaded machine a few of a thousand in-process workers time out)."""
+    began = last_change = time.monotonic()
+    joined = 0
+    while joined < workers and time.monotonic() - last_change < patience and time.monotonic() - began < limit:
+        now = len(client.scheduler_info(n_workers=-1)["workers"])
+        if now != joined:
+            joined, last_change = now, time.monotonic()
+        time.sleep(1.0)
+    return joined
 
 
 def simulate_parsl(folder: Path, workers: int, packing: bool) -> dict:
