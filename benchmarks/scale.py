@@ -307,12 +307,13 @@ def simulate_dask(folder: Path, workers: int, packing: bool) -> dict:
                 process.wait()
 
 
-def _wait_for_workers(client, workers: int, patience: float = 60.0, limit: float = 900.0) -> int:
+def _wait_for_workers(client, workers: int, patience: float = 90.0, limit: float = 900.0) -> int:
     """How many of ``workers`` joined: all, or as many as there are once no more joined for
     ``patience`` seconds (on a loaded machine a few of a thousand in-process workers time out)."""
     began = last_change = time.monotonic()
     joined = 0
-    while joined < workers and time.monotonic() - last_change < patience and time.monotonic() - began < limit:
+    while joined < workers and (joined == 0 or time.monotonic() - last_change < patience) \
+            and time.monotonic() - began < limit:
         now = len(client.scheduler_info(n_workers=-1)["workers"])
         if now != joined:
             joined, last_change = now, time.monotonic()
