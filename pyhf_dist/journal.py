@@ -90,7 +90,7 @@ class Journal:
         self.kept = 0
         # Every whole line of this scan's key in the file, so that a journal removed mid-scan can
         # be written again without losing one.
-        self._lines: list[bytes] = []
+        self._lines = _Lines()
         self._inode: int | None = None
         #: Finished chunks of toy-based patches, by ``(pallet, patch name)`` (filled by :meth:`load`).
         self.chunks: dict[tuple, list[dict]] = {}
@@ -218,7 +218,7 @@ class Journal:
             if append:
                 self._drop_partial_line()
             else:
-                self._lines, self.kept = [], 0
+                self._lines, self.kept = _Lines(), 0
             # Unbuffered: a write that fails (a full disk) leaves nothing pending that closing the
             # file would try, and fail, to write again.
             self._stream = open(self.path, "ab" if append else "wb", buffering=0)
@@ -247,8 +247,18 @@ class Journal:
             StorageError: The record could not be kept (full disk, quota, read-only folder); the
                 error counts the whole records the journal keeps.
         """
-        self._append({"key": self.key, "record": json_safe(record.to_dict())})
-        self.kept += 1
+        self.write_many([record])
+
+    def write_many(self, records: list[FitRecord]) -> None:
+        """Append several records with one write and one flush to disk: when it returns, every
+        one of them is on disk (what :meth:`write` promises for one).
+
+        Raises:
+            StorageError: As :meth:`write`; the error counts the whole records kept, those of
+                this group that reached the disk included.
+        """
+        if records:
+            self._append_lines([self._line({"key": self.key, "record": dict(vars(record))}) for record in records])
 
     def write_chunk(self, pallet: str | None, outcome: dict) -> None:
         """Append one finished chunk of a toy-based patch (its statistics packed, exactly) and make
@@ -260,16 +270,33 @@ class Journal:
         self._append({"key": self.key, "chunk": {"pallet": pallet, "record": json_safe(compact_chunk(outcome))}})
 
     def _append(self, entry: dict) -> None:
-        """Write one line, on disk before returning; a journal removed meanwhile is written again."""
-        line = (json.dumps(entry, default=str) + "\n").encode()
+        """Write one line (not a record), on disk before returning."""
+        self._append_lines([self._line(entry)], records=False)
+
+    @staticmethod
+    def _line(entry: dict) -> bytes:
+        try:  # most records hold only finite numbers: one pass, no copy
+            text = json.dumps(entry, default=str, allow_nan=False)
+        except ValueError:  # JSON has no NaN: written as null
+            text = json.dumps(json_safe(entry), default=str)
+        return (text + "\n").encode()
+
+    def _append_lines(self, lines: list[bytes], records: bool = True) -> None:
+        """Write whole lines with one write and one fsync, on disk before returning; a journal
+        removed meanwhile is written again."""
+        data = b"".join(lines)
+        view = memoryview(data)
         try:
-            view = memoryview(line)
             while view:  # a write to a nearly full disk can be partial before it fails
                 view = view[os.write(self._stream.fileno(), view):]
             os.fsync(self._stream.fileno())
         except OSError as error:
+            if records:  # the group's lines that reached the file whole are kept
+                self.kept += data[:len(data) - len(view)].count(b"\n")
             raise self._fault(error, "write") from None
-        self._lines.append(line)
+        self._lines.extend(lines)
+        if records:
+            self.kept += len(lines)
         if not self._still_there():
             self._write_again()
 
@@ -285,7 +312,7 @@ class Journal:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             with open(temporary, "wb") as stream:
-                stream.write(b"".join(self._lines))
+                stream.write(self._lines.data())
                 stream.flush()
                 os.fsync(stream.fileno())
             os.replace(temporary, self.path)
@@ -332,6 +359,52 @@ class Journal:
                 lock.close()
             except OSError:
                 pass
+
+
+class _Lines:
+    """The journal's whole lines, kept to write it again should it be removed: in a temporary file
+    rather than in memory, so that the client's memory does not grow by a line per record (in
+    memory only where no temporary file can be made or written)."""
+
+    def __init__(self):
+        self.count, self._memory, self._file = 0, [], None
+        try:
+            import tempfile
+
+            self._file = tempfile.TemporaryFile(prefix="pyhf-dist-journal-")
+        except OSError:
+            self._file = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def append(self, line: bytes) -> None:
+        self.extend([line])
+
+    def extend(self, lines: list[bytes]) -> None:
+        self.count += len(lines)
+        if self._file is not None:
+            try:
+                self._file.write(b"".join(lines))
+                return
+            except OSError:  # a full temporary folder: from here on in memory, after what is there
+                self._memory = [self._spilled()]
+                self._file = None
+        self._memory.extend(lines)
+
+    def _spilled(self) -> bytes:
+        self._file.flush()
+        self._file.seek(0)
+        data = self._file.read()
+        self._file.seek(0, 2)
+        return data
+
+    def data(self) -> bytes:
+        """Every line, in order."""
+        return self._spilled() if self._file is not None else b"".join(self._memory)
 
 
 def _ranges(numbers: list[int]) -> str:

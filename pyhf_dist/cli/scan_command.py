@@ -176,7 +176,7 @@ def fit_parameters() -> list[click.Parameter]:
                           "`--executor NAME --help` lists its options."),
         *_declared_options(),
         click.Option(["-o", "--output"], default="results.json", show_default=True, type=click.Path(),
-                     help="Results file (.json, or .csv for a table)."),
+                     help="Results file (.json, or .csv or .parquet for a table)."),
         click.Option(["--show-job-script"], is_flag=True, help="Print the batch script of a batch executor and exit."),
         click.Option(["--option", "extra_options"], multiple=True, metavar="KEY=VALUE",
                      help="Any other executor keyword argument (repeatable), e.g. --option processes=2."),
@@ -189,8 +189,8 @@ def _fit(context: click.Context, source, patchset, executor, output, show_job_sc
     """Fit the signal patches of SOURCE and write the results.
 
     SOURCE is a pallet (a HEPData .tar.gz, a directory with BkgOnly.json and patchset.json or
-    patch.<name>.json files, or a HEPData DOI), or a BkgOnly.json given with --patchset. A SOURCE
-    that holds several pallets (one per folder) needs --pallet.
+    patch.<name>.json files, or a HEPData DOI), or a BkgOnly.json given with --patchset or
+    --signals. A SOURCE that holds several pallets (one per folder) needs --pallet.
     """
     from pyhf_dist.journal import journal_path_for
 
@@ -264,6 +264,10 @@ def _write(result, output, journal_path: Path, resume_command: str) -> None:
     try:
         if str(output).lower().endswith(".csv"):
             result.to_csv(output)
+        elif str(output).lower().endswith(".parquet"):  # a table with the parameters as columns
+            from pyhf_dist.signals.output import write_parquet
+
+            write_parquet(result, output)
         else:
             result.to_json(output)
     except OSError as error:

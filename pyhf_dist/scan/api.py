@@ -68,7 +68,7 @@ def iter_fits(workspace: Any, patchset: Any = None, *, executor: Any = "local", 
             if runner.owned:
                 # Workers that can start early import what the fits need while the pallet is read.
                 runner.prepare(settings.to_dict())
-            plan = Plan.of(workspace, patchset, scan.pallet, scan.patches, scan.combine)
+            plan = Plan.of(workspace, patchset, scan.pallet, scan.patches, scan.combine, scan.signals, scan.template)
             book = Journal(scan.journal, plan.journal_key(settings)) if scan.journal is not None else None
             if book is not None:
                 book.acquire()  # before reading it: two scans must never write one journal
@@ -115,11 +115,13 @@ def _scan(runner, plan: Plan, settings, scan, book, finished: dict, info: dict) 
         loop = Loop(runner, context, settings, scan.retries, scan.timeout, plan.values_by_key,
                     book.chunks if (book is not None and scan.resume) else {}, chunk_finished,
                     lambda key, record: kept.__setitem__(key, record["toys"]))
-        for record in loop.records(todo):
+        for group in loop.groups(todo):
+            # One write and flush per group: every record is on disk before it is yielded.
             if book is not None:
-                book.write(record)
-            done.append(record)
-            yield record
+                book.write_many(group)
+            if plan.combine is not None:  # only a combination needs them all: a stream keeps none
+                done.extend(group)
+            yield from group
     _write_kept(scan.keep_toys, kept, settings)
     yield from _combination(done, plan)
 

@@ -22,7 +22,7 @@ from pyhf_dist.pallet import Patch
 from pyhf_dist.protocol import failed_record, first_line, make_pack, make_task, records_of
 from pyhf_dist.results import FitRecord
 
-__all__ = ["Job", "Loop", "Packing", "expire", "TIMEOUT_GRACE"]
+__all__ = ["Job", "JobQueue", "Loop", "Packing", "expire", "TIMEOUT_GRACE"]
 
 log = logging.getLogger("pyhf_dist.scan")
 
@@ -64,7 +64,7 @@ class Packing:
 
     def __init__(self, runner, timeout: float | None):
         self.seconds = runner.pack_seconds if runner.workers and not timeout else 0.0
-        self.fit_seconds: list[float] = []
+        self.fit_seconds: collections.deque[float] = collections.deque(maxlen=64)  # the latest only
 
     @property
     def enabled(self) -> bool:
@@ -77,7 +77,7 @@ class Packing:
     def size(self, queued: int, workers: int) -> int:
         if not self.enabled or not self.fit_seconds:
             return 1
-        typical = max(statistics.median(self.fit_seconds[-64:]), 1e-3)
+        typical = max(statistics.median(self.fit_seconds), 1e-3)
         return max(1, min(int(self.seconds / typical), queued // (4 * workers)))
 
 
@@ -104,6 +104,27 @@ def expire(runner, in_flight: dict, timeout: float) -> None:
             replacement.set_result(job.failed(f"timed out after {timeout} s (worker did not respond)"))
             in_flight[replacement] = in_flight.pop(future)
             runner.abandon(future)
+
+
+class JobQueue:
+    """The queue of a scan with one task per patch: the jobs still to be made (from a lazy
+    ``todo``), behind those put back for a retry. What the loop needs of a deque, sized."""
+
+    def __init__(self, jobs: Iterator[Job], count: int):
+        self.jobs, self.count = iter(jobs), count
+        self.retried: collections.deque[Job] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self.retried) + self.count
+
+    def popleft(self) -> Job:
+        if self.retried:
+            return self.retried.popleft()
+        self.count -= 1
+        return next(self.jobs)
+
+    def appendleft(self, job: Job) -> None:
+        self.retried.appendleft(job)
 
 
 def _patches(names: list[str]) -> str:
@@ -138,14 +159,15 @@ class Loop:
         self.workers = runner.workers or 1
         self.queue: collections.deque[Job] = collections.deque()
         self.partial: dict[tuple, list[dict]] = collections.defaultdict(list)
-        self.expected: dict[tuple, int] = {}
+        self.expected: dict[tuple, int] = {}  # outcomes each patch waits for (its chunks)
         self.first_submitted: dict[tuple, float] = {}
         self.attempts: dict[tuple, int] = collections.defaultdict(int)
         self.in_flight: dict[concurrent.futures.Future, list[Job]] = {}
         self.packing = Packing(runner, timeout)
 
-    def records(self, todo: list) -> Iterator[FitRecord]:
-        """Yield the record of every patch of ``todo`` as it completes."""
+    def groups(self, todo) -> Iterator[list[FitRecord]]:
+        """Yield the records of the patches of ``todo`` as they complete, a group per round of
+        waiting (the scan journals a group with one write)."""
         yield from self._plan(todo)
         # A scan that packs patches keeps only a few tasks ahead of the workers, so that each one
         # is sized with what the fits so far took.
@@ -158,17 +180,25 @@ class Loop:
                 expire(self.runner, self.in_flight, self.timeout)
             done, _ = concurrent.futures.wait(list(self.in_flight), timeout=1.0,
                                               return_when=concurrent.futures.FIRST_COMPLETED)
+            group = []
             for future in [future for future in self.in_flight if future in done]:  # in submission order
                 jobs = self.in_flight.pop(future)
                 jobs, outcomes = self._outcomes(future, jobs)
                 for job, outcome in zip(jobs, outcomes):
-                    yield from self._finished(job, outcome)
+                    group.extend(self._finished(job, outcome))
+            if group:
+                yield group
 
-    def _plan(self, todo: list) -> Iterator[FitRecord]:
+    def _plan(self, todo) -> Iterator[list[FitRecord]]:
+        if not self.toy_based:
+            # One task per patch: jobs are made as they are submitted, never all held at once.
+            self.queue = JobQueue((Job(patch, None, pallet) for pallet, patch in todo), len(todo))
+            self.expected = collections.defaultdict(lambda: 1)
+            return
         planned = plan_chunks(self.settings, self.workers, len(todo))
         for pallet, patch in todo:
             key = (pallet, patch.name)
-            done = self.chunks_done.get(key, []) if self.toy_based else []
+            done = self.chunks_done.get(key, [])
             # A resumed toy scan fits only the toys its journal's chunks do not cover.
             chunks = missing_chunks(self.settings.ntoys, done, planned) if done else planned
             self.partial[key].extend(done)
@@ -177,9 +207,12 @@ class Loop:
         for pallet, patch in todo:  # every chunk already in the journal (a kill before its merge)
             key = (pallet, patch.name)
             if self.partial.get(key) and len(self.partial[key]) == self.expected[key]:
-                yield self._merged(key, pallet)
+                yield [self._merged(key, pallet)]
 
     def _submit(self, jobs: list[Job]) -> None:
+        jobs = self._reject_invalid(jobs)  # rows of a signals file that cannot be fitted
+        if not jobs:
+            return
         now = time.time()
         tasks = []
         for job in jobs:
@@ -189,6 +222,20 @@ class Loop:
             tasks.append(make_task(job.patch.name, job.patch.operations, self.context.key, pallet=job.pallet,
                                    chunk=job.chunk, timeout=self.timeout))
         self.in_flight[self.runner.submit(tasks[0] if len(tasks) == 1 else make_pack(tasks))] = jobs
+
+    def _reject_invalid(self, jobs: list[Job]) -> list[Job]:
+        """Jobs whose patch says it cannot be fitted (a malformed row of a signals file) get a
+        failed record at once, with the row's reason; the others are returned, to be submitted."""
+        kept = []
+        for job in jobs:
+            error = getattr(job.patch, "error", None)
+            if error:
+                resolved: concurrent.futures.Future = concurrent.futures.Future()
+                resolved.set_result(job.failed(error))
+                self.in_flight[resolved] = [job]
+            else:
+                kept.append(job)
+        return kept
 
     def _outcomes(self, future, jobs: list[Job]) -> tuple[list[Job], list[dict]]:
         """The records of a finished future's jobs; jobs whose worker died go back to the queue."""
@@ -210,19 +257,21 @@ class Loop:
             return jobs, [job.failed(f"worker lost {job.attempt} times: {detail}" if lost else f"task failed: {detail}")
                           for job in jobs]
 
-    def _finished(self, job: Job, outcome: dict) -> Iterator[FitRecord]:
+    def _finished(self, job: Job, outcome: dict) -> list[FitRecord]:
         self.packing.measured(outcome)
         self.partial[job.key].append(outcome)
         if self.toy_based and outcome.get("status") == "ok" and "toys" in outcome and self.chunk_finished is not None:
             self.chunk_finished(job.pallet, outcome)
         if len(self.partial[job.key]) == self.expected[job.key]:
-            yield self._merged(job.key, job.pallet)
+            return [self._merged(job.key, job.pallet)]
+        return []
 
     def _merged(self, key: tuple, pallet) -> FitRecord:
         record = merge_chunks(self.partial.pop(key), self.settings)
         record.pop("chunk", None)
         if self.on_merged is not None and record.get("status") == "ok" and "toys" in record:
             self.on_merged(key, record)
-        record.update(values=self.values_by_key[key], submitted=self.first_submitted.get(key),
-                      attempts=self.attempts[key] or 1, pallet=pallet)
+        # Popped: what the loop keeps per patch must not grow with the scan.
+        record.update(values=self.values_by_key[key], submitted=self.first_submitted.pop(key, None),
+                      attempts=self.attempts.pop(key, 0) or 1, pallet=pallet)
         return FitRecord.from_dict(record)

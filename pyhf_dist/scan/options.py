@@ -50,6 +50,16 @@ class ScanOptions:
         "there are several. Records carry their pallet's name (None for a single-pallet source).",
         "--pallet", to_options=_many("pallet"), multiple=True, metavar="NAME",
         help="Pallet to fit in a SOURCE that holds several, e.g. Region-combined (repeatable, or 'all').")
+    signals: str | os.PathLike | None = option(
+        None, "Signal points as data: a .csv or .parquet file, one row per point (name, model parameters, "
+        "yields per channel bin), fitted instead of a patchset; workspace is then the background workspace "
+        "(pyhf_dist.signals).", "--signals", type=PATH,
+        help="Signal points as data: a .csv or .parquet file, one row per point (name, parameters, yields per bin).")
+    template: Any = option(
+        None, "With signals: how a row becomes a patch, a pyhf_dist.signals.Template, its dict, or a JSON file "
+        "(channels, sample, normsys, staterror or shapesys); None: the defaults.", "--template",
+        help="With --signals: how a row becomes a patch, a JSON file or JSON text (channels, sample, normsys, "
+             "uncertainty).")
     combine: str | None = option(
         None, "'best-expected': also, per signal point, the record of the pallet with the smallest median "
         "expected CLs (pallet='best-expected', naming the chosen_pallet); needs two pallets or more.",

@@ -11,12 +11,12 @@ import functools
 import os
 from typing import Any
 
-from pyhf_dist import discovery
+from pyhf_dist import discovery, signals as signal_points
 from pyhf_dist.combine import check_method
 from pyhf_dist.exceptions import InputError
 from pyhf_dist.journal import scan_key
 from pyhf_dist.pallet import (
-    Pallet, Patch, check_workspace, is_pyhf, load_pallet, load_patches, load_workspace, select_across,
+    Pallet, Patch, check_workspace, is_pyhf, load_pallet, load_patches, load_workspace,
 )
 from pyhf_dist.protocol import WorkerContext
 
@@ -65,6 +65,15 @@ def prepare_pallets(workspace: Any, patchset: Any = None, pallet: Any = None, *,
     return loaded if isinstance(loaded, list) else [loaded]
 
 
+def _signals_pallet(workspace, patchset, pallet, signals, template) -> Pallet:
+    """The pallet of a ``signals=`` scan (see :mod:`pyhf_dist.signals`)."""
+    if signals is None:
+        raise InputError("template= (--template) describes the rows of a signals file: also give signals=")
+    if patchset is not None or pallet is not None:
+        raise InputError("signals= (--signals) replaces the patchset: give the background workspace and the signals file")
+    return signal_points.load_signals(workspace, signals, template)
+
+
 @dataclasses.dataclass
 class Plan:
     """The pallets of a scan and the patches chosen in each (in the pallets' order)."""
@@ -74,22 +83,26 @@ class Plan:
     combine: str | None = None
 
     @classmethod
-    def of(cls, workspace: Any, patchset: Any, pallet: Any, patches: Any, combine: str | None) -> "Plan":
+    def of(cls, workspace: Any, patchset: Any, pallet: Any, patches: Any, combine: str | None,
+           signals: Any = None, template: Any = None) -> "Plan":
         """The plan of a scan's arguments. Full schema validation is left to :meth:`check`, run
         once the patch selection and settings are known to be right."""
+        if signals is not None or template is not None:  # points as data: one lazily read pallet
+            workspace = _signals_pallet(workspace, patchset, pallet, signals, template)
+            patchset = pallet = None
         pallets = prepare_pallets(workspace, patchset, pallet, validate=False)
-        return cls(pallets, select_across(pallets, patches), check_method(combine, pallets))
+        return cls(pallets, signal_points.select(pallets, patches), check_method(combine, pallets))
 
     @functools.cached_property
     def values_by_key(self) -> dict[tuple, list]:
         """``(pallet name, patch name)`` -> the patch's parameter values, in the scan's order."""
-        return {(each.name, patch.name): list(patch.values) for each, chosen in zip(self.pallets, self.chosen)
-                for patch in chosen}
+        return {(each.name, name): list(values) for each, chosen in zip(self.pallets, self.chosen)
+                for name, values in signal_points.named_values(chosen)}
 
-    def todo(self, finished: dict) -> list[tuple[str | None, Patch]]:
-        """``[(pallet name, patch)]`` of the chosen patches without a record in ``finished``."""
-        return [(each.name, patch) for each, chosen in zip(self.pallets, self.chosen) for patch in chosen
-                if (each.name, patch.name) not in finished]
+    def todo(self, finished: dict):
+        """``(pallet name, patch)`` of the chosen patches without a record in ``finished``: a list,
+        or for a signals file a sized stream that makes each patch as the scan submits it."""
+        return signal_points.pending(self.pallets, self.chosen, finished)
 
     @property
     def workspaces(self) -> dict:
