@@ -26,7 +26,7 @@ import pytest
 
 import pyhf_dist
 from pyhf_dist.exceptions import SettingsError
-from pyhf_dist.executors import Executor, get_executor, register_executor
+from pyhf_dist.executors import Executor, get_executor, register_executor, unregister_executor
 from pyhf_dist.executors.base import ExecutorFlag
 from pyhf_dist.protocol import WorkerContext, make_pack, make_task, records_of
 from pyhf_dist.runtime import run_task
@@ -61,8 +61,6 @@ class ThreadsUnderTest(Executor):
             self.pool = None
 
 
-register_executor(ThreadsUnderTest.name, ThreadsUnderTest)
-
 EXECUTORS = ["sequential", "local", "futures", "dask", "parsl", ThreadsUnderTest.name]
 #: Executors whose workers are processes pyhf-dist can kill without killing the test.
 PROCESS_WORKERS = {"local", "dask", "parsl"}
@@ -78,6 +76,14 @@ def make_executor(name: str, tmp_path) -> Executor:
         pytest.importorskip("parsl")
         return get_executor("parsl", workers=2, run_dir=str(tmp_path / "parsl"))
     return get_executor(name, workers=2) if name != "sequential" else get_executor(name)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    """The executor written here, registered by name as a user would (for this module only)."""
+    register_executor(ThreadsUnderTest.name, ThreadsUnderTest)
+    yield
+    unregister_executor(ThreadsUnderTest.name)
 
 
 @pytest.fixture(params=EXECUTORS)

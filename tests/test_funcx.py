@@ -453,13 +453,17 @@ def test_no_login_fails_fast_without_prompting(monkeypatch, tmp_path):
     assert transport.check_credentials() == "client credentials"
 
 
-def test_unsupported_calculations_are_refused_at_start():
+def test_unsupported_calculations_are_refused_before_anything_starts(erjr_pallet):
     from pyhf_dist.exceptions import SettingsError
 
     executor = FuncXExecutor(endpoint_id=str(uuid.uuid4()))
-    context = WorkerContext.build({}, dict(FitSettings(backend="numpy").to_dict(), calctype="toybased"))
+    for settings in (FitSettings(backend="numpy", calctype="toybased"), FitSettings(backend="numpy", calculation="upper_limit")):
+        assert "asymptotic hypotests only" in executor.supports(settings)
+    assert executor.supports(FitSettings(backend="numpy")) is None
+    # Refused by the scan, in one line, before any login or request to the service.
     with pytest.raises(SettingsError, match="asymptotic hypotests only"):
-        executor.start(context)
+        pyhf_dist.map_fits(erjr_pallet, executor=executor, backend="numpy", calctype="toybased", ntoys=10)
+    assert executor.client is None
 
 
 # ================================================================== layer 4: a real endpoint

@@ -93,7 +93,7 @@ def test_context_is_compressed_and_decompressed_lazily(erjr_pallet):
     context = WorkerContext.build(erjr_pallet.workspace, FitSettings(backend="numpy").to_dict())
     packed = CompressedContext.of(context)
     assert packed.key == context.key and packed.payload == context.payload
-    assert len(packed.packed) < len(context.payload) / 4
+    assert len(packed.compressed) < len(context.payload) / 4
     import pickle
 
     assert pickle.loads(pickle.dumps(packed)).payload == context.payload

@@ -122,7 +122,7 @@ def test_cls_formulas_equal_pyhf_calculator(pyhf_percentile_fix):
 
 def test_map_fits_splits_over_1_2_4_workers_identically(monkeypatch, pyhf_percentile_fix):
     """Through the scan: the chunks really are separate tasks, and the answer never changes."""
-    monkeypatch.setattr(toys, "MIN_TOYS_PER_CHUNK", 5)
+    monkeypatch.setattr(chunk_plan, "MIN_TOYS_PER_CHUNK", 5)
     seen = []
     original = toys.run_chunk
 

@@ -15,7 +15,10 @@ from typing import Any, Callable
 from pyhf_dist.exceptions import ExecutorOptionError, UnknownExecutorError
 from pyhf_dist.executors.base import Executor, default_workers
 
-__all__ = ["Executor", "get_executor", "register_executor", "available_executors", "default_workers", "executor_flags"]
+__all__ = [
+    "Executor", "get_executor", "register_executor", "unregister_executor", "available_executors", "default_workers",
+    "executor_flags",
+]
 
 # name -> "module:attribute" (imported on first use) or a factory registered at run time.
 _REGISTRY: dict[str, str | Callable[..., Executor]] = {
@@ -27,6 +30,7 @@ _REGISTRY: dict[str, str | Callable[..., Executor]] = {
     "parsl": "pyhf_dist.executors.parsl:ParslExecutor",
 }
 _ALIASES = {"globus-compute": "funcx"}
+_BUILT_IN = frozenset(_REGISTRY)
 
 
 def available_executors() -> list[str]:
@@ -37,6 +41,13 @@ def available_executors() -> list[str]:
 def register_executor(name: str, factory: Callable[..., Executor]) -> None:
     """Make ``executor=name`` build executors with ``factory(**options)``."""
     _REGISTRY[name] = factory
+
+
+def unregister_executor(name: str) -> None:
+    """Forget an executor :func:`register_executor` registered (the built-in ones stay)."""
+    if name in _BUILT_IN:
+        raise ExecutorOptionError(f"executor {name!r} is built in and cannot be unregistered")
+    _REGISTRY.pop(name, None)
 
 
 def _factory(name: str) -> Callable[..., Executor]:

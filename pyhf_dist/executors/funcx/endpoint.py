@@ -61,29 +61,28 @@ def pyhf_dist_fit(context, task):
     with cache.lock:
         state = cache.states.get(task["context"])
         if state is None:
-            # One thread per numerical library (values the endpoint's administrator set are kept).
             for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
-                os.environ.setdefault(name, "1")
+                os.environ.setdefault(name, "1")  # one thread per numerical library (an admin's value kept)
             data = load(context)
             state = {"settings": data["settings"], "prepared": None, "workspace": None, "fallback_reason": None}
             if data["settings"].get("backend") == "jax":
                 try:  # pyhf-dist's own worker, where the endpoint has it: the compiled fast path
                     from pyhf_dist.protocol import WorkerContext
                     from pyhf_dist.runtime import initialize, run_task
-
                     payload = json.dumps(data, separators=(",", ":")).encode()
                     state["prepared"] = (initialize(WorkerContext(task["context"], payload)), run_task)
-                except Exception as error:  # not installed, or another version: plain pyhf still works
+                except ImportError:
+                    state["fallback_reason"] = "pyhf-dist[jax] is not installed on the endpoint"
+                except Exception as error:  # another version there: plain pyhf still works
                     line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-                    state["fallback_reason"] = f"pyhf-dist[jax] cannot run this scan on the endpoint: {line}"
-            if state["prepared"] is None:
+                    state["fallback_reason"] = f"the endpoint's pyhf-dist cannot take this scan: {line}"
+            if state["prepared"] is None:  # plain pyhf: the workspaces, validated once per worker
                 import pyhf
-
                 state["workspace"] = {name: part["workspace"] for name, part in (data.get("pallets") or {None: data}).items()}
                 for spec in state["workspace"].values():
-                    pyhf.Workspace(spec)  # validated once per worker
-            while len(cache.states) >= 2:  # a long-lived endpoint worker serves many scans
-                cache.states.pop(next(iter(cache.states)))
+                    pyhf.Workspace(spec)
+            for stale in list(cache.states)[:-1]:  # the latest two scans: a worker serves many
+                cache.states.pop(stale)
             cache.states[task["context"]] = state
             cache.setups += 1
     if state["prepared"] is not None:
@@ -100,15 +99,15 @@ def pyhf_dist_fit(context, task):
         if settings.get("require_fast"):
             raise RuntimeError(f"the fast path is not available ({state['fallback_reason']}) and require_fast "
                                "(--require-fast) is on")
-        import jsonpatch
-        import pyhf
-
+        import jsonpatch, pyhf  # noqa: E401
         minuit = settings.get("optimizer", "scipy") == "minuit"  # plain pyhf runs on numpy, the reference
         pyhf.set_backend("numpy", pyhf.optimize.minuit_optimizer(tolerance=1e-4, strategy=2) if minuit
                          else pyhf.optimize.scipy_optimizer())
         # The patch applies to the whole workspace, as pyhf.PatchSet applies it.
-        spec = state["workspace"].get(task.get("pallet"))  # None: the context has no such pallet
-        patched = pyhf.Workspace(jsonpatch.apply_patch(spec, task["patch"]), validate=False)
+        if task.get("pallet") not in state["workspace"]:
+            raise KeyError(f"the scan's context has no pallet {task.get('pallet')!r}")
+        patched = pyhf.Workspace(jsonpatch.apply_patch(state["workspace"][task.get("pallet")], task["patch"]),
+                                 validate=False)
         model = patched.model(modifier_settings=settings.get("modifier_settings"))
         observed, expected = pyhf.infer.hypotest(settings.get("poi_test", 1.0), patched.data(model), model,
                                                  test_stat=settings.get("test_stat", "qtilde"), return_expected_set=True)
