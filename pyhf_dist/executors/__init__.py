@@ -90,9 +90,7 @@ def get_executor(executor: Any = "local", **options) -> Executor:
         )
     factory = _factory(executor)
     _check_options(factory, executor, options)
-    runner = factory(**options)
-    runner.owned = True  # made here, for the scan that named it: the scan prepares and shuts it down
-    return runner
+    return factory(**options)
 
 
 def executor_flags(name: str) -> tuple:

@@ -114,10 +114,11 @@ class Executor(abc.ABC):
         runner.describe()               # facts for the results' metadata (a Description)
         runner.shutdown()               # only when the scan owns it, however the scan ended
 
-    **Ownership.** An executor given by name (``executor="dask"``) is created by the scan, which
-    owns it (:attr:`owned`): the scan calls :meth:`prepare` and :meth:`shutdown`. An executor
-    object the caller made is the caller's: the scan only starts it with its context and submits;
-    the caller shuts it down (``with`` does).
+    **Ownership.** An executor given to a scan by name (``executor="dask"``) is created by the
+    scan, which owns it (:attr:`owned`): the scan calls :meth:`prepare` and :meth:`shutdown`. An
+    executor object the caller made (also with :func:`~pyhf_dist.executors.get_executor`) is the
+    caller's: the scan only starts it with its context and submits; the caller shuts it down
+    (``with`` does).
 
     **Packs.** When :attr:`pack_seconds` is above 0 the scan sends several tasks as one pack
     (:func:`~pyhf_dist.protocol.make_pack`); whatever runs on the workers must hand packs to
@@ -140,7 +141,7 @@ class Executor(abc.ABC):
     name: str = "custom"
     #: The executor's command-line options (beyond ``--option KEY=VALUE``, which takes any).
     flags: ClassVar[tuple[ExecutorFlag, ...]] = ()
-    #: Whether the scan owns this executor (created it by name): see "Ownership" above.
+    #: Whether a scan owns this executor (created it from a name): see "Ownership" above.
     owned: bool = False
 
     def __init__(self, workers: int | None = None):

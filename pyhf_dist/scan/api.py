@@ -197,12 +197,16 @@ def _combination(done: list[FitRecord], plan: Plan) -> list:
 
 
 def _executor(executor: Any, options: dict):
-    """The executor object, or one line naming the misspelt option among ``options``."""
+    """The executor object, or one line naming the misspelt option among ``options``. One made
+    here from a name is the scan's own (:attr:`~pyhf_dist.executors.base.Executor.owned`)."""
     try:
-        return get_executor(executor, **options)
+        runner = get_executor(executor, **options)
     except ExecutorOptionError:
         misspelt(options)
         raise
+    if isinstance(executor, str):
+        runner.owned = True
+    return runner
 
 
 @contextlib.contextmanager
