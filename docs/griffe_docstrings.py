@@ -3,7 +3,7 @@
 The docstrings are Google style, with habits of reStructuredText, and section names, that
 Markdown or the Google parser would show verbatim or misread:
 
-- Sphinx roles name other objects (``:class:`Executor```, ``:func:`~pyhf_dist.worker.make_task```):
+- Sphinx roles name other objects (``:class:`Executor```, ``:func:`~pyhf_dist.protocol.make_task```):
   each becomes inline code of the name (a leading ``~`` keeps the last part, as in Sphinx).
 - Doctests stand as bare ``>>>`` paragraphs outside an ``Example:`` section, where Markdown would
   read ``[0]["m2"]`` as a link: each such run of lines becomes a fenced ``pycon`` block. A

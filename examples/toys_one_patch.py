@@ -3,7 +3,7 @@
     python examples/toys_one_patch.py [ntoys] [workers]
 
 The merged test-statistic samples are bitwise those of ``numpy.random.seed(seed)`` followed by
-pyhf's ``ToyCalculator`` run serially with the same number of toys (see ``pyhf_dist.toys``).
+pyhf's ``ToyCalculator`` run serially with the same number of toys (see ``pyhf_dist.runtime.toys``).
 """
 
 from __future__ import annotations

@@ -177,7 +177,7 @@ def run_chunk(fast, patch_operations, model, data, settings, chunk: dict, key: s
         As :func:`pyhf_dist.runtime.toys.run_chunk`, with ``engine="fast"`` and, under ``"toys"``, the
         toys whose likelihood has no minimum (``no_minimum``: ``{"sb": [[toy, q where the fits
         stopped], ...], "b": [...]}``; their statistic is :data:`pyhf_dist.runtime.toys.NO_MINIMUM_STATISTIC`,
-        see :mod:`pyhf_dist.toys`), the number of fits redone one at a time (``fallbacks``) and
+        see :mod:`pyhf_dist.runtime.toys`), the number of fits redone one at a time (``fallbacks``) and
         of toys whose statistic is pyhf's own fits, both minimizers of the fast path having lost
         a fit (``by_pyhf``): every other toy's fits converged, or it has no minimum.
 
@@ -229,7 +229,7 @@ def run_chunk(fast, patch_operations, model, data, settings, chunk: dict, key: s
         values = result["teststat"]
         away = np.asarray(result["runaway"], dtype=bool)
         # A toy whose likelihood has no minimum takes toys.NO_MINIMUM_STATISTIC (see
-        # pyhf_dist.toys); where its fits stopped is kept beside it, for the benchmark.
+        # pyhf_dist.runtime.toys); where its fits stopped is kept beside it, for the benchmark.
         stopped = values[away].copy()
         values[away] = toys.NO_MINIMUM_STATISTIC
         for i in np.flatnonzero(~np.isfinite(values)):
