@@ -1,8 +1,6 @@
 """``python -m pyhf_dist`` is the ``pyhf-dist`` command."""
 
-import sys
-
-from pyhf_dist.cli import main
+from pyhf_dist.cli import program
 
 if __name__ == "__main__":
-    sys.exit(main())
+    program()

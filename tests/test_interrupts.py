@@ -158,3 +158,22 @@ def test_two_scans_on_one_output_do_not_interleave(erjr_dir, erjr_pallet, tmp_pa
     assert sorted(r["name"] for r in results) == sorted(names)
     assert all(r["status"] == "ok" for r in results)
     assert not journal.exists() and not Path(str(journal) + ".lock").exists()
+
+
+def test_ctrl_c_while_the_interpreter_exits_after_a_finished_scan(erjr_dir, tmp_path):
+    """The scan is done and written; a Ctrl-C in the interpreter's own exit (here from the last atexit
+    handler to run, where Python still raises it; at the very end Python has put back the default
+    handler, which kills by SIGINT without a word) leaves the finished scan's exit code and no noise."""
+    code = textwrap.dedent("""\
+        import atexit, os, signal, time
+        atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.5)))
+        from pyhf_dist.cli import program
+        program()
+    """)
+    output = tmp_path / "r.json"
+    run = subprocess.run([sys.executable, "-c", code, "fit", str(erjr_dir), "-p", "ERJR_100p0_20p0", "--backend",
+                          "numpy", "--executor", "sequential", "-o", str(output), "-q"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert not [marker for marker in NOISE if marker in run.stderr], run.stderr
+    assert [record["status"] for record in json.loads(output.read_text())["results"]] == ["ok"]
