@@ -380,3 +380,42 @@ def test_a_worker_killed_inside_its_job_is_replaced_by_a_new_job(erjr_pallet, er
     jobs = {record.worker["slurm_job_id"] for record in result}
     assert killed[0]["slurm_job_id"] in jobs and len(jobs) == 2
     _assert_no_jobs_left(options["job_name"])
+
+
+@pytest.mark.slurm
+@requires_slurm
+def test_a_job_that_ends_before_its_worker_joins_is_replaced(erjr_pallet, erjr_reference, slurm_options, tmp_path,
+                                                             caplog):
+    """A job that ends before its worker ever joined (killed as it starts, a node that fails) is
+    invisible to Dask, which would count it as running forever: the scan submits another instead."""
+    names = [patch.name for patch in erjr_pallet.patches[:4]]
+    marker = tmp_path / "first-job-ended"
+    # The first job to run ends before it starts its worker; the jobs after it run as usual.
+    options = dict(slurm_options, jobs=1, job_script_prologue=[f"if mkdir {marker} 2>/dev/null; then exit 1; fi"])
+    with caplog.at_level("WARNING", logger="pyhf_dist"):
+        result = pyhf_dist.map_fits(erjr_pallet, executor="slurm", patches=names, backend="numpy", **options)
+    assert marker.is_dir()
+    assert_matches_reference(result, {name: erjr_reference[name] for name in names})
+    notes = [record.getMessage() for record in caplog.records if "ended before its worker joined" in record.getMessage()]
+    assert len(notes) == 1, caplog.text
+    first_job = notes[0].split()[2]
+    (job,) = {record.worker["slurm_job_id"] for record in result}
+    assert job != first_job
+    _assert_no_jobs_left(options["job_name"])
+
+
+@pytest.mark.slurm
+@requires_slurm
+def test_jobs_that_never_start_a_worker_fail_the_scan_in_one_line(erjr_pallet, slurm_options):
+    """Where no job can start its worker (here every job exits at once), the scan stops after a few
+    replacements and says where the last job's output is, instead of waiting forever."""
+    options = dict(slurm_options, jobs=1, job_script_prologue=["echo 'module: command not found' >&2; exit 3"])
+    began = time.monotonic()
+    result = pyhf_dist.map_fits(erjr_pallet, executor="slurm", patches=["ERJR_100p0_20p0"], backend="numpy",
+                                retries=0, **options)
+    assert time.monotonic() - began < 120
+    (record,) = result.records
+    assert record.status == "failed" and "Slurm jobs ended before their Dask worker joined" in record.error, record
+    error_file = record.error.split(" is in ")[1].split(" (and")[0].replace(".out", ".err")
+    assert "module: command not found" in open(error_file).read()
+    _assert_no_jobs_left(options["job_name"])

@@ -15,6 +15,7 @@ library, as ``export`` lines at the top of the job script, before the site's own
 
 from __future__ import annotations
 
+import concurrent.futures
 import inspect
 import os
 import shutil
@@ -27,6 +28,7 @@ import uuid
 from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, MissingDependencyError
 from pyhf_dist.executors.base import Description, ExecutorFlag
 from pyhf_dist.executors.dask import DaskExecutor, own_cluster_tuning, tuning_exports
+from pyhf_dist.executors.slurm_jobs import JobWatch
 from pyhf_dist.protocol import first_line
 from pyhf_dist.runtime.threads import thread_limit_exports
 
@@ -189,6 +191,8 @@ class SlurmExecutor(DaskExecutor):
         # share it, never used to cancel by).
         self._own_job_name = "job_name" not in self.options
         self.job_name = self.options.setdefault("job_name", f"pyhf-dist-{uuid.uuid4().hex[:8]}")
+        self._watch: JobWatch | None = None
+        self._jobs_failed: ExecutorError | None = None  # what stops the scan when jobs keep ending
 
     def _with_defaults(self, options: dict) -> dict:
         # Read the config ourselves only where dask-jobqueue would fail (cores, memory) or choose
@@ -270,6 +274,10 @@ class SlurmExecutor(DaskExecutor):
             minimum, maximum = self.adapt if self.adapt is not None else (self.jobs, self.jobs)
             cluster.scale(jobs=minimum)
             cluster.adapt(minimum_jobs=minimum, maximum_jobs=maximum)
+            # Jobs that end before their worker joins are invisible to Dask: the watch hands them back.
+            self._jobs_failed = None
+            self._watch = JobWatch(cluster, limit=max(3, 3 * maximum), give_up=self._jobs_keep_ending)
+            self._watch.start()
         except BaseException:
             self.close_cluster(cluster)
             raise
@@ -287,7 +295,29 @@ class SlurmExecutor(DaskExecutor):
             message = _slurm_error(result.stderr) or f"exit code {result.returncode}"
             raise ExecutorError(f"Slurm refuses the worker job: {message} (see the script with --show-job-script)")
 
+    def _jobs_keep_ending(self, count: int, job_ids: list[str]) -> None:
+        """Fail what waits for a worker, and what is submitted after, instead of waiting forever."""
+        folder, last = self.options.get("log_directory"), job_ids[-1]
+        # Where sbatch writes a job's output: dask-jobqueue names it when given a log_directory.
+        output = (os.path.join(folder, f"{self.job_name}-{last}.out (and .err)") if folder
+                  else os.path.join(os.getcwd(), f"slurm-{last}.out"))
+        self._jobs_failed = ExecutorError(
+            f"{count} Slurm jobs ended before their Dask worker joined; what the last one printed is in {output}")
+        for future in list(self._inner):
+            if not future.done():
+                future.set_exception(self._jobs_failed)
+
+    def submit(self, task) -> concurrent.futures.Future:
+        if self._jobs_failed is None:
+            return super().submit(task)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        future.set_exception(self._jobs_failed)
+        return future
+
     def close_cluster(self, cluster) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
         try:
             cluster.close()
         finally:
