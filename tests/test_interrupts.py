@@ -167,7 +167,7 @@ def test_ctrl_c_while_the_interpreter_exits_after_a_finished_scan(erjr_dir, tmp_
     code = textwrap.dedent("""\
         import atexit, os, signal, time
         atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.5)))
-        from pyhf_dist.cli import program
+        from pyhf_dist.__main__ import program
         program()
     """)
     output = tmp_path / "r.json"
@@ -177,3 +177,27 @@ def test_ctrl_c_while_the_interpreter_exits_after_a_finished_scan(erjr_dir, tmp_
     assert run.returncode == 0, run.stderr
     assert not [marker for marker in NOISE if marker in run.stderr], run.stderr
     assert [record["status"] for record in json.loads(output.read_text())["results"]] == ["ok"]
+
+
+def test_ctrl_c_while_the_command_is_imported(tmp_path):
+    """Before the command's modules are imported nothing has started: one line, exit 130, no
+    traceback of an import. (The import of the command is held here until the test signals.)"""
+    imported = tmp_path / "importing"
+    code = textwrap.dedent(f"""\
+        import builtins, pathlib, time
+        real_import = builtins.__import__
+
+        def held_import(name, *args, **kwargs):
+            if name == "pyhf_dist.cli":
+                pathlib.Path({str(imported)!r}).touch()
+                time.sleep(60)
+            return real_import(name, *args, **kwargs)
+
+        builtins.__import__ = held_import
+        from pyhf_dist.__main__ import program
+        program()
+    """)
+    process = start([sys.executable, "-c", code, "--version"])
+    wait_for(imported.exists, what="the command's import")
+    elapsed, stderr = stop(process)
+    assert_clean_interruption(process, elapsed, stderr)

@@ -267,6 +267,42 @@ def test_sigint_interrupted_cli_scan_leaves_no_jobs(erjr_dir, slurm_options, tmp
 
 @pytest.mark.slurm
 @requires_slurm
+def test_ctrl_c_while_sbatch_submits_a_job_stops_the_scan_as_interrupted(erjr_dir, slurm_options, tmp_path):
+    """A Ctrl-C at the terminal signals its whole process group, sbatch included when it runs: the
+    scan still stops as interrupted (130, one message, no traceback) and leaves no job behind."""
+    job_name = slurm_options["job_name"]
+    submitting = tmp_path / "submitting"
+    # An sbatch that holds each real submission for a while, so that the Ctrl-C lands while it runs.
+    wrappers = tmp_path / "bin"
+    wrappers.mkdir()
+    (wrappers / "sbatch").write_text(
+        f'#!/bin/sh\ncase "$1" in --test-only) ;; *) touch {submitting}; sleep 3 ;; esac\n'
+        f'exec {shutil.which("sbatch")} "$@"\n')
+    (wrappers / "sbatch").chmod(0o755)
+    command = [sys.executable, "-m", "pyhf_dist", "fit", str(erjr_dir), "--executor", "slurm", "--backend", "numpy",
+               "--jobs", "1", "--cores", "1", "--memory", "1GB", "-o", str(tmp_path / "results.json"), "-q",
+               "--option", "interface=lo", "--option", f"job_name={job_name}",
+               "--option", f"log_directory={slurm_options['log_directory']}"]
+    environment = {**os.environ, "PATH": f"{wrappers}{os.pathsep}{os.environ['PATH']}"}
+    process = subprocess.Popen(command, cwd=REPOSITORY, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=environment, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not submitting.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert submitting.exists(), f"no job was submitted: {process.communicate()}"
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr
+    assert "Interrupted" in stderr and "Traceback" not in stderr, stderr
+    _assert_no_jobs_left(job_name)
+
+
+@pytest.mark.slurm
+@requires_slurm
 def test_a_job_slurm_refuses_fails_the_scan_at_once_in_one_line(erjr_pallet, slurm_options):
     options = dict(slurm_options, queue="no-such-partition")
     started = time.monotonic()

@@ -16,7 +16,7 @@ from pyhf_dist.cli.demo import demo
 from pyhf_dist.cli.scan_command import fit
 from pyhf_dist.cli.toys import merge_toys
 
-__all__ = ["cli", "main", "program"]
+__all__ = ["cli", "main"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -93,28 +93,6 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"Error: {error}", err=True)
         return 2 if isinstance(error, InputError) else 1
     return code if isinstance(code, int) and not isinstance(code, bool) else 0
-
-
-def program() -> None:
-    """The ``pyhf-dist`` program: :func:`main`, then an exit that a Ctrl-C cannot cut short.
-
-    When :func:`main` returns, every result is written. The interpreter's own exit that follows
-    (joining threads, atexit handlers) would still take a Ctrl-C as a traceback, and at its very end,
-    where Python has put back the default handlers, as death by SIGINT without a word: the scan
-    would look interrupted although it finished. So the stop signals are ignored from then on.
-    """
-    code = 130
-    try:
-        code = main()
-        _ignore_stop_signals()
-    except KeyboardInterrupt:  # in the instant between main's return and the line above
-        _ignore_stop_signals()
-    sys.exit(code)
-
-
-def _ignore_stop_signals() -> None:
-    for number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(number, signal.SIG_IGN)
 
 
 def _interrupted() -> int:

@@ -54,6 +54,20 @@ def _restore_ctrl_c() -> None:
 
 _restore_ctrl_c()
 
+
+class _SlurmJob(SLURMJob):
+    """dask-jobqueue's Slurm job, whose ``sbatch`` and ``scancel`` a Ctrl-C at the terminal does not reach.
+
+    A Ctrl-C signals the terminal's whole process group. An ``sbatch`` running at that moment would
+    die of it; dask-jobqueue would then log the failure with a traceback and fail the cluster's start,
+    and the scan would stop as "could not start" instead of as interrupted. The scan answers the
+    Ctrl-C itself, and cancels the jobs it submitted.
+    """
+
+    @staticmethod
+    async def _call(cmd, *, shell=False, **kwargs):
+        return await SLURMJob._call(cmd, shell=shell, start_new_session=True, **kwargs)
+
 #: Keywords of ``JobQueueCluster`` itself; the rest go to each job.
 _CLUSTER_KEYS = {"security", "shared_temp_directory", "silence_logs", "scheduler_options", "protocol", "interface"}
 #: Signature entries that are not user options: set by us or by dask-jobqueue, or refused by it.
@@ -264,7 +278,7 @@ class SlurmExecutor(DaskExecutor):
         tuning = own_cluster_tuning()
         try:
             with dask.config.set(tuning):  # for the scheduler in this process
-                cluster = dask_jobqueue.SLURMCluster(**self._cluster_kwargs(tuning))
+                cluster = dask_jobqueue.SLURMCluster(job_cls=_SlurmJob, **self._cluster_kwargs(tuning))
         except (TypeError, ValueError) as error:
             raise ExecutorOptionError(f"invalid SLURMCluster options: {first_line(error)}") from None
         try:
@@ -367,7 +381,8 @@ def _check_slurm_commands() -> None:
 
 def _run_slurm(command: list[str]) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+        # In a session of its own, as the jobs' commands (see _SlurmJob): a Ctrl-C is the scan's to answer.
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, start_new_session=True)
     except subprocess.TimeoutExpired:
         raise ExecutorError(f"'{' '.join(command[:2])}' did not answer within 60 s: is slurmctld up?") from None
 
