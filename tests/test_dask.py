@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import pickle
@@ -327,3 +328,43 @@ def test_workers_of_a_killed_scan_end_by_themselves(erjr_dir, tmp_path):
     finally:
         if scan.poll() is None:
             scan.kill()
+
+
+class _CancelledWhileChecked(concurrent.futures.Future):
+    """A scan's future that the scan cancels just after ``transfer`` saw it pending: the race of a
+    shutdown with Dask's callback thread, made to happen every time."""
+
+    def done(self) -> bool:
+        pending = not super().done()
+        self.cancel()
+        return not pending
+
+
+def test_outcomes_that_race_a_cancellation_are_dropped_quietly():
+    """At shutdown the scan cancels its futures while Dask's callback thread hands outcomes on, and
+    Dask may cancel its own future meanwhile: neither may raise (Dask would log a traceback)."""
+    import operator
+
+    import distributed
+
+    from pyhf_dist.executors.dask.support import transfer
+
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
+        finished = client.submit(operator.add, 1, 2)
+        assert finished.result() == 3
+        outer = _CancelledWhileChecked()
+        transfer(outer, finished)
+        assert outer.cancelled()
+
+        blocked = client.submit(time.sleep, 30, pure=False)
+        blocked.cancel()
+        deadline = time.monotonic() + 10
+        while blocked.status != "cancelled" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        waiting: concurrent.futures.Future = concurrent.futures.Future()
+        transfer(waiting, blocked)
+        assert waiting.cancelled()
+
+        delivered: concurrent.futures.Future = concurrent.futures.Future()
+        transfer(delivered, finished)
+        assert delivered.result() == 3

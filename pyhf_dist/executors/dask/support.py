@@ -14,18 +14,31 @@ __all__ = ["transfer", "killed_while_starting", "lost_worker_errors", "quiet_das
 
 
 def transfer(outer: concurrent.futures.Future, inner) -> None:
-    """Hand the outcome of a Dask future on to the ``concurrent.futures`` future of the scan."""
+    """Hand the outcome of a Dask future on to the ``concurrent.futures`` future of the scan.
+
+    Runs in Dask's callback thread, racing the scan: at shutdown the scan cancels ``outer``, and
+    Dask may cancel ``inner``, between any two lines here. Either way nothing waits for the outcome.
+    """
     if outer.done():
         return
-    if inner.status == "cancelled":
-        outer.cancel()
-        outer.set_running_or_notify_cancel()  # wakes up whoever waits on it
+    try:
+        error = inner.exception() if inner.status == "error" else None
+        outcome = inner.result() if error is None else None
+    except concurrent.futures.CancelledError:  # Dask's FutureCancelledError included
+        _cancel(outer)
         return
-    error = inner.exception() if inner.status == "error" else None
-    if error is None:
-        outer.set_result(inner.result())
-    else:
-        outer.set_exception(error)
+    try:
+        if error is None:
+            outer.set_result(outcome)
+        else:
+            outer.set_exception(error)
+    except concurrent.futures.InvalidStateError:  # cancelled by the scan meanwhile
+        pass
+
+
+def _cancel(outer: concurrent.futures.Future) -> None:
+    if outer.cancel():
+        outer.set_running_or_notify_cancel()  # wakes up whoever waits on it
 
 
 def killed_while_starting(error: BaseException, executor) -> bool:
