@@ -129,15 +129,18 @@ def slurm_jobs(name: str) -> list[str]:
 def workers_of(process: subprocess.Popen, executor: str, job_name: str) -> list[psutil.Process]:
     """The worker processes of a running scan: leaf Python processes (not the pools' trackers)."""
     if executor == "slurm":
+        # The job scripts of the scan's jobs, then their leaf processes: a started Dask worker renames
+        # its process (setproctitle), which also garbles its /proc environ, so it is found by its parent.
         jobs = set(slurm_jobs(job_name))
         found = []
         for candidate in psutil.process_iter(["cmdline"]):
             try:
-                if candidate.environ().get("SLURM_JOB_ID") in jobs and "python" in " ".join(candidate.info["cmdline"]):
-                    found.append(candidate)
+                if candidate.environ().get("SLURM_JOB_ID") in jobs and "slurm_script" in " ".join(
+                        candidate.info["cmdline"] or []):
+                    found += [each for each in candidate.children(recursive=True) if not each.children()]
             except (psutil.Error, OSError):
                 continue
-        return [each for each in found if not any(other.ppid() == each.pid for other in found)]
+        return found
     found = []
     for each in descendants(process.pid):
         try:
