@@ -368,3 +368,28 @@ def test_outcomes_that_race_a_cancellation_are_dropped_quietly():
         delivered: concurrent.futures.Future = concurrent.futures.Future()
         transfer(delivered, finished)
         assert delivered.result() == 3
+
+
+def test_reports_of_messages_to_a_worker_that_died_are_dropped(caplog):
+    """asyncio reports, with a traceback, a Dask task that failed on a closed connection (the
+    scheduler broadcasting our plugin to a worker killed as it joined); Dask handles the loss and the
+    scan says it in one line, so that report is dropped, and nothing else is."""
+    import logging
+
+    from distributed.comm.core import CommClosedError
+
+    from pyhf_dist.executors.dask.support import drop_lost_connection_reports
+
+    drop_lost_connection_reports()
+    drop_lost_connection_reports()  # once per process, however often called
+    logger = logging.getLogger("asyncio")
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        for error in (CommClosedError("in <TCP (closed) Scheduler Broadcast>: Stream is closed"), ValueError("a bug")):
+            try:
+                raise error
+            except Exception as raised:
+                logger.error("Task exception was never retrieved\nfuture: <Task finished name='Task-47'>",
+                             exc_info=(type(raised), raised, raised.__traceback__))
+        logger.error("another report")
+    assert [(record.exc_info or (None,))[0] for record in caplog.records] == [ValueError, None]
+    assert sum(type(each).__name__ == "_LostConnectionReports" for each in logger.filters) == 1

@@ -201,3 +201,36 @@ def test_ctrl_c_while_the_command_is_imported(tmp_path):
     wait_for(imported.exists, what="the command's import")
     elapsed, stderr = stop(process)
     assert_clean_interruption(process, elapsed, stderr)
+
+
+def test_ctrl_c_inside_a_garbage_collector_callback_still_stops_the_scan(erjr_dir, tmp_path):
+    """Python cannot raise a KeyboardInterrupt out of a gc callback (Dask's client registers one):
+    it prints "Exception ignored" and the scan would go on as if nobody had pressed Ctrl-C. Here a
+    gc callback sends the Ctrl-C itself and goes on running, so that Python handles it there; the
+    scan's callback runs a collection in the main thread once two fits are journaled."""
+    journal = tmp_path / "r.journal.jsonl"
+    code = textwrap.dedent(f"""\
+        import gc, os, signal, sys
+        import pyhf_dist
+        sent = []
+
+        def ctrl_c_inside(phase, info):
+            if phase == "start" and len(seen) >= 2 and not sent:
+                sent.append(True)
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(100000):  # Python handles the signal here, inside the callback
+                    pass
+
+        seen = []
+        gc.callbacks.append(ctrl_c_inside)
+        try:
+            pyhf_dist.map_fits({str(erjr_dir)!r}, patches=["ERJR_*"], backend="numpy", workers=2,
+                               journal={str(journal)!r}, callback=lambda record: (seen.append(record), gc.collect()))
+        except KeyboardInterrupt:
+            sys.exit(5)
+    """)
+    process = start([sys.executable, "-c", code])
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 5, stderr
+    assert not [marker for marker in NOISE if marker in stderr], stderr
+    assert whole_records(journal) >= 2

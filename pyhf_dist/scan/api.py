@@ -14,11 +14,8 @@ executors the scan started are shut down however it ends — normally, on an err
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import platform
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,6 +26,7 @@ from pyhf_dist.executors import get_executor
 from pyhf_dist.journal import Journal
 from pyhf_dist.protocol import first_line
 from pyhf_dist.results import FitRecord, ScanResult
+from pyhf_dist.scan.interrupts import stop_signals_as_interrupt
 from pyhf_dist.scan.loop import Loop
 from pyhf_dist.scan.options import misspelt, options_doc, signature, split_options
 from pyhf_dist.scan.plan import Plan
@@ -63,7 +61,7 @@ def iter_fits(workspace: Any, patchset: Any = None, *, executor: Any = "local", 
     info = scan.metadata if scan.metadata is not None else {}
     started = time.time()
     book = None
-    with _sigterm_as_interrupt():
+    with stop_signals_as_interrupt():
         try:
             if runner.owned:
                 # Workers that can start early import what the fits need while the pallet is read.
@@ -207,25 +205,6 @@ def _executor(executor: Any, options: dict):
     if isinstance(executor, str):
         runner.owned = True
     return runner
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """Make SIGTERM stop the scan as Ctrl-C does, while it runs.
-
-    A batch job at its time limit gets SIGTERM; by default Python dies of it on the spot, leaving
-    the workers and clusters it started to notice by themselves. Only where nobody chose a
-    handler (the default), and only in the main thread, where handlers can be set.
-    """
-    main = threading.current_thread() is threading.main_thread()
-    ours = main and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    if ours:
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
-    try:
-        yield
-    finally:
-        if ours and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _versions() -> dict:

@@ -20,7 +20,8 @@ from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError
 from pyhf_dist.executors.base import Description, Executor, ExecutorFlag, NoAnswer, call_within, default_workers
 from pyhf_dist.executors.dask.processes import WorkerProcess, stop_restarts
 from pyhf_dist.executors.dask.support import (
-    check_reachable, killed_while_starting, lost_worker_errors, quiet_dask_logs, transfer,
+    check_reachable, drop_lost_connection_reports, killed_while_starting, lost_worker_errors, quiet_dask_logs,
+    transfer,
 )
 from pyhf_dist.executors.dask.tuning import advice, own_cluster_tuning, worker_environment, worker_facts
 from pyhf_dist.protocol import Context, Pack, Task, first_line
@@ -190,6 +191,7 @@ class DaskExecutor(Executor):
     def _connect(self) -> distributed.Client:
         if self.client is not None:
             return self.client
+        drop_lost_connection_reports()
         if self.address is not None:
             check_reachable(self.address, self.connect_timeout)
             client = self._connect_bounded()

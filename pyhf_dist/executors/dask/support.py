@@ -10,7 +10,8 @@ import logging
 from pyhf_dist.exceptions import ExecutorError
 from pyhf_dist.protocol import first_line
 
-__all__ = ["transfer", "killed_while_starting", "lost_worker_errors", "quiet_dask_logs", "check_reachable"]
+__all__ = ["transfer", "killed_while_starting", "lost_worker_errors", "quiet_dask_logs", "check_reachable",
+           "drop_lost_connection_reports"]
 
 
 def transfer(outer: concurrent.futures.Future, inner) -> None:
@@ -69,6 +70,28 @@ def quiet_dask_logs(quiet: bool, level: int = logging.ERROR):
     finally:
         if quiet:
             logger.setLevel(previous)
+
+
+class _LostConnectionReports(logging.Filter):
+    """asyncio's "Task exception was never retrieved" report (with its traceback) of a Dask task
+    that failed on a closed connection: a message the scheduler sent to a worker that had just died,
+    as when it broadcasts our worker plugin. Dask handles the loss itself, and the scan says in one
+    line what was lost; the report is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is None or not str(record.msg).startswith("Task exception was never retrieved"):
+            return True
+        from distributed.comm.core import CommClosedError
+
+        return not isinstance(error, CommClosedError)
+
+
+def drop_lost_connection_reports() -> None:
+    """Install :class:`_LostConnectionReports` on asyncio's logger (once per process)."""
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(each, _LostConnectionReports) for each in logger.filters):
+        logger.addFilter(_LostConnectionReports())
 
 
 def check_reachable(address: str, timeout: float) -> None:

@@ -1,0 +1,62 @@
+"""Ctrl-C and SIGTERM during a scan: a ``KeyboardInterrupt`` in the main thread, never lost.
+
+Python raises ``KeyboardInterrupt`` wherever the main thread is when the signal is handled. Inside
+a garbage-collector callback (Dask's client registers one that times collections) the exception
+cannot propagate: Python prints it as "Exception ignored" with a traceback, and the scan goes on
+as if nobody had pressed Ctrl-C. :func:`stop_signals_as_interrupt` installs a handler that raises it
+only outside such callbacks, and raises it again a moment later otherwise.
+"""
+
+from __future__ import annotations
+
+import _thread
+import contextlib
+import gc
+import signal
+import threading
+
+__all__ = ["stop_signals_as_interrupt"]
+
+#: Seconds after which an interrupt that landed in a gc callback is raised again.
+RETRY_SECONDS = 0.05
+
+
+def _interrupt(number: int, frame) -> None:
+    if _in_gc_callback(frame):
+        threading.Timer(RETRY_SECONDS, _thread.interrupt_main, args=(number,)).start()
+        return
+    raise KeyboardInterrupt
+
+
+def _in_gc_callback(frame) -> bool:
+    codes = {getattr(getattr(callback, "__func__", callback), "__code__", None) for callback in gc.callbacks}
+    codes.discard(None)
+    while frame is not None:
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
+
+
+@contextlib.contextmanager
+def stop_signals_as_interrupt():
+    """While the scan runs: Ctrl-C raises ``KeyboardInterrupt`` (outside gc callbacks), and so does
+    SIGTERM, as a batch job at its time limit gets (by default Python would die of it on the spot,
+    leaving the workers and clusters it started to notice by themselves).
+
+    Only for handlers nobody chose (Python's own for SIGINT, the default for SIGTERM), and only in
+    the main thread, where handlers can be set.
+    """
+    ours = {}
+    if threading.current_thread() is threading.main_thread():
+        defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+        for number, default in defaults.items():
+            if signal.getsignal(number) is default:
+                ours[number] = default
+                signal.signal(number, _interrupt)
+    try:
+        yield
+    finally:
+        for number, default in ours.items():
+            if signal.getsignal(number) is _interrupt:
+                signal.signal(number, default)
