@@ -384,12 +384,13 @@ def test_reports_of_messages_to_a_worker_that_died_are_dropped(caplog):
     drop_lost_connection_reports()  # once per process, however often called
     logger = logging.getLogger("asyncio")
     with caplog.at_level(logging.ERROR, logger="asyncio"):
-        for error in (CommClosedError("in <TCP (closed) Scheduler Broadcast>: Stream is closed"), ValueError("a bug")):
-            try:
-                raise error
-            except Exception as raised:
-                logger.error("Task exception was never retrieved\nfuture: <Task finished name='Task-47'>",
-                             exc_info=(type(raised), raised, raised.__traceback__))
+        for kind in ("Task", "Future"):
+            for error in (CommClosedError("in <TCP (closed) Scheduler Broadcast>: Stream is closed"), ValueError("a bug")):
+                try:
+                    raise error
+                except Exception as raised:
+                    logger.error(f"{kind} exception was never retrieved\nfuture: <{kind} finished name='Task-47'>",
+                                 exc_info=(type(raised), raised, raised.__traceback__))
         logger.error("another report")
-    assert [(record.exc_info or (None,))[0] for record in caplog.records] == [ValueError, None]
+    assert [(record.exc_info or (None,))[0] for record in caplog.records] == [ValueError, ValueError, None]
     assert sum(type(each).__name__ == "_LostConnectionReports" for each in logger.filters) == 1

@@ -73,14 +73,16 @@ def quiet_dask_logs(quiet: bool, level: int = logging.ERROR):
 
 
 class _LostConnectionReports(logging.Filter):
-    """asyncio's "Task exception was never retrieved" report (with its traceback) of a Dask task
+    """asyncio's "exception was never retrieved" report (with its traceback) of a Dask task
     that failed on a closed connection: a message the scheduler sent to a worker that had just died,
     as when it broadcasts our worker plugin. Dask handles the loss itself, and the scan says in one
     line what was lost; the report is dropped."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if error is None or not str(record.msg).startswith("Task exception was never retrieved"):
+        # "Task exception ..." from the task itself; "Future exception ..." from Dask's ``All``,
+        # which watches the other messages of a broadcast once one has failed.
+        if error is None or "exception was never retrieved" not in str(record.msg):
             return True
         from distributed.comm.core import CommClosedError
 
