@@ -68,6 +68,7 @@ class _SlurmJob(SLURMJob):
     async def _call(cmd, *, shell=False, **kwargs):
         return await SLURMJob._call(cmd, shell=shell, start_new_session=True, **kwargs)
 
+
 #: Keywords of ``JobQueueCluster`` itself; the rest go to each job.
 _CLUSTER_KEYS = {"security", "shared_temp_directory", "silence_logs", "scheduler_options", "protocol", "interface"}
 #: Signature entries that are not user options: set by us or by dask-jobqueue, or refused by it.

@@ -101,7 +101,7 @@ def _active_job_ids() -> set[str] | None:
     ``squeue`` does not answer."""
     try:
         run = subprocess.run(["squeue", "-h", "-o", "%i", "--user", getpass.getuser()],
-                             capture_output=True, text=True, timeout=30)
+                             capture_output=True, text=True, timeout=30, start_new_session=True)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if run.returncode != 0:
