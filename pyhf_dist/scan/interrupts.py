@@ -44,19 +44,21 @@ def stop_signals_as_interrupt():
     SIGTERM, as a batch job at its time limit gets (by default Python would die of it on the spot,
     leaving the workers and clusters it started to notice by themselves).
 
-    Only for handlers nobody chose (Python's own for SIGINT, the default for SIGTERM), and only in
-    the main thread, where handlers can be set.
+    Only for handlers nobody chose (Python's own, or the default for SIGTERM), and only in the main
+    thread, where handlers can be set; they are put back afterwards.
     """
-    ours = {}
+    replaced = {}
     if threading.current_thread() is threading.main_thread():
-        defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
-        for number, default in defaults.items():
-            if signal.getsignal(number) is default:
-                ours[number] = default
+        for number in (signal.SIGINT, signal.SIGTERM):
+            # Python's own handler counts as nobody's choice for both (the command line sets it
+            # for SIGTERM), and so does the default for SIGTERM.
+            previous = signal.getsignal(number)
+            if previous is signal.default_int_handler or (number == signal.SIGTERM and previous is signal.SIG_DFL):
+                replaced[number] = previous
                 signal.signal(number, _interrupt)
     try:
         yield
     finally:
-        for number, default in ours.items():
+        for number, previous in replaced.items():
             if signal.getsignal(number) is _interrupt:
-                signal.signal(number, default)
+                signal.signal(number, previous)
