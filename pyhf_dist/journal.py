@@ -258,7 +258,7 @@ class Journal:
                 this group that reached the disk included.
         """
         if records:
-            self._append_lines([self._line({"key": self.key, "record": dict(vars(record))}) for record in records])
+            self._append_lines([self._line({"key": self.key, "record": record.fields()}) for record in records])
 
     def write_chunk(self, pallet: str | None, outcome: dict) -> None:
         """Append one finished chunk of a toy-based patch (its statistics packed, exactly) and make

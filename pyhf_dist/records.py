@@ -19,9 +19,12 @@ __all__ = ["FitRecord", "write_atomic", "json_safe", "EXCLUSION_LEVEL", "COMBINA
 EXCLUSION_LEVEL = 0.05
 #: Names of the combinations of several pallets; records of a combination carry it as ``pallet``.
 COMBINATIONS = ("best-expected",)
+#: Most distinct worker descriptions shared between records (:meth:`FitRecord.from_dict`).
+SHARED_WORKERS = 4096
+_WORKERS: dict = {}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class FitRecord:
     """The result of one patch.
 
@@ -32,7 +35,8 @@ class FitRecord:
         CLs_obs: Observed CLs at the tested POI value (hypotests).
         CLs_exp: Expected CLs, five values for -2σ, -1σ, median, +1σ, +2σ (hypotests).
         error: Why the fit failed (``None`` when ok).
-        fit_seconds: Time spent computing on the worker.
+        fit_seconds: Time spent computing on the worker (for points fitted together, their
+            time divided among them).
         submitted: Unix time the task was submitted.
         started: Unix time the worker started it.
         finished: Unix time the worker finished it.
@@ -115,6 +119,11 @@ class FitRecord:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def fields(self) -> dict:
+        """The record's fields as a dict, their values not copied (cheaper than :meth:`to_dict`;
+        the same keys as :meth:`to_dict`)."""
+        return {name: getattr(self, name) for name in _FIELD_NAMES}
+
     @classmethod
     def from_dict(cls, data: dict) -> "FitRecord":
         """Build a record from a dict; unknown keys are ignored, missing ones take defaults."""
@@ -123,7 +132,28 @@ class FitRecord:
         if "name" not in known:
             raise ValueError("a result record needs a 'name'")
         known["values"] = list(known.get("values") or [])
+        known["worker"] = _shared_worker(known.get("worker"))
         return cls(**known)
+
+
+def _shared_worker(worker):
+    """One dict for equal worker descriptions: a scan's records name a few workers many times
+    (on a 10^5-point scan, ~180 bytes per record). Records' worker dicts are for reading."""
+    if not isinstance(worker, dict):
+        return worker
+    try:
+        key = tuple(worker.items())
+        found = _WORKERS.get(key)
+    except TypeError:  # an unhashable value: kept as it is
+        return worker
+    if found is None:
+        if len(_WORKERS) >= SHARED_WORKERS:
+            return worker
+        found = _WORKERS[key] = worker
+    return found
+
+
+_FIELD_NAMES = tuple(field.name for field in dataclasses.fields(FitRecord))
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:

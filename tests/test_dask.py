@@ -309,16 +309,17 @@ def test_workers_of_a_killed_scan_end_by_themselves(erjr_dir, tmp_path):
         "import pyhf_dist\n"
         f"pyhf_dist.map_fits({str(erjr_dir)!r}, executor='dask', workers=2, backend='numpy', dashboard_address=':0')\n"
     )
-    scan = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    log = tmp_path / "scan.log"
+    with open(log, "w") as output:
+        scan = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=output, stderr=output)
     try:
         deadline = time.monotonic() + 120
         workers: list = []
-        while time.monotonic() < deadline and len(workers) < 2:
-            time.sleep(0.5)
+        while time.monotonic() < deadline and len(workers) < 2 and scan.poll() is None:
+            time.sleep(0.1)
             workers = [child for child in psutil.Process(scan.pid).children()
                        if "distributed.cli.dask_spec" in " ".join(child.cmdline())]
-        assert len(workers) == 2, "the scan's two worker processes never appeared"
+        assert len(workers) == 2, f"the scan's two worker processes never appeared; its output:\n{log.read_text()}"
         time.sleep(2)  # fitting now
         scan.kill()  # no shutdown, no cleanup: as with kill -9 or an out-of-memory kill
         scan.wait(timeout=30)

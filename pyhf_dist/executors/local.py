@@ -152,6 +152,7 @@ def _uninterrupted():
     for number in handlers:
         signal.signal(number, lambda number, frame: caught.append((number, frame)))
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    _start_resource_trackers()
     try:
         yield
     finally:
@@ -161,6 +162,25 @@ def _uninterrupted():
         if caught:
             number, frame = caught[0]
             handlers[number](number, frame)  # e.g. raises KeyboardInterrupt, now that the block is done
+
+
+def _start_resource_trackers() -> None:
+    """Start multiprocessing's and loky's resource trackers now, inside a block, and block the stop
+    signals again.
+
+    Python's tracker unblocks SIGINT and SIGTERM in the calling thread after starting its process
+    (``SIG_UNBLOCK``, not the mask it found). Started lazily in the middle of a block, it would let
+    the workers spawned after it inherit the signals unblocked, and a Ctrl-C landing while such a
+    worker imports ``site`` killed it with a "Fatal Python error" traceback (one start in five).
+    Once running, both are only checked.
+    """
+    import multiprocessing.resource_tracker
+
+    from loky.backend import resource_tracker
+
+    multiprocessing.resource_tracker.ensure_running()
+    resource_tracker.ensure_running()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 
 class _Slot:

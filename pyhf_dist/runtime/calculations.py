@@ -8,13 +8,16 @@ upper limit, or one chunk of a patch's pseudo-experiments — on the compiled fa
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from pyhf_dist.exceptions import FastPathRequired
 from pyhf_dist.protocol import first_line
 from pyhf_dist.runtime import reference
 
-__all__ = ["compute"]
+__all__ = ["compute", "compute_together"]
+
+log = logging.getLogger(__name__)
 
 
 def compute(state, task: dict) -> dict[str, Any]:
@@ -55,6 +58,39 @@ def compute(state, task: dict) -> dict[str, Any]:
     if reason is not None:
         values["fallback_reason"] = reason
     return values
+
+
+def compute_together(state, tasks: list[dict]) -> dict[int, dict[str, Any]]:
+    """The numbers of the tasks the fast path fits together, by index in ``tasks``.
+
+    Asymptotic hypotests of patches that differ only in the yields they add (signal points of one
+    template) are fitted together (:func:`pyhf_dist.runtime.fast.points.hypotests`); the tasks
+    missing from the result are to be computed one by one (:func:`compute`). Never raises.
+    """
+    settings = state.settings
+    if not (
+        settings.fast_path
+        and not settings.match_pyhf
+        and settings.calculation == "hypotest"
+        and settings.calctype == "asymptotics"
+    ):
+        return {}
+    from pyhf_dist.runtime import fast
+
+    by_pallet: dict = {}
+    for index, task in enumerate(tasks):
+        if not task.get("chunk") and not task.get("timeout"):
+            by_pallet.setdefault(task.get("pallet"), []).append(index)
+    out = {}
+    for pallet, indices in by_pallet.items():
+        try:
+            engine = fast.for_state(state.for_pallet(pallet))
+            answers = engine.hypotest_points([tasks[i]["patch"] for i in indices], settings.poi_test, settings.test_stat)
+        except Exception as error:  # noqa: BLE001 - each task is then computed alone, with its own errors
+            log.warning("fast path: a pack's points not fitted together (%s)", first_line(error, with_type=True))
+            continue
+        out.update({index: {**answer, "engine": "fast"} for index, answer in zip(indices, answers) if answer is not None})
+    return out
 
 
 def _check_fallback_allowed(settings, reason: str | None) -> None:

@@ -39,7 +39,7 @@ from pyhf_dist.runtime.fast.likelihood import (
     tree_product,
 )
 
-__all__ = ["BatchCaps", "BatchModel", "kernels"]
+__all__ = ["BatchCaps", "BatchModel", "fisher_information", "kernels"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,7 +282,7 @@ def _twice_nll(theta, main, aux, C, codes):
     return jnp.where(outside, jnp.inf, value)
 
 
-def _fisher(theta, C, codes):
+def fisher_information(theta, C, codes):
     """Fisher information of ``-2 log L`` at one parameter vector ``theta`` ``[n]``: ``[n, n]``."""
     import jax
     import jax.numpy as jnp
@@ -323,5 +323,5 @@ def kernels(codes: tuple) -> dict:
         "value_and_grad": value_and_grad,
         "twice_nll": jax.jit(lambda theta, main, aux, C: _twice_nll(theta, main, aux, C, codes)),
         "yields": jax.jit(lambda theta, C: _yields(theta, C, codes)),
-        "fisher": jax.jit(lambda theta, C: _fisher(theta, C, codes)),
+        "fisher": jax.jit(lambda theta, C: fisher_information(theta, C, codes)),
     }

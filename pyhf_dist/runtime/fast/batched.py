@@ -147,9 +147,19 @@ class BatchFitter:
         batch: Slots per batch (default :func:`default_batch`).
         steps: Iterations per compiled call (default :func:`default_batch`).
         fallback: Redo fits that do not converge with ``problem.fit`` (else they are reported).
+        tolerance: The convergence threshold (default :data:`TOLERANCE`).
     """
 
-    def __init__(self, problem, *, device=None, batch: int | None = None, steps: int | None = None, fallback: bool = True):
+    def __init__(
+        self,
+        problem,
+        *,
+        device=None,
+        batch: int | None = None,
+        steps: int | None = None,
+        fallback: bool = True,
+        tolerance: float = TOLERANCE,
+    ):
         import jax
 
         self.problem = problem
@@ -180,6 +190,7 @@ class BatchFitter:
                 "hi": self.upper / self.scale,
                 "scale": self.scale,
                 "fixed": self.fixed,
+                "tolerance": float(tolerance),
             },
             self.device,
         )
@@ -187,7 +198,7 @@ class BatchFitter:
 
     # ----------------------------------------------------------------------------------- API
 
-    def fit(self, main, aux, poi_values=None, start=None, metric_at=None) -> BatchResult:
+    def fit(self, main, aux, poi_values=None, start=None, metric_at=None, nominal=None) -> BatchResult:
         """Minimise ``-2 log L`` for every dataset (row) of ``main`` and ``aux``.
 
         Args:
@@ -200,6 +211,9 @@ class BatchFitter:
             start: ``[N, >= n_pars]`` starting points (default: the suggested initial values);
                 fixed parameters are held at their suggested values whatever ``start`` says.
             metric_at: ``[>= n_pars]`` the reference point of the starting inverse Hessian.
+            nominal: ``[N, entries]`` each fit's own nominal yields (``model.arrays["nominal"]``
+                with other values: models that differ from this one in their yields alone, such
+                as signal hypotheses of one template); ``None``: this model's.
 
         Returns:
             A :class:`BatchResult`.
@@ -222,7 +236,9 @@ class BatchFitter:
         x0 = np.clip(theta0 / self.scale, self.lower / self.scale, self.upper / self.scale)
         x0 = np.where(self.fixed | pinned, theta0 / self.scale, x0)
         reference = self.init if metric_at is None else np.concatenate([np.asarray(metric_at, dtype=float)[:n], self.init[n:]])
-        theta, values, status, evaluations = self._stream(x0, main, aux_rows, pinned, reference)
+        if nominal is not None:
+            nominal = np.asarray(nominal, dtype=float).reshape(count, -1)
+        theta, values, status, evaluations = self._stream(x0, main, aux_rows, pinned, reference, nominal)
         converged = status == _CONVERGED
         runaway = status == _RUNAWAY
         fallbacks = 0
@@ -261,7 +277,7 @@ class BatchFitter:
             self._metrics[key] = jax.device_put(inverse, self.device)
         return self._metrics[key]
 
-    def _stream(self, x0, main, aux, pinned, reference):
+    def _stream(self, x0, main, aux, pinned, reference, nominal=None):
         """Run every fit through the slots of one batch; returns host arrays."""
         import jax
 
@@ -270,8 +286,12 @@ class BatchFitter:
         # few seconds) costs more than the idle slots of a small call.
         slots = self.batch
         consts = dict(self._consts_base, h0inv=self._metric(reference))
-        advance, refill, empty = _compiled(self.model.codes, slots, self.steps)
-        state = empty(jax.device_put(np.zeros((slots, main.shape[1])), self.device), jax.device_put(np.zeros((slots, cap)), self.device))
+        advance, refill, empty = _compiled(self.model.codes, slots, self.steps, nominal is not None)
+        put = functools.partial(jax.device_put, device=self.device)
+        rows_of = {"main": main, "aux": aux, "x0": x0, "pinned": pinned}
+        if nominal is not None:
+            rows_of["nominal"] = nominal
+        state = empty({key: put(np.zeros((slots,) + rows_of[key].shape[1:])) for key in ("main", "aux", "nominal") if key in rows_of})
         owner = np.full(slots, -1)
         theta = np.full((count, cap), np.nan)
         values = np.full(count, np.nan)
@@ -289,14 +309,7 @@ class BatchFitter:
                 mask[take] = True
                 rows = np.zeros(slots, dtype=int)
                 rows[take] = fits
-                state = refill(
-                    state,
-                    jax.device_put(mask, self.device),
-                    jax.device_put(x0[rows], self.device),
-                    jax.device_put(main[rows], self.device),
-                    jax.device_put(aux[rows], self.device),
-                    jax.device_put(pinned[rows], self.device),
-                )
+                state = refill(state, put(mask), {key: put(value[rows]) for key, value in rows_of.items()})
             if not np.any(owner >= 0):
                 break
             state = advance(state, consts, self._arrays)
@@ -328,29 +341,29 @@ class BatchFitter:
         return out, value, True
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled(codes: tuple, slots: int, steps: int):
-    """``(advance, refill, empty)``, jitted, for interpolation ``codes`` and ``slots``."""
+@functools.cache
+def _compiled(codes: tuple, slots: int, steps: int, own_nominal: bool = False):
+    """``(advance, refill, empty)``, jitted, for interpolation ``codes`` and ``slots``; with
+    ``own_nominal``, each slot's fit has its own nominal yields (the slot state's ``nominal``)."""
     import jax
     import jax.numpy as jnp
 
     value_and_grad = kernels(codes)["value_and_grad"]
 
-    def empty(main, aux):
-        n = aux.shape[1]
+    def empty(rows):
+        n = rows["aux"].shape[1]
         zeros = jnp.zeros((slots, n))
         return {
             "x": zeros, "f": jnp.full(slots, jnp.inf), "g": zeros, "d": zeros, "alpha": jnp.zeros(slots),
             "S": jnp.zeros((slots, MEMORY, n)), "Y": jnp.zeros((slots, MEMORY, n)), "rho": jnp.zeros((slots, MEMORY)),
             "active": jnp.zeros((slots, n), bool), "status": jnp.full(slots, _IDLE, jnp.int32),
             "evaluations": jnp.zeros(slots, jnp.int32), "decrement": jnp.full(slots, jnp.inf),
-            "flat": jnp.zeros(slots, jnp.int32),
-            "main": main, "aux": aux, "pinned": jnp.zeros((slots, n), bool),
+            "flat": jnp.zeros(slots, jnp.int32), "pinned": jnp.zeros((slots, n), bool), **rows,
         }
 
-    def refill(state, mask, x0, main, aux, pinned):
-        fresh = empty(main, aux)
-        fresh.update(x=x0, pinned=pinned, status=jnp.zeros(slots, jnp.int32))
+    def refill(state, mask, rows):
+        fresh = empty({key: rows[key] for key in ("main", "aux", "nominal") if key in rows})
+        fresh.update(x=rows["x0"], pinned=rows["pinned"], status=jnp.zeros(slots, jnp.int32))
 
         def pick(new, old):
             shape = (slots,) + (1,) * (old.ndim - 1)
@@ -360,7 +373,8 @@ def _compiled(codes: tuple, slots: int, steps: int):
 
     def advance(state, consts, C):
         def evaluate(x, s):
-            values, gradients = value_and_grad(x * consts["scale"], s["main"], s["aux"], C)
+            model = dict(C, nominal=s["nominal"]) if own_nominal else C
+            values, gradients = value_and_grad(x * consts["scale"], s["main"], s["aux"], model)
             return values, gradients * consts["scale"]
 
         def body(carry):
@@ -429,7 +443,7 @@ def _iteration(s, consts, evaluate):
     progress = accept & ~fresh & (s["f"] - f_trial > FLAT * jnp.maximum(1.0, jnp.abs(f_trial)))
     flat = jnp.where(progress, 0, s["flat"] + ((accept & ~fresh) | stalled))
     converged = (
-        (renew & (decrement < TOLERANCE))
+        (renew & (decrement < consts["tolerance"]))
         | (stalled & ~has_memory & (s["decrement"] < STALL_TOLERANCE))
         | (flat >= FLAT_STEPS)
     )

@@ -85,7 +85,10 @@ class FastHypotest:
         self.match_pyhf = match_pyhf
         self._layouts: list = []
         self._verified: dict = {}
-        self._lock = threading.Lock()
+        # Re-entrant: the points fitted together (under the lock) build their problems with it.
+        self._lock = threading.RLock()
+        #: What the points of one structure share (:mod:`~pyhf_dist.runtime.fast.points`), by structure.
+        self.point_groups: dict = {}
 
     @property
     def layouts(self) -> list:
@@ -128,6 +131,14 @@ class FastHypotest:
             log.info("fast path declined a patch (plain pyhf fits it): %s", error)
             raise
         return {key: value for key, value in result.items() if key not in ("qmu", "qmu_A")}
+
+    def hypotest_points(self, patches: list, poi_test: float = 1.0, test_stat: str = "qtilde") -> list[dict | None]:
+        """:meth:`hypotest` of patches that differ only in the yields they add, fitted together
+        (:func:`pyhf_dist.runtime.fast.points.hypotests`); ``None`` for a patch to fit one at a time."""
+        from pyhf_dist.runtime.fast import points
+
+        with self._lock:
+            return points.hypotests(self, patches, poi_test, test_stat)
 
     def upper_limit(
         self, patch_operations: list | None, test_stat: str = "qtilde", level: float = 0.05, scan=None

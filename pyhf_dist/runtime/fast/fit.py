@@ -43,7 +43,7 @@ from scipy.special import ndtr
 from pyhf_dist.runtime.fast.errors import FastPathUnsupported
 from pyhf_dist.runtime.fast.problem import SAME_MINIMUM, Fit, FitProblem
 
-__all__ = ["Fit", "FitProblem", "PoiScan", "asymptotic_cls", "hypotest"]
+__all__ = ["Fit", "FitProblem", "PoiScan", "asymptotic_cls", "asymptotic_statistic", "hypotest"]
 
 #: Below this, a likelihood ratio is zero up to the precision of pyhf's fits (SLSQP stops at
 #: changes of ~1e-6 in -2 log L), and the CLs computed from its square root are that noise:
@@ -136,6 +136,11 @@ class PoiScan:
         self._fit("asimov free", *self._asimov, {"generating point": background.theta})
 
     @property
+    def asimov_data(self) -> tuple:
+        """``(main, aux)`` of the Asimov dataset (expected data at the fit that makes it)."""
+        return self._asimov
+
+    @property
     def _muhat(self) -> float:
         return float(self.fits["observed free"].theta[self.problem.poi_index])
 
@@ -222,7 +227,7 @@ class PoiScan:
                 # The tested hypothesis is the background the Asimov data were made from (and,
                 # for qtilde, the observed statistic is 0 whatever muhat): 0 exactly, not fit noise.
                 tmu = 0.0 if data == "asimov" or stat == "qtilde" else tmu
-            stats[key] = _test_statistic(stat, mu, tmu, muhat)
+            stats[key] = asymptotic_statistic(stat, mu, tmu, muhat)
             stats[noisy] = self.match_pyhf and _at_noise_level(stat, mu, tmu, muhat)
         return stats
 
@@ -281,7 +286,8 @@ def _at_noise_level(test_stat, mu, tmu, muhat) -> bool:
     return tmu < (SIGN_FLOOR if zeroed else NOISE_FLOOR)
 
 
-def _test_statistic(test_stat, mu, tmu, muhat) -> float:
+def asymptotic_statistic(test_stat, mu, tmu, muhat) -> float:
+    """pyhf's test statistic from ``tmu`` (conditional minus free ``-2 log L``) and ``muhat``."""
     tmu = max(tmu, 0.0)
     if test_stat == "q0":
         return 0.0 if muhat < 0 else tmu

@@ -15,7 +15,7 @@ import dataclasses
 import typing
 
 import numpy as np
-from scipy.optimize import minimize
+from scipy.optimize import Bounds, minimize
 
 from pyhf_dist.runtime.fast.errors import FastPathUnsupported
 
@@ -221,7 +221,8 @@ class FitProblem:
         :data:`PROBE_RADIUS` of that minimum without having gone below it.
         """
         x, value, gradient = x0, np.inf, np.inf
-        bounds = list(zip(lower, upper))
+        # One Bounds object, not a list of pairs: scipy converts pairs one element at a time.
+        bounds = Bounds(lower, upper)
         joined = []
 
         def probe(intermediate_result):
