@@ -172,8 +172,11 @@ def _start_resource_trackers() -> None:
     (``SIG_UNBLOCK``, not the mask it found). Started lazily in the middle of a block, it would let
     the workers spawned after it inherit the signals unblocked, and a Ctrl-C landing while such a
     worker imports ``site`` killed it with a "Fatal Python error" traceback (one start in five).
-    Once running, both are only checked.
+    Once per process: blocks are entered on every submit, and a running tracker needs nothing.
     """
+    global _TRACKERS_STARTED
+    if _TRACKERS_STARTED:
+        return
     import multiprocessing.resource_tracker
 
     from loky.backend import resource_tracker
@@ -181,6 +184,10 @@ def _start_resource_trackers() -> None:
     multiprocessing.resource_tracker.ensure_running()
     resource_tracker.ensure_running()
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    _TRACKERS_STARTED = True
+
+
+_TRACKERS_STARTED = False
 
 
 class _Slot:

@@ -112,6 +112,7 @@ def _run_pack(tasks: list[Task], context: Context | None) -> list[Record]:
         started, began = time.time(), time.monotonic()
         together = calculations.compute_together(_state(tasks[0], context), tasks)
         finished, share = time.time(), (time.monotonic() - began) / max(1, len(together))
+    where = worker_info() if together else None
     records = []
     for index, task in enumerate(tasks):
         if index not in together:
@@ -119,6 +120,6 @@ def _run_pack(tasks: list[Task], context: Context | None) -> list[Record]:
             continue
         record = new_record(task)
         record.update(together[index])
-        record.update(started=started, finished=finished, fit_seconds=share, worker=worker_info())
+        record.update(started=started, finished=finished, fit_seconds=share, worker=where)
         records.append(record)
     return records

@@ -114,7 +114,7 @@ def hypotests(engine, patches: list, poi_test: float, test_stat: str) -> list[di
         if len(members) < SMALLEST_GROUP:
             continue
         try:
-            group = _group(engine, json.dumps(shape, sort_keys=True), patches[members[0][0]], poi_test, test_stat)
+            group = _group(engine, patches[members[0][0]], poi_test, test_stat)
             if group is None:
                 continue
             answers = group.hypotests(np.stack([yields for _, yields in members]))
@@ -126,10 +126,11 @@ def hypotests(engine, patches: list, poi_test: float, test_stat: str) -> list[di
     return results
 
 
-def _group(engine, key: str, operations, poi_test: float, test_stat: str):
-    """The :class:`_Group` of ``key`` (made once per engine), or ``None`` where it cannot be one."""
+def _group(engine, operations, poi_test: float, test_stat: str):
+    """The :class:`_Group` of the structure of ``operations`` (made once per engine), or ``None``
+    where its points cannot be fitted together."""
     groups = engine.point_groups
-    found_key = (key, float(poi_test), test_stat)
+    found_key = (structure_key(operations)[0], float(poi_test), test_stat)
     if found_key not in groups:
         try:
             groups[found_key] = _Group(engine, operations, float(poi_test), test_stat)
@@ -303,7 +304,7 @@ def _yield_entries(engine, operations, model, poi: int) -> tuple[np.ndarray, np.
     """
     from pyhf_dist.runtime.fast.batch_model import BatchModel
 
-    count = len(structure_key(operations)[1])
+    count = len(_shape(operations)[1])
     probes = []
     for values in (np.arange(1.0, count + 1.0), 2.0 * np.arange(1.0, count + 1.0) + 0.5):
         probe = _with_yields(operations, values)
