@@ -91,9 +91,10 @@ def fast_toys(label: str, ntoys: int, seed: int) -> dict:
     """The fast path's toys of one model as a scan's worker fits them (``toystats.run_chunk``),
     with the parameters behind each statistic (the same fits again: the engine is deterministic).
 
-    Where the fast path declines the patch (3L-eRJR: pyhf's own minimizer stalls there), the scan
-    fits its toys with plain pyhf, which is the reference itself; the engine's statistics are
-    then computed all the same, to show what the fallback avoids.
+    The reference's toys are pyhf's, drawn from pyhf's own fits of the observed data; the engine
+    fits those same toys here. Where pyhf's fits of the observed data stop short (3L-eRJR: pyhf's
+    minimizer stalls there) a scan draws its toys from the converged fits instead, so the scan's
+    statistics are other toys' and are not compared with these.
     """
     import numpy as np
     import pyhf
@@ -133,7 +134,7 @@ def fast_toys(label: str, ntoys: int, seed: int) -> dict:
         result = toystats.toy_statistics(fitter, rows, 1.0, "qtilde", metric_at=np.asarray(samples[generating], dtype=float))
         away = np.asarray(result["runaway"], dtype=bool)
         values = np.where(away, toys.NO_MINIMUM_STATISTIC, result["teststat"])
-        if chunk is not None:
+        if chunk is not None and not (chunk.get("pyhf_default") or {}).get("toys_drawn_from"):
             scanned = np.asarray(chunk["toys"][key])
             lost = ~np.isfinite(values)  # lost by the engine: the scan took pyhf's own fits
             values[lost] = scanned[lost]

@@ -139,7 +139,7 @@ def merge(records: list[dict], settings) -> dict:
     b = [value for part in parts for value in part["b"]]
     teststat = parts[0]["teststat"]
     result = cls_from_distributions(teststat, sb, b, settings.test_stat)
-    merged.update(CLs_obs=result["CLs_obs"], CLs_exp=result["CLs_exp"], **_engine(ordered))
+    merged.update(CLs_obs=result["CLs_obs"], CLs_exp=result["CLs_exp"], **_engine(ordered), **_certificate(ordered))
     merged["toys"] = {"teststat": teststat, "sb": sb, "b": b, "chunks": len(parts)}
     if any("fallbacks" in part for part in parts):  # the fast path's fits redone one at a time
         merged["toys"]["fallbacks"] = sum(part.get("fallbacks", 0) for part in parts)
@@ -192,6 +192,18 @@ def no_minimum_summary(teststat: float, sb, b, no_minimum: dict, test_stat: str 
             result = cls_from_distributions(teststat, alternative["sb"], alternative["b"], test_stat)
             summary[name] = {"CLs_obs": result["CLs_obs"], "CLs_exp": result["CLs_exp"]}
     return summary
+
+
+def _certificate(records: list[dict]) -> dict:
+    """``converged``, ``fits`` and ``pyhf_default`` of a patch from its chunks' (the fast path's
+    certified toys, :func:`pyhf_dist.runtime.fast.toystats.run_chunk`): converged when every chunk's
+    fits are; the observed data's certificates are every chunk's, the first one's kept. Empty where
+    a chunk's fits were not checked (plain pyhf, ``match_pyhf``)."""
+    checked = [record.get("converged") for record in records]
+    if not records or any(value is None for value in checked):
+        return {}
+    first = records[0]
+    return {"converged": all(checked), "fits": first.get("fits"), "pyhf_default": first.get("pyhf_default")}
 
 
 def _engine(records: list[dict]) -> dict:

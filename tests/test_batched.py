@@ -191,6 +191,9 @@ def test_tiny_pallet_fast_toys_equal_serial_pyhf(pyhf_percentile_fix):
     for record in result:
         assert record.ok, record.error
         assert (record.engine, record.fallback_reason, record.ntoys, record.seed) == ("fast", None, 60, SEED)
+        # pyhf's fits of the observed data converge here: its toys, drawn from its own fits.
+        assert record.converged is True and record.pyhf_default is None
+        assert set(record.fits) == {"observed free", "observed mu=0", "observed mu=1"}
         state = initialize(WorkerContext.build(pallet.workspace, settings.to_dict()))
         patch = next(p for p in pallet.patches if p.name == record.name)
         model, data = reference.build_model(state, patch.operations)
@@ -217,16 +220,45 @@ def test_chunked_fast_toys_merge_to_the_unchunked_result():
     assert three["engine"] == "fast" and (three["ntoys"], three["seed"]) == (45, SEED)
 
 
-def test_erjr_toys_fall_back_to_plain_pyhf(erjr_pallet):
-    """pyhf's minimizer stalls on 3L-eRJR: the fast path declines and the record says so."""
-    patch = erjr_pallet.patches[0]
-    options = dict(executor="sequential", patches=[patch.name], calctype="toybased", ntoys=4, seed=SEED)
-    fast = pyhf_dist.map_fits(erjr_pallet, backend="jax", **options)[patch.name]
-    plain = pyhf_dist.map_fits(erjr_pallet, backend="numpy", **options)[patch.name]
-    assert fast.ok and plain.ok, (fast.error, plain.error)
-    assert fast.engine == "pyhf" and "stops at its starting point" in fast.fallback_reason
-    assert (plain.engine, plain.fallback_reason) == ("pyhf", None)
-    assert (fast.CLs_obs, fast.CLs_exp) == (plain.CLs_obs, plain.CLs_exp)
+def test_erjr_toys_are_drawn_from_converged_fits(erjr_pallet):
+    """pyhf's minimizer stalls at its start on 3L-eRJR, so pyhf draws its toys from unconverged
+    fits. The default path draws them from the converged fits, says so, and its observed statistic
+    is MINUIT's; ``match_pyhf`` leaves the patch to plain pyhf, as the numpy backend."""
+    import pyhf
+
+    name = "ERJR_150p0_60p0"  # MINUIT converges on this patch
+    options = dict(executor="sequential", patches=[name], calctype="toybased", ntoys=4, seed=SEED)
+    fast = pyhf_dist.map_fits(erjr_pallet, backend="jax", **options)[name]
+    assert fast.ok and fast.engine == "fast" and fast.fallback_reason is None, (fast.error, fast.fallback_reason)
+    assert fast.converged is True and all(fit["converged"] for fit in fast.fits.values())
+    default = fast.pyhf_default
+    assert default["stalls_at_start"] is True and default["toys_drawn_from"] == "converged fits"
+    drawn = default["generating_fits_stop_above_minimum"]
+    assert drawn["sb"] > 1.0 and drawn["b"] > 1.0
+    # The background hypothesis's generating fit is the fit whose stall the record reports (one
+    # SLSQP iteration there; pyhf's whole fit ends a little further on).
+    assert drawn["b"] == pytest.approx(default["stops_above_minimum"], rel=1e-3)
+    # The observed statistic from the certified fits against MINUIT's (strategy 2, through pyhf).
+    fits = fast.fits
+    q_fast = max(fits["observed mu=1"]["twice_nll"] - fits["observed free"]["twice_nll"], 0.0)
+    patch = next(p for p in erjr_pallet.patches if p.name == name)
+    workspace = pyhf.Workspace(pyhf.patchset.Patch({"metadata": {"name": name, "values": list(patch.values)},
+                                                    "patch": patch.operations}).apply(erjr_pallet.workspace))
+    model = workspace.model()
+    pyhf.set_backend("numpy", pyhf.optimize.minuit_optimizer(tolerance=1e-4, strategy=2))
+    try:
+        q_minuit = float(pyhf.infer.test_statistics.qmu_tilde(
+            1.0, workspace.data(model), model, model.config.suggested_init(), model.config.suggested_bounds(),
+            model.config.suggested_fixed()))
+    finally:
+        pyhf.set_backend("numpy", pyhf.optimize.scipy_optimizer())
+    assert q_fast == pytest.approx(q_minuit, abs=2e-3)
+    matched = pyhf_dist.map_fits(erjr_pallet, backend="jax", match_pyhf=True, **options)[name]
+    plain = pyhf_dist.map_fits(erjr_pallet, backend="numpy", **options)[name]
+    assert matched.ok and plain.ok, (matched.error, plain.error)
+    assert matched.engine == "pyhf" and "stops at its starting point" in matched.fallback_reason
+    assert (plain.engine, plain.fallback_reason, plain.converged) == ("pyhf", None, None)
+    assert (matched.CLs_obs, matched.CLs_exp) == (plain.CLs_obs, plain.CLs_exp)
 
 
 def test_toy_record_fields_survive_json_and_csv(tmp_path):

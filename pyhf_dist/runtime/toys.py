@@ -159,7 +159,9 @@ def _sample(signal_pdf, background_pdf, ntoys: int, seed: int, state: np.random.
     return signal_sample, background_sample
 
 
-def draw(model, data, settings, ntoys: int | None = None, key: str | None = None, blocks: tuple | None = None) -> dict:
+def draw(
+    model, data, settings, ntoys: int | None = None, key: str | None = None, blocks: tuple | None = None, generating=None
+) -> dict:
     """The pseudo-experiments of one patch, exactly as pyhf's ToyCalculator draws them.
 
     pyhf's conditional fits of the observed data at the tested POI value and at the
@@ -179,6 +181,9 @@ def draw(model, data, settings, ntoys: int | None = None, key: str | None = None
             later chunks and scans of the patch skip pyhf's two fits.
         blocks: ``(first, last)``: draw only these blocks of a block-drawn scan (their toys in
             order; :func:`block_state`) instead of pyhf's one stream of ``ntoys``.
+        generating: ``(signal_pars, background_pars) -> (signal_pars, background_pars)``: the
+            parameters to draw from instead of pyhf's fits' (the fast path's converged fits where
+            pyhf's stop short of the minimum); ``None`` draws from pyhf's.
 
     Returns:
         ``{"signal_pars", "background_pars", "signal", "background"}``: the generating parameters
@@ -201,6 +206,8 @@ def draw(model, data, settings, ntoys: int | None = None, key: str | None = None
         if key is not None:
             both = np.stack([np.asarray(signal_pars, dtype="<f8"), np.asarray(background_pars, dtype="<f8")])
             cache.remember("toys", key, both.tobytes().hex())
+    if generating is not None:
+        signal_pars, background_pars = generating(signal_pars, background_pars)
     signal_pdf, background_pdf = model.make_pdf(signal_pars), model.make_pdf(background_pars)
     if blocks is None:
         signal, background = _sample(signal_pdf, background_pdf, ntoys, settings.seed)
@@ -215,19 +222,20 @@ def draw(model, data, settings, ntoys: int | None = None, key: str | None = None
     return {"signal_pars": signal_pars, "background_pars": background_pars, "signal": signal, "background": background}
 
 
-def chunk_samples(model, data, settings, chunk: dict, key: str | None = None) -> dict:
-    """The toys ``[start, stop)`` of a chunk, and their generating parameters (as :func:`draw`).
+def chunk_samples(model, data, settings, chunk: dict, key: str | None = None, generating=None) -> dict:
+    """The toys ``[start, stop)`` of a chunk, and their generating parameters (as :func:`draw`,
+    with ``generating`` as there).
 
     Up to :data:`PYHF_STREAM_MAX` toys, pyhf's own stream, drawn whole and sliced; beyond, only
     the chunk's blocks (a chunk of a large scan covers whole blocks: :func:`plan_blocks`).
     """
     ntoys, start, stop = int(chunk["ntoys"]), int(chunk["start"]), int(chunk["stop"])
     if not block_stream(ntoys):
-        samples = draw(model, data, settings, ntoys, key)
+        samples = draw(model, data, settings, ntoys, key, generating=generating)
         return {**samples, "signal": samples["signal"][start:stop], "background": samples["background"][start:stop]}
     if start % BLOCK or (stop % BLOCK and stop != ntoys):
         raise ValueError(f"a chunk of a block-drawn toy scan must cover whole blocks of {BLOCK} toys")
-    return draw(model, data, settings, ntoys, key, blocks=(start // BLOCK, -(-stop // BLOCK)))
+    return draw(model, data, settings, ntoys, key, blocks=(start // BLOCK, -(-stop // BLOCK)), generating=generating)
 
 
 def plan_blocks(ntoys: int, missing=None) -> list[dict]:

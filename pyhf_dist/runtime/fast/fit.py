@@ -167,7 +167,7 @@ class PoiScan:
         self.fits[name] = found
         return found
 
-    def _conditional(self, data: str, mu: float) -> Fit:
+    def conditional(self, data: str, mu: float) -> Fit:
         """The fit at POI ``mu`` to the observed or Asimov data (certified, on a likelihood with
         several minima: also from the free fit's minimum)."""
         name = _name(data, mu)
@@ -221,7 +221,7 @@ class PoiScan:
         for data, key, noisy in (("asimov", "qmu_A", "noisy_A"), ("observed", "qmu", "noisy_obs")):
             if data == "observed" and not observed:
                 continue
-            tmu = self._conditional(data, mu).value - self.fits[f"{data} free"].value
+            tmu = self.conditional(data, mu).value - self.fits[f"{data} free"].value
             muhat = self._muhat if data == "observed" else self._muhat_a
             if not self.match_pyhf and mu == self._asimov_mu and stat != "q0":
                 # The tested hypothesis is the background the Asimov data were made from (and,

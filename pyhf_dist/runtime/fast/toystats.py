@@ -10,10 +10,18 @@ with SLSQP, one after the other. Here the same statistics come from the batched 
 * each statistic is pyhf's formula (``pyhf.infer.test_statistics``) on the two minima:
   ``tmu = clip(-2 log L(mu) - (-2 log L(muhat)), 0)``, zero where ``muhat > mu`` (``qtilde``,
   ``q``) or ``muhat < 0`` (``q0``, with ``mu = 0``); every fit starts, as pyhf's, from the
-  suggested initial values (the POI at the tested value for the conditional fit);
-* the observed statistic too, unless it lies at the noise level of pyhf's fits
-  (:data:`~pyhf_dist.runtime.fast.fit.NOISE_FLOOR`): there CLs hinges on which toys tie with it, so it is
-  taken from pyhf's own fits.
+  suggested initial values (the POI at the tested value for the conditional fit).
+
+The fits of the observed data follow the certified policy of the asymptotic hypotests
+(:mod:`~pyhf_dist.runtime.fast.fit`): the observed statistic comes from certified converged
+fits (:class:`~pyhf_dist.runtime.fast.fit.PoiScan`), and where one of pyhf's generating fits
+stops above the converged minimum (on 3L-eRJR pyhf's SLSQP stalls at its starting point), the
+toys of that hypothesis are drawn from the converged fit instead: a toy distribution drawn from
+the parameters of an unconverged fit is not the one the hypothesis predicts. The record says so
+(``pyhf_default``); everywhere else the toys stay pyhf's, bit for bit. With ``match_pyhf``
+(``--match-pyhf``) the numbers are pyhf's own instead: the observed statistic at the noise level
+of pyhf's fits (:data:`~pyhf_dist.runtime.fast.fit.NOISE_FLOOR`) is pyhf's, and a patch where
+pyhf's minimizer stalls is left to plain pyhf.
 
 Example:
     >>> statistics = toy_statistics(fitter, samples, poi_test=1.0, test_stat="qtilde")  # doctest: +SKIP
@@ -179,42 +187,33 @@ def run_chunk(fast, patch_operations, model, data, settings, chunk: dict, key: s
         stopped], ...], "b": [...]}``; their statistic is :data:`pyhf_dist.runtime.toys.NO_MINIMUM_STATISTIC`,
         see :mod:`pyhf_dist.runtime.toys`), the number of fits redone one at a time (``fallbacks``) and
         of toys whose statistic is pyhf's own fits, both minimizers of the fast path having lost
-        a fit (``by_pyhf``): every other toy's fits converged, or it has no minimum.
+        a fit (``by_pyhf``): every other toy's fits converged, or it has no minimum. Certified
+        (not ``match_pyhf``): also ``converged`` (the observed data's fits certified and no toy
+        left to pyhf), ``fits`` (their certificates) and ``pyhf_default`` (where pyhf's own fits
+        of the observed data stall or stop above the minimum, and the hypotheses whose toys
+        were therefore drawn from the converged fits), as an asymptotic record's.
 
     Raises:
         FastPathUnsupported: The fast path does not reproduce pyhf for this patch (its structure
-            check, or pyhf's own minimizer stalling on it); plain pyhf fits the chunk.
+            check; with ``match_pyhf``, pyhf's own minimizer stalling on it); plain pyhf fits the chunk.
     """
     from pyhf_dist.runtime import toys
     from pyhf_dist.runtime.fast.batched import BatchFitter
     from pyhf_dist.runtime.fast.errors import FastPathUnsupported
 
     problem = fast.problem(patch_operations)
-    fitter = BatchFitter(problem)
     mu = tested_value(settings.poi_test, settings.test_stat)
     background_mu = 1.0 if settings.test_stat == "q0" else 0.0
     lower, upper = problem.lower[problem.poi_index], problem.upper[problem.poi_index]
     if not (lower <= mu <= upper and lower <= background_mu <= upper):
         raise FastPathUnsupported("the tested POI value lies outside the POI bounds")
-    observed = np.asarray(data, dtype=float)[None]
-    main, aux = split_samples(problem, observed)
-    fits = fitter.fit(np.repeat(main, 3, 0), np.repeat(aux, 3, 0), [mu, np.nan, background_mu])
-    if not fits.converged.all():
-        raise FastPathUnsupported("a fit of the observed data did not converge")
-    if problem.pyhf_stalls(background_mu, float(fits.twice_nll[2])):
-        raise FastPathUnsupported(
-            "pyhf's minimizer stops at its starting point on this model (its toys' statistics come "
-            "from unconverged fits); plain pyhf reproduces them"
-        )
-    samples = toys.chunk_samples(model, data, settings, chunk, key)
-    teststat = None
-    if chunk["start"] == 0:
-        conditional, free, muhat = fits.twice_nll[0], fits.twice_nll[1], fits.theta[1, problem.poi_index]
-        if at_noise_level(settings.test_stat, mu, conditional, free, muhat):
-            # Which toys tie with the observed statistic decides CLs here: take pyhf's own.
-            teststat = toys.pyhf_statistic(model, data, settings)
-        else:
-            teststat = float(statistics_from_fits(settings.test_stat, mu, conditional, free, muhat))
+    fitter = BatchFitter(problem)
+    first = chunk["start"] == 0
+    if settings.match_pyhf:
+        observed = _ObservedAsPyhf(problem, fitter, model, data, settings, mu, background_mu, first)
+    else:
+        observed = _CertifiedObserved(problem, settings.test_stat, mu, background_mu)
+    samples = toys.chunk_samples(model, data, settings, chunk, key, generating=observed.generating)
     start, stop = chunk["start"], chunk["stop"]
     parts, no_minimum, fallbacks, by_pyhf = {}, {}, 0, 0
     for key, sample, generating in (("sb", "signal", "signal_pars"), ("b", "background", "background_pars")):
@@ -244,7 +243,7 @@ def run_chunk(fast, patch_operations, model, data, settings, chunk: dict, key: s
             "start": start,
             "stop": stop,
             "ntoys": chunk["ntoys"],
-            "teststat": teststat,
+            "teststat": observed.teststat if first else None,
             "sb": parts["sb"],
             "b": parts["b"],
             "no_minimum": no_minimum,
@@ -253,4 +252,86 @@ def run_chunk(fast, patch_operations, model, data, settings, chunk: dict, key: s
         },
         "engine": "fast",
         "fallback_reason": None,
+        **observed.certificate(by_pyhf),
     }
+
+
+class _ObservedAsPyhf:
+    """The observed data's side of a chunk with pyhf's own numbers (``match_pyhf``): pyhf's
+    generating fits, and pyhf's observed statistic where it is the noise of pyhf's fits."""
+
+    generating = None
+
+    def __init__(self, problem, fitter, model, data, settings, mu, background_mu, first: bool):
+        from pyhf_dist.runtime import toys
+        from pyhf_dist.runtime.fast.errors import FastPathUnsupported
+
+        main, aux = split_samples(problem, np.asarray(data, dtype=float)[None])
+        fits = fitter.fit(np.repeat(main, 3, 0), np.repeat(aux, 3, 0), [mu, np.nan, background_mu])
+        if not fits.converged.all():
+            raise FastPathUnsupported("a fit of the observed data did not converge")
+        if problem.pyhf_stalls(background_mu, float(fits.twice_nll[2])):
+            raise FastPathUnsupported(
+                "pyhf's minimizer stops at its starting point on this model (its toys' statistics come "
+                "from unconverged fits); plain pyhf reproduces them"
+            )
+        self.teststat = None
+        if first:
+            conditional, free, muhat = fits.twice_nll[0], fits.twice_nll[1], fits.theta[1, problem.poi_index]
+            if at_noise_level(settings.test_stat, mu, conditional, free, muhat):
+                # Which toys tie with the observed statistic decides CLs here: take pyhf's own.
+                self.teststat = toys.pyhf_statistic(model, data, settings)
+            else:
+                self.teststat = float(statistics_from_fits(settings.test_stat, mu, conditional, free, muhat))
+
+    def certificate(self, by_pyhf: int) -> dict:
+        return {}
+
+
+class _CertifiedObserved:
+    """The observed data's side of a chunk from certified fits (the module's policy): the
+    observed statistic, and converged generating parameters where pyhf's fits stop short."""
+
+    def __init__(self, problem, test_stat: str, mu: float, background_mu: float):
+        from pyhf_dist.runtime.fast.fit import PoiScan, asymptotic_statistic
+
+        self.problem = problem
+        scan = PoiScan(problem, test_stat)
+        self.scan = scan
+        self.fits = {"sb": scan.conditional("observed", mu), "b": scan.conditional("observed", background_mu)}
+        self.names = list(dict.fromkeys(["observed free", f"observed mu={mu:g}", f"observed mu={background_mu:g}"]))
+        free = scan.fits["observed free"]
+        muhat = float(free.theta[problem.poi_index])
+        self.teststat = float(asymptotic_statistic(test_stat, mu, self.fits["sb"].value - free.value, muhat))
+        #: Per hypothesis, how far above the converged minimum pyhf's generating fit stopped,
+        #: where that is more than a stop's rounding (its toys are then drawn from the minimum).
+        self.stops_above: dict = {}
+
+    def generating(self, signal_pars, background_pars) -> tuple:
+        """The parameters to draw each hypothesis's toys from: pyhf's, or the converged fit's
+        where pyhf's fit stops above its minimum by more than :data:`~pyhf_dist.runtime.fast.problem.STALL_GAP`."""
+        from pyhf_dist.runtime.fast.problem import STALL_GAP
+
+        problem, n = self.problem, self.problem.n_pars
+        chosen = []
+        for key, pars in (("sb", signal_pars), ("b", background_pars)):
+            found = self.fits[key]
+            theta = np.array(problem.init, dtype=float)
+            theta[:n] = np.asarray(pars, dtype=float)[:n]
+            gap = float(problem.functions.twice_nll(theta, problem.main, problem.aux, problem.layout)) - found.value
+            if gap > STALL_GAP:
+                self.stops_above[key] = gap
+                chosen.append(np.array(found.theta[:n]))
+            else:
+                chosen.append(pars)
+        return tuple(chosen)
+
+    def certificate(self, by_pyhf: int) -> dict:
+        certificate = self.scan.certificate(self.names)
+        default = dict(certificate.pop("pyhf_default", None) or {})
+        if self.stops_above:
+            default["generating_fits_stop_above_minimum"] = dict(self.stops_above)
+            default["toys_drawn_from"] = "converged fits"
+        certificate["converged"] = bool(certificate["converged"]) and by_pyhf == 0
+        certificate["pyhf_default"] = default or None
+        return certificate
