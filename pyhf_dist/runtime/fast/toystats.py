@@ -212,7 +212,7 @@ def run_chunk(fast, patch_operations, model, data, settings, chunk: dict, key: s
     if settings.match_pyhf:
         observed = _ObservedAsPyhf(problem, fitter, model, data, settings, mu, background_mu, first)
     else:
-        observed = _CertifiedObserved(problem, settings.test_stat, mu, background_mu)
+        observed = _CertifiedObserved(problem, settings.test_stat, settings.poi_test, background_mu)
     samples = toys.chunk_samples(model, data, settings, chunk, key, generating=observed.generating)
     start, stop = chunk["start"], chunk["stop"]
     parts, no_minimum, fallbacks, by_pyhf = {}, {}, 0, 0
@@ -292,17 +292,21 @@ class _CertifiedObserved:
     """The observed data's side of a chunk from certified fits (the module's policy): the
     observed statistic, and converged generating parameters where pyhf's fits stop short."""
 
-    def __init__(self, problem, test_stat: str, mu: float, background_mu: float):
+    def __init__(self, problem, test_stat: str, poi_test: float, background_mu: float):
         from pyhf_dist.runtime.fast.fit import PoiScan, asymptotic_statistic
 
         self.problem = problem
         scan = PoiScan(problem, test_stat)
         self.scan = scan
-        self.fits = {"sb": scan.conditional("observed", mu), "b": scan.conditional("observed", background_mu)}
-        self.names = list(dict.fromkeys(["observed free", f"observed mu={mu:g}", f"observed mu={background_mu:g}"]))
+        # The fits pyhf draws each hypothesis's toys from (pyhf_dist.runtime.toys.draw), and the
+        # conditional fit of the observed statistic (at 0 for q0).
+        poi_test, mu = float(poi_test), tested_value(poi_test, test_stat)
+        self.fits = {"sb": scan.conditional("observed", poi_test), "b": scan.conditional("observed", background_mu)}
+        tested = scan.conditional("observed", mu)
+        self.names = list(dict.fromkeys(["observed free", *(f"observed mu={value:g}" for value in (poi_test, background_mu, mu))]))
         free = scan.fits["observed free"]
         muhat = float(free.theta[problem.poi_index])
-        self.teststat = float(asymptotic_statistic(test_stat, mu, self.fits["sb"].value - free.value, muhat))
+        self.teststat = float(asymptotic_statistic(test_stat, mu, tested.value - free.value, muhat))
         #: Per hypothesis, how far above the converged minimum pyhf's generating fit stopped,
         #: where that is more than a stop's rounding (its toys are then drawn from the minimum).
         self.stops_above: dict = {}
