@@ -43,6 +43,8 @@ from pyhf_dist.chunks import compact_chunk, expand_chunk
 __all__ = ["Journal", "scan_key", "journal_path_for", "describe_errno"]
 
 log = logging.getLogger(__name__)
+# Made once: json.dumps with options builds an encoder per call, a line per record of the scan.
+_ENCODER = json.JSONEncoder(default=str, allow_nan=False)
 
 
 def describe_errno(error: OSError) -> str:
@@ -276,7 +278,7 @@ class Journal:
     @staticmethod
     def _line(entry: dict) -> bytes:
         try:  # most records hold only finite numbers: one pass, no copy
-            text = json.dumps(entry, default=str, allow_nan=False)
+            text = _ENCODER.encode(entry)
         except ValueError:  # JSON has no NaN: written as null
             text = json.dumps(json_safe(entry), default=str)
         return (text + "\n").encode()

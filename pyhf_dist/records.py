@@ -127,7 +127,7 @@ class FitRecord:
     @classmethod
     def from_dict(cls, data: dict) -> "FitRecord":
         """Build a record from a dict; unknown keys are ignored, missing ones take defaults."""
-        names = {field.name for field in dataclasses.fields(cls)}
+        names = _FIELD_SET if cls is FitRecord else {field.name for field in dataclasses.fields(cls)}
         known = {key: value for key, value in data.items() if key in names}
         if "name" not in known:
             raise ValueError("a result record needs a 'name'")
@@ -154,6 +154,8 @@ def _shared_worker(worker):
 
 
 _FIELD_NAMES = tuple(field.name for field in dataclasses.fields(FitRecord))
+# Made once: from_dict runs for every record a scan receives.
+_FIELD_SET = frozenset(_FIELD_NAMES)
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:

@@ -18,7 +18,7 @@ distributed = pytest.importorskip("distributed")
 import pyhf_dist  # noqa: E402
 from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError  # noqa: E402
 from pyhf_dist.executors import get_executor  # noqa: E402
-from pyhf_dist.executors.dask import TUNING, DaskExecutor  # noqa: E402
+from pyhf_dist.executors.dask import MESSAGE_LOGS, TUNING, DaskExecutor  # noqa: E402
 from pyhf_dist.settings import FitSettings  # noqa: E402
 from pyhf_dist.protocol import WorkerContext  # noqa: E402
 from pyhf_dist.runtime import setup_count  # noqa: E402
@@ -116,13 +116,17 @@ def test_own_cluster_settings_reach_its_workers_and_nothing_else(erjr_pallet, mo
 
     # What a Dask Nanny started earlier in this process leaves behind (Dask's default value).
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
-    config_before = {key: dask.config.get(key, default=None) for key in TUNING}
+    config_before = {key: dask.config.get(key, default=None) for key in [*TUNING, *MESSAGE_LOGS]}
     environment_before = dict(os.environ)
     with DaskExecutor(workers=2, dashboard_address=":0") as executor:
         executor.start(_context(erjr_pallet))
         inside = _inside_each_worker(executor.client)
+        # Our client and our scheduler's streams to the workers keep no log of the messages sent
+        # (each would hold whole packs of tasks: memory growing with the points of a scan).
+        streams = [executor.client.scheduler_comm, *executor.cluster.scheduler.stream_comms.values()]
+        assert len(streams) == 3 and all(stream.recent_message_log.maxlen == 0 for stream in streams)
         # The caller's process: its Dask configuration and environment are as they were.
-        assert {key: dask.config.get(key, default=None) for key in TUNING} == config_before
+        assert {key: dask.config.get(key, default=None) for key in [*TUNING, *MESSAGE_LOGS]} == config_before
         assert dict(os.environ) == environment_before
     assert len(inside) == 2
     for facts in inside:

@@ -189,6 +189,41 @@ def test_points_are_made_one_row_at_a_time(background, tmp_path):
     assert [patch.name for _, patch in todo] == ["pt_400_100", "pt_500_100"]
 
 
+def test_records_hold_the_points_own_names_and_values_and_the_loop_keeps_nothing_per_point(
+        background, tmp_path, monkeypatch):
+    """What a scan keeps per point must not grow beyond its record: the records hold the names
+    and parameter lists of the file's index (not copies), equal masses are one object, and the
+    loop's bookkeeping is empty once every record is out."""
+    from pyhf_dist.scan import loop as scan_loop
+
+    points = {"pt_1000_500": (1000, 500, POINTS["pt_300_0"][2]), "pt_1000_600": (1000, 600, POINTS["pt_400_100"][2]),
+              "pt_1100_600": (1100, 600, POINTS["pt_500_100"][2])}
+    csv_file = _write_csv(tmp_path / "masses.csv", points)
+    loops = []
+    groups = scan_loop.Loop.groups
+
+    def watched(self, todo):
+        loops.append(self)
+        yield from groups(self, todo)
+
+    monkeypatch.setattr(scan_loop.Loop, "groups", watched)
+    result = pyhf_dist.map_fits(background, signals=csv_file, executor="sequential", backend="numpy",
+                                journal=tmp_path / "j.jsonl")
+    (loop,) = loops
+    assert [record.values for record in result] == [[1000, 500], [1000, 600], [1100, 600]]
+    assert all(type(record.values) is list for record in result)
+    for record in result:
+        (key,) = [key for key in loop.values_by_key if key == record.key]
+        assert record.values is loop.values_by_key[key] and record.name is key[1]
+    first, second, third = result
+    assert first.values[0] is second.values[0] and second.values[1] is third.values[1]
+    assert not loop.expected and not loop.partial and not loop.first_submitted and not loop.attempts
+    assert not loop.in_flight and not len(loop.queue)
+    # Read back from the journal, the records are the same (values as lists).
+    loaded = Journal(tmp_path / "j.jsonl", result.metadata["scan_key"]).load()
+    assert {key: record.values for key, record in loaded.items()} == {record.key: record.values for record in result}
+
+
 def test_cli_bad_template_is_one_line(background, tmp_path):
     csv_file = _write_csv(tmp_path / "yields.csv", POINTS)
     run = subprocess.run([sys.executable, "-m", "pyhf_dist", "fit", str(background), "--signals", str(csv_file),

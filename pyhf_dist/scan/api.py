@@ -251,7 +251,10 @@ def map_fits(workspace: Any, patchset: Any = None, *, executor: Any = "local", w
     if workers is not None:
         options["workers"] = workers
     metadata: dict = {}
-    records: dict[tuple, FitRecord] = {}
+    # By name for the records of a lone unnamed pallet (pallet None), by (pallet, name) otherwise:
+    # a record's key is a tuple made anew on each access (56 bytes a point kept as a dict key),
+    # its name the string it holds already.
+    records: dict[Any, FitRecord] = {}
     combined: list[FitRecord] = []
     bar = None
     on_start = options.pop("on_start", None)
@@ -273,7 +276,7 @@ def map_fits(workspace: Any, patchset: Any = None, *, executor: Any = "local", w
             if record.combined:
                 combined.append(record)
             else:
-                records[record.key] = record
+                records[record.name if record.pallet is None else record.key] = record
                 if bar is not None:
                     bar.update(record)
             if callback is not None:
@@ -282,8 +285,14 @@ def map_fits(workspace: Any, patchset: Any = None, *, executor: Any = "local", w
         stream.close()
         if bar is not None:
             bar.close()
-    order = metadata.pop("order")
-    return ScanResult([records[key] for key in order if key in records] + combined, metadata)
+    ordered = []
+    for pallet, name in metadata.pop("order"):
+        record = records.get(name if pallet is None else (pallet, name))
+        if record is not None:
+            ordered.append(record)
+    records.clear()  # before the result's own copy of the list: not both at the peak
+    ordered.extend(combined)
+    return ScanResult(ordered, metadata)
 
 
 _LEADING = [

@@ -194,7 +194,6 @@ class Loop:
         if not self.toy_based:
             # One task per patch: jobs are made as they are submitted, never all held at once.
             self.queue = JobQueue((Job(patch, None, pallet) for pallet, patch in todo), len(todo))
-            self.expected = collections.defaultdict(lambda: 1)
             return
         planned = plan_chunks(self.settings, self.workers, len(todo))
         for pallet, patch in todo:
@@ -208,7 +207,8 @@ class Loop:
         for pallet, patch in todo:  # every chunk already in the journal (a kill before its merge)
             key = (pallet, patch.name)
             if self.partial.get(key) and len(self.partial[key]) == self.expected[key]:
-                yield [self._merged(key, pallet)]
+                del self.expected[key]
+                yield [self._merged(key, pallet, self.partial.pop(key))]
 
     def _submit(self, jobs: list[Job]) -> None:
         jobs = self._reject_invalid(jobs)  # rows of a signals file that cannot be fitted
@@ -260,19 +260,34 @@ class Loop:
 
     def _finished(self, job: Job, outcome: dict) -> list[FitRecord]:
         self.packing.measured(outcome)
-        self.partial[job.key].append(outcome)
-        if self.toy_based and outcome.get("status") == "ok" and "toys" in outcome and self.chunk_finished is not None:
+        key = job.key
+        if not self.toy_based:
+            # One task per patch: its one outcome is its record. Nothing is kept by patch here (a
+            # lookup of a default-dict would add an entry per patch that nothing removes: ~85
+            # bytes a point over a whole scan).
+            return [self._merged(key, job.pallet, [outcome])]
+        self.partial[key].append(outcome)
+        if outcome.get("status") == "ok" and "toys" in outcome and self.chunk_finished is not None:
             self.chunk_finished(job.pallet, outcome)
-        if len(self.partial[job.key]) == self.expected[job.key]:
-            return [self._merged(job.key, job.pallet)]
+        if len(self.partial[key]) == self.expected[key]:
+            del self.expected[key]
+            return [self._merged(key, job.pallet, self.partial.pop(key))]
         return []
 
-    def _merged(self, key: tuple, pallet) -> FitRecord:
-        record = merge_chunks(self.partial.pop(key), self.settings)
+    def _merged(self, key: tuple, pallet, outcomes: list[dict]) -> FitRecord:
+        record = merge_chunks(outcomes, self.settings)
         record.pop("chunk", None)
         if self.on_merged is not None and record.get("status") == "ok" and "toys" in record:
             self.on_merged(key, record)
         # Popped: what the loop keeps per patch must not grow with the scan.
-        record.update(values=self.values_by_key[key], submitted=self.first_submitted.pop(key, None),
-                      attempts=self.attempts.pop(key, 0) or 1, pallet=pallet)
-        return FitRecord.from_dict(record)
+        record.update(submitted=self.first_submitted.pop(key, None), attempts=self.attempts.pop(key, 0) or 1,
+                      pallet=pallet)
+        # The record's name and values are the plan's own objects, not the copies a worker sent
+        # back or from_dict would make (it copies the values it is given): the plan holds them for
+        # the whole scan anyway, and a copy in every record cost ~130 bytes a point (a name
+        # string, a list of values). Records are for reading; nothing of the scan changes them.
+        record["name"] = key[1]
+        record.pop("values", None)
+        merged = FitRecord.from_dict(record)
+        merged.values = self.values_by_key[key]
+        return merged

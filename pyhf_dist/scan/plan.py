@@ -95,8 +95,9 @@ class Plan:
 
     @functools.cached_property
     def values_by_key(self) -> dict[tuple, list]:
-        """``(pallet name, patch name)`` -> the patch's parameter values, in the scan's order."""
-        return {(each.name, name): list(values) for each, chosen in zip(self.pallets, self.chosen)
+        """``(pallet name, patch name)`` -> the patch's parameter values, in the scan's order (the
+        lists the records get)."""
+        return {(each.name, name): values for each, chosen in zip(self.pallets, self.chosen)
                 for name, values in signal_points.named_values(chosen)}
 
     def todo(self, finished: dict):

@@ -63,12 +63,20 @@ class SignalPoints:
         self.point_names, self.point_values = self._index()
         self.chosen: set | None = None
 
-    def _index(self) -> tuple[list[str], list[tuple]]:
-        """Every row's name and parameters (one streaming pass over the file)."""
+    def _index(self) -> tuple[list[str], list[list]]:
+        """Every row's name and parameters (one streaming pass over the file).
+
+        The parameters of a row are a list: the one its records' ``values`` will be (the scan's
+        plan and records share it, :func:`named_values`), so that a point holds one list, not a
+        tuple here and a list in its record. Equal integers and texts of many rows (a grid's
+        masses) are one object: an int above 256 is 32 bytes a row otherwise.
+        """
         names: list[str] = []
-        values: list[tuple] = []
+        values: list[list] = []
         seen: dict[str, int] = {}
-        for number, row in read_rows(self.path, ["name", *self.layout.parameters]):
+        shared: dict = {}  # ints and texts only: a float -0.0 would become 0.0 (they are equal)
+        columns = self.layout.parameters
+        for number, row in read_rows(self.path, ["name", *columns]):
             name = row.get("name")
             name = "" if name is None else str(name).strip()
             if not name:
@@ -77,7 +85,8 @@ class SignalPoints:
                 raise SignalsError(f"{self.path}: rows {seen[name]} and {number} are both named {name!r}: names must be unique")
             seen[name] = number
             names.append(name)
-            values.append(tuple(parameter_value(row.get(column)) for column in self.layout.parameters))
+            point = tuple(_one_of(parameter_value(row.get(column)), shared) for column in columns)
+            values.append(list(point))  # exactly as long as the row (a list grown by appends has spare room)
         if not names:
             raise SignalsError(f"{self.path} has no rows: nothing to fit")
         return names, values
@@ -89,8 +98,9 @@ class SignalPoints:
         """The points' names, in the file's order."""
         return self.point_names if self.chosen is None else [name for name in self.point_names if name in self.chosen]
 
-    def named_values(self) -> Iterator[tuple[str, tuple]]:
-        """``(name, parameters)`` of the chosen points, without reading the file again."""
+    def named_values(self) -> Iterator[tuple[str, list]]:
+        """``(name, parameters)`` of the chosen points, without reading the file again (the lists
+        of the index: not copies)."""
         for name, values in zip(self.point_names, self.point_values):
             if self.chosen is None or name in self.chosen:
                 yield name, values
@@ -110,10 +120,16 @@ class SignalPoints:
             if str(row.get("name")).strip() != name:  # read twice: it must be the same file both times
                 raise SignalsError(f"{self.path} changed while the scan read it (row {number} is no longer {name!r})")
             checked = check_row(row, self.layout, self.bound)
+            values = tuple(values)  # a Patch's values are a tuple
             if isinstance(checked, str):
                 yield SignalPatch(name, values, [], error=checked)
             else:
                 yield SignalPatch(name, values, self.bound.operations(*checked))
+
+
+def _one_of(value: Any, shared: dict) -> Any:
+    """``value``, or the equal int or text met before (kept in ``shared``)."""
+    return shared.setdefault(value, value) if type(value) in (int, str) else value
 
 
 def load_signals(workspace: Any, signals: Any, template: Any = None) -> Pallet:
@@ -155,11 +171,13 @@ def select(pallets: list[Pallet], selection: Any) -> list:
     return [points.select({patch.name for patch in chosen})]
 
 
-def named_values(selected) -> Iterator[tuple[str, tuple]]:
-    """``(name, values)`` of selected patches, from a signals file's index where it has one."""
+def named_values(selected) -> Iterator[tuple[str, list]]:
+    """``(name, values)`` of selected patches, the values a list of the scan's own for each: a
+    signals file's index holds such lists already (its points' records share them, no copy);
+    a patch's values are copied."""
     if isinstance(selected, SignalPoints):
         return selected.named_values()
-    return ((patch.name, patch.values) for patch in selected)
+    return ((patch.name, list(patch.values)) for patch in selected)
 
 
 class Pending:

@@ -28,9 +28,9 @@ except ImportError as error:  # the registry imports this package only when "das
 
 from pyhf_dist.executors.dask.executor import WORKER_START_TIMEOUT, ContextPlugin, DaskExecutor, run_pickled_task
 from pyhf_dist.executors.dask.processes import MAX_WORKER_RESTARTS, WorkerProcess
-from pyhf_dist.executors.dask.tuning import TUNING, own_cluster_tuning, tuning_exports, worker_facts
+from pyhf_dist.executors.dask.tuning import MESSAGE_LOGS, TUNING, own_cluster_tuning, tuning_exports, worker_facts
 
 __all__ = [
-    "DaskExecutor", "ContextPlugin", "run_pickled_task", "WorkerProcess", "TUNING", "own_cluster_tuning",
-    "tuning_exports", "worker_facts", "WORKER_START_TIMEOUT", "MAX_WORKER_RESTARTS",
+    "DaskExecutor", "ContextPlugin", "run_pickled_task", "WorkerProcess", "TUNING", "MESSAGE_LOGS",
+    "own_cluster_tuning", "tuning_exports", "worker_facts", "WORKER_START_TIMEOUT", "MAX_WORKER_RESTARTS",
 ]

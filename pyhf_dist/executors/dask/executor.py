@@ -23,7 +23,7 @@ from pyhf_dist.executors.dask.support import (
     check_reachable, drop_lost_connection_reports, killed_while_starting, lost_worker_errors, quiet_dask_logs,
     transfer,
 )
-from pyhf_dist.executors.dask.tuning import advice, own_cluster_tuning, worker_environment, worker_facts
+from pyhf_dist.executors.dask.tuning import MESSAGE_LOGS, advice, own_cluster_tuning, worker_environment, worker_facts
 from pyhf_dist.protocol import Context, Pack, Task, first_line
 from pyhf_dist.runtime import initialize, preload, release, run_task
 
@@ -244,11 +244,17 @@ class DaskExecutor(Executor):
     def _bring_up(self, settings: dict | None) -> None:
         """Connect (starting our cluster when we own one); with ``settings``, import what the
         fits will need on our workers while the client is busy elsewhere."""
-        self.client = self._connect()
-        if self._own_local_cluster():
-            self._wait_for_own_workers()
-            if settings is not None and not self._stop_bringing_up.is_set():
-                self.client.run(preload, settings)
+        import dask
+
+        # Short message logs (MESSAGE_LOGS) for the streams made now: our client's, and those of
+        # our own scheduler to its workers as they join. (A worker joining later, a replacement,
+        # gets Dask's default.)
+        with dask.config.set(own_cluster_tuning(MESSAGE_LOGS)):
+            self.client = self._connect()
+            if self._own_local_cluster():
+                self._wait_for_own_workers()
+        if self._own_local_cluster() and settings is not None and not self._stop_bringing_up.is_set():
+            self.client.run(preload, settings)
 
     def prepare(self, settings: dict) -> None:
         """Start the cluster we own in the background: its workers start and import jax and

@@ -14,7 +14,7 @@ from typing import Any
 
 from pyhf_dist.runtime.threads import thread_limits
 
-__all__ = ["TUNING", "own_cluster_tuning", "tuning_exports", "leftover_variables", "worker_facts", "advice",
+__all__ = ["TUNING", "MESSAGE_LOGS", "own_cluster_tuning", "tuning_exports", "leftover_variables", "worker_facts", "advice",
            "worker_environment"]
 
 #: Dask settings for the clusters pyhf-dist starts (never for one it is given), each applied only
@@ -36,8 +36,20 @@ TUNING = {
     "distributed.admin.system-monitor.gil.enabled": False,
 }
 
-def own_cluster_tuning() -> dict[str, Any]:
-    """The part of :data:`TUNING` that applies now: keys the user's Dask config leaves at Dask's default.
+#: For the Dask objects of this process that pyhf-dist makes (its client; its own cluster's
+#: scheduler, while the workers join): none of Dask's logs for its developers, among them the last
+#: 1000 batches of messages each stream sent. A batch of a scan that packs points holds a whole
+#: pack of tasks (to ~400 kB for 2500 signal points) and a 10^5-point scan sends fewer than 1000
+#: packs: the client's stream and the scheduler's streams to the workers kept every task sent,
+#: ~330 bytes a point of the client's memory (no-op fits on two workers; 16 batches a stream
+#: still cost ~10 MB at 10^5 points). The scheduler's transition and event logs go with them
+#: (one setting). A user who wants them sets the key: a value of the user's is left as it is.
+MESSAGE_LOGS = {"distributed.admin.low-level-log-length": 0}
+
+
+def own_cluster_tuning(settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The part of ``settings`` (default :data:`TUNING`) that applies now: keys the user's Dask
+    config leaves at Dask's default.
 
     >>> "distributed.worker.profile.enabled" in own_cluster_tuning()  # doctest: +SKIP
     True
@@ -47,7 +59,7 @@ def own_cluster_tuning() -> dict[str, Any]:
     defaults = dask.config.merge(*dask.config.defaults)
     missing = object()
     tuning = {}
-    for key, value in TUNING.items():
+    for key, value in (TUNING if settings is None else settings).items():
         current = dask.config.get(key, default=missing)
         if current is missing or current == dask.config.get(key, default=missing, config=defaults):
             tuning[key] = value
