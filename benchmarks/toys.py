@@ -131,7 +131,8 @@ def fast_toys(label: str, ntoys: int, seed: int) -> dict:
            "teststat": chunk["toys"]["teststat"] if chunk else toys.pyhf_statistic(model, data, settings)}
     for key, sample, generating in (("sb", "signal", "signal_pars"), ("b", "background", "background_pars")):
         rows = np.asarray(samples[sample])
-        result = toystats.toy_statistics(fitter, rows, 1.0, "qtilde", metric_at=np.asarray(samples[generating], dtype=float))
+        point = np.asarray(samples[generating], dtype=float)
+        result = toystats.toy_statistics(fitter, rows, 1.0, "qtilde", metric_at=point, generating=point)
         away = np.asarray(result["runaway"], dtype=bool)
         values = np.where(away, toys.NO_MINIMUM_STATISTIC, result["teststat"])
         if chunk is not None and not (chunk.get("pyhf_default") or {}).get("toys_drawn_from"):

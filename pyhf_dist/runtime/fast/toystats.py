@@ -92,7 +92,7 @@ def at_noise_level(test_stat: str, mu: float, conditional: float, free: float, m
 
 
 def toy_statistics(fitter, samples, poi_test: float, test_stat: str, metric_at=None, start=None,
-                   second_start: bool = True) -> dict:
+                   second_start: bool = True, generating=None) -> dict:
     """The test statistic of every data row of ``samples``.
 
     Args:
@@ -108,6 +108,11 @@ def toy_statistics(fitter, samples, poi_test: float, test_stat: str, metric_at=N
             free fit from the conditional one's where it ended above it (:data:`FREE_ABOVE`),
             keeping the lower minimum of each (on 1Lbb a conditional fit from pyhf's starting point
             stops in a local minimum 0.05 above the one pyhf's own SLSQP finds on some toys).
+        generating: The parameters the toys were drawn from: with ``second_start``, both fits of
+            every toy start there too (the lower minimum kept). Their minima scatter around it,
+            and a likelihood with two basins in one nuisance parameter (1Lbb toys: an
+            asymmetric histosys, 0.2-0.3 apart in -2 log L) can send both fits from pyhf's
+            starting point into the higher one, where SLSQP reaches the lower.
 
     Returns:
         ``{"teststat": [N], "conditional": [N], "free": [N], "muhat": [N], "theta_conditional":
@@ -130,29 +135,33 @@ def toy_statistics(fitter, samples, poi_test: float, test_stat: str, metric_at=N
     runaway = result.runaway[:count] | result.runaway[count:]
     evaluations, fallbacks = int(np.sum(result.evaluations)), int(result.fallbacks)
     if second_start:
-        # The conditional fit again from the free fit's minimum (the POI set to the tested
-        # value), and the free fit from the conditional one's wherever it ended above it (its
-        # domain holds the conditional minimum: impossible at its own minimum); the lower minimum
-        # of each is kept. Toys without a minimum are left out.
+        # Further starts, the lower minimum of each fit kept; toys without a minimum left out.
         fitted = ~runaway & np.isfinite(values[:count]) & np.isfinite(values[count:])
+        # The free fit from the conditional one's minimum wherever it ended above it (its domain
+        # holds the conditional minimum: impossible at its own minimum), and from the
+        # generating point.
+        above = np.flatnonzero(fitted & (values[count:] > values[:count] + FREE_ABOVE))
+        rows, starts = [above], [theta[above]]
+        if generating is not None:
+            every = np.flatnonzero(fitted)
+            rows.append(every)
+            starts.append(np.broadcast_to(np.asarray(generating, dtype=float)[: theta.shape[1]], (len(every), theta.shape[1])))
+        done = _refit(fitter, main, aux, np.concatenate(rows), count, np.concatenate(starts), np.nan, metric_at,
+                      theta, values, converged)
+        # Then the conditional fit from the free fit's minimum (the POI set to the tested value)
+        # and from the generating point, where the best-fit POI does not set the statistic to
+        # zero (qtilde and q: above the tested value; q0: below zero).
         muhat = theta[count:, problem.poi_index]
-        # Where the best-fit POI sets the statistic to zero (qtilde and q: above the tested
-        # value; q0: below zero) the conditional minimum does not enter it.
         zeroed = muhat < 0 if test_stat == "q0" else muhat > mu
-        conditional_again = np.flatnonzero(fitted & ~zeroed)
-        free_again = np.flatnonzero(fitted & (values[count:] > values[:count] + FREE_ABOVE))
-        rows = np.concatenate([conditional_again, free_again])
-        if len(rows):
-            slots = np.concatenate([conditional_again, count + free_again])
-            other = np.concatenate([theta[count + conditional_again], theta[free_again]])
-            pois = np.concatenate([np.full(len(conditional_again), mu), np.full(len(free_again), np.nan)])
-            second = fitter.fit(main[rows], aux[rows], pois, other, metric_at)
-            evaluations += int(np.sum(second.evaluations))
-            fallbacks += int(second.fallbacks)
-            lower = second.converged & ~second.runaway & (second.twice_nll < values[slots])
-            theta[slots[lower]] = second.theta[lower]
-            values[slots[lower]] = second.twice_nll[lower]
-            converged[slots[lower]] = True
+        again = np.flatnonzero(fitted & ~zeroed)
+        rows, starts = [again], [theta[count + again]]
+        if generating is not None:
+            rows.append(again)
+            starts.append(np.broadcast_to(np.asarray(generating, dtype=float)[: theta.shape[1]], (len(again), theta.shape[1])))
+        more = _refit(fitter, main, aux, np.concatenate(rows), 0, np.concatenate(starts), mu, metric_at, theta, values,
+                      converged)
+        evaluations += done[0] + more[0]
+        fallbacks += done[1] + more[1]
     conditional, free = values[:count], values[count:]
     muhat = theta[count:, problem.poi_index]
     return {
@@ -167,6 +176,27 @@ def toy_statistics(fitter, samples, poi_test: float, test_stat: str, metric_at=N
         "evaluations": evaluations,
         "fallbacks": fallbacks,
     }
+
+
+def _refit(fitter, main, aux, rows, offset: int, starts, poi: float, metric_at, theta, values, converged) -> tuple[int, int]:
+    """Fit the toys ``rows`` again from ``starts`` (POI fixed at ``poi``, NaN: free) and keep each
+    lower minimum in slot ``offset + row`` of ``theta``, ``values``, ``converged`` (in place).
+
+    Returns:
+        ``(evaluations, fallbacks)`` of these fits.
+    """
+    if not len(rows):
+        return 0, 0
+    result = fitter.fit(main[rows], aux[rows], np.full(len(rows), poi), starts, metric_at)
+    slots = offset + np.asarray(rows)
+    # One toy may have several starts here: each replaces the minimum where lower.
+    for index in np.flatnonzero(result.converged & ~result.runaway):
+        slot = slots[index]
+        if result.twice_nll[index] < values[slot]:
+            theta[slot] = result.theta[index]
+            values[slot] = result.twice_nll[index]
+            converged[slot] = True
+    return int(np.sum(result.evaluations)), int(result.fallbacks)
 
 
 def run_chunk(fast, patch_operations, model, data, settings, chunk: dict, key: str | None = None) -> dict:
@@ -224,7 +254,8 @@ def run_chunk(fast, patch_operations, model, data, settings, chunk: dict, key: s
         # one on some toys (1 of the first 67 compared with pyhf on 1Lbb). The engine's metric
         # is the information at the generating parameters, around which the toys' minima scatter.
         generating_pars = np.asarray(samples[generating], dtype=float)
-        result = toy_statistics(fitter, rows, settings.poi_test, settings.test_stat, metric_at=generating_pars)
+        result = toy_statistics(fitter, rows, settings.poi_test, settings.test_stat, metric_at=generating_pars,
+                                generating=generating_pars)
         values = result["teststat"]
         away = np.asarray(result["runaway"], dtype=bool)
         # A toy whose likelihood has no minimum takes toys.NO_MINIMUM_STATISTIC (see
