@@ -136,6 +136,31 @@ def test_more_fits_than_slots_and_start_points(small_problem):
     np.testing.assert_allclose(streamed.twice_nll, whole.twice_nll, atol=1e-6)
 
 
+def test_probes_never_stop_above_a_lower_minimum(small_problem):
+    """A fit given a known minimum may stop once within the probe radius of it (joined), never below
+    it; given a claimed minimum higher than the real one, it goes on to the real one. (On this
+    small model a step from outside the radius lands on the minimum: probes converge. That they
+    stop early on 1Lbb toys is checked in test_toy_fits_also_start_where_the_toys_were_drawn.)"""
+    problem = small_problem
+    model, _ = _pyhf_model(small_workspace())
+    np.random.seed(SEED + 2)
+    samples = model.make_pdf(pyhf.tensorlib.astensor(model.config.suggested_init())).sample((12,))
+    main, aux = toystats.split_samples(problem, samples)
+    fitter = batched.BatchFitter(problem, fallback=False)
+    plain = fitter.fit(main, aux)
+    assert plain.converged.all()
+    start = np.tile(problem.init * 1.3, (12, 1))
+    again = fitter.fit(main, aux, start=start)
+    probe = fitter.fit(main, aux, start=start, known=(plain.theta, plain.twice_nll))
+    assert np.all(probe.joined | probe.converged) and not np.any(probe.joined & probe.converged)
+    assert probe.fallbacks == 0 and np.all(probe.evaluations <= again.evaluations)
+    assert np.all(probe.twice_nll[probe.joined] >= plain.twice_nll[probe.joined] - 1e-7)
+    np.testing.assert_allclose(probe.twice_nll[probe.converged], plain.twice_nll[probe.converged], atol=1e-6)
+    claimed = fitter.fit(main, aux, start=start, known=(plain.theta, plain.twice_nll + 1.0))
+    assert claimed.converged.all() and not claimed.joined.any()
+    np.testing.assert_allclose(claimed.twice_nll, plain.twice_nll, atol=1e-6)
+
+
 # ------------------------------------------------------------------------- toys against pyhf
 
 
@@ -435,6 +460,17 @@ def test_toy_fits_also_start_where_the_toys_were_drawn(lbb_pallet):
     for name in ("conditional", "free"):
         theta = both[f"theta_{name}"][0][: problem.n_pars]
         assert np.all(model.expected_actualdata(theta) > 0)
+    # Starts from the generating point are probes of the minimum found: most stop once in its
+    # basin, at about half the evaluations of a fit.
+    rows = np.asarray(samples["background"])[300:316]
+    generating = np.asarray(samples["background_pars"], dtype=float)
+    main, aux = toystats.split_samples(problem, rows)
+    known = fitter.fit(main, aux, np.ones(16), None, generating)
+    full = fitter.fit(main, aux, np.ones(16), np.tile(generating, (16, 1)), generating)
+    probe = fitter.fit(main, aux, np.ones(16), np.tile(generating, (16, 1)), generating,
+                       known=(known.theta, known.twice_nll))
+    assert probe.joined.sum() >= 12 and probe.evaluations.sum() < 0.6 * full.evaluations.sum()
+    assert np.all(probe.twice_nll[probe.joined] >= known.twice_nll[probe.joined] - 1e-7)
     # The scan's own statistics of those toys are these (a chunk holding them).
     chunk = {"index": 0, "of": 1, "start": 300, "stop": 332, "ntoys": 1000}
     part = calculations.compute(state, {"patch": patch.operations, "chunk": chunk})

@@ -50,6 +50,7 @@ import numpy as np
 from pyhf_dist.runtime.fast import quasi_newton
 from pyhf_dist.runtime.fast.batch_model import BatchModel, kernels
 from pyhf_dist.runtime.fast.errors import FastPathUnsupported
+from pyhf_dist.runtime.fast.problem import PROBE_RADIUS, SAME_MINIMUM
 from pyhf_dist.runtime.fast.quasi_newton import MAX_HELD
 
 __all__ = [
@@ -101,8 +102,8 @@ GPU_BATCH = 4096
 CPU_STEPS = 8
 GPU_STEPS = 32
 
-# Slot states.
-_RUNNING, _CONVERGED, _FAILED, _IDLE, _RUNAWAY = 0, 1, 2, 3, 4
+# Slot states. A probe has _JOINED once it is within PROBE_RADIUS of the minimum it was given.
+_RUNNING, _CONVERGED, _FAILED, _IDLE, _RUNAWAY, _JOINED = 0, 1, 2, 3, 4, 5
 
 
 def default_batch(device=None) -> tuple[int, int]:
@@ -128,6 +129,8 @@ class BatchResult:
         fallbacks: Fits redone one at a time.
         runaway: ``[N]`` fits stopped below ``-RUNAWAY`` (not converged; their point and value
             are where they stopped).
+        joined: ``[N]`` probes stopped in the basin of the minimum they were given (not
+            converged; see :meth:`BatchFitter.fit`).
     """
 
     theta: np.ndarray
@@ -136,6 +139,7 @@ class BatchResult:
     evaluations: np.ndarray
     fallbacks: int = 0
     runaway: np.ndarray | None = None
+    joined: np.ndarray | None = None
 
 
 class BatchFitter:
@@ -198,7 +202,7 @@ class BatchFitter:
 
     # ----------------------------------------------------------------------------------- API
 
-    def fit(self, main, aux, poi_values=None, start=None, metric_at=None, nominal=None) -> BatchResult:
+    def fit(self, main, aux, poi_values=None, start=None, metric_at=None, nominal=None, known=None) -> BatchResult:
         """Minimise ``-2 log L`` for every dataset (row) of ``main`` and ``aux``.
 
         Args:
@@ -214,6 +218,12 @@ class BatchFitter:
             nominal: ``[N, entries]`` each fit's own nominal yields (``model.arrays["nominal"]``
                 with other values: models that differ from this one in their yields alone, such
                 as signal hypotheses of one template); ``None``: this model's.
+            known: ``(theta [N, >= n_pars], twice_nll [N])``: a minimum already found for each fit
+                (the same data and POI value); the fits are then probes of its basin, as the
+                one-at-a-time path's further starts: a fit stops (``joined``) once it is within
+                :data:`~pyhf_dist.runtime.fast.problem.PROBE_RADIUS` of that minimum in every
+                coordinate without having gone below it, and is fitted to its own minimum
+                otherwise. Rows with an infinite value are plain fits.
 
         Returns:
             A :class:`BatchResult`.
@@ -238,18 +248,24 @@ class BatchFitter:
         reference = self.init if metric_at is None else np.concatenate([np.asarray(metric_at, dtype=float)[:n], self.init[n:]])
         if nominal is not None:
             nominal = np.asarray(nominal, dtype=float).reshape(count, -1)
-        theta, values, status, evaluations = self._stream(x0, main, aux_rows, pinned, reference, nominal)
+        target = None
+        if known is not None:
+            target_theta = np.tile(self.init, (count, 1))
+            target_theta[:, :n] = np.asarray(known[0], dtype=float).reshape(count, -1)[:, :n]
+            target = (target_theta / self.scale, np.asarray(known[1], dtype=float).reshape(count))
+        theta, values, status, evaluations = self._stream(x0, main, aux_rows, pinned, reference, nominal, target)
         converged = status == _CONVERGED
         runaway = status == _RUNAWAY
+        joined = status == _JOINED
         fallbacks = 0
         if self.fallback:
-            for i in np.flatnonzero(~converged & ~runaway):
+            for i in np.flatnonzero(~converged & ~runaway & ~joined):
                 fallbacks += 1
                 theta[i], values[i], converged[i] = self._one_at_a_time(main[i], aux_rows[i], theta0[i], poi[i])
-        lost = ~converged & ~runaway
+        lost = ~converged & ~runaway & ~joined
         theta[lost] = np.nan
         values[lost] = np.nan
-        return BatchResult(theta[:, :n], values, converged, evaluations, fallbacks, runaway)
+        return BatchResult(theta[:, :n], values, converged, evaluations, fallbacks, runaway, joined)
 
     # ------------------------------------------------------------------------------ internals
 
@@ -277,7 +293,7 @@ class BatchFitter:
             self._metrics[key] = jax.device_put(inverse, self.device)
         return self._metrics[key]
 
-    def _stream(self, x0, main, aux, pinned, reference, nominal=None):
+    def _stream(self, x0, main, aux, pinned, reference, nominal=None, target=None):
         """Run every fit through the slots of one batch; returns host arrays."""
         import jax
 
@@ -286,12 +302,14 @@ class BatchFitter:
         # few seconds) costs more than the idle slots of a small call.
         slots = self.batch
         consts = dict(self._consts_base, h0inv=self._metric(reference))
-        advance, refill, empty = _compiled(self.model.codes, slots, self.steps, nominal is not None)
+        advance, refill, empty = _compiled(self.model.codes, slots, self.steps, nominal is not None, target is not None)
         put = functools.partial(jax.device_put, device=self.device)
         rows_of = {"main": main, "aux": aux, "x0": x0, "pinned": pinned}
         if nominal is not None:
             rows_of["nominal"] = nominal
-        state = empty({key: put(np.zeros((slots,) + rows_of[key].shape[1:])) for key in ("main", "aux", "nominal") if key in rows_of})
+        if target is not None:
+            rows_of["target"], rows_of["target_f"] = target
+        state = empty({key: put(np.zeros((slots,) + rows_of[key].shape[1:])) for key in _ROW_DATA if key in rows_of})
         owner = np.full(slots, -1)
         theta = np.full((count, cap), np.nan)
         values = np.full(count, np.nan)
@@ -341,10 +359,15 @@ class BatchFitter:
         return out, value, True
 
 
+#: Per-fit data a slot's state holds besides its iterate (filled in by ``refill``).
+_ROW_DATA = ("main", "aux", "nominal", "target", "target_f")
+
+
 @functools.cache
-def _compiled(codes: tuple, slots: int, steps: int, own_nominal: bool = False):
+def _compiled(codes: tuple, slots: int, steps: int, own_nominal: bool = False, probes: bool = False):
     """``(advance, refill, empty)``, jitted, for interpolation ``codes`` and ``slots``; with
-    ``own_nominal``, each slot's fit has its own nominal yields (the slot state's ``nominal``)."""
+    ``own_nominal``, each slot's fit has its own nominal yields (the slot state's ``nominal``);
+    with ``probes``, each slot's fit is a probe of a known minimum (``target``, ``target_f``)."""
     import jax
     import jax.numpy as jnp
 
@@ -362,7 +385,7 @@ def _compiled(codes: tuple, slots: int, steps: int, own_nominal: bool = False):
         }
 
     def refill(state, mask, rows):
-        fresh = empty({key: rows[key] for key in ("main", "aux", "nominal") if key in rows})
+        fresh = empty({key: rows[key] for key in _ROW_DATA if key in rows})
         fresh.update(x=rows["x0"], pinned=rows["pinned"], status=jnp.zeros(slots, jnp.int32))
 
         def pick(new, old):
@@ -458,6 +481,10 @@ def _iteration(s, consts, evaluate):
     runaway = (f < -RUNAWAY) | (failed & (f < 0))
     status = jnp.where(running & converged, _CONVERGED, jnp.where(running & failed, _FAILED, s["status"]))
     status = jnp.where(running & runaway, _RUNAWAY, status)
+    if "target" in s:  # probes (resolved when tracing): stop in the basin of the known minimum
+        near = jnp.max(jnp.abs(x - s["target"]), -1) < PROBE_RADIUS
+        joined = running & accept & ~fresh & near & (f >= s["target_f"] - SAME_MINIMUM)
+        status = jnp.where(joined & (status == _RUNNING), _JOINED, status)
     out = dict(s)
     out.update(
         x=x, f=f, g=g, d=d, alpha=alpha, S=S, Y=Y, rho=rho, active=jnp.where(renew[:, None], bound, s["active"]),

@@ -179,16 +179,20 @@ def toy_statistics(fitter, samples, poi_test: float, test_stat: str, metric_at=N
 
 
 def _refit(fitter, main, aux, rows, offset: int, starts, poi: float, metric_at, theta, values, converged) -> tuple[int, int]:
-    """Fit the toys ``rows`` again from ``starts`` (POI fixed at ``poi``, NaN: free) and keep each
-    lower minimum in slot ``offset + row`` of ``theta``, ``values``, ``converged`` (in place).
+    """Fit the toys ``rows`` again from ``starts`` (POI fixed at ``poi``, NaN: free), each a probe
+    of the minimum it has, and keep each lower minimum in slot ``offset + row`` of ``theta``,
+    ``values``, ``converged`` (in place).
 
     Returns:
         ``(evaluations, fallbacks)`` of these fits.
     """
     if not len(rows):
         return 0, 0
-    result = fitter.fit(main[rows], aux[rows], np.full(len(rows), poi), starts, metric_at)
     slots = offset + np.asarray(rows)
+    # Probes of the minimum each fit has: a start that comes within the probe radius of it, not
+    # below, has fallen into its basin and stops there (about half a fit's evaluations).
+    result = fitter.fit(main[rows], aux[rows], np.full(len(rows), poi), starts, metric_at,
+                        known=(theta[slots], values[slots]))
     # One toy may have several starts here: each replaces the minimum where lower.
     for index in np.flatnonzero(result.converged & ~result.runaway):
         slot = slots[index]
