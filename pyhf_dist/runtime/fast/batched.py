@@ -434,7 +434,7 @@ def _iteration(s, consts, evaluate):
     # Stored masked to the parameters that move (fixed, pinned and bound ones do not; a change of
     # the bound set clears the memory below), so the two-loop recursion needs no masks.
     moving = ~held & ~(((trial <= lo) & (g_trial > 0)) | ((trial >= hi) & (g_trial < 0)))
-    S, Y, rho = _remember(s, accept & ~fresh, step, g_trial - g, moving)
+    S, Y, rho = quasi_newton.remember(s, accept & ~fresh, step, g_trial - g, moving)
     x = jnp.where(accept[:, None], trial, x)
     f = jnp.where(accept, f_trial, f)
     g = jnp.where(accept[:, None], g_trial, g)
@@ -491,20 +491,3 @@ def _iteration(s, consts, evaluate):
         status=status, evaluations=evaluations, decrement=decrement, flat=flat,
     )
     return out
-
-
-def _remember(s, accepted, step, y, moving):
-    """The L-BFGS memory of ``s`` with the pair ``(step, y)`` pushed where a step was
-    ``accepted`` with positive curvature: ``(S, Y, rho)``; ``y`` is kept on the ``moving``
-    parameters only. The newest pair last; ``rho = 0`` marks an empty entry."""
-    import jax.numpy as jnp
-
-    sy = jnp.sum(step * y, -1)
-    curvature = sy > 1e-10 * jnp.sqrt(jnp.sum(step * step, -1) * jnp.sum(y * y, -1))
-    update = accepted & curvature
-
-    def push(memory, item):
-        shape = (-1,) + (1,) * (memory.ndim - 1)
-        return jnp.where(update.reshape(shape), jnp.concatenate([memory[:, 1:], item[:, None]], 1), memory)
-
-    return push(s["S"], step), push(s["Y"], jnp.where(moving, y, 0.0)), push(s["rho"], 1.0 / jnp.where(update, sy, 1.0))

@@ -2,12 +2,13 @@
 
 The L-BFGS two-loop recursion over the parameters that move, with the starting inverse Hessian
 restricted to them by a Schur complement (parameters held at bounds or at a fixed POI value stay
-where they are): small dense solves written elementwise over the slots of a batch.
+where they are): small dense solves written elementwise over the slots of a batch. Also the
+update of each slot's L-BFGS memory (:func:`remember`).
 """
 
 from __future__ import annotations
 
-__all__ = ["MAX_HELD", "direction", "held_solve", "spd_solve"]
+__all__ = ["MAX_HELD", "direction", "held_solve", "remember", "spd_solve"]
 
 #: Parameters held at bounds (or at a fixed POI value) beyond the model's fixed ones, at once.
 MAX_HELD = 4
@@ -85,3 +86,20 @@ def spd_solve(matrix, rhs):
     for i in reversed(range(k)):
         solution[i] = (forward[i] - sum(lower[p][i] * solution[p] for p in range(i + 1, k))) / lower[i][i]
     return jnp.stack(solution, axis=-1)
+
+
+def remember(s, accepted, step, y, moving):
+    """The L-BFGS memory of ``s`` with the pair ``(step, y)`` pushed where a step was
+    ``accepted`` with positive curvature: ``(S, Y, rho)``; ``y`` is kept on the ``moving``
+    parameters only. The newest pair last; ``rho = 0`` marks an empty entry."""
+    import jax.numpy as jnp
+
+    sy = jnp.sum(step * y, -1)
+    curvature = sy > 1e-10 * jnp.sqrt(jnp.sum(step * step, -1) * jnp.sum(y * y, -1))
+    update = accepted & curvature
+
+    def push(memory, item):
+        shape = (-1,) + (1,) * (memory.ndim - 1)
+        return jnp.where(update.reshape(shape), jnp.concatenate([memory[:, 1:], item[:, None]], 1), memory)
+
+    return push(s["S"], step), push(s["Y"], jnp.where(moving, y, 0.0)), push(s["rho"], 1.0 / jnp.where(update, sy, 1.0))
