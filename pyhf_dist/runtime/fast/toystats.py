@@ -140,12 +140,13 @@ def toy_statistics(fitter, samples, poi_test: float, test_stat: str, metric_at=N
         # The free fit from the conditional one's minimum wherever it ended above it (its domain
         # holds the conditional minimum: impossible at its own minimum), and from the
         # generating point.
+        point = None if generating is None else np.asarray(generating, dtype=float)[: theta.shape[1]]
         above = np.flatnonzero(fitted & (values[count:] > values[:count] + FREE_ABOVE))
         rows, starts = [above], [theta[above]]
-        if generating is not None:
+        if point is not None:
             every = np.flatnonzero(fitted)
             rows.append(every)
-            starts.append(np.broadcast_to(np.asarray(generating, dtype=float)[: theta.shape[1]], (len(every), theta.shape[1])))
+            starts.append(np.broadcast_to(point, (len(every), len(point))))
         done = _refit(fitter, main, aux, np.concatenate(rows), count, np.concatenate(starts), np.nan, metric_at,
                       theta, values, converged)
         # Then the conditional fit from the free fit's minimum (the POI set to the tested value)
@@ -155,9 +156,9 @@ def toy_statistics(fitter, samples, poi_test: float, test_stat: str, metric_at=N
         zeroed = muhat < 0 if test_stat == "q0" else muhat > mu
         again = np.flatnonzero(fitted & ~zeroed)
         rows, starts = [again], [theta[count + again]]
-        if generating is not None:
+        if point is not None:
             rows.append(again)
-            starts.append(np.broadcast_to(np.asarray(generating, dtype=float)[: theta.shape[1]], (len(again), theta.shape[1])))
+            starts.append(np.broadcast_to(point, (len(again), len(point))))
         more = _refit(fitter, main, aux, np.concatenate(rows), 0, np.concatenate(starts), mu, metric_at, theta, values,
                       converged)
         evaluations += done[0] + more[0]
