@@ -191,11 +191,13 @@ def stop_result_watcher(sdk) -> None:
     # The SDK keeps one result-stream thread per task group until the interpreter exits; stop ours
     # when no other executor's futures are waiting on it.
     try:
-        from globus_compute_sdk.sdk.executor import _RESULT_WATCHERS
+        from globus_compute_sdk.sdk import executor as sdk_executor
 
-        watcher = _RESULT_WATCHERS.get(sdk.task_group_id)
+        # SDK internals, read defensively (no public API stops the thread): the module's registry
+        # of result watchers by task group, and the executor tag on each future.
+        watchers = getattr(sdk_executor, "_RESULT_WATCHERS", {})
+        watcher = watchers.get(sdk.task_group_id)
         if watcher is not None and watcher.is_alive():
-            # (SDK internals: the registry of result watchers and a future's executor tag.)
             others = [f for f in watcher.get_open_futures().values() if f._metadata.get("executor_id") != id(sdk)]
             if not others:
                 watcher.shutdown(wait=False, cancel_futures=True)

@@ -202,7 +202,8 @@ class BatchFitter:
 
     # ----------------------------------------------------------------------------------- API
 
-    def fit(self, main, aux, poi_values=None, start=None, metric_at=None, nominal=None, known=None) -> BatchResult:
+    def fit(self, main, aux, poi_values=None, start=None, metric_at=None, nominal=None, known=None,
+            fallback: bool | None = None) -> BatchResult:
         """Minimise ``-2 log L`` for every dataset (row) of ``main`` and ``aux``.
 
         Args:
@@ -224,6 +225,9 @@ class BatchFitter:
                 :data:`~pyhf_dist.runtime.fast.problem.PROBE_RADIUS` of that minimum in every
                 coordinate without having gone below it, and is fitted to its own minimum
                 otherwise. Rows with an infinite value are plain fits.
+            fallback: Redo a fit that does not converge here one at a time (default: the
+                fitter's own ``fallback``); ``False`` reports it as lost instead (for further
+                starts, whose fit already has a minimum).
 
         Returns:
             A :class:`BatchResult`.
@@ -258,7 +262,7 @@ class BatchFitter:
         runaway = status == _RUNAWAY
         joined = status == _JOINED
         fallbacks = 0
-        if self.fallback:
+        if self.fallback if fallback is None else fallback:
             for i in np.flatnonzero(~converged & ~runaway & ~joined):
                 fallbacks += 1
                 theta[i], values[i], converged[i] = self._one_at_a_time(main[i], aux_rows[i], theta0[i], poi[i])

@@ -47,6 +47,9 @@ __all__ = [
 #: A free fit ending this far above its toy's conditional fit (``-2 log L``) is refitted from the
 #: conditional minimum: at its own minimum it is at most the conditional one (its domain holds it).
 FREE_ABOVE = 1e-6
+#: A parameter within this many of its standard deviations (at the initial values) of a bound
+#: is held there (:func:`_release_bounds`).
+BOUND_TOLERANCE = 1e-6
 
 
 def tested_value(poi_test: float, test_stat: str) -> float:
@@ -161,8 +164,12 @@ def toy_statistics(fitter, samples, poi_test: float, test_stat: str, metric_at=N
             starts.append(np.broadcast_to(point, (len(again), len(point))))
         more = _refit(fitter, main, aux, np.concatenate(rows), 0, np.concatenate(starts), mu, metric_at, theta, values,
                       converged)
-        evaluations += done[0] + more[0]
-        fallbacks += done[1] + more[1]
+        released = _release_bounds(fitter, main, aux, fitted, mu, metric_at, theta, values, converged)
+        # A conditional minimum now below its free fit's: the free fit from there too.
+        above = np.flatnonzero(fitted & (values[count:] > values[:count] + FREE_ABOVE))
+        last = _refit(fitter, main, aux, above, count, theta[above], np.nan, metric_at, theta, values, converged)
+        evaluations += done[0] + more[0] + released[0] + last[0]
+        fallbacks += done[1] + more[1] + released[1] + last[1]
     conditional, free = values[:count], values[count:]
     muhat = theta[count:, problem.poi_index]
     return {
@@ -179,9 +186,46 @@ def toy_statistics(fitter, samples, poi_test: float, test_stat: str, metric_at=N
     }
 
 
-def _refit(fitter, main, aux, rows, offset: int, starts, poi: float, metric_at, theta, values, converged) -> tuple[int, int]:
+def _release_bounds(fitter, main, aux, fitted, mu: float, metric_at, theta, values, converged) -> tuple[int, int]:
+    """Both fits of every toy whose minimum holds a parameter at a bound, again from that minimum
+    with those parameters back at their initial values (full fits; the lower minimum kept).
+
+    A step that overshoots can pin a parameter at its bound, typically a Poisson-constrained
+    gamma at zero, and the fit then settles in a basin of its own there: on 3L-eRJR toys such
+    minima lie up to 8 units of ``-2 log L`` above the one a fit reaches with the gamma released.
+    These are full fits, not probes: the way out of such a basin can pass within the probe radius
+    of the minimum it leaves; one that does not converge on the batched engine is dropped, not
+    redone one at a time (the fit has its minimum already). (A 3L-eRJR toy nearly always holds a gamma at zero, its auxiliary
+    count drawn as 0 from a constraint with tau = 0.06, so there every toy is fitted again; on
+    1Lbb a few per cent are.)
+
+    Returns:
+        ``(evaluations, fallbacks)`` of these fits.
+    """
+    problem = fitter.problem
+    count = len(fitted)
+    width = theta.shape[1]
+    init = np.asarray(problem.init, dtype=float)[:width]
+    tolerance = BOUND_TOLERANCE * np.asarray(problem.scale, dtype=float)[:width]
+    free = ~np.asarray(problem.fixed, dtype=bool)[:width]
+    free[problem.poi_index] = False  # the POI at its bound is the test statistic's business
+    evaluations = fallbacks = 0
+    for offset, poi in ((0, mu), (count, np.nan)):
+        minima = theta[offset:offset + count]
+        held = free & ((np.abs(minima - np.asarray(problem.lower)[:width]) <= tolerance)
+                       | (np.abs(minima - np.asarray(problem.upper)[:width]) <= tolerance))
+        rows = np.flatnonzero(fitted & held.any(axis=1))
+        starts = np.where(held[rows], init, minima[rows])
+        done = _refit(fitter, main, aux, rows, offset, starts, poi, metric_at, theta, values, converged, probe=False)
+        evaluations, fallbacks = evaluations + done[0], fallbacks + done[1]
+    return evaluations, fallbacks
+
+
+def _refit(fitter, main, aux, rows, offset: int, starts, poi: float, metric_at, theta, values, converged,
+           probe: bool = True) -> tuple[int, int]:
     """Fit the toys ``rows`` again from ``starts`` (POI fixed at ``poi``, NaN: free), each a probe
-    of the minimum it has, and keep each lower minimum in slot ``offset + row`` of ``theta``,
+    of the minimum it has (``probe=False``: a full fit, dropped where it does not converge on the
+    batched engine), and keep each lower minimum in slot ``offset + row`` of ``theta``,
     ``values``, ``converged`` (in place).
 
     Returns:
@@ -193,7 +237,7 @@ def _refit(fitter, main, aux, rows, offset: int, starts, poi: float, metric_at, 
     # Probes of the minimum each fit has: a start that comes within the probe radius of it, not
     # below, has fallen into its basin and stops there (about half a fit's evaluations).
     result = fitter.fit(main[rows], aux[rows], np.full(len(rows), poi), starts, metric_at,
-                        known=(theta[slots], values[slots]))
+                        known=(theta[slots], values[slots]) if probe else None, fallback=probe)
     # One toy may have several starts here: each replaces the minimum where lower.
     for index in np.flatnonzero(result.converged & ~result.runaway):
         slot = slots[index]
