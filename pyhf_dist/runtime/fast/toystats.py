@@ -194,10 +194,11 @@ def _release_bounds(fitter, main, aux, fitted, mu: float, metric_at, theta, valu
     gamma at zero, and the fit then settles in a basin of its own there: on 3L-eRJR toys such
     minima lie up to 8 units of ``-2 log L`` above the one a fit reaches with the gamma released.
     These are full fits, not probes: the way out of such a basin can pass within the probe radius
-    of the minimum it leaves; one that does not converge on the batched engine is dropped, not
-    redone one at a time (the fit has its minimum already). (A 3L-eRJR toy nearly always holds a gamma at zero, its auxiliary
-    count drawn as 0 from a constraint with tau = 0.06, so there every toy is fitted again; on
-    1Lbb a few per cent are.)
+    of the minimum it leaves. One that does not converge on the batched engine is dropped, not
+    redone one at a time: the fit has its minimum already. A 3L-eRJR toy nearly always holds a
+    gamma at zero, its auxiliary count drawn as 0 from a constraint with tau = 0.06, so there
+    every toy is fitted again; on 1Lbb 1-8% of the fits are (1,000 toys of each hypothesis: 6
+    fits lowered, by up to 1.7).
 
     Returns:
         ``(evaluations, fallbacks)`` of these fits.
@@ -209,21 +210,20 @@ def _release_bounds(fitter, main, aux, fitted, mu: float, metric_at, theta, valu
     tolerance = BOUND_TOLERANCE * np.asarray(problem.scale, dtype=float)[:width]
     free = ~np.asarray(problem.fixed, dtype=bool)[:width]
     free[problem.poi_index] = False  # the POI at its bound is the test statistic's business
-    evaluations = fallbacks = 0
-    for offset, poi in ((0, mu), (count, np.nan)):
-        minima = theta[offset:offset + count]
-        held = free & ((np.abs(minima - np.asarray(problem.lower)[:width]) <= tolerance)
-                       | (np.abs(minima - np.asarray(problem.upper)[:width]) <= tolerance))
-        rows = np.flatnonzero(fitted & held.any(axis=1))
-        starts = np.where(held[rows], init, minima[rows])
-        done = _refit(fitter, main, aux, rows, offset, starts, poi, metric_at, theta, values, converged, probe=False)
-        evaluations, fallbacks = evaluations + done[0], fallbacks + done[1]
-    return evaluations, fallbacks
+    held = free & ((np.abs(theta - np.asarray(problem.lower)[:width]) <= tolerance)
+                   | (np.abs(theta - np.asarray(problem.upper)[:width]) <= tolerance))
+    slots = np.flatnonzero(np.concatenate([fitted, fitted]) & held.any(axis=1))
+    # Both fits in one stream: the slots of a small stream cost as much as a full one's.
+    rows, conditional = slots % count, slots < count
+    starts = np.where(held[slots], init, theta[slots])
+    return _refit(fitter, main, aux, rows, np.where(conditional, 0, count), starts, np.where(conditional, mu, np.nan),
+                  metric_at, theta, values, converged, probe=False)
 
 
-def _refit(fitter, main, aux, rows, offset: int, starts, poi: float, metric_at, theta, values, converged,
+def _refit(fitter, main, aux, rows, offset, starts, poi, metric_at, theta, values, converged,
            probe: bool = True) -> tuple[int, int]:
-    """Fit the toys ``rows`` again from ``starts`` (POI fixed at ``poi``, NaN: free), each a probe
+    """Fit the toys ``rows`` again from ``starts`` (POI fixed at ``poi``, NaN: free; ``offset`` and
+    ``poi`` one for all rows or one per row), each a probe
     of the minimum it has (``probe=False``: a full fit, dropped where it does not converge on the
     batched engine), and keep each lower minimum in slot ``offset + row`` of ``theta``,
     ``values``, ``converged`` (in place).
@@ -236,7 +236,7 @@ def _refit(fitter, main, aux, rows, offset: int, starts, poi: float, metric_at, 
     slots = offset + np.asarray(rows)
     # Probes of the minimum each fit has: a start that comes within the probe radius of it, not
     # below, has fallen into its basin and stops there (about half a fit's evaluations).
-    result = fitter.fit(main[rows], aux[rows], np.full(len(rows), poi), starts, metric_at,
+    result = fitter.fit(main[rows], aux[rows], np.broadcast_to(poi, len(rows)), starts, metric_at,
                         known=(theta[slots], values[slots]) if probe else None, fallback=probe)
     # One toy may have several starts here: each replaces the minimum where lower.
     for index in np.flatnonzero(result.converged & ~result.runaway):
