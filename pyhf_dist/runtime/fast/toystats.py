@@ -223,10 +223,9 @@ def _release_bounds(fitter, main, aux, fitted, mu: float, metric_at, theta, valu
 def _refit(fitter, main, aux, rows, offset, starts, poi, metric_at, theta, values, converged,
            probe: bool = True) -> tuple[int, int]:
     """Fit the toys ``rows`` again from ``starts`` (POI fixed at ``poi``, NaN: free; ``offset`` and
-    ``poi`` one for all rows or one per row), each a probe
-    of the minimum it has (``probe=False``: a full fit, dropped where it does not converge on the
-    batched engine), and keep each lower minimum in slot ``offset + row`` of ``theta``,
-    ``values``, ``converged`` (in place).
+    ``poi`` one for all rows or one per row), each a probe of the minimum it has (``probe=False``:
+    a full fit, dropped where it does not converge on the batched engine), and keep each lower
+    minimum in slot ``offset + row`` of ``theta``, ``values``, ``converged`` (in place).
 
     Returns:
         ``(evaluations, fallbacks)`` of these fits.
