@@ -110,7 +110,9 @@ def toy_statistics(fitter, samples, poi_test: float, test_stat: str, metric_at=N
         second_start: Fit each toy's conditional fit again from its free fit's minimum, and the
             free fit from the conditional one's where it ended above it (:data:`FREE_ABOVE`),
             keeping the lower minimum of each (on 1Lbb a conditional fit from pyhf's starting point
-            stops in a local minimum 0.05 above the one pyhf's own SLSQP finds on some toys).
+            stops in a local minimum 0.05 above the one pyhf's own SLSQP finds on some toys); last,
+            every fit whose minimum holds a parameter at a bound again with it released
+            (:func:`_release_bounds`), and the free fit from a conditional minimum now below it.
         generating: The parameters the toys were drawn from: with ``second_start``, both fits of
             every toy start there too (the lower minimum kept). Their minima scatter around it,
             and a likelihood with two basins in one nuisance parameter (1Lbb toys: an
@@ -144,7 +146,7 @@ def toy_statistics(fitter, samples, poi_test: float, test_stat: str, metric_at=N
         # holds the conditional minimum: impossible at its own minimum), and from the
         # generating point.
         point = None if generating is None else np.asarray(generating, dtype=float)[: theta.shape[1]]
-        above = np.flatnonzero(fitted & (values[count:] > values[:count] + FREE_ABOVE))
+        above = _free_above(fitted, values)
         rows, starts = [above], [theta[above]]
         if point is not None:
             every = np.flatnonzero(fitted)
@@ -166,7 +168,7 @@ def toy_statistics(fitter, samples, poi_test: float, test_stat: str, metric_at=N
                       converged)
         released = _release_bounds(fitter, main, aux, fitted, mu, metric_at, theta, values, converged)
         # A conditional minimum now below its free fit's: the free fit from there too.
-        above = np.flatnonzero(fitted & (values[count:] > values[:count] + FREE_ABOVE))
+        above = _free_above(fitted, values)
         last = _refit(fitter, main, aux, above, count, theta[above], np.nan, metric_at, theta, values, converged)
         evaluations += done[0] + more[0] + released[0] + last[0]
         fallbacks += done[1] + more[1] + released[1] + last[1]
@@ -184,6 +186,13 @@ def toy_statistics(fitter, samples, poi_test: float, test_stat: str, metric_at=N
         "evaluations": evaluations,
         "fallbacks": fallbacks,
     }
+
+
+def _free_above(fitted, values) -> np.ndarray:
+    """Toys (of ``fitted``) whose free fit ended above their conditional one: impossible at the free
+    fit's own minimum, whose domain holds the conditional one (``values``: conditional, then free)."""
+    count = len(fitted)
+    return np.flatnonzero(fitted & (values[count:] > values[:count] + FREE_ABOVE))
 
 
 def _release_bounds(fitter, main, aux, fitted, mu: float, metric_at, theta, values, converged) -> tuple[int, int]:
