@@ -7,8 +7,8 @@ reading the pallet (``load_pallet``), checking the background against pyhf's sch
 in the pyhf-dist cache after the first time: the *remembered* row), building the worker context.
 Worker side (a fresh process, one thread per library, as a local worker): importing what the fit
 needs (``pyhf_dist.runtime.preload``: jax, scipy, the fast path), setting up for the context
-(``pyhf_dist.runtime.initialize``: parsing the workspace, compiling the likelihood or loading it from the
-persistent compilation cache), the first patch (the structure check against pyhf, remembered
+(``pyhf_dist.runtime.initialize``: parsing the workspace, compiling the likelihood or loading its
+executables from the cache), the first patch (the structure check against pyhf, remembered
 too, and the first call of every compiled function), and the median of the next patches (the
 cost per patch, for scale). Then the local executor: ``start`` to the first no-op task's result on
 ``--workers`` workers (spawning them; their imports and set-up run in parallel). Steps that

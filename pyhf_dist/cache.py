@@ -2,7 +2,9 @@
 
 Three things are costly on every cold start and depend only on their inputs:
 
-* compiling the fast path's likelihood (``jax/``: jax's own persistent compilation cache);
+* compiling the fast path's likelihood (``executables/``: the compiled executables themselves,
+  loaded without tracing, :mod:`pyhf_dist.runtime.fast.executables`; ``jax/``: jax's own
+  persistent compilation cache, for the other compiled functions);
 * pyhf's JSON-schema validation of a background workspace and of a patchset (``checks/``:
   about two seconds for the 1Lbb pallet, pyhf's import included);
 * the fast path's comparison of a model structure with ``pyhf.Model`` (``checks/``: it makes
@@ -39,7 +41,7 @@ from pathlib import Path
 
 __all__ = [
     "CACHE_ENV", "root", "directory", "digest", "versions", "recall", "remember", "exclusive", "usable",
-    "guard_compile_cache",
+    "guard_compile_cache", "write_atomically",
 ]
 
 log = logging.getLogger(__name__)
@@ -118,17 +120,21 @@ def recall(kind: str, key: str) -> str | None:
 def remember(kind: str, key: str, answer: str) -> None:
     """Keep ``answer`` for check ``kind`` under ``key`` (atomically; silently skipped if impossible)."""
     path = directory("checks")
-    if path is None:
-        return
+    if path is not None:
+        write_atomically(path / f"{kind}-{key}", f"{_SEAL}{digest(answer)}\n{answer}")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (silently skipped if impossible)."""
     temporary = None
     try:
-        # Workers of one scan may write the same answer at once: write aside, then rename.
-        handle, temporary = tempfile.mkstemp(dir=path, prefix=f".{kind}-")
+        # Workers of one scan may write the same file at once: write aside, then rename.
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
         with os.fdopen(handle, "w") as stream:
-            stream.write(f"{_SEAL}{digest(answer)}\n{answer}")
-        os.replace(temporary, path / f"{kind}-{key}")
+            stream.write(text)
+        os.replace(temporary, path)
     except OSError as error:
-        log.debug("could not remember %s check: %s", kind, error)
+        log.debug("could not write %s: %s", path, error)
         if temporary is not None:  # a full disk must not also keep the half-written file
             with contextlib.suppress(OSError):
                 os.unlink(temporary)

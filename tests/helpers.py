@@ -41,6 +41,15 @@ FAST_PATH_TOLERANCE = 1e-4
 _REFERENCE_CACHE: dict = {}
 
 
+#: 3L-eRJR points where MINUIT (through pyhf, strategy 2) has converged (of 66; it fails on most),
+#: with allowed and excluded CLs. Which of them it converges on depends on the machine's floating
+#: point (its CPU's vector instructions and BLAS kernels): on one kind of machine the first two, on
+#: another the last two. Tests take the first where it converges here.
+ERJR_MINUIT_CANDIDATES = ["ERJR_150p0_60p0", "ERJR_100p0_20p0", "ERJR_100p0_40p0", "ERJR_110p0_30p0"]
+#: 3L-eRJR points where MINUIT has failed, the first on one kind of machine, the others on another.
+ERJR_MINUIT_FAILS = ["ERJR_250p0_1p0", "ERJR_100p0_20p0", "ERJR_100p0_30p0"]
+
+
 def serial_pyhf(pallet, names=None, poi_test=1.0, test_stat="qtilde", modifier_settings=None, optimizer="scipy") -> dict:
     """Plain pyhf, one patch after another, on numpy: ``{name: (CLs_obs, [CLs_exp x5])}``.
 

@@ -28,7 +28,8 @@ from pyhf_dist.protocol import WorkerContext  # noqa: E402
 from pyhf_dist.runtime import initialize  # noqa: E402
 
 from helpers import (  # noqa: E402
-    HISTOSYS_CODES, NORMSYS_CODES, interp_settings, random_points, serial_pyhf_toys, small_workspace, tiny_pallet,
+    ERJR_MINUIT_CANDIDATES, HISTOSYS_CODES, NORMSYS_CODES, interp_settings, random_points, serial_pyhf_toys,
+    small_workspace, tiny_pallet,
 )
 
 SEED = 7
@@ -279,13 +280,34 @@ def test_chunked_fast_toys_merge_to_the_unchunked_result():
     assert three["engine"] == "fast" and (three["ntoys"], three["seed"]) == (45, SEED)
 
 
+def _minuit_statistic(pallet) -> tuple[str, float]:
+    """The first 3L-eRJR candidate on which MINUIT (strategy 2, through pyhf) converges here, and its
+    observed ``qmu_tilde`` at mu = 1."""
+    import pyhf
+
+    pyhf.set_backend("numpy", pyhf.optimize.minuit_optimizer(tolerance=1e-4, strategy=2))
+    try:
+        for name in ERJR_MINUIT_CANDIDATES:
+            patch = next(p for p in pallet.patches if p.name == name)
+            workspace = pyhf.Workspace(pyhf.patchset.Patch({"metadata": {"name": name, "values": list(patch.values)},
+                                                            "patch": patch.operations}).apply(pallet.workspace))
+            model = workspace.model()
+            try:
+                return name, float(pyhf.infer.test_statistics.qmu_tilde(
+                    1.0, workspace.data(model), model, model.config.suggested_init(),
+                    model.config.suggested_bounds(), model.config.suggested_fixed()))
+            except pyhf.exceptions.FailedMinimization:
+                continue
+    finally:
+        pyhf.set_backend("numpy", pyhf.optimize.scipy_optimizer())
+    raise AssertionError(f"MINUIT converges on none of {ERJR_MINUIT_CANDIDATES} here")
+
+
 def test_erjr_toys_are_drawn_from_converged_fits(erjr_pallet):
     """pyhf's minimizer stalls at its start on 3L-eRJR, so pyhf draws its toys from unconverged
     fits. The default path draws them from the converged fits, says so, and its observed statistic
     is MINUIT's; ``match_pyhf`` leaves the patch to plain pyhf, as the numpy backend."""
-    import pyhf
-
-    name = "ERJR_150p0_60p0"  # MINUIT converges on this patch
+    name, q_minuit = _minuit_statistic(erjr_pallet)
     options = dict(executor="sequential", patches=[name], calctype="toybased", ntoys=4, seed=SEED)
     fast = pyhf_dist.map_fits(erjr_pallet, backend="jax", **options)[name]
     assert fast.ok and fast.engine == "fast" and fast.fallback_reason is None, (fast.error, fast.fallback_reason)
@@ -300,17 +322,6 @@ def test_erjr_toys_are_drawn_from_converged_fits(erjr_pallet):
     # The observed statistic from the certified fits against MINUIT's (strategy 2, through pyhf).
     fits = fast.fits
     q_fast = max(fits["observed mu=1"]["twice_nll"] - fits["observed free"]["twice_nll"], 0.0)
-    patch = next(p for p in erjr_pallet.patches if p.name == name)
-    workspace = pyhf.Workspace(pyhf.patchset.Patch({"metadata": {"name": name, "values": list(patch.values)},
-                                                    "patch": patch.operations}).apply(erjr_pallet.workspace))
-    model = workspace.model()
-    pyhf.set_backend("numpy", pyhf.optimize.minuit_optimizer(tolerance=1e-4, strategy=2))
-    try:
-        q_minuit = float(pyhf.infer.test_statistics.qmu_tilde(
-            1.0, workspace.data(model), model, model.config.suggested_init(), model.config.suggested_bounds(),
-            model.config.suggested_fixed()))
-    finally:
-        pyhf.set_backend("numpy", pyhf.optimize.scipy_optimizer())
     assert q_fast == pytest.approx(q_minuit, abs=2e-3)
     matched = pyhf_dist.map_fits(erjr_pallet, backend="jax", match_pyhf=True, **options)[name]
     plain = pyhf_dist.map_fits(erjr_pallet, backend="numpy", **options)[name]

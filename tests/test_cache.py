@@ -85,7 +85,9 @@ def test_a_warm_cache_skips_pyhf_and_changes_nothing(lbb_tarball, tmp_path):
     # Fresh cache: the client validates with pyhf, the worker checks the structure against pyhf.Model.
     assert first["client_imported_pyhf"] and first["worker_imported_pyhf"]
     kinds = sorted(name.split("-")[0] for name in os.listdir(tmp_path / "checks"))
-    assert kinds == ["compiled", "patchset", "structure", "workspace"]
+    assert kinds == ["patchset", "structure", "workspace"]
+    # The likelihood's executables are kept, and the second run's numbers come from them.
+    assert [name.split("-")[0] for name in os.listdir(tmp_path / "executables")] == ["likelihood"]
     # Warm cache: neither needs pyhf, and the pallet and the numbers are the same.
     assert not second["client_imported_pyhf"] and not second["worker_imported_pyhf"]
     assert [record[0] for record in second["cls"]] == ["ok", "ok"]
@@ -128,3 +130,43 @@ def test_exclusive_makes_a_second_holder_wait_and_never_blocks_forever(tmp_path,
         with cache.exclusive("layout", timeout=0.2):
             order.append("went on")
     assert order[-1] == "went on"
+
+
+def test_kept_executables_are_loaded_and_a_damaged_one_is_compiled_again(erjr_dir, tmp_path, monkeypatch):
+    pytest.importorskip("jax")
+    import numpy as np
+
+    from pyhf_dist.pallet import load_pallet
+    from pyhf_dist.runtime.fast import executables, likelihood
+    from pyhf_dist.runtime.fast.engine import FastHypotest
+
+    pallet = load_pallet(erjr_dir)
+    problem = FastHypotest(pallet.workspace, verify=False).problem(pallet.patches[0].operations)
+    functions = likelihood.functions(*problem.functions.codes)  # the jitted ones
+    arguments = {"theta": problem.init, "main": problem.main, "aux": problem.aux, "layout": problem.layout}
+
+    def numbers(found) -> list:
+        return [
+            np.asarray(found.value_and_grad(problem.init, problem.main, problem.aux, problem.layout)),
+            *map(np.asarray, found.expected(problem.init, problem.layout)),
+            np.asarray(found.fisher_diagonal(problem.init, problem.layout)),
+        ]
+
+    expected = numbers(functions)
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
+    compiled = executables.load(functions, "3L-eRJR test layout", arguments)
+    (kept,) = (tmp_path / "executables").iterdir()
+    loaded = executables.load(functions, "3L-eRJR test layout", arguments)
+    assert loaded is not None and executables._read(kept) is not None
+    for found in (compiled, loaded):
+        assert all(np.array_equal(a, b) for a, b in zip(numbers(found), expected))
+    # Inputs of another type than the executable's (counts as integers) go to the jitted function.
+    counts = np.rint(np.asarray(problem.main)).astype(np.int64)
+    assert np.array_equal(counts, np.asarray(problem.main))
+    assert np.allclose(np.asarray(loaded.value_and_grad(problem.init, counts, problem.aux, problem.layout)), expected[0])
+
+    kept.write_text(kept.read_text()[:1000])
+    assert executables._read(kept) is None
+    again = executables.load(functions, "3L-eRJR test layout", arguments)
+    assert executables._read(kept) is not None
+    assert all(np.array_equal(a, b) for a, b in zip(numbers(again), expected))

@@ -326,42 +326,62 @@ def test_a_damaged_remembered_answer_reads_as_absent(tmp_path, monkeypatch):
     assert cache.recall("toys", "key") is None
 
 
-def _jax_scan(erjr_dir, output: Path, cache_directory: Path) -> subprocess.CompletedProcess:
+def _jax_scan(erjr_dir, output: Path, cache_directory: Path, kept: str = "off") -> subprocess.CompletedProcess:
     # The demo pallet: every patch of it on the fast path (3L-eRJR's are declined), one worker.
-    environment = dict(os.environ, PYHF_DIST_JAX_CACHE=str(cache_directory))
+    # ``kept``: the pyhf-dist cache (off: the likelihood goes through jax's compile cache too).
+    environment = dict(os.environ, PYHF_DIST_JAX_CACHE=str(cache_directory), PYHF_DIST_CACHE=kept)
     return subprocess.run(
         [sys.executable, "-m", "pyhf_dist", "demo", "--backend", "jax", "--workers", "1", "-o", str(output)],
         capture_output=True, text=True, timeout=300, env=environment)
 
 
-def _assert_compiled_in_memory_once(run: subprocess.CompletedProcess, output: Path) -> None:
+def _fast_results(run: subprocess.CompletedProcess, output: Path) -> list:
     assert run.returncode == 0, run.stderr
-    notes = [line for line in run.stderr.splitlines() if "compile cache" in line]
-    assert len(notes) == 1 and notes[0].endswith("compiling in memory instead"), run.stderr
     assert "Warning" not in run.stderr and "Traceback" not in run.stderr, run.stderr
     results = json.loads(output.read_text())["results"]
     assert results and all(record["status"] == "ok" and record["engine"] == "fast" for record in results)
+    return [(record["name"], record["CLs_obs"], record["CLs_exp"]) for record in results]
+
+
+def _assert_compiled_in_memory_once(run: subprocess.CompletedProcess, output: Path) -> None:
+    notes = [line for line in run.stderr.splitlines() if "compile cache" in line]
+    assert len(notes) == 1 and notes[0].endswith("compiling in memory instead"), run.stderr
+    _fast_results(run, output)
+
+
+def _cut_short(entries: list) -> None:
+    assert entries
+    for entry in entries:
+        data = entry.read_bytes()
+        entry.write_bytes(data[: len(data) // 2])
 
 
 def test_an_unusable_compile_cache_never_fails_a_scan(erjr_dir, tmp_path):
     """A compile cache that cannot be written (here a file where its folder should be) and one with
     damaged entries (cut short, as a full disk leaves them): the scan compiles in memory and says so
-    once."""
+    once. Damaged kept executables are compiled again and kept whole, silently."""
+    from pyhf_dist.runtime.fast import executables
+
     in_the_way = tmp_path / "not-a-folder"
     in_the_way.write_text("")
     run = _jax_scan(erjr_dir, tmp_path / "a.json", in_the_way)
     _assert_compiled_in_memory_once(run, tmp_path / "a.json")
 
     directory = tmp_path / "jax-cache"
-    first = _jax_scan(erjr_dir, tmp_path / "b.json", directory)
-    assert first.returncode == 0, first.stderr
-    entries = [entry for entry in directory.iterdir() if entry.is_file()]
-    assert entries, "the first scan filled the cache"
-    for entry in entries:
-        data = entry.read_bytes()
-        entry.write_bytes(data[: len(data) // 2])
+    answers = _fast_results(_jax_scan(erjr_dir, tmp_path / "b.json", directory), tmp_path / "b.json")
+    _cut_short([entry for entry in directory.iterdir() if entry.is_file()])
     run = _jax_scan(erjr_dir, tmp_path / "c.json", directory)
     _assert_compiled_in_memory_once(run, tmp_path / "c.json")
+
+    kept = tmp_path / "pyhf-dist-cache"
+    run = _jax_scan(erjr_dir, tmp_path / "d.json", tmp_path / "jax-cache-2", str(kept))
+    assert _fast_results(run, tmp_path / "d.json") == answers
+    entries = list((kept / "executables").iterdir())
+    _cut_short(entries)
+    run = _jax_scan(erjr_dir, tmp_path / "e.json", tmp_path / "jax-cache-2", str(kept))
+    assert _fast_results(run, tmp_path / "e.json") == answers
+    assert "compile cache" not in run.stderr
+    assert all(executables._read(entry) is not None for entry in entries)
 
 
 # ------------------------------------------------------------------------------ the short chaos run

@@ -205,7 +205,7 @@ class FastHypotest:
             return self._problem(patch_operations)
 
     def warm_up(self) -> None:
-        """Compile (or load from the persistent cache) the likelihood for this workspace's layout.
+        """Compile (or load from the cache) the likelihood for this workspace's layout.
 
         Uses the background-only model with room for a signal sample in every channel, so the
         first patch usually finds its layout compiled (patches that remove channels share it).
@@ -258,8 +258,7 @@ class FastHypotest:
         params = layout.pad_parameters(arrays, caps)
         main = layout.pad_main(arrays, caps)
         device = likelihood.device_layout(padded, self._codes)
-        functions = likelihood.functions(*self._codes)
-        _compile(caps, self._codes, functions, device, params, main)
+        functions = _compile(caps, self._codes, likelihood.functions(*self._codes), device, params, main)
         return device, params, main, functions
 
     def _problem(self, patch_operations):
@@ -378,31 +377,41 @@ def _structure(spec: dict, arrays, caps, codes) -> str:
     return repr((caps, codes, sorted(arrays.modifier_types), channels, configured, config["poi"]))
 
 
-_COMPILED: set = set()
+#: The functions to call per ``(caps, codes)`` compiled in this process.
+_COMPILED: dict = {}
 _COMPILED_LOCK = threading.Lock()
 
 
-def _compile(caps, codes, functions, device, params, main) -> None:
-    """Compile the functions for ``caps`` in this process, once; on a machine, one worker compiles.
+def _compile(caps, codes, functions, device, params, main):
+    """The functions to call for ``caps``, compiled in this process once; on a machine, one worker compiles.
 
-    Workers that meet a layout not compiled yet take turns: the first compiles into the persistent
-    cache, the others then load from it instead of compiling too.
+    Where the pyhf-dist cache is on, the executables kept on disk, loaded without tracing
+    (:mod:`~pyhf_dist.runtime.fast.executables`; kept by the first worker to need them).
+    Otherwise the jitted functions: workers that meet a layout not compiled yet take turns, the
+    first compiles into jax's persistent cache, the others then load from it.
     """
-    from pyhf_dist.runtime.fast import likelihood
+    from pyhf_dist.runtime.fast import executables, likelihood
 
     with _COMPILED_LOCK:
-        if (caps, codes) in _COMPILED:
-            return
+        found = _COMPILED.get((caps, codes))
+        if found is not None:
+            return found
         # The device arrays' names are part of the compiled function's signature.
         key = cache.digest(repr((caps, codes, sorted(device))), cache.versions("jax", "jaxlib"))
-        first = likelihood.persistent_cache() is not None and cache.recall("compiled", key) is None
-        with cache.exclusive("compile-" + key) if first else contextlib.nullcontext():
-            functions.value_and_grad(params["init"], main, params["aux"], device)
-            functions.expected(params["init"], device)
-            functions.fisher_diagonal(params["init"], device)
-            if first:
-                cache.remember("compiled", key, "yes")
-        _COMPILED.add((caps, codes))
+        loaded = None
+        if likelihood.persistent_cache() is not None:
+            arguments = {"theta": params["init"], "main": main, "aux": params["aux"], "layout": device}
+            loaded = executables.load(functions, key, arguments)
+        if loaded is None:
+            first = likelihood.persistent_cache() is not None and cache.recall("compiled", key) is None
+            with cache.exclusive("compile-" + key) if first else contextlib.nullcontext():
+                functions.value_and_grad(params["init"], main, params["aux"], device)
+                functions.expected(params["init"], device)
+                functions.fisher_diagonal(params["init"], device)
+                if first:
+                    cache.remember("compiled", key, "yes")
+        _COMPILED[(caps, codes)] = loaded or functions
+        return _COMPILED[(caps, codes)]
 
 
 def for_state(state) -> FastHypotest:

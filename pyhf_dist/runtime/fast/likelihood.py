@@ -80,6 +80,12 @@ def configure_jax() -> None:
         import jax
 
         jax.config.update("jax_enable_x64", True)
+        # A fit calls the compiled likelihood a few hundred times, one small computation each,
+        # waiting for every result: run on the calling thread, each call skips a hand-over to
+        # XLA's dispatch thread and back, which after the minimizer's own work in between costs
+        # more than the computation (1Lbb: 15% less time per patch). Read when XLA's CPU client
+        # starts, so it takes effect in a process that has not used jax yet (a worker).
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
         directory = os.environ.get(CACHE_ENV)
         if not directory:
             from pyhf_dist import cache

@@ -1,0 +1,146 @@
+"""The likelihood's compiled executables, kept on disk and loaded without tracing.
+
+jax's persistent compilation cache spares a cold worker the compilation, but not the tracing
+and lowering that compute its key: for the 1Lbb likelihood (value and gradient, expected data,
+Fisher diagonal) they take most of a worker's set-up, every time. Here the compiled executables
+themselves are kept (``executables/`` in the pyhf-dist cache, :mod:`pyhf_dist.cache`), under a
+digest of the layout's shapes, the interpolation codes, the jax and jaxlib versions, the XLA
+flags and the host CPU (a cache on a shared home directory serves machines of other CPUs), and
+loaded in a few milliseconds.
+
+An executable is kept only after a copy loaded back from its bytes gave the same numbers as the
+compiled function; one that cannot be read or loaded is compiled again. A call with inputs of
+other types or shapes than the executable's goes to the jitted function.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import pickle
+import platform
+
+import numpy as np
+
+from pyhf_dist import cache
+
+__all__ = ["Loaded", "load"]
+
+log = logging.getLogger(__name__)
+
+#: The functions of :class:`~pyhf_dist.runtime.fast.likelihood.Functions` every fit calls, and
+#: which of ``(theta, main, aux, layout)`` each takes.
+CALLS = {
+    "value_and_grad": ("theta", "main", "aux", "layout"),
+    "expected": ("theta", "layout"),
+    "fisher_diagonal": ("theta", "layout"),
+}
+
+
+class Loaded:
+    """:class:`~pyhf_dist.runtime.fast.likelihood.Functions` with the executables of one layout.
+
+    ``value_and_grad``, ``expected`` and ``fisher_diagonal`` call the loaded executables; anything
+    else (and a call they do not fit) is the jitted function's.
+    """
+
+    def __init__(self, functions, executables: dict):
+        self._functions = functions
+        for name, executable in executables.items():
+            setattr(self, name, _with_fallback(executable, getattr(functions, name)))
+
+    def __getattr__(self, name):
+        return getattr(self._functions, name)
+
+
+def _with_fallback(executable, jitted):
+    def call(*args):
+        try:
+            return executable(*args)
+        except TypeError:  # inputs of other types or shapes than it was compiled for
+            return jitted(*args)
+
+    return call
+
+
+def load(functions, key: str, arguments: dict) -> Loaded | None:
+    """The executables of ``functions`` for the layout of ``arguments`` (``theta``, ``main``,
+    ``aux``, ``layout``): read from the cache, or compiled now and kept. ``key`` names the layout
+    and codes. ``None`` where the cache is off or the executables cannot be kept (the caller then
+    uses the jitted functions, with jax's persistent cache)."""
+    folder = cache.directory("executables")
+    if folder is None:
+        return None
+    key = cache.digest(key, cache.versions("jax", "jaxlib"), os.environ.get("XLA_FLAGS", ""), _host())
+    path = folder / f"likelihood-{key}"
+    loaded = _read(path)
+    if loaded is None:
+        with cache.exclusive("executables-" + key):
+            loaded = _read(path) or _compile(functions, arguments, path)
+    return None if loaded is None else Loaded(functions, loaded)
+
+
+def _read(path) -> dict | None:
+    """The executables kept at ``path``, loaded, or ``None`` (absent, damaged or not loadable)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    head, newline, body = text.partition("\n")
+    if not newline or head != cache.digest(body):
+        return None
+    try:
+        return {name: _deserialize(blob) for name, blob in pickle.loads(base64.b64decode(body)).items()}
+    except Exception as error:  # noqa: BLE001 - a kept executable is only a shortcut
+        log.info("compiled likelihood at %s not loadable (%s): compiling it again", path, error)
+        return None
+
+
+def _compile(functions, arguments: dict, path) -> dict | None:
+    """Compile each function (bypassing jax's persistent cache, whose executables cannot be
+    serialized again), check a copy loaded back from its bytes, and keep them at ``path``."""
+    import jax
+    from jax.experimental import serialize_executable
+
+    executables, blobs = {}, {}
+    enabled = jax.config.jax_enable_compilation_cache
+    try:
+        jax.config.update("jax_enable_compilation_cache", False)
+        for name, parameters in CALLS.items():
+            args = [arguments[parameter] for parameter in parameters]
+            compiled = getattr(functions, name).lower(*args).compile()
+            blob = serialize_executable.serialize(compiled)
+            copy = _deserialize(blob)
+            if not all(np.array_equal(a, b) for a, b in zip(_flat(compiled(*args)), _flat(copy(*args)))):
+                log.info("compiled likelihood not kept: %s loaded back gave other numbers", name)
+                return None
+            executables[name], blobs[name] = copy, blob
+    except Exception as error:  # noqa: BLE001 - the jitted functions remain
+        log.info("compiled likelihood not kept (%s)", error)
+        return None
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+    body = base64.b64encode(pickle.dumps(blobs)).decode()
+    cache.write_atomically(path, f"{cache.digest(body)}\n{body}")
+    return executables
+
+
+def _deserialize(blob):
+    from jax.experimental import serialize_executable
+
+    return serialize_executable.deserialize_and_load(*blob)
+
+
+def _flat(output) -> list:
+    return [np.asarray(part) for part in (output if isinstance(output, tuple) else (output,))]
+
+
+def _host() -> str:
+    """The host's CPU: its model and instruction-set flags (Linux), or what ``platform`` says."""
+    try:
+        with open("/proc/cpuinfo") as stream:
+            lines = [line for line in stream if line.startswith(("model name", "flags", "Features"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
