@@ -132,18 +132,26 @@ def test_exclusive_makes_a_second_holder_wait_and_never_blocks_forever(tmp_path,
     assert order[-1] == "went on"
 
 
-def test_kept_executables_are_loaded_and_a_damaged_one_is_compiled_again(erjr_dir, tmp_path, monkeypatch):
+def _erjr_problem(erjr_dir):
+    """A 3L-eRJR patch's problem, the jitted likelihood functions, and their arguments."""
     pytest.importorskip("jax")
-    import numpy as np
-
     from pyhf_dist.pallet import load_pallet
-    from pyhf_dist.runtime.fast import executables, likelihood
+    from pyhf_dist.runtime.fast import likelihood
     from pyhf_dist.runtime.fast.engine import FastHypotest
 
     pallet = load_pallet(erjr_dir)
     problem = FastHypotest(pallet.workspace, verify=False).problem(pallet.patches[0].operations)
     functions = likelihood.functions(*problem.functions.codes)  # the jitted ones
     arguments = {"theta": problem.init, "main": problem.main, "aux": problem.aux, "layout": problem.layout}
+    return problem, functions, arguments
+
+
+def test_kept_executables_are_loaded_and_a_damaged_one_is_compiled_again(erjr_dir, tmp_path, monkeypatch):
+    import numpy as np
+
+    from pyhf_dist.runtime.fast import executables
+
+    problem, functions, arguments = _erjr_problem(erjr_dir)
 
     def numbers(found) -> list:
         return [
@@ -170,3 +178,22 @@ def test_kept_executables_are_loaded_and_a_damaged_one_is_compiled_again(erjr_di
     again = executables.load(functions, "3L-eRJR test layout", arguments)
     assert executables._read(kept) is not None
     assert all(np.array_equal(a, b) for a, b in zip(numbers(again), expected))
+
+
+def test_executables_that_cannot_be_kept_are_not_tried_again(erjr_dir, tmp_path, monkeypatch):
+    from jax.experimental import serialize_executable
+
+    from pyhf_dist.runtime.fast import executables
+
+    _, functions, arguments = _erjr_problem(erjr_dir)
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
+    tries = []
+
+    def refuse(compiled):
+        tries.append(compiled)
+        raise ValueError("Compilation does not support serialization")
+
+    monkeypatch.setattr(serialize_executable, "serialize", refuse)
+    assert executables.load(functions, "unkeepable layout", arguments) is None
+    assert executables.load(functions, "unkeepable layout", arguments) is None
+    assert len(tries) == 1 and not list((tmp_path / "executables").iterdir())

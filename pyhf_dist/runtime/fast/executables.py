@@ -4,9 +4,11 @@ jax's persistent compilation cache spares a cold worker the compilation, but not
 and lowering that compute its key: for the 1Lbb likelihood (value and gradient, expected data,
 Fisher diagonal) they take most of a worker's set-up, every time. Here the compiled executables
 themselves are kept (``executables/`` in the pyhf-dist cache, :mod:`pyhf_dist.cache`), under a
-digest of the layout's shapes, the interpolation codes, the jax and jaxlib versions, the XLA
-flags and the host CPU (a cache on a shared home directory serves machines of other CPUs), and
-loaded in a few milliseconds.
+digest of the layout's shapes, the interpolation codes, the likelihood's source
+(:mod:`~pyhf_dist.runtime.fast.likelihood`: jax's cache keys on the traced program, which a changed
+likelihood changes; here nothing is traced), the jax and jaxlib versions, the XLA flags and the
+host CPU (a cache on a shared home directory serves machines of other CPUs), and loaded in a few
+milliseconds.
 
 An executable is kept only after a copy loaded back from its bytes gave the same numbers as the
 compiled function; one that cannot be read or loaded is compiled again. A call with inputs of
@@ -16,10 +18,12 @@ other types or shapes than the executable's goes to the jitted function.
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import os
 import pickle
 import platform
+from pathlib import Path
 
 import numpy as np
 
@@ -72,12 +76,16 @@ def load(functions, key: str, arguments: dict) -> Loaded | None:
     folder = cache.directory("executables")
     if folder is None:
         return None
-    key = cache.digest(key, cache.versions("jax", "jaxlib"), os.environ.get("XLA_FLAGS", ""), _host())
+    key = cache.digest(key, _source(), cache.versions("jax", "jaxlib"), os.environ.get("XLA_FLAGS", ""), _host())
     path = folder / f"likelihood-{key}"
     loaded = _read(path)
     if loaded is None:
+        if cache.recall("unkept-executables", key) is not None:
+            return None  # tried on this machine with these versions: the jitted functions it is
         with cache.exclusive("executables-" + key):
             loaded = _read(path) or _compile(functions, arguments, path)
+        if loaded is None:
+            cache.remember("unkept-executables", key, "yes")
     return None if loaded is None else Loaded(functions, loaded)
 
 
@@ -104,6 +112,8 @@ def _compile(functions, arguments: dict, path) -> dict | None:
     from jax.experimental import serialize_executable
 
     executables, blobs = {}, {}
+    # Process-wide, for this block only: another thread compiling meanwhile (a toy batch) just
+    # misses jax's cache once.
     enabled = jax.config.jax_enable_compilation_cache
     try:
         jax.config.update("jax_enable_compilation_cache", False)
@@ -136,6 +146,15 @@ def _flat(output) -> list:
     return [np.asarray(part) for part in (output if isinstance(output, tuple) else (output,))]
 
 
+@functools.cache
+def _source() -> bytes:
+    """The source of the likelihood module, whose functions the executables were compiled from."""
+    from pyhf_dist.runtime.fast import likelihood
+
+    return Path(likelihood.__file__).read_bytes()
+
+
+@functools.cache
 def _host() -> str:
     """The host's CPU: its model and instruction-set flags (Linux), or what ``platform`` says."""
     try:
