@@ -27,6 +27,7 @@ pytest.importorskip("iminuit")
 #: Where pyhf's fits stop short, CLs near q = 0 move with sqrt(q); MINUIT's own precision there.
 MINUIT_TOLERANCE = 5e-3
 
+
 def _minuit_converging(pallet, wanted: int = 2) -> dict:
     """MINUIT's ``{name: (CLs_obs, CLs_exp)}`` on the first ``wanted`` candidates it converges on here."""
     found = {}
@@ -130,8 +131,9 @@ def test_minuit_on_the_plain_path_is_pyhfs_minuit(erjr_pallet):
     converging = next(iter(_minuit_converging(erjr_pallet, wanted=1)))
     # A point MINUIT fails on here (which, again, depends on the machine).
     failing = next(
-        name for name in ERJR_MINUIT_FAILS if serial_pyhf(erjr_pallet, [name], optimizer="minuit")[name] is None
+        (name for name in ERJR_MINUIT_FAILS if serial_pyhf(erjr_pallet, [name], optimizer="minuit")[name] is None), None
     )
+    assert failing, f"MINUIT converges on every one of {ERJR_MINUIT_FAILS} here"
     names = [converging, failing]
     minuit = serial_pyhf(erjr_pallet, names, optimizer="minuit")
     result = pyhf_dist.map_fits(erjr_pallet, executor="sequential", backend="numpy", optimizer="minuit", patches=names)
