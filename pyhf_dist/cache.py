@@ -41,7 +41,7 @@ from pathlib import Path
 
 __all__ = [
     "CACHE_ENV", "root", "directory", "digest", "versions", "recall", "remember", "exclusive", "usable",
-    "guard_compile_cache", "write_atomically",
+    "guard_compile_cache",
 ]
 
 log = logging.getLogger(__name__)
@@ -101,10 +101,10 @@ def versions(*packages: str) -> str:
 _SEAL = "sealed "
 
 
-def recall(kind: str, key: str) -> str | None:
-    """The answer remembered for check ``kind`` under ``key``, or ``None`` (also for an entry that
-    is damaged or cut short: it no longer matches its digest)."""
-    path = directory("checks")
+def recall(kind: str, key: str, folder: str = "checks") -> str | None:
+    """The answer remembered for check ``kind`` under ``key`` (in ``folder`` of the cache), or
+    ``None`` (also for an entry that is damaged or cut short: it no longer matches its digest)."""
+    path = directory(folder)
     if path is None:
         return None
     try:
@@ -117,24 +117,21 @@ def recall(kind: str, key: str) -> str | None:
     return answer
 
 
-def remember(kind: str, key: str, answer: str) -> None:
-    """Keep ``answer`` for check ``kind`` under ``key`` (atomically; silently skipped if impossible)."""
-    path = directory("checks")
-    if path is not None:
-        write_atomically(path / f"{kind}-{key}", f"{_SEAL}{digest(answer)}\n{answer}")
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` whole or not at all (silently skipped if impossible)."""
+def remember(kind: str, key: str, answer: str, folder: str = "checks") -> None:
+    """Keep ``answer`` for check ``kind`` under ``key`` in ``folder`` of the cache (atomically;
+    silently skipped if impossible)."""
+    path = directory(folder)
+    if path is None:
+        return
     temporary = None
     try:
-        # Workers of one scan may write the same file at once: write aside, then rename.
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+        # Workers of one scan may write the same answer at once: write aside, then rename.
+        handle, temporary = tempfile.mkstemp(dir=path, prefix=f".{kind}-")
         with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
+            stream.write(f"{_SEAL}{digest(answer)}\n{answer}")
+        os.replace(temporary, path / f"{kind}-{key}")
     except OSError as error:
-        log.debug("could not write %s: %s", path, error)
+        log.debug("could not remember %s check: %s", kind, error)
         if temporary is not None:  # a full disk must not also keep the half-written file
             with contextlib.suppress(OSError):
                 os.unlink(temporary)

@@ -165,7 +165,8 @@ def test_kept_executables_are_loaded_and_a_damaged_one_is_compiled_again(erjr_di
     compiled = executables.load(functions, "3L-eRJR test layout", arguments)
     (kept,) = (tmp_path / "executables").iterdir()
     loaded = executables.load(functions, "3L-eRJR test layout", arguments)
-    assert loaded is not None and executables._read(kept) is not None
+    key = kept.name.removeprefix("likelihood-")
+    assert loaded is not None and executables._read(key) is not None
     for found in (compiled, loaded):
         assert all(np.array_equal(a, b) for a, b in zip(numbers(found), expected))
     # Inputs of another type than the executable's (counts as integers) go to the jitted function.
@@ -174,9 +175,9 @@ def test_kept_executables_are_loaded_and_a_damaged_one_is_compiled_again(erjr_di
     assert np.allclose(np.asarray(loaded.value_and_grad(problem.init, counts, problem.aux, problem.layout)), expected[0])
 
     kept.write_text(kept.read_text()[:1000])
-    assert executables._read(kept) is None
+    assert executables._read(key) is None
     again = executables.load(functions, "3L-eRJR test layout", arguments)
-    assert executables._read(kept) is not None
+    assert executables._read(key) is not None
     assert all(np.array_equal(a, b) for a, b in zip(numbers(again), expected))
 
 

@@ -33,6 +33,8 @@ __all__ = ["Loaded", "load"]
 
 log = logging.getLogger(__name__)
 
+#: The cache's folder of kept executables (:mod:`pyhf_dist.cache`).
+FOLDER = "executables"
 #: The functions of :class:`~pyhf_dist.runtime.fast.likelihood.Functions` every fit calls, and
 #: which of ``(theta, main, aux, layout)`` each takes.
 CALLS = {
@@ -73,41 +75,35 @@ def load(functions, key: str, arguments: dict) -> Loaded | None:
     ``aux``, ``layout``): read from the cache, or compiled now and kept. ``key`` names the layout
     and codes. ``None`` where the cache is off or the executables cannot be kept (the caller then
     uses the jitted functions, with jax's persistent cache)."""
-    folder = cache.directory("executables")
-    if folder is None:
+    if cache.directory(FOLDER) is None:
         return None
     key = cache.digest(key, _source(), cache.versions("jax", "jaxlib"), os.environ.get("XLA_FLAGS", ""), _host())
-    path = folder / f"likelihood-{key}"
-    loaded = _read(path)
+    loaded = _read(key)
     if loaded is None:
         if cache.recall("unkept-executables", key) is not None:
             return None  # tried on this machine with these versions: the jitted functions it is
         with cache.exclusive("executables-" + key):
-            loaded = _read(path) or _compile(functions, arguments, path)
+            loaded = _read(key) or _compile(functions, arguments, key)
         if loaded is None:
             cache.remember("unkept-executables", key, "yes")
     return None if loaded is None else Loaded(functions, loaded)
 
 
-def _read(path) -> dict | None:
-    """The executables kept at ``path``, loaded, or ``None`` (absent, damaged or not loadable)."""
-    try:
-        text = path.read_text()
-    except OSError:
-        return None
-    head, newline, body = text.partition("\n")
-    if not newline or head != cache.digest(body):
+def _read(key: str) -> dict | None:
+    """The executables kept under ``key``, loaded, or ``None`` (absent, damaged or not loadable)."""
+    body = cache.recall("likelihood", key, FOLDER)
+    if body is None:
         return None
     try:
         return {name: _deserialize(blob) for name, blob in pickle.loads(base64.b64decode(body)).items()}
     except Exception as error:  # noqa: BLE001 - a kept executable is only a shortcut
-        log.info("compiled likelihood at %s not loadable (%s): compiling it again", path, error)
+        log.info("compiled likelihood %s not loadable (%s): compiling it again", key, error)
         return None
 
 
-def _compile(functions, arguments: dict, path) -> dict | None:
+def _compile(functions, arguments: dict, key: str) -> dict | None:
     """Compile each function (bypassing jax's persistent cache, whose executables cannot be
-    serialized again), check a copy loaded back from its bytes, and keep them at ``path``."""
+    serialized again), check a copy loaded back from its bytes, and keep them under ``key``."""
     import jax
     from jax.experimental import serialize_executable
 
@@ -131,8 +127,7 @@ def _compile(functions, arguments: dict, path) -> dict | None:
         return None
     finally:
         jax.config.update("jax_enable_compilation_cache", enabled)
-    body = base64.b64encode(pickle.dumps(blobs)).decode()
-    cache.write_atomically(path, f"{cache.digest(body)}\n{body}")
+    cache.remember("likelihood", key, base64.b64encode(pickle.dumps(blobs)).decode(), FOLDER)
     return executables
 
 
