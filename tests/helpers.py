@@ -50,6 +50,17 @@ ERJR_MINUIT_CANDIDATES = ["ERJR_150p0_60p0", "ERJR_100p0_20p0", "ERJR_100p0_40p0
 ERJR_MINUIT_FAILS = ["ERJR_250p0_1p0", "ERJR_100p0_20p0", "ERJR_100p0_30p0"]
 
 
+def patched_workspace(pallet, patch):
+    """The ``pyhf.Workspace`` of ``patch`` applied to the whole background, as ``PatchSet.apply``
+    gives it, without validating every patched copy again (it changes no number; the model itself
+    is validated by ``Workspace.model``)."""
+    import pyhf
+
+    patched = pyhf.patchset.Patch({"metadata": {"name": patch.name, "values": list(patch.values)},
+                                   "patch": patch.operations}).apply(pallet.workspace)
+    return pyhf.Workspace(patched, validate=False)
+
+
 def serial_pyhf(pallet, names=None, poi_test=1.0, test_stat="qtilde", modifier_settings=None, optimizer="scipy") -> dict:
     """Plain pyhf, one patch after another, on numpy: ``{name: (CLs_obs, [CLs_exp x5])}``.
 
@@ -81,11 +92,7 @@ def serial_pyhf(pallet, names=None, poi_test=1.0, test_stat="qtilde", modifier_s
             if not validated:
                 pyhf.Workspace(pallet.workspace)  # the background, against pyhf's schema
                 validated = True
-            # What PatchSet.apply returns, without validating every patched copy again (it changes
-            # no number; the model itself is validated by Workspace.model).
-            patched = pyhf.patchset.Patch({"metadata": {"name": patch.name, "values": list(patch.values)},
-                                           "patch": patch.operations}).apply(pallet.workspace)
-            workspace = pyhf.Workspace(patched, validate=False)
+            workspace = patched_workspace(pallet, patch)
             model = workspace.model(modifier_settings=modifier_settings)
             try:
                 observed, expected = pyhf.infer.hypotest(

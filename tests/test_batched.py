@@ -28,8 +28,8 @@ from pyhf_dist.protocol import WorkerContext  # noqa: E402
 from pyhf_dist.runtime import initialize  # noqa: E402
 
 from helpers import (  # noqa: E402
-    ERJR_MINUIT_CANDIDATES, HISTOSYS_CODES, NORMSYS_CODES, interp_settings, random_points, serial_pyhf_toys,
-    small_workspace, tiny_pallet,
+    ERJR_MINUIT_CANDIDATES, HISTOSYS_CODES, NORMSYS_CODES, interp_settings, patched_workspace, random_points,
+    serial_pyhf_toys, small_workspace, tiny_pallet,
 )
 
 SEED = 7
@@ -288,9 +288,7 @@ def _minuit_statistic(pallet) -> tuple[str, float]:
     pyhf.set_backend("numpy", pyhf.optimize.minuit_optimizer(tolerance=1e-4, strategy=2))
     try:
         for name in ERJR_MINUIT_CANDIDATES:
-            patch = next(p for p in pallet.patches if p.name == name)
-            workspace = pyhf.Workspace(pyhf.patchset.Patch({"metadata": {"name": name, "values": list(patch.values)},
-                                                            "patch": patch.operations}).apply(pallet.workspace))
+            workspace = patched_workspace(pallet, next(p for p in pallet.patches if p.name == name))
             model = workspace.model()
             try:
                 return name, float(pyhf.infer.test_statistics.qmu_tilde(

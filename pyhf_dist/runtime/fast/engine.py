@@ -398,12 +398,13 @@ def _compile(caps, codes, functions, device, params, main):
             return found
         # The device arrays' names are part of the compiled function's signature.
         key = cache.digest(repr((caps, codes, sorted(device))), cache.versions("jax", "jaxlib"))
+        cached = likelihood.persistent_cache() is not None
         loaded = None
-        if likelihood.persistent_cache() is not None:
+        if cached:
             arguments = {"theta": params["init"], "main": main, "aux": params["aux"], "layout": device}
             loaded = executables.load(functions, key, arguments)
         if loaded is None:
-            first = likelihood.persistent_cache() is not None and cache.recall("compiled", key) is None
+            first = cached and cache.recall("compiled", key) is None
             with cache.exclusive("compile-" + key) if first else contextlib.nullcontext():
                 functions.value_and_grad(params["init"], main, params["aux"], device)
                 functions.expected(params["init"], device)
