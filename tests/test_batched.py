@@ -431,6 +431,7 @@ def test_toys_without_a_minimum_are_counted_and_set_to_zero(pyhf_percentile_fix)
     assert plain.toy_summary["no_minimum"] == summary["no_minimum"] and plain.toy_summary["statistic"] == "pyhf"
 
 
+@pytest.mark.slow  # plain pyhf fits 16 stau toys of 120 parameters: minutes on a slow core
 def test_stau_toys_are_pyhfs_fits_toy_by_toy(stau_tarball):
     """A stau Region-combined patch, 8 toys of each hypothesis through the worker: each statistic is
     pyhf's to 1e-5, or pyhf's own fit of that toy stopped above the minimum the fast path found
@@ -467,6 +468,7 @@ def test_stau_toys_are_pyhfs_fits_toy_by_toy(stau_tarball):
     assert agree >= 12
 
 
+@pytest.mark.slow  # plain pyhf draws 1,000 1Lbb toys and fits four of them: minutes on a slow core
 def test_toy_fits_also_start_where_the_toys_were_drawn(lbb_pallet):
     """1Lbb ``C1N2_Wh_hbb_700_150``, 1,000 toys, seed 1: the likelihood of a toy can have minima
     several units of -2 log L apart. On background-only toy 308 the free fit from pyhf's starting
