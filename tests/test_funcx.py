@@ -49,7 +49,7 @@ from pyhf_dist.settings import FitSettings  # noqa: E402
 from pyhf_dist.protocol import WorkerContext  # noqa: E402
 
 import globus_cloud_standin  # noqa: E402
-from helpers import LBB_SAMPLE, assert_matches_reference, serial_pyhf  # noqa: E402
+from helpers import LBB_FEW, LBB_SAMPLE, assert_matches_reference, serial_pyhf  # noqa: E402
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ERJR_FEW = ["ERJR_100p0_20p0", "ERJR_110p0_20p0", "ERJR_200p0_100p0", "ERJR_500p0_0p0"]
@@ -201,14 +201,14 @@ def test_remote_function_takes_the_fast_path_where_pyhf_dist_is_installed(lbb_pa
     text = encode(context.payload.decode())
     sys.modules.pop("_pyhf_dist_remote_cache", None)
     try:
-        records = [pyhf_dist_fit(text, encode(_task(lbb_pallet, name, context))) for name in LBB_SAMPLE[:3]]
+        records = [pyhf_dist_fit(text, encode(_task(lbb_pallet, name, context))) for name in LBB_FEW]
         remote_state = sys.modules["_pyhf_dist_remote_cache"].states[context.key]
     finally:
         sys.modules.pop("_pyhf_dist_remote_cache", None)
     assert remote_state["workspace"] is None  # no plain pyhf model was made
     assert remote_state["prepared"][0] is worker.initialize(context)  # one state, kept for every task
     assert "fast_hypotest" in remote_state["prepared"][0].memo
-    assert_matches_reference(records, serial_pyhf(lbb_pallet, LBB_SAMPLE[:3]), tolerance=1e-4)
+    assert_matches_reference(records, serial_pyhf(lbb_pallet, LBB_FEW), tolerance=1e-4)
 
 
 class _FakeService:
