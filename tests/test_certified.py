@@ -226,7 +226,7 @@ def test_a_statistic_at_zero_is_the_converged_one(stau_tarball):
     """q ~ 0: the tested signal strength is the best fit's (MINUIT's), where CLs moves with
     sqrt(q) and pyhf's SLSQP scatters. The certified fast path agrees with MINUIT and never hands
     the patch to plain pyhf; asked for pyhf's digits, it does (they are its fits' noise). On stau's
-    Region-lowMass, where MINUIT takes a third of its time on Region-combined."""
+    Region-lowMass, where MINUIT takes less than half its time on Region-combined."""
     import jsonpatch
     import pyhf
 
