@@ -27,7 +27,7 @@ if "PYHF_DIST_CACHE" not in os.environ:
 
 import pytest  # noqa: E402
 
-from helpers import ERJR_DIR, LBB_SAMPLE, LBB_TARBALL, STAU_TARBALL, serial_pyhf  # noqa: E402
+from helpers import ERJR_DIR, LBB_FEW, LBB_SAMPLE, LBB_TARBALL, STAU_TARBALL, serial_pyhf  # noqa: E402
 
 
 @pytest.fixture
@@ -96,6 +96,14 @@ def lbb_pallet(lbb_tarball):
 
 
 @pytest.fixture(scope="session")
+def stau_low_mass(stau_tarball):
+    """stau's ``Region-lowMass`` pallet: 3 channels, where plain pyhf and MINUIT take seconds."""
+    import pyhf_dist
+
+    return pyhf_dist.load_pallet(stau_tarball, pallet="Region-lowMass")
+
+
+@pytest.fixture(scope="session")
 def erjr_reference(erjr_pallet):
     return serial_pyhf(erjr_pallet)
 
@@ -103,5 +111,10 @@ def erjr_reference(erjr_pallet):
 @pytest.fixture(scope="session")
 def lbb_reference(lbb_pallet):
     return serial_pyhf(lbb_pallet, LBB_SAMPLE)
+
+
+@pytest.fixture(scope="session")
+def lbb_few_reference(lbb_pallet):
+    return serial_pyhf(lbb_pallet, LBB_FEW)
 
 

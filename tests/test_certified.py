@@ -196,12 +196,12 @@ def _trap_channel(init: float):
     return operations
 
 
-def test_a_minimizer_trapped_in_a_local_minimum_is_certified_out_of_it(stau_tarball):
+def test_a_minimizer_trapped_in_a_local_minimum_is_certified_out_of_it(stau_low_mass):
     """From the measurement's init 1.0, pyhf's SLSQP and MINUIT both end in the higher minimum and
     shift the CLs; the certified fit finds the lower one, says which start found it and where the
     other ended, and gives the CLs of the same model started in the right basin. Built on stau's
     Region-lowMass: MINUIT fits the 120 parameters of Region-combined for minutes per hypotest."""
-    stau = pyhf_dist.load_pallet(stau_tarball, pallet="Region-lowMass")
+    stau = stau_low_mass
     name = stau.patches[0].name
     trapped = _derived(stau, name, _trap_channel(1.0), "trap-init-1")
     fair = _derived(stau, name, _trap_channel(0.0), "trap-init-0")
@@ -222,7 +222,7 @@ def test_a_minimizer_trapped_in_a_local_minimum_is_certified_out_of_it(stau_tarb
     assert background["other_starts"]["init"] - background["twice_nll"] > 0.1
 
 
-def test_a_statistic_at_zero_is_the_converged_one(stau_tarball):
+def test_a_statistic_at_zero_is_the_converged_one(stau_low_mass):
     """q ~ 0: the tested signal strength is the best fit's (MINUIT's), where CLs moves with
     sqrt(q) and pyhf's SLSQP scatters. The certified fast path agrees with MINUIT and never hands
     the patch to plain pyhf; asked for pyhf's digits, it does (they are its fits' noise). On stau's
@@ -230,7 +230,7 @@ def test_a_statistic_at_zero_is_the_converged_one(stau_tarball):
     import jsonpatch
     import pyhf
 
-    stau = pyhf_dist.load_pallet(stau_tarball, pallet="Region-lowMass")
+    stau = stau_low_mass
     patch = stau.patches[0]
     single = Pallet(stau.workspace, [patch], stau.labels, source=f"{stau.source}#q-zero")
     workspace = pyhf.Workspace(jsonpatch.apply_patch(stau.workspace, patch.operations))

@@ -199,7 +199,7 @@ def test_minimal_records_are_read(tmp_path):
     assert result["a"].CLs_exp[2] == 0.3 and result.metadata == {}
 
 
-def test_cli_matches_serial_pyhf(erjr_dir, erjr_reference, lbb_tarball, lbb_pallet, tmp_path):
+def test_cli_matches_serial_pyhf(erjr_dir, erjr_reference, lbb_tarball, lbb_few_reference, tmp_path):
     output = tmp_path / "erjr.json"
     run = _cli("fit", str(erjr_dir), "--backend", "numpy", "--workers", "2", "-o", str(output))
     assert run.returncode == 0, run.stderr
@@ -210,7 +210,7 @@ def test_cli_matches_serial_pyhf(erjr_dir, erjr_reference, lbb_tarball, lbb_pall
     run = _cli("fit", str(lbb_tarball), *patches, "--backend", "numpy", "--interpcodes", "code4,code4p",
                "-o", str(output), "-q")
     assert run.returncode == 0, run.stderr
-    assert_matches_reference(json.loads(output.read_text())["results"], serial_pyhf(lbb_pallet, LBB_FEW))
+    assert_matches_reference(json.loads(output.read_text())["results"], lbb_few_reference)
 
 
 def test_cli_background_plus_patchset_directory(erjr_dir, erjr_pallet, tmp_path):

@@ -173,10 +173,10 @@ def test_user_cluster_is_left_as_it_was_with_advice(user_cluster, erjr_pallet, e
     assert "MALLOC_TRIM_THRESHOLD_=65536" in advice and "pre-spawn-environ" in advice and "\n" not in advice
 
 
-def test_user_cluster_matches_serial_pyhf_on_1lbb_and_stays_open(user_cluster, lbb_pallet):
+def test_user_cluster_matches_serial_pyhf_on_1lbb_and_stays_open(user_cluster, lbb_pallet, lbb_few_reference):
     cluster, client = user_cluster
     result = pyhf_dist.map_fits(lbb_pallet, executor="dask", client=client, patches=LBB_FEW, backend="numpy")
-    assert_matches_reference(result, serial_pyhf(lbb_pallet, LBB_FEW))
+    assert_matches_reference(result, lbb_few_reference)
     # Never close what the user passed in; our worker plugin is gone again.
     assert client.status == "running" and cluster.status.name == "running"
     assert len(client.scheduler_info()["workers"]) == 2

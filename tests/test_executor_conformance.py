@@ -145,7 +145,7 @@ def test_an_unsupported_calculation_is_refused_in_one_line_before_anything_start
     assert not launched
 
 
-def test_a_fit_past_its_timeout_is_a_failed_record(executor, stau_tarball, monkeypatch, request):
+def test_a_fit_past_its_timeout_is_a_failed_record(executor, stau_low_mass, monkeypatch, request):
     # Workers stop a fit at its timeout where they can (SIGALRM in a worker's main thread); the
     # scan gives up on the others itself, after a grace period shortened here.
     if request.node.callspec.params["executor"] == "sequential":
@@ -154,9 +154,8 @@ def test_a_fit_past_its_timeout_is_a_failed_record(executor, stau_tarball, monke
     monkeypatch.setattr(loop, "TIMEOUT_GRACE", 1.0)
     # Plain pyhf takes seconds on a stau patch; a thread cannot be stopped, so the test waits for
     # its fit to end, which on a 1Lbb patch is a minute on a slow core.
-    pallet = pyhf_dist.load_pallet(stau_tarball, pallet="Region-lowMass")
-    slow = pallet.patches[0].name
-    result = pyhf_dist.map_fits(pallet, executor=executor, patches=[slow], backend="numpy", timeout=0.5)
+    slow = stau_low_mass.patches[0].name
+    result = pyhf_dist.map_fits(stau_low_mass, executor=executor, patches=[slow], backend="numpy", timeout=0.5)
     record = result[slow]
     assert record.status == "failed" and "timed out" in record.error, record.error
     assert record.fit_seconds is None or record.fit_seconds < 60, "the fit ran on long after its timeout"

@@ -191,7 +191,7 @@ def test_remote_function_parses_the_workspace_once_per_process(erjr_pallet):
     assert decode(encode({"a": [1, 2]})) == {"a": [1, 2]} == decode(encode({"a": [1, 2]}, compress=False))
 
 
-def test_remote_function_takes_the_fast_path_where_pyhf_dist_is_installed(lbb_pallet):
+def test_remote_function_takes_the_fast_path_where_pyhf_dist_is_installed(lbb_pallet, lbb_few_reference):
     """On the jax backend an endpoint with pyhf-dist installed fits on the compiled likelihood and
     keeps it between tasks; the numbers are serial pyhf's within the fast path's tolerance."""
     pytest.importorskip("jax")
@@ -208,7 +208,7 @@ def test_remote_function_takes_the_fast_path_where_pyhf_dist_is_installed(lbb_pa
     assert remote_state["workspace"] is None  # no plain pyhf model was made
     assert remote_state["prepared"][0] is worker.initialize(context)  # one state, kept for every task
     assert "fast_hypotest" in remote_state["prepared"][0].memo
-    assert_matches_reference(records, serial_pyhf(lbb_pallet, LBB_FEW), tolerance=1e-4)
+    assert_matches_reference(records, lbb_few_reference, tolerance=1e-4)
 
 
 class _FakeService:

@@ -123,7 +123,7 @@ def test_options_are_checked(monkeypatch):
 
 
 @pytest.mark.slurm
-def test_slurm_provider_matches_and_cancels_its_jobs(erjr_pallet, lbb_pallet, tmp_path, no_leftovers):
+def test_slurm_provider_matches_and_cancels_its_jobs(erjr_pallet, lbb_pallet, lbb_few_reference, tmp_path, no_leftovers):
     partition = slurm_partition()
     if partition is None:
         pytest.skip("no Slurm answers here (start one with executors/slurm/start-slurm.sh)")
@@ -134,7 +134,7 @@ def test_slurm_provider_matches_and_cancels_its_jobs(erjr_pallet, lbb_pallet, tm
     result = pyhf_dist.map_fits(erjr_pallet, patches=FEW, **options)
     assert_matches_reference(result, serial_pyhf(erjr_pallet, FEW))
     lbb = pyhf_dist.map_fits(lbb_pallet, patches=LBB_FEW, **options)
-    assert_matches_reference(lbb, serial_pyhf(lbb_pallet, LBB_FEW))
+    assert_matches_reference(lbb, lbb_few_reference)
     job_ids = {record.worker["slurm_job_id"] for record in list(result) + list(lbb)}
     assert None not in job_ids
     deadline = time.time() + 30

@@ -25,7 +25,7 @@ from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError  # noqa: E40
 from pyhf_dist.executors import get_executor  # noqa: E402
 from pyhf_dist.protocol import WorkerContext  # noqa: E402
 
-from helpers import LBB_FEW, REPOSITORY, assert_matches_reference, serial_pyhf  # noqa: E402
+from helpers import LBB_FEW, REPOSITORY, assert_matches_reference  # noqa: E402
 
 
 def _slurm_answers() -> str | None:
@@ -182,9 +182,9 @@ def test_slurm_matches_serial_pyhf_inside_slurm_jobs(erjr_pallet, erjr_reference
 
 @pytest.mark.slurm
 @requires_slurm
-def test_slurm_matches_serial_pyhf_on_1lbb(lbb_pallet, slurm_options):
+def test_slurm_matches_serial_pyhf_on_1lbb(lbb_pallet, lbb_few_reference, slurm_options):
     result = pyhf_dist.map_fits(lbb_pallet, executor="slurm", patches=LBB_FEW, backend="numpy", **slurm_options)
-    assert_matches_reference(result, serial_pyhf(lbb_pallet, LBB_FEW))
+    assert_matches_reference(result, lbb_few_reference)
     assert all(record.worker["slurm_job_id"] for record in result)
     _assert_no_jobs_left(slurm_options["job_name"])
 
