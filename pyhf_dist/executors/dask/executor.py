@@ -20,8 +20,8 @@ from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError
 from pyhf_dist.executors.base import Description, Executor, ExecutorFlag, NoAnswer, call_within, default_workers
 from pyhf_dist.executors.dask.processes import WorkerProcess, stop_restarts
 from pyhf_dist.executors.dask.support import (
-    check_reachable, drop_lost_connection_reports, killed_while_starting, lost_worker_errors, quiet_dask_logs,
-    transfer,
+    check_reachable, drop_lost_connection_reports, hold_gc_diagnosis, killed_while_starting, lost_worker_errors,
+    quiet_dask_logs, transfer,
 )
 from pyhf_dist.executors.dask.tuning import MESSAGE_LOGS, advice, own_cluster_tuning, worker_environment, worker_facts
 from pyhf_dist.protocol import Context, Pack, Task, first_line
@@ -197,6 +197,7 @@ class DaskExecutor(Executor):
             client = self._connect_bounded()
         else:
             if self.cluster is None:
+                hold_gc_diagnosis()
                 self._own_cluster = True
                 self.cluster = self.make_cluster()
             client = distributed.Client(self.cluster, set_as_default=False)
@@ -261,6 +262,7 @@ class DaskExecutor(Executor):
         scipy while the scan reads the pallet. Does nothing for a cluster the user gave."""
         if self._given or self._bringing_up is not None or self.client is not None:
             return
+        hold_gc_diagnosis()
 
         def bring_up() -> None:
             try:

@@ -11,7 +11,7 @@ from pyhf_dist.exceptions import ExecutorError
 from pyhf_dist.protocol import first_line
 
 __all__ = ["transfer", "killed_while_starting", "lost_worker_errors", "quiet_dask_logs", "check_reachable",
-           "drop_lost_connection_reports"]
+           "drop_lost_connection_reports", "hold_gc_diagnosis"]
 
 
 def transfer(outer: concurrent.futures.Future, inner) -> None:
@@ -94,6 +94,26 @@ def drop_lost_connection_reports() -> None:
     logger = logging.getLogger("asyncio")
     if not any(isinstance(each, _LostConnectionReports) for each in logger.filters):
         logger.addFilter(_LostConnectionReports())
+
+
+def hold_gc_diagnosis() -> None:
+    """Switch on Dask's garbage-collection diagnosis from this thread, once, for the process's life.
+
+    A Dask scheduler or worker switches it on as it starts and off as it closes. Ours start on
+    Dask's event-loop thread, while the scan's thread reads the pallet. If the switch lands in the
+    middle of a full collection on the scan's thread (a finalizer lets the loop thread run), Dask's
+    callback sees the collection's end without its start, and Python prints its failed assertion
+    with a traceback. Held on from here, outside any collection, a scheduler's switch only counts.
+    """
+    global _gc_diagnosis_held
+    if not _gc_diagnosis_held:
+        from distributed.gc import enable_gc_diagnosis
+
+        enable_gc_diagnosis()
+        _gc_diagnosis_held = True
+
+
+_gc_diagnosis_held = False
 
 
 def check_reachable(address: str, timeout: float) -> None:
