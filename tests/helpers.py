@@ -66,6 +66,14 @@ def patched_workspace(pallet, patch):
     return pyhf.Workspace(patched, validate=False)
 
 
+def minuit_optimizer(strategy: int = 2):
+    """pyhf's MINUIT optimizer (through iminuit) as the tests' arbiter runs it: tolerance 1e-4,
+    ``strategy`` 2 unless told (1, MINUIT's default, when only the minimum is wanted)."""
+    import pyhf
+
+    return pyhf.optimize.minuit_optimizer(tolerance=1e-4, strategy=strategy)
+
+
 def serial_pyhf(pallet, names=None, poi_test=1.0, test_stat="qtilde", modifier_settings=None, optimizer="scipy",
                 strategy=2) -> dict:
     """Plain pyhf, one patch after another, on numpy: ``{name: (CLs_obs, [CLs_exp x5])}``.
@@ -85,7 +93,7 @@ def serial_pyhf(pallet, names=None, poi_test=1.0, test_stat="qtilde", modifier_s
 
     if optimizer == "minuit":
         logging.getLogger("pyhf.optimize.mixins").setLevel(logging.CRITICAL)  # its failures print the fit state
-        pyhf.set_backend("numpy", pyhf.optimize.minuit_optimizer(tolerance=1e-4, strategy=strategy))
+        pyhf.set_backend("numpy", minuit_optimizer(strategy))
     else:
         pyhf.set_backend("numpy")
     modifier_settings = modifier_settings or CODE4

@@ -28,8 +28,8 @@ from pyhf_dist.protocol import WorkerContext  # noqa: E402
 from pyhf_dist.runtime import initialize  # noqa: E402
 
 from helpers import (  # noqa: E402
-    ERJR_MINUIT_CANDIDATES, HISTOSYS_CODES, NORMSYS_CODES, interp_settings, patched_workspace, random_points,
-    serial_pyhf_toys, small_workspace, tiny_pallet,
+    ERJR_MINUIT_CANDIDATES, HISTOSYS_CODES, NORMSYS_CODES, interp_settings, minuit_optimizer, patched_workspace,
+    random_points, serial_pyhf_toys, small_workspace, tiny_pallet,
 )
 
 SEED = 7
@@ -285,7 +285,7 @@ def _minuit_statistic(pallet) -> tuple[str, float]:
     observed ``qmu_tilde`` at mu = 1."""
     import pyhf
 
-    pyhf.set_backend("numpy", pyhf.optimize.minuit_optimizer(tolerance=1e-4, strategy=2))
+    pyhf.set_backend("numpy", minuit_optimizer())
     try:
         for name in ERJR_MINUIT_CANDIDATES:
             workspace = patched_workspace(pallet, next(p for p in pallet.patches if p.name == name))

@@ -18,8 +18,8 @@ import pyhf_dist
 from pyhf_dist.pallet import Pallet, Patch
 
 from helpers import (
-    CODE4, ERJR_MINUIT_CANDIDATES, ERJR_MINUIT_FAILS, FAST_PATH_TOLERANCE, assert_matches_reference, patched_workspace,
-    serial_pyhf,
+    CODE4, ERJR_MINUIT_CANDIDATES, ERJR_MINUIT_FAILS, FAST_PATH_TOLERANCE, assert_matches_reference, minuit_optimizer,
+    patched_workspace, serial_pyhf,
 )
 
 pytest.importorskip("jax")
@@ -204,8 +204,7 @@ def _pyhf_background_fit(pallet, optimizer: str) -> float:
 
     workspace = patched_workspace(pallet, pallet.patches[0])
     model = workspace.model(modifier_settings=CODE4)
-    chosen = (pyhf.optimize.minuit_optimizer(tolerance=1e-4, strategy=1) if optimizer == "minuit"
-              else pyhf.optimize.scipy_optimizer())
+    chosen = minuit_optimizer(strategy=1) if optimizer == "minuit" else pyhf.optimize.scipy_optimizer()
     pyhf.set_backend("numpy", chosen)
     try:
         return float(pyhf.infer.mle.fixed_poi_fit(0.0, workspace.data(model), model, return_fitted_val=True)[1])
@@ -257,16 +256,16 @@ def test_a_statistic_at_zero_is_the_converged_one(stau_low_mass):
     single = Pallet(stau.workspace, [patch], stau.labels, source=f"{stau.source}#q-zero")
     workspace = patched_workspace(stau, patch)
     model = workspace.model(modifier_settings=CODE4)
-    pyhf.set_backend("numpy", pyhf.optimize.minuit_optimizer(tolerance=1e-4, strategy=1))
+    pyhf.set_backend("numpy", minuit_optimizer(strategy=1))
     try:
         muhat = float(pyhf.infer.mle.fit(workspace.data(model), model)[model.config.poi_index])
     finally:
         pyhf.set_backend("numpy", pyhf.optimize.scipy_optimizer())
     assert 0.1 < muhat < 5
-    minuit = serial_pyhf(single, poi_test=muhat, optimizer="minuit", strategy=1)[patch.name]
+    arbiter = serial_pyhf(single, poi_test=muhat, optimizer="minuit", strategy=1)[patch.name]
     (record,) = pyhf_dist.map_fits(single, executor="sequential", backend="jax", poi_test=muhat, require_fast=True)
     _assert_certificate(record, stalls=False, mu=muhat)
-    assert _cls(record) == pytest.approx([minuit[0], *minuit[1]], abs=MINUIT_TOLERANCE)
+    assert _cls(record) == pytest.approx([arbiter[0], *arbiter[1]], abs=MINUIT_TOLERANCE)
     assert record.CLs_obs > 0.4  # q ~ 0: no exclusion
     (matched,) = pyhf_dist.map_fits(single, executor="sequential", backend="jax", poi_test=muhat, match_pyhf=True)
     assert matched.engine == "pyhf" and "zero within fit precision" in matched.fallback_reason
