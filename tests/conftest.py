@@ -97,7 +97,8 @@ def lbb_pallet(lbb_tarball):
 
 @pytest.fixture(scope="session")
 def stau_low_mass(stau_tarball):
-    """stau's ``Region-lowMass`` pallet: 3 channels, where plain pyhf and MINUIT take seconds."""
+    """stau's ``Region-lowMass`` pallet: 3 channels and 118 parameters, where plain pyhf's hypotest
+    takes seconds and MINUIT's about a minute (strategy 2) on a slow core."""
     import pyhf_dist
 
     return pyhf_dist.load_pallet(stau_tarball, pallet="Region-lowMass")
