@@ -27,7 +27,7 @@ if "PYHF_DIST_CACHE" not in os.environ:
 
 import pytest  # noqa: E402
 
-from helpers import ERJR_DIR, LBB_FEW, LBB_SAMPLE, LBB_TARBALL, STAU_TARBALL, serial_pyhf  # noqa: E402
+from helpers import ERJR_DIR, LBB_FEW, LBB_SAMPLE, LBB_TARBALL, STAU_TARBALL, erjr_sample, serial_pyhf  # noqa: E402
 
 
 @pytest.fixture
@@ -107,6 +107,16 @@ def stau_low_mass(stau_tarball):
 @pytest.fixture(scope="session")
 def erjr_reference(erjr_pallet):
     return serial_pyhf(erjr_pallet)
+
+
+@pytest.fixture(scope="session")
+def erjr_sample_names(erjr_pallet) -> list[str]:
+    return erjr_sample(erjr_pallet)
+
+
+@pytest.fixture(scope="session")
+def erjr_sample_reference(erjr_pallet, erjr_sample_names):
+    return serial_pyhf(erjr_pallet, erjr_sample_names)
 
 
 @pytest.fixture(scope="session")

@@ -204,7 +204,7 @@ def small_toys():
     """Toys of the all-modifier workspace, drawn as pyhf's ToyCalculator, and pyhf's statistics."""
     pyhf.set_backend("numpy")
     model, data = _pyhf_model(small_workspace())
-    settings = FitSettings(backend="jax", calctype="toybased", ntoys=40, seed=SEED, poi_test=1.0)
+    settings = FitSettings(backend="jax", calctype="toybased", ntoys=20, seed=SEED, poi_test=1.0)
     samples = toys.draw(model, data, settings)
     reference = {
         key: np.array([toys.pyhf_statistic(model, row, settings) for row in samples[key]])

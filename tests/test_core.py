@@ -199,12 +199,14 @@ def test_minimal_records_are_read(tmp_path):
     assert result["a"].CLs_exp[2] == 0.3 and result.metadata == {}
 
 
-def test_cli_matches_serial_pyhf(erjr_dir, erjr_reference, lbb_tarball, lbb_few_reference, tmp_path):
+def test_cli_matches_serial_pyhf(erjr_dir, erjr_sample_names, erjr_sample_reference, lbb_tarball, lbb_few_reference,
+                                 tmp_path):
     output = tmp_path / "erjr.json"
-    run = _cli("fit", str(erjr_dir), "--backend", "numpy", "--workers", "2", "-o", str(output))
+    patches = [arg for name in erjr_sample_names for arg in ("-p", name)]
+    run = _cli("fit", str(erjr_dir), *patches, "--backend", "numpy", "--workers", "2", "-o", str(output))
     assert run.returncode == 0, run.stderr
     assert "Results written" in run.stdout and "patches" in run.stdout
-    assert_matches_reference(json.loads(output.read_text())["results"], erjr_reference)
+    assert_matches_reference(json.loads(output.read_text())["results"], erjr_sample_reference)
     output = tmp_path / "lbb.json"
     patches = [arg for name in LBB_FEW for arg in ("-p", name)]
     run = _cli("fit", str(lbb_tarball), *patches, "--backend", "numpy", "--interpcodes", "code4,code4p",

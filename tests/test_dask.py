@@ -61,15 +61,15 @@ def _context(pallet) -> WorkerContext:
     return WorkerContext.build(pallet.workspace, FitSettings(backend="numpy").to_dict())
 
 
-def test_own_local_cluster_matches_serial_pyhf_and_is_closed(erjr_pallet, erjr_reference):
+def test_own_local_cluster_matches_serial_pyhf_and_is_closed(erjr_pallet, erjr_sample_names, erjr_sample_reference):
     executor = DaskExecutor(workers=2, dashboard_address=":0")
     with executor:
-        result = pyhf_dist.map_fits(erjr_pallet, executor=executor, backend="numpy")
+        result = pyhf_dist.map_fits(erjr_pallet, executor=executor, patches=erjr_sample_names, backend="numpy")
         cluster = executor.cluster
         assert result.metadata["executor"] == "dask"
         assert result.metadata["workers"] == 2
         assert result.metadata["dashboard"].startswith("http://")
-    assert_matches_reference(result, erjr_reference)
+    assert_matches_reference(result, erjr_sample_reference)
     assert len({record.worker["pid"] for record in result}) == 2
     # What we started, we closed.
     assert executor.cluster is None and executor.client is None
@@ -252,7 +252,7 @@ def test_unreachable_address_fails_fast_in_one_line():
     assert "\n" not in message and "tcp://127.0.0.1:9" in message
 
 
-def test_worker_killed_mid_scan_every_patch_once(erjr_pallet, erjr_reference):
+def test_worker_killed_mid_scan_every_patch_once(erjr_pallet, erjr_sample_names, erjr_sample_reference):
     killed: list[int] = []
     seen: list[str] = []
 
@@ -266,11 +266,12 @@ def test_worker_killed_mid_scan_every_patch_once(erjr_pallet, erjr_reference):
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
 
-        result = pyhf_dist.map_fits(erjr_pallet, executor=executor, backend="numpy", callback=kill_a_worker)
+        result = pyhf_dist.map_fits(erjr_pallet, executor=executor, patches=erjr_sample_names, backend="numpy",
+                                    callback=kill_a_worker)
     assert killed
     names = [record.name for record in result]
-    assert len(names) == len(set(names)) == len(erjr_pallet.patches)
-    assert_matches_reference(result, erjr_reference)
+    assert len(names) == len(set(names)) == len(erjr_sample_names)
+    assert_matches_reference(result, erjr_sample_reference)
     # The nanny started a new worker process in place of the killed one, and it did fits.
     assert len({record.worker["pid"] for record in result}) >= 3
 

@@ -162,7 +162,8 @@ def test_cli_show_job_script(tmp_path):
 
 @pytest.mark.slurm
 @requires_slurm
-def test_slurm_matches_serial_pyhf_inside_slurm_jobs(erjr_pallet, erjr_reference, slurm_options):
+def test_slurm_matches_serial_pyhf_inside_slurm_jobs(erjr_pallet, erjr_sample_names, erjr_sample_reference,
+                                                     slurm_options):
     job_name = slurm_options["job_name"]
     seen_running: dict[str, str] = {}
 
@@ -170,9 +171,9 @@ def test_slurm_matches_serial_pyhf_inside_slurm_jobs(erjr_pallet, erjr_reference
         # While the scan runs, Slurm itself lists the jobs the fits run in.
         seen_running.update(_our_jobs(job_name, states="RUNNING"))
 
-    result = pyhf_dist.map_fits(erjr_pallet, executor="slurm", backend="numpy", callback=watch_squeue,
-                                **slurm_options)
-    assert_matches_reference(result, erjr_reference)
+    result = pyhf_dist.map_fits(erjr_pallet, executor="slurm", patches=erjr_sample_names, backend="numpy",
+                                callback=watch_squeue, **slurm_options)
+    assert_matches_reference(result, erjr_sample_reference)
     job_ids = {record.worker["slurm_job_id"] for record in result}
     assert None not in job_ids, "a fit ran outside Slurm"
     assert job_ids <= set(seen_running), f"fits ran in {job_ids}, squeue showed {seen_running}"
@@ -191,7 +192,7 @@ def test_slurm_matches_serial_pyhf_on_1lbb(lbb_pallet, lbb_few_reference, slurm_
 
 @pytest.mark.slurm
 @requires_slurm
-def test_scancel_of_a_worker_job_mid_scan(erjr_pallet, erjr_reference, slurm_options):
+def test_scancel_of_a_worker_job_mid_scan(erjr_pallet, erjr_sample_names, erjr_sample_reference, slurm_options):
     options = dict(slurm_options)
     options.pop("jobs")
     cancelled: list[str] = []
@@ -206,12 +207,12 @@ def test_scancel_of_a_worker_job_mid_scan(erjr_pallet, erjr_reference, slurm_opt
     result_names: list[str] = []
     # Adaptive scaling replaces a lost job once Dask declares its worker lost.
     with dask.config.set({"distributed.deploy.lost-worker-timeout": "1s"}):
-        result = pyhf_dist.map_fits(erjr_pallet, executor="slurm", adapt=(2, 2), backend="numpy",
-                                    callback=cancel_one_job, **options)
+        result = pyhf_dist.map_fits(erjr_pallet, executor="slurm", adapt=(2, 2), patches=erjr_sample_names,
+                                    backend="numpy", callback=cancel_one_job, **options)
     assert cancelled
     names = [record.name for record in result]
-    assert len(names) == len(set(names)) == len(erjr_pallet.patches), "patches lost or duplicated"
-    assert_matches_reference(result, erjr_reference)
+    assert len(names) == len(set(names)) == len(erjr_sample_names), "patches lost or duplicated"
+    assert_matches_reference(result, erjr_sample_reference)
     jobs = {record.worker["slurm_job_id"] for record in result}
     assert cancelled[0] in jobs and len(jobs) >= 2
     _assert_no_jobs_left(options["job_name"])
