@@ -323,7 +323,8 @@ def test_3L_eRJR_patches_through_the_sdk_and_an_htex_endpoint(htex_cloud, erjr_p
     info = {}
     began = time.perf_counter()
     result = pyhf_dist.map_fits(erjr_pallet, executor="funcx", endpoint_id=standin.endpoint_id, client=client,
-                                patches=erjr_sample_names, backend="numpy", on_start=lambda meta: info.update(meta, up=time.perf_counter() - began))
+                                patches=erjr_sample_names, backend="numpy",
+                                on_start=lambda meta: info.update(meta, up=time.perf_counter() - began))
     assert_matches_reference(result, erjr_sample_reference)
     assert result.metadata["executor"] == "funcx" and result.metadata["endpoint_status"] == "online"
     assert all(request["accepted"] and request["bytes"] <= MAX_REQUEST_BYTES for request in standin.requests)
