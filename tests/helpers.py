@@ -74,12 +74,6 @@ def minuit_optimizer(strategy: int = 2):
     return pyhf.optimize.minuit_optimizer(tolerance=1e-4, strategy=strategy)
 
 
-def erjr_sample(pallet) -> list[str]:
-    """Every third 3L-eRJR patch, 22 of 66 across the mass plane: what the tests of executors that
-    run plain pyhf on their workers fit (the local executor's test fits all 66 once)."""
-    return [patch.name for patch in pallet.patches[::3]]
-
-
 def serial_pyhf(pallet, names=None, poi_test=1.0, test_stat="qtilde", modifier_settings=None, optimizer="scipy",
                 strategy=2) -> dict:
     """Plain pyhf, one patch after another, on numpy: ``{name: (CLs_obs, [CLs_exp x5])}``.
