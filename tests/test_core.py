@@ -202,14 +202,13 @@ def test_minimal_records_are_read(tmp_path):
 def test_cli_matches_serial_pyhf(erjr_dir, erjr_sample_names, erjr_sample_reference, lbb_tarball, lbb_few_reference,
                                  tmp_path):
     output = tmp_path / "erjr.json"
-    patches = [arg for name in erjr_sample_names for arg in ("-p", name)]
-    run = _cli("fit", str(erjr_dir), *patches, "--backend", "numpy", "--workers", "2", "-o", str(output))
+    run = _cli("fit", str(erjr_dir), *_patch_options(erjr_sample_names), "--backend", "numpy", "--workers", "2",
+               "-o", str(output))
     assert run.returncode == 0, run.stderr
     assert "Results written" in run.stdout and "patches" in run.stdout
     assert_matches_reference(json.loads(output.read_text())["results"], erjr_sample_reference)
     output = tmp_path / "lbb.json"
-    patches = [arg for name in LBB_FEW for arg in ("-p", name)]
-    run = _cli("fit", str(lbb_tarball), *patches, "--backend", "numpy", "--interpcodes", "code4,code4p",
+    run = _cli("fit", str(lbb_tarball), *_patch_options(LBB_FEW), "--backend", "numpy", "--interpcodes", "code4,code4p",
                "-o", str(output), "-q")
     assert run.returncode == 0, run.stderr
     assert_matches_reference(json.loads(output.read_text())["results"], lbb_few_reference)
@@ -246,6 +245,11 @@ def test_importing_pyhf_dist_imports_no_optional_backend():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "[]"
+
+
+def _patch_options(names) -> list[str]:
+    """``-p NAME`` for each of ``names``: the command line's selection of those patches."""
+    return [arg for name in names for arg in ("-p", name)]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
