@@ -1,8 +1,8 @@
 """One patch's fits on the compiled likelihood, each with its certificate.
 
 :class:`FitProblem` minimises the same objective as pyhf (``-2 log L``, fixed parameters held at
-their initial values, pyhf's suggested bounds) with scipy's L-BFGS-B on the jitted value and
-gradient, in coordinates scaled by the Fisher-information diagonal at the start: staterror
+their initial values, pyhf's suggested bounds) with scipy's L-BFGS-B (driven by
+:mod:`~pyhf_dist.runtime.fast.lbfgsb`) on the jitted value and gradient, in coordinates scaled by the Fisher-information diagonal at the start: staterror
 parameters (widths of a few percent) and control-region normalisations (hundreds of events)
 otherwise make the problem so badly conditioned that a fit takes ten times as many evaluations.
 A fit may start from several points (the lowest minimum is the answer), and one that L-BFGS-B
@@ -17,6 +17,7 @@ import typing
 import numpy as np
 from scipy.optimize import Bounds, minimize
 
+from pyhf_dist.runtime.fast import lbfgsb
 from pyhf_dist.runtime.fast.errors import FastPathUnsupported
 
 __all__ = ["ACCEPT_GRADIENT", "PROBE_RADIUS", "SAME_MINIMUM", "Fit", "FitProblem"]
@@ -221,28 +222,20 @@ class FitProblem:
         :data:`PROBE_RADIUS` of that minimum without having gone below it.
         """
         x, value, gradient = x0, np.inf, np.inf
-        # One Bounds object, not a list of pairs: scipy converts pairs one element at a time.
-        bounds = Bounds(lower, upper)
         joined = []
 
-        def probe(intermediate_result):
-            if np.max(np.abs(intermediate_result.x - near.x), initial=0.0) < PROBE_RADIUS and (
-                intermediate_result.fun >= near.value - SAME_MINIMUM
-            ):
+        def probe(x, value):
+            if np.max(np.abs(x - near.x), initial=0.0) < PROBE_RADIUS and value >= near.value - SAME_MINIMUM:
                 joined.append(True)
-                raise StopIteration
+                return True
+            return False
 
         # A line search that fails far from a minimum (curvature the scaling did not capture)
         # usually succeeds after a restart with a fresh Hessian approximation.
         for _ in range(RESTARTS + 1):
-            result = minimize(
-                objective,
-                x,
-                jac=True,
-                method="L-BFGS-B",
-                bounds=bounds,
-                callback=probe if near is not None else None,
-                options={"gtol": GTOL, "ftol": FTOL, "maxcor": MAXCOR, "maxiter": MAXITER, "maxfun": MAXITER},
+            result = lbfgsb.minimize(
+                objective, x, lower, upper, callback=probe if near is not None else None,
+                gtol=GTOL, ftol=FTOL, maxcor=MAXCOR, maxiter=MAXITER, maxfun=MAXITER,
             )
             self.evaluations += result.nfev
             if joined:
