@@ -6,7 +6,8 @@
 An earlier checkout is a directory holding the ``pyhf_dist`` package of another commit
 (``git worktree add /tmp/earlier COMMIT``); every scan runs in a fresh ``python`` process with
 that directory first on ``PYTHONPATH``, in the same virtual environment, so only the package's
-code differs. Each scan is what a user runs (``load_pallet``, then ``map_fits(pallet,
+code differs. (To reproduce an older install, give a directory holding a link to that
+``pyhf_dist`` and the other versions of its dependencies, unpacked from their wheels.) Each scan is what a user runs (``load_pallet``, then ``map_fits(pallet,
 executor="local", workers=2)``), timed from the interpreter's start to the last record. Rounds go
 round every pallet and every checkout in turn, so the machine's load falls on all of them alike;
 the table gives the median of the rounds and each checkout's ratio to this one. The first round
@@ -89,7 +90,8 @@ def main() -> None:
         medians = [statistics.median(walls[label, code_label]) for code_label in labels]
         ratios = [f"{median / medians[-1]:.2f}" for median in medians[:-1]]
         print(f"| {label} | {' | '.join(f'{median:.2f}' for median in medians)} | {' | '.join(ratios)} |")
-    print(f"\nmedian wall seconds of {args.rounds} rounds, cold processes, 2 local workers; load {os.getloadavg()[0]:.1f}")
+    load = os.getloadavg()[0]
+    print(f"\nmedian wall seconds of {args.rounds} rounds, cold processes, 2 local workers; load {load:.1f}")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ import sources  # noqa: E402
 
 def background_fit(fit):
     """``(objective, start, lower, upper)`` of the fit at ``mu = 0`` to the observed data, in the
-    scaled coordinates of the free parameters, as :meth:`~pyhf_dist.runtime.fast.problem.FitProblem.minimum` sets it up."""
+    scaled coordinates of the free parameters, as
+    :meth:`~pyhf_dist.runtime.fast.problem.FitProblem.minimum` sets it up."""
     fixed = fit.fixed.copy()
     fixed[fit.poi_index] = True
     free = ~fixed
@@ -86,8 +87,9 @@ def main() -> None:
             seconds["objective alone"] += time.perf_counter() - began
             evaluations += ours.nfev
             same = same and np.array_equal(ours.x, theirs.x) and ours.nfev == theirs.nfev
-    print(f"{args.pallet}: {args.patches} patches x {args.repeats} repeats, {evaluations / (args.patches * args.repeats):.0f} "
-          f"evaluations per fit; L-BFGS-B driven directly: {lbfgsb.direct()}")
+    per_fit = evaluations / (args.patches * args.repeats)
+    print(f"{args.pallet}: {args.patches} patches x {args.repeats} repeats, {per_fit:.0f} evaluations per fit; "
+          f"L-BFGS-B driven directly: {lbfgsb.direct()}")
     for name, total in seconds.items():
         print(f"  {name:24} {total / evaluations * 1e6:7.1f} us per evaluation")
     overhead = {name: (seconds[name] - seconds["objective alone"]) / evaluations * 1e6 for name in list(seconds)[:2]}

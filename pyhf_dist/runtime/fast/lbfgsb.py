@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 #: The scipy versions (``(major, minor)``, from, up to and excluding) whose L-BFGS-B loop
 #: :func:`minimize` restates.
 SCIPY_VERSIONS = ((1, 15), (1, 18))
+#: Most steps of one line search: scipy's default ``maxls``.
+MAXLS = 20
 _SIGNATURE = "setulb(m,x,l,u,nbd,f,g,factr,pgtol,wa,iwa,task,lsave,isave,dsave,maxls,ln_task)"
 
 
@@ -72,14 +74,14 @@ def _drive(fun, x0, lower, upper, *, gtol, ftol, maxcor, maxiter, maxfun, callba
     """scipy's ``_minimize_lbfgsb`` loop, less its wrappers (see the module's doc)."""
     from scipy.optimize import _lbfgsb
 
-    m, n = maxcor, len(x0)
+    x = np.clip(np.asarray(x0, dtype=np.float64).ravel(), lower, upper)
+    m, n = maxcor, x.size
     factr = ftol / np.finfo(float).eps
     # Bound kinds: 0 none, 1 lower only, 2 both, 3 upper only.
     has_lower, has_upper = np.isfinite(lower), np.isfinite(upper)
     nbd = np.where(has_lower, np.where(has_upper, 2, 1), np.where(has_upper, 3, 0)).astype(np.int32)
     low = np.where(has_lower, lower, 0.0)
     high = np.where(has_upper, upper, 0.0)
-    x = np.clip(np.asarray(x0, dtype=np.float64).ravel(), lower, upper)
     f = np.array(0.0, dtype=np.float64)
     g = np.zeros(n, dtype=np.float64)
     wa = np.zeros(2 * m * n + 5 * n + 11 * m * m + 8 * m, dtype=np.float64)
@@ -93,7 +95,7 @@ def _drive(fun, x0, lower, upper, *, gtol, ftol, maxcor, maxiter, maxfun, callba
     evaluated = None  # scipy evaluates a point once, however often the routine asks for it
     while True:
         g = g.astype(np.float64)
-        _lbfgsb.setulb(m, x, low, high, nbd, f, g, factr, gtol, wa, iwa, task, lsave, isave, dsave, 20, ln_task)
+        _lbfgsb.setulb(m, x, low, high, nbd, f, g, factr, gtol, wa, iwa, task, lsave, isave, dsave, MAXLS, ln_task)
         if task[0] == 3:  # the value and gradient at x, please
             if evaluated is None or not np.array_equal(x, evaluated[0]):
                 value, gradient = fun(x.copy())

@@ -2,9 +2,10 @@
 
 :class:`FitProblem` minimises the same objective as pyhf (``-2 log L``, fixed parameters held at
 their initial values, pyhf's suggested bounds) with scipy's L-BFGS-B (driven by
-:mod:`~pyhf_dist.runtime.fast.lbfgsb`) on the jitted value and gradient, in coordinates scaled by the Fisher-information diagonal at the start: staterror
-parameters (widths of a few percent) and control-region normalisations (hundreds of events)
-otherwise make the problem so badly conditioned that a fit takes ten times as many evaluations.
+:mod:`~pyhf_dist.runtime.fast.lbfgsb`) on the jitted value and gradient, in coordinates scaled by
+the Fisher-information diagonal at the start: staterror parameters (widths of a few percent) and
+control-region normalisations (hundreds of events) otherwise make the problem so badly
+conditioned that a fit takes ten times as many evaluations.
 A fit may start from several points (the lowest minimum is the answer), and one that L-BFGS-B
 does not finish is continued by MINUIT. :class:`Fit` is a minimum and its certificate.
 """
