@@ -52,6 +52,7 @@ def test_a_fit_is_scipys_bit_for_bit(erjr_problem, stop_after):
         def callback(x, value):
             path.append((x.copy(), float(value)))
             return stop_after is not None and len(path) >= stop_after
+
         return callback
 
     ours, theirs = [], []
@@ -93,10 +94,7 @@ def test_the_check_notices_a_driver_that_differs():
 
 
 def test_bounds_that_fix_every_parameter_get_scipys_answer():
-    calls = []
-
     def quadratic(x):
-        calls.append(x.copy())
         return float(np.sum((x - 3.0) ** 2)), 2.0 * (x - 3.0)
 
     found = lbfgsb.minimize(quadratic, np.zeros(2), np.ones(2), np.ones(2), **OPTIONS)

@@ -1,12 +1,12 @@
 """scipy's L-BFGS-B without ``scipy.optimize.minimize``'s machinery around every call.
 
-A 1Lbb hypotest runs about eight L-BFGS-B fits of ~20 evaluations each, and one evaluation of the
-compiled likelihood takes ~0.2 ms. ``scipy.optimize.minimize`` adds about as much again around it:
-per fit, bounds converted element by element in Python; per evaluation, ``ScalarFunction``'s
+A 1Lbb hypotest runs about eight L-BFGS-B fits of ~25 evaluations each, and one evaluation of the
+compiled likelihood takes ~0.25 ms. ``scipy.optimize.minimize`` adds about as much again around
+it: per fit, bounds converted element by element in Python; per evaluation, ``ScalarFunction``'s
 copies, comparisons and caches. :func:`minimize` drives scipy's own L-BFGS-B routine (the
 reverse-communication step ``setulb`` that ``scipy.optimize.minimize`` calls) in the loop of
-scipy's ``_minimize_lbfgsb``, so its iterates are scipy's to the last bit, at a quarter of the
-overhead.
+scipy's ``_minimize_lbfgsb``, so its iterates are scipy's to the last bit, at less than half the
+cost around each evaluation (``benchmarks/lbfgsb_overhead.py``).
 
 The routine is private to scipy, and it trusts its caller with the sizes of its work arrays. So
 it is driven here only on the scipy versions whose loop this one restates (:data:`SCIPY_VERSIONS`:
@@ -142,7 +142,8 @@ def direct() -> bool:
         from scipy.optimize import _lbfgsb
 
         version = tuple(int(part) for part in scipy.__version__.split(".")[:2])
-        if not SCIPY_VERSIONS[0] <= version < SCIPY_VERSIONS[1] or (_lbfgsb.setulb.__doc__ or "").strip() != _SIGNATURE:
+        signature = (_lbfgsb.setulb.__doc__ or "").strip()
+        if not SCIPY_VERSIONS[0] <= version < SCIPY_VERSIONS[1] or signature != _SIGNATURE:
             log.info("L-BFGS-B through scipy.optimize.minimize (scipy %s)", scipy.__version__)
             return False
         return all(_same(_drive, _scipy, stop_after) for stop_after in (None, 3))
@@ -167,6 +168,7 @@ def _same(mine, theirs, stop_after) -> bool:
     lower = np.array([-2.0, -2.0, -2.0, -2.0, 0.0, -2.0]) / scale
     upper = np.array([2.0, 0.2, 2.0, 2.0, 2.0, 2.0]) / scale
     options = {"gtol": 1e-6, "ftol": 0.0, "maxcor": 5, "maxiter": 1000, "maxfun": 1000}
+
     def run(driver):
         iterations = []
 
