@@ -335,3 +335,50 @@ def test_cli_upper_limits_on_the_fast_path(tmp_path):
     assert_limits_match(result, serial_upper_limits(pallet, names, scan))
     assert _engines(result) == dict.fromkeys(names, "fast")
     assert all(record.fallback_reason is None for record in result)
+
+
+@needs_jax
+def test_search_fits_from_nearby_minima_give_the_limits_of_fits_from_pyhfs_start(erjr_pallet, monkeypatch):
+    from pyhf_dist.runtime.fast.engine import FastHypotest
+
+    engine = FastHypotest(erjr_pallet.workspace)
+    patches = [patch for patch in erjr_pallet.patches if patch.name in ERJR_SAMPLE[1:]]
+    limits = {}
+    for way in ("nearby minima", "pyhf's start", "nearby minima not converging"):
+        with monkeypatch.context() as patched:
+            starts = _record_starts(patched, fail_alone=way == "nearby minima not converging")
+            if way == "pyhf's start":
+                # Every conditional fit as before: pyhf's start, and the free fit's minimum.
+                patched.setattr("pyhf_dist.runtime.fast.fit.PoiScan._interpolated", lambda self, data, mu: None)
+            for patch in patches:
+                result = engine.upper_limit(patch.operations)
+                assert result["converged"] and result["fits"]["conditional"]["converged"], (way, patch.name)
+                limits[way, patch.name] = [result["mu_up_obs"], *result["mu_up_exp"]]
+        alone = [names for names in starts if names == ["nearby minima"]]
+        if way == "pyhf's start":
+            assert not any("nearby minima" in names for names in starts)
+        else:
+            # Most Asimov fits of a search start from the nearby minima alone.
+            assert len(alone) > len(starts) / 3, (way, len(alone), len(starts))
+    for patch in patches:
+        for way in ("nearby minima", "nearby minima not converging"):
+            assert limits[way, patch.name] == pytest.approx(limits["pyhf's start", patch.name], rel=1e-6)
+
+
+def _record_starts(patched, fail_alone: bool) -> list:
+    """The names of the starts of every fit from now on; with ``fail_alone``, a fit from the nearby
+    minima alone reports that it did not converge (as one that stops short would)."""
+    from pyhf_dist.runtime.fast.problem import FitProblem
+
+    starts = []
+    minimum = FitProblem.minimum
+
+    def recorded(self, main, aux, fit_starts, *args, **kwargs):
+        found = minimum(self, main, aux, fit_starts, *args, **kwargs)
+        starts.append(list(fit_starts))
+        if fail_alone and list(fit_starts) == ["nearby minima"]:
+            return found._replace(converged=False)
+        return found
+
+    patched.setattr(FitProblem, "minimum", recorded)
+    return starts

@@ -4,7 +4,9 @@ pyhf's ``upper_limit`` calls a full hypotest (five fits) at every POI value its 
 40 to 50 of them per patch with the default root-finding. Here the three fits that do not depend
 on the POI value are made once per patch, each value costs two conditional fits, and the values
 first met in the searches of the expected limits only the fit to the Asimov data (the expected
-band depends on nothing else). The searches themselves are pyhf's
+band depends on nothing else). Once other values are fitted, a value's fits start from the
+minimum interpolated between the nearest ones (:meth:`~pyhf_dist.runtime.fast.fit.PoiScan.conditional`).
+The searches themselves are pyhf's
 (:func:`pyhf_dist.runtime.reference.toms748_scan`, :func:`pyhf_dist.runtime.reference.grid_scan`).
 
 The fits are certified (:mod:`~pyhf_dist.runtime.fast.fit`): every CLs value is that of converged fits.

@@ -257,7 +257,7 @@ class _Group:
 
     def _answer(self, values: dict, muhat: float, gradients: dict) -> dict:
         """The record of one point: CLs, the expected band and the certificate, as the one-at-a-time path's."""
-        from pyhf_dist.runtime.fast.fit import asymptotic_cls, asymptotic_statistic
+        from pyhf_dist.runtime.fast.fit import asymptotic_cls, asymptotic_statistic, fit_name
 
         stat, mu = self.test_stat, self.mu
         qmu = asymptotic_statistic(stat, mu, values["tested"] - values["free"], muhat)
@@ -274,8 +274,8 @@ class _Group:
             "observed mu=0": self.background.certificate(),
             "observed free": certificate("free"),
             "asimov free": certificate("asimov free", "generating point"),
-            f"asimov mu={mu:g}": certificate("asimov tested"),
-            f"observed mu={mu:g}": certificate("tested"),
+            fit_name("asimov", mu): certificate("asimov tested"),
+            fit_name("observed", mu): certificate("tested"),
         }
         if self.pyhf_default is not None:
             result["pyhf_default"] = dict(self.pyhf_default)

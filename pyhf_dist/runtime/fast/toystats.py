@@ -381,7 +381,7 @@ class _CertifiedObserved:
     observed statistic, and converged generating parameters where pyhf's fits stop short."""
 
     def __init__(self, problem, test_stat: str, poi_test: float, background_mu: float):
-        from pyhf_dist.runtime.fast.fit import PoiScan, asymptotic_statistic
+        from pyhf_dist.runtime.fast.fit import PoiScan, asymptotic_statistic, fit_name
 
         self.problem = problem
         scan = PoiScan(problem, test_stat)
@@ -391,7 +391,7 @@ class _CertifiedObserved:
         poi_test, mu = float(poi_test), tested_value(poi_test, test_stat)
         self.fits = {"sb": scan.conditional("observed", poi_test), "b": scan.conditional("observed", background_mu)}
         tested = scan.conditional("observed", mu)
-        self.names = list(dict.fromkeys(["observed free", *(f"observed mu={value:g}" for value in (poi_test, background_mu, mu))]))
+        self.names = list(dict.fromkeys(["observed free", *(fit_name("observed", value) for value in (poi_test, background_mu, mu))]))
         free = scan.fits["observed free"]
         muhat = float(free.theta[problem.poi_index])
         self.teststat = float(asymptotic_statistic(test_stat, mu, tested.value - free.value, muhat))
