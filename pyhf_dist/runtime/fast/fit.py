@@ -185,8 +185,9 @@ class PoiScan:
         starts = {"init": problem.init}
         found = None
         if not self.match_pyhf:
-            # An upper-limit search fits tens of POI values, most of them close together: a
-            # start interpolated from the minima at the nearest ones ends in a few evaluations.
+            # An upper-limit search fits tens of POI values, most of them close together: from
+            # the minimum interpolated between the nearest ones, a fit takes half the
+            # evaluations it takes from pyhf's start.
             nearby = self._interpolated(data, mu)
             if data == "observed" or self.several_minima:
                 # A second start. A conditional fit too high gives too large a test statistic:
@@ -217,16 +218,14 @@ class PoiScan:
         """The minimum at POI ``mu`` interpolated linearly between those of the nearest
         conditional fits to the same data on either side (beyond them: the nearest one's);
         ``None`` before the first."""
-        fitted = self._conditionals.get(data, {})
+        fitted = self._conditionals.get(data, {})  # mu itself is not among them (its fit is named)
         if not fitted:
             return None
-        below = [value for value in fitted if value <= mu]
-        above = [value for value in fitted if value >= mu]
+        below = [value for value in fitted if value < mu]
+        above = [value for value in fitted if value > mu]
         if not (below and above):
             return fitted[min(fitted, key=lambda value: abs(value - mu))]
         low, high = max(below), min(above)
-        if low == high:
-            return fitted[low]
         weight = (mu - low) / (high - low)
         return (1.0 - weight) * fitted[low] + weight * fitted[high]
 
