@@ -62,7 +62,9 @@ class FitRecord:
             stalls).
         fits: The certificate of each fit (fast path): ``{name: {"twice_nll", "gradient",
             "converged", "start"}}``, names such as ``"observed free"``, ``"observed mu=1"``,
-            ``"asimov mu=1"``; ``"other_starts"`` lists starts that ended on higher minima.
+            ``"asimov mu=1"`` (the tested value in full where six digits do not give it exactly:
+            :func:`~pyhf_dist.runtime.fast.fit.fit_name`); ``"other_starts"`` lists starts that
+            ended on higher minima.
         pyhf_default: Where pyhf's default minimizer (SciPy's SLSQP) stalls at its starting
             point on the patch: ``{"stalls_at_start": True, "fit", "stops_above_minimum"}`` (how
             far, in -2 log L, above the minimum its fit stops); ``None`` otherwise.
