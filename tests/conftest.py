@@ -24,10 +24,39 @@ if "PYHF_DIST_CACHE" not in os.environ:
 
     os.environ["PYHF_DIST_CACHE"] = tempfile.mkdtemp(prefix="pyhf-dist-test-cache-")
     atexit.register(shutil.rmtree, os.environ["PYHF_DIST_CACHE"], ignore_errors=True)
+# Plain pyhf's references on disk, shared by the test processes of one run (the suite runs on two,
+# pytest-xdist): a reference takes plain pyhf minutes, so it is computed once, by whichever process
+# needs it first (``helpers.serial_pyhf``). Set here, before the processes start: they inherit it.
+if "PYHF_DIST_TEST_REFERENCES" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["PYHF_DIST_TEST_REFERENCES"] = tempfile.mkdtemp(prefix="pyhf-dist-test-references-")
+    atexit.register(shutil.rmtree, os.environ["PYHF_DIST_TEST_REFERENCES"], ignore_errors=True)
 
 import pytest  # noqa: E402
 
 from helpers import ERJR_DIR, LBB_FEW, LBB_SAMPLE, LBB_TARBALL, STAU_TARBALL, serial_pyhf  # noqa: E402
+
+
+#: Test files that start Parsl or Globus Compute worker pools or Slurm jobs: they run one after
+#: another in one test process. Their checks look for pools left behind anywhere on the machine,
+#: and the single-node Slurm has the machine's cores for one scan at a time.
+EXCLUSIVE_FILES = {"test_funcx.py", "test_funcx_engines.py", "test_parsl.py", "test_slurm.py"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Test files go to the two test processes whole (their module fixtures are made once), the
+    files of :data:`EXCLUSIVE_FILES` all to one."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByFile(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "exclusive" if Path(path).name in EXCLUSIVE_FILES else path
+
+    return ByFile(config, log)
 
 
 @pytest.fixture

@@ -105,25 +105,53 @@ def serial_pyhf(pallet, names=None, poi_test=1.0, test_stat="qtilde", modifier_s
                json.dumps(modifier_settings, sort_keys=True), optimizer,
                strategy if optimizer == "minuit" else None)
         if key not in _REFERENCE_CACHE:
-            if not validated:
-                pyhf.Workspace(pallet.workspace)  # the background, against pyhf's schema
-                validated = True
-            workspace = patched_workspace(pallet, patch)
-            model = workspace.model(modifier_settings=modifier_settings)
-            try:
-                observed, expected = pyhf.infer.hypotest(
-                    poi_test, workspace.data(model), model, test_stat=test_stat, return_expected_set=True
-                )
-            except pyhf.exceptions.FailedMinimization:
-                if optimizer == "scipy":
-                    raise
-                _REFERENCE_CACHE[key] = None
-            else:
-                _REFERENCE_CACHE[key] = (float(observed), [float(value) for value in expected])
+
+            def reference(patch=patch):
+                nonlocal validated
+                if not validated:
+                    pyhf.Workspace(pallet.workspace)  # the background, against pyhf's schema
+                    validated = True
+                workspace = patched_workspace(pallet, patch)
+                model = workspace.model(modifier_settings=modifier_settings)
+                try:
+                    observed, expected = pyhf.infer.hypotest(
+                        poi_test, workspace.data(model), model, test_stat=test_stat, return_expected_set=True
+                    )
+                except pyhf.exceptions.FailedMinimization:
+                    if optimizer == "scipy":
+                        raise
+                    return None
+                return float(observed), [float(value) for value in expected]
+
+            _REFERENCE_CACHE[key] = _shared_reference(key, reference)
         results[patch.name] = _REFERENCE_CACHE[key]
     if optimizer != "scipy":
         pyhf.set_backend("numpy", pyhf.optimize.scipy_optimizer())
     return results
+
+
+def _shared_reference(key: tuple, compute):
+    """``compute()``, or what another test process of this run computed for ``key``.
+
+    The folder is the run's (``$PYHF_DIST_TEST_REFERENCES``, made by ``conftest.py``); a lock per
+    key makes a process that needs a reference being computed wait for it instead of fitting it
+    again. Without the folder, ``compute()``.
+    """
+    folder = os.environ.get("PYHF_DIST_TEST_REFERENCES")
+    if not folder or not os.path.isdir(folder):
+        return compute()
+    import hashlib
+
+    from filelock import FileLock
+
+    path = Path(folder) / hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()
+    with FileLock(f"{path}.lock"):
+        if path.exists():
+            value = json.loads(path.read_text())
+            return None if value is None else (value[0], value[1])
+        value = compute()
+        path.write_text(json.dumps(value))
+        return value
 
 
 def assert_matches_reference(records, reference: dict, tolerance: float = TOLERANCE) -> None:

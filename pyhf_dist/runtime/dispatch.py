@@ -39,6 +39,31 @@ def _on_alarm(signum, frame):
     raise FitTimeout()
 
 
+def _timed_out(error: BaseException) -> bool:
+    """Whether ``error`` is a :class:`FitTimeout`, or a library's exception around one.
+
+    The alarm raises wherever the fit is: inside a library that turns every exception into its own
+    (jsonschema, resolving the schema of a slow-to-build model, raises ``_RefResolutionError`` from
+    it), the timeout arrives wrapped, and is still a timeout.
+
+    >>> try:
+    ...     try:
+    ...         raise FitTimeout()
+    ...     except FitTimeout as error:
+    ...         raise ValueError("a library's own error") from error
+    ... except ValueError as error:
+    ...     _timed_out(error), _timed_out(ValueError("no timeout"))
+    (True, False)
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, FitTimeout):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _call_with_timeout(function, timeout: float | None):
     # A timed-out fit must free its worker. SIGALRM interrupts the fit between two Python-level
     # steps of the minimizer; it can only be used from a process's main thread, which is where
@@ -83,10 +108,11 @@ def run_task(task: Task, context: Context | None = None) -> Record | dict:
         try:
             part = state.for_pallet(task.get("pallet"))
             record.update(_call_with_timeout(lambda: calculations.compute(part, task), task.get("timeout")))
-        except FitTimeout:
-            record.update(status="failed", error=f"timed out after {task.get('timeout')} s")
         except Exception as error:  # a failed fit is a result, not a crash of the scan
-            record.update(status="failed", error=first_line(error, with_type=True))
+            if _timed_out(error):
+                record.update(status="failed", error=f"timed out after {task.get('timeout')} s")
+            else:
+                record.update(status="failed", error=first_line(error, with_type=True))
     record.update(started=started, finished=time.time(), fit_seconds=time.monotonic() - began, worker=worker_info())
     return record
 

@@ -301,7 +301,9 @@ def kernels(codes: tuple) -> dict:
 
     Returns:
         ``{"value_and_grad": (theta, main, aux, C) -> (values [N], gradients [N, n]) (not jitted
-        itself: it is traced into the optimizer's compiled loop),
+        itself: it is traced into the optimizer's compiled loop), "value_and_grad_per_row": the
+        same where every array of ``C`` has a leading axis of ``N`` rows (row ``i`` of ``theta``
+        with model ``i``: patches of other structures in one batch),
         "twice_nll": (theta, main, aux, C) -> [N], "yields": (theta, C) -> [N, B],
         "fisher": (theta [n], C) -> [n, n]}``.
     """
@@ -319,8 +321,20 @@ def kernels(codes: tuple) -> dict:
         (_, values), gradients = jax.value_and_grad(total, has_aux=True)(theta)
         return values, gradients
 
+    def value_and_grad_per_row(theta, main, aux, C):
+        def one(t, m, a, c):
+            return _twice_nll(t[None], m[None], a[None], c, codes)[0]
+
+        def total(t):
+            values = jax.vmap(one)(t, main, aux, C)
+            return values.sum(), values
+
+        (_, values), gradients = jax.value_and_grad(total, has_aux=True)(theta)
+        return values, gradients
+
     return {
         "value_and_grad": value_and_grad,
+        "value_and_grad_per_row": value_and_grad_per_row,
         "twice_nll": jax.jit(lambda theta, main, aux, C: _twice_nll(theta, main, aux, C, codes)),
         "yields": jax.jit(lambda theta, C: _yields(theta, C, codes)),
         "fisher": jax.jit(lambda theta, C: fisher_information(theta, C, codes)),

@@ -15,7 +15,7 @@ fits advance together inside XLA, each in a *slot* of a batch:
   search with safeguarded quadratic backtracking accepts them. A fit has converged when the
   decrease its next step promises (``g . H^-1 g``, in ``-2 log L``) is below :data:`TOLERANCE`.
 * **Streaming batches** — a compiled call advances every slot a few iterations
-  (:func:`_advance`); finished slots are refilled with the next fits by the host between calls,
+  (:mod:`~pyhf_dist.runtime.fast.loop`); finished slots are refilled with the next fits by the host between calls,
   so a slow fit holds one slot, not a whole batch.
 * **Fallback** — a fit that does not converge here (more than :data:`MAX_HELD` parameters at
   bounds, :data:`MAX_EVALUATIONS` evaluations, a line search that cannot progress away from a
@@ -42,15 +42,14 @@ suggested initial values).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 
 import numpy as np
 
-from pyhf_dist.runtime.fast import quasi_newton
+from pyhf_dist.runtime.fast import loop
 from pyhf_dist.runtime.fast.batch_model import BatchModel, kernels
 from pyhf_dist.runtime.fast.errors import FastPathUnsupported
-from pyhf_dist.runtime.fast.problem import PROBE_RADIUS, SAME_MINIMUM
+from pyhf_dist.runtime.fast.loop import MAX_EVALUATIONS
 from pyhf_dist.runtime.fast.quasi_newton import MAX_HELD
 
 __all__ = [
@@ -70,41 +69,12 @@ log = logging.getLogger(__name__)
 #: stops at changes of ~1e-6 (its toys' statistics agree with these to ~1e-6 on 1Lbb); test
 #: statistics are wanted to ~1e-4.
 TOLERANCE = 1e-7
-#: Below this promised decrease a line search that cannot progress is at the floating-point
-#: floor of the objective: converged.
-STALL_TOLERANCE = 1e-6
-#: An accepted step lowering -2 log L by less than this (relative to max(1, |value|)) makes no
-#: progress; :data:`FLAT_STEPS` such steps or failed line searches in a row end a fit as
-#: converged. This stops fits whose minimum lies where an expected yield reaches zero (a toy
-#: with an empty bin that the nuisance parameters can empty too): the objective flattens into a
-#: kink there and no step promises less, but its value is settled to this precision.
-FLAT = 1e-9
-FLAT_STEPS = 4
-#: The objective is >= 0 wherever every expected yield is >= 0; it goes below only through
-#: negative yields of empty bins, which pyhf allows (see
-#: :func:`~pyhf_dist.runtime.fast.likelihood.expected_for_poisson`). Below -RUNAWAY a fit has left any
-#: physical region (an empty bin expecting hundreds of events below zero, parameters at their
-#: bounds): the likelihood has no minimum there, pyhf's minimizer stops wherever it fails, and
-#: the fit is stopped and reported as such (:attr:`BatchResult.runaway`).
-RUNAWAY = 1e3
-#: Largest change of one parameter in a trial step, in standard deviations (scaled coordinates).
-STEP_LIMIT = 2.0
-#: Evaluations after which a fit is handed to the one-at-a-time minimizer.
-MAX_EVALUATIONS = 400
-#: Pairs of the L-BFGS memory.
-MEMORY = 8
-#: Armijo's sufficient-decrease constant.
-ARMIJO = 1e-4
 #: Slots of a batch on a CPU (cache-sized: larger batches ran slower per fit on 1Lbb), on a GPU.
 CPU_BATCH = 64
 GPU_BATCH = 4096
 #: Iterations per compiled call between refills, on a CPU and on a GPU.
 CPU_STEPS = 8
 GPU_STEPS = 32
-
-# Slot states. A probe has _JOINED once it is within PROBE_RADIUS of the minimum it was given.
-_RUNNING, _CONVERGED, _FAILED, _IDLE, _RUNAWAY, _JOINED = 0, 1, 2, 3, 4, 5
-
 
 def default_batch(device=None) -> tuple[int, int]:
     """``(slots, iterations per call)`` for ``device`` (default: jax's default device)."""
@@ -258,9 +228,9 @@ class BatchFitter:
             target_theta[:, :n] = np.asarray(known[0], dtype=float).reshape(count, -1)[:, :n]
             target = (target_theta / self.scale, np.asarray(known[1], dtype=float).reshape(count))
         theta, values, status, evaluations = self._stream(x0, main, aux_rows, pinned, reference, nominal, target)
-        converged = status == _CONVERGED
-        runaway = status == _RUNAWAY
-        joined = status == _JOINED
+        converged = status == loop.CONVERGED
+        runaway = status == loop.RAN_AWAY
+        joined = status == loop.JOINED
         fallbacks = 0
         if self.fallback if fallback is None else fallback:
             for i in np.flatnonzero(~converged & ~runaway & ~joined):
@@ -299,53 +269,18 @@ class BatchFitter:
 
     def _stream(self, x0, main, aux, pinned, reference, nominal=None, target=None):
         """Run every fit through the slots of one batch; returns host arrays."""
-        import jax
-
-        count, cap = x0.shape
         # Always the full batch, however few fits: one compilation per process and device (a
         # few seconds) costs more than the idle slots of a small call.
-        slots = self.batch
-        consts = dict(self._consts_base, h0inv=self._metric(reference))
-        advance, refill, empty = _compiled(self.model.codes, slots, self.steps, nominal is not None, target is not None)
-        put = functools.partial(jax.device_put, device=self.device)
+        compiled = loop.compiled(self.model.codes, self.batch, self.steps, nominal is not None, target is not None)
         rows_of = {"main": main, "aux": aux, "x0": x0, "pinned": pinned}
         if nominal is not None:
             rows_of["nominal"] = nominal
         if target is not None:
             rows_of["target"], rows_of["target_f"] = target
-        state = empty({key: put(np.zeros((slots,) + rows_of[key].shape[1:])) for key in _ROW_DATA if key in rows_of})
-        owner = np.full(slots, -1)
-        theta = np.full((count, cap), np.nan)
-        values = np.full(count, np.nan)
-        status = np.full(count, _FAILED)
-        evaluations = np.zeros(count, dtype=int)
-        following = 0
-        while True:
-            idle = np.flatnonzero(owner < 0)
-            if following < count and len(idle):
-                take = idle[: count - following]
-                fits = np.arange(following, following + len(take))
-                following += len(take)
-                owner[take] = fits
-                mask = np.zeros(slots, dtype=bool)
-                mask[take] = True
-                rows = np.zeros(slots, dtype=int)
-                rows[take] = fits
-                state = refill(state, put(mask), {key: put(value[rows]) for key, value in rows_of.items()})
-            if not np.any(owner >= 0):
-                break
-            state = advance(state, consts, self._arrays)
-            slot_status = np.asarray(state["status"])
-            done = np.flatnonzero((owner >= 0) & (slot_status != _RUNNING))
-            if len(done):
-                x = np.asarray(state["x"])[done]
-                fits = owner[done]
-                theta[fits] = x * self.scale
-                values[fits] = np.asarray(state["f"])[done]
-                status[fits] = slot_status[done]
-                evaluations[fits] = np.asarray(state["evaluations"])[done]
-                owner[done] = -1
-        return theta, values, status, evaluations
+        consts = dict(self._consts_base, h0inv=self._metric(reference))
+        out = loop.stream(compiled, self.batch, self.device, rows_of, consts, self._arrays)
+        theta = out["x"] * self.scale
+        return theta, out["f"], out["status"], out["evaluations"]
 
     def _one_at_a_time(self, main, aux, theta0, poi):
         problem = self.problem
@@ -361,137 +296,3 @@ class BatchFitter:
         out = self.init.copy()
         out[:n] = theta[:n]
         return out, value, True
-
-
-#: Per-fit data a slot's state holds besides its iterate (filled in by ``refill``).
-_ROW_DATA = ("main", "aux", "nominal", "target", "target_f")
-
-
-@functools.cache
-def _compiled(codes: tuple, slots: int, steps: int, own_nominal: bool = False, probes: bool = False):
-    """``(advance, refill, empty)``, jitted, for interpolation ``codes`` and ``slots``; with
-    ``own_nominal``, each slot's fit has its own nominal yields (the slot state's ``nominal``);
-    with ``probes``, each slot's fit is a probe of a known minimum (``target``, ``target_f``)."""
-    import jax
-    import jax.numpy as jnp
-
-    value_and_grad = kernels(codes)["value_and_grad"]
-
-    def empty(rows):
-        n = rows["aux"].shape[1]
-        zeros = jnp.zeros((slots, n))
-        return {
-            "x": zeros, "f": jnp.full(slots, jnp.inf), "g": zeros, "d": zeros, "alpha": jnp.zeros(slots),
-            "S": jnp.zeros((slots, MEMORY, n)), "Y": jnp.zeros((slots, MEMORY, n)), "rho": jnp.zeros((slots, MEMORY)),
-            "active": jnp.zeros((slots, n), bool), "status": jnp.full(slots, _IDLE, jnp.int32),
-            "evaluations": jnp.zeros(slots, jnp.int32), "decrement": jnp.full(slots, jnp.inf),
-            "flat": jnp.zeros(slots, jnp.int32), "pinned": jnp.zeros((slots, n), bool), **rows,
-        }
-
-    def refill(state, mask, rows):
-        fresh = empty({key: rows[key] for key in _ROW_DATA if key in rows})
-        fresh.update(x=rows["x0"], pinned=rows["pinned"], status=jnp.zeros(slots, jnp.int32))
-
-        def pick(new, old):
-            shape = (slots,) + (1,) * (old.ndim - 1)
-            return jnp.where(mask.reshape(shape), new, old)
-
-        return jax.tree_util.tree_map(pick, fresh, state)
-
-    def advance(state, consts, C):
-        def evaluate(x, s):
-            model = dict(C, nominal=s["nominal"]) if own_nominal else C
-            values, gradients = value_and_grad(x * consts["scale"], s["main"], s["aux"], model)
-            return values, gradients * consts["scale"]
-
-        def body(carry):
-            count, s = carry
-            return count + 1, _iteration(s, consts, evaluate)
-
-        def cond(carry):
-            count, s = carry
-            return (count < steps) & jnp.any(s["status"] == _RUNNING)
-
-        return jax.lax.while_loop(cond, body, (0, state))[1]
-
-    return jax.jit(advance), jax.jit(refill), jax.jit(empty)
-
-
-def _iteration(s, consts, evaluate):
-    """One line-search trial of every running slot, and a new direction where it was accepted."""
-    import jax.numpy as jnp
-
-    lo, hi, h0inv = consts["lo"], consts["hi"], consts["h0inv"]
-    held = consts["fixed"][None, :] | s["pinned"]
-    running = s["status"] == _RUNNING
-    x, f, g = s["x"], s["f"], s["g"]
-    trial = jnp.where(held, x, jnp.clip(x + s["alpha"][:, None] * s["d"], lo, hi))
-    f_trial, g_trial = evaluate(trial, s)
-    g_trial = jnp.where(held, 0.0, g_trial)
-    step = trial - x
-    predicted = jnp.sum(g * step, -1)
-    finite = jnp.isfinite(f_trial) & jnp.all(jnp.isfinite(g_trial), -1)
-    fresh = jnp.isinf(f)
-    moved = jnp.any(step != 0, -1)
-    accept = running & finite & (fresh | (moved & (f_trial <= f + ARMIJO * predicted)))
-
-    # Stored masked to the parameters that move (fixed, pinned and bound ones do not; a change of
-    # the bound set clears the memory below), so the two-loop recursion needs no masks.
-    moving = ~held & ~(((trial <= lo) & (g_trial > 0)) | ((trial >= hi) & (g_trial < 0)))
-    S, Y, rho = quasi_newton.remember(s, accept & ~fresh, step, g_trial - g, moving)
-    x = jnp.where(accept[:, None], trial, x)
-    f = jnp.where(accept, f_trial, f)
-    g = jnp.where(accept[:, None], g_trial, g)
-
-    # Rejected: backtrack to the minimum of the quadratic through f, its slope and f_trial,
-    # kept within [0.1, 0.5] of the step.
-    reject = running & ~accept
-    excess = f_trial - f - predicted
-    shrink = jnp.where(finite & (excess > 0), jnp.clip(-predicted / (2.0 * jnp.where(excess > 0, excess, 1.0)), 0.1, 0.5), 0.1)
-    alpha = jnp.where(reject, s["alpha"] * shrink, 0.0)
-    stalled = reject & ((alpha < 1e-10) | ~moved)
-    has_memory = jnp.any(rho != 0, -1)
-    restart = stalled & has_memory
-
-    bound = ~held & (((x <= lo) & (g > 0)) | ((x >= hi) & (g < 0)))
-    changed = jnp.any(bound != s["active"], -1)
-    rho = jnp.where((restart | (accept & changed))[:, None], 0.0, rho)
-    direction, solvable = quasi_newton.direction(g, S, Y, rho, held, bound, s["pinned"], h0inv)
-    renew = accept | restart
-    d = jnp.where(renew[:, None], direction, s["d"])
-    # A trial step moves no parameter by more than STEP_LIMIT (standard deviations, in these
-    # coordinates): fits stay in the basin of their starting point, as pyhf's do.
-    longest = jnp.max(jnp.abs(direction), -1)
-    first = jnp.minimum(1.0, STEP_LIMIT / jnp.where(longest > 0, longest, 1.0))
-    alpha = jnp.where(renew, first, alpha)
-    decrement = jnp.where(renew, -jnp.sum(g * direction, -1), s["decrement"])
-
-    evaluations = s["evaluations"] + running
-    progress = accept & ~fresh & (s["f"] - f_trial > FLAT * jnp.maximum(1.0, jnp.abs(f_trial)))
-    flat = jnp.where(progress, 0, s["flat"] + ((accept & ~fresh) | stalled))
-    converged = (
-        (renew & (decrement < consts["tolerance"]))
-        | (stalled & ~has_memory & (s["decrement"] < STALL_TOLERANCE))
-        | (flat >= FLAT_STEPS)
-    )
-    failed = (
-        (stalled & ~has_memory & ~converged)
-        | (fresh & ~finite)
-        | (renew & ~solvable)
-        | (evaluations >= MAX_EVALUATIONS)
-    )
-    # Below zero the fit is following an empty bin's yield below zero; one that fails there, or
-    # goes on below -RUNAWAY, has no minimum to find.
-    runaway = (f < -RUNAWAY) | (failed & (f < 0))
-    status = jnp.where(running & converged, _CONVERGED, jnp.where(running & failed, _FAILED, s["status"]))
-    status = jnp.where(running & runaway, _RUNAWAY, status)
-    if "target" in s:  # probes (resolved when tracing): stop in the basin of the known minimum
-        near = jnp.max(jnp.abs(x - s["target"]), -1) < PROBE_RADIUS
-        joined = running & accept & ~fresh & near & (f >= s["target_f"] - SAME_MINIMUM)
-        status = jnp.where(joined & (status == _RUNNING), _JOINED, status)
-    out = dict(s)
-    out.update(
-        x=x, f=f, g=g, d=d, alpha=alpha, S=S, Y=Y, rho=rho, active=jnp.where(renew[:, None], bound, s["active"]),
-        status=status, evaluations=evaluations, decrement=decrement, flat=flat,
-    )
-    return out

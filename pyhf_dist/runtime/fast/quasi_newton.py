@@ -46,17 +46,20 @@ def held_solve(q, held, h0inv):
 
     With ``z = H^-1 q``, the solution keeping the held ones at zero is
     ``z - H^-1[:, A] (H^-1[A, A])^-1 z[A]`` (a Schur complement): a ``k x k`` solve per slot.
+    ``h0inv`` is one ``[n, n]`` matrix for every slot, or ``[slots, n, n]``, one per slot.
     """
     import jax
     import jax.numpy as jnp
 
     k = MAX_HELD
     n = held.shape[-1]
-    z = q @ h0inv
+    per_slot = h0inv.ndim == 3
+    z = jnp.einsum("sn,snm->sm", q, h0inv) if per_slot else q @ h0inv
     # The first k held indices (the largest scores); a score of 0 marks an unused entry.
     scores, order = jax.lax.top_k(jnp.where(held, n - jnp.arange(n), 0), k)
     valid = scores > 0
-    columns = jnp.take(h0inv, order, axis=0)  # [slots, k, n]: rows of a symmetric matrix
+    # [slots, k, n]: rows of a symmetric matrix
+    columns = jnp.take_along_axis(h0inv, order[:, :, None], axis=1) if per_slot else jnp.take(h0inv, order, axis=0)
     block = jnp.take_along_axis(columns, order[:, None, :], axis=2)
     block = jnp.where(valid[:, :, None] & valid[:, None, :], block, jnp.eye(k))
     z_held = jnp.where(valid, jnp.take_along_axis(z, order, axis=1), 0.0)

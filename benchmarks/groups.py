@@ -1,0 +1,112 @@
+"""Patches of different structures fitted together (``runtime.fast.group``) against one at a time.
+
+    python benchmarks/groups.py                          # 1Lbb and 3L-eRJR, groups of 16
+    python benchmarks/groups.py --pallets 1Lbb --group 32 --upper-limit-values 12
+
+In one process, per pallet, after a warm-up group (compilation is not timed):
+
+* the hypotests at mu = 1 of every patch one at a time on the certified fast path
+  (``PoiScan``, as ``fit.hypotest``) and in groups of ``--group`` patches (``GroupScan``), the
+  patches a group leaves (its starts found different minima, or a fit failed) then one at a time:
+  wall time of each, the ratio, how many patches were left, and the largest |ΔCLs| between the two;
+* with ``--upper-limit-values N``: the CLs at ``N`` POI values per patch (a search's worth of
+  values) both ways: wall time and ratio.
+
+Prints a table; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import sources
+
+
+def _one_at_a_time(problems, mus):
+    from pyhf_dist.runtime.fast import fit
+    from pyhf_dist.runtime.fast.errors import FastPathUnsupported
+
+    out = []
+    for problem, values in zip(problems, mus):
+        try:
+            scan = fit.PoiScan(problem, "qtilde")
+            found = []
+            for mu in values:
+                stats = scan.statistics(mu)
+                found.append(fit.asymptotic_cls(stats["qmu"], stats["qmu_A"], "qtilde", powerless_is_one=True))
+            out.append(found)
+        except FastPathUnsupported:
+            out.append(None)
+    return out
+
+
+def _grouped(problems, mus, size: int):
+    from pyhf_dist.runtime.fast.group import GroupScan
+
+    out = []
+    for start in range(0, len(problems), size):
+        out.extend(GroupScan(problems[start : start + size]).statistics(mus[start : start + size]))
+    # What a group leaves is fitted one at a time, as a scan would: its time counts.
+    left = [i for i, found in enumerate(out) if found is None]
+    for i, found in zip(left, _one_at_a_time([problems[i] for i in left], [mus[i] for i in left])):
+        out[i] = found
+    return out, len(left)
+
+
+def _largest_difference(first, second) -> float:
+    worst = 0.0
+    for ours, theirs in zip(first, second):
+        if ours is None or theirs is None:
+            continue
+        for a, b in zip(ours, theirs):
+            worst = max(worst, abs(a["CLs_obs"] - b["CLs_obs"]), *(abs(x - y) for x, y in zip(a["CLs_exp"], b["CLs_exp"])))
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pallets", default="1Lbb,3L-eRJR")
+    parser.add_argument("--group", type=int, default=16, help="patches per group")
+    parser.add_argument("--upper-limit-values", type=int, default=0, help="also N POI values per patch")
+    args = parser.parse_args()
+
+    import numpy as np
+
+    from pyhf_dist.runtime.fast.engine import FastHypotest
+
+    rows = []
+    for name in args.pallets.split(","):
+        pallet = sources.load(name)
+        engine = FastHypotest(pallet.workspace)
+        problems = [engine.problem(patch.operations) for patch in pallet.patches]
+        cases = [("hypotest mu=1", [[1.0]] * len(problems))]
+        if args.upper_limit_values:
+            cases.append((f"{args.upper_limit_values} POI values", [list(np.linspace(0.2, 3.0, args.upper_limit_values))] * len(problems)))
+        for label, mus in cases:
+            _grouped(problems[: args.group], mus[: args.group], args.group)  # warm-up: compilation
+            _one_at_a_time(problems[:2], mus[:2])
+            began = time.perf_counter()
+            alone = _one_at_a_time(problems, mus)
+            alone_seconds = time.perf_counter() - began
+            began = time.perf_counter()
+            together, left = _grouped(problems, mus, args.group)
+            group_seconds = time.perf_counter() - began
+            worst = _largest_difference(together, alone)
+            rows.append((name, label, len(problems), alone_seconds, group_seconds, left, worst))
+            print(f"{name}: {label}: one at a time {alone_seconds:.1f} s, groups of {args.group} {group_seconds:.1f} s", flush=True)
+    print()
+    print("| pallet | fits | patches | one at a time (s) | in groups (s) | ratio | left to one at a time | max abs dCLs |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, label, count, alone_seconds, group_seconds, left, worst in rows:
+        print(f"| {name} | {label} | {count} | {alone_seconds:.1f} | {group_seconds:.1f} | "
+              f"{alone_seconds / group_seconds:.2f} | {left} | {worst:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
