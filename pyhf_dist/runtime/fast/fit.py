@@ -17,10 +17,11 @@ lowest ``-2 log L`` within pyhf's bounds, and every fit is checked before its nu
   initial values (and, where the measurement sets others, from the constraints' centres) and
   from the minimum of another fit (the free fit from the conditional fit that makes the Asimov
   data, and every conditional fit from the free fit's minimum); a second start stops early once
-  it is within :data:`~pyhf_dist.runtime.fast.problem.PROBE_RADIUS` of the first's minimum. Where two
-  starts (or the check above) find different minima, the fits to the Asimov data get second
-  starts too. Every fit starts where pyhf's starts, so where pyhf's fits converge, the numbers
-  are pyhf's;
+  it is within :data:`~pyhf_dist.runtime.fast.problem.PROBE_RADIUS` of the first's minimum. The
+  first conditional fit to the Asimov data gets a second start too, the free fit's minimum (the
+  point the data were generated from), and so do all of them where two starts (or the check
+  above) find different minima. Every fit starts where pyhf's starts, so where pyhf's fits
+  converge, the numbers are pyhf's;
 * in an upper-limit search (tens of POI values), a conditional fit at a further value starts
   from the minimum interpolated linearly between those of the nearest values already fitted to
   the same data: for the observed data as the second start, instead of the free fit's minimum;
@@ -189,9 +190,11 @@ class PoiScan:
             # the minimum interpolated between the nearest ones, a fit takes half the
             # evaluations it takes from pyhf's start.
             nearby = self._interpolated(data, mu)
-            if data == "observed" or self.several_minima:
+            if data == "observed" or self.several_minima or nearby is None:
                 # A second start. A conditional fit too high gives too large a test statistic:
-                # a false exclusion.
+                # a false exclusion. (The first fit to the Asimov data takes it too: from pyhf's
+                # start alone, a 1Lbb patch's ends 0.023 above the minimum that the free fit's
+                # minimum, the point the data were generated from, leads to.)
                 if nearby is None:
                     starts[f"{data} free"] = self.fits[f"{data} free"].theta
                 else:

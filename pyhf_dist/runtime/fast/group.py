@@ -187,7 +187,8 @@ class GroupScan:
     minimum; the Asimov data from the fit at ``mu = 0``; the free fit to them from the point they
     were generated from; per tested value, the fit to the observed data from the initial values,
     from the free fit's minimum and from the minimum at ``mu = 0``, and the fit to the Asimov data
-    from the initial values and from the observed data's minimum at that value; where a patch is
+    from the initial values, from the point the data were generated from and from the observed
+    data's minimum at that value; where a patch is
     tested at several values, both also from the minima interpolated between the nearest ones.
     Every start of a fit must reach one minimum, and the answer is the one from the initial
     values. (The one-at-a-time path's fits take fewer starts until it has seen two minima. This
@@ -294,7 +295,8 @@ class GroupScan:
         )
         fitted, on_asimov = found.rows(0, count), found.rows(count, 2 * count)
         # Further starts: the free fit's minimum and the fit's at mu = 0 for the observed data;
-        # the observed data's minimum at the same value for the Asimov data; where a patch has
+        # the observed data's minimum at the same value and the point the data were generated
+        # from (the fit's at mu = 0) for the Asimov data; where a patch has
         # other values, the minimum interpolated between its nearest ones (the start of the
         # one-at-a-time search's fits). On a likelihood with several minima they may lead
         # elsewhere than pyhf's start: then the patch is left to the one-at-a-time path.
@@ -302,16 +304,17 @@ class GroupScan:
         has = [np.flatnonzero(np.isfinite(start[:, 0])) for start in near]
         background = self.shared[self.background_name].theta
         found = self.fitter.fit(
-            np.concatenate([patches, patches, patches, patches[has[0]], patches[has[1]]]),
-            np.concatenate([observed_rows[0], observed_rows[0], asimov_rows[0], observed_rows[0][has[0]], asimov_rows[0][has[1]]]),
-            observed_rows[1] * 2 + asimov_rows[1] + [observed_rows[1][r] for r in has[0]] + [asimov_rows[1][r] for r in has[1]],
-            np.concatenate([tested, tested, tested, tested[has[0]], tested[has[1]]]),
+            np.concatenate([patches] * 4 + [patches[has[0]], patches[has[1]]]),
+            np.concatenate([observed_rows[0]] * 2 + [asimov_rows[0]] * 2 + [observed_rows[0][has[0]], asimov_rows[0][has[1]]]),
+            observed_rows[1] * 2 + asimov_rows[1] * 2 + [observed_rows[1][r] for r in has[0]] + [asimov_rows[1][r] for r in has[1]],
+            np.concatenate([tested] * 4 + [tested[has[0]], tested[has[1]]]),
             start=[free.theta[i] for i in patches] + [background[i] for i in patches]
-            + list(np.where(fitted.converged[:, None], fitted.theta, 0.0)) + list(near[0][has[0]]) + list(near[1][has[1]]),
+            + list(np.where(fitted.converged[:, None], fitted.theta, 0.0)) + [background[i] for i in patches]
+            + list(near[0][has[0]]) + list(near[1][has[1]]),
         )
-        from_free, from_background, asimov_again = (found.rows(k * count, (k + 1) * count) for k in range(3))
-        agree = [_same(fitted, from_background), np.ones(count, dtype=bool)]
-        at = 3 * count
+        from_free, from_background, asimov_again, asimov_generating = (found.rows(k * count, (k + 1) * count) for k in range(4))
+        agree = [_same(fitted, from_background), _same(on_asimov, asimov_generating)]
+        at = 4 * count
         for k, part in enumerate((fitted, on_asimov)):
             agree[k][has[k]] &= _same(part._at(has[k]), found.rows(at, at + len(has[k])))
             at += len(has[k])

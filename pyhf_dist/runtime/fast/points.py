@@ -17,8 +17,9 @@ a time on a 3-bin model).
 * Per point, in the loop: the free fit from pyhf's initial values and from that fit's minimum;
   the fit at the tested value from the initial values and from the free fit's minimum; the fit at
   ``mu = 0`` again from the free fit's minimum (it must find no lower minimum than the shared
-  one); the fit at the tested value to the Asimov data. The free fit to the Asimov data is the
-  point they were generated from (evaluated, not fitted).
+  one); the fit at the tested value to the Asimov data from the initial values and from the point
+  the data were generated from. The free fit to the Asimov data is that point (evaluated, not
+  fitted).
 * A point is answered here only when everything is clean: every fit converged in the loop with a
   projected gradient below :data:`~pyhf_dist.runtime.fast.problem.ACCEPT_GRADIENT` (per standard
   deviation, as the one-at-a-time certificate), the starts of each fit reach one minimum, and the
@@ -184,7 +185,9 @@ class _Group:
             nominal,
             [(observed, None, init), (observed, None, self.background.theta), (observed, mu, init), (asimov, mu, init)],
         )
-        background_again, tested_again = self._fits(nominal, [(observed, 0.0, free.theta), (observed, mu, free.theta)])
+        background_again, tested_again, asimov_again = self._fits(
+            nominal, [(observed, 0.0, free.theta), (observed, mu, free.theta), (asimov, mu, self.background.theta)]
+        )
         scale = self._scales(nominal)
         asimov_free = self._at(asimov, nominal, np.tile(self.background.theta[:n], (count, 1)), None, scale)
         gradients = {
@@ -195,9 +198,11 @@ class _Group:
         }
         lowest_conditional = np.minimum(tested.twice_nll, self.background.value)
         clean = (
-            np.all([part.converged for part in (free, free_again, tested, tested_again, background_again, asimov_tested)], axis=0)
+            np.all([part.converged for part in (free, free_again, tested, tested_again, background_again, asimov_tested,
+                                                asimov_again)], axis=0)
             & (np.abs(free.twice_nll - free_again.twice_nll) <= SAME_MINIMUM)
             & (np.abs(tested.twice_nll - tested_again.twice_nll) <= SAME_MINIMUM)
+            & (np.abs(asimov_tested.twice_nll - asimov_again.twice_nll) <= SAME_MINIMUM)
             & (np.abs(background_again.twice_nll - self.background.value) <= SAME_MINIMUM)
             & (free.twice_nll <= lowest_conditional + SAME_MINIMUM)
             & np.all([value <= ACCEPT_GRADIENT for value in gradients.values()], axis=0)
