@@ -157,7 +157,8 @@ class BatchFitter:
         self.init = pad(problem.init, 0.0)
         self.lower = pad(problem.lower, 0.0)
         self.upper = pad(problem.upper, 0.0)
-        self._arrays = jax.device_put(self.model.arrays, self.device)
+        #: The model's arrays on the fitter's device.
+        self.device_arrays = jax.device_put(self.model.arrays, self.device)
         self._consts_base = jax.device_put(
             {
                 "lo": self.lower / self.scale,
@@ -243,13 +244,13 @@ class BatchFitter:
 
     # ------------------------------------------------------------------------------ internals
 
-    def _metric(self, reference):
+    def metric(self, reference):
         """Inverse Fisher information at ``reference`` over the free parameters (scaled), on the device."""
         import jax
 
         key = reference.tobytes()
         if key not in self._metrics:
-            fisher = np.asarray(kernels(self.model.codes)["fisher"](reference, self._arrays))
+            fisher = np.asarray(kernels(self.model.codes)["fisher"](reference, self.device_arrays))
             fisher = fisher * np.outer(self.scale, self.scale)
             free = ~self.fixed
             block = fisher[np.ix_(free, free)]
@@ -277,8 +278,8 @@ class BatchFitter:
             rows_of["nominal"] = nominal
         if target is not None:
             rows_of["target"], rows_of["target_f"] = target
-        consts = dict(self._consts_base, h0inv=self._metric(reference))
-        out = loop.stream(compiled, self.batch, self.device, rows_of, consts, self._arrays)
+        consts = dict(self._consts_base, h0inv=self.metric(reference))
+        out = loop.stream(compiled, self.batch, self.device, rows_of, consts, self.device_arrays)
         theta = out["x"] * self.scale
         return theta, out["f"], out["status"], out["evaluations"]
 

@@ -75,8 +75,8 @@ class GroupFitter:
     """Fits of several patches (:class:`~pyhf_dist.runtime.fast.problem.FitProblem`) in one loop.
 
     Args:
-        problems: The patches. They must share the main data's bins, the interpolation codes and
-            the factors per yield (patches of one pallet that keep its channels do).
+        problems: The patches. They must share one padded layout (the patches of a pallet do,
+            also those that remove a channel: its bins are masked) and the interpolation codes.
         device, batch, steps: As :class:`~pyhf_dist.runtime.fast.batched.BatchFitter`.
         tolerance: The convergence threshold (default :data:`GROUP_TOLERANCE`).
 
@@ -108,14 +108,14 @@ class GroupFitter:
         self.codes, self.pars = first.model.codes, first.model.caps.pars
         self.bins = first.model.caps.bins
         stack = lambda values: np.stack([np.asarray(value) for value in values])
-        self._arrays = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *[m._arrays for m in self.members])
+        self._arrays = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *[m.device_arrays for m in self.members])
         self._consts = jax.device_put(
             {
                 "lo": stack([m.lower / m.scale for m in self.members]),
                 "hi": stack([m.upper / m.scale for m in self.members]),
                 "scale": stack([m.scale for m in self.members]),
                 "fixed": stack([m.fixed for m in self.members]),
-                "h0inv": stack([m._metric(m.init) for m in self.members]),
+                "h0inv": stack([m.metric(m.init) for m in self.members]),
                 "tolerance": float(tolerance),
             },
             self.device,
