@@ -15,25 +15,21 @@ from pathlib import Path
 # order and moves CLs by ~1e-5 on 1Lbb. Set before anything imports numpy.
 for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_name, "1")
-# A cache of this session only (compiled likelihoods, checks passed), inherited by every worker and
-# subprocess: each session runs the checks itself, as on a fresh machine, whatever ~/.cache holds.
-if "PYHF_DIST_CACHE" not in os.environ:
-    import atexit
-    import shutil
-    import tempfile
+# Folders of this run only, inherited by every test process (the suite runs on two, pytest-xdist),
+# worker and subprocess, and removed at its end:
+# - PYHF_DIST_CACHE, the cache (compiled likelihoods, checks passed): each run makes the checks
+#   itself, as on a fresh machine, whatever ~/.cache holds;
+# - PYHF_DIST_TEST_REFERENCES, plain pyhf's references (``helpers.serial_pyhf``): one takes plain
+#   pyhf minutes, so it is computed once, by whichever process needs it first.
+# Set here, before the test processes start.
+for _name, _prefix in (("PYHF_DIST_CACHE", "pyhf-dist-test-cache-"), ("PYHF_DIST_TEST_REFERENCES", "pyhf-dist-test-references-")):
+    if _name not in os.environ:
+        import atexit
+        import shutil
+        import tempfile
 
-    os.environ["PYHF_DIST_CACHE"] = tempfile.mkdtemp(prefix="pyhf-dist-test-cache-")
-    atexit.register(shutil.rmtree, os.environ["PYHF_DIST_CACHE"], ignore_errors=True)
-# Plain pyhf's references on disk, shared by the test processes of one run (the suite runs on two,
-# pytest-xdist): a reference takes plain pyhf minutes, so it is computed once, by whichever process
-# needs it first (``helpers.serial_pyhf``). Set here, before the processes start: they inherit it.
-if "PYHF_DIST_TEST_REFERENCES" not in os.environ:
-    import atexit
-    import shutil
-    import tempfile
-
-    os.environ["PYHF_DIST_TEST_REFERENCES"] = tempfile.mkdtemp(prefix="pyhf-dist-test-references-")
-    atexit.register(shutil.rmtree, os.environ["PYHF_DIST_TEST_REFERENCES"], ignore_errors=True)
+        os.environ[_name] = tempfile.mkdtemp(prefix=_prefix)
+        atexit.register(shutil.rmtree, os.environ[_name], ignore_errors=True)
 
 import pytest  # noqa: E402
 
