@@ -35,12 +35,8 @@ def _one_at_a_time(problems, mus):
     out = []
     for problem, values in zip(problems, mus):
         try:
-            scan = fit.PoiScan(problem, "qtilde")
-            found = []
-            for mu in values:
-                stats = scan.statistics(mu)
-                found.append(fit.asymptotic_cls(stats["qmu"], stats["qmu_A"], "qtilde", powerless_is_one=True))
-            out.append(found)
+            stats = fit.PoiScan(problem, "qtilde").statistics_many(values)
+            out.append([fit.asymptotic_cls(s["qmu"], s["qmu_A"], "qtilde", powerless_is_one=True) for s in stats])
         except FastPathUnsupported:
             out.append(None)
     return out

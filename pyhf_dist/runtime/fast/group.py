@@ -221,23 +221,26 @@ class GroupScan:
         self.answerable = np.array([
             np.array_equal(p.nominal, p.init) and p.lower[p.poi_index] <= 0.0 <= p.upper[p.poi_index] for p in problems
         ])
-        observed = ([p.main for p in problems], [p.aux for p in problems])
-        first = self._fits(index, observed, [(0.0, None), (None, None)])
-        background, free = first[0], first[1]
+        observed = _data([p.main for p in problems], [p.aux for p in problems], index)
+        inits = [p.init for p in problems]
+        free_fit, conditional = np.full(count, np.nan), np.zeros(count)
+        background, free = self._fit_blocks([(index, observed, conditional, inits), (index, observed, free_fit, inits)])
         # The second start of each: the other's minimum. Where both starts reach one minimum the
         # first one's is the answer (as the one-at-a-time path's probes); where not, the patch
         # has several minima and is fitted one at a time.
-        again = self._fits(index, observed, [(0.0, free.theta), (None, background.theta)])
+        background_again, free_again = self._fit_blocks([
+            (index, observed, conditional, list(free.theta)), (index, observed, free_fit, list(background.theta)),
+        ])
         self.answerable &= (
-            _same(background, again[0]) & _same(free, again[1])
+            _same(background, background_again) & _same(free, free_again)
             & (free.twice_nll <= background.twice_nll + SAME_MINIMUM)
         )
         self.asimov = [
             tuple(np.asarray(part) for part in p.functions.expected(_own(p, theta), p.layout)) if ok else (p.main, p.aux)
             for p, theta, ok in zip(problems, background.theta, self.answerable)
         ]
-        asimov_free = self.fitter.fit(index, [a[0] for a in self.asimov], [a[1] for a in self.asimov],
-                                      start=np.where(self.answerable[:, None], background.theta, 0.0))
+        generating = list(np.where(self.answerable[:, None], background.theta, 0.0))
+        (asimov_free,) = self._fit_blocks([(index, self._asimov_rows(index), free_fit, generating)])
         self.answerable &= asimov_free.converged
         self.shared = {self.background_name: background, "observed free": free, "asimov free": asimov_free}
         self.muhat = np.array([free.theta[i, poi[i]] for i in index])
@@ -247,19 +250,24 @@ class GroupScan:
             for i, p in enumerate(problems)
         ]
 
-    def _fits(self, patches, data, fits: list) -> list[GroupFits]:
-        """For each ``(POI value or None, start or None)`` of ``fits``, that fit of each of
-        ``patches`` to ``data`` (``(main rows, aux rows)``, one per patch), all in one loop."""
-        count = len(patches)
-        main = np.concatenate([np.stack([data[0][i] for i in patches])] * len(fits))
-        aux = [data[1][i] for i in patches] * len(fits)
-        poi = np.concatenate([np.full(count, np.nan if value is None else value, dtype=float) for value, _ in fits])
-        starts = [
-            [self.problems[i].init for i in patches] if begin is None else list(begin)
-            for _, begin in fits
-        ]
-        found = self.fitter.fit(np.tile(patches, len(fits)), main, aux, poi, start=[row for rows in starts for row in rows])
-        return [found.rows(k * count, (k + 1) * count) for k in range(len(fits))]
+    def _fit_blocks(self, blocks: list) -> list[GroupFits]:
+        """Blocks of fits, all in one loop: each ``(patches, (main, aux), POI values, starts)``
+        with one row per fit (NaN POI value: a free fit); a :class:`GroupFits` per block."""
+        found = self.fitter.fit(
+            np.concatenate([patches for patches, _, _, _ in blocks]),
+            np.concatenate([data[0] for _, data, _, _ in blocks]),
+            [row for _, data, _, _ in blocks for row in data[1]],
+            np.concatenate([values for _, _, values, _ in blocks]),
+            start=[row for _, _, _, starts in blocks for row in starts],
+        )
+        out, at = [], 0
+        for patches, _, _, _ in blocks:
+            out.append(found.rows(at, at + len(patches)))
+            at += len(patches)
+        return out
+
+    def _asimov_rows(self, patches) -> tuple:
+        return _data([a[0] for a in self.asimov], [a[1] for a in self.asimov], patches)
 
     def statistics(self, mus: list) -> list[list[dict] | None]:
         """The test statistics and CLs of each patch at its POI values, as the one-at-a-time path's.
@@ -278,46 +286,36 @@ class GroupScan:
             fit_name,
         )
 
-        patches = np.array([i for i, values in enumerate(mus) for _ in values], dtype=int)
-        tested = np.array([float(mu) for values in mus for mu in values])
+        # Patches whose shared fits failed a check are not fitted again: they are None anyway.
+        patches = np.array([i for i, values in enumerate(mus) if self.answerable[i] for _ in values], dtype=int)
+        tested = np.array([float(mu) for i, values in enumerate(mus) if self.answerable[i] for mu in values])
         if not len(patches):
             return [[] if self.answerable[i] else None for i in range(len(mus))]
         free, asimov_free = self.shared["observed free"], self.shared["asimov free"]
-        observed = ([p.main for p in self.problems], [p.aux for p in self.problems])
-        asimov = ([a[0] for a in self.asimov], [a[1] for a in self.asimov])
+        observed = _data([p.main for p in self.problems], [p.aux for p in self.problems], patches)
+        asimov = self._asimov_rows(patches)
         init = [self.problems[i].init for i in patches]
-        count = len(patches)
-        observed_rows = (np.stack([observed[0][i] for i in patches]), [observed[1][i] for i in patches])
-        asimov_rows = (np.stack([asimov[0][i] for i in patches]), [asimov[1][i] for i in patches])
-        found = self.fitter.fit(
-            np.tile(patches, 2), np.concatenate([observed_rows[0], asimov_rows[0]]), observed_rows[1] + asimov_rows[1],
-            np.tile(tested, 2), start=init + init,
-        )
-        fitted, on_asimov = found.rows(0, count), found.rows(count, 2 * count)
+        fitted, on_asimov = self._fit_blocks([(patches, observed, tested, init), (patches, asimov, tested, init)])
         # Further starts: the free fit's minimum and the fit's at mu = 0 for the observed data;
         # the observed data's minimum at the same value and the point the data were generated
-        # from (the fit's at mu = 0) for the Asimov data; where a patch has
-        # other values, the minimum interpolated between its nearest ones (the start of the
-        # one-at-a-time search's fits). On a likelihood with several minima they may lead
-        # elsewhere than pyhf's start: then the patch is left to the one-at-a-time path.
+        # from (the fit's at mu = 0) for the Asimov data; where a patch has other values, the
+        # minimum interpolated between its nearest ones (the start of the one-at-a-time search's
+        # fits). On a likelihood with several minima they may lead elsewhere than pyhf's start:
+        # then the patch is left to the one-at-a-time path.
         near = [_interpolated(patches, tested, part) for part in (fitted, on_asimov)]
         has = [np.flatnonzero(np.isfinite(start[:, 0])) for start in near]
-        background = self.shared[self.background_name].theta
-        found = self.fitter.fit(
-            np.concatenate([patches] * 4 + [patches[has[0]], patches[has[1]]]),
-            np.concatenate([observed_rows[0]] * 2 + [asimov_rows[0]] * 2 + [observed_rows[0][has[0]], asimov_rows[0][has[1]]]),
-            observed_rows[1] * 2 + asimov_rows[1] * 2 + [observed_rows[1][r] for r in has[0]] + [asimov_rows[1][r] for r in has[1]],
-            np.concatenate([tested] * 4 + [tested[has[0]], tested[has[1]]]),
-            start=[free.theta[i] for i in patches] + [background[i] for i in patches]
-            + list(np.where(fitted.converged[:, None], fitted.theta, 0.0)) + [background[i] for i in patches]
-            + list(near[0][has[0]]) + list(near[1][has[1]]),
-        )
-        from_free, from_background, asimov_again, asimov_generating = (found.rows(k * count, (k + 1) * count) for k in range(4))
+        generating = list(self.shared[self.background_name].theta[patches])
+        from_free, from_background, asimov_again, asimov_generating, observed_near, asimov_near = self._fit_blocks([
+            (patches, observed, tested, list(free.theta[patches])),
+            (patches, observed, tested, generating),
+            (patches, asimov, tested, list(np.where(fitted.converged[:, None], fitted.theta, 0.0))),
+            (patches, asimov, tested, generating),
+            (patches[has[0]], _subset(observed, has[0]), tested[has[0]], list(near[0][has[0]])),
+            (patches[has[1]], _subset(asimov, has[1]), tested[has[1]], list(near[1][has[1]])),
+        ])
         agree = [_same(fitted, from_background), _same(on_asimov, asimov_generating)]
-        at = 4 * count
-        for k, part in enumerate((fitted, on_asimov)):
-            agree[k][has[k]] &= _same(part._at(has[k]), found.rows(at, at + len(has[k])))
-            at += len(has[k])
+        for k, (part, from_near) in enumerate(((fitted, observed_near), (on_asimov, asimov_near))):
+            agree[k][has[k]] &= _same(part._at(has[k]), from_near)
         clean = (
             self.answerable[patches] & _same(fitted, from_free) & _same(on_asimov, asimov_again) & agree[0] & agree[1]
             & (free.twice_nll[patches] <= fitted.twice_nll + SAME_MINIMUM)
@@ -380,6 +378,15 @@ def _interpolated(patches: np.ndarray, tested: np.ndarray, fits: GroupFits) -> n
         else:
             out[row] = fits.theta[others[np.argmin(np.abs(tested[others] - mu))]]
     return out
+
+
+def _data(main: list, aux: list, patches) -> tuple:
+    """``(main [rows, bins], aux rows)`` of ``patches`` (one row each) from per-patch data."""
+    return np.stack([main[i] for i in patches]), [aux[i] for i in patches]
+
+
+def _subset(data: tuple, rows) -> tuple:
+    return data[0][rows], [data[1][r] for r in rows]
 
 
 def _own(problem, theta) -> np.ndarray:
