@@ -2,11 +2,14 @@
 
     python benchmarks/groups.py                          # 1Lbb and 3L-eRJR, groups of 16
     python benchmarks/groups.py --pallets 1Lbb --group 32 --upper-limit-values 12
+    python benchmarks/groups.py --pallets 1Lbb,stau-combined,stau-lowMass,stau-highMass,3L-eRJR --group 1000
+                                                         # on a GPU: each pallet in one group
 
 In one process, per pallet, after a warm-up group (compilation is not timed):
 
 * the hypotests at mu = 1 of every patch one at a time on the certified fast path
-  (``PoiScan``, as ``fit.hypotest``) and in groups of ``--group`` patches (``GroupScan``), the
+  (``PoiScan``, as ``fit.hypotest``, always on the CPU, as a scan fits them there) and in groups
+  of ``--group`` patches (``GroupScan``, on jax's default device: a GPU where jax sees one), the
   patches a group leaves (its starts found different minima, or a fit failed) then one at a time:
   wall time of each, the ratio, how many patches were left, and the largest |ΔCLs| between the two;
 * with ``--upper-limit-values N``: the CLs at ``N`` POI values per patch (a search's worth of
@@ -42,15 +45,17 @@ def _one_at_a_time(problems, mus):
     return out
 
 
-def _grouped(problems, mus, size: int):
+def _grouped(problems, mus, size: int, alone=None):
     from pyhf_dist.runtime.fast.group import GroupScan
 
     out = []
     for start in range(0, len(problems), size):
         out.extend(GroupScan(problems[start : start + size]).statistics(mus[start : start + size]))
-    # What a group leaves is fitted one at a time, as a scan would: its time counts.
+    # What a group leaves is fitted one at a time (``alone``: the same problems on the CPU), as a
+    # scan would: its time counts.
+    alone = problems if alone is None else alone
     left = [i for i, found in enumerate(out) if found is None]
-    for i, found in zip(left, _one_at_a_time([problems[i] for i in left], [mus[i] for i in left])):
+    for i, found in zip(left, _one_at_a_time([alone[i] for i in left], [mus[i] for i in left])):
         out[i] = found
     return out, len(left)
 
@@ -74,29 +79,36 @@ def main() -> None:
 
     import numpy as np
 
+    import jax
+
     from pyhf_dist.runtime.fast.engine import FastHypotest
 
+    device = jax.devices()[0]
     rows = []
     for name in args.pallets.split(","):
         pallet = sources.load(name)
-        engine = FastHypotest(pallet.workspace)
-        problems = [engine.problem(patch.operations) for patch in pallet.patches]
+        problems = [FastHypotest(pallet.workspace).problem(patch.operations) for patch in pallet.patches]
+        on_cpu = problems
+        if device.platform != "cpu":
+            with jax.default_device(jax.devices("cpu")[0]):
+                on_cpu = [FastHypotest(pallet.workspace).problem(patch.operations) for patch in pallet.patches]
         cases = [("hypotest mu=1", [[1.0]] * len(problems))]
         if args.upper_limit_values:
             cases.append((f"{args.upper_limit_values} POI values", [list(np.linspace(0.2, 3.0, args.upper_limit_values))] * len(problems)))
         for label, mus in cases:
             _grouped(problems[: args.group], mus[: args.group], args.group)  # warm-up: compilation
-            _one_at_a_time(problems[:2], mus[:2])
+            _one_at_a_time(on_cpu[:2], mus[:2])
             began = time.perf_counter()
-            alone = _one_at_a_time(problems, mus)
+            alone = _one_at_a_time(on_cpu, mus)
             alone_seconds = time.perf_counter() - began
             began = time.perf_counter()
-            together, left = _grouped(problems, mus, args.group)
+            together, left = _grouped(problems, mus, args.group, on_cpu)
             group_seconds = time.perf_counter() - began
             worst = _largest_difference(together, alone)
             rows.append((name, label, len(problems), alone_seconds, group_seconds, left, worst))
             print(f"{name}: {label}: one at a time {alone_seconds:.1f} s, groups of {args.group} {group_seconds:.1f} s", flush=True)
     print()
+    print(f"Groups on {device.device_kind} ({device.platform}); one at a time on the CPU.")
     print("| pallet | fits | patches | one at a time (s) | in groups (s) | ratio | left to one at a time | max abs dCLs |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, label, count, alone_seconds, group_seconds, left, worst in rows:

@@ -34,12 +34,16 @@ from typing import Any, Protocol, TypedDict, runtime_checkable
 __all__ = [
     "Context", "WorkerContext", "CompressedContext", "Task", "Pack", "Record", "FIT", "NOOP", "PACK", "KINDS",
     "make_task", "make_pack", "records_of", "new_record", "failed_record", "first_line", "encode", "decode",
-    "COMPRESSED_PREFIX",
+    "COMPRESSED_PREFIX", "SMALLEST_GROUP",
 ]
 
 #: Task kinds: a fit (one patch, or one chunk of its toys), a task that computes nothing, a pack.
 FIT, NOOP, PACK = "fit", "noop", "pack"
 KINDS = (FIT, NOOP, PACK)
+#: The fewest points of one template that a worker fits together (in one loop) when a pack holds
+#: them; fewer are fitted one at a time (the loop's fixed cost per call). The scan's packs of short
+#: fits hold at least this many.
+SMALLEST_GROUP = 4
 #: Marks text that holds zlib-compressed, base64-encoded JSON (:func:`encode`).
 COMPRESSED_PREFIX = "zlib+base64:"
 

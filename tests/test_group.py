@@ -194,3 +194,35 @@ def test_patches_of_other_interpolation_codes_are_refused_in_one_line(erjr_palle
     with pytest.raises(FastPathUnsupported, match="cannot be fitted in one group") as raised:
         GroupFitter([problems["published"], other_codes.problem(structures["published"])])
     assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("groups", ["on", "off"])
+def test_a_pack_of_patches_is_fitted_in_one_group_where_groups_are_wanted(group, erjr_pallet, monkeypatch, groups):
+    """A worker's pack of patches of different structures (as a scan sends on a GPU) goes through
+    one group with ``PYHF_DIST_GROUPS=on`` and one at a time with ``off``, to the same records."""
+    from pyhf_dist.protocol import WorkerContext, make_pack, make_task, records_of
+    from pyhf_dist.runtime import initialize, run_task
+    from pyhf_dist.runtime.fast import GROUPS_ENV
+    from pyhf_dist.settings import FitSettings
+
+    engine, structures, _, _ = group
+    monkeypatch.setenv(GROUPS_ENV, groups)
+    context = WorkerContext.build(erjr_pallet.workspace, FitSettings(backend="jax").to_dict())
+    initialize(context)
+    names = list(structures)
+    pack = make_pack([make_task(name, structures[name], context.key) for name in names])
+    records = dict(zip(names, records_of(run_task(pack, context), len(names))))
+    together = {name for name, record in records.items() if (record["started"], record["finished"])
+                == (records["published"]["started"], records["published"]["finished"])}
+    if groups == "on":
+        # The group answers every patch whose checks pass (as GroupScan.hypotests above); the
+        # others are fitted one at a time, after it.
+        assert together == set(names) - {"two minima", "failing"}
+    else:
+        assert together == {"published"}
+    for name in names:
+        record, alone = records[name], engine.hypotest(structures[name])
+        assert record["status"] == "ok" and record["engine"] == "fast", (name, record.get("error"))
+        assert record["CLs_obs"] == pytest.approx(alone["CLs_obs"], abs=CLS_TOLERANCE), name
+        assert record["CLs_exp"] == pytest.approx(alone["CLs_exp"], abs=CLS_TOLERANCE), name
+        assert set(record["fits"]) == set(alone["fits"]) and record["converged"] is True, name

@@ -17,7 +17,6 @@ import pytest
 
 import pyhf_dist
 from pyhf_dist.demo import demo_workspace
-from pyhf_dist.executors.local import LocalExecutor
 from pyhf_dist.runtime.fast.engine import FastHypotest
 
 TOLERANCE = 1e-6
@@ -121,19 +120,11 @@ def test_a_mixed_pack_fits_each_structure_together_and_leaves_the_rest():
             _assert_same_answer(answer, alone.hypotest(point))
 
 
-class _PatientPacking(LocalExecutor):
-    """The local executor, sending 2 s of fits per pack instead of 0.25 s. The first fits of a scan
-    are one at a time, and a pack is sized by how long they took: on a loaded machine (the suite
-    runs on two processes) a point of the demo can take 0.1 s, and 0.25 s of them is fewer than
-    the points a group needs."""
-
-    @property
-    def pack_seconds(self) -> float:
-        return 2.0
-
-
 def test_a_signals_scan_fits_packs_of_points_together(tmp_path):
-    """End to end on the local executor: packs of points fitted together, answers as one at a time."""
+    """End to end on the local executor: packs of points fitted together, answers as one at a time.
+
+    The scan's first fits are one at a time; packs sized from them hold at least the points a
+    worker fits together, however loaded the machine (the suite runs on two processes)."""
     workspace = demo_workspace()
     (tmp_path / "BkgOnly.json").write_text(json.dumps(workspace))
     rows = ["name,m1,m2,CR[0],SRhigh[0],SRhigh[1],SRhigh[2],SRlow[0],SRlow[1]"]
@@ -142,11 +133,10 @@ def test_a_signals_scan_fits_packs_of_points_together(tmp_path):
         rows.append(f"p{index},{100 + index},{index % 8},{0.4 * scale},{5 * scale},{7 * scale},{8 * scale},{9 * scale},{6 * scale}")
     (tmp_path / "yields.csv").write_text("\n".join(rows) + "\n")
     template = {"normsys": {"name": "signal_theory", "hi": 1.1, "lo": 0.9}}
-    with _PatientPacking(workers=2) as executor:
-        result = pyhf_dist.map_fits(
-            str(tmp_path / "BkgOnly.json"), signals=str(tmp_path / "yields.csv"), template=template,
-            executor=executor, progress=False,
-        )
+    result = pyhf_dist.map_fits(
+        str(tmp_path / "BkgOnly.json"), signals=str(tmp_path / "yields.csv"), template=template,
+        executor="local", workers=2, progress=False,
+    )
     assert result.failed() == [] and len(result) == 64
     assert {record.engine for record in result} == {"fast"}
     # Records fitted together share their start and end times.

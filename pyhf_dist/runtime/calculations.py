@@ -64,7 +64,9 @@ def compute_together(state, tasks: list[dict]) -> dict[int, dict[str, Any]]:
     """The numbers of the tasks the fast path fits together, by index in ``tasks``.
 
     Asymptotic hypotests of patches that differ only in the yields they add (signal points of one
-    template) are fitted together (:func:`pyhf_dist.runtime.fast.points.hypotests`); the tasks
+    template) are fitted together (:func:`pyhf_dist.runtime.fast.points.hypotests`), and on a GPU
+    (:func:`~pyhf_dist.runtime.fast.engine.groups_wanted`) the other patches too, whatever their
+    structures (:meth:`~pyhf_dist.runtime.fast.engine.FastHypotest.hypotest_group`); the tasks
     missing from the result are to be computed one by one (:func:`compute`). Never raises.
     """
     settings = state.settings
@@ -85,9 +87,15 @@ def compute_together(state, tasks: list[dict]) -> dict[int, dict[str, Any]]:
     for pallet, indices in by_pallet.items():
         try:
             engine = fast.for_state(state.for_pallet(pallet))
-            answers = engine.hypotest_points([tasks[i]["patch"] for i in indices], settings.poi_test, settings.test_stat)
+            patches = [tasks[i]["patch"] for i in indices]
+            answers = engine.hypotest_points(patches, settings.poi_test, settings.test_stat)
+            rest = [i for i, answer in enumerate(answers) if answer is None]
+            if len(rest) > 1 and fast.groups_wanted():
+                grouped = engine.hypotest_group([patches[i] for i in rest], settings.poi_test, settings.test_stat)
+                for i, answer in zip(rest, grouped):
+                    answers[i] = answer
         except Exception as error:  # noqa: BLE001 - each task is then computed alone, with its own errors
-            log.warning("fast path: a pack's points not fitted together (%s)", first_line(error, with_type=True))
+            log.warning("fast path: a pack's patches not fitted together (%s)", first_line(error, with_type=True))
             continue
         out.update({index: {**answer, "engine": "fast"} for index, answer in zip(indices, answers) if answer is not None})
     return out

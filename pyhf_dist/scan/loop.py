@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 from pyhf_dist.chunks import merge_chunks, missing_chunks, plan_chunks
 from pyhf_dist.pallet import Patch
-from pyhf_dist.protocol import failed_record, first_line, make_pack, make_task, records_of
+from pyhf_dist.protocol import SMALLEST_GROUP, failed_record, first_line, make_pack, make_task, records_of
 from pyhf_dist.results import FitRecord
 
 __all__ = ["Job", "JobQueue", "Loop", "Packing", "expire", "TIMEOUT_GRACE"]
@@ -56,10 +56,28 @@ class Packing:
     """How many patches go into one task: one, unless the executor asks for packs
     (:attr:`~pyhf_dist.executors.base.Executor.pack_seconds`) and the fits so far were short.
 
-    The size is the executor's seconds over the median fit so far, and at most the queue over
-    four times the workers (guided self-scheduling: tasks shrink as the queue empties, so the last
-    ones are single fits and the workers finish together). Never with a per-fit timeout: a task
-    given up on would take its finished fits with it.
+    The size is the executor's seconds over the median fit so far, but at least
+    :data:`~pyhf_dist.protocol.SMALLEST_GROUP` while fits are shorter than those seconds, and at
+    most the queue over four times the workers (guided self-scheduling: tasks shrink as the queue
+    empties, so the last ones are single fits and the workers finish together). Never with a
+    per-fit timeout: a task given up on would take its finished fits with it.
+
+    The floor is for signal points: a scan's first fits are one at a time, and on a loaded machine
+    they can take long enough that a pack sized from them holds fewer points than a worker fits
+    together. Those packs would be fitted one at a time too, so the median would never fall.
+
+    >>> class Runner:
+    ...     pack_seconds, workers = 0.25, 2
+    >>> packing = Packing(Runner(), timeout=None)
+    >>> packing.fit_seconds.extend([0.1, 0.1, 0.1])
+    >>> packing.size(queued=1000, workers=2)
+    4
+    >>> packing.fit_seconds.extend([0.0002] * 10)
+    >>> packing.size(queued=1000, workers=2), packing.size(queued=20, workers=2)
+    (125, 2)
+    >>> packing.fit_seconds.clear(); packing.fit_seconds.extend([0.5, 0.5])
+    >>> packing.size(queued=1000, workers=2)
+    1
     """
 
     def __init__(self, runner, timeout: float | None):
@@ -79,7 +97,10 @@ class Packing:
             return 1
         # Signal points fitted together take ~0.2 ms each: packs of up to a few thousand.
         typical = max(statistics.median(self.fit_seconds), 1e-4)
-        return max(1, min(int(self.seconds / typical), queued // (4 * workers)))
+        wanted = int(self.seconds / typical)
+        if wanted >= 1:
+            wanted = max(wanted, SMALLEST_GROUP)
+        return max(1, min(wanted, queued // (4 * workers)))
 
 
 def expire(runner, in_flight: dict, timeout: float) -> None:

@@ -22,8 +22,11 @@ Example:
     {'CLs_obs': 0.52..., 'CLs_exp': [...], 'converged': True, 'fits': {...}}
 """
 
-from pyhf_dist.runtime.fast.engine import FastHypotest, for_state, preload, warm_up
+from pyhf_dist.runtime.fast.engine import GROUPS_ENV, FastHypotest, for_state, groups_wanted, preload, warm_up
 from pyhf_dist.runtime.fast.errors import FastPathUnsupported
 from pyhf_dist.runtime.fast.likelihood import CACHE_ENV, configure_jax
 
-__all__ = ["FastHypotest", "FastPathUnsupported", "CACHE_ENV", "configure_jax", "for_state", "preload", "warm_up"]
+__all__ = [
+    "FastHypotest", "FastPathUnsupported", "CACHE_ENV", "GROUPS_ENV", "configure_jax", "for_state", "groups_wanted",
+    "preload", "warm_up",
+]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import threading
 
 import numpy as np
@@ -22,7 +23,7 @@ from pyhf_dist.runtime.fast.likelihood import configure_jax
 from pyhf_dist.runtime.reference import pyhf_model, use_numpy
 from pyhf_dist.settings import DEFAULT_MODIFIER_SETTINGS
 
-__all__ = ["FastHypotest", "for_state", "preload", "warm_up"]
+__all__ = ["FastHypotest", "GROUPS_ENV", "for_state", "groups_wanted", "preload", "warm_up"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,11 @@ _LOGPDF_RTOL = 1e-9
 #: gets a layout of its own, one more compilation per process. (1Lbb's: ~35 000 entries.)
 _SHARE_LIMIT = 2.0
 _SMALL_LAYOUT = 10_000
+#: ``on``: a pack's patches are fitted together in one loop (:meth:`FastHypotest.hypotest_group`)
+#: on any device; ``off``: never; unset: where jax's default device is not the CPU (a GPU). On a
+#: CPU one patch at a time is faster (a row of the loop costs about what a call of the
+#: one-at-a-time likelihood costs, and the group's checks take more fits).
+GROUPS_ENV = "PYHF_DIST_GROUPS"
 
 
 class FastHypotest:
@@ -139,6 +145,14 @@ class FastHypotest:
 
         with self._lock:
             return points.hypotests(self, patches, poi_test, test_stat)
+
+    def hypotest_group(self, patches: list, poi_test: float = 1.0, test_stat: str = "qtilde") -> list[dict | None]:
+        """:meth:`hypotest` of patches of any structures, fitted together in one compiled loop
+        (:func:`pyhf_dist.runtime.fast.group.hypotests`); ``None`` for a patch to fit one at a time."""
+        from pyhf_dist.runtime.fast import group
+
+        with self._lock:
+            return group.hypotests(self._problem, patches, poi_test, test_stat)
 
     def upper_limit(
         self, patch_operations: list | None, test_stat: str = "qtilde", level: float = 0.05, scan=None
@@ -428,6 +442,25 @@ def for_state(state) -> FastHypotest:
                 )
                 state.memo["fast_hypotest"] = fast
     return fast
+
+
+def groups_wanted() -> bool:
+    """Whether a pack's patches are fitted together in one loop here (:data:`GROUPS_ENV`).
+
+    >>> os.environ[GROUPS_ENV] = "on"; groups_wanted()
+    True
+    >>> os.environ[GROUPS_ENV] = "off"; groups_wanted()
+    False
+    >>> del os.environ[GROUPS_ENV]
+    """
+    choice = os.environ.get(GROUPS_ENV, "").strip().lower()
+    if choice in ("on", "off"):
+        return choice == "on"
+    if choice:
+        log.warning("%s=%r is neither 'on' nor 'off'; left to the device", GROUPS_ENV, choice)
+    import jax
+
+    return jax.default_backend() != "cpu"
 
 
 def preload() -> None:

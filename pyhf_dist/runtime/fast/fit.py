@@ -128,15 +128,12 @@ class PoiScan:
             # The second start of the fit the Asimov data come from: the free fit's minimum.
             background = self._fit(background_name, main, aux, {"observed free": free.theta}, asimov_mu, known=background)
             self._settle_free("observed", background_name)
-        gap = problem.pyhf_stall(asimov_mu, background.value)
-        self.pyhf_default = None
-        if gap is not None:
-            if match_pyhf:
-                raise FastPathUnsupported(
-                    "pyhf's minimizer stops at its starting point on this model (its CLs come from "
-                    "unconverged fits); plain pyhf reproduces them"
-                )
-            self.pyhf_default = {"stalls_at_start": True, "fit": background_name, "stops_above_minimum": gap}
+        self.pyhf_default = problem.pyhf_default(asimov_mu, background.value, background_name)
+        if self.pyhf_default is not None and match_pyhf:
+            raise FastPathUnsupported(
+                "pyhf's minimizer stops at its starting point on this model (its CLs come from "
+                "unconverged fits); plain pyhf reproduces them"
+            )
         # Asimov data: expected main and auxiliary data at the conditional fit; its free fit is
         # that very point (every term is at its maximum there), so the fit from it converges at once.
         # Kept where the likelihood runs: every evaluation of every fit to it reads them.

@@ -27,17 +27,20 @@ Example:
 
 from __future__ import annotations
 
-import math
+import logging
 
 import numpy as np
 
+from pyhf_dist.protocol import SMALLEST_GROUP
 from pyhf_dist.runtime.fast import loop
 from pyhf_dist.runtime.fast.batch_model import BatchModel
 from pyhf_dist.runtime.fast.batched import BatchFitter
 from pyhf_dist.runtime.fast.errors import FastPathUnsupported
 from pyhf_dist.runtime.fast.problem import ACCEPT_GRADIENT, SAME_MINIMUM
 
-__all__ = ["GROUP_TOLERANCE", "GroupFits", "GroupFitter", "GroupScan"]
+__all__ = ["GROUP_TOLERANCE", "GroupFits", "GroupFitter", "GroupScan", "hypotests"]
+
+log = logging.getLogger(__name__)
 
 #: Convergence of a group's fits (the decrease of -2 log L the next step promises): where the
 #: one-at-a-time path's L-BFGS-B stops, so that both give the same minima to ~1e-10.
@@ -246,7 +249,7 @@ class GroupScan:
         self.muhat = np.array([free.theta[i, poi[i]] for i in index])
         self.muhat_a = np.array([asimov_free.theta[i, poi[i]] for i in index])
         self.pyhf_default = [
-            _stall(p, background.twice_nll[i], self.background_name) if self.answerable[i] else None
+            p.pyhf_default(0.0, float(background.twice_nll[i]), self.background_name) if self.answerable[i] else None
             for i, p in enumerate(problems)
         ]
 
@@ -355,6 +358,33 @@ class GroupScan:
                 for values in found]
 
 
+def hypotests(problem_of, patches: list, poi_test: float = 1.0, test_stat: str = "qtilde") -> list[dict | None]:
+    """The hypotest of each patch (its jsonpatch operations) in one :class:`GroupScan`, as
+    :func:`~pyhf_dist.runtime.fast.fit.hypotest`, or ``None`` for a patch to fit one at a time:
+    every patch, where the group cannot share a loop or holds fewer than
+    :data:`~pyhf_dist.protocol.SMALLEST_GROUP` patches. ``problem_of`` makes a patch's
+    :class:`~pyhf_dist.runtime.fast.problem.FitProblem`. Never raises for a patch.
+    """
+    out: list[dict | None] = [None] * len(patches)
+    problems, indices = [], []
+    for index, operations in enumerate(patches):
+        try:
+            problems.append(problem_of(operations))
+        except FastPathUnsupported:
+            continue  # fitted one at a time, where it gets its own record and reason
+        indices.append(index)
+    if len(problems) < SMALLEST_GROUP:
+        return out
+    try:
+        answers = GroupScan(problems, test_stat).hypotests(poi_test)
+    except (FastPathUnsupported, ValueError, np.linalg.LinAlgError) as error:
+        log.info("fast path: %d patches not fitted together (%s); one at a time", len(problems), error)
+        return out
+    for index, answer in zip(indices, answers):
+        out[index] = answer
+    return out
+
+
 def _same(first: GroupFits, second: GroupFits) -> np.ndarray:
     """Per row, whether two starts of a fit converged to one minimum."""
     return first.converged & second.converged & (np.abs(first.twice_nll - second.twice_nll) <= SAME_MINIMUM)
@@ -402,9 +432,3 @@ def _certificate(fits: GroupFits, row: int, start: str) -> dict:
             "start": start}
 
 
-def _stall(problem, minimum: float, name: str) -> dict | None:
-    """``pyhf_default`` of the certificate where pyhf's own minimizer stalls on the patch."""
-    gap = problem.pyhf_stall(0.0, float(minimum))
-    if gap is None or not math.isfinite(gap):
-        return None
-    return {"stalls_at_start": True, "fit": name, "stops_above_minimum": gap}

@@ -39,6 +39,7 @@ import logging
 
 import numpy as np
 
+from pyhf_dist.protocol import SMALLEST_GROUP
 from pyhf_dist.runtime.fast.errors import FastPathUnsupported
 from pyhf_dist.runtime.fast.problem import ACCEPT_GRADIENT, SAME_MINIMUM
 
@@ -50,8 +51,6 @@ log = logging.getLogger(__name__)
 #: stopping rule on the one-at-a-time path (projected gradient 1e-5) ends about here, so both
 #: paths give the same test statistics to ~1e-9.
 GROUP_TOLERANCE = 1e-11
-#: Fewer points than this are fitted one at a time (the loop's fixed cost per call).
-SMALLEST_GROUP = 4
 
 
 def structure_key(operations) -> tuple[str, np.ndarray] | None:

@@ -321,6 +321,14 @@ class FitProblem:
         gap = float(result.fun) - minimum
         return gap if bool(result.success) and gap > STALL_GAP else None
 
+    def pyhf_default(self, poi_value: float, minimum: float, fit: str) -> dict | None:
+        """A certificate's ``pyhf_default`` where pyhf's own fit ``fit`` (at ``poi_value``) stalls at
+        its start, ``minimum`` being that fit's converged value (:meth:`pyhf_stall`); else ``None``."""
+        gap = self.pyhf_stall(poi_value, minimum)
+        if gap is None or not np.isfinite(gap):
+            return None
+        return {"stalls_at_start": True, "fit": fit, "stops_above_minimum": gap}
+
     def pyhf_stalls(self, poi_value: float, minimum: float) -> bool:
         """Whether pyhf's own fit at ``poi_value`` stalls at its start (:meth:`pyhf_stall`)."""
         return self.pyhf_stall(poi_value, minimum) is not None
