@@ -67,12 +67,13 @@ def iter_fits(workspace: Any, patchset: Any = None, *, executor: Any = "local", 
                 # Workers that can start early import what the fits need while the pallet is read.
                 runner.prepare(settings.to_dict())
             plan = Plan.of(workspace, patchset, scan.pallet, scan.patches, scan.combine, scan.signals, scan.template)
-            book = Journal(scan.journal, plan.journal_key(settings)) if scan.journal is not None else None
+            key = plan.journal_key(settings)  # a digest of the whole workspace: made once
+            book = Journal(scan.journal, key) if scan.journal is not None else None
             if book is not None:
                 book.acquire()  # before reading it: two scans must never write one journal
             finished = _finished(book, scan.resume, plan, info)
             info.update(plan.describe(), resumed=len(finished), settings=settings.to_dict(),
-                        settings_digest=settings.digest(), scan_key=plan.journal_key(settings),
+                        settings_digest=settings.digest(), scan_key=key,
                         journal=str(book.path) if book is not None else None, **_versions())
             info["started"] = started = time.time()
             yield from _scan(runner, plan, settings, scan, book, finished, info)

@@ -16,6 +16,7 @@ sigmas go through pyhf's reduction (:func:`reduce`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 
@@ -73,6 +74,8 @@ REQUIRED_PARSET = {
     "shapefactor": lambda nominal, data: _unconstrained(len(nominal), False),
     "shapesys": _shapesys_parset,
 }
+#: Types whose parameter set depends on neither the sample nor the modifier's data.
+_WITHOUT_DATA = frozenset({"histosys", "normsys", "lumi", "normfactor"})
 PARSET_KEYS = ("paramset_type", "n_parameters", "is_scalar", "inits", "bounds", "auxdata", "factors", "sigmas", "fixed")
 _UNDEFINED = "undefined"
 
@@ -168,8 +171,9 @@ def reduced_requirements(slots: list, geometry, configured: list) -> tuple[dict,
 
     Args:
         slots: ``(channel, sample, parsed sample)`` in pyhf's loop order (sorted channels, then
-            sorted samples); a parsed sample has ``nominal``, ``modifiers`` (``(name, type,
-            data)`` sorted by name and type) and ``staterrors`` (``(name, uncertainties)``).
+            sorted samples); a parsed sample has ``nominal``, ``by_type`` (type -> ``(name,
+            data)`` of its modifiers sorted by name), ``names_by_type`` (type -> those names)
+            and ``staterrors`` (``(name, uncertainties)``).
         geometry: The channels (:class:`~pyhf_dist.runtime.fast.layout.Channels`).
         configured: The measurement's ``parameters`` (user configuration).
 
@@ -183,14 +187,23 @@ def reduced_requirements(slots: list, geometry, configured: list) -> tuple[dict,
     """
     requirements = {t: {} for t in MODIFIER_TYPES}
     staterror_carriers: dict = {}
-    for c, s, parsed in slots:
-        for name, mtype, data in parsed.modifiers:
-            if mtype == "staterror":
-                staterror_carriers.setdefault(name, []).append((c, s, parsed))
-            elif mtype == "shapesys" and name in requirements["shapesys"]:
-                raise FastPathUnsupported(f"shapesys {name!r} on more than one sample")
-            elif name not in requirements[mtype]:
-                requirements[mtype][name] = [REQUIRED_PARSET[mtype](parsed.nominal.tolist(), data)]
+    for mtype in MODIFIER_TYPES:
+        found = requirements[mtype]
+        if mtype in _WITHOUT_DATA:
+            # A 1Lbb patch has ~10,000 modifiers of ~120 names: the names in order of first
+            # occurrence are gathered in C, and each set made once.
+            names = dict.fromkeys(itertools.chain.from_iterable(p.names_by_type.get(mtype, ()) for _, _, p in slots))
+            for name in names:
+                found[name] = [REQUIRED_PARSET[mtype](None, None)]
+            continue
+        for c, s, parsed in slots:
+            for name, data in parsed.by_type.get(mtype, ()):
+                if mtype == "staterror":
+                    staterror_carriers.setdefault(name, []).append((c, s, parsed))
+                elif mtype == "shapesys" and name in found:
+                    raise FastPathUnsupported(f"shapesys {name!r} on more than one sample")
+                elif name not in found:
+                    found[name] = [REQUIRED_PARSET[mtype](parsed.nominal.tolist(), data)]
     staterror_rank = {}
     for name in sorted(staterror_carriers):
         sigmas, fixed_bins, rank = staterror_widths(name, staterror_carriers[name], geometry)
