@@ -16,7 +16,7 @@ What it does (a few minutes; it stops adding batch sizes when ``--budget`` secon
 4. the same on ``jax.devices("cpu")`` for the first ``--cpu-toys`` toys of each hypothesis (one
    process; XLA uses the machine's cores as it likes), and the agreement of the statistics between
    the devices on those toys (max |dq|, and how many differ by more than 1e-6 and by more than
-   1e-3; toys whose fits run away — no minimum — are counted apart).
+   1e-3; toys whose fits run away — no minimum — and toys whose fits were lost are counted apart).
 
 A toy is one pseudo-experiment of one hypothesis (one test statistic, two fits).
 """
@@ -166,7 +166,9 @@ def main() -> None:
         pick = np.r_[0:count, len(result["statistics"]) // 2 : len(result["statistics"]) // 2 + count]
         ours, theirs = result["statistics"][pick], cpu["statistics"]
         away = result["runaway"][pick] | cpu["runaway"]
-        delta = np.abs(ours - theirs)[~away]
+        # A statistic is NaN where a fit was lost (did not converge): counted apart.
+        lost = ~away & ~(np.isfinite(ours) & np.isfinite(theirs))
+        delta = np.abs(ours - theirs)[~away & ~lost]
         print(json.dumps({
             "agreement": f"{result['device']} batch {result['batch']} vs cpu batch {cpu['batch']}",
             "toys": int(len(pick)),
@@ -174,6 +176,7 @@ def main() -> None:
             "toys_dq_above_1e-6": int(np.sum(delta > 1e-6)),
             "toys_dq_above_1e-3": int(np.sum(delta > 1e-3)),
             "runaway_on_either": int(away.sum()),
+            "lost_on_either": int(lost.sum()),
         }))
         if result["device"].startswith("cpu"):
             continue
