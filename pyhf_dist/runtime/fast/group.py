@@ -38,7 +38,7 @@ from pyhf_dist.runtime.fast.batched import BatchFitter
 from pyhf_dist.runtime.fast.errors import FastPathUnsupported
 from pyhf_dist.runtime.fast.problem import ACCEPT_GRADIENT, SAME_MINIMUM
 
-__all__ = ["GROUP_TOLERANCE", "GroupFits", "GroupFitter", "GroupScan", "hypotests"]
+__all__ = ["GROUP_TOLERANCE", "GroupFits", "GroupFitter", "GroupScan", "group_size", "hypotests"]
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +110,19 @@ class GroupFitter:
         self.device, self.batch, self.steps = first.device, first.batch, first.steps
         self.codes, self.pars = first.model.codes, first.model.caps.pars
         self.bins = first.model.caps.bins
+        # The compiled loop is specialised to the number of patches it holds (seconds of
+        # compilation each): padded with copies of the last patch, which no row reads, to a power
+        # of two, the groups of a scan (packs of shrinking sizes) share a few compilations.
+        held = self.members + [self.members[-1]] * (group_size(len(self.members)) - len(self.members))
         stack = lambda values: np.stack([np.asarray(value) for value in values])
-        self._arrays = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *[m.device_arrays for m in self.members])
+        self._arrays = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *[m.device_arrays for m in held])
         self._consts = jax.device_put(
             {
-                "lo": stack([m.lower / m.scale for m in self.members]),
-                "hi": stack([m.upper / m.scale for m in self.members]),
-                "scale": stack([m.scale for m in self.members]),
-                "fixed": stack([m.fixed for m in self.members]),
-                "h0inv": stack([m.metric(m.init) for m in self.members]),
+                "lo": stack([m.lower / m.scale for m in held]),
+                "hi": stack([m.upper / m.scale for m in held]),
+                "scale": stack([m.scale for m in held]),
+                "fixed": stack([m.fixed for m in held]),
+                "h0inv": stack([m.metric(m.init) for m in held]),
                 "tolerance": float(tolerance),
             },
             self.device,
@@ -356,6 +360,15 @@ class GroupScan:
         found = self.statistics([[float(poi_test)]] * len(self.problems))
         return [None if values is None else {k: v for k, v in values[0].items() if k not in ("qmu", "qmu_A")}
                 for values in found]
+
+
+def group_size(patches: int) -> int:
+    """The number of patches a group's compiled loop holds: the next power of two, at least 4.
+
+    >>> [group_size(n) for n in (1, 4, 5, 8, 9, 125)]
+    [4, 4, 8, 8, 16, 128]
+    """
+    return max(4, 1 << (patches - 1).bit_length())
 
 
 def hypotests(problem_of, patches: list, poi_test: float = 1.0, test_stat: str = "qtilde") -> list[dict | None]:
