@@ -40,7 +40,8 @@ class FitRecord:
         submitted: Unix time the task was submitted.
         started: Unix time the worker started it.
         finished: Unix time the worker finished it.
-        worker: ``{"host", "pid", "slurm_job_id"}`` of the worker that ran it.
+        worker: ``{"host", "pid", "slurm_job_id"}`` of the worker that ran it (and
+            ``"fits_together": True`` where that worker fits a pack's patches together: a GPU).
         attempts: 1, plus once for every time the worker running it died (its retries).
         mu_up_obs: Observed upper limit on the signal strength (upper-limit scans).
         mu_up_exp: Expected upper limits, five values -2σ..+2σ (upper-limit scans).

@@ -281,6 +281,19 @@ class FitSettings:
         return self.backend == "jax" and self.calctype == "asymptotics" and self.calculation in ("hypotest", "upper_limit")
 
     @property
+    def fits_together(self) -> bool:
+        """Whether a worker may fit the patches of a pack together, in one compiled loop: the fast
+        path's asymptotic hypotests, with its certified fits (signal points of one template
+        always; patches of any structures where the worker has a GPU).
+
+        >>> FitSettings(backend="jax").fits_together, FitSettings(backend="jax", match_pyhf=True).fits_together
+        (True, False)
+        >>> FitSettings(backend="jax", calculation="upper_limit").fits_together
+        False
+        """
+        return self.fast_path and not self.match_pyhf and self.calculation == "hypotest"
+
+    @property
     def fast_toys(self) -> bool:
         """Whether toy-based hypotests fit their toys on the batched fast path (jax backend).
 

@@ -226,3 +226,28 @@ def test_a_pack_of_patches_is_fitted_in_one_group_where_groups_are_wanted(group,
         assert record["CLs_obs"] == pytest.approx(alone["CLs_obs"], abs=CLS_TOLERANCE), name
         assert record["CLs_exp"] == pytest.approx(alone["CLs_exp"], abs=CLS_TOLERANCE), name
         assert set(record["fits"]) == set(alone["fits"]) and record["converged"] is True, name
+
+
+def test_a_scan_sends_whole_packs_to_workers_that_fit_patches_together(group, erjr_pallet, monkeypatch):
+    """End to end on the local executor, as on a GPU (forced with ``PYHF_DIST_GROUPS=on``): once a
+    worker's record says it fits patches together, the scan shares the queue out in a few large
+    packs, each fitted in one loop, to the answers of one patch at a time."""
+    import pyhf_dist
+    from pyhf_dist.runtime.fast import GROUPS_ENV
+
+    engine = group[0]
+    monkeypatch.setenv(GROUPS_ENV, "on")  # the local workers inherit it
+    names = erjr_pallet.names()[:24]
+    result = pyhf_dist.map_fits(erjr_pallet, executor="local", workers=2, patches=names, progress=False)
+    assert result.failed() == [] and {record.engine for record in result} == {"fast"}
+    assert all(record.worker.get("fits_together") for record in result)
+    together: dict = {}
+    for record in result:
+        together.setdefault((record.started, record.finished), []).append(record.name)
+    assert max(len(members) for members in together.values()) >= 8, together
+    by_name = {patch.name: patch for patch in erjr_pallet.patches}
+    for record in result:
+        alone = engine.hypotest(by_name[record.name].operations)
+        assert record.CLs_obs == pytest.approx(alone["CLs_obs"], abs=CLS_TOLERANCE), record.name
+        assert record.CLs_exp == pytest.approx(alone["CLs_exp"], abs=CLS_TOLERANCE), record.name
+        assert record.converged is True and set(record.fits) == set(alone["fits"]), record.name

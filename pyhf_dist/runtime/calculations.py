@@ -70,12 +70,7 @@ def compute_together(state, tasks: list[dict]) -> dict[int, dict[str, Any]]:
     missing from the result are to be computed one by one (:func:`compute`). Never raises.
     """
     settings = state.settings
-    if not (
-        settings.fast_path
-        and not settings.match_pyhf
-        and settings.calculation == "hypotest"
-        and settings.calctype == "asymptotics"
-    ):
+    if not settings.fits_together:
         return {}
     from pyhf_dist.runtime import fast
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 
@@ -27,8 +28,15 @@ __all__ = ["run_task", "worker_info", "FitTimeout"]
 
 
 def worker_info() -> dict:
-    """Where a task ran: host, process id, and the Slurm job id (``None`` outside Slurm)."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+    """Where a task ran: host, process id, and the Slurm job id (``None`` outside Slurm); with
+    ``fits_together: True`` where the worker fits a pack's patches of any structures together (a
+    GPU, :func:`~pyhf_dist.runtime.fast.engine.groups_wanted`), so that the scan sends it large packs."""
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+    # Only where the fast path runs (its engine imported): other workers never import jax for this.
+    engine = sys.modules.get("pyhf_dist.runtime.fast.engine")
+    if engine is not None and engine.groups_wanted():
+        info["fits_together"] = True
+    return info
 
 
 class FitTimeout(Exception):

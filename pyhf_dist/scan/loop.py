@@ -66,6 +66,10 @@ class Packing:
     they can take long enough that a pack sized from them holds fewer points than a worker fits
     together. Those packs would be fitted one at a time too, so the median would never fall.
 
+    Once a worker's record says it fits the patches of any pack together (``fits_together`` in
+    its ``worker``: a GPU), and the settings allow it, a pack is the queue shared out between the
+    workers: a whole pallet in one batch on one GPU, whatever its fits took one at a time.
+
     >>> class Runner:
     ...     pack_seconds, workers = 0.25, 2
     >>> packing = Packing(Runner(), timeout=None)
@@ -78,11 +82,19 @@ class Packing:
     >>> packing.fit_seconds.clear(); packing.fit_seconds.extend([0.5, 0.5])
     >>> packing.size(queued=1000, workers=2)
     1
+    >>> on_a_gpu = Packing(Runner(), timeout=None, fits_together=True)
+    >>> on_a_gpu.measured({"status": "ok", "fit_seconds": 0.5, "worker": {"fits_together": True}})
+    >>> on_a_gpu.size(queued=123, workers=1), on_a_gpu.size(queued=123, workers=2), on_a_gpu.size(queued=3, workers=2)
+    (123, 61, 3)
     """
 
-    def __init__(self, runner, timeout: float | None):
+    def __init__(self, runner, timeout: float | None, fits_together: bool = False):
         self.seconds = runner.pack_seconds if runner.workers and not timeout else 0.0
         self.fit_seconds: collections.deque[float] = collections.deque(maxlen=64)  # the latest only
+        #: The settings let workers fit a pack's patches together (:attr:`FitSettings.fits_together`).
+        self.fits_together = fits_together
+        #: A worker said it fits any pack's patches together (a GPU): packs as large as the queue allows.
+        self.grouping = False
 
     @property
     def enabled(self) -> bool:
@@ -91,10 +103,16 @@ class Packing:
     def measured(self, outcome: dict) -> None:
         if self.enabled and outcome.get("status") == "ok" and outcome.get("fit_seconds"):
             self.fit_seconds.append(outcome["fit_seconds"])
+            if self.fits_together and (outcome.get("worker") or {}).get("fits_together"):
+                self.grouping = True
 
     def size(self, queued: int, workers: int) -> int:
         if not self.enabled or not self.fit_seconds:
             return 1
+        if self.grouping:
+            # One loop fits a whole pack at once: the queue shared out between the workers, one
+            # pack each (a whole pallet in one batch on one GPU); none smaller than a group.
+            return max(1, min(queued, max(SMALLEST_GROUP, queued // workers)))
         # Signal points fitted together take ~0.2 ms each: packs of up to a few thousand.
         typical = max(statistics.median(self.fit_seconds), 1e-4)
         wanted = int(self.seconds / typical)
@@ -185,7 +203,7 @@ class Loop:
         self.first_submitted: dict[tuple, float] = {}
         self.attempts: dict[tuple, int] = collections.defaultdict(int)
         self.in_flight: dict[concurrent.futures.Future, list[Job]] = {}
-        self.packing = Packing(runner, timeout)
+        self.packing = Packing(runner, timeout, settings.fits_together)
 
     def groups(self, todo) -> Iterator[list[FitRecord]]:
         """Yield the records of the patches of ``todo`` as they complete, a group per round of
