@@ -4,8 +4,10 @@
 #      patch at a time on the CPU (benchmarks/groups.py);
 #   2. 10^6 toys of each hypothesis of 1Lbb C1N2_Wh_hbb_700_150 on the GPU, and the agreement with
 #      the CPU on shared toys (benchmarks/gpu_toys.py).
-# It needs jax (with its GPU plugin), numpy and scipy, and the pallets in $PYHF_DIST_DATA (default:
-# ../shared/data, else .gpu-data/ in the checkout, a copy of that folder that git ignores).
+# It needs jax (with its GPU plugin), numpy and scipy, pyhf (where it is missing, the wheels that
+# benchmarks/gpu-wheels.sh put in .wheels/ are installed into a folder of their own first), and the
+# pallets in $PYHF_DIST_DATA (default: ../shared/data, else .gpu-data/ in the checkout, a copy of
+# that folder that git ignores).
 # Figures go to $OUT (default benchmarks/output/gpu/); the log says which device ran them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +18,11 @@ if [ -z "${PYHF_DIST_DATA:-}" ]; then
 fi
 export PYHF_DIST_DATA PYTHONUNBUFFERED=1 PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
 python="${PYTHON:-python3}"
+if ! "$python" -c "import pyhf" 2>/dev/null && [ -d .wheels ]; then
+  "$python" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/pyhf-dist-site .wheels/*.whl || exit 1
+  export PYTHONPATH="$PYTHONPATH:/tmp/pyhf-dist-site"
+fi
 toys="${TOYS:-1000000}" batches="${BATCHES:-8192,32768}"  # fewer and smaller for a try on a CPU
 { nvidia-smi -L 2>/dev/null || true; "$python" -c "import jax; print('jax', jax.__version__, jax.devices())"; } | tee "$out/device.txt"
 timeout 300 "$python" benchmarks/groups.py --pallets 1Lbb,stau-combined,stau-lowMass,stau-highMass,3L-eRJR \

@@ -40,9 +40,9 @@ __all__ = [
 #: Task kinds: a fit (one patch, or one chunk of its toys), a task that computes nothing, a pack.
 FIT, NOOP, PACK = "fit", "noop", "pack"
 KINDS = (FIT, NOOP, PACK)
-#: The fewest points of one template that a worker fits together (in one loop) when a pack holds
-#: them; fewer are fitted one at a time (the loop's fixed cost per call). The scan's packs of short
-#: fits hold at least this many.
+#: The fewest patches of a pack that a worker fits together in one loop (signal points of one
+#: template; on a GPU, patches of any structures); fewer are fitted one at a time (the loop's fixed
+#: cost per call). The scan's packs of short fits hold at least this many.
 SMALLEST_GROUP = 4
 #: Marks text that holds zlib-compressed, base64-encoded JSON (:func:`encode`).
 COMPRESSED_PREFIX = "zlib+base64:"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import os
 import threading
@@ -457,10 +458,16 @@ def groups_wanted() -> bool:
     if choice in ("on", "off"):
         return choice == "on"
     if choice:
-        log.warning("%s=%r is neither 'on' nor 'off'; left to the device", GROUPS_ENV, choice)
+        _ignored_setting(choice)
     import jax
 
     return jax.default_backend() != "cpu"
+
+
+@functools.cache
+def _ignored_setting(choice: str) -> None:
+    # Asked for every record a worker makes: said once per process.
+    log.warning("%s=%r is neither 'on' nor 'off'; left to the device", GROUPS_ENV, choice)
 
 
 def preload() -> None:

@@ -443,5 +443,3 @@ def _own(problem, theta) -> np.ndarray:
 def _certificate(fits: GroupFits, row: int, start: str) -> dict:
     return {"twice_nll": float(fits.twice_nll[row]), "gradient": float(fits.gradient[row]), "converged": True,
             "start": start}
-
-

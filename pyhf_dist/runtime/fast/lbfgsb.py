@@ -10,8 +10,8 @@ cost around each evaluation (``benchmarks/lbfgsb_overhead.py``).
 
 The routine is private to scipy, and it trusts its caller with the sizes of its work arrays. So
 it is driven here only on the scipy versions whose loop this one restates (:data:`SCIPY_VERSIONS`:
-the routine and its loop are the same from 1.15, where it was rewritten in C, to 1.17), where it
-takes the arguments it took there, and after this loop reproduced ``scipy.optimize.minimize`` on
+the routine and its loop are the same from 1.15, where it was rewritten in C, to 1.18, whose
+integer arrays follow its LAPACK's integer width), where it takes the arguments it took there, and after this loop reproduced ``scipy.optimize.minimize`` on
 a small bounded problem, once per process, run to convergence and stopped by a callback: the
 same points, values, gradients and evaluation counts, bit for bit. Otherwise every fit goes
 through ``scipy.optimize.minimize``, with the same results, only slower.
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 #: The scipy versions (``(major, minor)``, from, up to and excluding) whose L-BFGS-B loop
 #: :func:`minimize` restates.
-SCIPY_VERSIONS = ((1, 15), (1, 18))
+SCIPY_VERSIONS = ((1, 15), (1, 19))
 #: Most steps of one line search: scipy's default ``maxls``.
 MAXLS = 20
 _SIGNATURE = "setulb(m,x,l,u,nbd,f,g,factr,pgtol,wa,iwa,task,lsave,isave,dsave,maxls,ln_task)"
@@ -76,20 +76,21 @@ def _drive(fun, x0, lower, upper, *, gtol, ftol, maxcor, maxiter, maxfun, callba
 
     x = np.clip(np.asarray(x0, dtype=np.float64).ravel(), lower, upper)
     m, n = maxcor, x.size
+    integer = _integer_type()
     factr = ftol / np.finfo(float).eps
     # Bound kinds: 0 none, 1 lower only, 2 both, 3 upper only.
     has_lower, has_upper = np.isfinite(lower), np.isfinite(upper)
-    nbd = np.where(has_lower, np.where(has_upper, 2, 1), np.where(has_upper, 3, 0)).astype(np.int32)
+    nbd = np.where(has_lower, np.where(has_upper, 2, 1), np.where(has_upper, 3, 0)).astype(integer)
     low = np.where(has_lower, lower, 0.0)
     high = np.where(has_upper, upper, 0.0)
     f = np.array(0.0, dtype=np.float64)
     g = np.zeros(n, dtype=np.float64)
     wa = np.zeros(2 * m * n + 5 * n + 11 * m * m + 8 * m, dtype=np.float64)
-    iwa = np.zeros(3 * n, dtype=np.int32)
-    task = np.zeros(2, dtype=np.int32)
-    ln_task = np.zeros(2, dtype=np.int32)
-    lsave = np.zeros(4, dtype=np.int32)
-    isave = np.zeros(44, dtype=np.int32)
+    iwa = np.zeros(3 * n, dtype=integer)
+    task = np.zeros(2, dtype=integer)
+    ln_task = np.zeros(2, dtype=integer)
+    lsave = np.zeros(4, dtype=integer)
+    isave = np.zeros(44, dtype=integer)
     dsave = np.zeros(29, dtype=np.float64)
     iterations = nfev = 0
     evaluated = None  # scipy evaluates a point once, however often the routine asks for it
@@ -113,6 +114,19 @@ def _drive(fun, x0, lower, upper, *, gtol, ftol, maxcor, maxiter, maxfun, callba
         else:
             break
     return Minimum(x, f, g, nfev, bool(task[0] == 4))
+
+
+@functools.cache
+def _integer_type():
+    """The routine's integer arrays' type, as scipy's loop makes them: from scipy 1.18 on, 64-bit
+    where scipy's LAPACK is (an ILP64 build), else 32-bit."""
+    import scipy
+
+    if tuple(int(part) for part in scipy.__version__.split(".")[:2]) >= (1, 18):
+        from scipy.linalg.lapack import HAS_ILP64
+
+        return np.int64 if HAS_ILP64 else np.int32
+    return np.int32
 
 
 def _scipy(fun, x0, lower, upper, *, gtol, ftol, maxcor, maxiter, maxfun, callback) -> Minimum:
@@ -142,7 +156,8 @@ def direct() -> bool:
         from scipy.optimize import _lbfgsb
 
         version = tuple(int(part) for part in scipy.__version__.split(".")[:2])
-        signature = (_lbfgsb.setulb.__doc__ or "").strip()
+        # The routine's arguments, in order (scipy 1.18 spaces them and documents each below).
+        signature = "".join((_lbfgsb.setulb.__doc__ or "").strip().split("\n")[0].split())
         if not SCIPY_VERSIONS[0] <= version < SCIPY_VERSIONS[1] or signature != _SIGNATURE:
             log.info("L-BFGS-B through scipy.optimize.minimize (scipy %s)", scipy.__version__)
             return False
