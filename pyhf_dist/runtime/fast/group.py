@@ -363,12 +363,13 @@ class GroupScan:
 
 
 def group_size(patches: int) -> int:
-    """The number of patches a group's compiled loop holds: the next power of two, at least 4.
+    """The number of patches a group's compiled loop holds: the next power of two, at least
+    :data:`~pyhf_dist.protocol.SMALLEST_GROUP`.
 
     >>> [group_size(n) for n in (1, 4, 5, 8, 9, 125)]
     [4, 4, 8, 8, 16, 128]
     """
-    return max(4, 1 << (patches - 1).bit_length())
+    return max(SMALLEST_GROUP, 1 << (patches - 1).bit_length())
 
 
 def hypotests(problem_of, patches: list, poi_test: float = 1.0, test_stat: str = "qtilde") -> list[dict | None]:

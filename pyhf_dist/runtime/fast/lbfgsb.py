@@ -116,13 +116,18 @@ def _drive(fun, x0, lower, upper, *, gtol, ftol, maxcor, maxiter, maxfun, callba
     return Minimum(x, f, g, nfev, bool(task[0] == 4))
 
 
+def _scipy_version() -> tuple:
+    """scipy's ``(major, minor)``."""
+    import scipy
+
+    return tuple(int(part) for part in scipy.__version__.split(".")[:2])
+
+
 @functools.cache
 def _integer_type():
     """The routine's integer arrays' type, as scipy's loop makes them: from scipy 1.18 on, 64-bit
     where scipy's LAPACK is (an ILP64 build), else 32-bit."""
-    import scipy
-
-    if tuple(int(part) for part in scipy.__version__.split(".")[:2]) >= (1, 18):
+    if _scipy_version() >= (1, 18):
         from scipy.linalg.lapack import HAS_ILP64
 
         return np.int64 if HAS_ILP64 else np.int32
@@ -155,7 +160,7 @@ def direct() -> bool:
         import scipy
         from scipy.optimize import _lbfgsb
 
-        version = tuple(int(part) for part in scipy.__version__.split(".")[:2])
+        version = _scipy_version()
         # The routine's arguments, in order (scipy 1.18 spaces them and documents each below).
         signature = "".join((_lbfgsb.setulb.__doc__ or "").strip().split("\n")[0].split())
         if not SCIPY_VERSIONS[0] <= version < SCIPY_VERSIONS[1] or signature != _SIGNATURE:
