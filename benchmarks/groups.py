@@ -94,11 +94,13 @@ def main() -> None:
     rows = []
     for name in args.pallets.split(","):
         pallet = sources.load(name)
-        problems = [FastHypotest(pallet.workspace, verify=verify).problem(patch.operations) for patch in pallet.patches]
+        engine = FastHypotest(pallet.workspace, verify=verify)
+        problems = [engine.problem(patch.operations) for patch in pallet.patches]
         on_cpu = problems
         if device.platform != "cpu":
             with jax.default_device(jax.devices("cpu")[0]):
-                on_cpu = [FastHypotest(pallet.workspace, verify=verify).problem(p.operations) for p in pallet.patches]
+                engine = FastHypotest(pallet.workspace, verify=verify)  # its arrays and compiled code on the CPU
+                on_cpu = [engine.problem(patch.operations) for patch in pallet.patches]
         cases = [("hypotest mu=1", [[1.0]] * len(problems))]
         if args.upper_limit_values:
             cases.append((f"{args.upper_limit_values} POI values", [list(np.linspace(0.2, 3.0, args.upper_limit_values))] * len(problems)))

@@ -154,6 +154,15 @@ def _shared_reference(key: tuple, compute):
         return value
 
 
+def fitted_together(records) -> list[list[str]]:
+    """The names of records fitted together in one loop, by group: those share their start and end
+    times (a worker stamps a pack's fits together with one pair)."""
+    groups: dict = {}
+    for record in records:
+        groups.setdefault((record.started, record.finished), []).append(record.name)
+    return list(groups.values())
+
+
 def assert_matches_reference(records, reference: dict, tolerance: float = TOLERANCE) -> None:
     """Every reference patch appears exactly once, ok, with CLs_obs and all CLs_exp within tolerance.
 

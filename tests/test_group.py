@@ -15,6 +15,7 @@ import copy
 
 import numpy as np
 import pytest
+from helpers import fitted_together
 
 from pyhf_dist.runtime.fast import fit
 from pyhf_dist.runtime.fast.engine import FastHypotest
@@ -241,10 +242,8 @@ def test_a_scan_sends_whole_packs_to_workers_that_fit_patches_together(group, er
     result = pyhf_dist.map_fits(erjr_pallet, executor="local", workers=2, patches=names, progress=False)
     assert result.failed() == [] and {record.engine for record in result} == {"fast"}
     assert all(record.worker.get("fits_together") for record in result)
-    together: dict = {}
-    for record in result:
-        together.setdefault((record.started, record.finished), []).append(record.name)
-    assert max(len(members) for members in together.values()) >= 8, together
+    together = fitted_together(result)
+    assert max(len(members) for members in together) >= 8, together
     by_name = {patch.name: patch for patch in erjr_pallet.patches}
     for record in result:
         alone = engine.hypotest(by_name[record.name].operations)

@@ -14,6 +14,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import fitted_together
 
 import pyhf_dist
 from pyhf_dist.demo import demo_workspace
@@ -139,11 +140,7 @@ def test_a_signals_scan_fits_packs_of_points_together(tmp_path):
     )
     assert result.failed() == [] and len(result) == 64
     assert {record.engine for record in result} == {"fast"}
-    # Records fitted together share their start and end times.
-    together = {}
-    for record in result:
-        together.setdefault((record.started, record.finished), []).append(record.name)
-    assert max(len(names) for names in together.values()) >= 4
+    assert max(len(names) for names in fitted_together(result)) >= 4
     from pyhf_dist.signals import load_signals
 
     pallet = load_signals(workspace, str(tmp_path / "yields.csv"), template)

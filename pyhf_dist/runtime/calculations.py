@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from pyhf_dist.exceptions import FastPathRequired
-from pyhf_dist.protocol import first_line
+from pyhf_dist.protocol import SMALLEST_GROUP, first_line
 from pyhf_dist.runtime import reference
 
 __all__ = ["compute", "compute_together"]
@@ -85,7 +85,7 @@ def compute_together(state, tasks: list[dict]) -> dict[int, dict[str, Any]]:
             patches = [tasks[i]["patch"] for i in indices]
             answers = engine.hypotest_points(patches, settings.poi_test, settings.test_stat)
             rest = [i for i, answer in enumerate(answers) if answer is None]
-            if len(rest) > 1 and fast.groups_wanted():
+            if len(rest) >= SMALLEST_GROUP and fast.groups_wanted():
                 grouped = engine.hypotest_group([patches[i] for i in rest], settings.poi_test, settings.test_stat)
                 for i, answer in zip(rest, grouped):
                     answers[i] = answer
