@@ -4,6 +4,7 @@
     python benchmarks/groups.py --pallets 1Lbb --group 32 --upper-limit-values 12
     python benchmarks/groups.py --pallets 1Lbb,stau-combined,stau-lowMass,stau-highMass,3L-eRJR --group 1000
                                                          # on a GPU: each pallet in one group
+    python benchmarks/groups.py --pallets 1Lbb --limits 32 # upper limits, searches in lockstep
 
 In one process, per pallet, after a warm-up group (compilation is not timed):
 
@@ -13,7 +14,11 @@ In one process, per pallet, after a warm-up group (compilation is not timed):
   patches a group leaves (its starts found different minima, or a fit failed) then one at a time:
   wall time of each, the ratio, how many patches were left, and the largest |ΔCLs| between the two;
 * with ``--upper-limit-values N``: the CLs at ``N`` POI values per patch (a search's worth of
-  values) both ways: wall time and ratio.
+  values) both ways: wall time and ratio;
+* with ``--limits N`` instead: the upper limits (pyhf's root-finding) of the first ``N`` patches,
+  one at a time (on the CPU) and with their searches in lockstep, each round of POI values fitted
+  in one group (``runtime.fast.group_limits``), the patches it leaves then one at a time: wall
+  time, ratio, how many were left, and the largest relative difference of the limits.
 
 Prints a table; nothing is asserted.
 """
@@ -71,17 +76,56 @@ def _largest_difference(first, second) -> float:
     return worst
 
 
+def _limits(problems, on_cpu) -> tuple[list, list, float, float, int]:
+    """Upper limits of ``problems`` one at a time (on ``on_cpu``, the same patches on the CPU) and in
+    lockstep: ``(one at a time, in lockstep, seconds, seconds, patches the lockstep left)``; a limit
+    is ``(observed, expected)``."""
+    from pyhf_dist.runtime.fast import group_limits, limits
+
+    def alone(indices):
+        out = []
+        for i in indices:
+            try:
+                found = limits.upper_limit(on_cpu[i], "qtilde", 0.05)
+                out.append((found["mu_up_obs"], found["mu_up_exp"]))
+            except Exception:  # noqa: BLE001 - counted as no limit
+                out.append(None)
+        return out
+
+    began = time.perf_counter()
+    one_at_a_time = alone(range(len(problems)))
+    alone_seconds = time.perf_counter() - began
+    began = time.perf_counter()
+    found = group_limits.upper_limits(problems.__getitem__, list(range(len(problems))))
+    together = [None if f is None else (f["mu_up_obs"], f["mu_up_exp"]) for f in found]
+    left = [i for i, f in enumerate(together) if f is None]
+    for i, f in zip(left, alone(left)):
+        together[i] = f
+    return one_at_a_time, together, alone_seconds, time.perf_counter() - began, len(left)
+
+
+def _largest_relative(first, second) -> float:
+    worst = 0.0
+    for ours, theirs in zip(first, second):
+        if ours is None or theirs is None:
+            continue
+        for a, b in zip([ours[0], *ours[1]], [theirs[0], *theirs[1]]):
+            worst = max(worst, abs(a - b) / abs(b))
+    return worst
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pallets", default="1Lbb,3L-eRJR")
     parser.add_argument("--group", type=int, default=16, help="patches per group")
     parser.add_argument("--upper-limit-values", type=int, default=0, help="also N POI values per patch")
+    parser.add_argument("--limits", type=int, default=0, help="instead: the upper limits of the first N patches")
     args = parser.parse_args()
 
+    import jax
     import numpy as np
 
-    import jax
-
+    from pyhf_dist.protocol import SMALLEST_GROUP
     from pyhf_dist.runtime.fast.engine import FastHypotest
 
     device = jax.devices()[0]
@@ -101,6 +145,13 @@ def main() -> None:
             with jax.default_device(jax.devices("cpu")[0]):
                 engine = FastHypotest(pallet.workspace, verify=verify)  # its arrays and compiled code on the CPU
                 on_cpu = [engine.problem(patch.operations) for patch in pallet.patches]
+        if args.limits:
+            count = min(args.limits, len(problems))
+            _limits(problems[:SMALLEST_GROUP], on_cpu[:SMALLEST_GROUP])  # warm-up: compilation
+            alone, together, alone_seconds, group_seconds, left = _limits(problems[:count], on_cpu[:count])
+            rows.append((name, "upper limits", count, alone_seconds, group_seconds, left, _largest_relative(together, alone)))
+            print(f"{name}: upper limits: one at a time {alone_seconds:.1f} s, in lockstep {group_seconds:.1f} s", flush=True)
+            continue
         cases = [("hypotest mu=1", [[1.0]] * len(problems))]
         if args.upper_limit_values:
             cases.append((f"{args.upper_limit_values} POI values", [list(np.linspace(0.2, 3.0, args.upper_limit_values))] * len(problems)))
@@ -118,7 +169,8 @@ def main() -> None:
             print(f"{name}: {label}: one at a time {alone_seconds:.1f} s, groups of {args.group} {group_seconds:.1f} s", flush=True)
     print()
     print(f"Groups on {device.device_kind} ({device.platform}); one at a time on the CPU.")
-    print("| pallet | fits | patches | one at a time (s) | in groups (s) | ratio | left to one at a time | max abs dCLs |")
+    difference = "max rel. d(limit)" if args.limits else "max abs dCLs"
+    print(f"| pallet | fits | patches | one at a time (s) | in groups (s) | ratio | left to one at a time | {difference} |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, label, count, alone_seconds, group_seconds, left, worst in rows:
         print(f"| {name} | {label} | {count} | {alone_seconds:.1f} | {group_seconds:.1f} | "

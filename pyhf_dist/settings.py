@@ -283,15 +283,15 @@ class FitSettings:
     @property
     def fits_together(self) -> bool:
         """Whether a worker may fit the patches of a pack together, in one compiled loop: the fast
-        path's asymptotic hypotests, with its certified fits (signal points of one template
-        always; patches of any structures where the worker has a GPU).
+        path's asymptotic hypotests and upper limits, with its certified fits (hypotests of signal
+        points of one template always; patches of any structures where the worker has a GPU).
 
         >>> FitSettings(backend="jax").fits_together, FitSettings(backend="jax", match_pyhf=True).fits_together
         (True, False)
         >>> FitSettings(backend="jax", calculation="upper_limit").fits_together
-        False
+        True
         """
-        return self.fast_path and not self.match_pyhf and self.calculation == "hypotest"
+        return self.fast_path and not self.match_pyhf
 
     @property
     def fast_toys(self) -> bool:

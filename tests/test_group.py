@@ -5,8 +5,8 @@ The group holds published patches and patches built from them the way real recor
 channel without signal, extra signal modifiers, a fixed nuisance parameter, and a patch whose
 fits fail. Fits of the same data from the same start must give the one-at-a-time minima
 (``-2 log L`` within 1e-8), the hypotests and the CLs of an upper-limit search's POI values the
-one-at-a-time CLs (within 1e-6), and a patch the group cannot answer must leave ``None`` and the
-others as they are.
+one-at-a-time CLs (within 1e-6), the limits of searches in lockstep the one-at-a-time limits, and
+a patch the group cannot answer must leave ``None`` and the others as they are.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pyhf_dist.runtime.fast import fit
 from pyhf_dist.runtime.fast.engine import FastHypotest
 from pyhf_dist.runtime.fast.errors import FastPathUnsupported
 from pyhf_dist.runtime.fast.group import GroupFitter, GroupScan
+from pyhf_dist.runtime.fast.group_limits import upper_limits
 
 CLS_TOLERANCE = 1e-6
 NLL_TOLERANCE = 1e-8
@@ -173,6 +174,64 @@ def test_group_gives_the_cls_of_an_upper_limit_search(group, monkeypatch):
     assert compared > 40
 
 
+#: A limit from searches in lockstep against the same search one patch at a time: the CLs agree
+#: within ~1e-7, so the roots within about as much.
+LIMIT_TOLERANCE = 1e-6
+
+
+@pytest.mark.parametrize("grid", [None, (0.0, 5.0, 11)], ids=["root-finding", "grid"])
+def test_limits_searched_in_lockstep_equal_the_limits_one_at_a_time(group, grid):
+    """Every patch's search asks for its POI values in turn, each round fitted in one loop: each
+    limit the group answers is the one-at-a-time limit, with its certificate; the patches whose
+    fits fail a check at a value the search asks for (two minima, a failing fit) are left ``None``."""
+    from pyhf_dist.runtime.reference import scan_points
+
+    engine, structures, _, _ = group
+    names = list(structures)
+    scan = scan_points(grid)
+    together = dict(zip(names, upper_limits(engine.problem, [structures[name] for name in names], scan=scan)))
+    assert together["failing"] is None and together["two minima"] is None
+    answered = [name for name, limit in together.items() if limit is not None]
+    # Published points and the changed structures alike; a grid asks for its values in one round.
+    assert {"published", "another published point", "extra signal modifiers", "a channel removed"} <= set(answered)
+    assert len(answered) >= (6 if grid else 4)
+    for name in answered:
+        limit, alone = together[name], engine.upper_limit(structures[name], scan=scan)
+        assert limit["mu_up_obs"] == pytest.approx(alone["mu_up_obs"], rel=LIMIT_TOLERANCE), name
+        assert limit["mu_up_exp"] == pytest.approx(alone["mu_up_exp"], rel=LIMIT_TOLERANCE), name
+        assert limit["converged"] is True and list(limit["fits"]) == list(alone["fits"]), name
+        for fit_label in ("observed free", "observed mu=0"):
+            ours, theirs = limit["fits"][fit_label]["twice_nll"], alone["fits"][fit_label]["twice_nll"]
+            assert ours == pytest.approx(theirs, abs=NLL_TOLERANCE), (name, fit_label)
+        conditional = limit["fits"]["conditional"]
+        assert conditional["converged"] and conditional["gradient"] <= 1e-3
+        # The group fits both datasets at each value the search asks for.
+        assert conditional["count"] >= alone["fits"]["conditional"]["count"], name
+
+
+def test_a_pack_of_upper_limits_is_searched_together_where_groups_are_wanted(group, erjr_pallet, monkeypatch):
+    """A worker's pack of upper limits (``PYHF_DIST_GROUPS=on``, as on a GPU): the patches the group
+    answers share one start and end time, the others are searched one at a time, all to the
+    one-at-a-time limits."""
+    from pyhf_dist.runtime.fast import GROUPS_ENV
+    from pyhf_dist.settings import FitSettings
+
+    engine, structures, _, _ = group
+    monkeypatch.setenv(GROUPS_ENV, "on")
+    grid = (0.0, 5.0, 11)
+    settings = FitSettings(backend="jax", calculation="upper_limit", upper_limit_scan=grid)
+    records, together = _run_pack(erjr_pallet, settings, structures)
+    names = list(structures)
+    assert together == set(names) - {"two minima", "failing"}
+    for name in names:
+        record = records[name]
+        assert record["status"] == "ok" and record["engine"] == "fast", (name, record.get("error"))
+        alone = engine.upper_limit(structures[name], scan=np.linspace(*grid))
+        assert record["mu_up_obs"] == pytest.approx(alone["mu_up_obs"], rel=LIMIT_TOLERANCE), name
+        assert record["mu_up_exp"] == pytest.approx(alone["mu_up_exp"], rel=LIMIT_TOLERANCE), name
+        assert record["converged"] is True, name
+
+
 def test_a_patch_that_fails_leaves_the_others_as_they_were(group):
     _, _, problems, scan = group
     names = list(problems)
@@ -197,24 +256,33 @@ def test_patches_of_other_interpolation_codes_are_refused_in_one_line(erjr_palle
     assert "\n" not in str(raised.value)
 
 
-@pytest.mark.parametrize("groups", ["on", "off"])
-def test_a_pack_of_patches_is_fitted_in_one_group_where_groups_are_wanted(group, erjr_pallet, monkeypatch, groups):
-    """A worker's pack of patches of different structures (as a scan sends on a GPU) goes through
-    one group with ``PYHF_DIST_GROUPS=on`` and one at a time with ``off``, to the same records."""
+def _run_pack(pallet, settings, structures: dict) -> tuple[dict, set]:
+    """One pack of every structure through a worker's runtime: ``(records by name, the names
+    fitted together with "published": one shared start and end time)``."""
     from pyhf_dist.protocol import WorkerContext, make_pack, make_task, records_of
     from pyhf_dist.runtime import initialize, run_task
-    from pyhf_dist.runtime.fast import GROUPS_ENV
-    from pyhf_dist.settings import FitSettings
 
-    engine, structures, _, _ = group
-    monkeypatch.setenv(GROUPS_ENV, groups)
-    context = WorkerContext.build(erjr_pallet.workspace, FitSettings(backend="jax").to_dict())
+    context = WorkerContext.build(pallet.workspace, settings.to_dict())
     initialize(context)
     names = list(structures)
     pack = make_pack([make_task(name, structures[name], context.key) for name in names])
     records = dict(zip(names, records_of(run_task(pack, context), len(names))))
     together = {name for name, record in records.items() if (record["started"], record["finished"])
                 == (records["published"]["started"], records["published"]["finished"])}
+    return records, together
+
+
+@pytest.mark.parametrize("groups", ["on", "off"])
+def test_a_pack_of_patches_is_fitted_in_one_group_where_groups_are_wanted(group, erjr_pallet, monkeypatch, groups):
+    """A worker's pack of patches of different structures (as a scan sends on a GPU) goes through
+    one group with ``PYHF_DIST_GROUPS=on`` and one at a time with ``off``, to the same records."""
+    from pyhf_dist.runtime.fast import GROUPS_ENV
+    from pyhf_dist.settings import FitSettings
+
+    engine, structures, _, _ = group
+    monkeypatch.setenv(GROUPS_ENV, groups)
+    records, together = _run_pack(erjr_pallet, FitSettings(backend="jax"), structures)
+    names = list(structures)
     if groups == "on":
         # The group answers every patch whose checks pass (as GroupScan.hypotests above); the
         # others are fitted one at a time, after it.

@@ -66,8 +66,10 @@ def compute_together(state, tasks: list[dict]) -> dict[int, dict[str, Any]]:
     Asymptotic hypotests of patches that differ only in the yields they add (signal points of one
     template) are fitted together (:func:`pyhf_dist.runtime.fast.points.hypotests`), and on a GPU
     (:func:`~pyhf_dist.runtime.fast.engine.groups_wanted`) the other patches too, whatever their
-    structures (:meth:`~pyhf_dist.runtime.fast.engine.FastHypotest.hypotest_group`); the tasks
-    missing from the result are to be computed one by one (:func:`compute`). Never raises.
+    structures (:meth:`~pyhf_dist.runtime.fast.engine.FastHypotest.hypotest_group`); there, upper
+    limits too, their searches in lockstep
+    (:meth:`~pyhf_dist.runtime.fast.engine.FastHypotest.upper_limit_group`). The tasks missing
+    from the result are to be computed one by one (:func:`compute`). Never raises.
     """
     settings = state.settings
     if not settings.fits_together:
@@ -83,12 +85,18 @@ def compute_together(state, tasks: list[dict]) -> dict[int, dict[str, Any]]:
         try:
             engine = fast.for_state(state.for_pallet(pallet))
             patches = [tasks[i]["patch"] for i in indices]
-            answers = engine.hypotest_points(patches, settings.poi_test, settings.test_stat)
-            rest = [i for i, answer in enumerate(answers) if answer is None]
-            if len(rest) >= SMALLEST_GROUP and fast.groups_wanted():
-                grouped = engine.hypotest_group([patches[i] for i in rest], settings.poi_test, settings.test_stat)
-                for i, answer in zip(rest, grouped):
-                    answers[i] = answer
+            if settings.calculation == "upper_limit":
+                answers = [None] * len(patches)
+                if len(patches) >= SMALLEST_GROUP and fast.groups_wanted():
+                    scan = reference.scan_points(settings.upper_limit_scan)
+                    answers = engine.upper_limit_group(patches, settings.test_stat, settings.level, scan)
+            else:
+                answers = engine.hypotest_points(patches, settings.poi_test, settings.test_stat)
+                rest = [i for i, answer in enumerate(answers) if answer is None]
+                if len(rest) >= SMALLEST_GROUP and fast.groups_wanted():
+                    grouped = engine.hypotest_group([patches[i] for i in rest], settings.poi_test, settings.test_stat)
+                    for i, answer in zip(rest, grouped):
+                        answers[i] = answer
         except Exception as error:  # noqa: BLE001 - each task is then computed alone, with its own errors
             log.warning("fast path: a pack's patches not fitted together (%s)", first_line(error, with_type=True))
             continue

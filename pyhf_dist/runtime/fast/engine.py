@@ -36,10 +36,9 @@ _LOGPDF_RTOL = 1e-9
 #: gets a layout of its own, one more compilation per process. (1Lbb's: ~35 000 entries.)
 _SHARE_LIMIT = 2.0
 _SMALL_LAYOUT = 10_000
-#: ``on``: a pack's patches are fitted together in one loop (:meth:`FastHypotest.hypotest_group`)
-#: on any device; ``off``: never; unset: where jax's default device is not the CPU (a GPU). On a
-#: CPU one patch at a time is faster (a row of the loop costs about what a call of the
-#: one-at-a-time likelihood costs, and the group's checks take more fits).
+#: ``on``: a pack's patches are fitted together (:meth:`FastHypotest.hypotest_group`, ``upper_limit_group``)
+#: on any device; ``off``: never; unset: where jax's default device is not the CPU (a GPU). On a CPU one
+#: patch at a time is faster (a loop's row costs about one likelihood call; the group's checks take more fits).
 GROUPS_ENV = "PYHF_DIST_GROUPS"
 
 
@@ -155,6 +154,14 @@ class FastHypotest:
         with self._lock:
             return group.hypotests(self._problem, patches, poi_test, test_stat)
 
+    def upper_limit_group(self, patches: list, test_stat: str = "qtilde", level: float = 0.05, scan=None) -> list[dict | None]:
+        """:meth:`upper_limit` of patches of any structures, their searches in lockstep
+        (:func:`pyhf_dist.runtime.fast.group_limits.upper_limits`); ``None`` for a patch to fit one at a time."""
+        from pyhf_dist.runtime.fast import group_limits
+
+        with self._lock:
+            return group_limits.upper_limits(self._problem, patches, test_stat, level, scan)
+
     def upper_limit(
         self, patch_operations: list | None, test_stat: str = "qtilde", level: float = 0.05, scan=None
     ) -> dict:
@@ -184,9 +191,7 @@ class FastHypotest:
             log.info("fast path declined a patch (plain pyhf fits it): %s", error)
             raise
         if result["exact_values"]:
-            log.info(
-                "fast path: %d of %d POI values computed by plain pyhf", result["exact_values"], result["poi_values"]
-            )
+            log.info("fast path: %d of %d POI values computed by plain pyhf", result["exact_values"], result["poi_values"])
         return {key: value for key, value in result.items() if key not in ("poi_values", "exact_values")}
 
     def _pyhf_hypotest(self, patch_operations, test_stat):
@@ -199,9 +204,7 @@ class FastHypotest:
             from pyhf_dist.runtime.fast import layout
 
             use_numpy()  # pyhf's own numbers: numpy and its default minimizer
-            if not built:
-
-                # As plain pyhf builds them: the patch applied to the whole workspace.
+            if not built:  # as plain pyhf builds them: the patch applied to the whole workspace
                 spec = layout.apply_patch(self._workspace, patch_operations or [])
                 built.extend(pyhf_model(spec, self.modifier_settings))
             model, data = built
@@ -438,9 +441,8 @@ def for_state(state) -> FastHypotest:
             fast = state.memo.get("fast_hypotest")
             if fast is None:
                 settings = state.settings
-                fast = FastHypotest(
-                    state.workspace_spec, settings.modifier_settings, key=state.key, match_pyhf=settings.match_pyhf
-                )
+                fast = FastHypotest(state.workspace_spec, settings.modifier_settings, key=state.key,
+                                    match_pyhf=settings.match_pyhf)
                 state.memo["fast_hypotest"] = fast
     return fast
 

@@ -38,7 +38,7 @@ from pyhf_dist.runtime.fast.batched import BatchFitter
 from pyhf_dist.runtime.fast.errors import FastPathUnsupported
 from pyhf_dist.runtime.fast.problem import ACCEPT_GRADIENT, SAME_MINIMUM
 
-__all__ = ["GROUP_TOLERANCE", "GroupFits", "GroupFitter", "GroupScan", "group_size", "hypotests"]
+__all__ = ["GROUP_TOLERANCE", "GroupFits", "GroupFitter", "GroupScan", "group_size", "hypotests", "problems_of"]
 
 log = logging.getLogger(__name__)
 
@@ -380,13 +380,7 @@ def hypotests(problem_of, patches: list, poi_test: float = 1.0, test_stat: str =
     :class:`~pyhf_dist.runtime.fast.problem.FitProblem`. Never raises for a patch.
     """
     out: list[dict | None] = [None] * len(patches)
-    problems, indices = [], []
-    for index, operations in enumerate(patches):
-        try:
-            problems.append(problem_of(operations))
-        except FastPathUnsupported:
-            continue  # fitted one at a time, where it gets its own record and reason
-        indices.append(index)
+    problems, indices = problems_of(problem_of, patches)
     if len(problems) < SMALLEST_GROUP:
         return out
     try:
@@ -397,6 +391,20 @@ def hypotests(problem_of, patches: list, poi_test: float = 1.0, test_stat: str =
     for index, answer in zip(indices, answers):
         out[index] = answer
     return out
+
+
+def problems_of(problem_of, patches: list) -> tuple[list, list[int]]:
+    """``(problems, indices)``: the :class:`~pyhf_dist.runtime.fast.problem.FitProblem` of each patch
+    the fast path reads, and its index in ``patches``; the others are fitted one at a time, where
+    each gets its own record and reason."""
+    problems, indices = [], []
+    for index, operations in enumerate(patches):
+        try:
+            problems.append(problem_of(operations))
+        except FastPathUnsupported:
+            continue
+        indices.append(index)
+    return problems, indices
 
 
 def _same(first: GroupFits, second: GroupFits) -> np.ndarray:

@@ -36,7 +36,7 @@ from pyhf_dist.exceptions import UpperLimitError
 from pyhf_dist.runtime.fast import fit
 from pyhf_dist.runtime.fast.errors import FastPathUnsupported
 
-__all__ = ["upper_limit", "LIMIT_NOISE"]
+__all__ = ["upper_limit", "search", "LIMIT_NOISE"]
 
 #: Largest relative change of a grid-interpolated limit allowed when a noisy CLs value it uses
 #: moves across its range (beyond it, pyhf's own value at that point is used).
@@ -75,12 +75,41 @@ def upper_limit(
         FastPathUnsupported: The limit would not be pyhf's (see the module); plain pyhf then.
         UpperLimitError: The search reaches beyond the POI bounds (pyhf fails there too).
     """
-    from pyhf_dist.runtime import reference as limits
-
     if test_stat not in ("qtilde", "q"):
         raise FastPathUnsupported(f"upper limits with test statistic {test_stat!r}")
     poi_scan = fit.PoiScan(problem, test_stat, match_pyhf=match_pyhf)
-    lower, upper = poi_scan.bounds
+    limits = search(poi_scan, test_stat, level, scan, exact, match_pyhf=match_pyhf)
+    shared = poi_scan.shared_fits
+    certificate = poi_scan.certificate(shared)
+    conditional = [found for name, found in poi_scan.fits.items() if name not in shared]
+    certificate["fits"]["conditional"] = {
+        "count": len(conditional),
+        "gradient": max((found.gradient for found in conditional), default=0.0),
+        "converged": all(found.converged for found in conditional),
+    }
+    return {**limits, **certificate}
+
+
+def search(source, test_stat: str, level: float, scan=None, exact: Callable[[float], tuple] | None = None, *,
+           match_pyhf: bool = False) -> dict:
+    """pyhf's search for the observed and expected limits, on the test statistics of ``source``.
+
+    Args:
+        source: Where the statistics come from: ``bounds`` (the POI's) and
+            ``statistics_many(mus, observed)`` as :class:`~pyhf_dist.runtime.fast.fit.PoiScan`'s
+            (one patch's fits, or its share of a group's, :mod:`~pyhf_dist.runtime.fast.group_limits`).
+        test_stat, level, scan, exact, match_pyhf: As :func:`upper_limit`.
+
+    Returns:
+        ``{"mu_up_obs", "mu_up_exp", "poi_values", "exact_values"}`` (as :func:`upper_limit`,
+        without the certificate).
+
+    Raises:
+        FastPathUnsupported, UpperLimitError: As :func:`upper_limit`.
+    """
+    from pyhf_dist.runtime import reference as limits
+
+    lower, upper = source.bounds
     ranges: dict[float, tuple] = {}  # mu -> (least, greatest) CLs values over pyhf's noise
     exact_values: dict[float, tuple] = {}
 
@@ -104,7 +133,7 @@ def upper_limit(
                     "workspace's measurement, or give a grid within them (--scan)"
                 )
         results = []
-        for mu, stats in zip(mus, poi_scan.statistics_many(mus, observed)):
+        for mu, stats in zip(mus, source.statistics_many(mus, observed)):
             central, low, high = _cls_range(stats, test_stat, powerless_is_one=not match_pyhf)
             ranges[mu] = (low, high)
             if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
@@ -124,21 +153,7 @@ def upper_limit(
             if mu not in exact_values and _moves_limit(results, index, ranges[mu], grid, level):
                 results[index] = pyhf_value(mu, "the interpolated limit depends on its CLs")
         observed, expected = limits.grid_scan(lambda mus: results, grid, level)
-    shared = poi_scan.shared_fits
-    certificate = poi_scan.certificate(shared)
-    conditional = [found for name, found in poi_scan.fits.items() if name not in shared]
-    certificate["fits"]["conditional"] = {
-        "count": len(conditional),
-        "gradient": max((found.gradient for found in conditional), default=0.0),
-        "converged": all(found.converged for found in conditional),
-    }
-    return {
-        "mu_up_obs": observed,
-        "mu_up_exp": expected,
-        "poi_values": len(ranges),
-        "exact_values": len(exact_values),
-        **certificate,
-    }
+    return {"mu_up_obs": observed, "mu_up_exp": expected, "poi_values": len(ranges), "exact_values": len(exact_values)}
 
 
 def _moves_limit(results: list, index: int, bounds: tuple, grid: list, level: float) -> bool:
