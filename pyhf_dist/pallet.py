@@ -106,11 +106,17 @@ def _pallets_from_directory(directory: Path, choice, validate: bool, label: str 
 def _pallets_from_tarball(path: Path, choice, validate: bool) -> list[Pallet]:
     try:
         with tarfile.open(path, "r:*") as archive:
-            members = {}
-            for member in archive.getmembers():
+            # One pass through the compressed stream: listing the members first and reading the
+            # needed ones after meant decompressing it twice. Every JSON file is read on the way
+            # (a pallet is JSON); which are needed is known once all are listed.
+            members, read = {}, {}
+            for member in archive:
                 name = discovery.normalize(member.name) if member.isfile() else None
-                if name is not None:
-                    members.setdefault(name, member)
+                if name is None or name in members:
+                    continue
+                members[name] = member
+                if name.lower().endswith(".json") and not discovery.is_noise(name):
+                    read[name] = archive.extractfile(member).read()
             locations = discovery.locate(members)
             if not locations:
                 raise PalletError(f"{path} holds no BkgOnly.json: is it a HEPData likelihood archive?")
@@ -118,12 +124,8 @@ def _pallets_from_tarball(path: Path, choice, validate: bool) -> list[Pallet]:
             needed = set()
             for location in chosen:
                 needed.update([location.background, location.patchset, *location.patch_files])
-            # Read in archive order: going back in a compressed stream means decompressing it again.
-            contents = {
-                name: archive.extractfile(member).read()
-                for name, member in sorted(members.items(), key=lambda item: item[1].offset)
-                if name in needed
-            }
+            needed.discard(None)  # a pallet of patch files has no patchset
+            contents = {name: read[name] if name in read else archive.extractfile(members[name]).read() for name in needed}
     except FileNotFoundError:
         raise PalletError(f"{path} does not exist: check the path") from None
     except (EOFError, zlib.error, gzip.BadGzipFile) as error:
