@@ -15,10 +15,11 @@ In one process, per pallet, after a warm-up group (compilation is not timed):
   wall time of each, the ratio, how many patches were left, and the largest |ΔCLs| between the two;
 * with ``--upper-limit-values N``: the CLs at ``N`` POI values per patch (a search's worth of
   values) both ways: wall time and ratio;
-* with ``--limits N`` instead: the upper limits (pyhf's root-finding) of the first ``N`` patches,
-  one at a time (on the CPU) and with their searches in lockstep, each round of POI values fitted
-  in one group (``runtime.fast.group_limits``), the patches it leaves then one at a time: wall
-  time, ratio, how many were left, and the largest relative difference of the limits.
+* with ``--limits N`` instead: the upper limits (pyhf's root-finding) of ``N`` patches spread over
+  the pallet, one at a time (on the CPU) and with their searches in lockstep, each round of POI
+  values fitted in one group (``runtime.fast.group_limits``), the patches it leaves (or whose
+  search fails: a limit beyond the POI bound) then one at a time: wall time, ratio, how many were
+  left, and the largest relative difference of the limits.
 
 Prints a table; nothing is asserted.
 """
@@ -119,7 +120,7 @@ def main() -> None:
     parser.add_argument("--pallets", default="1Lbb,3L-eRJR")
     parser.add_argument("--group", type=int, default=16, help="patches per group")
     parser.add_argument("--upper-limit-values", type=int, default=0, help="also N POI values per patch")
-    parser.add_argument("--limits", type=int, default=0, help="instead: the upper limits of the first N patches")
+    parser.add_argument("--limits", type=int, default=0, help="instead: the upper limits of N patches")
     args = parser.parse_args()
 
     import jax
@@ -146,9 +147,13 @@ def main() -> None:
                 engine = FastHypotest(pallet.workspace, verify=verify)  # its arrays and compiled code on the CPU
                 on_cpu = [engine.problem(patch.operations) for patch in pallet.patches]
         if args.limits:
-            count = min(args.limits, len(problems))
-            _limits(problems[:SMALLEST_GROUP], on_cpu[:SMALLEST_GROUP])  # warm-up: compilation
-            alone, together, alone_seconds, group_seconds, left = _limits(problems[:count], on_cpu[:count])
+            # Patches spread over the pallet (a pallet's first ones may all be points beyond its
+            # reach, whose search fails at the POI bound whichever way it runs).
+            spread = sorted(set(np.linspace(0, len(problems) - 1, min(args.limits, len(problems))).round().astype(int)))
+            chosen, chosen_on_cpu = [problems[i] for i in spread], [on_cpu[i] for i in spread]
+            count = len(chosen)
+            _limits(chosen[:SMALLEST_GROUP], chosen_on_cpu[:SMALLEST_GROUP])  # warm-up: compilation
+            alone, together, alone_seconds, group_seconds, left = _limits(chosen, chosen_on_cpu)
             rows.append((name, "upper limits", count, alone_seconds, group_seconds, left, _largest_relative(together, alone)))
             print(f"{name}: upper limits: one at a time {alone_seconds:.1f} s, in lockstep {group_seconds:.1f} s", flush=True)
             continue

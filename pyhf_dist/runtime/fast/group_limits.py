@@ -8,10 +8,14 @@ searches ask for are gathered, and each round of them is fitted in one
 one compiled loop. A round waits for every search still running, so a group takes as many rounds
 as its longest search (about 40 with root-finding, one with a grid).
 
-The fits and their checks are the group's (:class:`~pyhf_dist.runtime.fast.group.GroupScan`). A
-patch whose fits fail a check at any value it asks for, or whose search fails (beyond the POI
-bounds, a bracket pyhf cannot search), is left ``None``, for the one-at-a-time path to fit and,
-where its search fails there too, to report. The others' searches go on.
+The fits and their checks are the group's (:class:`~pyhf_dist.runtime.fast.group.GroupScan`). Where
+a patch's fits fail a check at the values its search asks for in a round (its starts find
+different minima there, as on 1Lbb at some POI values), those values are fitted as the
+one-at-a-time path fits them (:class:`~pyhf_dist.runtime.fast.fit.PoiScan`, the lowest of its
+starts), and the search goes on. A patch the one-at-a-time path declines too, or whose search
+fails (beyond the POI bounds, a bracket pyhf cannot search), is left ``None``, for the
+one-at-a-time path to fit and, where its search fails there too, to report. The others' searches
+go on.
 
 Example:
     >>> found = upper_limits(engine.problem, patches)  # one dict, or None, per patch  # doctest: +SKIP
@@ -62,7 +66,7 @@ def upper_limits(problem_of, patches: list, test_stat: str = "qtilde", level: fl
         log.info("fast path: %d patches' limits not searched together (%s); one at a time", len(problems), error)
         return out
     rows = [row for row in range(len(problems)) if group.answerable[row]]
-    lockstep = _Lockstep(group, rows)
+    lockstep = _Lockstep(group, rows, test_stat)
     members = {row: _Member(lockstep, row, problems[row]) for row in rows}
     found: dict[int, dict] = {}
 
@@ -95,8 +99,9 @@ class _Lockstep:
     """The rounds: the statistics each running search asks for, fitted together once every
     running search has asked (:meth:`run`, in the calling thread)."""
 
-    def __init__(self, group: GroupScan, rows: list[int]):
-        self._group = group
+    def __init__(self, group: GroupScan, rows: list[int], test_stat: str):
+        self._group, self._test_stat = group, test_stat
+        self._alone: dict[int, object] = {}  # row -> its PoiScan, for values the group cannot answer
         self._changed = threading.Condition()
         self._running = set(rows)
         self._asked: dict[int, list[float]] = {}
@@ -131,10 +136,33 @@ class _Lockstep:
             except Exception as error:  # noqa: BLE001 - a round that fails leaves its patches to the one-at-a-time path
                 log.info("fast path: a round of the group's limit searches failed (%s)", error)
                 found = [None] * count
+            for row in asked:
+                if found[row] is None:
+                    found[row] = self._one_at_a_time(row, asked[row])
             self.rounds += 1
             with self._changed:
                 self._answers.update({row: found[row] for row in asked})
                 self._changed.notify_all()
+
+
+    def _one_at_a_time(self, row: int, mus: list[float]) -> list[dict] | None:
+        """Patch ``row``'s statistics at ``mus`` from the one-at-a-time path's fits, in the form of the
+        group's; ``None`` where that path declines the patch."""
+        from pyhf_dist.runtime.fast import fit
+
+        try:
+            scan = self._alone.get(row)
+            if scan is None:
+                scan = self._alone[row] = fit.PoiScan(self._group.problems[row], self._test_stat)
+            out = []
+            for mu in mus:
+                stats = scan.statistics(mu)
+                names = [*scan.shared_fits, fit.fit_name("asimov", mu), fit.fit_name("observed", mu)]
+                out.append({**stats, "fits": {name: scan.fits[name].certificate() for name in names}})
+            return out
+        except FastPathUnsupported as error:
+            log.info("fast path: a patch's limit search left to one patch at a time (%s)", error)
+            return None
 
 
 class _Member:
