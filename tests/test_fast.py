@@ -271,24 +271,3 @@ def test_parameter_requirements_are_pyhfs():
             pyhf.parameters.reduce_paramsets_requirements(requirements, bad)
         with pytest.raises(FastPathUnsupported):
             parsets.reduce_configured(requirements, bad)
-
-
-def test_a_workers_jax_import_is_offered_only_rocm_plugins_distributions(tmp_path, monkeypatch):
-    """While a worker imports jax (its search for a ROCm plugin reads every distribution's
-    metadata), distributions other than a ROCm plugin's are not listed; afterwards all are."""
-    import importlib.metadata
-
-    from pyhf_dist.runtime import state
-
-    for folder, name in (("jax_rocm7_plugin-0.1.dist-info", "jax-rocm7-plugin"), ("unrelated_tool-1.0.dist-info", "unrelated-tool")):
-        (tmp_path / folder).mkdir()
-        (tmp_path / folder / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-
-    def names():
-        return {distribution.metadata["Name"] for distribution in importlib.metadata.distributions(path=[str(tmp_path)])}
-
-    assert names() == {"jax-rocm7-plugin", "unrelated-tool"}
-    with state._rocm_plugin_search_narrowed():
-        assert names() == {"jax-rocm7-plugin"}
-    assert names() == {"jax-rocm7-plugin", "unrelated-tool"}

@@ -9,7 +9,6 @@ the process, keyed by the context's digest, so the setup runs once per worker wh
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 from typing import Any
@@ -126,41 +125,11 @@ def preload(settings: dict) -> None:
         if FitSettings.from_dict(settings).fast_path:
             from pyhf_dist.runtime import fast
 
-            with _rocm_plugin_search_narrowed():
-                fast.preload()
+            fast.preload()
         else:
             import pyhf  # noqa: F401
     except Exception:  # noqa: BLE001 - an optimisation only
         pass
-
-
-@contextlib.contextmanager
-def _rocm_plugin_search_narrowed():
-    """While jax is imported: ``importlib.metadata.distributions()`` yields only distributions
-    installed under a ROCm plugin's name (and any it cannot tell by name).
-
-    jax's import looks for its ROCm plugin by reading the metadata of every installed distribution
-    (``jax/_src/numpy/array_constructors.py``): 0.13 s of each worker's start with the 152 of a
-    development install, more in a larger environment. An installed plugin's folder bears its name
-    (``jax_rocm7_plugin-...dist-info``), so jax still finds it. Only in worker processes (the
-    callers of :func:`preload`), which run nothing else meanwhile.
-    """
-    import importlib.metadata
-    from pathlib import Path
-
-    every = importlib.metadata.distributions
-
-    def distributions(**kwargs):
-        for distribution in every(**kwargs):
-            path = getattr(distribution, "_path", None)
-            if path is None or Path(path).name.lower().replace("-", "_").startswith("jax_rocm"):
-                yield distribution
-
-    importlib.metadata.distributions = distributions
-    try:
-        yield
-    finally:
-        importlib.metadata.distributions = every
 
 
 def release(key: str) -> None:
