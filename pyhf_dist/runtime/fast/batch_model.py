@@ -123,6 +123,7 @@ class BatchModel:
         entries = np.flatnonzero(bins < B)
         slots, entry_slot = np.unique(entries // W, return_inverse=True)
         hist_rows = np.flatnonzero(L["hist_par"] != P)
+        rows, hist_x = len(L["hist_par"]), L["hist_x"]  # X1 above X2
         norm_rows = np.flatnonzero(L["norm_par"] != P)
         factor_par = L["factor_par"].reshape(S * W, -1)[entries]
         sizes = BatchCaps(
@@ -160,8 +161,8 @@ class BatchModel:
             "onehot": onehot,
             # Padding rows point at the constant 1 with zero tables: they add nothing.
             "hist_par": put(Kh, remap(L["hist_par"][hist_rows]), N1, np.int32),
-            "hist_x1": put((Kh, E), L["hist_x1"][hist_rows][:, entries]),
-            "hist_x2": put((Kh, E), L["hist_x2"][hist_rows][:, entries]),
+            "hist_x1": put((Kh, E), hist_x[:rows][hist_rows][:, entries]),
+            "hist_x2": put((Kh, E), hist_x[rows:][hist_rows][:, entries]),
             "norm_par": put(Kn, remap(L["norm_par"][norm_rows]), N1, np.int32),
             "log_hi": put((Kn, Sc), L["log_hi"][norm_rows][:, slots]),
             "log_lo": put((Kn, Sc), L["log_lo"][norm_rows][:, slots]),
@@ -174,7 +175,8 @@ class BatchModel:
         }
         if codes[0] == "code4":
             # A padding row's coefficients are zero: its factor is 1 at any alpha.
-            arrays["norm_coef"] = put((Kn, Sc, 6), L["norm_coef"][norm_rows][:, slots])
+            # The one-at-a-time layout's [Kn, 6, S] as this loop's [Kn, S, 6] (powers last).
+            arrays["norm_coef"] = put((Kn, Sc, 6), L["norm_coef"][norm_rows][:, :, slots].transpose(0, 2, 1))
         return cls(arrays=jax.device_put(arrays), n=n, caps=caps, codes=codes)
 
 

@@ -155,11 +155,13 @@ def device_layout(padded: dict, codes: tuple):
         x1, x2 = 0.5 * (up - dn), 0.5 * (up + dn)
     else:
         x1, x2 = 0.5 * (up + dn), 0.0625 * (up - dn)
-    arrays["hist_x1"], arrays["hist_x2"] = x1.reshape(rows, -1), x2.reshape(rows, -1)
+    # X1 above X2 ([2 Kh, S W]): one matrix product for both, and one for its gradient.
+    arrays["hist_x"] = np.concatenate([x1.reshape(rows, -1), x2.reshape(rows, -1)])
     hi, lo = arrays.pop("norm_hi"), arrays.pop("norm_lo")
     arrays["log_hi"], arrays["log_lo"] = np.log(hi), np.log(lo)
     if normsys_code == "code4":
-        arrays["norm_coef"] = code4_coefficients(hi, lo)
+        # [Kn, 6, S]: per parameter, the six coefficient rows over the slots (see normsys_factors).
+        arrays["norm_coef"] = np.ascontiguousarray(np.moveaxis(code4_coefficients(hi, lo), -1, 1))
     return jax.device_put(arrays)
 
 
@@ -189,7 +191,8 @@ def histosys_coefficients(a, code: str):
 def normsys_factors(a, L, code: str):
     """Product over normsys parameters ``a`` (``[..., Kn]``) of pyhf's factors, per slot: ``[..., S]``.
 
-    ``L`` holds the tables ``log_hi``, ``log_lo`` (``[Kn, S]``) and, for code4, ``norm_coef``.
+    ``L`` holds the tables ``log_hi``, ``log_lo`` (``[Kn, S]``) and, for code4, ``norm_coef``
+    (``[Kn, 6, S]``).
     """
     import jax.numpy as jnp
 
@@ -203,7 +206,10 @@ def normsys_factors(a, L, code: str):
     inside = (a > -1) & (a < 1)
     clipped = jnp.clip(a, -1.0, 1.0)  # keeps the unused branch finite
     powers = jnp.stack([clipped**k for k in range(1, 7)], axis=-1)
-    poly = jnp.einsum("rsk,...rk->...rs", L["norm_coef"], powers)
+    # The coefficients with the slots last: XLA's products over the six powers then run along
+    # contiguous rows, which makes the likelihood's value and gradient ~20% cheaper (1Lbb) than
+    # with the powers last.
+    poly = jnp.einsum("rks,...rk->...rs", L["norm_coef"], powers)
     return jnp.exp(outer) * tree_product(jnp.where(inside[..., None], 1.0 + poly, 1.0), axis=-2)
 
 
@@ -261,7 +267,7 @@ class Functions:
             extended = jnp.concatenate([theta, jnp.ones(1, theta.dtype)])
             shape = L["nominal"].shape
             c1, c2 = histosys_coefficients(extended[L["hist_par"]], histosys_code)
-            delta = (c1 @ L["hist_x1"] + c2 @ L["hist_x2"]).reshape(shape)
+            delta = (jnp.concatenate([c1, c2]) @ L["hist_x"]).reshape(shape)
             norm = normsys_factors(extended[L["norm_par"]], L, normsys_code)
             factors = extended[L["factor_par"]]
             per_slot = (L["nominal"] + delta) * norm[:, None]
