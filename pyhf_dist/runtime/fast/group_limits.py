@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 def upper_limits(problem_of, patches: list, test_stat: str = "qtilde", level: float = 0.05, scan=None) -> list[dict | None]:
     """The upper limits of each patch (its jsonpatch operations), the searches' fits made together.
 
-    As :func:`~pyhf_dist.runtime.fast.limits.upper_limit` with certified fits, one patch at a time.
+    Each limit is the one :func:`~pyhf_dist.runtime.fast.limits.upper_limit` gives the patch alone
+    with certified fits, to the precision of the fits.
 
     Args:
         problem_of: Makes a patch's :class:`~pyhf_dist.runtime.fast.problem.FitProblem`.
@@ -109,7 +110,8 @@ class _Lockstep:
         self.rounds = 0
 
     def ask(self, row: int, mus: list[float]) -> list[dict] | None:
-        """In a search's thread: the statistics of patch ``row`` at ``mus`` (``None``: a check failed)."""
+        """In a search's thread: the statistics of patch ``row`` at ``mus`` (``None``: neither the
+        group nor the one-at-a-time path answers them)."""
         with self._changed:
             self._asked[row] = list(mus)
             self._changed.notify_all()

@@ -78,7 +78,7 @@ def upper_limit(
     if test_stat not in ("qtilde", "q"):
         raise FastPathUnsupported(f"upper limits with test statistic {test_stat!r}")
     poi_scan = fit.PoiScan(problem, test_stat, match_pyhf=match_pyhf)
-    limits = search(poi_scan, test_stat, level, scan, exact, match_pyhf=match_pyhf)
+    searched = search(poi_scan, test_stat, level, scan, exact, match_pyhf=match_pyhf)
     shared = poi_scan.shared_fits
     certificate = poi_scan.certificate(shared)
     conditional = [found for name, found in poi_scan.fits.items() if name not in shared]
@@ -87,7 +87,7 @@ def upper_limit(
         "gradient": max((found.gradient for found in conditional), default=0.0),
         "converged": all(found.converged for found in conditional),
     }
-    return {**limits, **certificate}
+    return {**searched, **certificate}
 
 
 def search(source, test_stat: str, level: float, scan=None, exact: Callable[[float], tuple] | None = None, *,
