@@ -108,7 +108,8 @@ def _pallets_from_tarball(path: Path, choice, validate: bool) -> list[Pallet]:
         with tarfile.open(path, "r:*") as archive:
             # One pass through the compressed stream: listing the members first and reading the
             # needed ones after meant decompressing it twice. Every JSON file is read on the way
-            # (a pallet is JSON); which are needed is known once all are listed.
+            # (a pallet is JSON); which are needed is known once all are listed, so an archive of
+            # several pallets is held whole in memory while one of them is chosen.
             members, read = {}, {}
             for member in archive:
                 name = discovery.normalize(member.name) if member.isfile() else None
