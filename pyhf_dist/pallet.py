@@ -108,17 +108,15 @@ def _pallets_from_tarball(path: Path, choice, validate: bool) -> list[Pallet]:
         with tarfile.open(path, "r:*") as archive:
             # One pass through the compressed stream: listing the members first and reading the
             # needed ones after meant decompressing it twice. Every JSON file is read on the way
-            # (a pallet is JSON); which are needed is known once all are listed, so an archive of
-            # several pallets is held whole in memory while one of them is chosen.
-            members, read = {}, {}
+            # (a pallet's files are all JSON; packing debris is not read); which are needed is
+            # known once all are listed, so an archive of several pallets is held whole in memory
+            # while one of them is chosen.
+            read = {}
             for member in archive:
                 name = discovery.normalize(member.name) if member.isfile() else None
-                if name is None or name in members:
-                    continue
-                members[name] = member
-                if name.lower().endswith(".json") and not discovery.is_noise(name):
+                if name is not None and name not in read and name.lower().endswith(".json") and not discovery.is_noise(name):
                     read[name] = archive.extractfile(member).read()
-            locations = discovery.locate(members)
+            locations = discovery.locate(read)
             if not locations:
                 raise PalletError(f"{path} holds no BkgOnly.json: is it a HEPData likelihood archive?")
             chosen = discovery.choose(locations, choice, str(path))
@@ -126,7 +124,7 @@ def _pallets_from_tarball(path: Path, choice, validate: bool) -> list[Pallet]:
             for location in chosen:
                 needed.update([location.background, location.patchset, *location.patch_files])
             needed.discard(None)  # a pallet of patch files has no patchset
-            contents = {name: read[name] if name in read else archive.extractfile(members[name]).read() for name in needed}
+            contents = {name: read[name] for name in needed}
     except FileNotFoundError:
         raise PalletError(f"{path} does not exist: check the path") from None
     except (EOFError, zlib.error, gzip.BadGzipFile) as error:

@@ -38,7 +38,7 @@ from pyhf_dist.runtime.fast.batched import BatchFitter
 from pyhf_dist.runtime.fast.errors import FastPathUnsupported
 from pyhf_dist.runtime.fast.problem import ACCEPT_GRADIENT, SAME_MINIMUM
 
-__all__ = ["GROUP_TOLERANCE", "GroupFits", "GroupFitter", "GroupScan", "group_size", "hypotests", "problems_of"]
+__all__ = ["GROUP_TOLERANCE", "GroupFits", "GroupFitter", "GroupScan", "group_size", "hypotests", "scan_of"]
 
 log = logging.getLogger(__name__)
 
@@ -380,23 +380,25 @@ def hypotests(problem_of, patches: list, poi_test: float = 1.0, test_stat: str =
     :class:`~pyhf_dist.runtime.fast.problem.FitProblem`. Never raises for a patch.
     """
     out: list[dict | None] = [None] * len(patches)
-    problems, indices = problems_of(problem_of, patches)
-    if len(problems) < SMALLEST_GROUP:
+    group, indices = scan_of(problem_of, patches, test_stat)
+    if group is None:
         return out
     try:
-        answers = GroupScan(problems, test_stat).hypotests(poi_test)
+        answers = group.hypotests(poi_test)
     except (FastPathUnsupported, ValueError, np.linalg.LinAlgError) as error:
-        log.info("fast path: %d patches not fitted together (%s); one at a time", len(problems), error)
+        log.info("fast path: %d patches not fitted together (%s); one at a time", len(indices), error)
         return out
     for index, answer in zip(indices, answers):
         out[index] = answer
     return out
 
 
-def problems_of(problem_of, patches: list) -> tuple[list, list[int]]:
-    """``(problems, indices)``: the :class:`~pyhf_dist.runtime.fast.problem.FitProblem` of each patch
-    the fast path reads, and its index in ``patches``; the others are fitted one at a time, where
-    each gets its own record and reason."""
+def scan_of(problem_of, patches: list, test_stat: str = "qtilde") -> tuple[GroupScan | None, list[int]]:
+    """``(group, indices)``: the :class:`GroupScan` of the patches the fast path reads (``problem_of``
+    makes a patch's :class:`~pyhf_dist.runtime.fast.problem.FitProblem`) and their indices in
+    ``patches``; ``None`` where they are fewer than :data:`~pyhf_dist.protocol.SMALLEST_GROUP` or
+    cannot share a loop. The other patches are fitted one at a time, where each gets its own
+    record and reason."""
     problems, indices = [], []
     for index, operations in enumerate(patches):
         try:
@@ -404,7 +406,13 @@ def problems_of(problem_of, patches: list) -> tuple[list, list[int]]:
         except FastPathUnsupported:
             continue
         indices.append(index)
-    return problems, indices
+    if len(problems) < SMALLEST_GROUP:
+        return None, indices
+    try:
+        return GroupScan(problems, test_stat), indices
+    except (FastPathUnsupported, ValueError, np.linalg.LinAlgError) as error:
+        log.info("fast path: %d patches not fitted together (%s); one at a time", len(problems), error)
+        return None, indices
 
 
 def _same(first: GroupFits, second: GroupFits) -> np.ndarray:

@@ -26,12 +26,9 @@ from __future__ import annotations
 import logging
 import threading
 
-import numpy as np
-
-from pyhf_dist.protocol import SMALLEST_GROUP
 from pyhf_dist.runtime.fast import limits
 from pyhf_dist.runtime.fast.errors import FastPathUnsupported
-from pyhf_dist.runtime.fast.group import GroupScan, problems_of
+from pyhf_dist.runtime.fast.group import GroupScan, scan_of
 
 __all__ = ["upper_limits"]
 
@@ -58,17 +55,12 @@ def upper_limits(problem_of, patches: list, test_stat: str = "qtilde", level: fl
         :data:`~pyhf_dist.protocol.SMALLEST_GROUP` patches. Never raises for a patch.
     """
     out: list[dict | None] = [None] * len(patches)
-    problems, indices = problems_of(problem_of, patches)
-    if len(problems) < SMALLEST_GROUP:
+    group, indices = scan_of(problem_of, patches, test_stat)
+    if group is None:
         return out
-    try:
-        group = GroupScan(problems, test_stat)
-    except (FastPathUnsupported, ValueError, np.linalg.LinAlgError) as error:
-        log.info("fast path: %d patches' limits not searched together (%s); one at a time", len(problems), error)
-        return out
-    rows = [row for row in range(len(problems)) if group.answerable[row]]
-    lockstep = _Lockstep(group, rows, test_stat)
-    members = {row: _Member(lockstep, row, problems[row]) for row in rows}
+    rows = [row for row in range(len(indices)) if group.answerable[row]]
+    lockstep = _Lockstep(group, rows)
+    members = {row: _Member(lockstep, row, group.problems[row]) for row in rows}
     found: dict[int, dict] = {}
 
     def search(row: int) -> None:
@@ -86,7 +78,7 @@ def upper_limits(problem_of, patches: list, test_stat: str = "qtilde", level: fl
     lockstep.run()
     for thread in threads:
         thread.join()
-    log.info("fast path: %d of %d limits searched together in %d rounds", len(found), len(problems), lockstep.rounds)
+    log.info("fast path: %d of %d limits searched together in %d rounds", len(found), len(indices), lockstep.rounds)
     for row, limit in found.items():
         out[indices[row]] = {
             "mu_up_obs": limit["mu_up_obs"],
@@ -100,8 +92,8 @@ class _Lockstep:
     """The rounds: the statistics each running search asks for, fitted together once every
     running search has asked (:meth:`run`, in the calling thread)."""
 
-    def __init__(self, group: GroupScan, rows: list[int], test_stat: str):
-        self._group, self._test_stat = group, test_stat
+    def __init__(self, group: GroupScan, rows: list[int]):
+        self._group = group
         self._alone: dict[int, object] = {}  # row -> its PoiScan, for values the group cannot answer
         self._changed = threading.Condition()
         self._running = set(rows)
@@ -155,7 +147,7 @@ class _Lockstep:
         try:
             scan = self._alone.get(row)
             if scan is None:
-                scan = self._alone[row] = fit.PoiScan(self._group.problems[row], self._test_stat)
+                scan = self._alone[row] = fit.PoiScan(self._group.problems[row], self._group.test_stat)
             out = []
             for mu in mus:
                 stats = scan.statistics(mu)
@@ -199,11 +191,7 @@ def _certificate(group: GroupScan, values: list[dict]) -> dict:
         "converged": True,
         "fits": {
             **{name: dict(fits[name]) for name in shared},
-            "conditional": {
-                "count": len(conditional),
-                "gradient": max((found["gradient"] for found in conditional.values()), default=0.0),
-                "converged": all(found["converged"] for found in conditional.values()),
-            },
+            "conditional": limits.conditional_summary(list(conditional.values())),
         },
     }
     if "pyhf_default" in values[0]:

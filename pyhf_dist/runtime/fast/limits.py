@@ -36,7 +36,7 @@ from pyhf_dist.exceptions import UpperLimitError
 from pyhf_dist.runtime.fast import fit
 from pyhf_dist.runtime.fast.errors import FastPathUnsupported
 
-__all__ = ["upper_limit", "search", "LIMIT_NOISE"]
+__all__ = ["upper_limit", "search", "conditional_summary", "LIMIT_NOISE"]
 
 #: Largest relative change of a grid-interpolated limit allowed when a noisy CLs value it uses
 #: moves across its range (beyond it, pyhf's own value at that point is used).
@@ -81,13 +81,20 @@ def upper_limit(
     searched = search(poi_scan, test_stat, level, scan, exact, match_pyhf=match_pyhf)
     shared = poi_scan.shared_fits
     certificate = poi_scan.certificate(shared)
-    conditional = [found for name, found in poi_scan.fits.items() if name not in shared]
-    certificate["fits"]["conditional"] = {
-        "count": len(conditional),
-        "gradient": max((found.gradient for found in conditional), default=0.0),
-        "converged": all(found.converged for found in conditional),
-    }
+    certificate["fits"]["conditional"] = conditional_summary(
+        [found.certificate() for name, found in poi_scan.fits.items() if name not in shared]
+    )
     return {**searched, **certificate}
+
+
+def conditional_summary(certificates: list[dict]) -> dict:
+    """A limit's conditional fits (their certificates) in one certificate entry: how many, their
+    largest gradient, whether all converged."""
+    return {
+        "count": len(certificates),
+        "gradient": max((found["gradient"] for found in certificates), default=0.0),
+        "converged": all(found["converged"] for found in certificates),
+    }
 
 
 def search(source, test_stat: str, level: float, scan=None, exact: Callable[[float], tuple] | None = None, *,
