@@ -205,7 +205,7 @@ def give_up_compile_cache(path: str, reason: str) -> None:
         _GIVEN_UP = True
     try:
         import jax
-        from jax._src import compilation_cache
+        from jax.experimental.compilation_cache import compilation_cache
 
         jax.config.update("jax_enable_compilation_cache", False)
         compilation_cache.reset_cache()

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -161,6 +162,22 @@ def test_kept_executables_are_loaded_and_a_damaged_one_is_compiled_again(erjr_di
         ]
 
     expected = numbers(functions)
+    # As in a process that used the jitted functions before, with jax's persistent cache (this
+    # session's) in use: their executables in memory are loaded from that cache, which holds this
+    # layout's entries too. Neither serializes into bytes that load back; the kept executables are
+    # compiled anew all the same.
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    from pyhf_dist.runtime.fast import likelihood
+
+    assert likelihood.persistent_cache() is not None
+    compilation_cache.reset_cache()  # jax checks again, at its next compilation, that the cache is on
+    jax.clear_caches()
+    assert all(np.array_equal(a, b) for a, b in zip(numbers(functions), expected))
+    jax.clear_caches()
+    assert all(np.array_equal(a, b) for a, b in zip(numbers(functions), expected))
+    assert any(Path(likelihood.persistent_cache()).glob("jit_value_and_grad-*"))
     monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
     compiled = executables.load(functions, "3L-eRJR test layout", arguments)
     (kept,) = (tmp_path / "executables").iterdir()
@@ -198,3 +215,35 @@ def test_executables_that_cannot_be_kept_are_not_tried_again(erjr_dir, tmp_path,
     assert executables.load(functions, "unkeepable layout", arguments) is None
     assert executables.load(functions, "unkeepable layout", arguments) is None
     assert len(tries) == 1 and not list((tmp_path / "executables").iterdir())
+
+
+_FIRST_COMPILATION_KEEPS = """
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from pyhf_dist.pallet import load_pallet
+from pyhf_dist.runtime.fast import likelihood
+from pyhf_dist.runtime.fast.engine import FastHypotest
+
+pallet = load_pallet(sys.argv[1])
+FastHypotest(pallet.workspace, verify=False).problem(pallet.patches[0].operations)
+kept = list(Path(sys.argv[2], "executables").glob("likelihood-*"))
+jax.jit(lambda x: 3.0 * x + 1.0)(jnp.arange(3.0))
+print(len(kept), len(list(Path(likelihood.persistent_cache()).glob("jit_*lambda*"))))
+"""
+
+
+def test_a_worker_whose_first_compilation_keeps_executables_still_uses_jaxs_cache(erjr_dir, tmp_path):
+    """Keeping the executables compiles with jax's persistent cache off; where that is the
+    process's first compilation (a cold worker), the cache is on again for the compilations after."""
+    environment = dict(os.environ, PYHF_DIST_CACHE=str(tmp_path))
+    environment.pop("PYHF_DIST_JAX_CACHE", None)
+    completed = subprocess.run(
+        [sys.executable, "-c", _FIRST_COMPILATION_KEEPS, str(erjr_dir), str(tmp_path)],
+        env=environment, capture_output=True, text=True,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.split() == ["1", "1"]  # the executables kept, the next compilation cached

@@ -102,20 +102,26 @@ def _read(key: str) -> dict | None:
 
 
 def _compile(functions, arguments: dict, key: str) -> dict | None:
-    """Compile each function (bypassing jax's persistent cache, whose executables cannot be
-    serialized again), check a copy loaded back from its bytes, and keep them under ``key``."""
+    """Compile each function anew (bypassing jax's in-memory and persistent caches, whose
+    executables do not serialize into bytes that load back), check a copy loaded back from its
+    bytes, and keep them under ``key``."""
     import jax
     from jax.experimental import serialize_executable
+    from jax.experimental.compilation_cache import compilation_cache
 
     executables, blobs = {}, {}
     # Process-wide, for this block only: another thread compiling meanwhile (a toy batch) just
-    # misses jax's cache once.
+    # misses jax's cache once. jax decides whether its cache is used once per process, at its
+    # first compilation, and keeps to that whatever the setting says later: the cache is reset
+    # after the setting changes, both ways, so that jax decides again (where this block holds the
+    # process's first compilation, the cache would otherwise stay off in it for good).
     enabled = jax.config.jax_enable_compilation_cache
     try:
         jax.config.update("jax_enable_compilation_cache", False)
+        compilation_cache.reset_cache()
         for name, parameters in CALLS.items():
             args = [arguments[parameter] for parameter in parameters]
-            compiled = getattr(functions, name).lower(*args).compile()
+            compiled = _fresh(getattr(functions, name)).lower(*args).compile()
             blob = serialize_executable.serialize(compiled)
             copy = _deserialize(blob)
             if not all(np.array_equal(a, b) for a, b in zip(_flat(compiled(*args)), _flat(copy(*args)))):
@@ -127,8 +133,27 @@ def _compile(functions, arguments: dict, key: str) -> dict | None:
         return None
     finally:
         jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()
     cache.remember("likelihood", key, base64.b64encode(pickle.dumps(blobs)).decode(), FOLDER)
     return executables
+
+
+def _fresh(jitted):
+    """A new jit of ``jitted``'s Python function, so that it is traced and compiled anew.
+
+    ``jitted`` itself may already hold an executable in jax's in-memory caches, loaded from the
+    persistent compilation cache; such an executable serializes into bytes that do not load back
+    ("Function ... not found"), and the layout would be marked as one that cannot be kept.
+    """
+    import jax
+
+    inner = jitted.__wrapped__
+
+    @functools.wraps(inner)
+    def call(*args):
+        return inner(*args)
+
+    return jax.jit(call)
 
 
 def _deserialize(blob):
