@@ -135,11 +135,16 @@ def test_group_gives_the_cls_of_an_upper_limit_search(group, monkeypatch):
     """Each patch's POI values as its one-at-a-time search visits them, all in the group at once."""
     engine, structures, problems, scan = group
     visited: dict = {}
+    # Each search's problem is kept alive here: a problem collected after its search could hand
+    # its id to the next search's, and two searches would be recorded as one.
+    problems_seen: list = []
     statistics = fit.PoiScan.statistics
 
     def recorded(self, mu, observed=True):
         stats = statistics(self, mu, observed)
         observed_fit = self.fits[fit.fit_name("observed", mu)].value if observed else None
+        if id(self.problem) not in visited:
+            problems_seen.append(self.problem)
         visited.setdefault(id(self.problem), []).append((mu, observed, dict(stats, twice_nll=observed_fit)))
         return stats
 
