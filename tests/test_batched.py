@@ -137,11 +137,11 @@ def test_more_fits_than_slots_and_start_points(small_problem):
     np.testing.assert_allclose(streamed.twice_nll, whole.twice_nll, atol=1e-6)
 
 
-def _thousand_toys(pallet, name):
-    """Patch ``name``, a worker's state, pyhf's model, its 1,000 toys of seed 1, the fast path's
-    problem and fitter."""
+def _thousand_toys(pallet, name, ntoys: int = 1000):
+    """Patch ``name``, a worker's state, pyhf's model, its ``ntoys`` toys of seed 1, the fast
+    path's problem and fitter."""
     patch = next(p for p in pallet.patches if p.name == name)
-    settings = FitSettings(backend="jax", calctype="toybased", ntoys=1000, seed=1)
+    settings = FitSettings(backend="jax", calctype="toybased", ntoys=ntoys, seed=1)
     state = initialize(WorkerContext.build(pallet.workspace, settings.to_dict()))
     pyhf.set_backend("numpy")
     model, data = reference.build_model(state, patch.operations)
@@ -169,6 +169,42 @@ def test_toy_fits_start_again_with_parameters_released_from_their_bounds(erjr_pa
     ours = float(-2.0 * model.logpdf(found["theta_conditional"][0][: problem.n_pars], row)[0])
     # pyhf's -2 log L resolves to ~0.002 on this model (a shapesys with tau ~ 2e11 in its sum).
     assert ours <= by_pyhf + 0.01
+
+
+def test_toy_fits_start_again_with_a_two_basin_parameter_reflected(lbb_pallet, monkeypatch):
+    """1Lbb ``C1N2_Wh_hbb_700_150``, seed 1. ``JER_EffectiveNP_1`` is a histosys given on one side
+    only, an effect on the yields that is mostly even in its parameter: a toy's likelihood can have
+    a minimum on each side of zero. Background-only toy 729 of 1,000: both fits end on the negative
+    side, 0.66 and 0.36 above the minima pyhf's SLSQP reaches on the positive side; from their
+    minima with that parameter reflected they reach SLSQP's. Background-only toy 42 of 100: only
+    the conditional fit's reflection lies near its minimum; the free fit follows it from the new
+    conditional minimum. Both statistics are then pyhf's (before: 0.30 and 0.11 above)."""
+    from pyhf.infer.mle import fit, fixed_poi_fit
+
+    from pyhf_dist.runtime.fast import reflections
+
+    reflecting = toystats._reflect
+    for ntoys, index in ((1000, 729), (100, 42)):
+        _, _, model, samples, problem, fitter = _thousand_toys(lbb_pallet, "C1N2_Wh_hbb_700_150", ntoys)
+        jer = model.config.par_slice("JER_EffectiveNP_1").start
+        assert jer in reflections.even_parameters(fitter)
+        generating = np.asarray(samples["background_pars"], dtype=float)
+        row = np.asarray(samples["background"])[index]
+        monkeypatch.setattr(toystats, "_reflect", lambda *args: (0, 0))
+        without = toystats.toy_statistics(fitter, row[None], 1.0, "qtilde", metric_at=generating, generating=generating)
+        monkeypatch.setattr(toystats, "_reflect", reflecting)
+        found = toystats.toy_statistics(fitter, row[None], 1.0, "qtilde", metric_at=generating, generating=generating)
+        init, bounds, fixed = model.config.suggested_init(), model.config.suggested_bounds(), model.config.suggested_fixed()
+        slsqp = {"conditional": float(fixed_poi_fit(1.0, row, model, init, bounds, fixed, return_fitted_val=True)[1]),
+                 "free": float(fit(row, model, init, bounds, fixed, return_fitted_val=True)[1])}
+        for name in ("conditional", "free"):
+            before, after = without[f"theta_{name}"][0], found[f"theta_{name}"][0]
+            assert before[jer] < -0.2 and after[jer] > 0.2
+            # pyhf's own -2 log L at the engine's minima
+            assert float(-2.0 * model.logpdf(before[: problem.n_pars], row)[0]) > slsqp[name] + 0.15
+            assert float(-2.0 * model.logpdf(after[: problem.n_pars], row)[0]) == pytest.approx(slsqp[name], abs=1e-4)
+        assert found["teststat"][0] == pytest.approx(slsqp["conditional"] - slsqp["free"], abs=1e-5)
+        assert without["teststat"][0] > found["teststat"][0] + 0.1
 
 
 def test_probes_never_stop_above_a_lower_minimum(small_problem):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pyhf_dist.runtime.fast import reflections
 from pyhf_dist.runtime.fast.fit import NOISE_FLOOR, SIGN_FLOOR
 
 __all__ = [
@@ -112,7 +113,9 @@ def toy_statistics(fitter, samples, poi_test: float, test_stat: str, metric_at=N
             keeping the lower minimum of each (on 1Lbb a conditional fit from pyhf's starting point
             stops in a local minimum 0.05 above the one pyhf's own SLSQP finds on some toys); last,
             every fit whose minimum holds a parameter at a bound again with it released
-            (:func:`_release_bounds`), and the free fit from a conditional minimum now below it.
+            (:func:`_release_bounds`), every fit from its minimum with a parameter of two basins
+            reflected where that is near the minimum (:func:`_reflect`), and the free fit from a
+            conditional minimum now below it.
         generating: The parameters the toys were drawn from: with ``second_start``, both fits of
             every toy start there too (the lower minimum kept). Their minima scatter around it,
             and a likelihood with two basins in one nuisance parameter (1Lbb toys: an
@@ -167,11 +170,12 @@ def toy_statistics(fitter, samples, poi_test: float, test_stat: str, metric_at=N
         more = _refit(fitter, main, aux, np.concatenate(rows), 0, np.concatenate(starts), mu, metric_at, theta, values,
                       converged)
         released = _release_bounds(fitter, main, aux, fitted, mu, metric_at, theta, values, converged)
+        reflected = _reflect(fitter, main, aux, fitted, mu, metric_at, theta, values, converged)
         # A conditional minimum now below its free fit's: the free fit from there too.
         above = _free_above(fitted, values)
         last = _refit(fitter, main, aux, above, count, theta[above], np.nan, metric_at, theta, values, converged)
-        evaluations += done[0] + more[0] + released[0] + last[0]
-        fallbacks += done[1] + more[1] + released[1] + last[1]
+        evaluations += done[0] + more[0] + released[0] + reflected[0] + last[0]
+        fallbacks += done[1] + more[1] + released[1] + reflected[1] + last[1]
     conditional, free = values[:count], values[count:]
     muhat = theta[count:, problem.poi_index]
     return {
@@ -227,6 +231,32 @@ def _release_bounds(fitter, main, aux, fitted, mu: float, metric_at, theta, valu
     starts = np.where(held[slots], init, theta[slots])
     return _refit(fitter, main, aux, rows, np.where(conditional, 0, count), starts, np.where(conditional, mu, np.nan),
                   metric_at, theta, values, converged, probe=False)
+
+
+def _reflect(fitter, main, aux, fitted, mu: float, metric_at, theta, values, converged) -> tuple[int, int]:
+    """Both fits of every toy again, as probes, from its minimum with one parameter of two basins
+    reflected through zero, where ``-2 log L`` there is near the minimum
+    (:mod:`~pyhf_dist.runtime.fast.reflections`; the lower minimum kept); then the other fit of
+    each toy whose fit moved, from the new minimum.
+
+    Returns:
+        ``(evaluations, fallbacks)``: the reflected points evaluated and these fits' evaluations.
+    """
+    count = len(fitted)
+    slots = np.flatnonzero(np.concatenate([fitted, fitted]))
+    slots, starts, looked_at = reflections.reflected_starts(fitter, main, aux, theta, values, slots, slots % count)
+    conditional = slots < count
+    before = values.copy()
+    evaluations, fallbacks = _refit(fitter, main, aux, slots % count, np.where(conditional, 0, count), starts,
+                                    np.where(conditional, mu, np.nan), metric_at, theta, values, converged)
+    # A fit now in the other basin takes its toy's other fit there too: the free fit from the new
+    # conditional minimum, the conditional fit from the new free one (lowering one fit alone
+    # would move the statistic away from the answer as far as it moves towards it).
+    moved = np.flatnonzero(values < before)
+    rows, into_free = moved % count, moved < count
+    more = _refit(fitter, main, aux, rows, np.where(into_free, count, 0), theta[moved], np.where(into_free, np.nan, mu),
+                  metric_at, theta, values, converged)
+    return evaluations + more[0] + looked_at, fallbacks + more[1]
 
 
 def _refit(fitter, main, aux, rows, offset, starts, poi, metric_at, theta, values, converged,
