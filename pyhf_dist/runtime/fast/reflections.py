@@ -21,6 +21,8 @@ reflections are evaluated in blocks of :data:`BLOCK` points on the batched likel
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from pyhf_dist.runtime.fast.batch_model import kernels
@@ -46,11 +48,14 @@ WINDOW = 0.2
 #: Points per compiled evaluation (one shape: compiled once per process and model).
 BLOCK = 256
 
+#: :func:`even_parameters` of each fitter, for as long as the fitter lives.
+_EVEN_PARAMETERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
 
 def even_parameters(fitter) -> np.ndarray:
     """Indices of the free, Gaussian-constrained nuisance parameters of ``fitter``'s model
     whose effect on some bin's expected yield is mostly even (:data:`EVEN_RATIO`)."""
-    known = getattr(fitter, "_even_parameters", None)
+    known = _EVEN_PARAMETERS.get(fitter)
     if known is not None:
         return known
     problem = fitter.problem
@@ -73,8 +78,8 @@ def even_parameters(fitter) -> np.ndarray:
         floor = 1e-3 * np.abs(nominal) + 1e-12
         ratio = np.maximum(ratio, np.max(even / (odd + floor), axis=1, initial=0.0))
         size = np.maximum(size, np.max(even / np.sqrt(np.maximum(nominal, 1e-3)), axis=1, initial=0.0))
-    fitter._even_parameters = candidates[(ratio > EVEN_RATIO) & (size >= EVEN_SIZE)]
-    return fitter._even_parameters
+    _EVEN_PARAMETERS[fitter] = candidates[(ratio > EVEN_RATIO) & (size >= EVEN_SIZE)]
+    return _EVEN_PARAMETERS[fitter]
 
 
 def reflected_starts(fitter, main, aux, theta, values, slots, rows) -> tuple[np.ndarray, np.ndarray, int]:
