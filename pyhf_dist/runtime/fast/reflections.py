@@ -82,23 +82,25 @@ def even_parameters(fitter) -> np.ndarray:
     return _EVEN_PARAMETERS[fitter]
 
 
-def reflected_starts(fitter, main, aux, theta, values, slots, rows) -> tuple[np.ndarray, np.ndarray, int]:
+def reflected_starts(fitter, main, aux, theta, values, slots) -> tuple[np.ndarray, np.ndarray, int]:
     """Starts of further fits: each minimum ``theta[slot]`` with one parameter of
-    :func:`even_parameters` reflected through zero, where ``−2 log L`` there (the data of toy
-    ``rows``) lies within :data:`WINDOW` of ``values[slot]``.
+    :func:`even_parameters` reflected through zero, where ``−2 log L`` there (with its toy's data)
+    lies within :data:`WINDOW` of ``values[slot]``.
 
     Args:
         fitter: The :class:`~pyhf_dist.runtime.fast.batched.BatchFitter` of the toys.
         main, aux: ``[toys, ...]`` the toys' data (:func:`~pyhf_dist.runtime.fast.toystats.split_samples`).
-        theta, values: ``[fits, n_pars]`` and ``[fits]``, the minima found so far.
-        slots: The fits to look at (indices into ``theta``); ``rows``: each one's toy.
+        theta, values: ``[fits, n_pars]`` and ``[fits]``, the minima found so far: fit ``slot`` is
+            one of toy ``slot % toys`` (each toy's conditional fit, then its free fit).
+        slots: The fits to look at (indices into ``theta``).
 
     Returns:
         ``(slots, starts, evaluations)``: the fit of each start (a fit may have several), the
         starting points, and the number of reflected points evaluated.
     """
     parameters = even_parameters(fitter)
-    slots, rows = np.asarray(slots, dtype=int), np.asarray(rows, dtype=int)
+    slots = np.asarray(slots, dtype=int)
+    rows = slots % len(main)
     which, parameter = np.nonzero(np.abs(theta[np.ix_(slots, parameters)]) > SHIFT) if len(parameters) else ((), ())
     if not len(which):
         return np.zeros(0, dtype=int), np.zeros((0, theta.shape[1])), 0

@@ -217,7 +217,6 @@ def _release_bounds(fitter, main, aux, fitted, mu: float, metric_at, theta, valu
         ``(evaluations, fallbacks)`` of these fits.
     """
     problem = fitter.problem
-    count = len(fitted)
     width = theta.shape[1]
     init = np.asarray(problem.init, dtype=float)[:width]
     tolerance = BOUND_TOLERANCE * np.asarray(problem.scale, dtype=float)[:width]
@@ -227,10 +226,8 @@ def _release_bounds(fitter, main, aux, fitted, mu: float, metric_at, theta, valu
                    | (np.abs(theta - np.asarray(problem.upper)[:width]) <= tolerance))
     slots = np.flatnonzero(np.concatenate([fitted, fitted]) & held.any(axis=1))
     # Both fits in one stream: the slots of a small stream cost as much as a full one's.
-    rows, conditional = slots % count, slots < count
     starts = np.where(held[slots], init, theta[slots])
-    return _refit(fitter, main, aux, rows, np.where(conditional, 0, count), starts, np.where(conditional, mu, np.nan),
-                  metric_at, theta, values, converged, probe=False)
+    return _refit_slots(fitter, main, aux, slots, starts, mu, metric_at, theta, values, converged, probe=False)
 
 
 def _reflect(fitter, main, aux, fitted, mu: float, metric_at, theta, values, converged) -> tuple[int, int]:
@@ -243,20 +240,28 @@ def _reflect(fitter, main, aux, fitted, mu: float, metric_at, theta, values, con
         ``(evaluations, fallbacks)``: the reflected points evaluated and these fits' evaluations.
     """
     count = len(fitted)
-    slots = np.flatnonzero(np.concatenate([fitted, fitted]))
-    slots, starts, looked_at = reflections.reflected_starts(fitter, main, aux, theta, values, slots, slots % count)
-    conditional = slots < count
+    slots, starts, looked_at = reflections.reflected_starts(
+        fitter, main, aux, theta, values, np.flatnonzero(np.concatenate([fitted, fitted]))
+    )
     before = values.copy()
-    evaluations, fallbacks = _refit(fitter, main, aux, slots % count, np.where(conditional, 0, count), starts,
-                                    np.where(conditional, mu, np.nan), metric_at, theta, values, converged)
+    evaluations, fallbacks = _refit_slots(fitter, main, aux, slots, starts, mu, metric_at, theta, values, converged)
     # A fit now in the other basin takes its toy's other fit there too: the free fit from the new
     # conditional minimum, the conditional fit from the new free one (lowering one fit alone
     # would move the statistic away from the answer as far as it moves towards it).
     moved = np.flatnonzero(values < before)
-    rows, into_free = moved % count, moved < count
-    more = _refit(fitter, main, aux, rows, np.where(into_free, count, 0), theta[moved], np.where(into_free, np.nan, mu),
-                  metric_at, theta, values, converged)
+    other = np.where(moved < count, moved + count, moved - count)
+    more = _refit_slots(fitter, main, aux, other, theta[moved], mu, metric_at, theta, values, converged)
     return evaluations + more[0] + looked_at, fallbacks + more[1]
+
+
+def _refit_slots(fitter, main, aux, slots, starts, mu: float, metric_at, theta, values, converged,
+                 probe: bool = True) -> tuple[int, int]:
+    """:func:`_refit` of the fits ``slots`` of ``theta`` (each toy's conditional fit at ``mu`` in
+    the first ``len(main)`` slots, its free fit in the next)."""
+    count = len(main)
+    conditional = np.asarray(slots) < count
+    return _refit(fitter, main, aux, np.asarray(slots) % count, np.where(conditional, 0, count), starts,
+                  np.where(conditional, mu, np.nan), metric_at, theta, values, converged, probe=probe)
 
 
 def _refit(fitter, main, aux, rows, offset, starts, poi, metric_at, theta, values, converged,
