@@ -114,7 +114,8 @@ def _pallets_from_tarball(path: Path, choice, validate: bool) -> list[Pallet]:
             read = {}
             for member in archive:
                 name = discovery.normalize(member.name) if member.isfile() else None
-                if name is not None and name not in read and name.lower().endswith(".json") and not discovery.is_noise(name):
+                wanted = name is not None and name.lower().endswith(".json") and not discovery.is_noise(name)
+                if wanted and name not in read:
                     read[name] = archive.extractfile(member).read()
             locations = discovery.locate(read)
             if not locations:

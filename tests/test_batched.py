@@ -137,7 +137,7 @@ def test_more_fits_than_slots_and_start_points(small_problem):
     np.testing.assert_allclose(streamed.twice_nll, whole.twice_nll, atol=1e-6)
 
 
-def _thousand_toys(pallet, name, ntoys: int = 1000):
+def _seeded_toys(pallet, name, ntoys: int = 1000):
     """Patch ``name``, a worker's state, pyhf's model, its ``ntoys`` toys of seed 1, the fast
     path's problem and fitter."""
     patch = next(p for p in pallet.patches if p.name == name)
@@ -157,7 +157,7 @@ def test_toy_fits_start_again_with_parameters_released_from_their_bounds(erjr_pa
     their initial values, finds pyhf's minimum."""
     from pyhf.infer.mle import fixed_poi_fit
 
-    _, _, model, samples, problem, fitter = _thousand_toys(erjr_pallet, "ERJR_350p0_200p0")
+    _, _, model, samples, problem, fitter = _seeded_toys(erjr_pallet, "ERJR_350p0_200p0")
     row = np.asarray(samples["background"])[580]
     generating = np.asarray(samples["background_pars"], dtype=float)
     main, aux = toystats.split_samples(problem, row[None])
@@ -185,7 +185,7 @@ def test_toy_fits_start_again_with_a_two_basin_parameter_reflected(lbb_pallet, m
 
     reflecting = toystats._reflect
     for ntoys, index in ((1000, 729), (100, 42)):
-        _, _, model, samples, problem, fitter = _thousand_toys(lbb_pallet, "C1N2_Wh_hbb_700_150", ntoys)
+        _, _, model, samples, problem, fitter = _seeded_toys(lbb_pallet, "C1N2_Wh_hbb_700_150", ntoys)
         jer = model.config.par_slice("JER_EffectiveNP_1").start
         assert jer in reflections.even_parameters(fitter)
         generating = np.asarray(samples["background_pars"], dtype=float)
@@ -514,7 +514,7 @@ def test_toy_fits_also_start_where_the_toys_were_drawn(lbb_pallet):
     every expected yield positive: the lowest minimum found is the answer."""
     from pyhf.infer.mle import fit, fixed_poi_fit
 
-    patch, state, model, samples, problem, fitter = _thousand_toys(lbb_pallet, "C1N2_Wh_hbb_700_150")
+    patch, state, model, samples, problem, fitter = _seeded_toys(lbb_pallet, "C1N2_Wh_hbb_700_150")
     init, bounds, fixed = model.config.suggested_init(), model.config.suggested_bounds(), model.config.suggested_fixed()
     found = {}
     for key, sample, index in (("b", "background", 308), ("sb", "signal", 329)):

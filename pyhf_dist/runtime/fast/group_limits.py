@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from pyhf_dist.runtime.fast import limits
+from pyhf_dist.runtime.fast import fit, limits
 from pyhf_dist.runtime.fast.errors import FastPathUnsupported
 from pyhf_dist.runtime.fast.group import GroupScan, scan_of
 
@@ -138,12 +138,9 @@ class _Lockstep:
                 self._answers.update({row: found[row] for row in asked})
                 self._changed.notify_all()
 
-
     def _one_at_a_time(self, row: int, mus: list[float]) -> list[dict] | None:
         """Patch ``row``'s statistics at ``mus`` from the one-at-a-time path's fits, in the form of the
         group's; ``None`` where that path declines the patch."""
-        from pyhf_dist.runtime.fast import fit
-
         try:
             scan = self._alone.get(row)
             if scan is None:
