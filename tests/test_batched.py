@@ -551,3 +551,25 @@ def test_toy_fits_also_start_where_the_toys_were_drawn(lbb_pallet):
     assert part["engine"] == "fast"
     assert part["toys"]["b"][8] == pytest.approx(found["b"][1]["teststat"][0], abs=1e-6)
     assert part["toys"]["sb"][29] == pytest.approx(found["sb"][1]["teststat"][0], abs=1e-6)
+
+
+def test_a_fit_both_minimizers_lose_on_data_without_a_minimum_runs_away(lbb_pallet):
+    """1Lbb ``C1N2_Wh_hbb_700_150``, 5,000 toys, seed 1, background-only toys 2545, 3792 and 3889:
+    the conditional fit leaves the batched engine unconverged and the one-at-a-time minimizer
+    stalls on the way (toy 3889 at -2 log L = 29 with a projected gradient of 4). Continued, each
+    ends where an empty bin expects hundreds to millions of events below zero: the toy has no
+    minimum and counts as such, rather than being lost and handed to pyhf's own fits (5-13 s of
+    SLSQP with numerical gradients each, ending wherever SLSQP gives up)."""
+    _, _, model, samples, problem, fitter = _seeded_toys(lbb_pallet, "C1N2_Wh_hbb_700_150", 5000)
+    generating = np.asarray(samples["background_pars"], dtype=float)
+    rows = np.asarray(samples["background"])[[2545, 3792, 3889]]
+    main, aux = toystats.split_samples(problem, rows)
+    result = fitter.fit(main, aux, [1.0] * len(rows), None, generating)
+    assert result.runaway.all() and not result.converged.any()
+    for row, theta, value in zip(rows, result.theta, result.twice_nll):
+        # pyhf's own model at the point the fit stopped: an empty bin far below zero.
+        expected = np.asarray(model.expected_actualdata(theta[: problem.n_pars]))
+        observed = row[: model.config.nmaindata]
+        assert np.isfinite(value) and np.min(expected[observed == 0]) < toys.NO_MINIMUM_YIELD
+    found = toystats.toy_statistics(fitter, rows, 1.0, "qtilde", metric_at=generating, generating=generating)
+    assert found["runaway"].all()

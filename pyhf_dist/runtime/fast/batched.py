@@ -19,7 +19,10 @@ fits advance together inside XLA, each in a *slot* of a batch:
   so a slow fit holds one slot, not a whole batch.
 * **Fallback** — a fit that does not converge here (more than :data:`MAX_HELD` parameters at
   bounds, :data:`MAX_EVALUATIONS` evaluations, a line search that cannot progress away from a
-  minimum) is redone one at a time by :meth:`~pyhf_dist.runtime.fast.fit.FitProblem.fit`.
+  minimum) is redone one at a time by :meth:`~pyhf_dist.runtime.fast.fit.FitProblem.fit`; one that
+  does not converge there either and, continued, ends with a bin of no events expecting fewer
+  than -100 events has no minimum (it runs away), as the batched engine's own fits below
+  ``-RUNAWAY``.
 
 It runs wherever jax runs: on a GPU when jax sees one (large batches), on CPU otherwise
 (batches of :data:`CPU_BATCH`, whose arrays stay in the processor's caches).
@@ -48,7 +51,6 @@ import numpy as np
 
 from pyhf_dist.runtime.fast import loop
 from pyhf_dist.runtime.fast.batch_model import BatchModel, kernels
-from pyhf_dist.runtime.fast.errors import FastPathUnsupported
 from pyhf_dist.runtime.fast.loop import MAX_EVALUATIONS
 from pyhf_dist.runtime.fast.quasi_newton import MAX_HELD
 
@@ -97,8 +99,9 @@ class BatchResult:
         converged: ``[N]``.
         evaluations: ``[N]`` evaluations of the likelihood in the batch (fallback fits not counted).
         fallbacks: Fits redone one at a time.
-        runaway: ``[N]`` fits stopped below ``-RUNAWAY`` (not converged; their point and value
-            are where they stopped).
+        runaway: ``[N]`` fits stopped below ``-RUNAWAY``, or redone one at a time without
+            converging and then found to follow data without a minimum (see
+            :meth:`BatchFitter.fit`; not converged; their point and value are where they stopped).
         joined: ``[N]`` probes stopped in the basin of the minimum they were given (not
             converged; see :meth:`BatchFitter.fit`).
     """
@@ -236,11 +239,27 @@ class BatchFitter:
         if self.fallback if fallback is None else fallback:
             for i in np.flatnonzero(~converged & ~runaway & ~joined):
                 fallbacks += 1
-                theta[i], values[i], converged[i] = self._one_at_a_time(main[i], aux_rows[i], theta0[i], poi[i])
+                theta[i], values[i], converged[i], runaway[i] = self._one_at_a_time(main[i], aux_rows[i], theta0[i], poi[i])
         lost = ~converged & ~runaway & ~joined
         theta[lost] = np.nan
         values[lost] = np.nan
         return BatchResult(theta[:, :n], values, converged, evaluations, fallbacks, runaway, joined)
+
+    def yields(self, theta) -> np.ndarray:
+        """Expected main data ``[N, bins]`` at the parameters ``theta`` (``[N, >= n_pars]``; rows
+        of NaN give NaN), computed a batch of rows at a time (one shape: one compilation)."""
+        import jax
+
+        theta = np.atleast_2d(np.asarray(theta, dtype=float))
+        rows = np.tile(self.init, (self.batch, 1))
+        compute = kernels(self.model.codes)["yields"]
+        out = np.zeros((len(theta), self.model.caps.bins))
+        for first in range(0, len(theta), self.batch):
+            block = theta[first : first + self.batch, : self.n]
+            rows[:] = self.init
+            rows[: len(block), : self.n] = block
+            out[first : first + len(block)] = np.asarray(compute(jax.device_put(rows, self.device), self.device_arrays))[: len(block)]
+        return out
 
     # ------------------------------------------------------------------------------ internals
 
@@ -284,16 +303,40 @@ class BatchFitter:
         return theta, out["f"], out["status"], out["evaluations"]
 
     def _one_at_a_time(self, main, aux, theta0, poi):
+        """A fit redone by the one-at-a-time minimizer: ``(theta, value, converged, runaway)``.
+
+        One that does not converge there either is continued (:meth:`FitProblem.continued`). A fit
+        that ends below ``-RUNAWAY`` or :func:`emptied` runs away: the data have no minimum, and
+        the point and value are where it stopped. Otherwise one that has not converged now is
+        lost (NaN).
+        """
         problem = self.problem
         n = self.n
         full_aux = np.array(problem.aux, dtype=float)
         full_aux[:n] = aux[:n]
         start = np.array(problem.init, dtype=float)
         start[:n] = theta0[:n]
-        try:
-            theta, value = problem.fit(main, full_aux, start, poi_value=None if np.isnan(poi) else float(poi))
-        except FastPathUnsupported:
-            return np.full(len(self.init), np.nan), np.nan, False
+        poi_value = None if np.isnan(poi) else float(poi)
         out = self.init.copy()
-        out[:n] = theta[:n]
-        return out, value, True
+        found = problem.minimum(main, full_aux, {"init": start}, poi_value)
+        if not found.converged:
+            found = problem.continued(main, full_aux, found, poi_value)
+        expected = np.asarray(problem.functions.expected(found.theta, problem.layout)[0])
+        if found.value < -loop.RUNAWAY or emptied(main, expected):
+            out[:n] = found.theta[:n]
+            return out, found.value, False, True
+        if found.converged:
+            out[:n] = found.theta[:n]
+            return out, found.value, True, False
+        return np.full(len(self.init), np.nan), np.nan, False, False
+
+
+def emptied(main, expected) -> np.ndarray:
+    """Whether a bin of no events in ``main`` expects fewer than ``NO_MINIMUM_YIELD`` events in
+    ``expected`` (per row, for ``[N, bins]``): the fit has followed data without a minimum, as far as
+    the bounds let it (:mod:`pyhf_dist.runtime.toys`, the criterion for plain pyhf's fits too).
+    """
+    from pyhf_dist.runtime.toys import NO_MINIMUM_YIELD
+
+    with np.errstate(invalid="ignore"):
+        return np.any((np.asarray(main) == 0) & (np.asarray(expected) < NO_MINIMUM_YIELD), axis=-1)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pyhf_dist.runtime.fast import reflections
+from pyhf_dist.runtime.fast import batched, reflections
 from pyhf_dist.runtime.fast.fit import NOISE_FLOOR, SIGN_FLOOR
 
 __all__ = [
@@ -127,7 +127,9 @@ def toy_statistics(fitter, samples, poi_test: float, test_stat: str, metric_at=N
         [N, n_pars], "theta_free": [N, n_pars], "converged": [N], "runaway": [N],
         "evaluations": int, "fallbacks": int}`` (``-2 log L`` minima up to a
         constant per row; a statistic is NaN where a fit was lost, see
-        :class:`~pyhf_dist.runtime.fast.batched.BatchResult`).
+        :class:`~pyhf_dist.runtime.fast.batched.BatchResult`). ``runaway``: toys without a
+        minimum, one of whose fits stopped below ``-RUNAWAY`` or ended with a bin of no events
+        expecting fewer than ``NO_MINIMUM_YIELD`` events (:func:`~pyhf_dist.runtime.fast.batched.emptied`).
     """
     problem = fitter.problem
     mu = tested_value(poi_test, test_stat)
@@ -176,6 +178,11 @@ def toy_statistics(fitter, samples, poi_test: float, test_stat: str, metric_at=N
         last = _refit(fitter, main, aux, above, count, theta[above], np.nan, metric_at, theta, values, converged)
         evaluations += done[0] + more[0] + released[0] + reflected[0] + last[0]
         fallbacks += done[1] + more[1] + released[1] + reflected[1] + last[1]
+    # Most fits of data without a minimum stop below -RUNAWAY; some end converged where the bounds
+    # stop an empty bin's yield hundreds of events below zero (1Lbb: 1 of 2,000 background-only
+    # toys, its free fit 435 below its conditional one): that toy has no minimum either.
+    emptied = batched.emptied(np.concatenate([main, main]), fitter.yields(theta))
+    runaway = runaway | emptied[:count] | emptied[count:]
     conditional, free = values[:count], values[count:]
     muhat = theta[count:, problem.poi_index]
     return {
@@ -320,7 +327,6 @@ def run_chunk(fast, patch_operations, model, data, settings, chunk: dict, key: s
             check; with ``match_pyhf``, pyhf's own minimizer stalling on it); plain pyhf fits the chunk.
     """
     from pyhf_dist.runtime import toys
-    from pyhf_dist.runtime.fast.batched import BatchFitter
     from pyhf_dist.runtime.fast.errors import FastPathUnsupported
 
     problem = fast.problem(patch_operations)
@@ -329,7 +335,7 @@ def run_chunk(fast, patch_operations, model, data, settings, chunk: dict, key: s
     lower, upper = problem.lower[problem.poi_index], problem.upper[problem.poi_index]
     if not (lower <= mu <= upper and lower <= background_mu <= upper):
         raise FastPathUnsupported("the tested POI value lies outside the POI bounds")
-    fitter = BatchFitter(problem)
+    fitter = batched.BatchFitter(problem)
     first = chunk["start"] == 0
     if settings.match_pyhf:
         observed = _ObservedAsPyhf(problem, fitter, model, data, settings, mu, background_mu, first)
