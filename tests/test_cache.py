@@ -109,6 +109,41 @@ def test_a_changed_input_is_validated_again(erjr_dir, tmp_path, monkeypatch):
         check_workspace(broken, "background")
 
 
+def test_a_patched_model_is_validated_once_and_an_invalid_one_every_time(erjr_dir, tmp_path, monkeypatch):
+    """A worker builds pyhf's model of a patch for plain pyhf and for drawing toys; the schema
+    validation of the patched model is remembered, so a later build of the same patch skips it.
+    A patch that fails validation is never remembered: every build says so."""
+    import pyhf
+
+    from pyhf_dist.pallet import load_pallet
+    from pyhf_dist.protocol import WorkerContext
+    from pyhf_dist.runtime import initialize, reference
+    from pyhf_dist.settings import FitSettings
+
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
+    pallet = load_pallet(erjr_dir)
+    state = initialize(WorkerContext.build(pallet.workspace, FitSettings(backend="numpy").to_dict()))
+    validations = []
+    building = reference.pyhf_model
+
+    def recorded(*args, validate=True):
+        validations.append(validate)
+        return building(*args, validate=validate)
+
+    monkeypatch.setattr(reference, "pyhf_model", recorded)
+    first = reference.build_model(state, pallet.patches[0].operations)
+    second = reference.build_model(state, pallet.patches[0].operations)
+    reference.build_model(state, pallet.patches[1].operations)
+    assert validations == [True, False, True]
+    assert second[1] == first[1] and second[0].config.par_order == first[0].config.par_order
+    spoilt = {"op": "replace", "path": "/channels/0/samples/0/data", "value": "not a list"}
+    broken = [*pallet.patches[0].operations, spoilt]
+    for _ in range(2):
+        with pytest.raises(pyhf.exceptions.InvalidSpecification):
+            reference.build_model(state, broken)
+    assert validations[3:] == [True, True]
+
+
 def test_exclusive_makes_a_second_holder_wait_and_never_blocks_forever(tmp_path, monkeypatch):
     import threading
 

@@ -47,7 +47,7 @@ def compute(state, task: dict) -> dict[str, Any]:
 
         # One chunk of the patch's pseudo-experiments (all of them when the task is not split).
         chunk = task.get("chunk") or toys.split(settings.ntoys, 1)[0]
-        key = toys.generating_key(_workspace_digest(state), task["patch"], settings)
+        key = toys.generating_key(reference.workspace_digest(state), task["patch"], settings)
         if settings.fast_toys:
             values, reason = _fast_toys(state, task, model, data, chunk, key)
             if values is not None:
@@ -119,19 +119,6 @@ def _fast_toys(state, task: dict, model, data, chunk: dict, key: str) -> tuple[d
         return toystats.run_chunk(fast.for_state(state), task["patch"], model, data, state.settings, chunk, key), None
     except fast.FastPathUnsupported as error:
         return None, first_line(error)
-
-
-def _workspace_digest(state) -> str:
-    """A digest of the worker's background workspace (computed once per worker)."""
-    found = state.memo.get("workspace_digest")
-    if found is None:
-        import json
-
-        from pyhf_dist import cache
-
-        text = json.dumps(state.workspace_spec, sort_keys=True, separators=(",", ":"))
-        found = state.memo["workspace_digest"] = cache.digest("workspace", text)
-    return found
 
 
 def _fast(state, task: dict) -> tuple[dict | None, str | None]:

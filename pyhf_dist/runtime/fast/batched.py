@@ -239,7 +239,8 @@ class BatchFitter:
         if self.fallback if fallback is None else fallback:
             for i in np.flatnonzero(~converged & ~runaway & ~joined):
                 fallbacks += 1
-                theta[i], values[i], converged[i], runaway[i] = self._one_at_a_time(main[i], aux_rows[i], theta0[i], poi[i])
+                redone = self._one_at_a_time(main[i], aux_rows[i], theta0[i], poi[i])
+                theta[i], values[i], converged[i], runaway[i] = redone
         lost = ~converged & ~runaway & ~joined
         theta[lost] = np.nan
         values[lost] = np.nan
@@ -258,7 +259,8 @@ class BatchFitter:
             block = theta[first : first + self.batch, : self.n]
             rows[:] = self.init
             rows[: len(block), : self.n] = block
-            out[first : first + len(block)] = np.asarray(compute(jax.device_put(rows, self.device), self.device_arrays))[: len(block)]
+            found = compute(jax.device_put(rows, self.device), self.device_arrays)
+            out[first : first + len(block)] = np.asarray(found)[: len(block)]
         return out
 
     # ------------------------------------------------------------------------------ internals
