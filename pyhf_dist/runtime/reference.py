@@ -62,9 +62,9 @@ def build_model(state, patch_operations: list):
     the ``{"channels", "parameters"}`` that ``Workspace.model(patches=...)`` patches.
 
     Validating a patched model against pyhf's schema takes most of its build (1Lbb: 1.3 s of
-    1.7 s), more than drawing a chunk of toys or half a plain pyhf fit: a model that passed is
-    remembered on this machine (:mod:`pyhf_dist.cache`, by workspace, patch and versions), and
-    later chunks and scans of the patch build it without validating it again.
+    1.7 s), more than drawing a chunk of toys: a model that passed is remembered on this machine
+    (:mod:`pyhf_dist.cache`, by workspace, patch and versions), and later chunks and scans of the
+    patch build it without validating it again.
     """
     import json
 

@@ -48,8 +48,8 @@ PROBE_RADIUS = 0.3
 STALL_GAP = 1e-4
 #: Relative decrease of -2 log L below which :meth:`FitProblem.continued` stops, and its most
 #: evaluations: a fit that stalled under :data:`FTOL` on the way to where it has no minimum goes on
-#: with this tolerance (1Lbb toys that stopped at 27-29 went on to an empty bin expecting 230 to
-#: 6 million events below zero, in 300-600 evaluations).
+#: with this tolerance (two 1Lbb toys' fits stopped at 27 and 29 went on to an empty bin expecting
+#: 1,000 and 230 events below zero, in 250-600 evaluations).
 CONTINUE_FTOL = 1e-15
 CONTINUE_EVALUATIONS = 2000
 
