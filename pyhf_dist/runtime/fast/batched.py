@@ -19,10 +19,11 @@ fits advance together inside XLA, each in a *slot* of a batch:
   so a slow fit holds one slot, not a whole batch.
 * **Fallback** — a fit that does not converge here (more than :data:`MAX_HELD` parameters at
   bounds, :data:`MAX_EVALUATIONS` evaluations, a line search that cannot progress away from a
-  minimum) is redone one at a time by :meth:`~pyhf_dist.runtime.fast.fit.FitProblem.fit`; one that
-  does not converge there either and, continued, ends with a bin of no events expecting fewer
-  than -100 events has no minimum (it runs away), as the batched engine's own fits below
-  ``-RUNAWAY``.
+  minimum) is redone one at a time by :meth:`~pyhf_dist.runtime.fast.problem.FitProblem.minimum`,
+  and continued (:meth:`~pyhf_dist.runtime.fast.problem.FitProblem.continued`) where it does not
+  converge there either; one that then ends below ``-RUNAWAY`` or with a bin of no events
+  expecting fewer than -100 events (:func:`emptied`) has no minimum: it runs away, as the batched
+  engine's own fits below ``-RUNAWAY``.
 
 It runs wherever jax runs: on a GPU when jax sees one (large batches), on CPU otherwise
 (batches of :data:`CPU_BATCH`, whose arrays stay in the processor's caches).
@@ -123,7 +124,8 @@ class BatchFitter:
         device: Where to run (default: jax's default device, a GPU when there is one).
         batch: Slots per batch (default :func:`default_batch`).
         steps: Iterations per compiled call (default :func:`default_batch`).
-        fallback: Redo fits that do not converge with ``problem.fit`` (else they are reported).
+        fallback: Redo fits that do not converge one at a time, on ``problem`` (else they are
+            reported).
         tolerance: The convergence threshold (default :data:`TOLERANCE`).
     """
 

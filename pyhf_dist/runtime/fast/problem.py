@@ -174,20 +174,9 @@ class FitProblem:
             The :class:`Fit`; ``converged`` is false when no start converged (its minimum is
             then the lowest point reached).
         """
-        fixed = self.fixed.copy()
-        if poi_value is not None:
-            fixed[self.poi_index] = True
-        free = ~fixed
-        scale = self.scale[free]
-        lower, upper = self.lower[free] / scale, self.upper[free] / scale
-        value_and_grad, layout = self.functions.value_and_grad, self.layout
         theta = np.zeros(len(self.init))
-
-        def objective(x):
-            theta[free] = x * scale
-            result = np.asarray(value_and_grad(theta, main, aux, layout))
-            return result[0], result[1:][free] * scale
-
+        free, scale, lower, upper, objective = self._scaled(main, aux, poi_value, theta)
+        fixed = ~free
         reached: list[_Reached] = []
         if known is not None:
             entry = _Reached(known.theta[free] / scale, known.value, known.gradient, known.start, known.theta.copy())
@@ -232,20 +221,8 @@ class FitProblem:
         near a flat minimum. The :class:`Fit` returned is ``stopped`` where going on found nothing
         lower; its ``converged`` says whether it now meets :data:`ACCEPT_GRADIENT`.
         """
-        fixed = self.fixed.copy()
-        if poi_value is not None:
-            fixed[self.poi_index] = True
-        free = ~fixed
-        scale = self.scale[free]
         theta = np.array(stopped.theta, dtype=float)
-        value_and_grad, layout = self.functions.value_and_grad, self.layout
-
-        def objective(x):
-            theta[free] = x * scale
-            result = np.asarray(value_and_grad(theta, main, aux, layout))
-            return result[0], result[1:][free] * scale
-
-        lower, upper = self.lower[free] / scale, self.upper[free] / scale
+        free, scale, lower, upper, objective = self._scaled(main, aux, poi_value, theta)
         result = lbfgsb.minimize(
             objective, theta[free] / scale, lower, upper,
             gtol=GTOL, ftol=CONTINUE_FTOL, maxcor=MAXCOR, maxiter=CONTINUE_EVALUATIONS, maxfun=CONTINUE_EVALUATIONS,
@@ -256,6 +233,27 @@ class FitProblem:
         theta[free] = result.x * scale
         gradient = _projected_gradient(result.jac, result.x, lower, upper)
         return Fit(theta, float(result.fun), gradient, gradient <= ACCEPT_GRADIENT, stopped.start + ", continued")
+
+    def _scaled(self, main, aux, poi_value, theta: np.ndarray):
+        """A fit in Fisher-scaled coordinates: ``(free, scale, lower, upper, objective)``.
+
+        ``free`` masks the parameters it moves (``poi_value`` fixes the POI); ``scale`` and the
+        bounds are theirs; ``objective`` maps their scaled values to ``(-2 log L, its gradient)``,
+        writing them into ``theta``, whose other entries (the fixed values) the caller sets.
+        """
+        fixed = self.fixed.copy()
+        if poi_value is not None:
+            fixed[self.poi_index] = True
+        free = ~fixed
+        scale = self.scale[free]
+        value_and_grad, layout = self.functions.value_and_grad, self.layout
+
+        def objective(x):
+            theta[free] = x * scale
+            result = np.asarray(value_and_grad(theta, main, aux, layout))
+            return result[0], result[1:][free] * scale
+
+        return free, scale, self.lower[free] / scale, self.upper[free] / scale, objective
 
     def _minimize(self, objective, x0, lower, upper, near=None):
         """L-BFGS-B, restarting a stalled line search: ``(x, value, projected gradient, joined)``.
