@@ -64,13 +64,12 @@ def even_parameters(fitter) -> np.ndarray:
     candidates = np.flatnonzero(gauss & ~np.asarray(fitter.fixed[:n], dtype=bool))
     candidates = candidates[candidates != fitter.poi_index]
     ratio, size = np.zeros(len(candidates)), np.zeros(len(candidates))
-    yields = kernels(fitter.model.codes)["yields"]
     for step in (0.5, 1.0):
         points = np.tile(fitter.init, (2 * len(candidates) + 1, 1))
         points[1 + 2 * np.arange(len(candidates)), candidates] += step
         points[2 + 2 * np.arange(len(candidates)), candidates] -= step
         points = np.clip(points, fitter.lower, fitter.upper)
-        found = np.asarray(yields(points, fitter.device_arrays))
+        found = fitter.yields(points)
         nominal, up, down = found[0], found[1::2], found[2::2]
         even = np.abs(up + down - 2.0 * nominal) / 2.0
         odd = np.abs(up - down) / 2.0
