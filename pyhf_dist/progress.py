@@ -11,30 +11,43 @@ __all__ = ["ProgressBar"]
 class ProgressBar:
     """A tqdm bar (tqdm comes with pyhf) that counts records and failures.
 
+    A toy scan's bar counts its toys instead (per hypothesis, as ``ntoys`` does), so that its
+    rate and the time left come from the toys fitted; the fits and failures are written beside
+    it, with the toys per second (both hypotheses: a toy is one test statistic). Toys arrive a
+    chunk at a time (up to 10,000 of each hypothesis per worker).
+
     Args:
         total: Number of patches in the scan.
         stream: Where to draw; standard error by default.
+        toys: Toys per hypothesis the scan covers (0: not a toy scan).
+        toys_done: Those of them a resumed scan's journal holds already.
     """
 
-    def __init__(self, total: int, stream=None, toys: int = 0):
+    def __init__(self, total: int, stream=None, toys: int = 0, toys_done: int = 0):
         from tqdm.auto import tqdm
 
-        self.failed = 0
-        #: Toys per hypothesis still to fit in the scan (0: not a toy scan), and those done.
-        self.toys, self.toys_done, self._began = int(toys), 0, time.monotonic()
-        self._bar = tqdm(total=total, unit="fit", file=stream or sys.stderr, dynamic_ncols=True,
-                         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
-        self._bar.set_postfix_str("0 failed", refresh=False)
+        self.failed, self.fits, self.total = 0, 0, int(total)
+        self.toys, self.toys_done, self._began = int(toys), int(toys_done), time.monotonic()
+        self._resumed = self.toys_done
+        common = {"file": stream or sys.stderr, "dynamic_ncols": True, "postfix": self._postfix()}
+        if self.toys:
+            # smoothing=0: the time left from the average rate since the start (toys come in
+            # chunks minutes apart: a moving average of the gaps between them misleads).
+            self._bar = tqdm(total=self.toys, initial=self.toys_done, unit="toy", smoothing=0, **common,
+                             bar_format="{l_bar}{bar}| {n:,.0f}/{total:,.0f} toys per hypothesis [{elapsed}<{remaining}{postfix}]")
+        else:
+            self._bar = tqdm(total=total, unit="fit", **common,
+                             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
         # Records are counted here and handed to the bar at a fixed rate: per record, a scan of
         # 10^5 quick fits would spend more of the client's time on the bar than on the fits.
         self._pending, self._shown = 0, time.monotonic()
 
     def _postfix(self) -> str:
-        text = f"{self.failed} failed"
-        if self.toys:
-            rate = 2 * self.toys_done / max(time.monotonic() - self._began, 1e-9)
-            text += f", toys {self.toys_done:,}/{self.toys:,} per hypothesis, {rate:,.0f} toys/s"
-        return text
+        if not self.toys:
+            return f"{self.failed} failed"
+        fitted = self.toys_done - self._resumed
+        rate = 2 * fitted / max(time.monotonic() - self._began, 1e-9)
+        return f"{self.fits}/{self.total} fits, {self.failed} failed, {rate:,.0f} toys/s"
 
     #: Seconds between two updates of the bar.
     interval = 0.2
@@ -50,15 +63,19 @@ class ProgressBar:
     def _flush(self, now: float) -> None:
         self._shown = now
         if self._pending:
-            self._bar.set_postfix_str(self._postfix(), refresh=False)
-            self._bar.update(self._pending)
+            self.fits += self._pending
+            self._bar.set_postfix_str(self._postfix(), refresh=bool(self.toys))
+            if not self.toys:
+                self._bar.update(self._pending)
             self._pending = 0
 
     def chunk(self, outcome: dict) -> None:
-        """A chunk of toys finished (both hypotheses: a toy is one test statistic)."""
+        """A chunk of toys finished: its toys of each hypothesis join the count."""
         part = outcome.get("toys") or {}
-        self.toys_done += int(part.get("stop", 0)) - int(part.get("start", 0))
-        self._bar.set_postfix_str(self._postfix())
+        fitted = int(part.get("stop", 0)) - int(part.get("start", 0))
+        self.toys_done += fitted
+        self._bar.set_postfix_str(self._postfix(), refresh=False)
+        self._bar.update(fitted)
 
     def close(self) -> None:
         self._flush(time.monotonic())

@@ -120,6 +120,35 @@ def test_cls_formulas_equal_pyhf_calculator(pyhf_percentile_fix):
         assert ours["CLs_exp"] == [float(value) for value in expected]
 
 
+@pytest.mark.parametrize("case", range(12))
+def test_cls_from_sorted_samples_equals_pyhf_counting_each_value(case, pyhf_percentile_fix):
+    """The band from sorted samples (N log N) is pyhf's count one value at a time (N^2), bit for
+    bit: ties, zeros, infinite and NaN statistics, an observed value at a sample, q and q0."""
+    import pyhf
+
+    pyhf.set_backend("numpy")
+    calculator = pyhf.infer.calculators.ToyCalculator.__new__(pyhf.infer.calculators.ToyCalculator)
+    generator = np.random.default_rng(case)
+    sb, b = generator.chisquare(1, generator.integers(1, 500)), generator.chisquare(1, generator.integers(1, 500)) + 0.1
+    sb[: len(sb) // 3], b[: len(b) // 4] = 0.0, np.round(b[: len(b) // 4], 1)  # ties
+    if case % 3 == 0:
+        sb[-2:], b[-1:] = np.inf, np.inf
+    if case % 4 == 0:
+        sb[0], b[-1] = np.nan, np.nan
+    if case == 5:
+        b[:] = 0.0
+    sb_dist = pyhf.infer.calculators.EmpiricalDistribution(pyhf.tensorlib.astensor(sb))
+    b_dist = pyhf.infer.calculators.EmpiricalDistribution(pyhf.tensorlib.astensor(b))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bands = np.asarray(calculator.expected_pvalues(sb_dist, b_dist))
+        for teststat in (0.0, -0.0, float(b[0]), 1.7, np.inf):
+            clsb, clb, cls = (float(value) for value in calculator.pvalues(teststat, sb_dist, b_dist))
+            for test_stat, observed, band in (("q", cls, bands[2]), ("q0", clsb, bands[0])):
+                ours = toys.cls_from_distributions(teststat, sb, b, test_stat)
+                assert np.array_equal([ours["CLs_obs"], ours["CLsb_obs"], ours["CLb_obs"]], [observed, clsb, clb], equal_nan=True)
+                assert np.array_equal(ours["CLs_exp"], band, equal_nan=True), (teststat, test_stat)
+
+
 def test_map_fits_splits_over_1_2_4_workers_identically(monkeypatch, pyhf_percentile_fix):
     """Through the scan: the chunks really are separate tasks, and the answer never changes."""
     monkeypatch.setattr(chunk_plan, "MIN_TOYS_PER_CHUNK", 5)
@@ -368,3 +397,40 @@ def test_kept_toys_of_two_seeds_merge_to_their_union(tmp_path, pyhf_percentile_f
         kept_toys.read_kept(tmp_path / "junk.npz")
     with pytest.raises(SettingsError, match="needs toy-based"):
         pyhf_dist.map_fits(pallet, executor="sequential", backend="numpy", keep_toys=tmp_path / "x.npz")
+
+
+def test_toy_progress_counts_toys_per_hypothesis_from_a_resumed_journal(small_blocks, tmp_path, capsys):
+    """A toy scan's bar counts toys per hypothesis (its rate and time left come from them), starts
+    from the toys a resumed scan's journal holds, and counts the fits beside them."""
+    import re
+
+    journal = tmp_path / "scan.journal.jsonl"
+    options = dict(executor="sequential", patches=["tiny_100_0"], backend="numpy", calctype="toybased", ntoys=80, seed=SEED)
+    pyhf_dist.map_fits(tiny_pallet(), journal=journal, progress=False, **options)
+    lines = journal.read_text().splitlines()
+    assert ['"chunk"' in line for line in lines] == [True] * 8 + [False]
+    journal.write_text("\n".join(lines[:3]) + "\n")  # killed after three of the eight blocks
+    capsys.readouterr()
+    resumed = pyhf_dist.map_fits(tiny_pallet(), journal=journal, resume=True, progress=True, **options)
+    assert resumed["tiny_100_0"].ok
+    frames = [frame for frame in re.split(r"[\r\n]", capsys.readouterr().err) if "toys per hypothesis" in frame]
+    assert frames, "no progress bar drawn"
+    assert "30/80 toys per hypothesis" in frames[0] and "0/1 fits, 0 failed" in frames[0]
+    assert "80/80 toys per hypothesis" in frames[-1] and "1/1 fits, 0 failed" in frames[-1]
+    rate = float(re.search(r"([\d,.]+) toys/s", frames[-1]).group(1).replace(",", ""))
+    assert rate > 0
+
+
+def test_progress_of_a_scan_without_toys_counts_fits_and_failures():
+    import io
+    import types
+
+    stream = io.StringIO()
+    from pyhf_dist.progress import ProgressBar
+
+    bar = ProgressBar(total=3, stream=stream)
+    for ok in (True, False, True):
+        bar.update(types.SimpleNamespace(ok=ok))
+    bar.close()
+    last = stream.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+    assert "3/3" in last and "1 failed" in last and "toys" not in last

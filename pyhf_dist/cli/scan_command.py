@@ -228,6 +228,8 @@ def _started(metadata: dict) -> None:
         + (f" of {len(fitted)} pallets ({', '.join(f'{name} {count}' for name, count in fitted.items())})"
            if fitted and len(fitted) > 1 else f" of pallet {next(iter(fitted))}" if fitted else "")
         + (f" ({metadata['resumed']} already in the journal)" if metadata["resumed"] else "")
+        + (f" ({metadata['toys_resumed']:,} toys of each hypothesis already in the journal)"
+           if metadata.get("toys_resumed") else "")
         + f" on {where} with {metadata.get('workers')} workers, backend {metadata['settings']['backend']}",
         err=True,
     )

@@ -333,13 +333,30 @@ def run_chunk(model, data, settings, chunk: dict | None = None, key: str | None 
     }
 
 
+def _at_least(samples: np.ndarray):
+    """``values -> how many of samples are >= each value`` (as ``np.sum(samples >= value)``: a NaN
+    sample counts for no value, and no sample is >= a NaN value), by binary search.
+
+    >>> _at_least(np.array([3.0, 1.0, np.nan, 1.0, np.inf]))(np.array([1.0, 2.0, np.inf, np.nan, -np.inf]))
+    array([4, 2, 1, 0, 4])
+    """
+    ordered = np.sort(samples[~np.isnan(samples)])
+
+    def count(values):
+        found = len(ordered) - np.searchsorted(ordered, values, side="left")
+        return np.where(np.isnan(values), 0, found)
+
+    return count
+
+
 def cls_from_distributions(teststat: float, sb_samples, b_samples, test_stat: str = "qtilde") -> dict:
     """CLs and its expected band from test-statistic samples, as ``pyhf.infer.hypotest`` computes them.
 
     Mirrors ``EmpiricalDistribution.pvalue`` (fraction of samples ``>=`` the value),
     ``ToyCalculator.pvalues`` (CLs = CLs+b / CLb) and ``ToyCalculator.expected_pvalues`` (linear
-    percentiles of the p-values of the background-only samples) in numpy, operation for operation,
-    so the numbers are identical to pyhf's on its numpy backend whatever backend the caller has set.
+    percentiles of the p-values of the background-only samples) in numpy: the numbers are pyhf's
+    on its numpy backend, bit for bit, whatever backend the caller has set. Only the counts are
+    taken from the sorted samples (N log N) instead of one value at a time (N^2).
     For ``q0`` the reported "CLs" values are the p-values CLs+b, as pyhf's ``hypotest`` returns.
 
     >>> result = cls_from_distributions(1.0, [0.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.5, 2.0])
@@ -348,15 +365,19 @@ def cls_from_distributions(teststat: float, sb_samples, b_samples, test_stat: st
     """
     sb = np.ravel(np.asarray(sb_samples, dtype=float))
     b = np.ravel(np.asarray(b_samples, dtype=float))
+    # pyhf counts the samples >= each value, one value at a time: for the band, every
+    # background-only sample against all samples, N^2 comparisons (11 s for 40,000 toys, about two
+    # hours for 10^6). The same counts come from the sorted samples.
+    at_least_sb, at_least_b = _at_least(sb), _at_least(b)
 
-    def pvalues(value):
-        clsb = np.sum(np.where(sb >= value, 1, 0)) / sb.shape[0]
-        clb = np.sum(np.where(b >= value, 1, 0)) / b.shape[0]
+    def pvalues(values):
+        clsb = at_least_sb(values) / sb.shape[0]
+        clb = at_least_b(values) / b.shape[0]
         with np.errstate(divide="ignore", invalid="ignore"):
             return clsb, clb, clsb / clb
 
-    clsb_obs, clb_obs, cls_obs = pvalues(teststat)
-    table = np.asarray([pvalues(value) for value in b])
+    clsb_obs, clb_obs, cls_obs = (value[0] for value in pvalues(np.array([teststat], dtype=float)))
+    table = np.stack(pvalues(b), axis=1)
     band = np.transpose(np.percentile(table, NORMAL_PERCENTILES, axis=0, method="linear"))
     is_q0 = test_stat == "q0"
     return {

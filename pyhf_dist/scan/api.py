@@ -96,6 +96,10 @@ def _scan(runner, plan: Plan, settings, scan, book, finished: dict, info: dict) 
         context = plan.context(settings)
         _start(runner, context, plan)
     info.update(runner.describe())
+    if book is not None and scan.resume:
+        # Toys of the unfinished patches a resumed scan's journal holds (fitted no more).
+        info["toys_resumed"] = sum(chunk["toys"]["stop"] - chunk["toys"]["start"] for key, chunks in book.chunks.items()
+                                   if key not in finished and key in plan.values_by_key for chunk in chunks)
     if scan.on_start is not None:
         scan.on_start(info)
     yield from done
@@ -262,13 +266,14 @@ def map_fits(workspace: Any, patchset: Any = None, *, executor: Any = "local", w
 
     def started(info: dict) -> None:
         nonlocal bar
+        if on_start is not None:  # first: what it prints goes above the bar, not into its line
+            on_start(info)
         if progress:
             from pyhf_dist.progress import ProgressBar
 
-            toys = options.get("ntoys", 1000) * (info["patches"] - info["resumed"])
-            bar = ProgressBar(total=info["patches"], toys=toys if options.get("calctype") == "toybased" else 0)
-        if on_start is not None:
-            on_start(info)
+            toy_based = options.get("calctype") == "toybased"
+            toys = options.get("ntoys", 1000) * (info["patches"] - info["resumed"]) if toy_based else 0
+            bar = ProgressBar(total=info["patches"], toys=toys, toys_done=info.get("toys_resumed", 0))
 
     stream = iter_fits(workspace, patchset, executor=executor, metadata=metadata, on_start=started,
                        on_chunk=lambda outcome: bar.chunk(outcome) if bar is not None else None, **options)
