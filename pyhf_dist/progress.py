@@ -64,6 +64,7 @@ class ProgressBar:
         self._shown = now
         if self._pending:
             self.fits += self._pending
+            # A toy scan's bar counts toys, not these records: only its text changes, drawn now.
             self._bar.set_postfix_str(self._postfix(), refresh=bool(self.toys))
             if not self.toys:
                 self._bar.update(self._pending)
