@@ -377,7 +377,9 @@ def cls_from_distributions(teststat: float, sb_samples, b_samples, test_stat: st
             return clsb, clb, clsb / clb
 
     clsb_obs, clb_obs, cls_obs = (value[0] for value in pvalues(np.array([teststat], dtype=float)))
-    table = np.stack(pvalues(b), axis=1)
+    # The band's percentiles do not depend on the order of the table's rows: looked up in order,
+    # the background-only values cost a few times less than in the toys' order (memory locality).
+    table = np.stack(pvalues(np.sort(b)), axis=1)
     band = np.transpose(np.percentile(table, NORMAL_PERCENTILES, axis=0, method="linear"))
     is_q0 = test_stat == "q0"
     return {
