@@ -12,6 +12,7 @@ import json
 import numpy as np
 
 from pyhf_dist.chunks import no_minimum_summary
+from pyhf_dist.records import replace_atomic
 from pyhf_dist.runtime.toys import cls_from_distributions
 
 __all__ = ["KEPT_FORMAT", "write_kept", "read_kept", "merge_kept", "cls_from_kept"]
@@ -60,7 +61,7 @@ def _write_kept(path, parts: list[dict], arrays: list[dict], settings: dict) -> 
     os.close(handle)
     try:
         np.savez_compressed(temporary, **payload)
-        os.replace(temporary, path)
+        replace_atomic(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
             os.unlink(temporary)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FitRecord", "write_atomic", "json_safe", "EXCLUSION_LEVEL", "COMBINATIONS"]
+__all__ = ["FitRecord", "write_atomic", "replace_atomic", "json_safe", "EXCLUSION_LEVEL", "COMBINATIONS"]
 
 EXCLUSION_LEVEL = 0.05
 #: Names of the combinations of several pallets; records of a combination carry it as ``pallet``.
@@ -170,11 +171,40 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
             stream.write(text)
             stream.flush()
             os.fsync(stream.fileno())
-        os.replace(temporary, path)
+        replace_atomic(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def replace_atomic(temporary: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename the finished file ``temporary`` to ``path``, with the permissions ``open(path, "w")``
+    would have given it.
+
+    A temporary file is made readable by its owner only; a results file is for sharing, so it
+    gets the permissions of the file it replaces, or those the umask gives a new file.
+    """
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        mode = 0o666 & ~_umask()
+    os.chmod(temporary, mode)
+    os.replace(temporary, path)
+
+
+def _umask() -> int:
+    """This process's umask, read without setting it (``os.umask`` sets it, for every thread)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def json_safe(value: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.util
 import json
 import os
 import subprocess
@@ -197,6 +198,49 @@ def test_minimal_records_are_read(tmp_path):
                                              "CLs_exp": [0.1, 0.2, 0.3, 0.4, 0.5], "status": "ok"}]}))
     result = pyhf_dist.ScanResult.from_json(path)
     assert result["a"].CLs_exp[2] == 0.3 and result.metadata == {}
+
+
+def test_written_files_get_the_permissions_a_new_file_gets(tmp_path):
+    """Results and kept toys are written to a temporary file (readable by its owner only) and
+    renamed: they must end with the permissions ``open()`` gives a new file under the umask, and
+    a file they replace keeps its own, so results can be shared on a cluster's filesystem."""
+    import stat
+
+    from pyhf_dist import kept_toys
+    from pyhf_dist.settings import FitSettings
+    from pyhf_dist.signals.output import write_parquet
+
+    source = tmp_path / "minimal.json"
+    source.write_text(json.dumps({"results": [{"name": "a", "values": [1, 2], "CLs_obs": 0.5,
+                                               "CLs_exp": [0.1, 0.2, 0.3, 0.4, 0.5], "status": "ok"}]}))
+    result = pyhf_dist.ScanResult.from_json(source)
+    toys = {(None, "a"): {"teststat": 1.0, "sb": [0.5, 2.0], "b": [0.0, 0.1]}}
+    settings = FitSettings(calctype="toybased", ntoys=2, seed=1)
+
+    def mode(path):
+        return stat.S_IMODE(path.stat().st_mode)
+
+    previous = os.umask(0o027)
+    try:
+        (tmp_path / "plain.txt").write_text("")
+        result.to_json(tmp_path / "r.json")
+        result.to_csv(tmp_path / "r.csv")
+        kept_toys.write_kept(tmp_path / "toys.npz", toys, settings)
+        written = ["r.json", "r.csv", "toys.npz"]
+        if importlib.util.find_spec("pyarrow") is not None:  # the parquet extra: installed with all
+            write_parquet(result, tmp_path / "r.parquet")
+            written.append("r.parquet")
+        assert mode(tmp_path / "plain.txt") == 0o640
+        assert [mode(tmp_path / name) for name in written] == [0o640] * len(written)
+        assert sorted(path.name for path in tmp_path.iterdir()) == sorted(written + ["minimal.json", "plain.txt"])
+        for name in ("r.json", "toys.npz"):
+            (tmp_path / name).chmod(0o664)
+        result.to_json(tmp_path / "r.json")
+        kept_toys.write_kept(tmp_path / "toys.npz", toys, settings)
+        assert mode(tmp_path / "r.json") == mode(tmp_path / "toys.npz") == 0o664
+    finally:
+        os.umask(previous)
+    assert kept_toys.read_kept(tmp_path / "toys.npz")[1][0]["name"] == "a"
 
 
 def test_cli_matches_serial_pyhf(erjr_dir, erjr_sample_names, erjr_sample_reference, lbb_tarball, lbb_few_reference,

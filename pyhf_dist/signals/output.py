@@ -1,15 +1,20 @@
 """Results as a Parquet table: one row per record, the model parameters as columns.
 
 The columns are those of :meth:`pyhf_dist.results.ScanResult.rows` (the CSV's, with the values
-under their labels); the scan's metadata is kept as JSON in the file's key-value metadata.
+under their labels); the scan's metadata is kept as JSON in the file's key-value metadata. As the
+JSON and CSV results, the file is written aside and renamed: an interrupted write leaves the file
+that was there before, or none, never half a table.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
+from pathlib import Path
 
 from pyhf_dist.exceptions import MissingDependencyError
+from pyhf_dist.records import replace_atomic
 
 __all__ = ["write_parquet"]
 
@@ -30,4 +35,13 @@ def write_parquet(result, path: str | os.PathLike) -> None:
     # Column by column: a column whose cells are all None gets a type pyarrow can write.
     table = pyarrow.table({column: [row.get(column) for row in rows] for column in columns})
     metadata = {b"pyhf_dist": json.dumps(result.metadata, default=str).encode()}
-    pyarrow.parquet.write_table(table.replace_schema_metadata(metadata), str(path))
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    os.close(handle)
+    try:
+        pyarrow.parquet.write_table(table.replace_schema_metadata(metadata), temporary)
+        replace_atomic(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
