@@ -360,6 +360,14 @@ def test_invalid_retries_and_timeout(cli, demo_dir):
     assert "timeout must be a positive number" in _one_error_line(cli("fit", str(demo_dir), "--timeout", "0"))
 
 
+def test_zero_workers_are_refused_not_replaced_by_the_default(cli, demo_dir):
+    """``--workers 0`` (local, Dask) and ``--jobs 0`` (Slurm) are numbers given, not flags left off."""
+    for args, name in ((("--workers", "0"), "workers"), (("--executor", "dask", "--workers", "0"), "workers"),
+                       (("--executor", "slurm", "--jobs", "0", "--show-job-script"), "jobs")):
+        run = cli("fit", str(demo_dir), *args)
+        assert run.code == 2 and f"{name} must be a positive integer, got 0" in _one_error_line(run), args
+
+
 # ------------------------------------------------------------------------------ output
 
 

@@ -196,7 +196,10 @@ def _fit(context: click.Context, source, patchset, executor, output, show_job_sc
 
     executor_options = {param.name: param.value_of(values.pop(param.name)) for param in context.command.params
                         if isinstance(param, _ExecutorFlag)}
-    executor_options = {name: value for name, value in executor_options.items() if value not in (None, False)}
+    # Identity, not equality: a switch left off is False, but a number 0 (``--workers 0``) is given
+    # and goes to the executor, which refuses it in one line rather than using its default.
+    executor_options = {name: value for name, value in executor_options.items()
+                        if value is not None and value is not False}
     executor_options.update(_parse_option(text) for text in extra_options)
     if show_job_script:
         from pyhf_dist.executors import get_executor

@@ -28,7 +28,7 @@ class FuturesExecutor(Executor):
     name = "futures"
 
     def __init__(self, pool: concurrent.futures.Executor, workers: int | None = None):
-        super().__init__(workers=workers or _pool_size(pool))
+        super().__init__(workers=_pool_size(pool) if workers is None else workers)
         self.pool = pool
 
     def submit(self, task: Task | Pack) -> concurrent.futures.Future:

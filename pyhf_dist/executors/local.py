@@ -247,7 +247,7 @@ class LocalExecutor(Executor):
     flags = (ExecutorFlag("workers", "Worker processes [default: the cores this process may use].", int),)
 
     def __init__(self, workers: int | None = None, initializer: Callable[[], None] | None = None):
-        super().__init__(workers=workers or default_workers())
+        super().__init__(workers=default_workers() if workers is None else workers)
         self.initializer = initializer
         self._slots: list[_Slot] = []
         self._directory: str | None = None
