@@ -85,9 +85,10 @@ def choose_pallet(result: ScanResult, pallet: str | None) -> ScanResult:
     available = result.pallets()
     if len(available) > 1:
         fitted = [name for name in available if name not in COMBINATIONS]
-        choices = available + [name for name in COMBINATIONS if name not in available and len(fitted) > 1]
+        combined = [name for name in COMBINATIONS if name in available or len(fitted) > 1]
+        their = f" and their combination {', '.join(combined)}" if combined else ""
         raise PalletSelectionError(
-            f"the results hold {len(fitted)} pallets: {', '.join(choices)}; choose one to draw with "
+            f"the results hold {len(fitted)} pallets ({', '.join(fitted)}){their}; choose one to draw with "
             "--pallet NAME (pallet= in Python)"
         )
     return result

@@ -359,8 +359,8 @@ def test_plot_one_pallet(stau_scan, tmp_path):
     with pytest.raises(PalletSelectionError) as error:
         plotting.plot_exclusion(output, tmp_path / "x.png")
     assert "\n" not in str(error.value)
-    assert "the results hold 3 pallets: Region-combined, Region-highMass, Region-lowMass, best-expected" in str(
-        error.value)
+    assert ("the results hold 3 pallets (Region-combined, Region-highMass, Region-lowMass) and their combination "
+            "best-expected; choose one") in str(error.value)
     code, _, err = _run_cli("plot", str(output), "-o", str(tmp_path / "x.png"))
     assert code == 2 and "choose one to draw with --pallet NAME" in _one_error_line(err)
     assert not (tmp_path / "x.png").exists()
