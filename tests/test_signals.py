@@ -164,6 +164,8 @@ def test_a_malformed_template_fails_the_scan_at_once(background, tmp_path, templ
 
 @pytest.mark.parametrize("text, message", [
     ("m1,CR[0]\n1,2\n", "has no 'name' column"),
+    ("name;m1;CR[0]\na;1;2\n", "separates its columns with ';': write it with commas"),
+    ("name\tm1\tCR[0]\na\t1\t2\n", "separates its columns with '\\t': write it with commas"),
     ("name,m1,SRmid[0]\na,1,2\n", "column 'SRmid[0]' names no channel of the workspace"),
     ("name,SRhigh[0],SRhigh[1]\na,1,2\n", "SRhigh needs bins 0..2 (3 columns), the file has bins 0, 1"),
     ("name,m1\na,1\n", "has no signal yields"),

@@ -140,6 +140,10 @@ def layout_of(columns: list[str], workspace: dict, parameters: tuple | None, whe
             workspace lacks, bins missing or beyond the channel's.
     """
     if "name" not in columns:
+        separator = next((mark for mark in (";", "\t", "|") if len(columns) == 1 and mark in columns[0]), None)
+        if separator is not None:  # a CSV written with another separator reads as one column
+            raise SignalsError(f"{where} separates its columns with {separator!r}: write it with commas "
+                               f"(pandas: to_csv(path, index=False))")
         raise SignalsError(f"{where} has no 'name' column (columns: {', '.join(columns[:6])}...)")
     duplicated = sorted({column for column in columns if columns.count(column) > 1})
     if duplicated:
