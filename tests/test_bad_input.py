@@ -345,6 +345,19 @@ def test_invalid_test_statistic(cli, demo_dir):
         pyhf_dist.map_fits(demo_dir, test_stat="qmu")
 
 
+@pytest.mark.parametrize("keyword, meant", [
+    ("toys", "ntoys"), ("test_statistic", "test_stat"), ("mu", "poi_test"), ("poi", "poi_test"), ("pallets", "pallet"),
+])
+def test_a_misspelt_keyword_names_the_setting_meant(demo_dir, keyword, meant):
+    """A keyword no setting and not the executor takes is refused before any worker starts, naming
+    the setting it resembles (by spelling, or as pyhf's users call it)."""
+    began = time.monotonic()
+    with pytest.raises(pyhf_dist.exceptions.SettingsError) as caught:
+        pyhf_dist.map_fits(demo_dir, **{keyword: 1.0})
+    assert str(caught.value) == f"unknown argument {keyword!r}: did you mean {meant}?"
+    assert time.monotonic() - began < 5
+
+
 @pytest.mark.parametrize("value, message", [
     ("-1", "POI value must be >= 0, got -1.0"),
     ("one", "POI value must be a number, got 'one'"),

@@ -107,11 +107,22 @@ def split_options(options: dict) -> tuple[FitSettings, ScanOptions, dict]:
     return settings, scan, rest
 
 
+#: Names physicists give the settings that spelling alone does not lead to.
+SYNONYMS = {"mu": "poi_test", "poi": "poi_test", "poi_value": "poi_test", "mu_test": "poi_test",
+            "calculator": "calctype", "teststat": "test_stat", "test_statistic": "test_stat"}
+
+
 def misspelt(options: dict) -> None:
-    """Raise one line naming the option an unknown keyword most resembles, if any does."""
+    """Raise one line naming the option an unknown keyword most resembles, if any does.
+
+    >>> misspelt({"mu": 1.0})
+    Traceback (most recent call last):
+    ...
+    pyhf_dist.exceptions.SettingsError: unknown argument 'mu': did you mean poi_test?
+    """
     names = [field.name for cls in (FitSettings, ScanOptions) for field in declared(cls)] + list(COLLECTOR)
     for given in options:
-        close = difflib.get_close_matches(given, names, n=1, cutoff=0.75)
+        close = [SYNONYMS[given]] if given in SYNONYMS else difflib.get_close_matches(given, names, n=1, cutoff=0.75)
         if close:
             raise SettingsError(f"unknown argument {given!r}: did you mean {close[0]}?")
 
