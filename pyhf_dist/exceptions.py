@@ -20,6 +20,7 @@ __all__ = [
     "OutputError",
     "JournalError",
     "StorageError",
+    "StorageWarning",
     "MissingDependencyError",
     "ExecutorError",
     "WorkerLostError",
@@ -110,6 +111,21 @@ class StorageError(PyhfDistError, OSError):
             codes.EACCES: "make that folder writable again",
             codes.EPERM: "make that folder writable again",
         }.get(self.errno, "fix that")
+
+
+class StorageWarning(UserWarning):
+    """A file a scan writes besides its results (``keep_toys``) could not be written; the scan's
+    records are returned all the same, and the message says where the missing data is kept.
+
+    Attributes:
+        path: The file that could not be written.
+        errno: The operating system's error number, when there is one.
+    """
+
+    def __init__(self, message: str, *, path=None, errno: int | None = None):
+        super().__init__(message)
+        self.path = path
+        self.errno = errno
 
 
 class MissingDependencyError(PyhfDistError, ImportError):

@@ -460,3 +460,7 @@ def test_merge_toys_refuses_what_is_not_a_toy_file(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "not a file of kept toys" in err and "Traceback" not in err
     assert not (tmp_path / "m.npz").exists()
+    assert main(["merge-toys", str(tmp_path / "a.npz"), "-o", str(tmp_path / "none" / "m.npz")]) == 2
+    err = capsys.readouterr().err
+    assert f"Error: merge-toys: no folder {str(tmp_path / 'none')!r} to write m.npz in" in err
+    assert "Traceback" not in err

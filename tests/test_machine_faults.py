@@ -157,6 +157,50 @@ def test_results_file_on_a_full_disk_keeps_every_record_in_the_journal(erjr_dir,
     assert len(set(_names(output))) == 14 and not journal.exists()
 
 
+def test_kept_toys_on_a_full_disk_cost_that_file_not_the_results(erjr_dir, small_disk, tmp_path):
+    """The toys are fitted but ``--keep-toys`` cannot be written: the results are written and the
+    journal kept, one line says so, and its command writes the file from the journal, fitting
+    nothing again. In Python the result is returned with a StorageWarning."""
+    from pyhf_dist import kept_toys
+    from pyhf_dist.exceptions import StorageWarning
+
+    disk = small_disk("toys", "64k")
+    kept, output, journal = disk / "toys.npz", tmp_path / "res.json", tmp_path / "res.journal.jsonl"
+    filler = _fill(disk)
+    toys = ("-p", "ERJR_350p0_200p0", "--toys", "200", "--seed", "1", "--workers", "2")
+    run = _cli("fit", str(erjr_dir), *toys, "-o", str(output), "--keep-toys", str(kept), "-q")
+    assert run.returncode == 1, run.stderr
+    error = _one_error_line(run.stderr)
+    assert f"cannot write the kept toys {kept}: No space left on device (disk full)" in error, error
+    assert f"the toys are kept in {journal}; free some space there" in error, error
+    assert _names(output) == ["ERJR_350p0_200p0"] and journal.exists() and not kept.exists()
+
+    filler.unlink()
+    resumed = _cli(*_resume_command(error))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Fitting 0 patches (1 already in the journal)" in resumed.stderr
+    record = json.loads(output.read_text())["results"][0]
+    _, parts, distributions = kept_toys.read_kept(kept)
+    assert parts[0]["name"] == "ERJR_350p0_200p0" and len(distributions[0]["sb"]) == len(distributions[0]["b"]) == 200
+    assert kept_toys.cls_from_kept(kept)["ERJR_350p0_200p0"]["CLs_obs"] == record["CLs_obs"]
+    assert not journal.exists()
+
+    saved = shutil.copy(kept, tmp_path / "saved.npz")
+    kept.unlink()
+    filler = _fill(disk)
+    warned = r"cannot write the kept toys .*\(disk full\); the records are returned, their toys are not kept"
+    with pytest.warns(StorageWarning, match=warned):
+        result = pyhf_dist.map_fits(erjr_dir, patches=["ERJR_350p0_200p0"], calctype="toybased", ntoys=200, seed=1,
+                                    keep_toys=kept)
+    assert result["ERJR_350p0_200p0"].CLs_obs == record["CLs_obs"] and "disk full" in result.metadata["keep_toys_error"]
+
+    merged = _cli("merge-toys", str(saved), "-o", str(disk / "merged.npz"))
+    assert merged.returncode == 1 and _one_error_line(merged.stderr) == (
+        f"Error: cannot write the merged toys {disk / 'merged.npz'}: No space left on device (disk full); free some "
+        "space there, then run merge-toys again (the files merged are unchanged)")
+    assert [path.name for path in disk.iterdir()] == ["filler"]
+
+
 # ------------------------------------------------------------------------------ read-only or removed output
 
 

@@ -12,11 +12,17 @@ import os
 import shlex
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import click
 
-from pyhf_dist.exceptions import MissingDependencyError, OutputError, StorageError
+from pyhf_dist.exceptions import (
+    MissingDependencyError,
+    OutputError,
+    StorageError,
+    StorageWarning,
+)
 from pyhf_dist.executors import executor_flags
 from pyhf_dist.scan.options import ScanOptions
 from pyhf_dist.settings import PATH, FitSettings, declared
@@ -247,8 +253,11 @@ def _run(source, patchset, executor, options, executor_options, quiet, journal_p
     import pyhf_dist
 
     try:
-        return pyhf_dist.map_fits(source, patchset, executor=executor, progress=not quiet, on_start=_started,
-                                  **options, **executor_options)
+        with warnings.catch_warnings():
+            # Told below in one line with what to do (_write), not as a Python warning.
+            warnings.simplefilter("ignore", StorageWarning)
+            return pyhf_dist.map_fits(source, patchset, executor=executor, progress=not quiet, on_start=_started,
+                                      **options, **executor_options)
     except KeyboardInterrupt:
         click.echo(
             f"\nInterrupted. Finished results are kept in {journal_path}; to fit the rest run:\n"
@@ -285,7 +294,8 @@ def _write(result, output, journal_path: Path, resume_command: str) -> None:
             err=True,
         )
         raise click.exceptions.Exit(1) from None
-    if not result.failed():
+    unkept = result.metadata.get("keep_toys_error")
+    if not result.failed() and not unkept:
         journal_path.unlink(missing_ok=True)
     print_table(result)
     click.echo(f"Results written to {output}")
@@ -295,3 +305,11 @@ def _write(result, output, journal_path: Path, resume_command: str) -> None:
             f"'{resume_command} --resume' refits only those.",
             err=True,
         )
+    if unkept:
+        fault = StorageError("", errno=result.metadata.get("keep_toys_errno"))
+        click.echo(
+            f"Error: {unkept}; the toys are kept in {journal_path}; {fault.remedy}, then run: {resume_command} "
+            "--resume (it fits nothing again)",
+            err=True,
+        )
+        raise click.exceptions.Exit(1)

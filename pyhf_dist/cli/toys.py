@@ -16,12 +16,24 @@ def merge_toys(files, output):
 
     Toys of one seed found in several files are kept once; files of other test settings are refused.
     """
-    from pyhf_dist.exceptions import InputError
+    from pathlib import Path
+
+    from pyhf_dist.exceptions import InputError, StorageError
+    from pyhf_dist.journal import describe_errno
     from pyhf_dist.kept_toys import merge_kept
 
     if not str(output).endswith(".npz"):
         raise InputError(f"merge-toys writes a .npz file, not {output!r}")
-    results = merge_kept(list(files), output)
+    if not Path(output).parent.is_dir():
+        raise InputError(f"merge-toys: no folder {str(Path(output).parent)!r} to write {Path(output).name} in")
+    try:
+        results = merge_kept(list(files), output)
+    except OSError as error:  # the machine's fault (a full disk...), not the files': they are unchanged
+        fault = StorageError("", errno=error.errno)
+        raise StorageError(
+            f"cannot write the merged toys {output}: {describe_errno(error)}; {fault.remedy}, then run merge-toys "
+            "again (the files merged are unchanged)", path=output, errno=error.errno,
+        ) from None
     for name, result in results.items():
         expected = ", ".join(f"{value:.4g}" for value in result["CLs_exp"])
         click.echo(f"{name}: {result['ntoys']} toys per hypothesis (seeds {result['seeds']}), "

@@ -17,13 +17,14 @@ from __future__ import annotations
 import inspect
 import platform
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 from pyhf_dist.combine import combine as combine_records
-from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, InputError, SettingsError
+from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, InputError, SettingsError, StorageWarning
 from pyhf_dist.executors import get_executor
-from pyhf_dist.journal import Journal
+from pyhf_dist.journal import Journal, describe_errno
 from pyhf_dist.protocol import first_line
 from pyhf_dist.results import FitRecord, ScanResult
 from pyhf_dist.scan.interrupts import stop_signals_as_interrupt
@@ -125,7 +126,7 @@ def _scan(runner, plan: Plan, settings, scan, book, finished: dict, info: dict) 
             if plan.combine is not None:  # only a combination needs them all: a stream keeps none
                 done.extend(group)
             yield from group
-    _write_kept(scan.keep_toys, kept, settings)
+    _write_kept(scan.keep_toys, kept, settings, book, info)
     yield from _combination(done, plan)
 
 
@@ -181,12 +182,28 @@ def _check_keep_toys(path, settings) -> None:
         raise InputError(f"--keep-toys: no folder {str(path.parent)!r} to write {path.name} in")
 
 
-def _write_kept(path, kept: dict, settings) -> None:
-    """The kept toys of the scan's patches (in the order of their keys), when asked for."""
-    if path is not None and kept:
-        from pyhf_dist.kept_toys import write_kept
+def _write_kept(path, kept: dict, settings, book, info: dict) -> None:
+    """The kept toys of the scan's patches (in the order of their keys), when asked for.
 
+    A file that cannot be written (a full disk, a folder removed) costs that file, not the scan:
+    its records are out already. It is said in a :class:`~pyhf_dist.exceptions.StorageWarning`
+    and in the metadata (``keep_toys_error``); a journal holds the toys, from which the same scan
+    resumed writes the file without fitting again.
+    """
+    if path is None or not kept:
+        return
+    from pyhf_dist.kept_toys import write_kept
+
+    try:
         write_kept(path, dict(sorted(kept.items(), key=lambda item: (item[0][0] or "", item[0][1]))), settings)
+    except OSError as error:
+        info["keep_toys_error"] = f"cannot write the kept toys {path}: {describe_errno(error)}"
+        info["keep_toys_errno"] = error.errno
+        where = (f"their toys are in the journal {book.path}: the same scan with resume=True (--resume) writes "
+                 "the file without fitting again" if book is not None
+                 else "the records are returned, their toys are not kept (a journal= would keep them)")
+        warnings.warn(StorageWarning(f"{info['keep_toys_error']}; {where}", path=path, errno=error.errno),
+                      stacklevel=2)
 
 
 def _combination(done: list[FitRecord], plan: Plan) -> list:
