@@ -234,6 +234,51 @@ def test_fit_that_hangs_past_timeout_is_failed_and_frees_its_worker(demo):
     assert elapsed < 25, f"the scan waited for the slow fit ({elapsed:.0f} s)"
 
 
+def test_a_timeout_is_not_taken_for_an_error_that_a_fallback_catches():
+    """The alarm lands anywhere in a fit, also where code falls back on any error of its own (the
+    fast path handing a patch to plain pyhf): the fit must end there, not go on past its time."""
+    from pyhf_dist.runtime.timeouts import FitTimeout, call_with_timeout
+
+    def fit_with_a_fallback():
+        try:
+            time.sleep(5)
+        except Exception:  # noqa: BLE001 - what the fallbacks of a fit do
+            time.sleep(5)
+
+    began = time.monotonic()
+    with pytest.raises(FitTimeout):
+        call_with_timeout(fit_with_a_fallback, 0.2)
+    assert time.monotonic() - began < 1
+
+
+def test_the_time_of_a_paused_timeout_is_not_counted():
+    from pyhf_dist.runtime.timeouts import FitTimeout, call_with_timeout, paused
+
+    def compile_then_fit(fit_seconds):
+        with paused():
+            time.sleep(0.5)  # a compilation: the worker's, not the fit's
+        time.sleep(fit_seconds)
+        return "done"
+
+    assert call_with_timeout(lambda: compile_then_fit(0.1), 0.3) == "done"
+    began = time.monotonic()
+    with pytest.raises(FitTimeout):
+        call_with_timeout(lambda: compile_then_fit(5), 0.3)
+    assert 0.7 < time.monotonic() - began < 1.5
+
+
+def test_a_layouts_first_compilation_is_not_counted_in_the_fits_timeout(demo, tmp_path, monkeypatch):
+    """On the default backend a patch of a new shape is compiled for first (~3 s for this one with
+    an empty cache, its fits ~1 s): a 2 s timeout is the fit's, so the patch is fitted, not failed."""
+    pytest.importorskip("jax")
+    monkeypatch.setenv("PYHF_DIST_CACHE", str(tmp_path / "cache"))  # nothing compiled yet
+    pallet = Pallet(demo.workspace, [_slow_patch(demo)] + demo.patches, demo.labels)
+    with LocalExecutor(workers=1) as executor:
+        result = pyhf_dist.map_fits(pallet, executor=executor, timeout=2)
+    rows = assert_one_record_each(result, pallet.names())
+    assert [(rows[name]["status"], rows[name]["engine"]) for name in pallet.names()] == [("ok", "fast")] * 5, rows
+
+
 def _block_alarm() -> None:
     # A worker that cannot be interrupted (as if stuck in compiled code): SIGALRM stays blocked.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})

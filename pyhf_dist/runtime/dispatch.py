@@ -14,15 +14,14 @@ sets itself up on its first task.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import sys
-import threading
 import time
 
 from pyhf_dist.protocol import FIT, NOOP, PACK, Context, Record, Task, first_line, new_record
 from pyhf_dist.runtime import calculations
 from pyhf_dist.runtime.state import initialize, prepared
+from pyhf_dist.runtime.timeouts import FitTimeout, call_with_timeout, timed_out
 
 __all__ = ["run_task", "worker_info", "FitTimeout"]
 
@@ -37,55 +36,6 @@ def worker_info() -> dict:
     if engine is not None and engine.groups_wanted():
         info["fits_together"] = True
     return info
-
-
-class FitTimeout(Exception):
-    """A fit ran past the scan's per-fit ``timeout``."""
-
-
-def _on_alarm(signum, frame):
-    raise FitTimeout()
-
-
-def _timed_out(error: BaseException) -> bool:
-    """Whether ``error`` is a :class:`FitTimeout`, or a library's exception around one.
-
-    The alarm raises wherever the fit is: inside a library that turns every exception into its own
-    (jsonschema, resolving the schema of a slow-to-build model, raises ``_RefResolutionError`` from
-    it), the timeout arrives wrapped, and is still a timeout.
-
-    >>> try:
-    ...     try:
-    ...         raise FitTimeout()
-    ...     except FitTimeout as error:
-    ...         raise ValueError("a library's own error") from error
-    ... except ValueError as error:
-    ...     _timed_out(error), _timed_out(ValueError("no timeout"))
-    (True, False)
-    """
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, FitTimeout):
-            return True
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return False
-
-
-def _call_with_timeout(function, timeout: float | None):
-    # A timed-out fit must free its worker. SIGALRM interrupts the fit between two Python-level
-    # steps of the minimizer; it can only be used from a process's main thread, which is where
-    # process-pool, Parsl and Globus Compute workers run their tasks. Elsewhere (threads) the
-    # scan's client-side timeout takes over.
-    if not timeout or threading.current_thread() is not threading.main_thread():
-        return function()
-    previous = signal.signal(signal.SIGALRM, _on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, float(timeout))
-    try:
-        return function()
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def run_task(task: Task, context: Context | None = None) -> Record | dict:
@@ -115,9 +65,9 @@ def run_task(task: Task, context: Context | None = None) -> Record | dict:
     if kind == FIT:
         try:
             part = state.for_pallet(task.get("pallet"))
-            record.update(_call_with_timeout(lambda: calculations.compute(part, task), task.get("timeout")))
-        except Exception as error:  # a failed fit is a result, not a crash of the scan
-            if _timed_out(error):
+            record.update(call_with_timeout(lambda: calculations.compute(part, task), task.get("timeout")))
+        except (Exception, FitTimeout) as error:  # a failed fit is a result, not a crash of the scan
+            if timed_out(error):
                 record.update(status="failed", error=f"timed out after {task.get('timeout')} s")
             else:
                 record.update(status="failed", error=first_line(error, with_type=True))

@@ -251,22 +251,20 @@ class FastHypotest:
             self._padded(arrays, caps)
 
     def _layout_for(self, sizes):
-        """The layout a patch of ``sizes`` is padded to: a cheap enough existing one, one grown, or a new one."""
+        """``(caps, layouts)``: the layout for ``sizes`` (a cheap enough one, one grown, a new one), all once compiled."""
         from pyhf_dist.runtime.fast import layout
 
         own = layout.Caps.around(sizes)
         limit = max(_SHARE_LIMIT * own.volume, _SMALL_LAYOUT)
         fitting = [caps for caps in self._layouts if caps.covers(sizes) and caps.volume <= limit]
         if fitting:
-            return min(fitting, key=lambda caps: caps.volume)
+            return min(fitting, key=lambda caps: caps.volume), self._layouts
         for index, caps in enumerate(self._layouts):
             grown = caps.grown(sizes)
             if grown.volume <= limit:
                 # One layout for both shapes: later patches of either need no other compilation.
-                self._layouts[index] = grown
-                return grown
-        self._layouts.append(own)
-        return own
+                return grown, self._layouts[:index] + [grown] + self._layouts[index + 1:]
+        return own, self._layouts + [own]
 
     def _padded(self, arrays, caps):
         """``(device layout, padded parameters, padded main data, functions)``, compiled for ``caps``."""
@@ -284,8 +282,10 @@ class FastHypotest:
 
         configure_jax()
         spec, arrays = self.arrays(patch_operations)
-        caps = self._layout_for(arrays.sizes)
+        caps, layouts = self._layout_for(arrays.sizes)
         device, params, main, functions = self._padded(arrays, caps)
+        # Kept once compiled: a compilation that failed must not leave later patches a layout that needs it.
+        self._layouts = layouts
         if self._verify:
             described = _structure(spec, arrays, caps, self._codes)
             if described not in self._verified:
@@ -408,9 +408,10 @@ def _compile(caps, codes, functions, device, params, main):
     Otherwise the jitted functions: workers that meet a layout not compiled yet take turns, the
     first compiles into jax's persistent cache, the others then load from it.
     """
+    from pyhf_dist.runtime import timeouts
     from pyhf_dist.runtime.fast import executables, likelihood
 
-    with _COMPILED_LOCK:
+    with timeouts.paused(), _COMPILED_LOCK:  # the worker's one-off cost, not the fit's: outside its timeout
         found = _COMPILED.get((caps, codes))
         if found is not None:
             return found

@@ -1,0 +1,84 @@
+"""The per-fit ``timeout`` on a worker: an alarm that ends a fit wherever it is.
+
+A timed-out fit must free its worker. SIGALRM interrupts the fit between two Python-level steps;
+it can only be used from a process's main thread, which is where process-pool, Parsl and Globus
+Compute workers run their tasks. Elsewhere (threads) the scan's client-side timeout takes over.
+Compiling the likelihood for a layout is a one-off cost of the worker, not of the fit that meets
+it first: the alarm waits meanwhile (:func:`paused`), so a timeout shorter than a compilation
+does not fail every patch of a new layout on a machine whose cache is empty.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+
+__all__ = ["FitTimeout", "call_with_timeout", "paused", "timed_out"]
+
+
+class FitTimeout(BaseException):
+    """A fit ran past the scan's per-fit ``timeout``.
+
+    Not an :class:`Exception`, as :class:`KeyboardInterrupt` is not: the alarm lands anywhere in
+    the fit, and code that falls back on any error of its own (the fast path handing a patch to
+    plain pyhf, a kept executable given up for a fresh compilation) must not take the end of the
+    fit's time for such an error and go on fitting past it.
+    """
+
+
+def _on_alarm(signum, frame):
+    raise FitTimeout()
+
+
+def timed_out(error: BaseException) -> bool:
+    """Whether ``error`` is a :class:`FitTimeout`, or a library's exception around one.
+
+    The alarm raises wherever the fit is: inside a library that turns every exception into its own
+    (jsonschema, resolving the schema of a slow-to-build model, raises ``_RefResolutionError`` from
+    it), the timeout arrives wrapped, and is still a timeout.
+
+    >>> try:
+    ...     try:
+    ...         raise FitTimeout()
+    ...     except FitTimeout as error:
+    ...         raise ValueError("a library's own error") from error
+    ... except ValueError as error:
+    ...     timed_out(error), timed_out(ValueError("no timeout"))
+    (True, False)
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, FitTimeout):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def call_with_timeout(function, timeout: float | None):
+    """``function()``, ended by :class:`FitTimeout` after ``timeout`` seconds (in the main thread)."""
+    if not timeout or threading.current_thread() is not threading.main_thread():
+        return function()
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, float(timeout))
+    try:
+        return function()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@contextlib.contextmanager
+def paused():
+    """Hold the alarm of the fit under way (if any) while the body runs, then give the fit the
+    rest of its time."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    remaining, _ = signal.setitimer(signal.ITIMER_REAL, 0)
+    try:
+        yield
+    finally:
+        if remaining:
+            signal.setitimer(signal.ITIMER_REAL, remaining)
