@@ -233,6 +233,27 @@ def test_kept_executables_are_loaded_and_a_damaged_one_is_compiled_again(erjr_di
     assert all(np.array_equal(a, b) for a, b in zip(numbers(again), expected))
 
 
+def test_a_new_layout_is_compiled_once_also_for_the_check_against_pyhf(erjr_dir, tmp_path):
+    """On a machine whose cache is empty, a worker compiles a new layout's likelihood and keeps its
+    executables; checking the structure against pyhf's model then calls the kept executable, not
+    the jitted likelihood (a second compilation: ~1 s of a 1Lbb scan's first patch)."""
+    pytest.importorskip("jax")
+    code = f"""
+import pyhf_dist
+from pyhf_dist.runtime.fast import layout, likelihood
+from pyhf_dist.settings import DEFAULT_MODIFIER_SETTINGS
+record = pyhf_dist.map_fits({str(erjr_dir)!r}, executor="sequential", patches=["ERJR_350p0_200p0"], progress=False)[0]
+assert record.ok and record.engine == "fast", record.error
+jitted = likelihood.functions(*layout.interpolation_codes(DEFAULT_MODIFIER_SETTINGS))
+print("jitted likelihood compiled", jitted.value_and_grad._cache_size(), "times")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, cache.CACHE_ENV: str(tmp_path / "empty")})
+    assert run.returncode == 0, run.stderr
+    assert "jitted likelihood compiled 0 times" in run.stdout
+    assert [path.name.split("-")[0] for path in (tmp_path / "empty" / "checks").glob("structure-*")] == ["structure"]
+
+
 def test_executables_that_cannot_be_kept_are_not_tried_again(erjr_dir, tmp_path, monkeypatch):
     from jax.experimental import serialize_executable
 

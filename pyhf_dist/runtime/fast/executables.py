@@ -47,8 +47,8 @@ CALLS = {
 class Loaded:
     """:class:`~pyhf_dist.runtime.fast.likelihood.Functions` with the executables of one layout.
 
-    ``value_and_grad``, ``expected`` and ``fisher_diagonal`` call the loaded executables; anything
-    else (and a call they do not fit) is the jitted function's.
+    ``value_and_grad``, ``expected`` and ``fisher_diagonal`` call the loaded executables, and
+    ``logpdf`` through them; anything else (and a call they do not fit) is the jitted function's.
     """
 
     def __init__(self, functions, executables: dict):
@@ -58,6 +58,11 @@ class Loaded:
 
     def __getattr__(self, name):
         return getattr(self._functions, name)
+
+    def logpdf(self, theta, main, aux, L) -> float:
+        """pyhf's ``log L`` (:meth:`~pyhf_dist.runtime.fast.likelihood.Functions.logpdf`) from the
+        loaded ``value_and_grad``: the jitted one would compile the likelihood a second time."""
+        return type(self._functions).logpdf(self, theta, main, aux, L)
 
 
 def _with_fallback(executable, jitted):
