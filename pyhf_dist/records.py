@@ -7,6 +7,7 @@ interrupted write never leaves half a file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -189,7 +190,10 @@ def replace_atomic(temporary: str | os.PathLike, path: str | os.PathLike) -> Non
         mode = stat.S_IMODE(os.stat(path).st_mode)
     except OSError:
         mode = 0o666 & ~_umask()
-    os.chmod(temporary, mode)
+    # A filesystem that keeps no permissions (some network and Windows shares) refuses chmod: the
+    # file is written all the same.
+    with contextlib.suppress(OSError):
+        os.chmod(temporary, mode)
     os.replace(temporary, path)
 
 
