@@ -102,6 +102,16 @@ class StorageError(PyhfDistError, OSError):
     @property
     def remedy(self) -> str:
         """What to do before continuing, in a few words."""
+        return self.remedy_for(self.errno)
+
+    @staticmethod
+    def remedy_for(errno: int | None) -> str:
+        """What to do about a failed write with the operating system's error ``errno``.
+
+        >>> import errno
+        >>> StorageError.remedy_for(errno.ENOSPC)
+        'free some space there'
+        """
         import errno as codes
 
         return {
@@ -110,7 +120,7 @@ class StorageError(PyhfDistError, OSError):
             codes.EROFS: "make that folder writable again",
             codes.EACCES: "make that folder writable again",
             codes.EPERM: "make that folder writable again",
-        }.get(self.errno, "fix that")
+        }.get(errno, "fix that")
 
 
 class StorageWarning(UserWarning):

@@ -287,10 +287,10 @@ def _write(result, output, journal_path: Path, resume_command: str) -> None:
     except OSError as error:
         from pyhf_dist.journal import describe_errno
 
-        fault = StorageError("", errno=error.errno)
         click.echo(
             f"\nError: cannot write the results {output}: {describe_errno(error)}; all {len(result)} records are kept "
-            f"in {journal_path}; {fault.remedy}, then run: {resume_command} --resume (it fits nothing again)",
+            f"in {journal_path}; {StorageError.remedy_for(error.errno)}, then run: {resume_command} --resume "
+            "(it fits nothing again)",
             err=True,
         )
         raise click.exceptions.Exit(1) from None
@@ -306,9 +306,9 @@ def _write(result, output, journal_path: Path, resume_command: str) -> None:
             err=True,
         )
     if unkept:
-        fault = StorageError("", errno=result.metadata.get("keep_toys_errno"))
+        remedy = StorageError.remedy_for(result.metadata.get("keep_toys_errno"))
         click.echo(
-            f"Error: {unkept}; the toys are kept in {journal_path}; {fault.remedy}, then run: {resume_command} "
+            f"Error: {unkept}; the toys are kept in {journal_path}; {remedy}, then run: {resume_command} "
             "--resume (it fits nothing again)",
             err=True,
         )

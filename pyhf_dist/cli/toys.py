@@ -29,10 +29,9 @@ def merge_toys(files, output):
     try:
         results = merge_kept(list(files), output)
     except OSError as error:  # the machine's fault (a full disk...), not the files': they are unchanged
-        fault = StorageError("", errno=error.errno)
         raise StorageError(
-            f"cannot write the merged toys {output}: {describe_errno(error)}; {fault.remedy}, then run merge-toys "
-            "again (the files merged are unchanged)", path=output, errno=error.errno,
+            f"cannot write the merged toys {output}: {describe_errno(error)}; {StorageError.remedy_for(error.errno)}, "
+            "then run merge-toys again (the files merged are unchanged)", path=output, errno=error.errno,
         ) from None
     for name, result in results.items():
         expected = ", ".join(f"{value:.4g}" for value in result["CLs_exp"])
