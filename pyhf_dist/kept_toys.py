@@ -12,7 +12,7 @@ import json
 import numpy as np
 
 from pyhf_dist.chunks import no_minimum_summary
-from pyhf_dist.records import replace_atomic
+from pyhf_dist.records import written_aside
 from pyhf_dist.runtime.toys import cls_from_distributions
 
 __all__ = ["KEPT_FORMAT", "write_kept", "read_kept", "merge_kept", "cls_from_kept"]
@@ -43,10 +43,6 @@ def write_kept(path, distributions: dict, settings) -> None:
 
 
 def _write_kept(path, parts: list[dict], arrays: list[dict], settings: dict) -> None:
-    import os
-    import tempfile
-    from pathlib import Path
-
     payload = {"meta": np.array(json.dumps({"format": KEPT_FORMAT, "settings": settings, "parts": parts}))}
     for index, toys in enumerate(arrays):
         payload[f"{index}/teststat"] = np.array(float(toys["teststat"]))
@@ -55,17 +51,9 @@ def _write_kept(path, parts: list[dict], arrays: list[dict], settings: dict) -> 
         for key in ("sb", "b"):
             entries = (toys.get("no_minimum") or {}).get(key, [])
             payload[f"{index}/{key}_no_minimum"] = np.asarray([int(i) for i, _ in entries], dtype=np.int64)
-    path = Path(path)
-    # Through a temporary file and a rename: a kill leaves the previous file or the new one.
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent or ".")
-    os.close(handle)
-    try:
+    # The temporary name ends in .npz: numpy would append it to any other.
+    with written_aside(path, suffix=".npz") as temporary:
         np.savez_compressed(temporary, **payload)
-        replace_atomic(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
 
 
 def read_kept(path) -> tuple[dict, list[dict], list[dict]]:

@@ -1,8 +1,8 @@
 """The result of one patch (:class:`FitRecord`), and how results are written safely.
 
 A record is JSON-able (:meth:`FitRecord.to_dict`, :func:`json_safe`); files are written
-atomically (:func:`write_atomic`: a temporary file in the same directory, then a rename), so an
-interrupted write never leaves half a file.
+atomically (:func:`write_atomic`, :func:`written_aside`: a temporary file in the same directory,
+then a rename), so an interrupted write never leaves half a file.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FitRecord", "write_atomic", "replace_atomic", "json_safe", "EXCLUSION_LEVEL", "COMBINATIONS"]
+__all__ = ["FitRecord", "write_atomic", "written_aside", "json_safe", "EXCLUSION_LEVEL", "COMBINATIONS"]
 
 EXCLUSION_LEVEL = 0.05
 #: Names of the combinations of several pallets; records of a combination carry it as ``pallet``.
@@ -164,37 +164,40 @@ _FIELD_SET = frozenset(_FIELD_NAMES)
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    """Write ``text`` to ``path`` through a temporary file and a rename (:func:`written_aside`)."""
+    with written_aside(path) as temporary, open(temporary, "w") as stream:
+        stream.write(text)
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
+@contextlib.contextmanager
+def written_aside(path: str | os.PathLike, suffix: str = ".tmp"):
+    """A temporary file's name beside ``path`` to write the file to; renamed to ``path`` when the
+    block ends, removed if it raises, so a kill leaves the previous file or the new one.
+
+    The file gets the permissions ``open(path, "w")`` would have given it: a temporary file is
+    readable by its owner only, but a results file is for sharing, so it gets those of the file it
+    replaces, or those the umask gives a new file.
+    """
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent or ".")
+    os.close(handle)
     try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        replace_atomic(temporary, path)
+        yield temporary
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            mode = 0o666 & ~_umask()
+        # A filesystem that keeps no permissions (some network and Windows shares) refuses chmod:
+        # the file is written all the same.
+        with contextlib.suppress(OSError):
+            os.chmod(temporary, mode)
+        os.replace(temporary, path)
     except BaseException:
-        if os.path.exists(temporary):
+        with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
-
-
-def replace_atomic(temporary: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Rename the finished file ``temporary`` to ``path``, with the permissions ``open(path, "w")``
-    would have given it.
-
-    A temporary file is made readable by its owner only; a results file is for sharing, so it
-    gets the permissions of the file it replaces, or those the umask gives a new file.
-    """
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
-        mode = 0o666 & ~_umask()
-    # A filesystem that keeps no permissions (some network and Windows shares) refuses chmod: the
-    # file is written all the same.
-    with contextlib.suppress(OSError):
-        os.chmod(temporary, mode)
-    os.replace(temporary, path)
 
 
 def _umask() -> int:

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from pathlib import Path
 
 from pyhf_dist.exceptions import MissingDependencyError
-from pyhf_dist.records import replace_atomic
+from pyhf_dist.records import written_aside
 
 __all__ = ["write_parquet"]
 
@@ -35,13 +33,5 @@ def write_parquet(result, path: str | os.PathLike) -> None:
     # Column by column: a column whose cells are all None gets a type pyarrow can write.
     table = pyarrow.table({column: [row.get(column) for row in rows] for column in columns})
     metadata = {b"pyhf_dist": json.dumps(result.metadata, default=str).encode()}
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    os.close(handle)
-    try:
+    with written_aside(path) as temporary:
         pyarrow.parquet.write_table(table.replace_schema_metadata(metadata), temporary)
-        replace_atomic(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
