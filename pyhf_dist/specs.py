@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -184,6 +185,11 @@ def load_workspace(source: Any, validate: bool = True) -> dict:
         return dict(source)
     if isinstance(source, dict):
         return check_workspace(source, "the workspace", full=validate)
+    if not isinstance(source, (str, os.PathLike)):
+        raise WorkspaceError(
+            f"cannot read a workspace from {type(source).__name__} {source!r:.40}: give a BkgOnly.json path, "
+            "a dict or a pyhf.Workspace"
+        )
     path = Path(source)
     return check_workspace(_read_json(path), str(path), full=validate)
 
@@ -297,7 +303,8 @@ def generic_labels(patches: list[Patch]) -> list[str]:
 
 def load_patches(source: Any, workspace: dict | None = None) -> tuple[list[Patch], list[str], str]:
     """Signal patches from a ``pyhf.PatchSet``, a patchset dict, a ``patchset.json`` path, a
-    directory of ``patch.<name>.json`` files, a single jsonpatch file, or a list of :class:`Patch`.
+    directory of ``patch.<name>.json`` files, a single jsonpatch file, or a list of patches (patch
+    files, pyhf's ``Patch`` objects, patchset entries or :class:`Patch`).
 
     When ``workspace`` is given and the patchset carries digests, they are verified against it.
 
@@ -306,8 +313,13 @@ def load_patches(source: Any, workspace: dict | None = None) -> tuple[list[Patch
     """
     if isinstance(source, dict) or is_pyhf(source, "PatchSet"):
         return patches_from_patchset(source, "the patchset", workspace)
-    if isinstance(source, (list, tuple)) and all(isinstance(p, Patch) for p in source):
-        return list(source), generic_labels(list(source)), ""
+    if isinstance(source, (list, tuple)):
+        return _patches_from_list(source, workspace)
+    if not isinstance(source, (str, os.PathLike)):
+        raise WorkspaceError(
+            f"cannot read patches from {type(source).__name__} {source!r}: give a patchset.json, a directory of "
+            "patch files, a pyhf.PatchSet or a list of patches"
+        )
     path = Path(source)
     if path.is_dir():
         for name in PATCHSET_NAMES:
@@ -324,6 +336,51 @@ def load_patches(source: Any, workspace: dict | None = None) -> tuple[list[Patch
         patches = [Patch(name, values_from_name(name), check_operations(spec, str(path)))]
         return patches, generic_labels(patches), ""
     return patches_from_patchset(spec, str(path), workspace, raw)
+
+
+def _patches_from_list(items, workspace: dict | None) -> tuple[list[Patch], list[str], str]:
+    """Patches from a list whose items are patch files (or patchsets), pyhf's ``Patch`` objects,
+    patchset entries (``{"metadata": {"name", "values"}, "patch": [...]}``) or :class:`Patch`."""
+    patches, labels = [], None
+    for index, item in enumerate(items):
+        where = f"item {index} of the list of patches"
+        if isinstance(item, Patch):
+            found, found_labels = [item], None
+        elif isinstance(item, dict) and "patch" in item:
+            metadata = item.get("metadata")
+            if not isinstance(metadata, dict) or not isinstance(metadata.get("name"), str):
+                raise WorkspaceError(f"{where} has no name: give it 'metadata': {{'name': ..., 'values': [...]}}")
+            name = metadata["name"]
+            values = tuple(metadata["values"]) if "values" in metadata else values_from_name(name)
+            found, found_labels = [Patch(name, values, check_operations(item["patch"], where))], None
+        elif hasattr(item, "metadata") and hasattr(item, "patch"):  # a pyhf.patchset.Patch
+            found = [Patch(item.name, tuple(item.values), check_operations(list(item.patch), where))]
+            found_labels = None
+        elif isinstance(item, (str, os.PathLike)):
+            found, found_labels, _ = load_patches(item, workspace)
+            found_labels = None if found_labels == generic_labels(found) else found_labels
+        elif isinstance(item, list):
+            raise WorkspaceError(
+                f"{where} is a jsonpatch without a name: give it as {{'metadata': {{'name': ..., "
+                "'values': [...]}, 'patch': [...]}, or as a patch.<name>.json file"
+            )
+        else:
+            raise WorkspaceError(
+                f"{where} is {type(item).__name__} {item!r:.40}: give patch files, pyhf patches or patchset entries"
+            )
+        patches.extend(found)
+        labels = labels or found_labels
+    if not patches:
+        raise WorkspaceError("the list of patches is empty: give at least one patch")
+    seen = set()
+    for patch in patches:
+        if patch.name in seen:
+            raise WorkspaceError(f"two patches in the list are named {patch.name!r}: each needs its own name")
+        seen.add(patch.name)
+    width = max(len(patch.values) for patch in patches)
+    if labels is None or len(labels) != width:
+        labels = generic_labels(patches)
+    return patches, labels, ""
 
 
 # ----------------------------------------------------------------------------------------- pallets

@@ -539,3 +539,54 @@ def test_pallet_choice_with_a_separate_patchset_is_refused(tmp_path, erjr_dir):
     code, _, err = _run_cli("fit", str(erjr_dir / "BkgOnly.json"), "--patchset", str(erjr_dir), "--pallet", "x",
                             "-q", "-o", str(tmp_path / "r.json"))
     assert code == 2 and "drop the pallet choice" in _one_error_line(err)
+
+
+# ------------------------------------------------------------------------------- patches as a list
+
+
+def test_patches_given_as_a_list_of_files_pyhf_patches_or_entries(erjr_dir):
+    """The older layout's patch files handed over one by one, as pyhf ``Patch`` objects or as
+    patchset entries: the same patches, names and numbers as the pallet's directory gives."""
+    import pyhf
+
+    names = ["ERJR_100p0_20p0", "ERJR_350p0_200p0"]
+    files = [erjr_dir / f"patch.{name}.json" for name in names]
+    entries = [{"metadata": {"name": name, "values": [float(v) for v in pyhf_dist.specs.values_from_name(name)]},
+                "patch": json.loads(path.read_text())} for name, path in zip(names, files)]
+    background = json.loads((erjr_dir / "BkgOnly.json").read_text())
+    expected = pyhf_dist.map_fits(erjr_dir, patches=names, executor="sequential")
+    forms = {
+        "paths": (erjr_dir / "BkgOnly.json", files),
+        "names": (str(erjr_dir / "BkgOnly.json"), [str(path) for path in files]),
+        "pyhf patches": (pyhf.Workspace(background), [pyhf.patchset.Patch(entry) for entry in entries]),
+        "entries": (background, entries),
+    }
+    for form, (workspace, patches) in forms.items():
+        found = pyhf_dist.map_fits(workspace, patches, executor="sequential")
+        assert found.names() == names, form
+        for record, reference in zip(found, expected):
+            assert record.status == "ok" and record.converged, (form, record)
+            assert tuple(record.values) == tuple(reference.values), form
+            assert record.CLs_obs == pytest.approx(reference.CLs_obs, abs=1e-9), form
+            assert record.CLs_exp == pytest.approx(reference.CLs_exp, abs=1e-9), form
+
+
+@pytest.mark.parametrize("workspace, patches, message", [
+    (None, [[{"op": "add", "path": "/channels/0", "value": {}}]], "item 0 of the list of patches is a jsonpatch without a name"),
+    (None, ["patch.ERJR_100p0_20p0.json", "patch.ERJR_100p0_20p0.json"], "two patches in the list are named 'ERJR_100p0_20p0'"),
+    (None, [], "the list of patches is empty"),
+    (None, 5, "cannot read patches from int 5"),
+    (None, ["patch.ERJR_100p0_20p0.json", 5], "item 1 of the list of patches is int 5"),
+    (5, "patch.ERJR_100p0_20p0.json", "cannot read a workspace from int 5"),
+])
+def test_patches_or_a_workspace_of_the_wrong_kind_are_refused_in_one_line(erjr_dir, workspace, patches, message):
+    from pyhf_dist.exceptions import WorkspaceError
+
+    def located(item):
+        return str(erjr_dir / item) if isinstance(item, str) else item
+
+    workspace = erjr_dir / "BkgOnly.json" if workspace is None else workspace
+    patches = [located(item) for item in patches] if isinstance(patches, list) else located(patches)
+    with pytest.raises(WorkspaceError) as refused:
+        pyhf_dist.map_fits(workspace, patches, executor="sequential")
+    assert str(refused.value).startswith(message) and "\n" not in str(refused.value)

@@ -330,8 +330,9 @@ _ARGUMENTS = """\
         workspace: The background workspace (``pyhf.Workspace``, dict or JSON path), or a whole
             pallet (directory, HEPData ``.tar.gz``, DOI, :class:`~pyhf_dist.pallet.Pallet`) when
             ``patchset`` is ``None``.
-        patchset: ``pyhf.PatchSet``, dict, ``patchset.json`` path, or a directory of
-            ``patch.<name>.json`` files.
+        patchset: ``pyhf.PatchSet``, dict, ``patchset.json`` path, a directory of
+            ``patch.<name>.json`` files, or a list of patches (patch files, pyhf's ``Patch``
+            objects or patchset entries).
         executor: ``"local"``, ``"sequential"``, ``"dask"``, ``"slurm"``, ``"funcx"``, ``"parsl"``,
             an executor object of this library, or any ``concurrent.futures.Executor``."""
 for _function in (iter_fits, map_fits):

@@ -123,7 +123,8 @@ class Plan:
     def check(self) -> None:
         """Validate every workspace against pyhf's schema (an invalid one names its JSON path)."""
         for each in self.pallets:
-            check_workspace(each.workspace, each.source if each.name is None else f"{each.source}:{each.name}")
+            source = "the workspace given" if each.source == "<memory>" else each.source
+            check_workspace(each.workspace, source if each.name is None else f"{source}:{each.name}")
 
     def describe(self) -> dict:
         """The scan's metadata about what it fits."""
