@@ -13,8 +13,9 @@ class ProgressBar:
 
     A toy scan's bar counts its toys instead (per hypothesis, as ``ntoys`` does), so that its
     rate and the time left come from the toys fitted; the fits and failures are written beside
-    it, with the toys per second (both hypotheses: a toy is one test statistic). Toys arrive a
-    chunk at a time (up to 10,000 of each hypothesis per worker).
+    it, with the toys per second (both hypotheses: a toy is one test statistic). The count grows
+    as chunks finish and, between, as their workers report how far they are
+    (:mod:`pyhf_dist.scan.running_toys`).
 
     Args:
         total: Number of patches in the scan.
@@ -70,13 +71,13 @@ class ProgressBar:
                 self._bar.update(self._pending)
             self._pending = 0
 
-    def chunk(self, outcome: dict) -> None:
-        """A chunk of toys finished: its toys of each hypothesis join the count."""
-        part = outcome.get("toys") or {}
-        fitted = int(part.get("stop", 0)) - int(part.get("start", 0))
-        self.toys_done += fitted
-        self._bar.set_postfix_str(self._postfix(), refresh=False)
-        self._bar.update(fitted)
+    def toys_fitted(self, count: int) -> None:
+        """``count`` toys of each hypothesis fitted so far in this run (besides the resumed ones)."""
+        grown = self._resumed + int(count) - self.toys_done
+        if grown > 0:
+            self.toys_done += grown
+            self._bar.set_postfix_str(self._postfix(), refresh=False)
+            self._bar.update(grown)
 
     def close(self) -> None:
         self._flush(time.monotonic())

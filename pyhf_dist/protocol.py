@@ -148,6 +148,7 @@ class Task(TypedDict, total=False):
     pallet: str
     chunk: dict | None
     timeout: float | None
+    progress: str
 
 
 class Pack(TypedDict):
@@ -173,7 +174,7 @@ class Record(TypedDict, total=False):
 
 
 def make_task(name: str, patch: list, context: str, *, pallet: str | None = None, chunk: dict | None = None,
-              timeout: float | None = None, kind: str = FIT) -> Task:
+              timeout: float | None = None, kind: str = FIT, progress: str | None = None) -> Task:
     """The task of one patch (or of one chunk of its toys): what a scan submits to a worker.
 
     Args:
@@ -184,6 +185,8 @@ def make_task(name: str, patch: list, context: str, *, pallet: str | None = None
         chunk: The slice of the patch's pseudo-experiments, if split.
         timeout: Seconds after which the worker gives up on the fit.
         kind: :data:`FIT`, or :data:`NOOP` for a task that computes nothing.
+        progress: For a chunk of toys: a file on the client's machine where the worker writes
+            the fraction of the chunk done (:mod:`pyhf_dist.runtime.reports`), if it can see it.
 
     >>> make_task("A_1_2", [], "c0ffee")
     {'kind': 'fit', 'name': 'A_1_2', 'patch': [], 'context': 'c0ffee', 'chunk': None, 'timeout': None}
@@ -193,6 +196,8 @@ def make_task(name: str, patch: list, context: str, *, pallet: str | None = None
     task: Task = {"kind": kind, "name": name, "patch": patch, "context": context, "chunk": chunk, "timeout": timeout}
     if pallet is not None:
         task["pallet"] = pallet
+    if progress is not None:
+        task["progress"] = progress
     return task
 
 

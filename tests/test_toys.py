@@ -155,9 +155,9 @@ def test_map_fits_splits_over_1_2_4_workers_identically(monkeypatch, pyhf_percen
     seen = []
     original = toys.run_chunk
 
-    def spy(model, data, settings, chunk=None, key=None):
+    def spy(model, data, settings, chunk=None, key=None, report=None):
         seen.append(chunk)
-        return original(model, data, settings, chunk, key)
+        return original(model, data, settings, chunk, key, report)
 
     monkeypatch.setattr(toys, "run_chunk", spy)
     pallet = tiny_pallet()
@@ -347,9 +347,9 @@ def test_toy_scan_killed_mid_way_resumes_to_identical_cls(small_blocks, tmp_path
     fitted = []
     original = toys.run_chunk
 
-    def spy(model, data, settings, chunk=None, key=None):
+    def spy(model, data, settings, chunk=None, key=None, report=None):
         fitted.append((chunk["start"], chunk["stop"]))
-        return original(model, data, settings, chunk, key)
+        return original(model, data, settings, chunk, key, report)
 
     monkeypatch.setattr(toys, "run_chunk", spy)
     resumed = pyhf_dist.map_fits(tiny_pallet(), journal=journal, resume=True, **options)["tiny_100_0"]
@@ -434,3 +434,66 @@ def test_progress_of_a_scan_without_toys_counts_fits_and_failures():
     bar.close()
     last = stream.getvalue().replace("\r", "\n").strip().splitlines()[-1]
     assert "3/3" in last and "1 failed" in last and "toys" not in last
+
+
+def test_running_chunks_move_the_toy_count_before_they_finish(erjr_dir, tmp_path, monkeypatch):
+    """Workers report how far they are through a chunk: the count of toys grows while the chunks
+    run, never shrinks and ends at the scan's toys; the scan's progress folder is gone afterwards."""
+    import tempfile
+    import time
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    began = time.monotonic()
+    counts, chunks_at = [], []
+    reported = pyhf_dist.map_fits(erjr_dir, patches=["ERJR_350p0_200p0"], calctype="toybased", ntoys=2000, seed=SEED,
+                                  executor="local", workers=2,
+                                  on_toy_progress=lambda count: counts.append((time.monotonic() - began, count)),
+                                  on_chunk=lambda outcome: chunks_at.append(time.monotonic() - began))
+    assert len(chunks_at) == 2  # the 2,000 toys in two chunks, one per worker
+    before_any_chunk = [count for at, count in counts if at < min(chunks_at)]
+    assert before_any_chunk and 0 < max(before_any_chunk) < 2000, counts
+    values = [count for _, count in counts]
+    assert values == sorted(values) and values[-1] == 2000
+    assert not list(tmp_path.glob("pyhf-dist-toys-*"))
+    assert reported[0].ok and reported[0].ntoys == 2000
+
+
+def test_plain_pyhf_toys_report_each_toy():
+    """The plain-pyhf path reports after every toy: signal-plus-background toys, then background-only."""
+    pallet = tiny_pallet()
+    settings = FitSettings(backend="numpy", calctype="toybased", ntoys=6, seed=SEED)
+    _, model, data = model_and_data(pallet, pallet.patches[0], settings)
+    fractions = []
+    toys.run_chunk(model, data, settings, {"start": 2, "stop": 6, "ntoys": 6, "index": 1, "of": 2},
+                   report=fractions.append)
+    assert fractions == [step / 8 for step in range(1, 9)]
+
+
+def test_running_toys_count_what_chunks_report_and_never_shrink(tmp_path, monkeypatch):
+    import tempfile
+
+    from pyhf_dist.runtime.reports import ChunkReport
+    from pyhf_dist.scan.running_toys import RunningToys
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    shown = []
+    running = RunningToys(shown.append)
+    first, second = {"start": 0, "stop": 100}, {"start": 100, "stop": 300}
+    one, two = running.path_for(first), running.path_for(second)
+    ChunkReport(one)(0.5)
+    ChunkReport(two)(0.25)
+    running.poll()
+    assert shown == [100]  # 50 of the first chunk, 50 of the second
+    running.forget(two)  # its worker died: submitted again, under a new file
+    running.poll()
+    assert shown == [100]
+    running.done(one, first, fitted=True)
+    assert shown == [100]  # 100 finished: not more than shown
+    again = running.path_for(second)
+    ChunkReport(again)(0.5)
+    running.poll()
+    assert shown == [100, 200]
+    running.done(again, second, fitted=True)
+    assert shown == [100, 200, 300]
+    running.close()
+    assert not list(tmp_path.iterdir())

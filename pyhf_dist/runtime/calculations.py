@@ -14,6 +14,7 @@ from typing import Any
 from pyhf_dist.exceptions import FastPathRequired
 from pyhf_dist.protocol import SMALLEST_GROUP, first_line
 from pyhf_dist.runtime import reference
+from pyhf_dist.runtime.reports import ChunkReport
 
 __all__ = ["compute", "compute_together"]
 
@@ -48,12 +49,13 @@ def compute(state, task: dict) -> dict[str, Any]:
         # One chunk of the patch's pseudo-experiments (all of them when the task is not split).
         chunk = task.get("chunk") or toys.split(settings.ntoys, 1)[0]
         key = toys.generating_key(reference.workspace_digest(state), task["patch"], settings)
+        report = ChunkReport(task.get("progress"))
         if settings.fast_toys:
-            values, reason = _fast_toys(state, task, model, data, chunk, key)
+            values, reason = _fast_toys(state, task, model, data, chunk, key, report)
             if values is not None:
                 return values
             _check_fallback_allowed(settings, reason)
-        values = toys.run_chunk(model, data, settings, chunk, key)
+        values = toys.run_chunk(model, data, settings, chunk, key, report)
     values["engine"] = "pyhf"
     if reason is not None:
         values["fallback_reason"] = reason
@@ -110,13 +112,14 @@ def _check_fallback_allowed(settings, reason: str | None) -> None:
         raise FastPathRequired(f"the fast path declined this patch ({reason}) and require_fast (--require-fast) is on")
 
 
-def _fast_toys(state, task: dict, model, data, chunk: dict, key: str) -> tuple[dict | None, str | None]:
+def _fast_toys(state, task: dict, model, data, chunk: dict, key: str, report) -> tuple[dict | None, str | None]:
     """``(chunk numbers, None)`` from the batched fast path, or ``(None, why it declined)``."""
     from pyhf_dist.runtime import fast
     from pyhf_dist.runtime.fast import toystats
 
     try:
-        return toystats.run_chunk(fast.for_state(state), task["patch"], model, data, state.settings, chunk, key), None
+        return toystats.run_chunk(fast.for_state(state), task["patch"], model, data, state.settings, chunk, key,
+                                  report), None
     except fast.FastPathUnsupported as error:
         return None, first_line(error)
 

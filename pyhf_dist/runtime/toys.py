@@ -287,7 +287,7 @@ def pyhf_statistic(model, data, settings, *, with_minimum: bool = False):
     return float(statistic), physical
 
 
-def run_chunk(model, data, settings, chunk: dict | None = None, key: str | None = None) -> dict[str, Any]:
+def run_chunk(model, data, settings, chunk: dict | None = None, key: str | None = None, report=None) -> dict[str, Any]:
     """Fit the toys ``[start, stop)`` of one patch with plain pyhf; returns their test statistics.
 
     Args:
@@ -297,6 +297,7 @@ def run_chunk(model, data, settings, chunk: dict | None = None, key: str | None 
             ``ntoys``, ``seed``).
         chunk: An entry of :func:`plan`; ``None`` runs all toys in one piece.
         key: See :func:`draw`.
+        report: Called with the fraction of the chunk's toys fitted (both hypotheses), or ``None``.
 
     Returns:
         ``{"toys": {"start", "stop", "ntoys", "teststat" (observed; first chunk only, else None),
@@ -307,13 +308,17 @@ def run_chunk(model, data, settings, chunk: dict | None = None, key: str | None 
     samples = chunk_samples(model, data, settings, chunk, key)
 
     no_minimum: dict[str, list] = {}
+    total = 2 * (chunk["stop"] - chunk["start"])
 
     def statistics(sample, key: str) -> list[float]:
         values = []
         no_minimum[key] = []
+        before = 0 if key == "sb" else total // 2  # the signal-plus-background toys come first
         for index, toy in enumerate(sample, start=chunk["start"]):
             value, physical = pyhf_statistic(model, toy, settings, with_minimum=True)
             values.append(value)
+            if report is not None:
+                report((before + len(values)) / total)
             if not physical:  # counted; plain pyhf keeps the statistic where its fits stopped
                 no_minimum[key].append([index, value])
         return values

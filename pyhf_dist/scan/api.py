@@ -31,6 +31,7 @@ from pyhf_dist.scan.interrupts import stop_signals_as_interrupt
 from pyhf_dist.scan.loop import Loop
 from pyhf_dist.scan.options import misspelt, options_doc, signature, split_options
 from pyhf_dist.scan.plan import Plan
+from pyhf_dist.scan.running_toys import RunningToys
 
 __all__ = ["map_fits", "iter_fits"]
 
@@ -116,16 +117,22 @@ def _scan(runner, plan: Plan, settings, scan, book, finished: dict, info: dict) 
             if scan.on_chunk is not None:
                 scan.on_chunk(outcome)
 
+        toy_based = settings.calctype == "toybased" and settings.calculation == "hypotest"
+        running = RunningToys(scan.on_toy_progress) if (toy_based and scan.on_toy_progress) else None
         loop = Loop(runner, context, settings, scan.retries, scan.timeout, plan.values_by_key,
                     book.chunks if (book is not None and scan.resume) else {}, chunk_finished,
-                    lambda key, record: kept.__setitem__(key, record["toys"]))
-        for group in loop.groups(todo):
-            # One write and flush per group: every record is on disk before it is yielded.
-            if book is not None:
-                book.write_many(group)
-            if plan.combine is not None:  # only a combination needs them all: a stream keeps none
-                done.extend(group)
-            yield from group
+                    lambda key, record: kept.__setitem__(key, record["toys"]), running)
+        try:
+            for group in loop.groups(todo):
+                # One write and flush per group: every record is on disk before it is yielded.
+                if book is not None:
+                    book.write_many(group)
+                if plan.combine is not None:  # only a combination needs them all: a stream keeps none
+                    done.extend(group)
+                yield from group
+        finally:
+            if running is not None:
+                running.close()
     _write_kept(scan.keep_toys, kept, settings, book, info)
     yield from _combination(done, plan)
 
@@ -292,8 +299,16 @@ def map_fits(workspace: Any, patchset: Any = None, *, executor: Any = "local", w
             toys = options.get("ntoys", 1000) * (info["patches"] - info["resumed"]) if toy_based else 0
             bar = ProgressBar(total=info["patches"], toys=toys, toys_done=info.get("toys_resumed", 0))
 
+    on_toy_progress = options.pop("on_toy_progress", None)
+
+    def toys_fitted(count: int) -> None:
+        if bar is not None:
+            bar.toys_fitted(count)
+        if on_toy_progress is not None:
+            on_toy_progress(count)
+
     stream = iter_fits(workspace, patchset, executor=executor, metadata=metadata, on_start=started,
-                       on_chunk=lambda outcome: bar.chunk(outcome) if bar is not None else None, **options)
+                       on_toy_progress=toys_fitted if (progress or on_toy_progress) else None, **options)
     try:
         for record in stream:
             if record.combined:

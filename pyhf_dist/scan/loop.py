@@ -41,6 +41,7 @@ class Job:
     attempt: int = 1
     submitted: float = 0.0
     running_since: float | None = None
+    progress: str | None = None  # where the worker of a chunk reports how far it is
 
     @property
     def key(self) -> tuple:
@@ -186,15 +187,17 @@ class Loop:
         chunks_done: Chunks of toys a resumed scan's journal holds, by key.
         chunk_finished: Called with ``(pallet, outcome)`` for each finished chunk of toys.
         on_merged: Called with ``(key, record dict)`` for each patch whose toys are merged.
+        running: A :class:`~pyhf_dist.scan.running_toys.RunningToys` that counts the toys fitted
+            while chunks run, or ``None``.
     """
 
     def __init__(self, runner, context, settings, retries: int, timeout: float | None, values_by_key: dict,
                  chunks_done: dict | None = None, chunk_finished: Callable | None = None,
-                 on_merged: Callable | None = None):
+                 on_merged: Callable | None = None, running=None):
         self.runner, self.context, self.settings = runner, context, settings
         self.retries, self.timeout, self.values_by_key = retries, timeout, values_by_key
         self.chunks_done = chunks_done or {}
-        self.chunk_finished, self.on_merged = chunk_finished, on_merged
+        self.chunk_finished, self.on_merged, self.running = chunk_finished, on_merged, running
         self.toy_based = settings.calctype == "toybased" and settings.calculation == "hypotest"
         self.workers = runner.workers or 1
         self.queue: collections.deque[Job] = collections.deque()
@@ -220,6 +223,8 @@ class Loop:
                 expire(self.runner, self.in_flight, self.timeout)
             done, _ = concurrent.futures.wait(list(self.in_flight), timeout=1.0,
                                               return_when=concurrent.futures.FIRST_COMPLETED)
+            if self.running is not None:
+                self.running.poll()
             group = []
             for future in [future for future in self.in_flight if future in done]:  # in submission order
                 jobs = self.in_flight.pop(future)
@@ -259,8 +264,11 @@ class Loop:
             job.submitted, job.running_since = now, None
             self.first_submitted.setdefault(job.key, now)
             self.attempts[job.key] = max(self.attempts[job.key], job.attempt)
+            if self.running is not None and job.chunk is not None:
+                self.running.forget(job.progress)  # a chunk submitted again reports afresh
+                job.progress = self.running.path_for(job.chunk)
             tasks.append(make_task(job.patch.name, job.patch.operations, self.context.key, pallet=job.pallet,
-                                   chunk=job.chunk, timeout=self.timeout))
+                                   chunk=job.chunk, timeout=self.timeout, progress=job.progress))
         self.in_flight[self.runner.submit(tasks[0] if len(tasks) == 1 else make_pack(tasks))] = jobs
 
     def _reject_invalid(self, jobs: list[Job]) -> list[Job]:
@@ -306,8 +314,11 @@ class Loop:
             # bytes a point over a whole scan).
             return [self._merged(key, job.pallet, [outcome])]
         self.partial[key].append(outcome)
-        if outcome.get("status") == "ok" and "toys" in outcome and self.chunk_finished is not None:
+        fitted = outcome.get("status") == "ok" and "toys" in outcome
+        if fitted and self.chunk_finished is not None:
             self.chunk_finished(job.pallet, outcome)
+        if self.running is not None and job.chunk is not None:
+            self.running.done(job.progress, job.chunk, fitted)
         if len(self.partial[key]) == self.expected[key]:
             del self.expected[key]
             return [self._merged(key, job.pallet, self.partial.pop(key))]

@@ -81,6 +81,10 @@ class ScanOptions:
     on_start: Callable[[dict], None] | None = option(None, "Called with the scan's metadata once the executor is up.")
     on_chunk: Callable[[dict], None] | None = option(
         None, "Called with every finished chunk of toys (its record as the worker returned it).")
+    on_toy_progress: Callable[[int], None] | None = option(
+        None, "Called, about every second while toys are fitted, with the toys of each hypothesis fitted so "
+        "far in this run: finished chunks, and what running ones report where their workers share this "
+        "machine's filesystem.")
 
     def __post_init__(self):
         if not isinstance(self.retries, int) or isinstance(self.retries, bool) or self.retries < 0:

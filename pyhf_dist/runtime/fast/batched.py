@@ -179,7 +179,7 @@ class BatchFitter:
     # ----------------------------------------------------------------------------------- API
 
     def fit(self, main, aux, poi_values=None, start=None, metric_at=None, nominal=None, known=None,
-            fallback: bool | None = None) -> BatchResult:
+            fallback: bool | None = None, progress=None) -> BatchResult:
         """Minimise ``-2 log L`` for every dataset (row) of ``main`` and ``aux``.
 
         Args:
@@ -204,6 +204,7 @@ class BatchFitter:
             fallback: Redo a fit that does not converge here one at a time (default: the
                 fitter's own ``fallback``); ``False`` reports it as lost instead (for further
                 starts, whose fit already has a minimum).
+            progress: Called with the fraction of the fits finished in the batch, as they finish.
 
         Returns:
             A :class:`BatchResult`.
@@ -233,7 +234,8 @@ class BatchFitter:
             target_theta = np.tile(self.init, (count, 1))
             target_theta[:, :n] = np.asarray(known[0], dtype=float).reshape(count, -1)[:, :n]
             target = (target_theta / self.scale, np.asarray(known[1], dtype=float).reshape(count))
-        theta, values, status, evaluations = self._stream(x0, main, aux_rows, pinned, reference, nominal, target)
+        theta, values, status, evaluations = self._stream(x0, main, aux_rows, pinned, reference, nominal, target,
+                                                          progress)
         converged = status == loop.CONVERGED
         runaway = status == loop.RAN_AWAY
         joined = status == loop.JOINED
@@ -291,7 +293,7 @@ class BatchFitter:
             self._metrics[key] = jax.device_put(inverse, self.device)
         return self._metrics[key]
 
-    def _stream(self, x0, main, aux, pinned, reference, nominal=None, target=None):
+    def _stream(self, x0, main, aux, pinned, reference, nominal=None, target=None, progress=None):
         """Run every fit through the slots of one batch; returns host arrays."""
         # Always the full batch, however few fits: one compilation per process and device (a
         # few seconds) costs more than the idle slots of a small call.
@@ -302,7 +304,7 @@ class BatchFitter:
         if target is not None:
             rows_of["target"], rows_of["target_f"] = target
         consts = dict(self._consts_base, h0inv=self.metric(reference))
-        out = loop.stream(compiled, self.batch, self.device, rows_of, consts, self.device_arrays)
+        out = loop.stream(compiled, self.batch, self.device, rows_of, consts, self.device_arrays, progress)
         theta = out["x"] * self.scale
         return theta, out["f"], out["status"], out["evaluations"]
 

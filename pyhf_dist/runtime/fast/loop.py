@@ -65,9 +65,10 @@ ROW_DATA = ("main", "aux", "nominal", "target", "target_f", "patch")
 PER_PATCH = ("lo", "hi", "scale", "fixed", "h0inv")
 
 
-def stream(compiled, slots: int, device, rows_of: dict, consts: dict, arrays) -> dict:
+def stream(compiled, slots: int, device, rows_of: dict, consts: dict, arrays, progress=None) -> dict:
     """Run every fit (row of ``rows_of``: ``main``, ``aux``, ``x0``, ``pinned``, ...) through the
-    ``slots`` of one batch with ``compiled = (advance, refill, empty)``, refilling finished slots.
+    ``slots`` of one batch with ``compiled = (advance, refill, empty)``, refilling finished slots;
+    ``progress``, if given, is called with the fraction of the fits finished as they finish.
 
     Returns:
         Host arrays per fit: ``x`` (scaled), ``f``, ``g`` (scaled, zero where held), ``status``,
@@ -90,7 +91,7 @@ def stream(compiled, slots: int, device, rows_of: dict, consts: dict, arrays) ->
         "status": np.full(count, FAILED),
         "evaluations": np.zeros(count, dtype=int),
     }
-    following = 0
+    following, finished = 0, 0
     while True:
         idle = np.flatnonzero(owner < 0)
         if following < count and len(idle):
@@ -114,6 +115,9 @@ def stream(compiled, slots: int, device, rows_of: dict, consts: dict, arrays) ->
                 out[key][fits] = np.asarray(state[key])[done]
             out["status"][fits] = slot_status[done]
             owner[done] = -1
+            finished += len(done)
+            if progress is not None:
+                progress(finished / count)
     return out
 
 
