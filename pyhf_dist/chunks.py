@@ -17,7 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from pyhf_dist.runtime.toys import NO_MINIMUM_STATISTIC, block_stream, cls_from_distributions, plan_blocks, split
+from pyhf_dist.runtime.toys import (
+    NO_MINIMUM_STATISTIC, block_count, block_pieces, block_stream, cls_from_distributions, cut_at_blocks, plan_blocks,
+    split,
+)
 
 __all__ = [
     "MIN_FAST_TOYS_PER_CHUNK", "MIN_TOYS_PER_CHUNK", "compact_chunk", "expand_chunk", "merge", "merge_chunks",
@@ -67,12 +70,15 @@ def missing_chunks(ntoys: int, done: list[dict], planned: list[dict]) -> list[di
     """The chunks still to fit of a patch whose ``done`` chunk records a journal kept.
 
     Toys no finished chunk covers, cut as ``planned`` cuts them where a planned chunk lies
-    wholly among them, else as the gaps themselves (a resumed scan may plan for other workers);
-    in blocks for block-drawn scans. No toy is fitted twice.
+    wholly among them, else as the gaps themselves (a resumed scan may plan for other workers),
+    cut at the blocks of a block-drawn scan. No toy is fitted twice.
 
     >>> done = [{"toys": {"start": 0, "stop": 40}}]
     >>> [(c["start"], c["stop"]) for c in missing_chunks(100, done, split(100, 4))]
     [(50, 75), (75, 100), (40, 50)]
+    >>> done = [{"toys": {"start": 0, "stop": 15_000}}]  # half of the second block
+    >>> [(c["start"], c["stop"]) for c in missing_chunks(30_000, done, plan_blocks(30_000))]
+    [(20000, 30000), (15000, 20000)]
     """
     covered = sorted((r["toys"]["start"], r["toys"]["stop"]) for r in done)
     gaps, position = [], 0
@@ -82,8 +88,8 @@ def missing_chunks(ntoys: int, done: list[dict], planned: list[dict]) -> list[di
         position = max(position, stop)
     if position < ntoys:
         gaps.append((position, int(ntoys)))
-    if block_stream(ntoys):
-        return plan_blocks(ntoys, missing=gaps)
+    if block_stream(ntoys):  # a chunk of a block-drawn scan draws whole blocks: none spans two
+        gaps = cut_at_blocks(gaps)
     chunks = [c for c in planned if any(a <= c["start"] and c["stop"] <= b for a, b in gaps)]
     rest = [(a, b) for a, b in gaps]
     for c in chunks:  # what the planned chunks leave of each gap
@@ -260,12 +266,14 @@ def plan_chunks(settings, workers: int, patches: int = 1) -> list:
     Toy-based hypotests split their ``ntoys`` pseudo-experiments into up to ``workers`` chunks
     (:func:`plan`); on the fast path only as far as the scan's ``patches`` leave
     workers idle (:func:`pyhf_dist.plan_fast`); beyond :data:`~pyhf_dist.runtime.toys.PYHF_STREAM_MAX`
-    toys, one chunk per block of toys (:func:`pyhf_dist.plan_blocks`). Everything else is one
-    task per patch.
+    toys, one chunk per block of toys, or several where whole blocks would leave workers idle
+    (:func:`~pyhf_dist.runtime.toys.plan_blocks`, :func:`~pyhf_dist.runtime.toys.block_pieces`). Everything else is one task
+    per patch.
     """
     if settings.calctype == "toybased" and settings.calculation == "hypotest":
         if block_stream(settings.ntoys):
-            return plan_blocks(settings.ntoys)
+            blocks = block_count(settings.ntoys) * max(1, int(patches))
+            return plan_blocks(settings.ntoys, block_pieces(blocks, workers))
         if settings.fast_toys:
             return plan_fast(settings.ntoys, workers, patches)
         return plan(settings.ntoys, workers)

@@ -268,11 +268,14 @@ def test_block_streams_do_not_depend_on_chunks_or_workers(small_blocks):
     pallet = tiny_pallet()
     settings = FitSettings(backend="numpy", calctype="toybased", ntoys=35, seed=SEED)
     assert [(c["start"], c["stop"]) for c in chunk_plan.plan_chunks(settings, 2)] == [(0, 10), (10, 20), (20, 30), (30, 35)]
+    # Four blocks on three workers: each block in three chunks, none left idle at the end.
+    assert [(c["start"], c["stop"]) for c in chunk_plan.plan_chunks(settings, 3)][:4] == [(0, 4), (4, 7), (7, 10), (10, 14)]
     state, model, data = model_and_data(pallet, pallet.patches[0], settings)
     whole = toys.draw(model, data, settings, blocks=(0, 4))
-    part = toys.chunk_samples(model, data, settings, {"index": 2, "of": 4, "start": 20, "stop": 30, "ntoys": 35})
-    assert np.array_equal(part["signal"], whole["signal"][20:30])
-    assert np.array_equal(part["background"], whole["background"][20:30])
+    for start, stop in ((20, 30), (24, 27), (30, 35)):
+        part = toys.chunk_samples(model, data, settings, {"index": 0, "of": 1, "start": start, "stop": stop, "ntoys": 35})
+        assert np.array_equal(part["signal"], whole["signal"][start:stop])
+        assert np.array_equal(part["background"], whole["background"][start:stop])
     other_seed = toys.draw(model, data, FitSettings(backend="numpy", calctype="toybased", ntoys=35, seed=SEED + 1),
                            blocks=(0, 4))
     assert not np.array_equal(other_seed["signal"], whole["signal"])
@@ -285,6 +288,36 @@ def test_block_streams_do_not_depend_on_chunks_or_workers(small_blocks):
         assert record.ok, record.error
         answers.append((record.CLs_obs, record.CLs_exp))
     assert answers[0] == answers[1]
+
+
+def test_a_scan_of_block_pieces_resumes_without_fitting_a_toy_twice(small_blocks, tmp_path, monkeypatch):
+    """A journal of chunks that are pieces of blocks (a scan on three workers), resumed by a scan
+    that plans whole blocks (one worker): only the toys missing are fitted, each once, and the CLs
+    are those of the uninterrupted scan."""
+    journal = tmp_path / "scan.journal.jsonl"
+    options = dict(patches=["tiny_100_0"], backend="numpy", calctype="toybased", ntoys=40, seed=SEED)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        whole = pyhf_dist.map_fits(tiny_pallet(), executor=pool, journal=journal, **options)["tiny_100_0"]
+    pieces = _journaled_chunks(journal)
+    assert len(pieces) == 12 and all(stop - start < toys.BLOCK for start, stop in pieces)
+    lines = journal.read_text().splitlines()
+    kept = [line for line in lines if '"chunk"' in line][::2]  # every other piece survived a kill
+    journal.write_text("\n".join(kept) + "\n")
+    survived = _journaled_chunks(journal)
+    fitted = []
+    original = toys.run_chunk
+
+    def spy(model, data, settings, chunk=None, key=None, report=None):
+        fitted.append((chunk["start"], chunk["stop"]))
+        return original(model, data, settings, chunk, key, report)
+
+    monkeypatch.setattr(toys, "run_chunk", spy)
+    resumed = pyhf_dist.map_fits(tiny_pallet(), executor="sequential", journal=journal, resume=True,
+                                 **options)["tiny_100_0"]
+    covered = sorted(survived + fitted)
+    assert [start for start, _ in covered] == [0] + [stop for _, stop in covered[:-1]] and covered[-1][1] == 40
+    assert all(start // toys.BLOCK == (stop - 1) // toys.BLOCK for start, stop in fitted)  # none spans two blocks
+    assert resumed.ok and (resumed.CLs_obs, resumed.CLs_exp) == (whole.CLs_obs, whole.CLs_exp)
 
 
 _KILLED_SCAN = """

@@ -31,9 +31,10 @@ Consequences:
 Beyond :data:`PYHF_STREAM_MAX` toys per hypothesis, drawing the whole sample in every chunk costs
 more than it saves (a million toys of 1Lbb are 1 GB per hypothesis): toys then come in blocks of
 :data:`BLOCK`, block ``k`` drawn from its own stream ``SeedSequence(seed, spawn_key=(k,))``
-(:func:`block_state`), one chunk per block (:func:`plan_blocks`). The toys are then no longer those
-of one ``numpy.random.seed(seed)``, but they still depend on nothing but the seed: not on the
-chunks, workers, executor or on a scan being resumed (its journal keeps finished chunks,
+(:func:`block_state`), one chunk per block, or per piece of a block where whole blocks would leave
+workers idle (:func:`plan_blocks`). The toys are then no longer those of one
+``numpy.random.seed(seed)``, but they still depend on nothing but the seed: not on the chunks,
+workers, executor or on a scan being resumed (its journal keeps finished chunks,
 :func:`pyhf_dist.chunks.missing_chunks` plans the rest).
 
 The global random state is seeded under a process-wide lock and restored afterwards, so chunks
@@ -72,7 +73,7 @@ from pyhf_dist import cache
 
 __all__ = [
     "BLOCK", "NO_MINIMUM_STATISTIC", "NO_MINIMUM_YIELD", "NORMAL_PERCENTILES", "PYHF_STREAM_MAX", "block_state",
-    "block_stream", "chunk_samples", "cls_from_distributions", "draw", "generating_key", "plan_blocks",
+    "block_count", "block_pieces", "block_stream", "cut_at_blocks", "chunk_samples", "cls_from_distributions", "draw", "generating_key", "plan_blocks",
     "pyhf_statistic", "run_chunk", "split",
 ]
 
@@ -226,32 +227,71 @@ def chunk_samples(model, data, settings, chunk: dict, key: str | None = None, ge
     """The toys ``[start, stop)`` of a chunk, and their generating parameters (as :func:`draw`,
     with ``generating`` as there).
 
-    Up to :data:`PYHF_STREAM_MAX` toys, pyhf's own stream, drawn whole and sliced; beyond, only
-    the chunk's blocks (a chunk of a large scan covers whole blocks: :func:`plan_blocks`).
+    Up to :data:`PYHF_STREAM_MAX` toys, pyhf's own stream, drawn whole and sliced; beyond, the
+    blocks the chunk's toys lie in, drawn whole and sliced.
     """
     ntoys, start, stop = int(chunk["ntoys"]), int(chunk["start"]), int(chunk["stop"])
     if not block_stream(ntoys):
         samples = draw(model, data, settings, ntoys, key, generating=generating)
-        return {**samples, "signal": samples["signal"][start:stop], "background": samples["background"][start:stop]}
-    if start % BLOCK or (stop % BLOCK and stop != ntoys):
-        raise ValueError(f"a chunk of a block-drawn toy scan must cover whole blocks of {BLOCK} toys")
-    return draw(model, data, settings, ntoys, key, blocks=(start // BLOCK, -(-stop // BLOCK)), generating=generating)
+    else:
+        first = start // BLOCK
+        samples = draw(model, data, settings, ntoys, key, blocks=(first, -(-stop // BLOCK)), generating=generating)
+        start, stop = start - first * BLOCK, stop - first * BLOCK
+    return {**samples, "signal": samples["signal"][start:stop], "background": samples["background"][start:stop]}
 
 
-def plan_blocks(ntoys: int, missing=None) -> list[dict]:
-    """The chunks of a block-drawn toy scan: one per block (see :data:`BLOCK`).
-
-    ``missing``: only the toy ranges ``[(start, stop), ...]`` still to fit (a resumed scan).
+def plan_blocks(ntoys: int, pieces: int = 1) -> list[dict]:
+    """The chunks of a block-drawn toy scan: each block (see :data:`BLOCK`) in ``pieces`` chunks
+    of near-equal size (:func:`block_pieces` chooses how many).
 
     >>> [(c["start"], c["stop"]) for c in plan_blocks(25_000)]
     [(0, 10000), (10000, 20000), (20000, 25000)]
+    >>> [(c["start"], c["stop"]) for c in plan_blocks(25_000, pieces=2)][-3:]
+    [(15000, 20000), (20000, 22500), (22500, 25000)]
     """
     ntoys = int(ntoys)
-    bounds = [(start, min(start + BLOCK, ntoys)) for start in range(0, ntoys, BLOCK)]
-    if missing is not None:
-        bounds = [(a, b) for a, b in bounds if any(a < stop and start < b for start, stop in missing)]
-    return [{"index": start // BLOCK, "of": -(-ntoys // BLOCK), "start": start, "stop": stop, "ntoys": ntoys}
-            for start, stop in bounds]
+    bounds = []
+    for first in range(0, ntoys, BLOCK):
+        size = min(BLOCK, ntoys - first)
+        bounds += [(first + part["start"], first + part["stop"]) for part in split(size, pieces)]
+    return [{"index": index, "of": len(bounds), "start": start, "stop": stop, "ntoys": ntoys}
+            for index, (start, stop) in enumerate(bounds)]
+
+
+def block_count(ntoys: int) -> int:
+    """The blocks of a block-drawn scan of ``ntoys`` toys per hypothesis (the last may be short)."""
+    return -(-int(ntoys) // BLOCK)
+
+
+def cut_at_blocks(ranges) -> list[tuple]:
+    """Toy ranges ``[(start, stop), ...]`` cut where blocks begin, so that none spans two.
+
+    >>> cut_at_blocks([(5_000, 25_000)])
+    [(5000, 10000), (10000, 20000), (20000, 25000)]
+    """
+    return [(max(start, first), min(stop, first + BLOCK)) for start, stop in ranges
+            for first in range(start - start % BLOCK, stop, BLOCK)]
+
+
+#: A chunk's fixed cost (building pyhf's model, drawing its blocks, the last fits of each stage of
+#: the batched engine, which run with idle slots) as a fraction of the time of a block's toys
+#: (1Lbb: about 2 s per chunk, against minutes per block).
+CHUNK_COST = 0.01
+
+
+def block_pieces(blocks: int, workers: int, most: int = 10) -> int:
+    """Chunks per block (up to ``most``) so that ``blocks`` blocks end soonest on ``workers``.
+
+    With whole blocks, 3 blocks on 2 workers take two blocks' time, on 8 workers one block's
+    while 5 workers idle: the chunks of a block then share it, each paying :data:`CHUNK_COST`.
+
+    >>> block_pieces(3, 2), block_pieces(3, 8), block_pieces(100, 2), block_pieces(20, 2)
+    (2, 8, 1, 1)
+    """
+    def wall(pieces: int) -> float:  # in blocks' time: rounds of chunks, each a piece of a block
+        return -(-blocks * pieces // max(1, int(workers))) * (1.0 / pieces + CHUNK_COST)
+
+    return min(range(1, most + 1), key=wall)
 
 
 def generating_key(workspace_digest: str, patch_operations, settings) -> str:
