@@ -290,6 +290,19 @@ def test_block_streams_do_not_depend_on_chunks_or_workers(small_blocks):
     assert answers[0] == answers[1]
 
 
+def _fitted_chunks(monkeypatch) -> list[tuple]:
+    """``(start, stop)`` of every chunk plain pyhf fits from now on (filled as they are fitted)."""
+    fitted = []
+    original = toys.run_chunk
+
+    def spy(model, data, settings, chunk=None, key=None, report=None):
+        fitted.append((chunk["start"], chunk["stop"]))
+        return original(model, data, settings, chunk, key, report)
+
+    monkeypatch.setattr(toys, "run_chunk", spy)
+    return fitted
+
+
 def test_a_scan_of_block_pieces_resumes_without_fitting_a_toy_twice(small_blocks, tmp_path, monkeypatch):
     """A journal of chunks that are pieces of blocks (a scan on three workers), resumed by a scan
     that plans whole blocks (one worker): only the toys missing are fitted, each once, and the CLs
@@ -304,14 +317,7 @@ def test_a_scan_of_block_pieces_resumes_without_fitting_a_toy_twice(small_blocks
     kept = [line for line in lines if '"chunk"' in line][::2]  # every other piece survived a kill
     journal.write_text("\n".join(kept) + "\n")
     survived = _journaled_chunks(journal)
-    fitted = []
-    original = toys.run_chunk
-
-    def spy(model, data, settings, chunk=None, key=None, report=None):
-        fitted.append((chunk["start"], chunk["stop"]))
-        return original(model, data, settings, chunk, key, report)
-
-    monkeypatch.setattr(toys, "run_chunk", spy)
+    fitted = _fitted_chunks(monkeypatch)
     resumed = pyhf_dist.map_fits(tiny_pallet(), executor="sequential", journal=journal, resume=True,
                                  **options)["tiny_100_0"]
     covered = sorted(survived + fitted)
@@ -377,14 +383,7 @@ def test_toy_scan_killed_mid_way_resumes_to_identical_cls(small_blocks, tmp_path
     journaled = _journaled_chunks(journal)
     assert 3 <= len(journaled) < 8  # killed mid-way, with chunks kept
 
-    fitted = []
-    original = toys.run_chunk
-
-    def spy(model, data, settings, chunk=None, key=None, report=None):
-        fitted.append((chunk["start"], chunk["stop"]))
-        return original(model, data, settings, chunk, key, report)
-
-    monkeypatch.setattr(toys, "run_chunk", spy)
+    fitted = _fitted_chunks(monkeypatch)
     resumed = pyhf_dist.map_fits(tiny_pallet(), journal=journal, resume=True, **options)["tiny_100_0"]
     assert resumed.ok, resumed.error
     assert not set(fitted) & set(journaled), "a journaled chunk was fitted again"
