@@ -267,8 +267,8 @@ def plan_chunks(settings, workers: int, patches: int = 1) -> list:
     (:func:`plan`); on the fast path only as far as the scan's ``patches`` leave
     workers idle (:func:`pyhf_dist.plan_fast`); beyond :data:`~pyhf_dist.runtime.toys.PYHF_STREAM_MAX`
     toys, one chunk per block of toys, or several where whole blocks would leave workers idle
-    (:func:`~pyhf_dist.runtime.toys.plan_blocks`, :func:`~pyhf_dist.runtime.toys.block_pieces`). Everything else is one task
-    per patch.
+    (:func:`~pyhf_dist.runtime.toys.plan_blocks`, :func:`~pyhf_dist.runtime.toys.block_pieces`).
+    Everything else is one task per patch.
     """
     if settings.calctype == "toybased" and settings.calculation == "hypotest":
         if block_stream(settings.ntoys):

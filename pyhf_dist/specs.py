@@ -317,7 +317,7 @@ def load_patches(source: Any, workspace: dict | None = None) -> tuple[list[Patch
         return _patches_from_list(source, workspace)
     if not isinstance(source, (str, os.PathLike)):
         raise WorkspaceError(
-            f"cannot read patches from {type(source).__name__} {source!r}: give a patchset.json, a directory of "
+            f"cannot read patches from {type(source).__name__} {source!r:.40}: give a patchset.json, a directory of "
             "patch files, a pyhf.PatchSet or a list of patches"
         )
     path = Path(source)

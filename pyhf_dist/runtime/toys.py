@@ -72,9 +72,9 @@ import numpy as np
 from pyhf_dist import cache
 
 __all__ = [
-    "BLOCK", "NO_MINIMUM_STATISTIC", "NO_MINIMUM_YIELD", "NORMAL_PERCENTILES", "PYHF_STREAM_MAX", "block_state",
-    "block_count", "block_pieces", "block_stream", "cut_at_blocks", "chunk_samples", "cls_from_distributions", "draw", "generating_key", "plan_blocks",
-    "pyhf_statistic", "run_chunk", "split",
+    "BLOCK", "CHUNK_COST", "NO_MINIMUM_STATISTIC", "NO_MINIMUM_YIELD", "NORMAL_PERCENTILES", "PYHF_STREAM_MAX",
+    "block_count", "block_pieces", "block_state", "block_stream", "chunk_samples", "cls_from_distributions",
+    "cut_at_blocks", "draw", "generating_key", "plan_blocks", "pyhf_statistic", "run_chunk", "split",
 ]
 
 #: The test statistic of a toy whose likelihood has no minimum (the module's "Toys whose
