@@ -171,10 +171,11 @@ def test_a_malformed_template_fails_the_scan_at_once(background, tmp_path, templ
     ("name,m1\na,1\n", "has no signal yields"),
     ("name,CR[0]\na,1\na,2\n", "rows 1 and 2 are both named 'a'"),
     ("", "is empty"),
+    ("name,m1,CR[0]\n\xe9t\xe9,1,2\n", "is not UTF-8 text: save it as UTF-8"),
 ])
 def test_a_malformed_file_fails_the_scan_at_once(background, tmp_path, text, message):
     path = tmp_path / "bad.csv"
-    path.write_text(text)
+    path.write_text(text, encoding="latin-1")  # as a spreadsheet's plain "CSV" writes é
     with pytest.raises(SignalsError) as caught:
         pyhf_dist.map_fits(background, signals=path, executor="sequential", backend="numpy")
     assert message in str(caught.value) and "\n" not in str(caught.value)
@@ -350,3 +351,14 @@ def test_require_fast_holds_on_a_signals_scan(tmp_path):
     plain = pyhf_dist.map_fits(background, signals=rows, template=template, executor="sequential", backend="numpy")
     for one, other in zip(fast, plain):
         assert abs(one.CLs_obs - other.CLs_obs) < 1e-4
+
+
+def test_a_spreadsheets_csv_with_a_byte_order_mark_and_crlf_lines_reads_as_any_other(background, tmp_path):
+    """A spreadsheet's "CSV UTF-8" export begins with a byte order mark and ends its lines with
+    CRLF: its points are the plain file's, with the same answers."""
+    plain = _write_csv(tmp_path / "yields.csv", POINTS)
+    exported = tmp_path / "exported.csv"
+    exported.write_bytes(b"\xef\xbb\xbf" + plain.read_text().replace("\n", "\r\n").encode())
+    options = dict(template={"normsys": NORMSYS}, executor="sequential", backend="numpy")
+    _assert_same(pyhf_dist.map_fits(background, signals=exported, **options),
+                 pyhf_dist.map_fits(background, signals=plain, **options))

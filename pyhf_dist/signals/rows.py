@@ -48,12 +48,16 @@ def _parquet():
     return pyarrow.parquet
 
 
+#: How to fix a CSV file in another encoding (a spreadsheet's plain "CSV" may be Latin-1).
+_SAVE_AS_UTF8 = "save it as UTF-8 (a spreadsheet's \"CSV UTF-8\")"
+
+
 def _open_csv(path: Path):
     if path.suffix.lower() == ".gz":
         import gzip
 
-        return gzip.open(path, "rt", newline="")
-    return open(path, newline="")
+        return gzip.open(path, "rt", newline="", encoding="utf-8-sig")
+    return open(path, newline="", encoding="utf-8-sig")  # a spreadsheet's "CSV UTF-8" begins with a BOM
 
 
 def header(path: Path) -> list[str]:
@@ -72,7 +76,9 @@ def header(path: Path) -> list[str]:
         raise SignalsError(f"{path} does not exist: check the path") from None
     except OSError as error:
         raise SignalsError(f"cannot read {path}: {error.strerror or error}") from None
-    except (csv.Error, UnicodeDecodeError) as error:
+    except UnicodeDecodeError:
+        raise SignalsError(f"{path} is not UTF-8 text: {_SAVE_AS_UTF8}") from None
+    except csv.Error as error:
         raise SignalsError(f"{path} is not a CSV text file ({error})") from None
     except Exception as error:  # pyarrow's errors for a file that is not Parquet
         raise SignalsError(f"{path} is not a Parquet file ({type(error).__name__}: {str(error).splitlines()[0]})") from None
@@ -110,7 +116,9 @@ def read_rows(path: Path, columns: list[str] | None = None) -> Iterator[tuple[in
                 yield number, {name: (cells[position] if position < len(cells) else None) for position, name in wanted}
     except SignalsError:
         raise
-    except (csv.Error, UnicodeDecodeError, OSError) as error:
+    except UnicodeDecodeError:
+        raise SignalsError(f"{path}: row {number + 1} is not UTF-8 text: {_SAVE_AS_UTF8}") from None
+    except (csv.Error, OSError) as error:
         raise SignalsError(f"{path}: cannot read row {number + 1} ({error})") from None
     except Exception as error:
         raise SignalsError(f"{path}: cannot read row {number + 1} ({type(error).__name__}: {str(error).splitlines()[0]})") from None
