@@ -165,7 +165,7 @@ _FIELD_SET = frozenset(_FIELD_NAMES)
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename (:func:`written_aside`)."""
-    with written_aside(path) as temporary, open(temporary, "w") as stream:
+    with written_aside(path) as temporary, open(temporary, "w", encoding="utf-8") as stream:
         stream.write(text)
         stream.flush()
         os.fsync(stream.fileno())

@@ -31,6 +31,8 @@ _CSV_FIELDS = [
     "converged",
 ]
 _BAND = ("m2", "m1", None, "p1", "p2")
+#: The columns :meth:`ScanResult.from_csv` cannot do without (the others may be left out).
+_CSV_REQUIRED = ("name", "values", "status", "CLs_obs")
 
 
 class ScanResult:
@@ -229,9 +231,11 @@ class ScanResult:
         text = str(path_or_text)
         if isinstance(path_or_text, os.PathLike) or not text.lstrip().startswith("{"):
             try:
-                text = Path(path_or_text).read_text()
+                text = Path(path_or_text).read_text(encoding="utf-8-sig")
             except OSError as error:
                 raise PalletError(f"cannot read results file {path_or_text}: {error.strerror}") from None
+            except UnicodeDecodeError:
+                raise PalletError(f"{path_or_text} is not a results file (not UTF-8 text)") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
@@ -256,43 +260,30 @@ class ScanResult:
 
     @classmethod
     def from_csv(cls, path: str | os.PathLike) -> "ScanResult":
-        """Read records back from :meth:`to_csv` output (metadata is not stored in CSV)."""
+        """Read records back from :meth:`to_csv` output (metadata is not stored in CSV), also
+        once a spreadsheet has saved it again ("CSV UTF-8": a byte order mark, CRLF lines).
 
-        def number(text: str, kind=float):
-            return None if text in ("", None) else kind(text)
-
+        Raises:
+            PalletError: The file cannot be read, or is not such a table (names the first
+                missing column, or the line and cell that cannot be read).
+        """
         records = []
-        with open(path, newline="") as stream:
-            for row in csv.DictReader(stream):
-                bands = {}
-                for prefix in ("CLs_exp", "mu_up_exp"):
-                    band = [number(row.get(prefix if s is None else f"{prefix}_{s}", "")) for s in _BAND]
-                    bands[prefix] = None if all(value is None for value in band) else band
-                worker = {key: row.get(key) or None for key in ("host", "pid", "slurm_job_id")}
-                if worker["pid"] is not None:
-                    worker["pid"] = int(worker["pid"])
-                records.append(
-                    FitRecord(
-                        name=row["name"],
-                        pallet=row.get("pallet") or None,
-                        chosen_pallet=row.get("chosen_pallet") or None,
-                        values=[float(value) for value in row["values"].split()],
-                        status=row["status"],
-                        CLs_obs=number(row["CLs_obs"]),
-                        CLs_exp=bands["CLs_exp"],
-                        mu_up_obs=number(row.get("mu_up_obs", "")),
-                        mu_up_exp=bands["mu_up_exp"],
-                        error=row["error"] or None,
-                        fit_seconds=number(row["fit_seconds"]),
-                        attempts=number(row["attempts"], int) or 1,
-                        worker=worker if any(worker.values()) else None,
-                        engine=row.get("engine") or None,
-                        fallback_reason=row.get("fallback_reason") or None,
-                        ntoys=number(row.get("ntoys", ""), int),
-                        seed=number(row.get("seed", ""), int),
-                        converged={"True": True, "False": False}.get(row.get("converged", "")),
-                    )
-                )
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as stream:
+                reader = csv.DictReader(stream)
+                missing = [name for name in _CSV_REQUIRED if name not in (reader.fieldnames or [])]
+                if missing:
+                    raise PalletError(f"{path} is not a results table of pyhf-dist: it has no column {missing[0]!r} "
+                                      "(pyhf-dist fit ... -o results.csv writes one)")
+                for line, row in enumerate(reader, start=2):
+                    try:
+                        records.append(_record_from_row(row))
+                    except ValueError as error:
+                        raise PalletError(f"{path}, line {line}: {error}") from None
+        except OSError as error:
+            raise PalletError(f"cannot read results file {path}: {error.strerror}") from None
+        except UnicodeDecodeError:
+            raise PalletError(f"{path} is not a results table (not UTF-8 text)") from None
         return cls(records)
 
     # ---------------------------------------------------------------------------------- summary
@@ -407,6 +398,42 @@ class ScanResult:
             lines.append(line)
         return lines
 
+
+
+def _record_from_row(row: dict) -> FitRecord:
+    """A record from a row of :meth:`ScanResult.from_csv` (``ValueError``: a cell is not what its
+    column holds)."""
+
+    def number(text: str | None, kind=float):
+        return None if text in ("", None) else kind(text)
+
+    bands = {}
+    for prefix in ("CLs_exp", "mu_up_exp"):
+        band = [number(row.get(prefix if s is None else f"{prefix}_{s}", "")) for s in _BAND]
+        bands[prefix] = None if all(value is None for value in band) else band
+    worker = {key: row.get(key) or None for key in ("host", "pid", "slurm_job_id")}
+    if worker["pid"] is not None:
+        worker["pid"] = int(worker["pid"])
+    return FitRecord(
+        name=row["name"],
+        pallet=row.get("pallet") or None,
+        chosen_pallet=row.get("chosen_pallet") or None,
+        values=[float(value) for value in (row["values"] or "").split()],
+        status=row["status"],
+        CLs_obs=number(row["CLs_obs"]),
+        CLs_exp=bands["CLs_exp"],
+        mu_up_obs=number(row.get("mu_up_obs", "")),
+        mu_up_exp=bands["mu_up_exp"],
+        error=row.get("error") or None,
+        fit_seconds=number(row.get("fit_seconds", "")),
+        attempts=number(row.get("attempts", ""), int) or 1,
+        worker=worker if any(worker.values()) else None,
+        engine=row.get("engine") or None,
+        fallback_reason=row.get("fallback_reason") or None,
+        ntoys=number(row.get("ntoys", ""), int),
+        seed=number(row.get("seed", ""), int),
+        converged={"True": True, "False": False}.get(row.get("converged", "")),
+    )
 
 def _flat(record: FitRecord) -> dict:
     """A record as one flat row (the CSV columns; ``values`` still a list)."""

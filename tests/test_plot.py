@@ -194,6 +194,30 @@ def test_csv_results_and_zero_cls_are_plotted(demo_results, tmp_path):
     assert f"Fitted points ({len(records)})" in [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
 
 
+def test_a_results_table_saved_again_by_a_spreadsheet_reads_back_and_plots(demo_results, tmp_path, capsys):
+    """A results CSV opened in a spreadsheet and saved as "CSV UTF-8" (a byte order mark, CRLF
+    lines) reads back as written; a table that is not one, or not text, is refused in one line."""
+    from pyhf_dist.cli import main
+
+    original = pyhf_dist.ScanResult.from_json(demo_results)
+    csv_path = tmp_path / "demo.csv"
+    original.to_csv(csv_path)
+    resaved = tmp_path / "resaved.csv"
+    resaved.write_bytes(b"\xef\xbb\xbf" + csv_path.read_text().replace("\n", "\r\n").encode())
+    back = pyhf_dist.ScanResult.from_csv(resaved)
+    assert [(r.name, r.values, r.CLs_obs, r.CLs_exp) for r in back] == \
+        [(r.name, list(r.values), r.CLs_obs, r.CLs_exp) for r in pyhf_dist.ScanResult.from_csv(csv_path)]
+    assert main(["plot", str(resaved), "-o", str(tmp_path / "resaved.png")]) == 0
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "binary.csv").write_bytes(bytes(range(128, 256)))
+    for name, message in (("other.csv", "is not a results table of pyhf-dist: it has no column 'name'"),
+                          ("binary.csv", "is not a results table (not UTF-8 text)")):
+        capsys.readouterr()
+        assert main(["plot", str(tmp_path / name), "-o", str(tmp_path / "x.png")]) != 0
+        error = capsys.readouterr().err.strip()
+        assert message in error and "\n" not in error and "Traceback" not in error
+
+
 def test_draws_into_given_axes():
     from matplotlib.figure import Figure
 
