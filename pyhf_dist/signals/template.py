@@ -187,9 +187,11 @@ class Bound:
 
 def _text(path: Path) -> str:
     try:
-        return path.read_text()
+        return path.read_text(encoding="utf-8-sig")  # an editor may begin it with a byte order mark
     except OSError as error:
         raise SignalsError(f"cannot read the template {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise SignalsError(f"the template {path} is not UTF-8 text: save it as UTF-8") from None
 
 
 def _parsed(text: str, where: str) -> Any:
