@@ -399,7 +399,6 @@ class ScanResult:
         return lines
 
 
-
 def _record_from_row(row: dict) -> FitRecord:
     """A record from a row of :meth:`ScanResult.from_csv` (``ValueError``: a cell is not what its
     column holds)."""
@@ -434,6 +433,7 @@ def _record_from_row(row: dict) -> FitRecord:
         seed=number(row.get("seed", ""), int),
         converged={"True": True, "False": False}.get(row.get("converged", "")),
     )
+
 
 def _flat(record: FitRecord) -> dict:
     """A record as one flat row (the CSV columns; ``values`` still a list)."""
