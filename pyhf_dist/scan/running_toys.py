@@ -9,6 +9,7 @@ folder (another machine, no shared filesystem) write nothing, and their chunks c
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -35,7 +36,8 @@ class RunningToys:
         except OSError:  # no temporary folder: chunks count as they finish
             self.folder = None
         self.finished = 0
-        self._running: dict[str, int] = {}  # progress file -> the chunk's toys per hypothesis
+        self._chunks: dict[str, int] = {}  # progress file -> its chunk's toys per hypothesis (submitted)
+        self._reported: dict[str, float] = {}  # progress file -> the toys its running chunk has fitted
         self._serial = itertools.count()
         self._shown = 0
 
@@ -44,28 +46,40 @@ class RunningToys:
         if self.folder is None:
             return None
         path = os.path.join(self.folder, str(next(self._serial)))
-        self._running[path] = int(chunk["stop"]) - int(chunk["start"])
+        self._chunks[path] = int(chunk["stop"]) - int(chunk["start"])
         return path
 
     def forget(self, path: str | None) -> None:
         """A chunk no longer runs under ``path`` (finished, failed, or submitted again)."""
-        if path is not None and self._running.pop(path, None) is not None:
-            try:
+        if path is not None and self._chunks.pop(path, None) is not None:
+            self._reported.pop(path, None)
+            with contextlib.suppress(OSError):
                 os.remove(path)
-            except OSError:
-                pass
 
     def done(self, path: str | None, chunk: dict, fitted: bool) -> None:
-        """A chunk ended; its toys count if it was ``fitted``."""
+        """A chunk ended; its toys count if it was ``fitted`` (the others' reports are not read again)."""
         self.forget(path)
         if fitted:
             self.finished += int(chunk["stop"]) - int(chunk["start"])
-        self.poll()
+        self._show()
 
     def poll(self) -> None:
-        """Read what the running chunks report; call ``on_progress`` if the count grew."""
-        running = sum(toys * (read_fraction(path) or 0.0) for path, toys in self._running.items())
-        count = self.finished + int(running)
+        """Read what the running chunks report; call ``on_progress`` if the count grew.
+
+        Only the files in the folder are read: those of chunks that have begun (a scan of many
+        patches submits far more chunks than run at once).
+        """
+        if self.folder is not None:
+            with contextlib.suppress(OSError):
+                for entry in os.scandir(self.folder):
+                    toys = self._chunks.get(entry.path)  # not a worker's file being written
+                    fraction = read_fraction(entry.path) if toys is not None else None
+                    if fraction is not None:
+                        self._reported[entry.path] = toys * fraction
+        self._show()
+
+    def _show(self) -> None:
+        count = self.finished + int(sum(self._reported.values()))
         if count > self._shown:
             self._shown = count
             self.on_progress(count)
