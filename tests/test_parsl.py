@@ -7,6 +7,7 @@ survive a finished, failed or interrupted scan.
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 
 import pytest
@@ -78,6 +79,58 @@ def test_an_interrupted_scan_leaves_no_process(erjr_pallet, no_leftovers):
 
     with pytest.raises(KeyboardInterrupt):
         pyhf_dist.map_fits(erjr_pallet, executor="parsl", workers=2, backend="numpy", patches=FEW, callback=interrupt)
+
+
+def test_a_worker_killed_while_waiting_for_a_task_stalls_no_scan(erjr_pallet, monkeypatch, tmp_path, caplog,
+                                                                 no_leftovers):
+    # A worker waiting for a task holds the lock of its pool's task queue; killed there, it takes
+    # the lock with it and Parsl's pool hands out no task again. Both are killed here, idle between
+    # two scans, so that the holder is among them.
+    import os
+    import signal
+
+    from pyhf_dist.executors import parsl_pools
+
+    monkeypatch.setattr(parsl_pools.PoolWatch, "STALL", 5.0)
+    with get_executor("parsl", workers=2, run_dir=str(tmp_path)) as executor:
+        first = pyhf_dist.map_fits(erjr_pallet, executor=executor, backend="numpy", patches=FEW[:2])
+        workers = {record.worker["pid"] for record in first}
+        time.sleep(1.0)  # both idle now, waiting for a task
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        outcome: dict = {}
+
+        def second_scan():
+            outcome["result"] = pyhf_dist.map_fits(erjr_pallet, executor=executor, backend="numpy", patches=FEW[2:])
+
+        import threading
+
+        scan = threading.Thread(target=second_scan, daemon=True)
+        scan.start()
+        scan.join(timeout=240)
+        assert not scan.is_alive(), "the scan stalled behind the dead worker's lock"
+    result = outcome["result"]
+    assert all(record.ok for record in result), [record.error for record in result if not record.ok]
+    assert_matches_reference(result, serial_pyhf(erjr_pallet, FEW[2:]))
+    assert all(record.attempts == 2 for record in result), [record.attempts for record in result]
+    assert not {record.worker["pid"] for record in result} & workers
+    notes = [entry.getMessage() for entry in caplog.records]
+    assert any("died while waiting for a task" in note and "Parsl was started afresh" in note for note in notes), notes
+
+
+def test_a_script_that_ends_without_shutdown_leaves_no_process(erjr_dir, tmp_path, no_leftovers):
+    # Parsl only warns at exit: its interchange and pools would outlive the script, holding its
+    # terminal, and a pipe reading the script's output would never end.
+    script = tmp_path / "scan.py"
+    script.write_text(
+        "import pyhf_dist\n"
+        "from pyhf_dist.executors import get_executor\n"
+        "executor = get_executor('parsl', workers=1)\n"
+        f"pyhf_dist.map_fits({str(erjr_dir)!r}, executor=executor, backend='numpy', patches=['ERJR_100p0_20p0'])\n"
+        "raise SystemExit('the script ends here, without executor.shutdown()')\n"
+    )
+    finished = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90)
+    assert finished.returncode == 1 and "without executor.shutdown()" in finished.stderr, finished.stderr[-2000:]
 
 
 def test_a_users_parsl_config(erjr_pallet, tmp_path, no_leftovers):

@@ -15,15 +15,20 @@ a failed one, Ctrl-C — so no interchange or worker-pool process outlives the s
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import os
 import shutil
 import sys
 import tempfile
-from typing import Any
+import threading
+import time
+import weakref
+from typing import Any, Callable
 
 from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, MissingDependencyError, WorkerLostError
 from pyhf_dist.executors.base import Description, Executor, ExecutorFlag, default_workers
+from pyhf_dist.executors.parsl_pools import PoolWatch, stop_pools_of
 from pyhf_dist.protocol import CompressedContext, Context, Pack, Task
 from pyhf_dist.runtime.threads import thread_limit_exports
 
@@ -71,47 +76,12 @@ def lost_worker_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _stop_pools_of(run_dir: str, grace: float = 5.0) -> None:
-    """Stop what is left of worker pools started for ``run_dir`` on this machine.
+def _shutdown_at_exit(executor: weakref.ref) -> Callable[[], None]:
+    def shutdown() -> None:
+        if (alive := executor()) is not None:
+            alive.shutdown()
 
-    Parsl cancels a block with SIGTERM only; a worker pool whose internals broke (e.g. its
-    multiprocessing manager died) can hang on its way out and outlive the scan. The pools carry
-    the run directory in their command line (``--logdir``), which no other process does.
-    """
-    import psutil
-
-    marker = os.path.join(run_dir, "")
-
-    def ours():
-        found = []
-        for process in psutil.process_iter(["cmdline"]):
-            try:
-                command = " ".join(process.info["cmdline"] or [])
-            except psutil.Error:
-                continue
-            if marker in command and "process_worker_pool" in command:
-                try:
-                    found.append(process)
-                    found.extend(process.children(recursive=True))
-                except psutil.Error:
-                    continue
-        return found
-
-    processes = ours()
-    if not processes:
-        return
-    for process in processes:
-        try:
-            process.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(processes, timeout=grace)
-    for process in alive:
-        try:
-            process.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=grace)
+    return shutdown
 
 
 class ParslExecutor(Executor):
@@ -206,6 +176,14 @@ class ParslExecutor(Executor):
         self._dfk: Any = None
         self._pool: Any = None
         self._compressed: CompressedContext | None = None
+        # The scan's futures -> Parsl's; and the watch of local pools (see parsl_pools).
+        self._inner: dict[concurrent.futures.Future, concurrent.futures.Future] = {}
+        self._lock = threading.RLock()
+        self._watch: PoolWatch | None = None
+        self._watch_thread: threading.Thread | None = None
+        self._watching = threading.Event()
+        self._restart_failed: str | None = None
+        self._at_exit: Callable[[], None] | None = None
         if self.workers is None and config is None:
             self.workers = default_workers()
 
@@ -299,6 +277,18 @@ class ParslExecutor(Executor):
         except Exception as error:
             self.shutdown()
             raise ExecutorError(f"Parsl could not start: {error}") from error
+        if self._at_exit is None:
+            # Parsl only warns at exit: a script that ends without shutdown() (an exception, no
+            # `with`) would leave the interchange and worker pools running, holding its terminal.
+            self._at_exit = _shutdown_at_exit(weakref.ref(self))
+            atexit.register(self._at_exit)
+        if self.provider == "local" and self._watch_thread is None:
+            # Only pools on this machine can be watched (a user's config may start them anywhere).
+            self._watch = PoolWatch(self._active_run_dir)
+            self._watching.clear()
+            self._watch_thread = threading.Thread(target=self._watch_pools, name="pyhf-dist-parsl-watch",
+                                                  daemon=True)
+            self._watch_thread.start()
 
     def launch(self, context: Context) -> None:
         self._compressed = CompressedContext.of(context)
@@ -306,14 +296,84 @@ class ParslExecutor(Executor):
             self._start_parsl()
 
     def submit(self, task: Task | Pack) -> concurrent.futures.Future:
-        if self._pool is None:
-            raise RuntimeError("ParslExecutor.start(context) must be called before submit()")
-        return self._pool.submit(run_parsl_task, task, self._compressed)
+        with self._lock:  # not while a stalled Parsl is replaced
+            if self._restart_failed is not None:
+                raise ExecutorError(self._restart_failed)
+            if self._pool is None:
+                raise RuntimeError("ParslExecutor.start(context) must be called before submit()")
+            inner = self._pool.submit(run_parsl_task, task, self._compressed)
+            # The scan waits on a future of its own, which a restart can settle when Parsl's never will.
+            outer: concurrent.futures.Future = concurrent.futures.Future()
+            self._inner[outer] = inner
+        inner.add_done_callback(lambda done: self._settle(outer, done))
+        return outer
+
+    def _settle(self, outer: concurrent.futures.Future, inner: concurrent.futures.Future) -> None:
+        # Without the lock: Parsl's cleanup, run under it by a restart, may settle tasks from its threads.
+        self._inner.pop(outer, None)
+        try:
+            if inner.cancelled():
+                outer.cancel()
+            elif inner.exception() is not None:
+                outer.set_exception(inner.exception())
+            else:
+                outer.set_result(inner.result())
+        except concurrent.futures.InvalidStateError:  # settled already, as lost in a restart
+            pass
+
+    def started_at(self, future: concurrent.futures.Future) -> float | None:
+        inner = self._inner.get(future)
+        return time.time() if inner is not None and inner.running() else None
+
+    def abandon(self, future: concurrent.futures.Future) -> None:
+        inner = self._inner.get(future)
+        if inner is not None:
+            inner.cancel()
+
+    def _watch_pools(self) -> None:
+        while not self._watching.wait(1.0):
+            with self._lock:
+                watch, waiting = self._watch, bool(self._inner)
+            stalled = watch.check(waiting) if watch is not None else None
+            if stalled:
+                self._restart(stalled)
+
+    def _restart(self, reason: str) -> None:
+        """Replace a stalled Parsl with a fresh one; the tasks in flight become lost-worker errors,
+        which the scan submits again."""
+        with self._lock:
+            if self._dfk is None or self._watching.is_set():  # shut down meanwhile
+                return
+            lost, self._inner = list(self._inner), {}
+            for outer in lost:  # settled first: the old Parsl's cleanup cancels their tasks
+                outer.set_exception(WorkerLostError(f"{reason}: Parsl was started afresh"))
+            self._stop_parsl()
+            try:
+                self._start_parsl()
+            except ExecutorError as error:
+                self._restart_failed = f"{reason}, and {error}"
+                return
+            self._watch = PoolWatch(self._active_run_dir)
 
     def is_worker_lost(self, error: BaseException) -> bool:
         return isinstance(error, (WorkerLostError, *lost_worker_errors()))
 
     def shutdown(self, cancel_futures: bool = True) -> None:
+        if self._at_exit is not None:
+            atexit.unregister(self._at_exit)
+            self._at_exit = None
+        self._watching.set()
+        thread, self._watch_thread = self._watch_thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        with self._lock:
+            self._stop_parsl()
+            self._watch, self._inner = None, {}
+        run_dir, self._own_run_dir = self._own_run_dir, None
+        if run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+    def _stop_parsl(self) -> None:
         dfk, self._dfk = self._dfk, None
         self._pool = None
         if dfk is not None:
@@ -327,10 +387,7 @@ class ParslExecutor(Executor):
                 logging.getLogger(__name__).warning("Parsl cleanup failed: %s", error)
         active, self._active_run_dir = self._active_run_dir, None
         if active is not None and self.config is None:
-            _stop_pools_of(active)
-        run_dir, self._own_run_dir = self._own_run_dir, None
-        if run_dir is not None:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            stop_pools_of(active)
 
     def describe(self) -> Description:
         info: Description = {"executor": self.name, "workers": self.workers, "provider": self.provider,
