@@ -9,7 +9,8 @@ contract:
 * submit and shutdown: a task and a pack give their records; shutting down twice is harmless;
 * a worker killed mid-fit: the scan resubmits its task and loses nothing (executors whose workers
   are processes);
-* timeout and abandon: a fit past its timeout is a failed record;
+* timeout and abandon: a fit past its timeout is a failed record; abandoning a task leaves the
+  executor working;
 * ``describe()``: the fields the scan and the command line read;
 * ``supports()``: an executor that cannot run a calculation refuses the scan in one line, before
   anything starts.
@@ -114,6 +115,18 @@ def test_a_task_and_a_pack_give_their_records_and_shutdown_is_idempotent(executo
     assert all(record["status"] == "ok" and 0 <= record["CLs_obs"] <= 1 for record in records), records
     executor.shutdown()
     executor.shutdown()
+
+
+def test_abandoning_a_task_past_its_timeout_leaves_the_executor_working(executor, demo):
+    # The scan's backstop for a task its worker cannot stop: abandon() must not raise (Parsl's
+    # futures cannot be cancelled), and the executor takes the next task.
+    context = started(executor, demo)
+    first, second = demo.patches[:2]
+    abandoned = executor.submit(make_task(first.name, first.operations, context.key))
+    executor.abandon(abandoned)
+    following = executor.submit(make_task(second.name, second.operations, context.key))
+    record, = records_of(following.result(timeout=300), 1)
+    assert record["name"] == second.name and record["status"] == "ok"
 
 
 def test_describe_gives_what_the_scan_and_command_line_read(executor, demo):

@@ -326,9 +326,9 @@ class ParslExecutor(Executor):
         return time.time() if inner is not None and inner.running() else None
 
     def abandon(self, future: concurrent.futures.Future) -> None:
-        inner = self._inner.get(future)
-        if inner is not None:
-            inner.cancel()
+        # Parsl cannot cancel a task (its futures raise NotImplementedError): the task is left to
+        # end on its worker, and the scan has recorded it as failed already.
+        self._inner.pop(future, None)
 
     def _watch_pools(self) -> None:
         while not self._watching.wait(1.0):
