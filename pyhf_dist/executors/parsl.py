@@ -10,7 +10,11 @@ per worker, so the context still travels with every task; it is zlib-compressed 
 client (a workspace shrinks about 6x) and decompressed only by a worker's first task.
 
 Parsl's DataFlowKernel is created and cleaned up by this executor in every path — a finished scan,
-a failed one, Ctrl-C — so no interchange or worker-pool process outlives the scan.
+a failed one, Ctrl-C, a script that ends without :meth:`~ParslExecutor.shutdown` — so no
+interchange or worker-pool process outlives the scan. Worker pools on this machine are watched for
+the one death Parsl does not recover from (a worker killed while it waits for a task:
+:mod:`pyhf_dist.executors.parsl_pools`); Parsl is then started afresh and the tasks in flight are
+submitted again.
 """
 
 from __future__ import annotations
