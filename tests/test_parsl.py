@@ -6,8 +6,11 @@ survive a finished, failed or interrupted scan.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -16,7 +19,7 @@ parsl = pytest.importorskip("parsl")
 
 import pyhf_dist  # noqa: E402
 from pyhf_dist.exceptions import ExecutorOptionError  # noqa: E402
-from pyhf_dist.executors import get_executor  # noqa: E402
+from pyhf_dist.executors import get_executor, parsl_pools  # noqa: E402
 from pyhf_dist.executors.parsl import ParslExecutor  # noqa: E402
 from pyhf_dist.protocol import CompressedContext  # noqa: E402
 from pyhf_dist.settings import FitSettings  # noqa: E402
@@ -86,11 +89,6 @@ def test_a_worker_killed_while_waiting_for_a_task_stalls_no_scan(erjr_pallet, mo
     # A worker waiting for a task holds the lock of its pool's task queue; killed there, it takes
     # the lock with it and Parsl's pool hands out no task again. Both are killed here, idle between
     # two scans, so that the holder is among them.
-    import os
-    import signal
-
-    from pyhf_dist.executors import parsl_pools
-
     monkeypatch.setattr(parsl_pools.PoolWatch, "STALL", 5.0)
     with get_executor("parsl", workers=2, run_dir=str(tmp_path)) as executor:
         first = pyhf_dist.map_fits(erjr_pallet, executor=executor, backend="numpy", patches=FEW[:2])
@@ -102,8 +100,6 @@ def test_a_worker_killed_while_waiting_for_a_task_stalls_no_scan(erjr_pallet, mo
 
         def second_scan():
             outcome["result"] = pyhf_dist.map_fits(erjr_pallet, executor=executor, backend="numpy", patches=FEW[2:])
-
-        import threading
 
         scan = threading.Thread(target=second_scan, daemon=True)
         scan.start()
