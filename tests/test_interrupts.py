@@ -105,6 +105,21 @@ def test_ctrl_c_and_sigterm_while_fitting_keep_the_journal(erjr_dir, tmp_path, s
     assert whole_records(journal) >= 2 and "--resume" in stderr
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_stop_a_parsl_scan_whose_interchange_they_reach(erjr_dir, tmp_path, sig):
+    # Ctrl-C signals the terminal's whole process group, and the end of a Slurm job every process
+    # of the job: Parsl's interchange among them. An interchange that died left Parsl's cleanup
+    # waiting for ever for its answer.
+    pytest.importorskip("parsl")
+    journal = tmp_path / "r.journal.jsonl"
+    process = start(cli("fit", str(erjr_dir), "-p", "ERJR_1*", "--backend", "numpy", "--executor", "parsl",
+                        "--workers", "2", "-o", str(tmp_path / "r.json"), "-q"))
+    wait_for(lambda: whole_records(journal) >= 2, what="two finished fits")
+    elapsed, stderr = stop(process, sig)
+    assert_clean_interruption(process, elapsed, stderr)
+    assert whole_records(journal) >= 2 and "--resume" in stderr
+
+
 def test_ctrl_c_while_writing(erjr_dir, tmp_path):
     journal = tmp_path / "journal.jsonl"
     os.mkfifo(journal)  # nobody reads it: opening it for writing blocks

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import logging
 import os
 import shutil
 import sys
@@ -47,6 +48,15 @@ __all__ = ["ParslExecutor", "run_parsl_task", "preload_parsl_worker", "PROVIDERS
 
 PROVIDERS = ("local", "slurm")
 LABEL = "pyhf_dist"
+#: Parsl's interchange, deaf to SIGINT: Ctrl-C in a terminal signals its whole process group, and an
+#: interchange killed by it leaves Parsl's cleanup waiting for ever for its answer. The scan stops
+#: it (SIGTERM) once the workers are shut down. (The worker pools run in a process group of their own.)
+INTERCHANGE_IGNORING_CTRL_C = (
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    "runpy.run_module('parsl.executors.high_throughput.interchange', run_name='__main__', alter_sys=True)"
+)
+#: Seconds Parsl's cleanup may take; and once its interchange is seen dead (see _clean_up).
+CLEANUP_SECONDS, CLEANUP_AFTER_INTERCHANGE = 60.0, 0.5
 
 
 def run_parsl_task(task: Task | Pack, context: CompressedContext) -> dict:
@@ -86,6 +96,50 @@ def _shutdown_at_exit(executor: weakref.ref) -> Callable[[], None]:
             alive.shutdown()
 
     return shutdown
+
+
+def _clean_up(dfk: Any) -> bool:
+    """Parsl's cleanup: it stops the interchange and cancels the blocks (local worker pools are
+    killed, Slurm jobs scancel'ed); tasks still running are abandoned.
+
+    It first asks the interchange which pools are connected, and waits for ever for the answer of
+    an interchange that has died (the end of a Slurm job signals every process of the job). So it
+    runs in a thread, given up a few seconds after an interchange is seen dead (the caller then
+    stops the pools), and after :data:`CLEANUP_SECONDS` in any case.
+
+    Returns:
+        Whether Parsl's cleanup ended.
+    """
+    interchanges = [executor.interchange_proc for executor in dfk.executors.values()
+                    if getattr(executor, "interchange_proc", None) is not None]
+    failed: list[BaseException] = []
+
+    def clean_up() -> None:
+        try:
+            dfk.cleanup()
+        except Exception as error:
+            failed.append(error)
+
+    thread = threading.Thread(target=clean_up, name="pyhf-dist-parsl-cleanup", daemon=True)
+    thread.start()
+    now = time.monotonic()
+    deadline, died_at = now + CLEANUP_SECONDS, None
+    while thread.is_alive() and now < deadline:
+        thread.join(0.1)
+        now = time.monotonic()
+        if died_at is None and any(process.poll() is not None for process in interchanges):
+            died_at = now
+            deadline = min(deadline, now + CLEANUP_AFTER_INTERCHANGE)
+    if thread.is_alive():
+        atexit.unregister(dfk.atexit_cleanup)  # it would only warn at exit that Parsl still runs
+        for process in interchanges:
+            if process.poll() is None:
+                process.kill()
+        logging.getLogger(__name__).info("Parsl's cleanup gave no answer: its processes are stopped instead")
+        return False
+    if failed:  # never hide the scan's own error behind a cleanup one
+        logging.getLogger(__name__).warning("Parsl cleanup failed: %s", failed[0])
+    return True
 
 
 class ParslExecutor(Executor):
@@ -238,7 +292,7 @@ class ParslExecutor(Executor):
             max_workers_per_node=self.workers,
             provider=provider,
             launch_cmd=launch_cmd,
-            interchange_launch_cmd=[python, "-m", "parsl.executors.high_throughput.interchange"],
+            interchange_launch_cmd=[python, "-c", INTERCHANGE_IGNORING_CTRL_C],
             heartbeat_period=5,
             heartbeat_threshold=30,
             poll_period=10,
@@ -380,18 +434,11 @@ class ParslExecutor(Executor):
     def _stop_parsl(self) -> None:
         dfk, self._dfk = self._dfk, None
         self._pool = None
-        if dfk is not None:
-            try:
-                # Stops the interchange and cancels the blocks: local worker pools are killed,
-                # Slurm jobs scancel'ed. Tasks still running are abandoned.
-                dfk.cleanup()
-            except Exception as error:  # never hide the scan's own error behind a cleanup one
-                import logging
-
-                logging.getLogger(__name__).warning("Parsl cleanup failed: %s", error)
+        cleaned = _clean_up(dfk) if dfk is not None else True
         active, self._active_run_dir = self._active_run_dir, None
         if active is not None and self.config is None:
-            stop_pools_of(active)
+            # Pools Parsl could not stop wait for an interchange that is gone: no grace for them.
+            stop_pools_of(active, grace=5.0 if cleaned else 0.0)
 
     def describe(self) -> Description:
         info: Description = {"executor": self.name, "workers": self.workers, "provider": self.provider,

@@ -40,27 +40,44 @@ def pool_processes(run_dir: str) -> tuple[list[psutil.Process], list[psutil.Proc
 
 
 def stop_pools_of(run_dir: str, grace: float = 5.0) -> None:
-    """Stop what is left of worker pools started for ``run_dir`` on this machine.
+    """Stop what is left of worker pools started for ``run_dir`` on this machine: SIGTERM, then
+    SIGKILL after ``grace`` seconds (at once for ``grace=0``).
 
     Parsl cancels a block with SIGTERM only; a worker pool whose internals broke (e.g. its
     multiprocessing manager died) can hang on its way out and outlive the scan.
     """
     pools, workers = pool_processes(run_dir)
-    processes = pools + workers
-    if not processes:
-        return
-    for process in processes:
-        try:
-            process.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(processes, timeout=grace)
+    alive = pools + workers
+    if grace > 0:
+        for process in alive:
+            try:
+                process.terminate()
+            except psutil.Error:
+                pass
+        alive = _running_after(alive, grace)
     for process in alive:
         try:
             process.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(alive, timeout=grace)
+    _running_after(alive, max(grace, 1.0))
+
+
+def _running_after(processes: list[psutil.Process], seconds: float) -> list[psutil.Process]:
+    """Those of ``processes`` still running after up to ``seconds``. A zombie counts as ended:
+    the shell Parsl starts a pool with is this process's child, reaped only when Parsl polls it."""
+    deadline = time.monotonic() + seconds
+    while True:
+        running = []
+        for process in processes:
+            try:
+                if process.status() != psutil.STATUS_ZOMBIE:
+                    running.append(process)
+            except psutil.Error:
+                continue
+        if not running or time.monotonic() >= deadline:
+            return running
+        time.sleep(0.02)
 
 
 class PoolWatch:
