@@ -104,8 +104,9 @@ def _clean_up(dfk: Any) -> bool:
 
     It first asks the interchange which pools are connected, and waits for ever for the answer of
     an interchange that has died (the end of a Slurm job signals every process of the job). So it
-    runs in a thread, given up a few seconds after an interchange is seen dead (the caller then
-    stops the pools), and after :data:`CLEANUP_SECONDS` in any case.
+    runs in a thread, given up :data:`CLEANUP_AFTER_INTERCHANGE` seconds after an interchange is
+    seen dead (the caller then kills the pools), and after :data:`CLEANUP_SECONDS` in any case.
+    (Its normal run ends as the interchange ends.)
 
     Returns:
         Whether Parsl's cleanup ended.
