@@ -328,6 +328,7 @@ class ParslExecutor(Executor):
         from parsl.concurrent import ParslPoolExecutor
         from parsl.dataflow.dflow import DataFlowKernel
 
+        self._restart_failed = None  # a failed restart's error belongs to the Parsl it replaced
         try:
             self._dfk = DataFlowKernel(self.build_config())
             # This scan's own numbered run directory (e.g. .../000): pools started for it carry it.
