@@ -219,17 +219,28 @@ def slurm_partition() -> str | None:
 
 def parsl_processes() -> set[int]:
     """Parsl interchange and worker-pool processes now running on this machine (Parsl renames
-    them, e.g. "parsl: HTEX interchange")."""
+    them, e.g. "parsl: HTEX interchange"), started by this pytest worker: under pytest-xdist the
+    other worker's tests start Parsl too, and its processes would count as left behind here.
+    They inherit the worker's ``PYTEST_XDIST_WORKER``, also once orphaned."""
     import psutil
 
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
     found = set()
     for process in psutil.process_iter(["cmdline"]):
         try:
             command = " ".join(process.info["cmdline"] or [])
+            if not (command.startswith("parsl:") or "process_worker_pool" in command or "interchange" in command):
+                continue
         except psutil.Error:
             continue
-        if command.startswith("parsl:") or "process_worker_pool" in command or "interchange" in command:
-            found.add(process.pid)
+        try:
+            if worker is not None and process.environ().get("PYTEST_XDIST_WORKER", worker) != worker:
+                continue
+        except psutil.AccessDenied:  # unreadable: counted, so that a leftover is never missed
+            pass
+        except psutil.Error:
+            continue
+        found.add(process.pid)
     return found
 
 

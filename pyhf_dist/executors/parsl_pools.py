@@ -128,13 +128,7 @@ class PoolWatch:
                 found.extend(pool.children(recursive=True))
             except psutil.Error:
                 continue
-        alive = {}
-        for process in found:
-            try:
-                if process.status() != psutil.STATUS_ZOMBIE:
-                    alive[process.pid] = process
-            except psutil.Error:
-                continue
+        alive = {process.pid: process for process in _running_after(found, 0.0)}
         for pid in set(self.workers) - set(alive):
             self.died.append(pid)
             self.died_at = now
