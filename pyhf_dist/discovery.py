@@ -182,7 +182,13 @@ def select_names(names: Sequence[str], choice, where: str) -> list[int]:
             matches = _matches(names, item)
         if not matches:
             close = difflib.get_close_matches(item, list(names), n=3, cutoff=0.6)
-            hint = f"did you mean {', '.join(close)}?" if close else f"its pallets are {_listing(list(names))}"
+            named = [name for name in names if name and name != TOP]
+            if close:
+                hint = f"did you mean {', '.join(close)}?"
+            elif named:
+                hint = f"its pallets are {_listing(named)}"
+            else:
+                hint = "it holds one pallet: drop --pallet (pallet= in Python)"
             raise PalletSelectionError(f"{where} has no pallet {item!r}: {hint}")
         chosen.extend(index for index in matches if index not in chosen)
     return chosen

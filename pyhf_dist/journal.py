@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from pathlib import Path
 
 try:
@@ -68,9 +69,14 @@ def scan_key(workspace: dict, settings) -> str:
 
 
 def journal_path_for(output: str | os.PathLike) -> Path:
-    """The journal that goes with an output file: ``results.json`` -> ``results.journal.jsonl``."""
+    """The journal that goes with an output file: ``results.json`` -> ``results.journal.jsonl``
+    (for a device or a pipe such as ``/dev/stdout``: ``stdout.journal.jsonl`` here)."""
     output = Path(output)
-    return output.with_name(f"{output.stem}.journal.jsonl")
+    try:
+        stream = not stat.S_ISREG(os.stat(output).st_mode)
+    except OSError:
+        stream = False
+    return Path(f"{output.stem}.journal.jsonl") if stream else output.with_name(f"{output.stem}.journal.jsonl")
 
 
 class Journal:
@@ -193,7 +199,7 @@ class Journal:
         if foreign:
             raise JournalError(
                 f"{self.path} holds {foreign} results computed with other settings or another workspace "
-                "(or pallet choice): resume with the same settings, or start afresh without --resume"
+                "(or pallet choice): resume with the same settings, or delete it to start afresh"
             )
         if bad and not self._lines:
             raise JournalError(
@@ -208,6 +214,46 @@ class Journal:
             )
         self.kept = records
         return done
+
+    def check_unused(self) -> None:
+        """Refuse to start this journal afresh over a file that holds results, or is another file.
+
+        For a scan that does not resume: it would empty the file, and a scan that finishes removes
+        its journal. An empty file, or one whose first entry a crash cut short, holds nothing.
+
+        Raises:
+            JournalError: The file holds an earlier scan's results, or is not a journal.
+        """
+        try:
+            with open(self.path, "rb") as stream:
+                head = stream.read(1 << 20)
+        except FileNotFoundError:
+            return
+        except OSError as error:
+            raise JournalError(f"cannot read {self.path}: {describe_errno(error)}") from None
+        lines = [line for line in head.split(b"\n")[:-1] if line.strip()]
+        if not lines and (not head.strip() or head.lstrip().startswith(b'{"key"')):
+            return  # empty, or the first entry cut short by a crash: nothing finished
+        keys = set()
+        for raw in lines:
+            try:
+                keys.add(json.loads(raw.decode("utf-8"))["key"])
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+                continue
+        if not keys:
+            raise JournalError(
+                f"{self.path} exists and is not a journal of pyhf-dist: give the scan another --journal "
+                "(it would be overwritten)"
+            )
+        if self.key in keys:
+            raise JournalError(
+                f"{self.path} holds results of an earlier run of this scan: add --resume (resume=True in "
+                "Python) to keep them and fit only the rest, or delete it to start afresh"
+            )
+        raise JournalError(
+            f"{self.path} holds results of an earlier scan with other settings or another workspace: delete it "
+            "to start afresh, or give this scan another output file (-o) or --journal"
+        )
 
     def open(self, append: bool) -> None:
         """Open for writing: append to what is there (resuming) or start a new journal.

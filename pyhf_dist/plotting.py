@@ -53,7 +53,7 @@ def _matplotlib():
 
 
 def load_results(results: Any) -> ScanResult:
-    """A :class:`ScanResult` from a path (JSON or CSV), JSON text, a dict, records, or a ScanResult.
+    """A :class:`ScanResult` from a path (JSON, CSV or Parquet), JSON text, a dict, records, or a ScanResult.
 
     >>> load_results([{"name": "a", "values": [1, 2], "CLs_obs": 0.5, "status": "ok"}])["a"].CLs_obs
     0.5
@@ -66,6 +66,10 @@ def load_results(results: Any) -> ScanResult:
         return ScanResult([r if isinstance(r, FitRecord) else FitRecord.from_dict(r) for r in results])
     if str(results).lower().endswith(".csv"):
         return ScanResult.from_csv(results)
+    if str(results).lower().endswith(".parquet"):
+        from pyhf_dist.signals.output import read_parquet
+
+        return read_parquet(results)
     return ScanResult.from_json(results)
 
 
@@ -155,6 +159,12 @@ def exclusion_points(result: ScanResult, quantity: str = "auto", axes: tuple[int
         points["y"].append(y)
         points["observed"].append(float(observed))
         points["expected"].append(_band_of(getattr(record, fields[1])))
+    if not points["x"] and points["missing"]:  # e.g. --quantity CLs on the results of --upper-limit
+        other = "mu_up" if quantity == "CLs" else "CLs"
+        raise InputError(
+            f"the results hold no {'observed CLs' if quantity == 'CLs' else 'upper limits (mu_up)'} to plot: "
+            f"plot them with --quantity {other} or auto"
+        )
     return points
 
 

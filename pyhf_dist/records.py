@@ -168,19 +168,34 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
     with written_aside(path) as temporary, open(temporary, "w", encoding="utf-8") as stream:
         stream.write(text)
         stream.flush()
-        os.fsync(stream.fileno())
+        if stat.S_ISREG(os.fstat(stream.fileno()).st_mode):  # a device or a pipe keeps nothing to sync
+            os.fsync(stream.fileno())
 
 
 @contextlib.contextmanager
 def written_aside(path: str | os.PathLike, suffix: str = ".tmp"):
     """A temporary file's name beside ``path`` to write the file to; renamed to ``path`` when the
-    block ends, removed if it raises, so a kill leaves the previous file or the new one.
+    block ends, removed if it raises, so a kill leaves the previous file or the new one. Where
+    ``path`` is a link, the file it names is replaced; where it is a device or a pipe, the name
+    given is ``path`` itself, written in place.
 
     The file gets the permissions ``open(path, "w")`` would have given it: a temporary file is
     readable by its owner only, but a results file is for sharing, so it gets those of the file it
     replaces, or those the umask gives a new file.
     """
     path = Path(path)
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)  # through a link, to what it names
+    except OSError:
+        regular = None  # nothing there (yet), or a link to nothing
+    if regular is False:
+        # A device or a pipe (/dev/stdout, /dev/null, a named pipe): written in place. A rename
+        # would put a plain file where the device was (as root, even in /dev).
+        yield str(path)
+        return
+    if path.is_symlink():
+        # The file the link names is replaced, and the link kept (a rename would replace the link).
+        path = Path(os.path.realpath(path))
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent or ".")
     os.close(handle)
     try:

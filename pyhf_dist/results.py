@@ -23,7 +23,7 @@ from pyhf_dist.records import COMBINATIONS, EXCLUSION_LEVEL, FitRecord, json_saf
 
 __all__ = ["FitRecord", "ScanResult", "write_atomic", "json_safe", "EXCLUSION_LEVEL", "COMBINATIONS"]
 
-_CSV_FIELDS = [
+CSV_COLUMNS = [
     "name", "pallet", "chosen_pallet", "values",
     "status", "CLs_obs", "CLs_exp_m2", "CLs_exp_m1", "CLs_exp", "CLs_exp_p1", "CLs_exp_p2",
     "mu_up_obs", "mu_up_exp_m2", "mu_up_exp_m1", "mu_up_exp", "mu_up_exp_p1", "mu_up_exp_p2",
@@ -247,7 +247,7 @@ class ScanResult:
     def to_csv(self, path: str | os.PathLike | None = None) -> str:
         """One row per patch; bands spread over ``*_m2 .. *_p2`` columns. Written atomically."""
         stream = io.StringIO()
-        writer = csv.DictWriter(stream, fieldnames=_CSV_FIELDS, lineterminator="\n")
+        writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS, lineterminator="\n")
         writer.writeheader()
         for record in self.records:
             row = _flat(record)
@@ -277,7 +277,7 @@ class ScanResult:
                                       "(pyhf-dist fit ... -o results.csv writes one)")
                 for line, row in enumerate(reader, start=2):
                     try:
-                        records.append(_record_from_row(row))
+                        records.append(record_from_row(row))
                     except ValueError as error:
                         raise PalletError(f"{path}, line {line}: {error}") from None
         except OSError as error:
@@ -359,7 +359,8 @@ class ScanResult:
         if wall is not None:
             lines.append(f"{'wall time':<28}{wall:.1f} s")
         if self.metadata.get("executor"):
-            lines.append(f"{'executor':<28}{self.metadata['executor']} ({self.metadata.get('workers')} workers)")
+            workers = self.metadata.get("workers")
+            lines.append(f"{'executor':<28}{self.metadata['executor']} ({workers} worker{'' if workers == 1 else 's'})")
         return "\n".join(lines)
 
     def _certification_lines(self) -> list[str]:
@@ -399,9 +400,9 @@ class ScanResult:
         return lines
 
 
-def _record_from_row(row: dict) -> FitRecord:
-    """A record from a row of :meth:`ScanResult.from_csv` (``ValueError``: a cell is not what its
-    column holds)."""
+def record_from_row(row: dict) -> FitRecord:
+    """A record from a row of :meth:`ScanResult.from_csv`, cells as text (``ValueError``: a cell is
+    not what its column holds)."""
 
     def number(text: str | None, kind=float):
         return None if text in ("", None) else kind(text)
@@ -458,7 +459,7 @@ def _flat(record: FitRecord) -> dict:
     for prefix, band in (("CLs_exp", record.CLs_exp), ("mu_up_exp", record.mu_up_exp)):
         for suffix, value in zip(_BAND, band or [None] * 5):
             row[prefix if suffix is None else f"{prefix}_{suffix}"] = value
-    return {field: row[field] for field in _CSV_FIELDS}
+    return {field: row[field] for field in CSV_COLUMNS}
 
 
 def _cell(value: Any) -> str:

@@ -231,6 +231,11 @@ class FitSettings:
                 "toy-based upper limits are not supported: drop --toys for upper limits, or compute "
                 "toy-based CLs at chosen --poi-test values"
             )
+        if self.test_stat == "q0" and self.calculation == "upper_limit":
+            raise SettingsError(
+                "upper limits need the test statistic qtilde or q: q0 tests the background-only "
+                "hypothesis (discovery) and bounds no signal strength; drop --test-stat q0 for limits"
+            )
         level = _number(self.level, "level")
         if not 0 < level < 1:
             raise SettingsError(f"level must be between 0 and 1, got {level}")

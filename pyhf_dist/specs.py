@@ -8,6 +8,7 @@ name or pattern. :mod:`pyhf_dist.pallet` finds pallets in directories, archives 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import fnmatch
 import json
@@ -20,6 +21,7 @@ from typing import Any, Iterable
 from pyhf_dist import cache, discovery
 from pyhf_dist.discovery import PATCHSET_NAMES
 from pyhf_dist.exceptions import PalletError, PatchSelectionError, WorkspaceError
+from pyhf_dist.observations import check_counts, check_patch_counts
 from pyhf_dist.protocol import first_line
 
 __all__ = [
@@ -73,12 +75,23 @@ class Pallet:
         return [patch.name for patch in self.patches]
 
 
+#: The checks beyond pyhf's schema (observed counts): part of the key under which a workspace or
+#: patchset is remembered as valid, so that a new check applies to files checked before it.
+CHECKS = "counts"
+
 # --------------------------------------------------------------------------------------- reading
 
 
 def parse_json(text: bytes | str, where: str) -> Any:
+    def not_finite(constant: str):
+        # Python's json reads NaN and Infinity, which JSON has not; a fit on them fails far from here.
+        raise PalletError(
+            f"{where} holds {constant} where a number belongs: yields, uncertainties and data must be "
+            "finite numbers; fix the file"
+        )
+
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=not_finite)
     except json.JSONDecodeError as error:
         hint = "the file looks truncated: download it again" if error.pos >= len(text) - 1 else "fix or replace it"
         raise PalletError(
@@ -125,7 +138,7 @@ def check_workspace(spec: Any, where: str, full: bool = True) -> dict:
     if not full:
         return spec
     digest = _spec_digest(spec)
-    key = cache.digest(digest, cache.versions("pyhf")) if digest is not None else None
+    key = cache.digest(digest, cache.versions("pyhf"), CHECKS) if digest is not None else None
     if key is not None and cache.recall("workspace", key) == "valid":
         return spec
     _validate_workspace(spec, where)
@@ -161,6 +174,7 @@ def _validate_workspace(spec: dict, where: str) -> None:
         raise WorkspaceError(
             f"{where} is not a valid HistFactory workspace: {type(error).__name__}: {first_line(error)}"
         ) from None
+    check_counts(spec.get("observations", []), where, "/observations")
 
 
 def _schema_message(error) -> str:
@@ -211,6 +225,7 @@ def check_operations(operations: Any, where: str) -> list:
             raise WorkspaceError(
                 f"{where} is not a jsonpatch: operation /{index} needs 'op' and 'path' keys"
             )
+    check_patch_counts(operations, where)
     return operations
 
 
@@ -228,7 +243,7 @@ def patches_from_patchset(
         key = None
         background = _spec_digest(workspace) if workspace is not None else ""
         if raw is not None and background is not None:
-            key = cache.digest(raw, background, cache.versions("pyhf"))
+            key = cache.digest(raw, background, cache.versions("pyhf"), CHECKS)
             if cache.recall("patchset", key) == "valid":
                 return _read_validated_patchset(spec)
         result = _validated_patchset(spec, where, workspace)
@@ -259,7 +274,7 @@ def _validated_patchset(spec: Any, where: str, workspace: dict | None) -> tuple[
         except pyhf.exceptions.InvalidSpecification as error:
             raise WorkspaceError(f"{where} is not a valid pyhf patchset: {_schema_message(error)}") from None
         except pyhf.exceptions.InvalidPatchSet as error:
-            raise WorkspaceError(f"{where} is not a valid pyhf patchset: {first_line(error)}") from None
+            raise WorkspaceError(f"{where} is not a valid pyhf patchset: {_patchset_fault(spec, error)}") from None
         except Exception as error:  # e.g. a jsonpatch path that is not a JSON pointer
             raise WorkspaceError(
                 f"{where} is not a valid pyhf patchset: {type(error).__name__}: {first_line(error)}"
@@ -279,7 +294,21 @@ def _validated_patchset(spec: Any, where: str, workspace: dict | None) -> tuple[
                 "use the BkgOnly.json published with this patchset"
             ) from None
     patches = [Patch(p.name, tuple(p.values), list(p.patch)) for p in patchset.patches]
+    for patch in patches:
+        check_patch_counts(patch.operations, f"{where} (patch {patch.name})")
     return patches, list(patchset.labels), patchset.description
+
+
+def _patchset_fault(spec: dict, error: Exception) -> str:
+    """What pyhf's ``InvalidPatchSet`` says, in a line: the names a patchset repeats (pyhf's
+    message holds the whole patch), or its first line, shortened."""
+    names = [patch.get("metadata", {}).get("name") for patch in spec.get("patches", []) if isinstance(patch, dict)]
+    repeated = sorted((name for name, count in collections.Counter(names).items() if count > 1), key=str)
+    if repeated:
+        return (f"patch name{'s' if len(repeated) > 1 else ''} {', '.join(map(repr, repeated[:5]))} "
+                f"{'are' if len(repeated) > 1 else 'is'} given to several patches: each patch needs its own name")
+    message = first_line(error)
+    return message if len(message) <= 200 else message[:197] + "..."
 
 
 def _patches_from_directory(directory: Path) -> list[Patch]:

@@ -39,18 +39,28 @@ def cli(capsys, tmp_path):
 
     def run(*args: str, output: str | None = None) -> Run:
         output = output or str(tmp_path / "out.json")
-        previous = signal.getsignal(signal.SIGTERM)
+        previous = _stop_handlers()
         began = time.time()
         try:
             code = main([*args, "-o", output, "-q"])
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            _restore(previous)
         captured = capsys.readouterr()
         result = Run(code, captured.out, captured.err, time.time() - began)
         _assert_refused(result, Path(output))
         return result
 
     return run
+
+
+def _stop_handlers() -> dict:
+    """The handlers of the signals the command line takes over (it runs in this process)."""
+    return {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGHUP)}
+
+
+def _restore(handlers: dict) -> None:
+    for number, handler in handlers.items():
+        signal.signal(number, handler)
 
 
 def _assert_refused(result: Run, output: Path) -> None:
@@ -368,6 +378,15 @@ def test_invalid_poi_value(cli, demo_dir, value, message):
     assert run.code == 2 and message in _one_error_line(run)
 
 
+def test_upper_limits_with_the_discovery_statistic_are_refused(cli, demo_dir):
+    """q0 tests mu = 0 and bounds no signal strength: the search for a limit would never end."""
+    run = cli("fit", str(demo_dir), "--test-stat", "q0", "--upper-limit")
+    assert run.code == 2 and "upper limits need the test statistic qtilde or q" in _one_error_line(run)
+    assert run.seconds < 30
+    with pytest.raises(pyhf_dist.exceptions.SettingsError, match="q0 tests the background-only hypothesis"):
+        pyhf_dist.map_fits(demo_dir, test_stat="q0", calculation="upper_limit")
+
+
 def test_invalid_retries_and_timeout(cli, demo_dir):
     assert "retries must be a non-negative integer" in _one_error_line(cli("fit", str(demo_dir), "--retries", "-1"))
     assert "timeout must be a positive number" in _one_error_line(cli("fit", str(demo_dir), "--timeout", "0"))
@@ -464,3 +483,129 @@ def test_merge_toys_refuses_what_is_not_a_toy_file(capsys, tmp_path):
     err = capsys.readouterr().err
     assert f"Error: merge-toys: no folder {str(tmp_path / 'none')!r} to write m.npz in" in err
     assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------ numbers a fit cannot use
+
+
+def test_negative_observed_counts_are_refused_in_the_background_and_in_a_patch(cli, demo_dir):
+    """A negative count gave 'ok', converged CLs on the fast path (and failed fits in pyhf)."""
+    import pyhf
+
+    workspace = json.loads((demo_dir / "BkgOnly.json").read_text())
+    workspace["observations"][1]["data"][0] = -5.0
+    (demo_dir / "BkgOnly.json").write_text(json.dumps(workspace))
+    patchset = json.loads((demo_dir / "patchset.json").read_text())
+    patchset["metadata"]["digests"] = {"sha256": pyhf.utils.digest(workspace)}  # made for this background
+    (demo_dir / "patchset.json").write_text(json.dumps(patchset))
+    line = _one_error_line(cli("fit", str(demo_dir)))
+    assert "observed count -5.0 of channel" in line and "/observations/1/data/0" in line
+    assert "counts of events must be finite and 0 or more" in line
+
+    workspace["observations"][1]["data"][0] = 5.0
+    (demo_dir / "BkgOnly.json").write_text(json.dumps(workspace))
+    patchset["metadata"]["digests"] = {"sha256": pyhf.utils.digest(workspace)}
+    patchset["patches"][2]["patch"].append({"op": "replace", "path": "/observations/0/data/0", "value": -1.0})
+    (demo_dir / "patchset.json").write_text(json.dumps(patchset))
+    line = _one_error_line(cli("fit", str(demo_dir)))
+    assert f"(patch {patchset['patches'][2]['metadata']['name']}): observed count -1.0 at /observations/0/data/0" in line
+
+
+def test_nan_in_a_pallet_file_is_refused_naming_the_file(cli, demo_dir):
+    text = (demo_dir / "patchset.json").read_text()
+    patchset = json.loads(text)
+    patchset["patches"][0]["patch"][0]["value"]["data"][0] = float("nan")  # written as NaN, which JSON lacks
+    (demo_dir / "patchset.json").write_text(json.dumps(patchset))
+    line = _one_error_line(cli("fit", str(demo_dir)))
+    assert line.endswith("patchset.json holds NaN where a number belongs: yields, uncertainties and data must be "
+                         "finite numbers; fix the file")
+
+
+def test_a_patch_name_given_twice_is_named_in_a_short_line(cli, demo_dir):
+    patchset = json.loads((demo_dir / "patchset.json").read_text())
+    patchset["patches"].append(patchset["patches"][0])
+    (demo_dir / "patchset.json").write_text(json.dumps(patchset))
+    line = _one_error_line(cli("fit", str(demo_dir)))
+    name = patchset["patches"][0]["metadata"]["name"]
+    assert f"patch name {name!r} is given to several patches: each patch needs its own name" in line
+    assert len(line) < 300, "not pyhf's message, which holds the whole patch"
+
+
+# ------------------------------------------------------------------------------ files a scan must not replace
+
+
+def test_a_results_file_needs_a_results_ending(cli, demo_dir, tmp_path):
+    line = _one_error_line(cli("fit", str(demo_dir), output=str(tmp_path / "r.txt")))
+    assert "results are written as .json, .csv or .parquet" in line and "e.g." in line
+
+
+def test_results_are_written_through_a_link_and_into_a_pipe_without_replacing_either(capsys, demo_dir, tmp_path):
+    """A rename would put a plain file where the link or the pipe was (as root, even over /dev/null)."""
+    import stat
+    import threading
+
+    target = tmp_path / "kept" / "results.json"
+    target.parent.mkdir()
+    target.write_text("earlier results")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    pipe = tmp_path / "results-pipe"
+    os.mkfifo(pipe)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(pipe.read_text()))
+    reader.start()
+    previous = _stop_handlers()
+    try:
+        for output in (link, pipe):
+            code = main(["fit", str(demo_dir), "-p", "demo_300_0", "--executor", "sequential", "--backend", "numpy",
+                         "-o", str(output), "-q"])
+            assert code == 0, capsys.readouterr().err
+    finally:
+        _restore(previous)
+    reader.join(60)
+    assert link.is_symlink() and json.loads(target.read_text())["results"][0]["name"] == "demo_300_0"
+    assert stat.S_ISFIFO(os.stat(pipe).st_mode) and json.loads(received[0])["results"][0]["status"] == "ok"
+    assert not (tmp_path / "results-pipe.journal.jsonl").exists()
+
+
+def test_a_journal_with_results_or_a_file_that_is_no_journal_is_never_emptied(capsys, demo_dir, tmp_path):
+    """Without --resume a scan starts its journal afresh. Over an earlier run's results (forgotten
+    --resume), another scan's, an input given as --journal by mistake, or the results file itself,
+    it stops at once instead: it would have emptied the file, and a finished scan removes it."""
+    output = tmp_path / "r.json"
+    journal = tmp_path / "r.journal.jsonl"
+    pyhf_dist.map_fits(demo_dir, executor="sequential", backend="numpy", journal=journal, patches=["demo_300_0"])
+    earlier = journal.read_bytes()
+    background = (demo_dir / "BkgOnly.json").read_bytes()
+
+    def fit(*args: str) -> tuple[int, str]:
+        previous = _stop_handlers()
+        try:
+            code = main(["fit", str(demo_dir), "--executor", "sequential", "--backend", "numpy", "-o", str(output),
+                         "-q", *args])
+        finally:
+            _restore(previous)
+        return code, capsys.readouterr().err
+
+    code, err = fit()
+    assert code == 2 and "holds results of an earlier run of this scan: add --resume" in err, err
+    code, err = fit("--poi-test", "2")
+    assert code == 2 and "holds results of an earlier scan with other settings" in err, err
+    code, err = fit("--journal", str(demo_dir / "BkgOnly.json"))
+    assert code == 2 and "BkgOnly.json exists and is not a journal of pyhf-dist" in err, err
+    code, err = fit("--journal", str(output))
+    assert code == 2 and "is the results file (-o) itself" in err, err
+    assert "Traceback" not in err and not output.exists()
+    assert journal.read_bytes() == earlier and (demo_dir / "BkgOnly.json").read_bytes() == background
+    code, err = fit("--resume")
+    assert code == 0 and len(json.loads(output.read_text())["results"]) == len(demo_patchset()["patches"]), err
+
+
+def test_python_arguments_of_the_wrong_kind_are_refused_in_one_line(demo_dir):
+    with pytest.raises(pyhf_dist.exceptions.InputError, match="journal must be a file path"):
+        pyhf_dist.map_fits(demo_dir, executor="sequential", journal=123)
+    with pytest.raises(pyhf_dist.exceptions.InputError, match="resume must be True or False, got 'yes'"):
+        pyhf_dist.map_fits(demo_dir, executor="sequential", resume="yes")
+    with pytest.raises(pyhf_dist.exceptions.SettingsError,
+                       match="'progress' is an argument of map_fits; iter_fits yields each record"):
+        next(pyhf_dist.iter_fits(demo_dir, executor="sequential", progress=False))

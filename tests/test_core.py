@@ -298,3 +298,13 @@ def _patch_options(names) -> list[str]:
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pyhf_dist", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_more_local_workers_than_cores_are_advised_against():
+    """Each worker fits on one thread: more workers than cores take turns (64 on 2 cores: 23x slower)."""
+    from pyhf_dist.executors.base import default_workers
+
+    cores = default_workers()
+    assert "advice" not in LocalExecutor(workers=cores).describe()
+    advice = LocalExecutor(workers=cores + 1).describe()["advice"]
+    assert advice.startswith(f"{cores + 1} workers on {cores} cores take turns") and f"--workers {cores}" in advice

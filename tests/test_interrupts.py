@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM stop a scan within two seconds in every phase, and leave nothing behind.
+"""Ctrl-C and SIGTERM (and SIGHUP) stop a scan within two seconds in every phase, and leave nothing behind.
 
 The phases are made deterministic with named pipes, not timing: a scan whose patchset is a pipe
 nobody writes is "reading the pallet" for as long as the test wants (its workers start meanwhile),
@@ -94,8 +94,9 @@ def test_ctrl_c_before_the_first_fit(erjr_dir, tmp_path, moment):
     assert not (tmp_path / "r.json").exists()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_ctrl_c_and_sigterm_while_fitting_keep_the_journal(erjr_dir, tmp_path, sig):
+    """SIGHUP: the terminal closed, or the ssh session dropped."""
     journal = tmp_path / "r.journal.jsonl"
     process = start(cli("fit", str(erjr_dir), "-p", "ERJR_1*", "--backend", "numpy", "--workers", "2",
                         "-o", str(tmp_path / "r.json"), "-q"))

@@ -235,6 +235,17 @@ def test_bad_results_are_input_errors(records, message):
         plotting.plot_exclusion(records)
 
 
+def test_a_quantity_the_results_do_not_hold_is_an_input_error():
+    """--quantity CLs on upper limits (or mu_up on CLs) reached the triangulation with no point."""
+    limits = [{"name": f"p_{x}_{y}", "values": [x, y], "status": "ok", "mu_up_obs": 1.0, "mu_up_exp": [1.0] * 5}
+              for x in (1, 2, 3) for y in (1, 2)]
+    with pytest.raises(InputError, match="hold no observed CLs to plot: plot them with --quantity mu_up or auto"):
+        plotting.plot_exclusion(limits, quantity="CLs")
+    hypotests = [{**record, "mu_up_obs": None, "mu_up_exp": None, "CLs_obs": 0.1} for record in limits]
+    with pytest.raises(InputError, match=r"hold no upper limits \(mu_up\) to plot: plot them with --quantity CLs"):
+        plotting.plot_exclusion(hypotests, quantity="mu_up")
+
+
 def test_bad_outputs_are_output_errors(tmp_path):
     with pytest.raises(OutputError, match="suffix"):
         plotting.plot_exclusion(synthetic_grid(), tmp_path / "exclusion")

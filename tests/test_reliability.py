@@ -392,10 +392,12 @@ def test_resume_skips_ok_records_and_refits_failed_ones(demo, tmp_path):
 
 def test_a_scan_that_cannot_start_leaves_the_journal_alone(demo, tmp_path):
     journal = tmp_path / "j.jsonl"
-    journal.write_text("previous content\n")
+    pyhf_dist.map_fits(demo, executor="sequential", backend="numpy", journal=journal, patches=demo.names()[:1])
+    before = journal.read_bytes()
     with pytest.raises(pyhf_dist.exceptions.ExecutorError):
-        pyhf_dist.map_fits(demo, executor="dask", address="tcp://127.0.0.1:9", backend="numpy", journal=journal)
-    assert journal.read_text() == "previous content\n"
+        pyhf_dist.map_fits(demo, executor="dask", address="tcp://127.0.0.1:9", backend="numpy", journal=journal,
+                           resume=True)
+    assert journal.read_bytes() == before
 
 
 # ------------------------------------------------------------------------------ the command line

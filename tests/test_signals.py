@@ -172,6 +172,7 @@ def test_a_malformed_template_fails_the_scan_at_once(background, tmp_path, templ
     ("name,CR[0]\na,1\na,2\n", "rows 1 and 2 are both named 'a'"),
     ("", "is empty"),
     ("name,m1,CR[0]\n\xe9t\xe9,1,2\n", "is not UTF-8 text: save it as UTF-8"),
+    ("name,m1,CR[0]\na,1,2\nb,1,2,7\n", "row 2 (line 3) has 4 values under a header of 3 columns"),
 ])
 def test_a_malformed_file_fails_the_scan_at_once(background, tmp_path, text, message):
     path = tmp_path / "bad.csv"
@@ -327,6 +328,18 @@ def test_cli_writes_parquet_results_with_the_parameters_as_columns(background, t
     table = parquet.read_table(output).to_pylist()
     assert [(row["name"], row["m1"], row["m2"]) for row in table] == [(n, m1, m2) for n, (m1, m2, _) in POINTS.items()]
     assert all(row["status"] == "ok" and 0 <= row["CLs_obs"] <= 1 for row in table)
+    # The table reads back as the scan's results (records and metadata), and plots.
+    from pyhf_dist.signals import read_parquet
+
+    again = read_parquet(output)
+    assert again.metadata["labels"] == ["m1", "m2"] and again.names() == list(POINTS)
+    assert [(r.values, r.status, r.CLs_obs, r.CLs_exp, r.converged) for r in again] == [
+        ([float(m1), float(m2)], "ok", row["CLs_obs"], [row[f"CLs_exp{s}"] for s in ("_m2", "_m1", "", "_p1", "_p2")],
+         row["converged"]) for (_, (m1, m2, _)), row in zip(POINTS.items(), table)]
+    pytest.importorskip("matplotlib")
+    plot = subprocess.run([sys.executable, "-m", "pyhf_dist", "plot", str(output), "-o", str(tmp_path / "r.png")],
+                          capture_output=True, text=True, timeout=300)
+    assert plot.returncode == 0 and (tmp_path / "r.png").stat().st_size > 0, plot.stderr
 
 
 def test_require_fast_holds_on_a_signals_scan(tmp_path):

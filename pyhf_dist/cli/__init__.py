@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     # A batch system stops jobs with SIGTERM: treat it like Ctrl-C so that finished results stay
     # in the journal and started clusters are shut down.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # So is a closed terminal or a dropped ssh session (SIGHUP), unless the user chose to ignore it
+    # (nohup).
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
+        signal.signal(signal.SIGHUP, signal.default_int_handler)
     try:
         # Outside standalone mode click returns (not raises) the code of a ``ctx.exit``/``Exit``.
         code = cli.main(args=argv, prog_name="pyhf-dist", standalone_mode=False)

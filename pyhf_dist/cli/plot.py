@@ -22,7 +22,7 @@ __all__ = ["plot"]
               help="auto (mplhep ATLAS style if installed), none, or an mplhep/matplotlib style name.")
 @click.option("--dpi", type=int, default=150, show_default=True, help="Resolution of PNG output.")
 def plot(results, outputs, pallet, title, labels, quantity, no_points, style, dpi):
-    """Draw the exclusion contours of RESULTS (a pyhf-dist results .json or .csv).
+    """Draw the exclusion contours of RESULTS (a pyhf-dist results .json, .csv or .parquet).
 
     The observed CLs = 0.05 contour, the expected contour with its ±1σ band, and the fitted
     points, in the plane of the patches' values. Results of several pallets need --pallet (a

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import stat
 import sys
 import tempfile
 import warnings
@@ -29,12 +30,18 @@ from pyhf_dist.settings import PATH, FitSettings, declared
 
 __all__ = ["fit", "check_output", "print_table"]
 
+#: What a results file may end with (anything else is refused: it would be JSON under another name).
+RESULT_SUFFIXES = (".json", ".csv", ".parquet")
+
 
 def check_output(path: str | os.PathLike) -> None:
     """Fail now, before any fit, if ``path`` cannot be written."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"output {path} is a directory: give a file name, e.g. {path / 'results.json'}")
+    if path.suffix.lower() not in RESULT_SUFFIXES and not _stream(path):
+        raise OutputError(f"output {path}: results are written as .json, .csv or .parquet; give the file one of "
+                          f"these endings, e.g. {path.with_suffix('.json')}")
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise OutputError(f"cannot write {path}: directory {directory} does not exist (create it first)")
@@ -45,6 +52,24 @@ def check_output(path: str | os.PathLike) -> None:
         raise OutputError(f"cannot write {path}: {error.strerror} in {directory}") from None
     if path.exists() and not os.access(path, os.W_OK):
         raise OutputError(f"cannot write {path}: the file is read-only")
+
+
+def _stream(path: Path) -> bool:
+    """Whether ``path`` is a device or a pipe (``/dev/stdout``): written in place, as JSON."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def check_journal(journal: Path, output: str | os.PathLike) -> None:
+    """Fail now if the journal is the results file itself: writing the results would replace it,
+    and a finished scan removes its journal."""
+    from pyhf_dist.journal import journal_path_for
+
+    if os.path.realpath(journal) == os.path.realpath(output):
+        raise OutputError(f"--journal {journal} is the results file (-o) itself: give the journal another name, "
+                          f"e.g. {journal_path_for(output)}")
 
 
 def _check_compile_cache() -> None:
@@ -185,7 +210,7 @@ def fit_parameters() -> list[click.Parameter]:
                      help="Results file (.json, or .csv or .parquet for a table)."),
         click.Option(["--show-job-script"], is_flag=True, help="Print the batch script of a batch executor and exit."),
         click.Option(["--option", "extra_options"], multiple=True, metavar="KEY=VALUE",
-                     help="Any other executor keyword argument (repeatable), e.g. --option processes=2."),
+                     help="Any other executor keyword argument (repeatable), e.g. --executor dask --option processes=2."),
         click.Option(["-q", "--quiet"], is_flag=True, help="No progress bar."),
     ]
 
@@ -217,6 +242,7 @@ def _fit(context: click.Context, source, patchset, executor, output, show_job_sc
     if options.get("backend") != "numpy":
         _check_compile_cache()
     journal_path = Path(options.get("journal") or journal_path_for(output))
+    check_journal(journal_path, output)
     options["journal"] = journal_path
     if options.get("resume") and not journal_path.exists():
         click.echo(f"No journal at {journal_path}: starting from the beginning.", err=True)

@@ -46,8 +46,9 @@ except ImportError as error:  # a core dependency; only a broken installation la
 
 __all__ = ["LocalExecutor", "FileContext"]
 
-#: What stops a scan (Ctrl-C, a batch system's SIGTERM): handled by the scan, ignored by workers.
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+#: What stops a scan (Ctrl-C, a batch system's SIGTERM, a closed terminal's SIGHUP): handled by the
+#: scan, ignored by workers.
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 #: Seconds of short fits sent to a worker as one pack (see :attr:`LocalExecutor.pack_seconds`).
 PACK_SECONDS = 0.25
 #: Bytes a worker's memory may grow after its first task before loky replaces it as leaking.
@@ -299,6 +300,15 @@ class LocalExecutor(Executor):
             self._slots = [_Slot(make_pool) for _ in range(self.workers)]
             for slot in self._slots:  # loky starts a worker on its first submit: start them all now
                 slot.submit(os.getpid)
+
+    def describe(self) -> dict:
+        facts = super().describe()
+        cores = default_workers()
+        if self.workers > cores:
+            # Each worker runs its fits on one thread: more workers than cores only take turns.
+            facts["advice"] = (f"{self.workers} workers on {cores} cores take turns on them, and every fit takes "
+                               f"longer; --workers {cores} (the default) is as fast")
+        return facts
 
     def prepare(self, settings: dict) -> None:
         """Start the workers now: they import their libraries while the client reads the pallet."""

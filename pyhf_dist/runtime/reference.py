@@ -38,16 +38,17 @@ def use_numpy(optimizer: str = "scipy") -> None:
     # it does not cover is fitted exactly as serial pyhf would fit it. (pyhf on its jax backend
     # stops its fits at different points on stiff likelihoods such as 3L-eRJR and gives CLs that
     # differ from numpy's by up to 4e-4.)
+    import logging
+
     import pyhf
 
+    # A fit the minimizer fails becomes a failed record that says so; pyhf would also log the whole
+    # fit state as an error, with a traceback (SLSQP's result, or MINUIT's table of every parameter
+    # and its covariance), on the standard error of every worker.
+    logging.getLogger("pyhf.optimize.mixins").setLevel(logging.CRITICAL)
     if pyhf.tensorlib.name != "numpy" or pyhf.optimizer.name != optimizer:
         if optimizer == "minuit":
-            import logging
-
-            # MIGRAD with strategy 2, as physicists run MINUIT. A fit MINUIT fails becomes a
-            # failed record that says so; pyhf would also log the whole fit state (a table of
-            # every parameter and its covariance) as an error.
-            logging.getLogger("pyhf.optimize.mixins").setLevel(logging.CRITICAL)
+            # MIGRAD with strategy 2, as physicists run MINUIT.
             pyhf.set_backend("numpy", pyhf.optimize.minuit_optimizer(tolerance=1e-4, strategy=2))
         else:
             pyhf.set_backend("numpy", pyhf.optimize.scipy_optimizer())

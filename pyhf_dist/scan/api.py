@@ -73,6 +73,8 @@ def iter_fits(workspace: Any, patchset: Any = None, *, executor: Any = "local", 
             book = Journal(scan.journal, key) if scan.journal is not None else None
             if book is not None:
                 book.acquire()  # before reading it: two scans must never write one journal
+                if not scan.resume:
+                    book.check_unused()  # a fresh journal must not empty an earlier scan's
             finished = _finished(book, scan.resume, plan, info)
             info.update(plan.describe(), resumed=len(finished), settings=settings.to_dict(),
                         settings_digest=settings.digest(), scan_key=key,

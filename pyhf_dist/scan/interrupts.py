@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM during a scan: a ``KeyboardInterrupt`` in the main thread, never lost.
+"""Ctrl-C, SIGTERM and SIGHUP during a scan: a ``KeyboardInterrupt`` in the main thread, never lost.
 
 Python raises ``KeyboardInterrupt`` wherever the main thread is when the signal is handled. Inside
 a garbage-collector callback (Dask's client registers one that times collections) the exception
@@ -17,6 +17,8 @@ import threading
 
 __all__ = ["stop_signals_as_interrupt"]
 
+#: What stops a scan as Ctrl-C does: Ctrl-C, a batch system's SIGTERM, a closed terminal's SIGHUP.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 #: Seconds after which an interrupt that landed in a gc callback is raised again.
 RETRY_SECONDS = 0.05
 
@@ -49,11 +51,11 @@ def stop_signals_as_interrupt():
     """
     replaced = {}
     if threading.current_thread() is threading.main_thread():
-        for number in (signal.SIGINT, signal.SIGTERM):
-            # Python's own handler counts as nobody's choice for both (the command line sets it
-            # for SIGTERM), and so does the default for SIGTERM.
+        for number in STOP_SIGNALS:
+            # Python's own handler counts as nobody's choice (the command line sets it for SIGTERM
+            # and SIGHUP), and so does the default for SIGTERM and SIGHUP (a closed terminal).
             previous = signal.getsignal(number)
-            if previous is signal.default_int_handler or (number == signal.SIGTERM and previous is signal.SIG_DFL):
+            if previous is signal.default_int_handler or (number != signal.SIGINT and previous is signal.SIG_DFL):
                 replaced[number] = previous
                 signal.signal(number, _interrupt)
     try:

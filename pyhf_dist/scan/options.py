@@ -91,6 +91,12 @@ class ScanOptions:
             raise InputError(f"retries must be a non-negative integer, got {self.retries!r}")
         if self.timeout is not None and (not isinstance(self.timeout, (int, float)) or self.timeout <= 0):
             raise InputError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
+        for name in ("journal", "keep_toys"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise InputError(f"{name} must be a file path (a str or pathlib.Path), got {value!r}")
+        if not isinstance(self.resume, bool):
+            raise InputError(f"resume must be True or False, got {self.resume!r}")
 
 
 #: Keyword arguments of map_fits only (its collector), declared here with the others.
@@ -126,6 +132,9 @@ def misspelt(options: dict) -> None:
     """
     names = [field.name for cls in (FitSettings, ScanOptions) for field in declared(cls)] + list(COLLECTOR)
     for given in options:
+        if given in COLLECTOR:  # given to iter_fits, which yields the records instead
+            raise SettingsError(f"{given!r} is an argument of map_fits; iter_fits yields each record as it arrives "
+                                "and takes none")
         close = [SYNONYMS[given]] if given in SYNONYMS else difflib.get_close_matches(given, names, n=1, cutoff=0.75)
         if close:
             raise SettingsError(f"unknown argument {given!r}: did you mean {close[0]}?")

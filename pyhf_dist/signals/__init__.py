@@ -24,12 +24,13 @@ from typing import Any, Iterator
 
 from pyhf_dist.exceptions import InputError
 from pyhf_dist.pallet import Pallet, Patch, load_workspace, select_across
+from pyhf_dist.signals.output import read_parquet
 from pyhf_dist.signals.rows import check_row, header, layout_of, parameter_value, read_rows
 from pyhf_dist.signals.template import SignalsError, Template, load_template
 
 __all__ = [
     "SignalPatch", "SignalPoints", "SignalsError", "Template", "load_signals", "load_template", "select",
-    "named_values", "pending",
+    "named_values", "pending", "read_parquet",
 ]
 
 

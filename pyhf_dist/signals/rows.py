@@ -113,6 +113,12 @@ def read_rows(path: Path, columns: list[str] | None = None) -> Iterator[tuple[in
                 if not cells:
                     continue  # a blank line
                 number += 1
+                if len(cells) > len(names) and any(cell.strip() for cell in cells[len(names):]):
+                    # A comma too many shifts every later value of the row: nothing may be guessed.
+                    raise SignalsError(
+                        f"{path}: row {number} (line {lines.line_num}) has {len(cells)} values under a header of "
+                        f"{len(names)} columns: fix the row, or name the extra columns in the header"
+                    )
                 yield number, {name: (cells[position] if position < len(cells) else None) for position, name in wanted}
     except SignalsError:
         raise
