@@ -559,7 +559,10 @@ def test_results_are_written_through_a_link_and_into_a_pipe_without_replacing_ei
         for output in (link, pipe):
             code = main(["fit", str(demo_dir), "-p", "demo_300_0", "--executor", "sequential", "--backend", "numpy",
                          "-o", str(output), "-q"])
-            assert code == 0, capsys.readouterr().err
+            captured = capsys.readouterr()
+            assert code == 0, captured.err
+        # Results streamed (-o /dev/stdout) keep standard output to themselves: the summary goes to stderr.
+        assert captured.out == "" and f"Results written to {pipe}" in captured.err
     finally:
         _restore(previous)
     reader.join(60)
@@ -609,3 +612,28 @@ def test_python_arguments_of_the_wrong_kind_are_refused_in_one_line(demo_dir):
     with pytest.raises(pyhf_dist.exceptions.SettingsError,
                        match="'progress' is an argument of map_fits; iter_fits yields each record"):
         next(pyhf_dist.iter_fits(demo_dir, executor="sequential", progress=False))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "jax"])
+def test_a_tested_value_beyond_the_poi_bounds_fails_with_the_poi_named(demo_dir, backend):
+    """pyhf's own error named the parameter's index (``index: 29``), on every record."""
+    if backend == "jax":
+        pytest.importorskip("jax")
+    result = pyhf_dist.map_fits(demo_dir, executor="sequential", backend=backend, poi_test=1e6,
+                                patches=["demo_300_0"])
+    assert result["demo_300_0"].status == "failed"
+    assert result["demo_300_0"].error.startswith(
+        "ValueError: the tested POI value 1e+06 lies outside the bounds of mu_SIG, [0, 10]: test a value within")
+
+
+def test_minuit_on_the_fast_path_says_where_it_applies(capsys, demo_dir, tmp_path):
+    """--optimizer minuit without --backend numpy changed no fast-path fit, and said nothing."""
+    pytest.importorskip("jax")
+    previous = _stop_handlers()
+    try:
+        code = main(["fit", str(demo_dir), "-p", "demo_300_0", "--executor", "sequential", "--optimizer", "minuit",
+                     "-o", str(tmp_path / "r.json"), "-q"])
+    finally:
+        _restore(previous)
+    err = capsys.readouterr().err
+    assert code == 0 and "Note: --optimizer minuit is plain pyhf's minimizer" in err and "--backend numpy" in err

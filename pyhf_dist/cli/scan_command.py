@@ -39,7 +39,11 @@ def check_output(path: str | os.PathLike) -> None:
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"output {path} is a directory: give a file name, e.g. {path / 'results.json'}")
-    if path.suffix.lower() not in RESULT_SUFFIXES and not _stream(path):
+    if _stream(path):  # written in place (no file beside it): only the device or pipe must take it
+        if not os.access(path, os.W_OK):
+            raise OutputError(f"cannot write {path}: permission denied")
+        return
+    if path.suffix.lower() not in RESULT_SUFFIXES:
         raise OutputError(f"output {path}: results are written as .json, .csv or .parquet; give the file one of "
                           f"these endings, e.g. {path.with_suffix('.json')}")
     directory = path.parent if str(path.parent) else Path(".")
@@ -91,20 +95,20 @@ def _check_compile_cache() -> None:
         os.environ[CACHE_ENV] = "off"
 
 
-def print_table(result, points: bool = False) -> None:
-    """Print per-point results (optional) and the summary table."""
+def print_table(result, points: bool = False, err: bool = False) -> None:
+    """Print per-point results (optional) and the summary table (``err``: on standard error)."""
     if points:
         labels = result.metadata.get("labels") or []
         head = "".join(f"{label:>10}" for label in labels)
-        click.echo(f"{'patch':<24}{head}{'CLs_obs':>12}{'CLs_exp':>12}  status")
+        click.echo(f"{'patch':<24}{head}{'CLs_obs':>12}{'CLs_exp':>12}  status", err=err)
         for record in result:
             values = "".join(f"{value:>10g}" for value in record.values)
             observed = f"{record.CLs_obs:12.4g}" if record.CLs_obs is not None else f"{'-':>12}"
             expected = f"{record.CLs_exp[2]:12.4g}" if record.CLs_exp else f"{'-':>12}"
             status = ("excluded" if record.excluded else "ok") if record.ok else f"FAILED: {record.error}"
-            click.echo(f"{record.name:<24}{values}{observed}{expected}  {status}")
-        click.echo("")
-    click.echo(result.summary())
+            click.echo(f"{record.name:<24}{values}{observed}{expected}  {status}", err=err)
+        click.echo("", err=err)
+    click.echo(result.summary(), err=err)
 
 
 def _parse_option(text: str) -> tuple[str, object]:
@@ -272,6 +276,11 @@ def _started(metadata: dict) -> None:
         click.echo(f"Dask dashboard: {metadata['dashboard']}", err=True)
     if metadata.get("advice"):
         click.echo(f"Note: {metadata['advice']}", err=True)
+    settings = metadata["settings"]
+    if settings.get("optimizer") == "minuit" and settings.get("backend") == "jax":
+        click.echo("Note: --optimizer minuit is plain pyhf's minimizer: it fits the patches the fast path declines; "
+                   "for every patch add --backend numpy (the fast path runs L-BFGS-B, and MINUIT where a fit needs it)",
+                   err=True)
 
 
 def _run(source, patchset, executor, options, executor_options, quiet, journal_path, resume_command):
@@ -323,8 +332,10 @@ def _write(result, output, journal_path: Path, resume_command: str) -> None:
     unkept = result.metadata.get("keep_toys_error")
     if not result.failed() and not unkept:
         journal_path.unlink(missing_ok=True)
-    print_table(result)
-    click.echo(f"Results written to {output}")
+    # Results written into a pipe or a device (-o /dev/stdout) keep standard output to themselves.
+    streamed = _stream(Path(output))
+    print_table(result, err=streamed)
+    click.echo(f"Results written to {output}", err=streamed)
     if result.failed():
         click.echo(
             f"{len(result.failed())} fits failed (see 'error' in the results); "

@@ -39,6 +39,8 @@ def compute(state, task: dict) -> dict[str, Any]:
         _check_fallback_allowed(settings, reason)
     reference.use_numpy(settings.optimizer)
     model, data = reference.build_model(state, task["patch"])
+    if settings.calculation == "hypotest" and settings.test_stat != "q0":
+        _check_tested_value(model, settings.poi_test)
     if settings.calculation == "hypotest" and settings.calctype == "asymptotics":
         values = reference.hypotest(model, data, settings)
     elif settings.calculation == "upper_limit":
@@ -104,6 +106,18 @@ def compute_together(state, tasks: list[dict]) -> dict[int, dict[str, Any]]:
             continue
         out.update({index: {**answer, "engine": "fast"} for index, answer in zip(indices, answers) if answer is not None})
     return out
+
+
+def _check_tested_value(model, poi_test: float) -> None:
+    """Refuse a tested POI value outside the POI's bounds in one line that names them (pyhf's own
+    error gives the parameter's index)."""
+    low, high = model.config.suggested_bounds()[model.config.poi_index]
+    if not low <= poi_test <= high:
+        name = model.config.poi_name
+        raise ValueError(
+            f"the tested POI value {poi_test:g} lies outside the bounds of {name}, [{low:g}, {high:g}]: test a "
+            f"value within them (--poi-test), or widen the bounds of {name} in the measurement's parameters"
+        )
 
 
 def _check_fallback_allowed(settings, reason: str | None) -> None:
