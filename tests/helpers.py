@@ -217,6 +217,17 @@ def slurm_partition() -> str | None:
     return None
 
 
+def command_line(process) -> str:
+    """A process's command line; empty for one that has just ended (a zombie not yet reaped, e.g.
+    a short-lived helper or a worker being stopped)."""
+    import psutil
+
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def parsl_processes() -> set[int]:
     """Parsl interchange and worker-pool processes now running on this machine (Parsl renames
     them, e.g. "parsl: HTEX interchange"), started by this pytest worker: under pytest-xdist the

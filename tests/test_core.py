@@ -14,7 +14,7 @@ import pytest
 
 import pyhf_dist
 from pyhf_dist.executors.local import LocalExecutor
-from helpers import CODE4, LBB_FEW, LBB_SAMPLE, assert_matches_reference, serial_pyhf
+from helpers import CODE4, LBB_FEW, LBB_SAMPLE, assert_matches_reference, command_line, serial_pyhf
 
 
 def test_local_matches_serial_pyhf_on_all_3L_eRJR_patches(erjr_dir, erjr_reference):
@@ -120,7 +120,7 @@ def test_a_bad_pallet_stops_the_workers_started_for_it(tmp_path):
         pyhf_dist.map_fits(str(tmp_path / "missing.tar.gz"), executor="local", workers=2)
     # multiprocessing's resource tracker outlives every pool by design; workers must not.
     started = [p for p in psutil.Process().children(recursive=True)
-               if p.pid not in before and "resource_tracker" not in " ".join(p.cmdline())]
+               if p.pid not in before and "resource_tracker" not in command_line(p)]
     _, alive = psutil.wait_procs(started, timeout=10)
     assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 

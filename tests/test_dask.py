@@ -24,7 +24,7 @@ from pyhf_dist.protocol import WorkerContext  # noqa: E402
 from pyhf_dist.runtime import setup_count  # noqa: E402
 from distributed.diagnostics.plugin import SchedulerPlugin  # noqa: E402
 
-from helpers import FAST_PATH_TOLERANCE, LBB_FEW, TaskSizes, assert_matches_reference, serial_pyhf  # noqa: E402
+from helpers import FAST_PATH_TOLERANCE, LBB_FEW, TaskSizes, assert_matches_reference, command_line, serial_pyhf  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -323,7 +323,7 @@ def test_workers_of_a_killed_scan_end_by_themselves(erjr_dir, tmp_path):
         while time.monotonic() < deadline and len(workers) < 2 and scan.poll() is None:
             time.sleep(0.1)
             workers = [child for child in psutil.Process(scan.pid).children()
-                       if "distributed.cli.dask_spec" in " ".join(child.cmdline())]
+                       if "distributed.cli.dask_spec" in command_line(child)]
         assert len(workers) == 2, f"the scan's two worker processes never appeared; its output:\n{log.read_text()}"
         time.sleep(2)  # fitting now
         scan.kill()  # no shutdown, no cleanup: as with kill -9 or an out-of-memory kill
