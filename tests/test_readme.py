@@ -102,6 +102,19 @@ def test_every_page_is_in_the_site():
     assert [page for page in pages if f": {page}\n" not in nav] == []
 
 
+#: What Dask logs when, as a LocalCluster closes, a worker's heartbeat meets its scheduler already
+#: gone (a race inside Dask's own teardown, seen once in three runs of the suite on a loaded machine).
+_HEARTBEAT_RACE = re.compile(
+    r"^\S+ \S+ - distributed\.worker - ERROR - Failed to communicate with scheduler during heartbeat\.\n"
+    r"(?:(?!\d{4}-\d\d-\d\d ).*\n?)*", re.MULTILINE)
+
+
+def _without_own_cluster_teardown(stderr: str, code: str) -> str:
+    """``stderr``, less the heartbeat race of a Dask cluster the block starts and closes itself
+    (``LocalCluster(...)``): Dask's, not pyhf-dist's, whose own cluster starts no such worker."""
+    return _HEARTBEAT_RACE.sub("", stderr) if "LocalCluster(" in code else stderr
+
+
 @pytest.mark.parametrize("index", range(len(BLOCKS)), ids=[block[0] for block in BLOCKS])
 def test_python_block_runs_verbatim(index, data_directory, lbb_pallet, tmp_path):
     where, code, not_run = BLOCKS[index]
@@ -119,7 +132,7 @@ def test_python_block_runs_verbatim(index, data_directory, lbb_pallet, tmp_path)
     (work / "scan.py").write_text(code + EPILOGUE)
     run = subprocess.run([sys.executable, "scan.py"], cwd=work, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, f"{where} failed:\n{code}\n{run.stderr[-3000:]}"
-    assert "Traceback" not in run.stderr, run.stderr
+    assert "Traceback" not in _without_own_cluster_teardown(run.stderr, code), run.stderr
     results = json.loads((work / "_results.json").read_text())
     for name, result in results.items():
         records, settings = result["records"], result["settings"] or {}
