@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import os
-import stat
 from pathlib import Path
 
 try:
@@ -38,6 +37,7 @@ except ImportError:  # not on POSIX: concurrent scans are not detected there
     fcntl = None
 
 from pyhf_dist.exceptions import JournalError, StorageError
+from pyhf_dist.records import is_stream
 from pyhf_dist.results import FitRecord, json_safe
 from pyhf_dist.chunks import compact_chunk, expand_chunk
 
@@ -72,11 +72,7 @@ def journal_path_for(output: str | os.PathLike) -> Path:
     """The journal that goes with an output file: ``results.json`` -> ``results.journal.jsonl``
     (for a device or a pipe such as ``/dev/stdout``: ``stdout.journal.jsonl`` here)."""
     output = Path(output)
-    try:
-        stream = not stat.S_ISREG(os.stat(output).st_mode)
-    except OSError:
-        stream = False
-    return Path(f"{output.stem}.journal.jsonl") if stream else output.with_name(f"{output.stem}.journal.jsonl")
+    return Path(f"{output.stem}.journal.jsonl") if is_stream(output) else output.with_name(f"{output.stem}.journal.jsonl")
 
 
 class Journal:

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FitRecord", "write_atomic", "written_aside", "json_safe", "EXCLUSION_LEVEL", "COMBINATIONS"]
+__all__ = ["FitRecord", "write_atomic", "written_aside", "is_stream", "json_safe", "EXCLUSION_LEVEL", "COMBINATIONS"]
 
 EXCLUSION_LEVEL = 0.05
 #: Names of the combinations of several pallets; records of a combination carry it as ``pallet``.
@@ -172,6 +172,15 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
             os.fsync(stream.fileno())
 
 
+def is_stream(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a device or a pipe (``/dev/stdout``, ``/dev/null``, a named pipe),
+    through any link: a file written in place, never replaced. ``False`` where nothing is there."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def written_aside(path: str | os.PathLike, suffix: str = ".tmp"):
     """A temporary file's name beside ``path`` to write the file to; renamed to ``path`` when the
@@ -184,13 +193,8 @@ def written_aside(path: str | os.PathLike, suffix: str = ".tmp"):
     replaces, or those the umask gives a new file.
     """
     path = Path(path)
-    try:
-        regular = stat.S_ISREG(os.stat(path).st_mode)  # through a link, to what it names
-    except OSError:
-        regular = None  # nothing there (yet), or a link to nothing
-    if regular is False:
-        # A device or a pipe (/dev/stdout, /dev/null, a named pipe): written in place. A rename
-        # would put a plain file where the device was (as root, even in /dev).
+    if is_stream(path):
+        # Written in place: a rename would put a plain file where the device was (as root, even in /dev).
         yield str(path)
         return
     if path.is_symlink():

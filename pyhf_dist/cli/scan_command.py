@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import stat
 import sys
 import tempfile
 import warnings
@@ -25,6 +24,7 @@ from pyhf_dist.exceptions import (
     StorageWarning,
 )
 from pyhf_dist.executors import executor_flags
+from pyhf_dist.records import is_stream
 from pyhf_dist.scan.options import ScanOptions
 from pyhf_dist.settings import PATH, FitSettings, declared
 
@@ -39,7 +39,7 @@ def check_output(path: str | os.PathLike) -> None:
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"output {path} is a directory: give a file name, e.g. {path / 'results.json'}")
-    if _stream(path):  # written in place (no file beside it): only the device or pipe must take it
+    if is_stream(path):  # written in place (no file beside it): only the device or pipe must take it
         if not os.access(path, os.W_OK):
             raise OutputError(f"cannot write {path}: permission denied")
         return
@@ -56,14 +56,6 @@ def check_output(path: str | os.PathLike) -> None:
         raise OutputError(f"cannot write {path}: {error.strerror} in {directory}") from None
     if path.exists() and not os.access(path, os.W_OK):
         raise OutputError(f"cannot write {path}: the file is read-only")
-
-
-def _stream(path: Path) -> bool:
-    """Whether ``path`` is a device or a pipe (``/dev/stdout``): written in place, as JSON."""
-    try:
-        return not stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:
-        return False
 
 
 def check_journal(journal: Path, output: str | os.PathLike) -> None:
@@ -333,7 +325,7 @@ def _write(result, output, journal_path: Path, resume_command: str) -> None:
     if not result.failed() and not unkept:
         journal_path.unlink(missing_ok=True)
     # Results written into a pipe or a device (-o /dev/stdout) keep standard output to themselves.
-    streamed = _stream(Path(output))
+    streamed = is_stream(output)
     print_table(result, err=streamed)
     click.echo(f"Results written to {output}", err=streamed)
     if result.failed():
