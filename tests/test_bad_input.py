@@ -443,7 +443,7 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_resume_with_a_journal_from_other_settings_or_not_a_journal(capsys, demo_dir, tmp_path):
     output = tmp_path / "r.json"
     journal = tmp_path / "r.journal.jsonl"
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = _stop_handlers()
     try:
         journal.write_text(json.dumps({"key": "0123456789abcdef", "record": {"name": "demo_300_0"}}) + "\n")
         code = main(["fit", str(demo_dir), "--resume", "--executor", "sequential", "-o", str(output), "-q"])
@@ -454,7 +454,7 @@ def test_resume_with_a_journal_from_other_settings_or_not_a_journal(capsys, demo
         err = capsys.readouterr().err
         assert code == 2 and "is not a journal (no line of it is a journal entry)" in err and "Traceback" not in err
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        _restore(previous)
     assert not output.exists() and journal.read_text() == "not a journal\n{}\n", "the journal is left as it was"
 
 
