@@ -40,8 +40,8 @@ import time
 from pathlib import Path
 
 __all__ = [
-    "CACHE_ENV", "root", "directory", "digest", "versions", "recall", "remember", "exclusive", "usable",
-    "guard_compile_cache",
+    "CACHE_ENV", "NOTED_ENV", "root", "directory", "check", "digest", "versions", "recall", "remember", "exclusive",
+    "usable", "guard_compile_cache",
 ]
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,30 @@ def directory(kind: str) -> Path | None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        log.warning("pyhf-dist cache disabled: cannot use %s (%s)", path, error)
+        _note_disabled(base, path, error)
         return None
     return path
+
+
+#: The cache root this process has reported unusable. Set in its environment, so that the
+#: processes it starts afterwards (a scan's local workers) inherit it and do not report it again.
+NOTED_ENV = "PYHF_DIST_CACHE_NOTED"
+
+
+def _note_disabled(base: Path, path: Path, error: OSError) -> None:
+    """One note per unusable cache root, for this process and the ones it starts."""
+    if os.environ.get(NOTED_ENV) == str(base):
+        log.debug("pyhf-dist cache disabled: cannot use %s (%s)", path, error)
+        return
+    os.environ[NOTED_ENV] = str(base)
+    log.warning("pyhf-dist cache disabled: cannot use %s (%s): point %s at a writable folder, or set it to off",
+                path, error.strerror or error, CACHE_ENV)
+
+
+def check() -> None:
+    """Say now, once, if the cache cannot be used: before a scan starts its local workers, which
+    then inherit that it was said (:data:`NOTED_ENV`) instead of each saying it again."""
+    directory("checks")
 
 
 def digest(*parts: bytes | str) -> str:

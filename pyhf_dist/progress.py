@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 
-__all__ = ["ProgressBar"]
+__all__ = ["NoteHandler", "ProgressBar"]
+
+
+class NoteHandler(logging.Handler):
+    """Log records as lines on standard error that never share a line with a progress bar.
+
+    While a bar is drawn, tqdm clears it, writes the line and draws the bar again below; without
+    one (tqdm not even imported) the line is written as it is.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+            if "tqdm" in sys.modules:
+                from tqdm import tqdm
+
+                tqdm.write(line, file=sys.stderr)
+            else:
+                sys.stderr.write(line + "\n")
+                sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
 
 
 class ProgressBar:

@@ -39,9 +39,37 @@ def test_an_unusable_directory_is_skipped_quietly(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     monkeypatch.setenv(cache.CACHE_ENV, str(blocker))
+    monkeypatch.setenv(cache.NOTED_ENV, "")  # restored after the test: noting it sets it
     assert cache.directory("checks") is None
     cache.remember("workspace", "key", "valid")
     assert cache.recall("workspace", "key") is None
+
+
+_PYTHON_SCAN = """
+import pyhf_dist
+records = pyhf_dist.map_fits(pyhf_dist.demo_pallet(points=4), executor="local", workers=2, progress=False)
+assert all(record.ok for record in records)
+"""
+
+
+def test_an_unusable_cache_is_said_once_for_a_scan_and_its_workers(tmp_path):
+    """A file where the cache's folder should be: one note that says what to do, from the command
+    line and from Python, not one per process and per folder of the cache."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    environment = {name: value for name, value in os.environ.items()
+                   if name not in (cache.NOTED_ENV, "PYHF_DIST_JAX_CACHE")}
+    environment[cache.CACHE_ENV] = str(blocker / "cache")
+    command_line = subprocess.run(
+        [sys.executable, "-m", "pyhf_dist", "demo", "--workers", "2", "-o", str(tmp_path / "r.json")],
+        capture_output=True, text=True, timeout=300, env=environment)
+    python = subprocess.run([sys.executable, "-c", _PYTHON_SCAN], capture_output=True, text=True, timeout=300,
+                            env=environment)
+    for run in (command_line, python):
+        assert run.returncode == 0, run.stderr
+        assert run.stderr.count("cache disabled") == 1 and "compile cache" not in run.stderr, run.stderr
+        assert f"pyhf-dist cache disabled: cannot use {blocker / 'cache'}/" in run.stderr
+        assert "(Not a directory): point PYHF_DIST_CACHE at a writable folder, or set it to off" in run.stderr
 
 
 # One client and one worker, as a scan runs them, in a fresh process: load the pallet, validate the

@@ -45,6 +45,8 @@ def test_toys_from_the_command_line(demo_dir, tmp_path):
     settings = json.loads(output.read_text())["metadata"]["settings"]
     assert record["status"] == "ok" and 0 <= record["CLs_obs"] <= 1 and len(record["CLs_exp"]) == 5
     assert settings["calctype"] == "toybased" and settings["ntoys"] == 40 and settings["seed"] == 7
+    # So few toys hardly tell CLs near 0.05: the command line says how coarse it is.
+    assert "40 toys per hypothesis: a CLs near 0.05 rests on about 1 toy, a statistical error of about 100%" in run.stderr
 
 
 def test_bad_physics_options_are_one_line_errors(demo_dir, tmp_path):

@@ -308,3 +308,33 @@ def test_more_local_workers_than_cores_are_advised_against():
     assert "advice" not in LocalExecutor(workers=cores).describe()
     advice = LocalExecutor(workers=cores + 1).describe()["advice"]
     assert advice.startswith(f"{cores + 1} workers on {cores} cores take turns") and f"--workers {cores}" in advice
+
+
+def test_a_note_written_while_the_progress_bar_is_drawn_gets_a_line_of_its_own(monkeypatch):
+    """The command line's notes (a worker lost and its patches sent again, say) come while the bar
+    is drawn: each must be a line of its own, not glued to the bar's."""
+    import io
+    import logging
+    import types
+
+    from pyhf_dist.progress import NoteHandler, ProgressBar
+
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    handler = NoteHandler()
+    handler.setFormatter(logging.Formatter("Note: %(message)s"))
+    logger = logging.getLogger("pyhf_dist.test_notes")
+    logger.addHandler(handler)
+    monkeypatch.setattr(logger, "propagate", False)
+    try:
+        bar = ProgressBar(total=2)
+        bar.update(types.SimpleNamespace(ok=True))
+        bar._flush(time.monotonic())
+        logger.warning("a worker was lost: demo_700_150 again (attempt 2 of 3)")
+        bar.update(types.SimpleNamespace(ok=True))
+        bar.close()
+    finally:
+        logger.removeHandler(handler)
+    lines = [line.strip() for line in stream.getvalue().replace("\r", "\n").splitlines()]
+    assert "Note: a worker was lost: demo_700_150 again (attempt 2 of 3)" in lines, stream.getvalue()
+    assert any("2/2" in line for line in lines)

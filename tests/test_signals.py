@@ -152,6 +152,8 @@ def test_an_empty_cell_fails_its_point(background, tmp_path):
     ({"uncertainty": "histosys"}, "the template: 'uncertainty' must be one of staterror, shapesys"),
     ({"normsys": {"name": "x", "hi": -1, "lo": 0.9}}, "the template: normsys 'hi' must be a positive number"),
     ({"sample": "background"}, "the template: channel 'CR' already has a sample 'background'"),
+    ({"poi": "mu_X"}, "the template: 'poi' is 'mu_X', but the workspace's measurement 'demo' tests 'mu_SIG': "
+                      "drop 'poi' or set it to 'mu_SIG'"),
 ])
 def test_a_malformed_template_fails_the_scan_at_once(background, tmp_path, template, message):
     csv_file = _write_csv(tmp_path / "yields.csv", POINTS)

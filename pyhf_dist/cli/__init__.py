@@ -58,9 +58,11 @@ def _notes_on_stderr() -> None:
     skipped, a compile cache given up) as one ``Note:`` line each on standard error."""
     import logging
 
+    from pyhf_dist.progress import NoteHandler
+
     logger = logging.getLogger("pyhf_dist")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = NoteHandler()
         handler.setFormatter(logging.Formatter("Note: %(message)s"))
         handler.setLevel(logging.WARNING)
         logger.addHandler(handler)

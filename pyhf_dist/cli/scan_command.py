@@ -77,8 +77,13 @@ def _check_compile_cache() -> None:
     from pyhf_dist import cache
     from pyhf_dist.runtime.fast.likelihood import CACHE_ENV
 
-    base = cache.root()
-    directory = os.environ.get(CACHE_ENV) or (str(base / "jax") if base is not None else "off")
+    directory = os.environ.get(CACHE_ENV)
+    if not directory:
+        folder = cache.directory("jax")  # None: off, or a cache that cannot be used (said once, here)
+        if folder is None:
+            os.environ[CACHE_ENV] = "off"
+            return
+        directory = str(folder)
     if directory.lower() == "off":
         return
     reason = cache.usable(directory)
@@ -273,6 +278,29 @@ def _started(metadata: dict) -> None:
         click.echo("Note: --optimizer minuit is plain pyhf's minimizer: it fits the patches the fast path declines; "
                    "for every patch add --backend numpy (the fast path runs L-BFGS-B, and MINUIT where a fit needs it)",
                    err=True)
+    if settings.get("calctype") == "toybased" and settings["ntoys"] < FEW_TOYS:
+        click.echo(f"Note: {_toy_precision(settings['ntoys'])}", err=True)
+
+
+#: Toys per hypothesis below which the command line tells how coarse a CLs near 0.05 is.
+FEW_TOYS = 1000
+
+
+def _toy_precision(ntoys: int) -> str:
+    """How precisely ``ntoys`` toys per hypothesis fix a CLs near 0.05.
+
+    There CLs_b is about 0.5, so CLs_s+b is about 0.025: about ``0.025 * ntoys`` toys decide it,
+    with a binomial relative error of ``1 / sqrt(0.025 * ntoys)``.
+
+    >>> _toy_precision(100)
+    '100 toys per hypothesis: a CLs near 0.05 rests on about 2.5 toys, a statistical error of about 63% of itself; 1,000 toys give 20%, 10,000 give 6%'
+    """
+    tail = 0.025 * ntoys
+    toys = f"{ntoys:,} toy{'s' * (ntoys != 1)} per hypothesis"
+    better = "1,000 toys give 20%, 10,000 give 6%"
+    if tail < 1:
+        return f"{toys}: less than one is expected in the tail that decides a CLs near 0.05, so CLs cannot tell an exclusion; {better}"
+    return f"{toys}: a CLs near 0.05 rests on about {tail:.2g} toy{'s' * (tail != 1)}, a statistical error of about {tail**-0.5:.0%} of itself; {better}"
 
 
 def _run(source, patchset, executor, options, executor_options, quiet, journal_path, resume_command):

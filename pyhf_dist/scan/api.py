@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
+from pyhf_dist import cache
 from pyhf_dist.combine import combine as combine_records
 from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, InputError, SettingsError, StorageWarning
 from pyhf_dist.executors import get_executor
@@ -65,6 +66,7 @@ def iter_fits(workspace: Any, patchset: Any = None, *, executor: Any = "local", 
     book = None
     with stop_signals_as_interrupt():
         try:
+            cache.check()
             if runner.owned:
                 # Workers that can start early import what the fits need while the pallet is read.
                 runner.prepare(settings.to_dict())

@@ -45,7 +45,7 @@ class Template:
     Attributes:
         channels: Channels the signal is added to; ``None``: those the signals file names.
         sample: Name of the added sample.
-        poi: The normfactor on the sample; ``None``: the workspace's first measurement's POI.
+        poi: The normfactor on the sample, the first measurement's POI (``None``: taken from there).
         normsys: ``{"name", "hi", "lo"}``: a normsys on the sample, the same for every point.
         uncertainty: ``"staterror"`` or ``"shapesys"`` from the row's per-bin uncertainties.
         uncertainty_name: Name of that modifier; ``{channel}`` and ``{sample}`` are filled in
@@ -114,7 +114,7 @@ class Template:
 
         Raises:
             SignalsError: A channel the workspace lacks, a sample name already used in one of the
-                channels, no POI to use.
+                channels, no POI to use, a ``poi`` other than the measurement's.
         """
         index = {channel["name"]: position for position, channel in enumerate(workspace["channels"])}
         bins = {channel["name"]: len(channel["samples"][0]["data"]) for channel in workspace["channels"]}
@@ -125,13 +125,18 @@ class Template:
             if any(sample["name"] == self.sample for sample in workspace["channels"][index[channel]]["samples"]):
                 raise SignalsError(f"{where}: channel {channel!r} already has a sample {self.sample!r}: name the signal "
                                    "sample otherwise ('sample')")
-        poi = self.poi
-        if poi is None:
-            measurements = workspace.get("measurements") or []
-            if not measurements:
+        measurements = workspace.get("measurements") or []
+        if not measurements:
+            if self.poi is None:
                 raise SignalsError(f"{where}: the workspace has no measurement to take the POI from: give 'poi'")
-            poi = measurements[0]["config"]["poi"]
-        return Bound(self, index, bins, channels, poi)
+            return Bound(self, index, bins, channels, self.poi)
+        # Every fit uses the first measurement: a normfactor of another name would leave its POI
+        # undeclared (pyhf then fails every point alike) or test a strength that is not the signal's.
+        measured = measurements[0]["config"]["poi"]
+        if self.poi is not None and self.poi != measured:
+            raise SignalsError(f"{where}: 'poi' is {self.poi!r}, but the workspace's measurement "
+                               f"{measurements[0].get('name', '')!r} tests {measured!r}: drop 'poi' or set it to {measured!r}")
+        return Bound(self, index, bins, channels, measured)
 
 
 def _check_normsys(normsys: Any, where: str) -> None:

@@ -90,8 +90,8 @@ def configure_jax() -> None:
         if not directory:
             from pyhf_dist import cache
 
-            base = cache.root()
-            directory = str(base / "jax") if base is not None else "off"
+            folder = cache.directory("jax")  # None: off, or unusable (said once, for every worker)
+            directory = str(folder) if folder is not None else "off"
         if directory.lower() != "off":
             from pyhf_dist import cache
 
