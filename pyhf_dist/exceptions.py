@@ -21,6 +21,7 @@ __all__ = [
     "JournalError",
     "StorageError",
     "StorageWarning",
+    "DownloadError",
     "MissingDependencyError",
     "ExecutorError",
     "WorkerLostError",
@@ -136,6 +137,11 @@ class StorageWarning(UserWarning):
         super().__init__(message)
         self.path = path
         self.errno = errno
+
+
+class DownloadError(PyhfDistError, ConnectionError):
+    """A pallet that could not be downloaded because its server cannot be reached: the network's
+    fault, not the source's (a source the server does not know is a :class:`PalletError`)."""
 
 
 class MissingDependencyError(PyhfDistError, ImportError):

@@ -5,7 +5,8 @@ Accepted forms (see :func:`load_pallet`, :func:`load_workspace`, :func:`load_pat
 * a HEPData tarball (``.tar.gz``) or a directory holding ``BkgOnly.json`` and ``patchset.json``;
 * the older HEPData layout: ``BkgOnly.json`` plus one jsonpatch file per signal point,
   ``patch.<name>.json`` or ``patch_<name>.json``;
-* a HEPData DOI or URL, downloaded with pyhf's own ``pyhf.contrib.utils.download``;
+* a HEPData DOI or URL, downloaded into a temporary folder and removed once read
+  (:mod:`pyhf_dist.download`);
 * in Python, ``pyhf.Workspace``/``pyhf.PatchSet`` objects or their dictionaries.
 
 A source can hold several pallets, one per folder (:mod:`pyhf_dist.discovery` finds and names
@@ -22,15 +23,13 @@ from __future__ import annotations
 
 import gzip
 import os
-import re
 import tarfile
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
 
-from pyhf_dist import discovery
-from pyhf_dist.exceptions import MissingDependencyError, PalletError
+from pyhf_dist import discovery, download
+from pyhf_dist.exceptions import PalletError
 from pyhf_dist.protocol import first_line
 from pyhf_dist.specs import (
     Pallet, Patch, check_workspace, is_pyhf, load_patches, load_workspace, select_across, select_patches, parse_json, read_bytes, values_from_name, check_operations, patches_from_patchset, generic_labels,
@@ -40,13 +39,6 @@ __all__ = [
     "Patch", "Pallet", "load_pallet", "pallet_names", "load_workspace", "load_patches", "select_patches",
     "select_across", "check_workspace", "is_pyhf",
 ]
-_DOI = re.compile(r"^(doi:)?10\.\d{4,9}/\S+$", re.IGNORECASE)
-
-
-def _is_remote(source: str) -> bool:
-    return source.startswith(("http://", "https://")) or bool(_DOI.match(source))
-
-
 def _read_located(
     source: str, locations: list, chosen: list, read, where, validate: bool
 ) -> list[Pallet]:
@@ -103,7 +95,8 @@ def _pallets_from_directory(directory: Path, choice, validate: bool, label: str 
     )
 
 
-def _pallets_from_tarball(path: Path, choice, validate: bool) -> list[Pallet]:
+def _pallets_from_tarball(path: Path, choice, validate: bool, label: str | None = None) -> list[Pallet]:
+    label = label or str(path)
     try:
         with tarfile.open(path, "r:*") as archive:
             # One pass through the compressed stream: listing the members first and reading the
@@ -119,8 +112,8 @@ def _pallets_from_tarball(path: Path, choice, validate: bool) -> list[Pallet]:
                     read[name] = archive.extractfile(member).read()
             locations = discovery.locate(read)
             if not locations:
-                raise PalletError(f"{path} holds no BkgOnly.json: is it a HEPData likelihood archive?")
-            chosen = discovery.choose(locations, choice, str(path))
+                raise PalletError(f"{label} holds no BkgOnly.json: is it a HEPData likelihood archive?")
+            chosen = discovery.choose(locations, choice, label)
             needed = set()
             for location in chosen:
                 needed.update([location.background, location.patchset, *location.patch_files])
@@ -129,29 +122,13 @@ def _pallets_from_tarball(path: Path, choice, validate: bool) -> list[Pallet]:
     except FileNotFoundError:
         raise PalletError(f"{path} does not exist: check the path") from None
     except (EOFError, zlib.error, gzip.BadGzipFile) as error:
-        raise PalletError(f"{path} is truncated or corrupt ({first_line(error)}): download it again") from None
+        raise PalletError(f"{label} is truncated or corrupt ({first_line(error)}): download it again") from None
     except (tarfile.TarError, OSError) as error:
         raise PalletError(
-            f"{path} is not a readable tar archive ({first_line(error)}): give a HEPData .tar.gz, "
+            f"{label} is not a readable tar archive ({first_line(error)}): give a HEPData .tar.gz, "
             "a pallet directory or a DOI"
         ) from None
-    return _read_located(str(path), locations, chosen, contents.__getitem__, lambda name: f"{path}:{name}", validate)
-
-
-def _download(source: str, force: bool) -> Path:
-    try:
-        from pyhf.contrib.utils import download
-    except ImportError:
-        raise MissingDependencyError("requests", "contrib", "downloading a pallet") from None
-    url = source
-    if _DOI.match(source):
-        url = "https://doi.org/" + re.sub(r"^doi:", "", source, flags=re.IGNORECASE)
-    target = Path(tempfile.mkdtemp(prefix="pyhf-dist-pallet-"))
-    try:
-        download(url, target, force=force)
-    except Exception as error:  # requests, HTTP and archive errors all mean the same to the user
-        raise PalletError(f"could not download the pallet {source}: {first_line(error)}") from None
-    return target
+    return _read_located(label, locations, chosen, contents.__getitem__, lambda name: f"{label}:{name}", validate)
 
 
 def _several(choice) -> bool:
@@ -211,8 +188,9 @@ def pallet_names(source: Any, *, force_download: bool = False) -> list[str]:
     ['SR-A', 'SR-B']
     """
     text = os.fspath(source) if isinstance(source, os.PathLike) else source
-    if isinstance(text, str) and not os.path.exists(text) and _is_remote(text):
-        text = str(_download(text, force_download))
+    if isinstance(text, str) and not os.path.exists(text) and download.is_remote(text):
+        with download.downloaded(text, force_download) as archive:
+            return pallet_names(archive)
     path = Path(text)
     if path.is_dir():
         return [location.name for location in discovery.locate(_json_files(path))]
@@ -230,8 +208,11 @@ def _load_pallets(source: Any, choice, force_download: bool, validate: bool) -> 
     text = os.fspath(source) if isinstance(source, os.PathLike) else source
     if not isinstance(text, str):
         raise PalletError(f"cannot read a pallet from a {type(source).__name__}: give a path, a tarball or a DOI")
-    if not os.path.exists(text) and _is_remote(text):
-        return _pallets_from_directory(_download(text, force_download), choice, validate, label=text)
+    if not os.path.exists(text) and download.is_remote(text):
+        with download.downloaded(text, force_download) as archive:
+            if archive.is_dir():
+                return _pallets_from_directory(archive, choice, validate, label=text)
+            return _pallets_from_tarball(archive, choice, validate, label=text)
     path = Path(text)
     if path.is_dir():
         return _pallets_from_directory(path, choice, validate)

@@ -92,6 +92,9 @@ def test_ctrl_c_before_the_first_fit(erjr_dir, tmp_path, moment):
     elapsed, stderr = stop(process)
     assert_clean_interruption(process, elapsed, stderr)
     assert not (tmp_path / "r.json").exists()
+    # Nothing finished: no promise of kept results, no --resume to add.
+    assert "Interrupted before any fit finished: nothing to keep; run the same command to start again." in stderr
+    assert "--resume" not in stderr and "kept" not in stderr.replace("nothing to keep", "")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])

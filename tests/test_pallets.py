@@ -24,6 +24,7 @@ from pyhf_dist import discovery
 from pyhf_dist.cli import main
 from pyhf_dist.combine import combine
 from pyhf_dist.exceptions import InputError, JournalError, PalletSelectionError
+from pyhf_dist.pallet import pallet_names
 from pyhf_dist.results import FitRecord, ScanResult
 from helpers import assert_matches_reference, serial_pyhf
 
@@ -590,3 +591,87 @@ def test_patches_or_a_workspace_of_the_wrong_kind_are_refused_in_one_line(erjr_d
     with pytest.raises(WorkspaceError) as refused:
         pyhf_dist.map_fits(workspace, patches, executor="sequential")
     assert str(refused.value).startswith(message) and "\n" not in str(refused.value)
+
+
+# ------------------------------------------------------------------------------ downloads
+
+@pytest.fixture
+def web(tmp_path, erjr_dir, lbb_tarball):
+    """A real HTTP server on this machine serving pallet archives, standing in for HEPData, which
+    tests cannot reach: the 1Lbb archive as HEPData serves it, a .zip of 3L-eRJR, and a page."""
+    import functools
+    import http.server
+    import threading
+    import zipfile
+
+    root = tmp_path / "web"
+    root.mkdir()
+    (root / "1Lbb.tar.gz").write_bytes(lbb_tarball.read_bytes())
+    with zipfile.ZipFile(root / "3L.zip", "w") as packed:
+        for path in sorted(erjr_dir.iterdir()):
+            packed.write(path, f"3L-eRJR/{path.name}")
+    (root / "page.html").write_text("<html>a landing page, not an archive</html>")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_downloaded_pallet_is_the_archives_and_leaves_nothing_behind(web, erjr_dir, lbb_tarball, tmp_path,
+                                                                      monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temporary"))
+    (tmp_path / "temporary").mkdir()
+    local = pyhf_dist.load_pallet(lbb_tarball)
+    fetched = pyhf_dist.load_pallet(f"{web}/1Lbb.tar.gz", force_download=True)
+    assert fetched.workspace == local.workspace and len(fetched.patches) == 125
+    assert [p.operations for p in fetched.patches] == [p.operations for p in local.patches]
+    zipped = pyhf_dist.load_pallet(f"{web}/3L.zip", force_download=True)
+    assert sorted(p.name for p in zipped.patches) == sorted(p.name for p in pyhf_dist.load_pallet(erjr_dir).patches)
+    assert pallet_names(f"{web}/3L.zip", force_download=True) == ["3L-eRJR"]
+    assert list((tmp_path / "temporary").iterdir()) == [], "the download is removed once read"
+
+
+def test_a_download_that_fails_says_why_in_one_line(web, tmp_path, monkeypatch):
+    import socket
+
+    from pyhf_dist import download
+    from pyhf_dist.exceptions import DownloadError, PalletError
+
+    cases = [
+        (f"{web}/nothing.tar.gz", True, PalletError, "answers HTTP 404 File not found: check the DOI or URL"),
+        (f"{web}/page.html", True, PalletError, "is not a readable tar archive"),
+        (f"{web}/1Lbb.tar.gz", False, PalletError, "127.0.0.1 is not HEPData's (www.hepdata.net, doi.org): download "
+                                                   "the archive and give its path"),
+    ]
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: a connection is refused
+    cases.append((f"http://127.0.0.1:{closed.getsockname()[1]}/1Lbb.tar.gz", True, DownloadError,
+                  "127.0.0.1 cannot be reached: check the network (or its proxy), or download the pallet's .tar.gz"))
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()  # the kernel accepts the connection; nothing ever answers
+    cases.append((f"http://127.0.0.1:{silent.getsockname()[1]}/1Lbb.tar.gz", True, DownloadError,
+                   "127.0.0.1 did not answer in time"))
+    monkeypatch.setattr(download, "TIMEOUT", (2.0, 2.0))
+    try:
+        for url, force, kind, message in cases:
+            with pytest.raises(kind) as caught:
+                pyhf_dist.load_pallet(url, force_download=force)
+            assert message in str(caught.value) and "\n" not in str(caught.value), (url, str(caught.value))
+    finally:
+        closed.close()
+        silent.close()
+    # On the command line: the network's fault is exit 1, the source's exit 2.
+    code, _, stderr = _run_cli("fit", f"{web}/1Lbb.tar.gz", "-o", str(tmp_path / "r.json"))
+    assert code == 2 and "is not HEPData's" in _one_error_line(stderr)

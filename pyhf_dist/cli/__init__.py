@@ -94,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as exit_:
         return exit_.exit_code
     except PyhfDistError as error:
-        if debug:
-            raise
+        if debug:  # the whole traceback, and the exit code a script tells input errors by
+            import traceback
+
+            traceback.print_exc()
         click.echo(f"Error: {error}", err=True)
         return 2 if isinstance(error, InputError) else 1
     return code if isinstance(code, int) and not isinstance(code, bool) else 0

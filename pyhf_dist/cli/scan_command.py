@@ -303,6 +303,14 @@ def _toy_precision(ntoys: int) -> str:
     return f"{toys}: a CLs near 0.05 rests on about {tail:.2g} toy{'s' * (tail != 1)}, a statistical error of about {tail**-0.5:.0%} of itself; {better}"
 
 
+def _holds_anything(journal: Path) -> bool:
+    """Whether the journal holds something a resumed scan keeps (it may not exist yet)."""
+    try:
+        return journal.stat().st_size > 0
+    except OSError:
+        return False
+
+
 def _run(source, patchset, executor, options, executor_options, quiet, journal_path, resume_command):
     """The scan, with its interruptions and storage faults told in one line and what continues it."""
     import pyhf_dist
@@ -314,11 +322,12 @@ def _run(source, patchset, executor, options, executor_options, quiet, journal_p
             return pyhf_dist.map_fits(source, patchset, executor=executor, progress=not quiet, on_start=_started,
                                       **options, **executor_options)
     except KeyboardInterrupt:
-        click.echo(
-            f"\nInterrupted. Finished results are kept in {journal_path}; to fit the rest run:\n"
-            f"  {resume_command} --resume",
-            err=True,
-        )
+        if _holds_anything(journal_path):
+            click.echo(f"\nInterrupted. Finished results are kept in {journal_path}; to fit the rest run:\n"
+                       f"  {resume_command} --resume", err=True)
+        else:
+            click.echo("\nInterrupted before any fit finished: nothing to keep; run the same command to start again.",
+                       err=True)
         raise click.exceptions.Exit(130) from None
     except StorageError as error:
         # The machine's fault, not the user's input: one line, what was kept, the command that continues.
