@@ -64,6 +64,13 @@ class ProgressBar:
         # Records are counted here and handed to the bar at a fixed rate: per record, a scan of
         # 10^5 quick fits would spend more of the client's time on the bar than on the fits.
         self._pending, self._shown = 0, time.monotonic()
+        # Where nothing handles pyhf-dist's notes (a script, a notebook: Python's last resort
+        # prints them), they are printed as that would, but on lines of their own, for the bar's time.
+        self._notes = None
+        logger = logging.getLogger("pyhf_dist")
+        if not logger.hasHandlers():
+            self._notes = NoteHandler(logging.WARNING)
+            logger.addHandler(self._notes)
 
     def _postfix(self) -> str:
         if not self.toys:
@@ -104,3 +111,6 @@ class ProgressBar:
     def close(self) -> None:
         self._flush(time.monotonic())
         self._bar.close()
+        if self._notes is not None:
+            logging.getLogger("pyhf_dist").removeHandler(self._notes)
+            self._notes = None

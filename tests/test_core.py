@@ -338,3 +338,28 @@ def test_a_note_written_while_the_progress_bar_is_drawn_gets_a_line_of_its_own(m
     lines = [line.strip() for line in stream.getvalue().replace("\r", "\n").splitlines()]
     assert "Note: a worker was lost: demo_700_150 again (attempt 2 of 3)" in lines, stream.getvalue()
     assert any("2/2" in line for line in lines)
+
+
+def test_in_python_a_note_during_the_bar_gets_a_line_of_its_own_too(monkeypatch):
+    """A script or a notebook configures no logging: Python's last resort prints the notes, glued
+    to the bar's line. While the bar is drawn, pyhf-dist prints them on lines of their own."""
+    import io
+    import logging
+    import types
+
+    from pyhf_dist.progress import ProgressBar
+
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    monkeypatch.setattr(logging, "lastResort", logging._StderrHandler(logging.WARNING))  # reads sys.stderr
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as outside pytest, which adds its own
+    assert not logging.getLogger("pyhf_dist").hasHandlers()
+    bar = ProgressBar(total=2)
+    bar.update(types.SimpleNamespace(ok=True))
+    bar._flush(time.monotonic())
+    logging.getLogger("pyhf_dist.scan.loop").warning("a worker was lost: demo_700_150 again (attempt 2 of 3)")
+    bar.update(types.SimpleNamespace(ok=True))
+    bar.close()
+    lines = [line.strip() for line in stream.getvalue().replace("\r", "\n").splitlines()]
+    assert "a worker was lost: demo_700_150 again (attempt 2 of 3)" in lines, stream.getvalue()
+    assert not logging.getLogger("pyhf_dist").hasHandlers(), "the bar's handler goes with the bar"
