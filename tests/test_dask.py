@@ -336,6 +336,51 @@ def test_workers_of_a_killed_scan_end_by_themselves(erjr_dir, tmp_path):
             scan.kill()
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_scheduler_killed_mid_scan_ends_the_scan_with_the_reason_in_each_record(erjr_dir, tmp_path):
+    """A scheduler of the user's (``dask scheduler``, ``dask worker``) killed while the scan runs:
+    the scan ends (it once waited for ever on a result the client could no longer fetch), keeps
+    what finished, and each patch not finished says why; no traceback of Dask's."""
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    log = open(tmp_path / "cluster.log", "w")
+    python_m = [sys.executable, "-m"]
+    scheduler = subprocess.Popen([*python_m, "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port",
+                                  address.rsplit(":", 1)[1], "--no-dashboard"], stdout=log, stderr=log)
+    worker = None
+    try:
+        worker = subprocess.Popen([*python_m, "distributed.cli.dask_worker", address, "--nworkers", "1",
+                                   "--nthreads", "1", "--no-dashboard"], stdout=log, stderr=log)
+        journal, output = tmp_path / "r.journal.jsonl", tmp_path / "r.json"
+        scan = subprocess.Popen([sys.executable, "-m", "pyhf_dist", "fit", str(erjr_dir), "--backend", "numpy",
+                                 "--executor", "dask", "--address", address, "--option", "connect_timeout=60",
+                                 "-o", str(output), "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while scan.poll() is None and time.monotonic() < deadline and (
+                not journal.exists() or journal.read_text().count("\n") < 2):
+            time.sleep(0.05)
+        scheduler.kill()
+        _, stderr = scan.communicate(timeout=90)
+    finally:
+        for process in (scheduler, worker):
+            if process is not None and process.poll() is None:
+                process.kill()
+        log.close()
+    assert scan.returncode == 0, stderr
+    assert "Traceback" not in stderr, stderr
+    records = json.loads(output.read_text())["results"]
+    finished = [record for record in records if record["status"] == "ok"]
+    failed = [record for record in records if record["status"] != "ok"]
+    assert len(records) == 66 and len(finished) >= 2 and failed, stderr
+    assert all("the connection to the Dask scheduler was lost" in record["error"] for record in failed), failed[0]
+
+
 class _CancelledWhileChecked(concurrent.futures.Future):
     """A scan's future that the scan cancels just after ``transfer`` saw it pending: the race of a
     shutdown with Dask's callback thread, made to happen every time."""

@@ -134,6 +134,34 @@ def test_bad_options():
         get_executor("slurm", adapt=(3, 1))
     with pytest.raises(ExecutorOptionError, match="processes"):
         get_executor("slurm", cores=1, processes=2)
+    for memory in (4, "4", "lots"):  # dask-jobqueue's own message: "not all arguments converted..."
+        with pytest.raises(ExecutorOptionError, match=r"memory must be a size with its unit, e.g. '4GB'"):
+            get_executor("slurm", memory=memory)
+
+
+def test_one_line_given_for_a_list_option_is_one_line_of_the_script(tmp_path):
+    """As --option KEY=VALUE, a YAML file or Python give it: not one #SBATCH line, shell command or
+    worker argument per character."""
+    from click.testing import CliRunner
+
+    from pyhf_dist.cli import cli
+
+    result = CliRunner().invoke(cli, [
+        "fit", str(tmp_path), "--executor", "slurm", "--show-job-script",
+        "--option", "job_extra_directives=--constraint=haswell", "--option", "worker_extra_args=--lifetime=1h",
+        "--option", "job_script_prologue=source ~/venv/bin/activate"])
+    assert result.exit_code == 0, result.output
+    config = tmp_path / "cluster.yaml"
+    config.write_text("job-script-prologue: module load root\njob-extra-directives: --exclusive\n")
+    from_file = get_executor("slurm", cluster_config=str(config)).job_script()
+    from_python = get_executor("slurm", job_script_prologue="module load root").job_script()
+    for script, lines in ((result.output, ["#SBATCH --constraint=haswell", "source ~/venv/bin/activate"]),
+                          (from_file, ["#SBATCH --exclusive", "module load root"]),
+                          (from_python, ["module load root"])):
+        for line in lines:
+            assert line in script.splitlines(), script
+        assert "#SBATCH -\n" not in script and "\ns\no\n" not in script, script
+    assert result.output.rstrip().splitlines()[-1].endswith(" --lifetime=1h"), result.output
 
 
 def test_without_slurm_commands_the_error_is_one_line(tmp_path, monkeypatch):

@@ -112,7 +112,7 @@ def _parse_option(text: str) -> tuple[str, object]:
     import yaml
 
     if "=" not in text:
-        raise click.BadParameter(f"{text!r} is not KEY=VALUE (e.g. --option processes=2)")
+        raise click.BadParameter(f"{text!r} is not KEY=VALUE (e.g. --option log_directory=logs)")
     key, value = text.split("=", 1)
     return key.strip().replace("-", "_"), yaml.safe_load(value)
 
@@ -211,7 +211,7 @@ def fit_parameters() -> list[click.Parameter]:
                      help="Results file (.json, or .csv or .parquet for a table)."),
         click.Option(["--show-job-script"], is_flag=True, help="Print the batch script of a batch executor and exit."),
         click.Option(["--option", "extra_options"], multiple=True, metavar="KEY=VALUE",
-                     help="Any other executor keyword argument (repeatable), e.g. --executor dask --option processes=2."),
+                     help="Any other executor keyword argument (repeatable), e.g. --executor slurm --option log_directory=logs."),
         click.Option(["-q", "--quiet"], is_flag=True, help="No progress bar."),
     ]
 

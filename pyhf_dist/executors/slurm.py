@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import inspect
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -96,6 +97,20 @@ def _normalize(options: dict, where: str) -> dict:
             f"(known: {', '.join(sorted(_accepted_keys()))})"
         )
     return normalized
+
+
+#: SLURMCluster options that are lists of lines or arguments: dask-jobqueue would take a string
+#: given for one as its characters (one ``#SBATCH`` line, or one shell command, per character).
+_LIST_OPTIONS = ("job_extra_directives", "job_directives_skip", "job_script_prologue", "worker_extra_args",
+                 "job_extra", "env_extra", "extra", "header_skip")
+#: A job's memory as dask-jobqueue reads it: a number and a unit.
+_MEMORY = re.compile(r"^\s*\d+(\.\d+)?\s*[kmgtp]i?b\s*$", re.IGNORECASE)
+
+
+def _as_lists(options: dict) -> dict:
+    """The options, with one string given for a list option as a list of that one string."""
+    return {key: [value] if key in _LIST_OPTIONS and isinstance(value, str) else value
+            for key, value in options.items()}
 
 
 def load_cluster_config(path: str | os.PathLike, config_name: str = "slurm") -> dict:
@@ -212,7 +227,7 @@ class SlurmExecutor(DaskExecutor):
     def _with_defaults(self, options: dict) -> dict:
         # Read the config ourselves only where dask-jobqueue would fail (cores, memory) or choose
         # for a threaded workload (processes: it picks ~sqrt(cores) workers, each with threads).
-        options = dict(options)
+        options = _as_lists(options)
         config = dask.config.get(f"jobqueue.{self.config_name}", default={}) or {}
         if options.get("cores") is None:
             options["cores"] = config.get("cores") or 1
@@ -232,6 +247,8 @@ class SlurmExecutor(DaskExecutor):
             value = options[key]
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ExecutorOptionError(f"{key} must be a positive integer, got {value!r}")
+        if not isinstance(options["memory"], str) or not _MEMORY.match(options["memory"]):
+            raise ExecutorOptionError(f"memory must be a size with its unit, e.g. '4GB' or '500MB', got {options['memory']!r}")
         if options.get("nanny") is False and options["processes"] > 1:
             raise ExecutorOptionError(
                 f"nanny=False needs one worker process per job (got processes={options['processes']}): "
@@ -250,6 +267,7 @@ class SlurmExecutor(DaskExecutor):
         prologue = options.get("job_script_prologue")
         if prologue is None:
             prologue = dask.config.get(f"jobqueue.{self.config_name}.job-script-prologue", default=None) or []
+            prologue = [prologue] if isinstance(prologue, str) else prologue
         # A job inherits the submitting process's environment (sbatch --export=ALL).
         environ = dict(os.environ)
         options["job_script_prologue"] = [*tuning_exports(tuning, environ=environ), *thread_limit_exports(environ),

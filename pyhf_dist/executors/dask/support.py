@@ -25,9 +25,16 @@ def transfer(outer: concurrent.futures.Future, inner) -> None:
     try:
         error = inner.exception() if inner.status == "error" else None
         outcome = inner.result() if error is None else None
-    except concurrent.futures.CancelledError:  # Dask's FutureCancelledError included
-        _cancel(outer)
-        return
+    except concurrent.futures.CancelledError as cancelled:  # Dask's FutureCancelledError included
+        if getattr(cancelled, "reason", None) != SCHEDULER_LOST:
+            _cancel(outer)
+            return
+        # Not the scan's doing: every task the client held is cancelled with this reason.
+        error = ExecutorError(_SCHEDULER_LOST_MESSAGE)
+    except Exception as failure:  # fetching the result failed (the scheduler went away meanwhile)
+        # Raised here it would stay in Dask's callback thread, and the scan would wait for ever.
+        client = getattr(inner, "client", None)
+        error = failure if getattr(client, "status", "running") == "running" else ExecutorError(_SCHEDULER_LOST_MESSAGE)
     try:
         if error is None:
             outer.set_result(outcome)
@@ -35,6 +42,12 @@ def transfer(outer: concurrent.futures.Future, inner) -> None:
             outer.set_exception(error)
     except concurrent.futures.InvalidStateError:  # cancelled by the scan meanwhile
         pass
+
+
+#: Why Dask cancels every future of a client whose connection to the scheduler broke.
+SCHEDULER_LOST = "scheduler-connection-lost"
+_SCHEDULER_LOST_MESSAGE = ("the connection to the Dask scheduler was lost (it stopped, or the network failed): fit "
+                           "this patch again once the scheduler is back (--resume fits only what failed)")
 
 
 def _cancel(outer: concurrent.futures.Future) -> None:
@@ -89,11 +102,32 @@ class _LostConnectionReports(logging.Filter):
         return not isinstance(error, CommClosedError)
 
 
+class _SchedulerLossReports(logging.Filter):
+    """A client that lost its scheduler logs its attempts to reconnect with a traceback, then that
+    it gave up. The scan's records say what it means for them (each patch not finished fails with
+    the reason); here one note replaces Dask's reports."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import asyncio
+
+        error = record.exc_info[1] if record.exc_info else None
+        if record.levelno >= logging.ERROR and isinstance(error, asyncio.CancelledError):
+            return False  # the reconnecting task, cancelled as the client closes
+        if str(record.msg).startswith("Failed to reconnect to scheduler"):
+            logging.getLogger("pyhf_dist").warning(
+                "lost the connection to the Dask scheduler: the patches not yet finished fail; once it is back, "
+                "--resume fits them")
+            return False
+        return True
+
+
 def drop_lost_connection_reports() -> None:
-    """Install :class:`_LostConnectionReports` on asyncio's logger (once per process)."""
-    logger = logging.getLogger("asyncio")
-    if not any(isinstance(each, _LostConnectionReports) for each in logger.filters):
-        logger.addFilter(_LostConnectionReports())
+    """Install :class:`_LostConnectionReports` on asyncio's logger and
+    :class:`_SchedulerLossReports` on Dask's client's (once per process)."""
+    for name, kind in (("asyncio", _LostConnectionReports), ("distributed.client", _SchedulerLossReports)):
+        logger = logging.getLogger(name)
+        if not any(isinstance(each, kind) for each in logger.filters):
+            logger.addFilter(kind())
 
 
 def hold_gc_diagnosis() -> None:
