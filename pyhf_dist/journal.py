@@ -41,7 +41,7 @@ from pyhf_dist.records import is_stream
 from pyhf_dist.results import FitRecord, json_safe
 from pyhf_dist.chunks import compact_chunk, expand_chunk
 
-__all__ = ["Journal", "scan_key", "journal_path_for", "describe_errno"]
+__all__ = ["Journal", "scan_key", "patch_digest", "journal_path_for", "describe_errno"]
 
 log = logging.getLogger(__name__)
 # Made once: json.dumps with options builds an encoder per call, a line per record of the scan.
@@ -66,6 +66,25 @@ def scan_key(workspace: dict, settings) -> str:
     digest = hashlib.sha256(json.dumps(workspace, sort_keys=True, separators=(",", ":")).encode())
     digest.update(settings.digest().encode())
     return digest.hexdigest()[:16]
+
+
+def patch_digest(operations) -> str:
+    """A digest of a patch's operations: what a journal keeps to tell a patch that changed since
+    (another file under the same name, a row of signals with other yields, another template).
+
+    >>> first, second = [{"op": "add", "path": "/a", "value": 1}], [{"path": "/a", "value": 1, "op": "add"}]
+    >>> patch_digest(first) == patch_digest(second) != patch_digest([{"op": "add", "path": "/a", "value": 2}])
+    True
+    """
+    text = json.dumps(operations, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _entry(key: str, kind: str, content: dict, patch: str | None) -> dict:
+    entry = {"key": key, kind: content}
+    if patch is not None:
+        entry["patch"] = patch
+    return entry
 
 
 def journal_path_for(output: str | os.PathLike) -> Path:
@@ -98,6 +117,11 @@ class Journal:
         self._inode: int | None = None
         #: Finished chunks of toy-based patches, by ``(pallet, patch name)`` (filled by :meth:`load`).
         self.chunks: dict[tuple, list[dict]] = {}
+        #: The :func:`patch_digest` of the patch each loaded record (by key), and each loaded chunk
+        #: (by key, in the order of :attr:`chunks`), was fitted from: ``None`` where the journal
+        #: predates them (filled by :meth:`load`).
+        self.record_digests: dict[tuple, str | None] = {}
+        self.chunk_digests: dict[tuple, list] = {}
 
     @property
     def lock_path(self) -> Path:
@@ -189,8 +213,10 @@ class Journal:
             self._lines.append(raw + b"\n")
             if record is None:
                 self.chunks.setdefault(where, []).append(unpacked)
+                self.chunk_digests.setdefault(where, []).append(entry.get("patch"))
                 continue
             done[record.key] = record
+            self.record_digests[record.key] = entry.get("patch")
             records += 1
         if foreign:
             raise JournalError(
@@ -293,25 +319,56 @@ class Journal:
         """
         self.write_many([record])
 
-    def write_many(self, records: list[FitRecord]) -> None:
+    def write_many(self, records: list[FitRecord], digests: list | None = None) -> None:
         """Append several records with one write and one flush to disk: when it returns, every
         one of them is on disk (what :meth:`write` promises for one).
+
+        Args:
+            records: The records.
+            digests: The :func:`patch_digest` of each record's patch, kept beside it: a resumed
+                scan fits again a patch that changed since.
 
         Raises:
             StorageError: As :meth:`write`; the error counts the whole records kept, those of
                 this group that reached the disk included.
         """
         if records:
-            self._append_lines([self._line({"key": self.key, "record": record.fields()}) for record in records])
+            digests = digests or [None] * len(records)
+            self._append_lines([self._line(_entry(self.key, "record", record.fields(), digest))
+                                for record, digest in zip(records, digests)])
 
-    def write_chunk(self, pallet: str | None, outcome: dict) -> None:
+    def write_chunk(self, pallet: str | None, outcome: dict, digest: str | None = None) -> None:
         """Append one finished chunk of a toy-based patch (its statistics packed, exactly) and make
         sure it is on disk: a resumed scan fits only the toys no such line covers.
 
         Raises:
             StorageError: As :meth:`write`.
         """
-        self._append({"key": self.key, "chunk": {"pallet": pallet, "record": json_safe(compact_chunk(outcome))}})
+        chunk = {"pallet": pallet, "record": json_safe(compact_chunk(outcome))}
+        self._append(_entry(self.key, "chunk", chunk, digest))
+
+    def drop_changed(self, current: dict) -> tuple[set, set]:
+        """Drop the loaded chunks fitted from a patch other than ``current`` (``key -> digest``)
+        gives; the scan fits those toys again, its new lines coming after the old ones.
+
+        Returns:
+            The keys whose record was fitted from another patch (to fit again), and all keys
+            with a record or chunk of another patch.
+        """
+        stale_records, changed = set(), set()
+        for key, digest in current.items():
+            if self.record_digests.get(key) not in (None, digest):
+                stale_records.add(key)
+                changed.add(key)
+            digests = self.chunk_digests.get(key)
+            if digests and any(each not in (None, digest) for each in digests):
+                changed.add(key)
+                kept = [(chunk, each) for chunk, each in zip(self.chunks[key], digests) if each in (None, digest)]
+                self.chunks[key] = [chunk for chunk, _ in kept]
+                self.chunk_digests[key] = [each for _, each in kept]
+                if not kept:
+                    del self.chunks[key], self.chunk_digests[key]
+        return stale_records, changed
 
     def _append(self, entry: dict) -> None:
         """Write one line (not a record), on disk before returning."""

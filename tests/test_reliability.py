@@ -530,3 +530,38 @@ def test_ctrl_c_while_workers_start_prints_no_worker_traceback(tmp_path):
     assert "Interrupted" in stderr and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     assert not (tmp_path / "r.json").exists()
     _assert_gone(workers)
+
+
+def test_a_resumed_toy_scan_fits_again_a_patch_that_changed_and_drops_its_old_toys(tmp_path):
+    """A patchset edited between a run and its --resume (a record re-packed, say): its record in the
+    journal, and the chunks of toys of a patch whose record never came (a kill before the merge),
+    are of another patch. Both are fitted again: the CLs are a fresh scan's, bit for bit."""
+    from pyhf_dist.demo import demo_patchset, demo_workspace
+
+    pallet = tmp_path / "pallet"
+    pallet.mkdir()
+    (pallet / "BkgOnly.json").write_text(json.dumps(demo_workspace()))
+    patchset = demo_patchset()
+    patchset["patches"] = patchset["patches"][:3]
+    (pallet / "patchset.json").write_text(json.dumps(patchset))
+    names = [patch["metadata"]["name"] for patch in patchset["patches"]]
+    journal = tmp_path / "j.jsonl"
+    toys = dict(calctype="toybased", ntoys=200, seed=1, workers=2, progress=False)
+    first = {record.name: record for record in pyhf_dist.map_fits(pallet, journal=journal, **toys)}
+    # The third patch's record lost, its chunks kept: as a scan killed just before it merged them.
+    lines = journal.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if not ('"record": {' in line and f'"name": "{names[2]}"' in line
+                                           and '"chunk"' not in line)]
+    assert len(kept) == len(lines) - 1 and any(names[2] in line for line in kept)
+    journal.write_text("".join(kept))
+    for patch in patchset["patches"][1:]:  # weaker signals: CLs away from 0
+        for operation in patch["patch"]:
+            operation["value"]["data"] = [0.05 * value for value in operation["value"]["data"]]
+    (pallet / "patchset.json").write_text(json.dumps(patchset))
+    resumed = {record.name: record for record in pyhf_dist.map_fits(pallet, journal=journal, resume=True, **toys)}
+    fresh = {record.name: record for record in pyhf_dist.map_fits(pallet, **toys)}
+    assert resumed[names[0]].submitted == first[names[0]].submitted, "the unchanged patch is reused"
+    for name in names[1:]:
+        assert resumed[name].ok and fresh[name].ok and 0.1 < fresh[name].CLs_obs < 0.9
+        assert [resumed[name].CLs_obs, *resumed[name].CLs_exp] == [fresh[name].CLs_obs, *fresh[name].CLs_exp], name
+        assert resumed[name].CLs_obs != first[name].CLs_obs, name

@@ -380,3 +380,33 @@ def test_a_spreadsheets_csv_with_a_byte_order_mark_and_crlf_lines_reads_as_any_o
     options = dict(executor="sequential", backend="numpy")
     _assert_same(pyhf_dist.map_fits(background, signals=exported, template=template, **options),
                  pyhf_dist.map_fits(background, signals=plain, template={"normsys": NORMSYS}, **options))
+
+
+def test_a_resumed_scan_fits_again_the_points_whose_yields_or_template_changed(background, tmp_path, caplog):
+    """The journal keeps a digest of each record's patch: a row whose yields changed, or a template
+    that changed, is fitted again on --resume, as a fresh scan would; the other points are reused."""
+    csv_file = _write_csv(tmp_path / "yields.csv", POINTS)
+    journal = tmp_path / "j.jsonl"
+    options = dict(executor="sequential", backend="numpy", journal=journal)
+    first = {r.name: r for r in pyhf_dist.map_fits(background, signals=csv_file, template={"normsys": NORMSYS},
+                                                   **options)}
+    changed = dict(POINTS)
+    m1, m2, yields = changed["pt_400_100"]
+    changed["pt_400_100"] = (m1, m2, {channel: [10 * value for value in bins] for channel, bins in yields.items()})
+    _write_csv(csv_file, changed)
+    resumed = {r.name: r for r in pyhf_dist.map_fits(background, signals=csv_file, template={"normsys": NORMSYS},
+                                                     resume=True, **options)}
+    fresh = {r.name: r for r in pyhf_dist.map_fits(background, signals=csv_file, template={"normsys": NORMSYS},
+                                                   executor="sequential", backend="numpy")}
+    assert "1 patch changed since" in caplog.text and "(pt_400_100): fitted again" in caplog.text
+    assert resumed["pt_400_100"].CLs_obs == pytest.approx(fresh["pt_400_100"].CLs_obs, abs=1e-9)
+    assert resumed["pt_400_100"].CLs_obs != pytest.approx(first["pt_400_100"].CLs_obs, abs=1e-3)
+    assert resumed["pt_300_0"].submitted == first["pt_300_0"].submitted, "an unchanged point is reused"
+    # Another template changes every point; the journal now holds both fits of pt_400_100, the last counts.
+    caplog.clear()
+    other = pyhf_dist.map_fits(background, signals=csv_file, template={"normsys": {**NORMSYS, "hi": 1.3}},
+                               resume=True, **options)
+    assert "3 patches changed since" in caplog.text
+    again = pyhf_dist.map_fits(background, signals=csv_file, template={"normsys": {**NORMSYS, "hi": 1.3}},
+                               resume=True, **options)
+    assert [r.submitted for r in again] == [r.submitted for r in other], "nothing is fitted a third time"

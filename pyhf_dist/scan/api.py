@@ -15,6 +15,7 @@ executors the scan started are shut down however it ends — normally, on an err
 from __future__ import annotations
 
 import inspect
+import logging
 import platform
 import time
 import warnings
@@ -33,6 +34,8 @@ from pyhf_dist.scan.loop import Loop
 from pyhf_dist.scan.options import misspelt, options_doc, signature, split_options
 from pyhf_dist.scan.plan import Plan
 from pyhf_dist.scan.running_toys import RunningToys
+
+log = logging.getLogger(__name__)
 
 __all__ = ["map_fits", "iter_fits"]
 
@@ -115,9 +118,9 @@ def _scan(runner, plan: Plan, settings, scan, book, finished: dict, info: dict) 
             # journal as it was (and creates no file).
             book.open(append=scan.resume)
 
-        def chunk_finished(pallet, outcome: dict) -> None:
+        def chunk_finished(pallet, outcome: dict, digest: str | None) -> None:
             if book is not None:
-                book.write_chunk(pallet, outcome)
+                book.write_chunk(pallet, outcome, digest)
             if scan.on_chunk is not None:
                 scan.on_chunk(outcome)
 
@@ -129,8 +132,9 @@ def _scan(runner, plan: Plan, settings, scan, book, finished: dict, info: dict) 
         try:
             for group in loop.groups(todo):
                 # One write and flush per group: every record is on disk before it is yielded.
+                digests = [loop.take_digest(record.key) for record in group]
                 if book is not None:
-                    book.write_many(group)
+                    book.write_many(group, digests)
                 if plan.combine is not None:  # only a combination needs them all: a stream keeps none
                     done.extend(group)
                 yield from group
@@ -160,12 +164,29 @@ def _start(runner, context, plan: Plan) -> None:
 
 
 def _finished(book, resume: bool, plan: Plan, info: dict) -> dict:
-    """The ok records a resumed scan's journal holds for the plan's patches (none otherwise)."""
+    """The ok records a resumed scan's journal holds for the plan's patches (none otherwise).
+
+    A patch that changed since the journal's record or chunks of it were written (another patch
+    file under its name, a row of signals with other yields, another template) is fitted again.
+    """
     finished = book.load() if (book is not None and resume) else {}
     if book is not None and book.skipped:
         info["journal_skipped"] = list(book.skipped)
+    if book is not None and (book.record_digests or book.chunk_digests):
+        kept = {key for key in (*book.record_digests, *book.chunk_digests) if key in plan.values_by_key}
+        stale, changed = book.drop_changed(plan.patch_digests(kept))
+        if changed:
+            log.warning("%d patch%s changed since %s was written (%s): fitted again", len(changed),
+                        "es" if len(changed) > 1 else "", book.path, _named(sorted(changed, key=str)))
+        for key in stale:
+            finished.pop(key, None)
     # Only fits that succeeded are kept: a resumed scan fits the failed ones again.
     return {key: record for key, record in finished.items() if key in plan.values_by_key and record.ok}
+
+
+def _named(keys: list) -> str:
+    names = [name if pallet is None else f"{pallet}/{name}" for pallet, name in keys]
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def _kept_from_journal(book, finished: dict, settings) -> dict:

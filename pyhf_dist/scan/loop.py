@@ -18,6 +18,7 @@ import time
 from typing import Any, Callable, Iterator
 
 from pyhf_dist.chunks import merge_chunks, missing_chunks, plan_chunks
+from pyhf_dist.journal import patch_digest
 from pyhf_dist.pallet import Patch
 from pyhf_dist.protocol import SMALLEST_GROUP, failed_record, first_line, make_pack, make_task, records_of
 from pyhf_dist.results import FitRecord
@@ -185,7 +186,7 @@ class Loop:
         timeout: Seconds per fit, or ``None``.
         values_by_key: ``(pallet, patch name)`` -> the patch's parameter values.
         chunks_done: Chunks of toys a resumed scan's journal holds, by key.
-        chunk_finished: Called with ``(pallet, outcome)`` for each finished chunk of toys.
+        chunk_finished: Called with ``(pallet, outcome, patch digest)`` for each finished chunk of toys.
         on_merged: Called with ``(key, record dict)`` for each patch whose toys are merged.
         running: A :class:`~pyhf_dist.scan.running_toys.RunningToys` that counts the toys fitted
             while chunks run, or ``None``.
@@ -207,6 +208,19 @@ class Loop:
         self.attempts: dict[tuple, int] = collections.defaultdict(int)
         self.in_flight: dict[concurrent.futures.Future, list[Job]] = {}
         self.packing = Packing(runner, timeout, settings.fits_together)
+        # The patch digest of every patch submitted and not merged yet, then of every record
+        # yielded and not taken yet (take_digest): the journal keeps it beside the record.
+        self.digests: dict[tuple, str] = {}
+        self.merged_digests: dict[tuple, str | None] = {}
+
+    def take_digest(self, key: tuple) -> str | None:
+        """The :func:`~pyhf_dist.journal.patch_digest` of the patch of a record yielded (once)."""
+        return self.merged_digests.pop(key, None)
+
+    def _digest(self, job: Job) -> str:
+        if job.key not in self.digests:
+            self.digests[job.key] = patch_digest(job.patch.operations)
+        return self.digests[job.key]
 
     def groups(self, todo) -> Iterator[list[FitRecord]]:
         """Yield the records of the patches of ``todo`` as they complete, a group per round of
@@ -252,6 +266,7 @@ class Loop:
             key = (pallet, patch.name)
             if self.partial.get(key) and len(self.partial[key]) == self.expected[key]:
                 del self.expected[key]
+                self._digest(Job(patch, None, pallet))
                 yield [self._merged(key, pallet, self.partial.pop(key))]
 
     def _submit(self, jobs: list[Job]) -> None:
@@ -261,6 +276,7 @@ class Loop:
         now = time.time()
         tasks = []
         for job in jobs:
+            self._digest(job)
             job.submitted, job.running_since = now, None
             self.first_submitted.setdefault(job.key, now)
             self.attempts[job.key] = max(self.attempts[job.key], job.attempt)
@@ -316,7 +332,7 @@ class Loop:
         self.partial[key].append(outcome)
         fitted = outcome.get("status") == "ok" and "toys" in outcome
         if fitted and self.chunk_finished is not None:
-            self.chunk_finished(job.pallet, outcome)
+            self.chunk_finished(job.pallet, outcome, self.digests.get(key))
         if self.running is not None and job.chunk is not None:
             self.running.done(job.progress, job.chunk, fitted)
         if len(self.partial[key]) == self.expected[key]:
@@ -332,6 +348,7 @@ class Loop:
         # Popped: what the loop keeps per patch must not grow with the scan.
         record.update(submitted=self.first_submitted.pop(key, None), attempts=self.attempts.pop(key, 0) or 1,
                       pallet=pallet)
+        self.merged_digests[key] = self.digests.pop(key, None)
         # The record's name and values are the plan's own objects, not the copies a worker sent
         # back or from_dict would make (it copies the values it is given): the plan holds them for
         # the whole scan anyway, and a copy in every record cost ~130 bytes a point (a name

@@ -14,7 +14,7 @@ from typing import Any
 from pyhf_dist import discovery, signals as signal_points
 from pyhf_dist.combine import check_method
 from pyhf_dist.exceptions import InputError
-from pyhf_dist.journal import scan_key
+from pyhf_dist.journal import patch_digest, scan_key
 from pyhf_dist.pallet import (
     Pallet, Patch, check_workspace, is_pyhf, load_pallet, load_patches, load_workspace,
 )
@@ -104,6 +104,18 @@ class Plan:
         """``(pallet name, patch)`` of the chosen patches without a record in ``finished``: a list,
         or for a signals file a sized stream that makes each patch as the scan submits it."""
         return signal_points.pending(self.pallets, self.chosen, finished)
+
+    def patch_digests(self, keys: set) -> dict:
+        """``(pallet name, patch name)`` -> :func:`~pyhf_dist.journal.patch_digest` of the patch
+        now, for the chosen patches among ``keys`` (for a signals file, each point is made anew)."""
+        digests = {}
+        if not keys:
+            return digests
+        for each, chosen in zip(self.pallets, self.chosen):
+            for patch in chosen:
+                if (each.name, patch.name) in keys and getattr(patch, "operations", None) is not None:
+                    digests[(each.name, patch.name)] = patch_digest(patch.operations)
+        return digests
 
     @property
     def workspaces(self) -> dict:
