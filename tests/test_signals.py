@@ -152,6 +152,8 @@ def test_an_empty_cell_fails_its_point(background, tmp_path):
     ({"uncertainty": "histosys"}, "the template: 'uncertainty' must be one of staterror, shapesys"),
     ({"normsys": {"name": "x", "hi": -1, "lo": 0.9}}, "the template: normsys 'hi' must be a positive number"),
     ({"sample": "background"}, "the template: channel 'CR' already has a sample 'background'"),
+    ({"channels": ["SRhigh", "SRlow"]}, "the template: 'channels' leaves out 'CR', which the signals file has "
+                                        "yield columns for"),
     ({"poi": "mu_X"}, "the template: 'poi' is 'mu_X', but the workspace's measurement 'demo' tests 'mu_SIG': "
                       "drop 'poi' or set it to 'mu_SIG'"),
 ])

@@ -114,7 +114,8 @@ class Template:
 
         Raises:
             SignalsError: A channel the workspace lacks, a sample name already used in one of the
-                channels, no POI to use, a ``poi`` other than the measurement's.
+                channels, yield columns and template channels that differ, no POI to use, a ``poi``
+                other than the measurement's.
         """
         index = {channel["name"]: position for position, channel in enumerate(workspace["channels"])}
         bins = {channel["name"]: len(channel["samples"][0]["data"]) for channel in workspace["channels"]}
@@ -125,6 +126,17 @@ class Template:
             if any(sample["name"] == self.sample for sample in workspace["channels"][index[channel]]["samples"]):
                 raise SignalsError(f"{where}: channel {channel!r} already has a sample {self.sample!r}: name the signal "
                                    "sample otherwise ('sample')")
+        if self.channels is not None and named is not None:
+            # Yield columns are the signal of every point: a channel's columns left out of the
+            # template's channels would be added all the same, or the points all fail.
+            extra = [channel for channel in named if channel not in self.channels]
+            if extra:
+                raise SignalsError(f"{where}: 'channels' leaves out {extra[0]!r}, which the signals file has yield "
+                                   f"columns for: add it to 'channels', or drop its columns from the file")
+            lacking = [channel for channel in self.channels if channel not in named]
+            if lacking:
+                raise SignalsError(f"{where}: channel {lacking[0]!r} has no yield columns ({lacking[0]}[0], ...) in "
+                                   "the signals file: add them, or drop it from 'channels'")
         measurements = workspace.get("measurements") or []
         if not measurements:
             if self.poi is None:
