@@ -89,7 +89,8 @@ def merge_kept(paths, output) -> dict:
 
     Parts are identified by ``(pallet, patch, seed)``; one found in several files must be the same
     toys (it is then kept once); files of different settings (test statistic, tested POI value,
-    interpolation codes, backend) are refused.
+    interpolation codes, backend), and parts of one patch with different observed test statistics
+    (another workspace, other signal yields under the same name), are refused.
 
     Returns:
         :func:`cls_from_kept` of the merged file.
@@ -99,14 +100,24 @@ def merge_kept(paths, output) -> dict:
     """
     from pyhf_dist.exceptions import InputError
 
-    settings, parts, arrays, seen = None, [], [], {}
+    settings, parts, arrays, seen, observed = None, [], [], {}, {}
     for path in paths:
         their_settings, their_parts, their_arrays = read_kept(path)
         if settings is None:
             settings = their_settings
         elif their_settings != settings:
-            raise InputError(f"{path} holds toys of other settings than {paths[0]}: only toys of one test can be merged")
+            differ = sorted(key for key in {*settings, *their_settings} if settings.get(key) != their_settings.get(key))
+            raise InputError(f"{path} holds toys of other settings than {paths[0]} ({', '.join(differ)}): only toys "
+                             "of one test can be merged")
         for part, toys in zip(their_parts, their_arrays):
+            # One model, one observed statistic: toys of a patch with other yields, or of another
+            # workspace, under the same name would otherwise merge without a word.
+            patch = (part["pallet"], part["name"])
+            first = observed.setdefault(patch, (toys["teststat"], path))
+            if not _same_statistic(first[0], toys["teststat"]):
+                raise InputError(f"{path}: the observed test statistic of {part['name']} is {toys['teststat']:.6g}, in "
+                                 f"{first[1]} {first[0]:.6g}: these are toys of another model (workspace, patch or "
+                                 "observed data) and cannot be merged")
             identity = (part["pallet"], part["name"], part["seed"])
             if identity in seen:
                 earlier = arrays[seen[identity]]
@@ -121,6 +132,11 @@ def merge_kept(paths, output) -> dict:
         raise InputError("no kept toy files to merge")
     _write_kept(output, parts, arrays, settings)
     return cls_from_kept(output)
+
+
+def _same_statistic(first: float, second: float) -> bool:
+    """Whether two observed test statistics are one model's (equal to the fits' precision)."""
+    return abs(first - second) <= 1e-6 * max(1.0, abs(first)) or (np.isnan(first) and np.isnan(second))
 
 
 def cls_from_kept(path) -> dict:

@@ -422,8 +422,15 @@ def test_kept_toys_of_two_seeds_merge_to_their_union(tmp_path, pyhf_percentile_f
     assert result["tiny_200_0"]["ntoys"] == 60 and result["tiny_200_0"]["seeds"] == [1, 2]
     other = tmp_path / "q.npz"
     pyhf_dist.map_fits(pallet, seed=1, keep_toys=other, test_stat="q", **options)
-    with pytest.raises(InputError, match="other settings"):
+    with pytest.raises(InputError, match=r"other settings than .* \(test_stat\)"):
         kept_toys.merge_kept([tmp_path / "seed1.npz", other], tmp_path / "bad.npz")
+    # The same patch name over another observed count: toys of another model, refused.
+    excess = tiny_pallet()
+    excess.workspace["observations"][0]["data"] = [71.0, 48.0]
+    pyhf_dist.map_fits(excess, seed=3, keep_toys=tmp_path / "excess.npz", **options)
+    with pytest.raises(InputError, match=r"the observed test statistic of tiny_200_0 is .* these are toys of another "
+                                         r"model \(workspace, patch or observed data\) and cannot be merged"):
+        kept_toys.merge_kept([tmp_path / "seed1.npz", tmp_path / "excess.npz"], tmp_path / "bad.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a file of toys")
     with pytest.raises(InputError, match="not a file of kept toys"):
         kept_toys.read_kept(tmp_path / "junk.npz")
