@@ -128,6 +128,9 @@ def exclusion_points(result: ScanResult, quantity: str = "auto", axes: tuple[int
     ('CLs', [1.0], [(3.0, 2.0, 'b')], [])
     """
     records = list(result)
+    if (result.metadata.get("settings") or {}).get("test_stat") == "q0":
+        raise InputError("these results are discovery p-values (test statistic q0), not CLs: an exclusion plot "
+                         "needs a scan with qtilde or q (the default), or upper limits")
     if quantity == "auto":
         if any(r.ok and _finite(r.CLs_obs) for r in records):
             quantity = "CLs"

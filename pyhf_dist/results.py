@@ -23,6 +23,9 @@ from pyhf_dist.records import COMBINATIONS, EXCLUSION_LEVEL, FitRecord, json_saf
 
 __all__ = ["FitRecord", "ScanResult", "write_atomic", "json_safe", "EXCLUSION_LEVEL", "COMBINATIONS"]
 
+#: One-sided p-values of a 3 and a 5 standard deviation excess (discovery scans, ``q0``).
+P0_3SIGMA, P0_5SIGMA = 1.349898e-3, 2.866516e-7
+
 CSV_COLUMNS = [
     "name", "pallet", "chosen_pallet", "values",
     "status", "CLs_obs", "CLs_exp_m2", "CLs_exp_m1", "CLs_exp", "CLs_exp_p1", "CLs_exp_p2",
@@ -343,9 +346,13 @@ class ScanResult:
             f"{'failed':<28}{counts['failed']}",
         ]
         pallets = self.pallets()
-        if pallets:  # exclusion counts are per pallet: one point is in several
+        if pallets and not self.discovery:  # exclusion counts are per pallet: one point is in several
             lines += self._pallet_lines(pallets)
-        if not pallets and any(record.CLs_obs is not None for record in self.records):
+        if self.discovery:  # p0 of the background-only hypothesis: an excess, not an exclusion
+            p0 = [record.CLs_obs for record in self.records if record.ok and record.CLs_obs is not None]
+            lines.append(f"{'excess 3 sigma (p0<1.35e-3)':<28}{sum(value < P0_3SIGMA for value in p0)}")
+            lines.append(f"{'excess 5 sigma (p0<2.87e-7)':<28}{sum(value < P0_5SIGMA for value in p0)}")
+        elif not pallets and any(record.CLs_obs is not None for record in self.records):
             lines.append(f"{'excluded (CLs_obs < 0.05)':<28}{counts['excluded']}")
         if not pallets and any(record.mu_up_obs is not None for record in self.records):
             below = sum(1 for r in self.records if r.mu_up_obs is not None and r.mu_up_obs < 1)
@@ -362,6 +369,12 @@ class ScanResult:
             workers = self.metadata.get("workers")
             lines.append(f"{'executor':<28}{self.metadata['executor']} ({workers} worker{'' if workers == 1 else 's'})")
         return "\n".join(lines)
+
+    @property
+    def discovery(self) -> bool:
+        """Whether the records hold discovery p-values (``p0``, test statistic ``q0``) in their
+        ``CLs_obs`` and ``CLs_exp``: small values are an excess there, not an exclusion."""
+        return (self.metadata.get("settings") or {}).get("test_stat") == "q0"
 
     def _certification_lines(self) -> list[str]:
         """Summary lines on how the fits ended (only where some record was checked)."""

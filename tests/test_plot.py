@@ -246,6 +246,26 @@ def test_a_quantity_the_results_do_not_hold_is_an_input_error():
         plotting.plot_exclusion(hypotests, quantity="mu_up")
 
 
+def test_discovery_p_values_are_counted_as_excesses_not_exclusions(tmp_path):
+    """A q0 scan's p0 sit in CLs_obs: below 0.05 they are an excess. The summary, the command
+    line's table and the plot must not call them excluded points."""
+    from pyhf_dist.results import ScanResult
+
+    records = [{"name": f"p_{x}_{y}", "values": [x, y], "status": "ok", "CLs_obs": p0, "CLs_exp": [p0] * 5}
+               for (x, y), p0 in zip([(1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (3, 2)],
+                                     [0.3, 0.01, 1e-3, 1e-5, 1e-8, 0.5])]
+    discovery = ScanResult.from_dict({"metadata": {"settings": {"test_stat": "q0"}}, "results": records})
+    summary = discovery.summary()
+    assert "excluded" not in summary, summary
+    assert "excess 3 sigma (p0<1.35e-3) 3" in summary and "excess 5 sigma (p0<2.87e-7) 1" in summary, summary
+    exclusion = ScanResult.from_dict({"metadata": {"settings": {"test_stat": "qtilde"}}, "results": records})
+    assert "excluded (CLs_obs < 0.05)   4" in exclusion.summary()
+    path = tmp_path / "q0.json"
+    discovery.to_json(path)
+    with pytest.raises(InputError, match=r"discovery p-values \(test statistic q0\), not CLs"):
+        plotting.plot_exclusion(path)
+
+
 def test_bad_outputs_are_output_errors(tmp_path):
     with pytest.raises(OutputError, match="suffix"):
         plotting.plot_exclusion(synthetic_grid(), tmp_path / "exclusion")

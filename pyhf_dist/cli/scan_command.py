@@ -102,7 +102,8 @@ def print_table(result, points: bool = False, err: bool = False) -> None:
             values = "".join(f"{value:>10g}" for value in record.values)
             observed = f"{record.CLs_obs:12.4g}" if record.CLs_obs is not None else f"{'-':>12}"
             expected = f"{record.CLs_exp[2]:12.4g}" if record.CLs_exp else f"{'-':>12}"
-            status = ("excluded" if record.excluded else "ok") if record.ok else f"FAILED: {record.error}"
+            excluded = record.excluded and not result.discovery  # a small p0 is an excess
+            status = ("excluded" if excluded else "ok") if record.ok else f"FAILED: {record.error}"
             click.echo(f"{record.name:<24}{values}{observed}{expected}  {status}", err=err)
         click.echo("", err=err)
     click.echo(result.summary(), err=err)
