@@ -482,3 +482,14 @@ def test_a_scheduler_starting_during_a_garbage_collection_prints_no_traceback(he
     if not held and run.stdout.strip() == "[]":
         pytest.skip("this Dask no longer fails on the race: the hold is not needed")
     assert run.stdout.strip() == ("[]" if held else "['AssertionError']")
+
+
+def test_a_fit_past_its_timeout_fails_on_dask_as_on_the_local_executor(erjr_pallet):
+    """Dask runs tasks in threads, where no alarm can end a fit: one that ran past --timeout is
+    failed as it ends, so that one scan's records are the same on either executor (a fit of
+    3L-eRJR on numpy takes 0.1-1 s; none fits in 10 ms)."""
+    names = [patch.name for patch in erjr_pallet.patches[:3]]
+    for executor in ("dask", "local"):
+        result = pyhf_dist.map_fits(erjr_pallet, executor=executor, workers=2, patches=names, backend="numpy",
+                                    timeout=0.01, progress=False)
+        assert [record.error for record in result] == ["timed out after 0.01 s"] * 3, executor

@@ -2,7 +2,8 @@
 
 A timed-out fit must free its worker. SIGALRM interrupts the fit between two Python-level steps;
 it can only be used from a process's main thread, which is where process-pool, Parsl and Globus
-Compute workers run their tasks. Elsewhere (threads) the scan's client-side timeout takes over.
+Compute workers run their tasks. Elsewhere (Dask's threads) a fit that ran past its time is failed
+as it ends, and one that never ends is given up by the scan's client-side timeout.
 Compiling the likelihood for a layout is a one-off cost of the worker, not of the fit that meets
 it first: the alarm waits meanwhile (:func:`paused`), so a timeout shorter than a compilation
 does not fail every patch of a new layout on a machine whose cache is empty.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 
 __all__ = ["FitTimeout", "call_with_timeout", "paused", "timed_out"]
 
@@ -56,10 +58,27 @@ def timed_out(error: BaseException) -> bool:
     return False
 
 
+#: Seconds held by :func:`paused` during the fit under way on this thread (off the main thread).
+_held = threading.local()
+
+
 def call_with_timeout(function, timeout: float | None):
-    """``function()``, ended by :class:`FitTimeout` after ``timeout`` seconds (in the main thread)."""
-    if not timeout or threading.current_thread() is not threading.main_thread():
+    """``function()``, ended by :class:`FitTimeout` after ``timeout`` seconds.
+
+    In the main thread the alarm ends it. In another (a Dask worker runs its tasks in threads) no
+    alarm can: the fit runs to its end, and one that took longer than ``timeout`` (time held by
+    :func:`paused` aside) raises :class:`FitTimeout` then, so that a scan's records are the same on
+    every executor. A fit that never ends there is the scan's to give up (its client-side timeout).
+    """
+    if not timeout:
         return function()
+    if threading.current_thread() is not threading.main_thread():
+        _held.seconds = 0.0
+        began = time.monotonic()
+        result = function()
+        if time.monotonic() - began - _held.seconds > timeout:
+            raise FitTimeout()
+        return result
     previous = signal.signal(signal.SIGALRM, _on_alarm)
     signal.setitimer(signal.ITIMER_REAL, float(timeout))
     try:
@@ -74,7 +93,11 @@ def paused():
     """Hold the alarm of the fit under way (if any) while the body runs, then give the fit the
     rest of its time."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        began = time.monotonic()
+        try:
+            yield
+        finally:
+            _held.seconds = getattr(_held, "seconds", 0.0) + time.monotonic() - began
         return
     remaining, _ = signal.setitimer(signal.ITIMER_REAL, 0)
     try:
