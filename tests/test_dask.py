@@ -293,6 +293,14 @@ def test_bad_options():
         get_executor("dask", jobs=2)
     with pytest.raises(ExecutorOptionError, match="size the one given"):
         get_executor("dask", address="tcp://127.0.0.1:8786", workers=3)
+    # Refused before any client is made: a half-made one held the exit for 10 s, then printed a traceback.
+    for address, message in (("http://127.0.0.1:8786", "a Dask scheduler is not reached over http://"),
+                             ("", "address is empty"), (" ", "address is empty")):
+        with pytest.raises(ExecutorOptionError, match=message):
+            get_executor("dask", address=address)
+    for timeout in ("abc", -1, 0):
+        with pytest.raises(ExecutorOptionError, match="connect_timeout must be a positive number of seconds"):
+            get_executor("dask", address="tcp://127.0.0.1:8786", connect_timeout=timeout)
 
 
 def test_dask_is_imported_only_when_asked_for_and_missing_dask_is_explained():
@@ -493,3 +501,22 @@ def test_a_fit_past_its_timeout_fails_on_dask_as_on_the_local_executor(erjr_pall
         result = pyhf_dist.map_fits(erjr_pallet, executor=executor, workers=2, patches=names, backend="numpy",
                                     timeout=0.01, progress=False)
         assert [record.error for record in result] == ["timed out after 0.01 s"] * 3, executor
+
+
+def test_a_scheduler_without_workers_is_told_not_waited_on_in_silence(erjr_dir, tmp_path):
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    scheduler = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                                  "--port", address.rsplit(":", 1)[1], "--no-dashboard"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        scan = subprocess.Popen([sys.executable, "-m", "pyhf_dist", "fit", str(erjr_dir), "--executor", "dask",
+                                 "--address", address, "--option", "connect_timeout=60", "-o", str(tmp_path / "r.json"),
+                                 "-q"], stderr=subprocess.PIPE, text=True)
+        time.sleep(12)
+        scan.send_signal(signal.SIGINT)
+        _, stderr = scan.communicate(timeout=60)
+    finally:
+        scheduler.kill()
+    assert "on dask with 0 workers" in stderr, stderr
+    assert f"Note: the Dask scheduler at {address} has no workers yet: the scan waits for them to join" in stderr
+    assert scan.returncode == 130, stderr

@@ -73,6 +73,19 @@ def run_pickled_task(task: bytes) -> dict:
 START_ATTEMPTS = 3
 
 
+def _check_address(address: str) -> None:
+    """Refuse an address no Dask client can use, before a client is made: a half-made one keeps
+    the interpreter from exiting for ten seconds, then prints a traceback."""
+    from distributed.comm.registry import backends
+
+    if not address.strip():
+        raise ExecutorOptionError("address is empty: give the scheduler's address, e.g. tcp://host:8786")
+    scheme = address.split("://", 1)[0] if "://" in address else "tcp"
+    if scheme not in backends:
+        raise ExecutorOptionError(f"address {address!r}: a Dask scheduler is not reached over {scheme}://; "
+                                  f"give its address as tcp://host:8786 (or {', '.join(s for s in backends if s != 'tcp')})")
+
+
 class DaskExecutor(Executor):
     """Runs fits on Dask workers.
 
@@ -121,6 +134,10 @@ class DaskExecutor(Executor):
                 f"address must be a scheduler address like 'tcp://host:8786', got {type(address).__name__}; "
                 "pass a Client as client= and a cluster object as cluster="
             )
+        if address is not None:
+            _check_address(address)
+        if isinstance(connect_timeout, bool) or not isinstance(connect_timeout, (int, float)) or not connect_timeout > 0:
+            raise ExecutorOptionError(f"connect_timeout must be a positive number of seconds, got {connect_timeout!r}")
         if client is not None and not isinstance(client, distributed.Client):
             raise ExecutorOptionError(f"client must be a distributed.Client, got {type(client).__name__}")
         if given and workers is not None:
@@ -438,9 +455,13 @@ class DaskExecutor(Executor):
             info["scheduler"] = self.client.scheduler.address
             info["dashboard"] = self.dashboard_link
             if self.workers is None:
-                info["workers"] = len(self.client.scheduler_info().get("workers", {})) or None
+                info["workers"] = len(self.client.scheduler_info().get("workers", {}))
         if self.advice is not None:
             info["advice"] = self.advice
+        if info["workers"] == 0:
+            # A scheduler of the user's without workers: the scan waits for them, and says so.
+            info["advice"] = (f"the Dask scheduler at {info.get('scheduler')} has no workers yet: the scan waits for "
+                              f"them to join (start them with 'dask worker {info.get('scheduler')}')")
         return info
 
     def __repr__(self) -> str:
