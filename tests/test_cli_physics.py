@@ -55,6 +55,8 @@ def test_bad_physics_options_are_one_line_errors(demo_dir, tmp_path):
         (["--scan", "0,5,21"], "(--scan) goes with calculation='upper_limit' (--upper-limit)"),
         (["--upper-limit", "--scan", "0,5"], "is not START,STOP,N"),
         (["--toys", "0"], "ntoys must be a positive integer"),
+        (["--workers", "3", "--option", "workers=1"], "workers is given twice, as --workers 3 and --option workers=1"),
+        (["--option", "workers=1", "--option", "workers=2"], "as --option workers=1 and --option workers=2"),
     ):
         run = _cli("fit", str(demo_dir), *args, "-o", str(tmp_path / "r.json"))
         assert run.returncode == 2, (args, run.stderr)

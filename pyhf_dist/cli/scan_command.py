@@ -233,7 +233,13 @@ def _fit(context: click.Context, source, patchset, executor, output, show_job_sc
     # and goes to the executor, which refuses it in one line rather than using its default.
     executor_options = {name: value for name, value in executor_options.items()
                         if value is not None and value is not False}
-    executor_options.update(_parse_option(text) for text in extra_options)
+    given = {key: f"--{key.replace('_', '-')} {value}" for key, value in executor_options.items()}
+    for text in extra_options:
+        key, value = _parse_option(text)
+        if key in executor_options and executor_options[key] != value:
+            raise click.BadParameter(f"{key} is given twice, as {given[key]} and --option {text.strip()}: give it once",
+                                     param_hint="--option")
+        executor_options[key], given[key] = value, f"--option {text.strip()}"
     if show_job_script:
         from pyhf_dist.executors import get_executor
 
