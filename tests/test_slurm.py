@@ -421,15 +421,16 @@ def test_our_dask_settings_reach_the_workers_in_slurm_jobs(erjr_pallet, slurm_op
 
 @pytest.mark.slurm
 @requires_slurm
-def test_a_worker_killed_inside_its_job_is_replaced_by_a_new_job(erjr_pallet, erjr_reference, slurm_options):
+def test_a_worker_killed_inside_its_job_is_replaced_by_a_new_job(erjr_pallet, erjr_reference, slurm_options, caplog):
     """The job's only process is the worker: when it dies, the job ends, and a fixed-size scan
-    submits a new one in its place (there is no Nanny to restart it)."""
+    submits a new one in its place (there is no Nanny to restart it). Its worker had joined (it
+    fitted): the job is not reported as one that ended before its worker joined."""
     names = [patch.name for patch in erjr_pallet.patches[:12]]
     options = dict(slurm_options, jobs=1)
     killed: list[dict] = []
 
     def kill_the_worker(record):
-        if not killed and len(seen) >= 3:
+        if not killed and len(seen) >= 1:  # soon after it joined
             os.kill(record.worker["pid"], signal.SIGKILL)
             killed.append(record.worker)
         seen.append(record.name)
@@ -444,6 +445,7 @@ def test_a_worker_killed_inside_its_job_is_replaced_by_a_new_job(erjr_pallet, er
     assert_matches_reference(result, {name: erjr_reference[name] for name in names})
     jobs = {record.worker["slurm_job_id"] for record in result}
     assert killed[0]["slurm_job_id"] in jobs and len(jobs) == 2
+    assert "ended before its worker joined" not in caplog.text
     _assert_no_jobs_left(options["job_name"])
 
 

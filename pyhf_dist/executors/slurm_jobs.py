@@ -22,6 +22,8 @@ __all__ = ["JobWatch"]
 
 #: Seconds between two looks at Slurm's queue (one ``squeue`` of the user's jobs each).
 INTERVAL = 5.0
+#: Seconds between two looks at the workers that joined.
+JOINED_INTERVAL = 0.25
 
 
 class JobWatch:
@@ -52,15 +54,26 @@ class JobWatch:
         self._stop.set()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        # Which workers joined is read often (the cluster's own copy of the scheduler's workers,
+        # no request): a worker that joined, fitted and died between two looks at Slurm's queue
+        # must not pass for one that never joined. Slurm itself is asked every ``interval``.
+        looks = max(1, round(self.interval / JOINED_INTERVAL))
+        count = 0
+        while not self._stop.wait(self.interval / looks):
+            count += 1
             try:
-                self._look()
+                self._note_joined()
+                if count % looks == 0:
+                    self._look()
             except Exception as error:  # a watch that fails must not take the scan with it
                 logging.getLogger("pyhf_dist").debug("watching the Slurm jobs failed: %s", error)
 
-    def _look(self) -> None:
+    def _note_joined(self) -> None:
         info = getattr(self.cluster, "scheduler_info", None) or {}
-        self._joined.update(str(worker.get("name")) for worker in info.get("workers", {}).values())
+        self._joined.update(str(worker.get("name")) for worker in list(info.get("workers", {}).values()))
+
+    def _look(self) -> None:
+        self._note_joined()
         jobs = {name: job.job_id for name, job in list(self.cluster.workers.items())
                 if getattr(job, "job_id", None) and not self._has_joined(str(name))}
         if not jobs:
