@@ -163,8 +163,14 @@ class ExecutorError(PyhfDistError, RuntimeError):
 class WorkerLostError(ExecutorError):
     """The worker running a task died (process killed, batch job cancelled, node lost).
 
-    The scan retries such tasks on another worker.
+    The scan retries such tasks on another worker, up to its ``retries``. A task lost with
+    workers that were not its own (``bystander``: a stalled Parsl started afresh) is sent again
+    without using up a retry.
     """
+
+    def __init__(self, message: str = "", *, bystander: bool = False):
+        super().__init__(message)
+        self.bystander = bystander
 
 
 class PayloadTooLargeError(ExecutorError):

@@ -565,3 +565,52 @@ def test_a_resumed_toy_scan_fits_again_a_patch_that_changed_and_drops_its_old_to
         assert resumed[name].ok and fresh[name].ok and 0.1 < fresh[name].CLs_obs < 0.9
         assert [resumed[name].CLs_obs, *resumed[name].CLs_exp] == [fresh[name].CLs_obs, *fresh[name].CLs_exp], name
         assert resumed[name].CLs_obs != first[name].CLs_obs, name
+
+
+class _LosingExecutor:
+    """An executor whose every task is lost at once, as a bystander (its pool started afresh) for
+    the first ``bystander_rounds`` submissions of each patch, then as its own worker's death."""
+
+    name, workers, max_pending, pack_seconds = "losing", 2, None, 0.0
+
+    def __init__(self, bystander_rounds: int):
+        self.bystander_rounds, self.seen = bystander_rounds, {}
+
+    def submit(self, task):
+        import concurrent.futures
+
+        from pyhf_dist.exceptions import WorkerLostError
+
+        count = self.seen[task["name"]] = self.seen.get(task["name"], 0) + 1
+        future = concurrent.futures.Future()
+        future.set_exception(WorkerLostError("pool started afresh", bystander=count <= self.bystander_rounds))
+        return future
+
+    def is_worker_lost(self, error):
+        return True
+
+    def explain_loss(self, future, error):
+        return str(error)
+
+    def started_at(self, future):
+        return None
+
+
+def test_tasks_lost_as_bystanders_use_up_no_retry_and_are_told_in_one_line(caplog):
+    """Three rounds lost with a pool started afresh, then three of the patch's own: the retries
+    (2) are used by the latter only, and each round is one note for all its patches."""
+    from pyhf_dist.demo import demo_pallet
+    from pyhf_dist.protocol import WorkerContext
+    from pyhf_dist.settings import FitSettings
+
+    pallet = demo_pallet(points=3)
+    settings = FitSettings(backend="numpy")
+    runner = _LosingExecutor(bystander_rounds=3)
+    loop = scan_loop.Loop(runner, WorkerContext.build(pallet.workspace, settings.to_dict()), settings, 2, None,
+                          {(None, patch.name): list(patch.values) for patch in pallet.patches})
+    records = [record for group in loop.groups([(None, patch) for patch in pallet.patches]) for record in group]
+    assert len(records) == 3 and all(record.error.startswith("worker lost 3 times") for record in records)
+    assert all(count == 6 for count in runner.seen.values()), runner.seen
+    notes = [entry.getMessage() for entry in caplog.records]
+    assert sum("no retry used up" in note for note in notes) == 3, notes
+    assert sum("(attempt" in note for note in notes) == 2, notes

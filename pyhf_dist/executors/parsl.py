@@ -406,7 +406,8 @@ class ParslExecutor(Executor):
                 return
             lost, self._inner = list(self._inner), {}
             for outer in lost:  # settled first: the old Parsl's cleanup cancels their tasks
-                outer.set_exception(WorkerLostError(f"{reason}: Parsl was started afresh"))
+                # The worker that died was waiting: the tasks in flight are not why it died.
+                outer.set_exception(WorkerLostError(f"{reason}: Parsl was started afresh", bystander=True))
             self._stop_parsl()
             try:
                 self._start_parsl()

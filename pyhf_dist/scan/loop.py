@@ -40,6 +40,7 @@ class Job:
     chunk: Any
     pallet: str | None = None
     attempt: int = 1
+    losses: int = 0  # workers lost running it, each a retry used up
     submitted: float = 0.0
     running_since: float | None = None
     progress: str | None = None  # where the worker of a chunk reports how far it is
@@ -212,6 +213,7 @@ class Loop:
         # yielded and not taken yet (take_digest): the journal keeps it beside the record.
         self.digests: dict[tuple, str] = {}
         self.merged_digests: dict[tuple, str | None] = {}
+        self._retry_notes: dict[tuple, list[str]] = {}  # (detail, attempt, bystander) -> patches sent again
 
     def take_digest(self, key: tuple) -> str | None:
         """The :func:`~pyhf_dist.journal.patch_digest` of the patch of a record yielded (once)."""
@@ -245,6 +247,7 @@ class Loop:
                 jobs, outcomes = self._outcomes(future, jobs)
                 for job, outcome in zip(jobs, outcomes):
                     group.extend(self._finished(job, outcome))
+            self._note_retries()
             if group:
                 yield group
 
@@ -309,17 +312,31 @@ class Loop:
             return jobs, [job.failed("cancelled by the executor") for job in jobs]
         except Exception as error:
             lost = self.runner.is_worker_lost(error)
-            retried = [job for job in jobs if lost and job.attempt <= self.retries]
+            # A task lost with workers that were not its own (a Parsl started afresh) is sent
+            # again without using up a retry: its patch did not kill anything.
+            bystander = lost and getattr(error, "bystander", False)
+            retried = [job for job in jobs if lost and (bystander or job.losses < self.retries)]
             for job in reversed(retried):
                 job.attempt += 1
+                job.losses += 0 if bystander else 1
                 self.queue.appendleft(job)
             jobs = [job for job in jobs if job not in retried]
             detail = self.runner.explain_loss(future, error) if lost else first_line(error, with_type=True)
             if retried:
-                log.warning("%s: %s again (attempt %d of %d)", detail, _patches([job.patch.name for job in retried]),
-                            retried[0].attempt, self.retries + 1)
-            return jobs, [job.failed(f"worker lost {job.attempt} times: {detail}" if lost else f"task failed: {detail}")
+                self._retry_notes.setdefault((detail, retried[0].losses + 1, bystander), []).extend(
+                    job.patch.name for job in retried)
+            return jobs, [job.failed(f"worker lost {job.losses + 1} times: {detail}" if lost else f"task failed: {detail}")
                           for job in jobs]
+
+    def _note_retries(self) -> None:
+        """One note per loss of this round, naming every patch it sends again (a pool started
+        afresh loses all its tasks at once: one line, not one per task)."""
+        for (detail, attempt, bystander), names in self._retry_notes.items():
+            if bystander:
+                log.warning("%s: %s again (no retry used up: their own workers did not fail)", detail, _patches(names))
+            else:
+                log.warning("%s: %s again (attempt %d of %d)", detail, _patches(names), attempt, self.retries + 1)
+        self._retry_notes.clear()
 
     def _finished(self, job: Job, outcome: dict) -> list[FitRecord]:
         self.packing.measured(outcome)
