@@ -106,6 +106,8 @@ def test_a_worker_killed_while_waiting_for_a_task_stalls_no_scan(erjr_pallet, mo
         scan.join(timeout=240)
         assert not scan.is_alive(), "the scan stalled behind the dead worker's lock"
     result = outcome["result"]
+    # Each run's interchange keys go with it (its logs stay in its run directory).
+    assert list(tmp_path.glob("*/*/interchange.log")) and not list(tmp_path.glob("*/*/certificates"))
     assert all(record.ok for record in result), [record.error for record in result if not record.ok]
     assert_matches_reference(result, serial_pyhf(erjr_pallet, FEW[2:]))
     assert all(record.attempts == 2 for record in result), [record.attempts for record in result]
@@ -196,3 +198,11 @@ def test_slurm_provider_matches_and_cancels_its_jobs(erjr_pallet, lbb_pallet, lb
         time.sleep(0.5)
     assert not job_ids & queued, f"Slurm jobs left behind: {job_ids & queued}"
     print(f"\nparsl slurm: 4 + 2 patches in {time.perf_counter() - began:.1f} s, jobs {sorted(job_ids)}")
+
+
+def test_the_job_script_question_gets_the_answer_of_the_provider():
+    with pytest.raises(ExecutorOptionError, match="submits no batch jobs"):
+        get_executor("parsl", workers=1).job_script()
+    with pytest.raises(ExecutorOptionError, match=r"Parsl writes the script of each Slurm job as it submits it, into "
+                                                  r"the submit_scripts folder"):
+        get_executor("parsl", provider="slurm").job_script()

@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 import weakref
+from pathlib import Path
 from typing import Any, Callable
 
 from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError, MissingDependencyError, WorkerLostError
@@ -442,6 +443,19 @@ class ParslExecutor(Executor):
         if active is not None and self.config is None:
             # Pools Parsl could not stop wait for an interchange that is gone: no grace for them.
             stop_pools_of(active, grace=5.0 if cleaned else 0.0)
+            # The run's keys (its interchange's encryption) are of no use once it ended; Parsl
+            # leaves them in the run directory, which the Slurm provider keeps in the working folder.
+            for certificates in Path(active).glob("*/certificates"):
+                shutil.rmtree(certificates, ignore_errors=True)
+
+    def job_script(self) -> str:
+        if self.provider != "slurm":
+            return super().job_script()
+        raise ExecutorOptionError(
+            "Parsl writes the script of each Slurm job as it submits it, into the submit_scripts folder of "
+            f"its run directory ({self.run_dir or 'pyhf-dist-parsl'}/NNN/submit_scripts); --show-job-script prints "
+            "the script of executor 'slurm', which submits its jobs itself"
+        )
 
     def describe(self) -> Description:
         info: Description = {"executor": self.name, "workers": self.workers, "provider": self.provider,
