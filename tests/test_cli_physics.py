@@ -74,3 +74,17 @@ def test_plot_command_writes_png_and_pdf(demo_dir, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and pdf.read_bytes()[:5] == b"%PDF-"
     run = _cli("plot", str(results), "-o", str(tmp_path / "x.png"), "--labels", "only-one")
     assert run.returncode == 2 and "two axis titles" in run.stderr
+
+
+def test_a_reader_that_stops_early_is_no_failure(demo_dir, tmp_path):
+    """`pyhf-dist fit ... | head -1`: standard output's reader is gone before the summary comes. The
+    results are written, the exit code is the scan's, and nothing but the scan's own lines is said."""
+    output = tmp_path / "r.json"
+    run = subprocess.Popen([sys.executable, "-m", "pyhf_dist", "fit", str(demo_dir), "-p", "demo_[68]00_0",
+                            "--backend", "numpy", "--executor", "sequential", "-o", str(output), "-q"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run.stdout.close()  # as head does once it has its lines
+    stderr = run.stderr.read()
+    assert run.wait(timeout=600) == 0, stderr
+    assert "Traceback" not in stderr and "Error" not in stderr and "Exception" not in stderr, stderr
+    assert len(json.loads(output.read_text())["results"]) == 2

@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Outside standalone mode click returns (not raises) the code of a ``ctx.exit``/``Exit``.
         code = cli.main(args=argv, prog_name="pyhf-dist", standalone_mode=False)
+    except BrokenPipeError:  # standard output's reader stopped early (| head): nothing went wrong here
+        from pyhf_dist.cli.scan_command import silence_stdout
+
+        silence_stdout()
+        return 0
     except click.exceptions.Abort:
         return _interrupted()
     except KeyboardInterrupt:

@@ -28,7 +28,7 @@ from pyhf_dist.records import is_stream
 from pyhf_dist.scan.options import ScanOptions
 from pyhf_dist.settings import PATH, FitSettings, declared
 
-__all__ = ["fit", "check_output", "print_table"]
+__all__ = ["fit", "check_output", "print_table", "silence_stdout"]
 
 #: What a results file may end with (anything else is refused: it would be JSON under another name).
 RESULT_SUFFIXES = (".json", ".csv", ".parquet")
@@ -266,14 +266,16 @@ fit = _FitCommand("fit", callback=_fit, params=fit_parameters(), help=_fit.__doc
 def _started(metadata: dict) -> None:
     where = metadata.get("executor")
     fitted = metadata.get("pallets")
+    todo = metadata["patches"] - metadata["resumed"]
     click.echo(
-        f"Fitting {metadata['patches'] - metadata['resumed']} patches"
+        f"Fitting {todo} patch{'' if todo == 1 else 'es'}"
         + (f" of {len(fitted)} pallets ({', '.join(f'{name} {count}' for name, count in fitted.items())})"
            if fitted and len(fitted) > 1 else f" of pallet {next(iter(fitted))}" if fitted else "")
         + (f" ({metadata['resumed']} already in the journal)" if metadata["resumed"] else "")
         + (f" ({metadata['toys_resumed']:,} toys of each hypothesis already in the journal)"
            if metadata.get("toys_resumed") else "")
-        + f" on {where} with {metadata.get('workers')} workers, backend {metadata['settings']['backend']}",
+        + f" on {where} with {metadata.get('workers')} worker{'' if metadata.get('workers') == 1 else 's'}, "
+          f"backend {metadata['settings']['backend']}",
         err=True,
     )
     if metadata.get("dashboard"):
@@ -308,6 +310,14 @@ def _toy_precision(ntoys: int) -> str:
     if tail < 1:
         return f"{toys}: less than one is expected in the tail that decides a CLs near 0.05, so CLs cannot tell an exclusion; {better}"
     return f"{toys}: a CLs near 0.05 rests on about {tail:.2g} toy{'s' * (tail != 1)}, a statistical error of about {tail**-0.5:.0%} of itself; {better}"
+
+
+def silence_stdout() -> None:
+    """Send what is left for standard output nowhere: its reader is gone (a closed pipe), and
+    Python's own flush at exit would fail on it once more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _holds_anything(journal: Path) -> bool:
@@ -370,8 +380,11 @@ def _write(result, output, journal_path: Path, resume_command: str) -> None:
         journal_path.unlink(missing_ok=True)
     # Results written into a pipe or a device (-o /dev/stdout) keep standard output to themselves.
     streamed = is_stream(output)
-    print_table(result, err=streamed)
-    click.echo(f"Results written to {output}", err=streamed)
+    try:
+        print_table(result, err=streamed)
+        click.echo(f"Results written to {output}", err=streamed)
+    except BrokenPipeError:  # its reader stopped early (| head): the results are written all the same
+        silence_stdout()
     if result.failed():
         click.echo(
             f"{len(result.failed())} fits failed (see 'error' in the results); "
