@@ -220,11 +220,11 @@ class FitSettings:
             raise SettingsError(f"unknown calculator {self.calctype!r}: choose one of {', '.join(CALCTYPES)}")
         ntoys = int(_number(self.ntoys, "ntoys"))
         if ntoys < 1:
-            raise SettingsError(f"ntoys must be a positive integer, got {self.ntoys!r}")
+            raise SettingsError(f"ntoys (--toys) must be a positive integer, got {self.ntoys!r}")
         object.__setattr__(self, "ntoys", ntoys)
         seed = int(_number(self.seed, "seed"))
         if not 0 <= seed < 2**32:  # numpy's legacy random state takes 32-bit seeds
-            raise SettingsError(f"seed must be between 0 and 2**32 - 1, got {self.seed!r}")
+            raise SettingsError(f"seed (--seed) must be between 0 and 2**32 - 1, got {self.seed!r}")
         object.__setattr__(self, "seed", seed)
         if self.calctype == "toybased" and self.calculation == "upper_limit":
             raise SettingsError(
@@ -253,7 +253,8 @@ class FitSettings:
             points = int(_number(points, "scan points"))
             if not (0 <= start < stop and points >= 2):
                 raise SettingsError(
-                    f"upper_limit_scan needs 0 <= start < stop and at least 2 points, got {self.upper_limit_scan!r}"
+                    f"upper_limit_scan (--scan START,STOP,N) needs 0 <= start < stop and at least 2 points, "
+                    f"got {self.upper_limit_scan!r}"
                 )
             object.__setattr__(self, "upper_limit_scan", (start, stop, points))
         if not isinstance(self.require_fast, bool):

@@ -54,7 +54,8 @@ def test_bad_physics_options_are_one_line_errors(demo_dir, tmp_path):
         (["--toys", "10", "--upper-limit"], "toy-based upper limits are not supported"),
         (["--scan", "0,5,21"], "(--scan) goes with calculation='upper_limit' (--upper-limit)"),
         (["--upper-limit", "--scan", "0,5"], "is not START,STOP,N"),
-        (["--toys", "0"], "ntoys must be a positive integer"),
+        (["--toys", "0"], "ntoys (--toys) must be a positive integer"),
+        (["--seed", "3"], "--seed seeds the toys of --toys N: add --toys, or drop --seed"),
         (["--workers", "3", "--option", "workers=1"], "workers is given twice, as --workers 3 and --option workers=1"),
         (["--option", "workers=1", "--option", "workers=2"], "as --option workers=1 and --option workers=2"),
     ):

@@ -382,3 +382,14 @@ def _record_starts(patched, fail_alone: bool) -> list:
 
     patched.setattr(FitProblem, "minimum", recorded)
     return starts
+
+
+@needs_jax
+def test_a_scan_grid_beyond_the_poi_bounds_is_named_as_the_cause():
+    """--scan 0,50,21 on the demo's POI, bounded at 10: the record says the grid is what reaches
+    past the bounds (its first value beyond them, 12.5), not that a grid should be given."""
+    (record,) = pyhf_dist.map_fits(pyhf_dist.demo_pallet(), executor="sequential", patches=["demo_700_150"],
+                                   backend="jax", calculation="upper_limit", upper_limit_scan=(0, 50, 21))
+    assert record.status == "failed"
+    assert "the grid of --scan reaches mu = 12.5, outside the POI bounds [0, 10]" in record.error, record.error
+    assert "give a grid within them, or widen the POI bounds" in record.error

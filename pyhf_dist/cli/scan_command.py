@@ -245,6 +245,8 @@ def _fit(context: click.Context, source, patchset, executor, output, show_job_sc
 
         click.echo(get_executor(executor, **executor_options).job_script())
         return
+    if context.get_parameter_source("seed") is click.core.ParameterSource.COMMANDLINE and values.get("ntoys") is None:
+        raise click.BadParameter("--seed seeds the toys of --toys N: add --toys, or drop --seed", param_hint="--seed")
     options = _scan_options(values)
     check_output(output)
     if options.get("backend") != "numpy":

@@ -134,6 +134,12 @@ def search(source, test_stat: str, level: float, scan=None, exact: Callable[[flo
     def hypotests(mus, observed=True):
         for mu in mus:
             if not lower <= mu <= upper:
+                if scan is not None:
+                    raise UpperLimitError(
+                        f"the grid of --scan reaches mu = {mu:g}, outside the POI bounds [{lower:g}, {upper:g}], "
+                        "where pyhf cannot fit: give a grid within them, or widen the POI bounds in the "
+                        "workspace's measurement"
+                    )
                 raise UpperLimitError(
                     f"pyhf's upper limit search must test mu = {mu:g}, outside the POI bounds "
                     f"[{lower:g}, {upper:g}], where pyhf cannot fit: widen the POI bounds in the "
