@@ -614,3 +614,37 @@ def test_tasks_lost_as_bystanders_use_up_no_retry_and_are_told_in_one_line(caplo
     notes = [entry.getMessage() for entry in caplog.records]
     assert sum("no retry used up" in note for note in notes) == 3, notes
     assert sum("(attempt" in note for note in notes) == 2, notes
+
+
+def test_the_scratch_folder_of_a_killed_scan_is_removed_by_the_next_scan(tmp_path):
+    """kill -9 of a scan leaves its local executor's folder (the workspace's context, its workers'
+    ids) in the temporary directory; the next scan removes it once stale. Folders of a live scan,
+    fresh ones and folders of unknown origin are left alone."""
+    from pyhf_dist import scratch
+
+    environment = dict(os.environ, TMPDIR=str(tmp_path))
+    killed = subprocess.Popen([sys.executable, "-m", "pyhf_dist", "demo", "--backend", "numpy", "-o",
+                               str(tmp_path / "a.json")], env=environment, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(tmp_path.glob("pyhf-dist-local-*/context-*.json")):
+        time.sleep(0.05)
+    killed.kill()
+    killed.wait(timeout=30)
+    (left,) = tmp_path.glob("pyhf-dist-local-*")
+    assert scratch.owner(left) == killed.pid
+    time.sleep(1.0)  # its workers end by themselves (their parent is gone)
+    others = {}
+    for name, pid in (("live", os.getpid()), ("fresh", killed.pid), ("unknown", None)):
+        folder = others[name] = tmp_path / f"pyhf-dist-local-{name}"
+        folder.mkdir()
+        if pid is not None:
+            (folder / ".scan-pid").write_text(str(pid))
+    old = time.time() - 2 * scratch.STALE_SECONDS
+    for folder in (left, others["live"], others["unknown"]):
+        os.utime(folder, (old, old))
+    run = subprocess.run([sys.executable, "-m", "pyhf_dist", "demo", "--backend", "numpy", "-o",
+                          str(tmp_path / "b.json")], env=environment, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert not left.exists()
+    assert all(folder.exists() for folder in others.values())

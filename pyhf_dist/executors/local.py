@@ -26,12 +26,12 @@ import contextlib
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Callable
 
+from pyhf_dist import scratch
 from pyhf_dist.exceptions import MissingDependencyError
 from pyhf_dist.executors.base import Executor, ExecutorFlag, default_workers
 from pyhf_dist.executors.deaths import MemoryWatch, describe_death, running
@@ -274,7 +274,7 @@ class LocalExecutor(Executor):
 
     def _workspace(self) -> Path:
         if self._directory is None:
-            self._directory = tempfile.mkdtemp(prefix="pyhf-dist-local-")
+            self._directory = scratch.make("local")
             (Path(self._directory) / "workers").mkdir()
         return Path(self._directory)
 

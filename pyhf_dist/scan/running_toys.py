@@ -13,9 +13,9 @@ import contextlib
 import itertools
 import os
 import shutil
-import tempfile
 from typing import Callable
 
+from pyhf_dist import scratch
 from pyhf_dist.runtime.reports import read_fraction
 
 __all__ = ["RunningToys"]
@@ -32,7 +32,7 @@ class RunningToys:
     def __init__(self, on_progress: Callable[[int], None]):
         self.on_progress = on_progress
         try:
-            self.folder: str | None = tempfile.mkdtemp(prefix="pyhf-dist-toys-")
+            self.folder: str | None = scratch.make("toys")
         except OSError:  # no temporary folder: chunks count as they finish
             self.folder = None
         self.finished = 0
