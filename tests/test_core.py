@@ -269,10 +269,11 @@ def test_cli_background_plus_patchset_directory(erjr_dir, erjr_pallet, tmp_path)
 
 
 def test_demo_command_runs_a_real_scan():
-    run = _cli("demo", "--backend", "numpy", "--workers", "2")
+    run = _cli("demo", "--backend", "numpy", "--workers", "2", "-q")
     assert run.returncode == 0, run.stderr
     assert "demo_300_0" in run.stdout and "excluded" in run.stdout
     assert "failed                      0" in run.stdout
+    assert "%|" not in run.stderr, "-q: no progress bar"
 
 
 def test_help_is_clear():

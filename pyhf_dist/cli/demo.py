@@ -13,7 +13,8 @@ __all__ = ["demo"]
 @click.option("--backend", type=click.Choice(["numpy", "jax"]), default=None,
               help="pyhf backend on the workers (default: jax when installed, else numpy).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Also write the results (JSON).")
-def demo(workers, executor, backend, output):
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def demo(workers, executor, backend, output, quiet):
     """Fit the built-in demo pallet (28 signal points, 3 channels) and print the table.
 
     The pallet is built in code: a background with normsys, histosys, staterror and lumi
@@ -28,7 +29,7 @@ def demo(workers, executor, backend, output):
     pallet = pyhf_dist.demo_pallet()
     click.echo(f"Fitting {len(pallet)} signal points of the demo pallet on the {executor!r} executor...", err=True)
     options = {"workers": workers} if workers is not None else {}
-    result = pyhf_dist.map_fits(pallet, executor=executor, backend=backend, progress=True, **options)
+    result = pyhf_dist.map_fits(pallet, executor=executor, backend=backend, progress=not quiet, **options)
     print_table(result, points=True)
     if output:
         result.to_json(output)
