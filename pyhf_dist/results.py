@@ -367,8 +367,19 @@ class ScanResult:
             lines.append(f"{'wall time':<28}{wall:.1f} s")
         if self.metadata.get("executor"):
             workers = self.metadata.get("workers")
-            lines.append(f"{'executor':<28}{self.metadata['executor']} ({workers} worker{'' if workers == 1 else 's'})")
+            fitted = self._workers_that_fitted()
+            # A batch system may run fewer of the jobs asked for (a full queue): say how many did.
+            busy = f", {fitted} of them fitted" if isinstance(workers, int) and 0 < fitted < workers else ""
+            lines.append(f"{'executor':<28}{self.metadata['executor']} ({workers} worker{'' if workers == 1 else 's'}"
+                         f"{busy})")
         return "\n".join(lines)
+
+    def _workers_that_fitted(self) -> int:
+        """How many worker processes fitted the records of this run (not those read from a journal)."""
+        started = self.metadata.get("started")
+        return len({(record.worker.get("host"), record.worker.get("pid")) for record in self.records
+                    if isinstance(record.worker, dict) and record.worker.get("pid") is not None
+                    and (started is None or (record.submitted or 0) >= started)})
 
     @property
     def discovery(self) -> bool:

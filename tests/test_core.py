@@ -364,3 +364,17 @@ def test_in_python_a_note_during_the_bar_gets_a_line_of_its_own_too(monkeypatch)
     lines = [line.strip() for line in stream.getvalue().replace("\r", "\n").splitlines()]
     assert "a worker was lost: demo_700_150 again (attempt 2 of 3)" in lines, stream.getvalue()
     assert not logging.getLogger("pyhf_dist").hasHandlers(), "the bar's handler goes with the bar"
+
+
+def test_the_summary_says_how_many_of_the_workers_asked_for_fitted():
+    """--jobs 4 on a Slurm that runs 2 (its node full): "4 workers" alone misleads."""
+    from pyhf_dist.results import ScanResult
+
+    records = [{"name": f"p{i}", "values": [i, 0], "status": "ok", "CLs_obs": 0.5, "submitted": 100.0 + i,
+                "worker": {"host": "node", "pid": 10 + i % 2, "slurm_job_id": str(i % 2)}} for i in range(6)]
+    result = ScanResult.from_dict({"metadata": {"executor": "slurm", "workers": 4, "started": 99.0},
+                                   "results": records})
+    assert "slurm (4 workers, 2 of them fitted)" in result.summary()
+    everyone = ScanResult.from_dict({"metadata": {"executor": "slurm", "workers": 2, "started": 99.0},
+                                     "results": records})
+    assert "slurm (2 workers)\n" in everyone.summary() + "\n"
