@@ -105,6 +105,7 @@ class GlobusCloudStandIn:
         self.outbox: "queue.Queue[bytes]" = queue.Queue()
         self.amqp_broken = False
         self.hang_seconds = 0.0
+        self.unreachable = False  # every request fails as a refused connection does
         self.lock = threading.Lock()
 
     # -------------------------------------------------------------------------------- routes
@@ -128,6 +129,10 @@ class GlobusCloudStandIn:
         return self._json(200, {"api": "1.0.0", "min_sdk_version": "2.0.0", "min_ep_version": "2.0.0"})
 
     def _endpoint_status(self, request):
+        if self.unreachable:
+            import requests
+
+            raise requests.exceptions.ConnectionError("Connection refused")
         if self.hang_seconds:
             time.sleep(self.hang_seconds)
         endpoint = re.search(r"/v2/endpoints/([^/]+)/status", request.url).group(1)

@@ -422,6 +422,29 @@ def test_a_service_that_does_not_answer_fails_within_connect_timeout(cloud):
     standin.hang_seconds = 0.0
 
 
+def test_a_service_that_cannot_be_reached_says_to_check_the_network(cloud):
+    """No connection at all (no route, a firewall, DNS): not the SDK's bare "ConnectionError on
+    request", but what the SDK needs of the network."""
+    client, standin = cloud
+    standin.unreachable = True
+    web = client._compute_web_client  # the SDK retries five times, backing off: not needed here
+    retries = {version: getattr(web, version).retry_config.max_retries for version in ("v2", "v3")}
+    for version in retries:
+        getattr(web, version).retry_config.max_retries = 0
+    try:
+        with pytest.raises(ExecutorError) as caught:
+            pyhf_dist.map_fits(pyhf_dist.demo_pallet(points=2), executor="funcx", endpoint_id=standin.endpoint_id,
+                               client=client, backend="numpy")
+    finally:
+        standin.unreachable = False
+        for version, count in retries.items():
+            getattr(web, version).retry_config.max_retries = count
+    message = str(caught.value)
+    assert message.startswith("could not reach the Globus Compute service: ") and "\n" not in message, message
+    assert message.endswith("check the network (the SDK needs HTTPS to the service, and AMQP on port 443, 5671 "
+                            "or 5672 for results)"), message
+
+
 # ================================================================ options and credentials
 def test_endpoint_id_is_required_and_read_from_the_environment(monkeypatch):
     monkeypatch.delenv("GLOBUS_COMPUTE_ENDPOINT_ID", raising=False)

@@ -47,7 +47,7 @@ from pyhf_dist.exceptions import (
     WorkerLostError,
 )
 from pyhf_dist.executors.base import Description, Executor, ExecutorFlag
-from pyhf_dist.protocol import Context, Task, encode, failed_record, make_task
+from pyhf_dist.protocol import Context, Task, encode, failed_record, first_line, make_task
 
 try:
     import globus_compute_sdk
@@ -59,11 +59,13 @@ except ImportError as error:  # the registry imports this module only when "func
 from pyhf_dist.executors.funcx.endpoint import pyhf_dist_fit  # noqa: E402
 from pyhf_dist.executors.funcx.transport import (  # noqa: E402
     MAX_REQUEST_BYTES,
+    NETWORK_HINT,
     REQUEST_MARGIN,
     ContextSerializer,
     RequestSplitter,
     ResultPoller,
     check_credentials,
+    is_connection_error,
     stop_result_watcher,
     task_request_bytes,
     within,
@@ -233,7 +235,8 @@ class FuncXExecutor(Executor):
                     f"Globus Compute endpoint {self.endpoint_id} is unknown or not shared with this identity "
                     f"(HTTP {code}): check the id with `globus-compute-endpoint list`"
                 ) from error
-            raise ExecutorError(f"could not reach the Globus Compute service: {error}") from error
+            hint = f": {NETWORK_HINT}" if is_connection_error(error) else ""
+            raise ExecutorError(f"could not reach the Globus Compute service: {first_line(error)}{hint}") from error
         state = status.get("status") if isinstance(status, dict) else None
         if state and state != "online":
             log.warning("Globus Compute endpoint %s is %s: tasks wait until it is online", self.endpoint_id, state)

@@ -21,6 +21,7 @@ from typing import Any
 
 from pyhf_dist.exceptions import ExecutorError, PayloadTooLargeError
 from pyhf_dist.executors.base import NoAnswer, call_within
+from pyhf_dist.protocol import first_line
 
 from globus_compute_sdk.errors import TaskExecutionFailed
 from globus_compute_sdk.serialize import ComputeSerializer, JSONData, PureSourceTextInspect
@@ -175,16 +176,38 @@ class RequestSplitter:
         return merged
 
 
+#: What the SDK needs of the network, for the errors that say it is not there.
+NETWORK_HINT = ("check the network (the SDK needs HTTPS to the service, and AMQP on port 443, 5671 or 5672 for "
+                "results)")
+
+
 def within(seconds: float, what: str, function, *args):
-    """Run ``function(*args)`` but give up after ``seconds`` (the SDK retries for a long time)."""
+    """Run ``function(*args)`` but give up after ``seconds`` (the SDK retries for a long time).
+
+    Raises:
+        ExecutorError: No answer within ``seconds``, or no connection to the service at all.
+    """
     try:
         return call_within(seconds, function, *args, name=f"pyhf-dist {what}")
     except NoAnswer:
         raise ExecutorError(
-            f"the Globus Compute service did not answer within {seconds:g} s ({what}): check the network "
-            "(the SDK needs HTTPS to the service, and AMQP on port 443, 5671 or 5672 for results), "
+            f"the Globus Compute service did not answer within {seconds:g} s ({what}): {NETWORK_HINT}, "
             "or raise connect_timeout"
         ) from None
+    except Exception as error:
+        if not is_connection_error(error):
+            raise
+        raise ExecutorError(
+            f"could not reach the Globus Compute service ({what}: {first_line(error)}): {NETWORK_HINT}"
+        ) from None
+
+
+def is_connection_error(error: BaseException) -> bool:
+    """Whether ``error`` says the service could not be reached (no route, no name, refused)."""
+    import globus_sdk
+    import requests
+
+    return isinstance(error, (globus_sdk.GlobusConnectionError, requests.exceptions.ConnectionError, ConnectionError))
 
 
 def stop_result_watcher(sdk) -> None:
