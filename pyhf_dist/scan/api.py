@@ -128,7 +128,7 @@ def _scan(runner, plan: Plan, settings, scan, book, finished: dict, info: dict) 
         running = RunningToys(scan.on_toy_progress) if (toy_based and scan.on_toy_progress) else None
         loop = Loop(runner, context, settings, scan.retries, scan.timeout, plan.values_by_key,
                     book.chunks if (book is not None and scan.resume) else {}, chunk_finished,
-                    lambda key, record: kept.__setitem__(key, record["toys"]), running)
+                    lambda key, record: kept.__setitem__(key, record["toys"]), running, journaled=book is not None)
         try:
             for group in loop.groups(todo):
                 # One write and flush per group: every record is on disk before it is yielded.

@@ -191,12 +191,15 @@ class Loop:
         on_merged: Called with ``(key, record dict)`` for each patch whose toys are merged.
         running: A :class:`~pyhf_dist.scan.running_toys.RunningToys` that counts the toys fitted
             while chunks run, or ``None``.
+        journaled: Whether the records go to a journal, with the digest of their patch
+            (:meth:`take_digest`); ``False``: no digest is made.
     """
 
     def __init__(self, runner, context, settings, retries: int, timeout: float | None, values_by_key: dict,
                  chunks_done: dict | None = None, chunk_finished: Callable | None = None,
-                 on_merged: Callable | None = None, running=None):
+                 on_merged: Callable | None = None, running=None, journaled: bool = True):
         self.runner, self.context, self.settings = runner, context, settings
+        self.journaled = journaled
         self.retries, self.timeout, self.values_by_key = retries, timeout, values_by_key
         self.chunks_done = chunks_done or {}
         self.chunk_finished, self.on_merged, self.running = chunk_finished, on_merged, running
@@ -219,7 +222,9 @@ class Loop:
         """The :func:`~pyhf_dist.journal.patch_digest` of the patch of a record yielded (once)."""
         return self.merged_digests.pop(key, None)
 
-    def _digest(self, job: Job) -> str:
+    def _digest(self, job: Job) -> str | None:
+        if not self.journaled:  # nothing keeps it: no digest to make
+            return None
         if job.key not in self.digests:
             self.digests[job.key] = patch_digest(job.patch.operations)
         return self.digests[job.key]
