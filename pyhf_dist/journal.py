@@ -28,7 +28,6 @@ import errno
 import hashlib
 import json
 import logging
-import marshal
 import os
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from pyhf_dist.records import is_stream
 from pyhf_dist.results import FitRecord, json_safe
 from pyhf_dist.chunks import compact_chunk, expand_chunk
 
-__all__ = ["Journal", "scan_key", "patch_digest", "journal_path_for", "describe_errno"]
+__all__ = ["Journal", "scan_key", "journal_path_for", "describe_errno"]
 
 log = logging.getLogger(__name__)
 # Made once: json.dumps with options builds an encoder per call, a line per record of the scan.
@@ -67,30 +66,6 @@ def scan_key(workspace: dict, settings) -> str:
     digest = hashlib.sha256(json.dumps(workspace, sort_keys=True, separators=(",", ":")).encode())
     digest.update(settings.digest().encode())
     return digest.hexdigest()[:16]
-
-
-def patch_digest(operations) -> str:
-    """A digest of a patch's operations: what a journal keeps to tell a patch that changed since
-    (another file under the same name, a row of signals with other yields, another template).
-
-    >>> first, second = [{"op": "add", "path": "/a", "value": 1}], [{"op": "add", "path": "/a", "value": 1}]
-    >>> patch_digest(first) == patch_digest(second) != patch_digest([{"op": "add", "path": "/a", "value": 2}])
-    True
-    """
-    try:
-        # marshal's format 2 (no shared references) gives the same bytes for equal content, and is
-        # 4 times quicker than JSON: a 1Lbb patch is ~100 kB, and every record of a scan takes one.
-        data = marshal.dumps(operations, 2)
-    except ValueError:  # objects marshal does not take (numpy numbers in a patch made in Python)
-        data = json.dumps(operations, separators=(",", ":"), default=str).encode()
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def _entry(key: str, kind: str, content: dict, patch: str | None) -> dict:
-    entry = {"key": key, kind: content}
-    if patch is not None:
-        entry["patch"] = patch
-    return entry
 
 
 def journal_path_for(output: str | os.PathLike) -> Path:
@@ -123,9 +98,8 @@ class Journal:
         self._inode: int | None = None
         #: Finished chunks of toy-based patches, by ``(pallet, patch name)`` (filled by :meth:`load`).
         self.chunks: dict[tuple, list[dict]] = {}
-        #: The :func:`patch_digest` of the patch each loaded record (by key), and each loaded chunk
-        #: (by key, in the order of :attr:`chunks`), was fitted from: ``None`` where the journal
-        #: predates them (filled by :meth:`load`).
+        #: The :func:`~pyhf_dist.specs.patch_digest` each loaded record, and each loaded chunk (in the
+        #: order of :attr:`chunks`), was fitted from (``None``: a journal before them), by key.
         self.record_digests: dict[tuple, str | None] = {}
         self.chunk_digests: dict[tuple, list] = {}
 
@@ -331,8 +305,7 @@ class Journal:
 
         Args:
             records: The records.
-            digests: The :func:`patch_digest` of each record's patch, kept beside it: a resumed
-                scan fits again a patch that changed since.
+            digests: Each record's :func:`~pyhf_dist.specs.patch_digest`, kept beside it.
 
         Raises:
             StorageError: As :meth:`write`; the error counts the whole records kept, those of
@@ -340,7 +313,7 @@ class Journal:
         """
         if records:
             digests = digests or [None] * len(records)
-            self._append_lines([self._line(_entry(self.key, "record", record.fields(), digest))
+            self._append_lines([self._line({"key": self.key, "record": record.fields(), **_patch(digest)})
                                 for record, digest in zip(records, digests)])
 
     def write_chunk(self, pallet: str | None, outcome: dict, digest: str | None = None) -> None:
@@ -351,16 +324,12 @@ class Journal:
             StorageError: As :meth:`write`.
         """
         chunk = {"pallet": pallet, "record": json_safe(compact_chunk(outcome))}
-        self._append(_entry(self.key, "chunk", chunk, digest))
+        self._append({"key": self.key, "chunk": chunk, **_patch(digest)})
 
     def drop_changed(self, current: dict) -> tuple[set, set]:
-        """Drop the loaded chunks fitted from a patch other than ``current`` (``key -> digest``)
-        gives; the scan fits those toys again, its new lines coming after the old ones.
-
-        Returns:
-            The keys whose record was fitted from another patch (to fit again), and all keys
-            with a record or chunk of another patch.
-        """
+        """Drop the loaded chunks of a patch other than ``current`` (``key -> digest``) says (the scan
+        fits those toys again); returns the keys whose record is of another patch (to fit again),
+        and every key with a record or chunk of another patch."""
         stale_records, changed = set(), set()
         for key, digest in current.items():
             if self.record_digests.get(key) not in (None, digest):
@@ -512,6 +481,10 @@ class _Lines:
     def data(self) -> bytes:
         """Every line, in order."""
         return self._spilled() if self._file is not None else b"".join(self._memory)
+
+
+def _patch(digest: str | None) -> dict:
+    return {} if digest is None else {"patch": digest}
 
 
 def _ranges(numbers: list[int]) -> str:

@@ -18,7 +18,7 @@ import time
 from typing import Any, Callable, Iterator
 
 from pyhf_dist.chunks import merge_chunks, missing_chunks, plan_chunks
-from pyhf_dist.journal import patch_digest
+from pyhf_dist.specs import patch_digest
 from pyhf_dist.pallet import Patch
 from pyhf_dist.protocol import SMALLEST_GROUP, failed_record, first_line, make_pack, make_task, records_of
 from pyhf_dist.results import FitRecord
@@ -219,7 +219,7 @@ class Loop:
         self._retry_notes: dict[tuple, list[str]] = {}  # (detail, attempt, bystander) -> patches sent again
 
     def take_digest(self, key: tuple) -> str | None:
-        """The :func:`~pyhf_dist.journal.patch_digest` of the patch of a record yielded (once)."""
+        """The :func:`~pyhf_dist.specs.patch_digest` of the patch of a record yielded (once)."""
         return self.merged_digests.pop(key, None)
 
     def _digest(self, job: Job) -> str | None:

@@ -14,11 +14,12 @@ from typing import Any
 from pyhf_dist import discovery, signals as signal_points
 from pyhf_dist.combine import check_method
 from pyhf_dist.exceptions import InputError
-from pyhf_dist.journal import patch_digest, scan_key
+from pyhf_dist.journal import scan_key
 from pyhf_dist.pallet import (
     Pallet, Patch, check_workspace, is_pyhf, load_pallet, load_patches, load_workspace,
 )
 from pyhf_dist.protocol import WorkerContext
+from pyhf_dist.specs import patch_digest
 
 __all__ = ["Plan", "prepare_pallet", "prepare_pallets"]
 
@@ -106,7 +107,7 @@ class Plan:
         return signal_points.pending(self.pallets, self.chosen, finished)
 
     def patch_digests(self, keys: set) -> dict:
-        """``(pallet name, patch name)`` -> :func:`~pyhf_dist.journal.patch_digest` of the patch
+        """``(pallet name, patch name)`` -> :func:`~pyhf_dist.specs.patch_digest` of the patch
         now, for the chosen patches among ``keys`` (for a signals file, each point is made anew)."""
         digests = {}
         if not keys:
