@@ -28,8 +28,8 @@ from pyhf_dist.protocol import first_line
 
 __all__ = [
     "Patch", "Pallet", "load_workspace", "load_patches", "select_patches", "select_across", "check_workspace",
-    "is_pyhf", "parse_json", "read_bytes", "values_from_name", "check_operations", "patches_from_patchset", "generic_labels",
-    "patch_digest",
+    "is_pyhf", "parse_json", "read_bytes", "values_from_name", "check_operations", "patches_from_patchset",
+    "generic_labels", "patch_digest",
 ]
 
 _PATCH_FILE = discovery.PATCH_FILE

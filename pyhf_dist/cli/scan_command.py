@@ -212,7 +212,8 @@ def fit_parameters() -> list[click.Parameter]:
                      help="Results file (.json, or .csv or .parquet for a table)."),
         click.Option(["--show-job-script"], is_flag=True, help="Print the batch script of a batch executor and exit."),
         click.Option(["--option", "extra_options"], multiple=True, metavar="KEY=VALUE",
-                     help="Any other executor keyword argument (repeatable), e.g. --executor slurm --option log_directory=logs."),
+                     help="Any other executor keyword argument (repeatable), "
+                          "e.g. --executor slurm --option log_directory=logs."),
         click.Option(["-q", "--quiet"], is_flag=True, help="No progress bar."),
     ]
 
@@ -303,15 +304,19 @@ def _toy_precision(ntoys: int) -> str:
     There CLs_b is about 0.5, so CLs_s+b is about 0.025: about ``0.025 * ntoys`` toys decide it,
     with a binomial relative error of ``1 / sqrt(0.025 * ntoys)``.
 
-    >>> _toy_precision(100)
-    '100 toys per hypothesis: a CLs near 0.05 rests on about 2.5 toys, a statistical error of about 63% of itself; 1,000 toys give 20%, 10,000 give 6%'
+    >>> for part in _toy_precision(100).split("; "):
+    ...     print(part)
+    100 toys per hypothesis: a CLs near 0.05 rests on about 2.5 toys, a statistical error of about 63% of itself
+    1,000 toys give 20%, 10,000 give 6%
     """
     tail = 0.025 * ntoys
     toys = f"{ntoys:,} toy{'s' * (ntoys != 1)} per hypothesis"
     better = "1,000 toys give 20%, 10,000 give 6%"
     if tail < 1:
-        return f"{toys}: less than one is expected in the tail that decides a CLs near 0.05, so CLs cannot tell an exclusion; {better}"
-    return f"{toys}: a CLs near 0.05 rests on about {tail:.2g} toy{'s' * (tail != 1)}, a statistical error of about {tail**-0.5:.0%} of itself; {better}"
+        return (f"{toys}: less than one is expected in the tail that decides a CLs near 0.05, so CLs cannot tell an "
+                f"exclusion; {better}")
+    return (f"{toys}: a CLs near 0.05 rests on about {tail:.2g} toy{'s' * (tail != 1)}, a statistical error of about "
+            f"{tail**-0.5:.0%} of itself; {better}")
 
 
 def silence_stdout() -> None:

@@ -248,7 +248,8 @@ class SlurmExecutor(DaskExecutor):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ExecutorOptionError(f"{key} must be a positive integer, got {value!r}")
         if not isinstance(options["memory"], str) or not _MEMORY.match(options["memory"]):
-            raise ExecutorOptionError(f"memory must be a size with its unit, e.g. '4GB' or '500MB', got {options['memory']!r}")
+            raise ExecutorOptionError(
+                f"memory must be a size with its unit, e.g. '4GB' or '500MB', got {options['memory']!r}")
         if options.get("nanny") is False and options["processes"] > 1:
             raise ExecutorOptionError(
                 f"nanny=False needs one worker process per job (got processes={options['processes']}): "

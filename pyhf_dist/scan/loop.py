@@ -330,8 +330,8 @@ class Loop:
             if retried:
                 self._retry_notes.setdefault((detail, retried[0].losses + 1, bystander), []).extend(
                     job.patch.name for job in retried)
-            return jobs, [job.failed(f"worker lost {job.losses + 1} times: {detail}" if lost else f"task failed: {detail}")
-                          for job in jobs]
+            return jobs, [job.failed(f"worker lost {job.losses + 1} times: {detail}" if lost
+                                     else f"task failed: {detail}") for job in jobs]
 
     def _note_retries(self) -> None:
         """One note per loss of this round, naming every patch it sends again (a pool started

@@ -147,7 +147,8 @@ class Template:
         measured = measurements[0]["config"]["poi"]
         if self.poi is not None and self.poi != measured:
             raise SignalsError(f"{where}: 'poi' is {self.poi!r}, but the workspace's measurement "
-                               f"{measurements[0].get('name', '')!r} tests {measured!r}: drop 'poi' or set it to {measured!r}")
+                               f"{measurements[0].get('name', '')!r} tests {measured!r}: drop 'poi' or set it to "
+                               f"{measured!r}")
         return Bound(self, index, bins, channels, measured)
 
 

@@ -83,7 +83,8 @@ def _check_address(address: str) -> None:
     scheme = address.split("://", 1)[0] if "://" in address else "tcp"
     if scheme not in backends:
         raise ExecutorOptionError(f"address {address!r}: a Dask scheduler is not reached over {scheme}://; "
-                                  f"give its address as tcp://host:8786 (or {', '.join(s for s in backends if s != 'tcp')})")
+                                  f"give its address as tcp://host:8786 "
+                                  f"(or {', '.join(scheme for scheme in backends if scheme != 'tcp')})")
 
 
 class DaskExecutor(Executor):
@@ -136,7 +137,8 @@ class DaskExecutor(Executor):
             )
         if address is not None:
             _check_address(address)
-        if isinstance(connect_timeout, bool) or not isinstance(connect_timeout, (int, float)) or not connect_timeout > 0:
+        number = isinstance(connect_timeout, (int, float)) and not isinstance(connect_timeout, bool)
+        if not number or not connect_timeout > 0:
             raise ExecutorOptionError(f"connect_timeout must be a positive number of seconds, got {connect_timeout!r}")
         if client is not None and not isinstance(client, distributed.Client):
             raise ExecutorOptionError(f"client must be a distributed.Client, got {type(client).__name__}")
