@@ -357,6 +357,7 @@ class ScanResult:
         if not pallets and any(record.mu_up_obs is not None for record in self.records):
             below = sum(1 for r in self.records if r.mu_up_obs is not None and r.mu_up_obs < 1)
             lines.append(f"{'excluded (mu_up_obs < 1)':<28}{below}")
+        lines += self._grid_top_lines()
         lines += self._certification_lines()
         engines = self.engines()
         for engine, count in engines["engines"].items():
@@ -373,6 +374,20 @@ class ScanResult:
             lines.append(f"{'executor':<28}{self.metadata['executor']} ({workers} worker{'' if workers == 1 else 's'}"
                          f"{busy})")
         return "\n".join(lines)
+
+    def _grid_top_lines(self) -> list[str]:
+        """A line for the limits a ``--scan`` grid could not bound: where CLs stays above the level
+        up to the grid's last value, pyhf's interpolation returns that value (a lower bound)."""
+        grid = (self.metadata.get("settings") or {}).get("upper_limit_scan")
+        if not grid:
+            return []
+        top = float(grid[1])
+        at_top = sum(1 for record in self.records if record.ok and any(
+            value is not None and abs(value - top) <= 1e-9 * max(1.0, top)
+            for value in [record.mu_up_obs, *(record.mu_up_exp or [])]))
+        if not at_top:
+            return []
+        return [f"{'at the --scan grid top':<28}{at_top} (a limit of {top:g} there is only a lower bound: widen --scan)"]
 
     def _workers_that_fitted(self) -> int:
         """How many worker processes fitted the records of this run (not those read from a journal)."""

@@ -378,3 +378,18 @@ def test_the_summary_says_how_many_of_the_workers_asked_for_fitted():
     everyone = ScanResult.from_dict({"metadata": {"executor": "slurm", "workers": 2, "started": 99.0},
                                      "results": records})
     assert "slurm (2 workers)\n" in everyone.summary() + "\n"
+
+
+def test_limits_at_the_top_of_a_scan_grid_are_called_lower_bounds():
+    """Where CLs stays above 0.05 up to the grid's last value, pyhf's interpolation returns that
+    value: a record reads mu_up = 5 for a limit that may be far above."""
+    from pyhf_dist.results import ScanResult
+
+    records = [
+        {"name": "low", "values": [1, 0], "status": "ok", "mu_up_obs": 1.3, "mu_up_exp": [0.5, 0.6, 0.9, 1.3, 1.9]},
+        {"name": "high", "values": [2, 0], "status": "ok", "mu_up_obs": 5.0, "mu_up_exp": [1.9, 2.7, 4.3, 5.0, 5.0]},
+    ]
+    grid = ScanResult.from_dict({"metadata": {"settings": {"upper_limit_scan": [0.0, 5.0, 21]}}, "results": records})
+    assert "at the --scan grid top      1 (a limit of 5 there is only a lower bound: widen --scan)" in grid.summary()
+    roots = ScanResult.from_dict({"metadata": {"settings": {"upper_limit_scan": None}}, "results": records})
+    assert "grid top" not in roots.summary()
