@@ -353,7 +353,10 @@ def test_in_python_a_note_during_the_bar_gets_a_line_of_its_own_too(monkeypatch)
     stream = io.StringIO()
     monkeypatch.setattr(sys, "stderr", stream)
     monkeypatch.setattr(logging, "lastResort", logging._StderrHandler(logging.WARNING))  # reads sys.stderr
-    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as outside pytest, which adds its own
+    # As in a fresh script: pytest adds handlers of its own, and a test before this one may have run
+    # the command line in this process, which adds its own to pyhf-dist's logger.
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    monkeypatch.setattr(logging.getLogger("pyhf_dist"), "handlers", [])
     assert not logging.getLogger("pyhf_dist").hasHandlers()
     bar = ProgressBar(total=2)
     bar.update(types.SimpleNamespace(ok=True))
