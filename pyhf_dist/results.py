@@ -9,7 +9,6 @@ combination (records whose ``pallet`` is the combination's name, e.g. ``"best-ex
 
 from __future__ import annotations
 
-import collections
 import csv
 import io
 import json
@@ -20,11 +19,9 @@ from typing import Any, Iterator
 from pyhf_dist.combine import combine
 from pyhf_dist.exceptions import PalletError
 from pyhf_dist.records import COMBINATIONS, EXCLUSION_LEVEL, FitRecord, json_safe, write_atomic
+from pyhf_dist.summary import summary as summary_of
 
 __all__ = ["FitRecord", "ScanResult", "write_atomic", "json_safe", "EXCLUSION_LEVEL", "COMBINATIONS"]
-
-#: One-sided p-values of a 3 and a 5 standard deviation excess (discovery scans, ``q0``).
-P0_3SIGMA, P0_5SIGMA = 1.349898e-3, 2.866516e-7
 
 CSV_COLUMNS = [
     "name", "pallet", "chosen_pallet", "values",
@@ -338,105 +335,13 @@ class ScanResult:
         engine pyhf                 1
         fast path declined          why (1)
         """
-        counts = self.counts()
-        wall = self.metadata.get("wall_seconds")
-        lines = [
-            f"{'patches':<28}{counts['total']}",
-            f"{'ok':<28}{counts['ok']}",
-            f"{'failed':<28}{counts['failed']}",
-        ]
-        pallets = self.pallets()
-        if pallets and not self.discovery:  # exclusion counts are per pallet: one point is in several
-            lines += self._pallet_lines(pallets)
-        if self.discovery:  # p0 of the background-only hypothesis: an excess, not an exclusion
-            p0 = [record.CLs_obs for record in self.records if record.ok and record.CLs_obs is not None]
-            lines.append(f"{'excess 3 sigma (p0<1.35e-3)':<28}{sum(value < P0_3SIGMA for value in p0)}")
-            lines.append(f"{'excess 5 sigma (p0<2.87e-7)':<28}{sum(value < P0_5SIGMA for value in p0)}")
-        elif not pallets and any(record.CLs_obs is not None for record in self.records):
-            lines.append(f"{'excluded (CLs_obs < 0.05)':<28}{counts['excluded']}")
-        if not pallets and any(record.mu_up_obs is not None for record in self.records):
-            below = sum(1 for r in self.records if r.mu_up_obs is not None and r.mu_up_obs < 1)
-            lines.append(f"{'excluded (mu_up_obs < 1)':<28}{below}")
-        lines += self._grid_top_lines()
-        lines += self._certification_lines()
-        engines = self.engines()
-        for engine, count in engines["engines"].items():
-            lines.append(f"{'engine ' + engine:<28}{count}")
-        for number, (reason, count) in enumerate(engines["fallbacks"].items()):
-            lines.append(f"{'fast path declined' if number == 0 else '':<28}{reason} ({count})")
-        if wall is not None:
-            lines.append(f"{'wall time':<28}{wall:.1f} s")
-        if self.metadata.get("executor"):
-            workers = self.metadata.get("workers")
-            fitted = self._workers_that_fitted()
-            # A batch system may run fewer of the jobs asked for (a full queue): say how many did.
-            busy = f", {fitted} of them fitted" if isinstance(workers, int) and 0 < fitted < workers else ""
-            lines.append(f"{'executor':<28}{self.metadata['executor']} ({workers} worker{'' if workers == 1 else 's'}"
-                         f"{busy})")
-        return "\n".join(lines)
-
-    def _grid_top_lines(self) -> list[str]:
-        """A line for the limits a ``--scan`` grid could not bound: where CLs stays above the level
-        up to the grid's last value, pyhf's interpolation returns that value (a lower bound)."""
-        grid = (self.metadata.get("settings") or {}).get("upper_limit_scan")
-        if not grid:
-            return []
-        top = float(grid[1])
-        at_top = sum(1 for record in self.records if record.ok and any(
-            value is not None and abs(value - top) <= 1e-9 * max(1.0, top)
-            for value in [record.mu_up_obs, *(record.mu_up_exp or [])]))
-        if not at_top:
-            return []
-        return [f"{'at the --scan grid top':<28}{at_top} (a limit of {top:g} there is only a lower bound: widen --scan)"]
-
-    def _workers_that_fitted(self) -> int:
-        """How many worker processes fitted the records of this run (not those read from a journal)."""
-        started = self.metadata.get("started")
-        return len({(record.worker.get("host"), record.worker.get("pid")) for record in self.records
-                    if isinstance(record.worker, dict) and record.worker.get("pid") is not None
-                    and (started is None or (record.submitted or 0) >= started)})
+        return summary_of(self)
 
     @property
     def discovery(self) -> bool:
         """Whether the records hold discovery p-values (``p0``, test statistic ``q0``) in their
         ``CLs_obs`` and ``CLs_exp``: small values are an excess there, not an exclusion."""
         return (self.metadata.get("settings") or {}).get("test_stat") == "q0"
-
-    def _certification_lines(self) -> list[str]:
-        """Summary lines on how the fits ended (only where some record was checked)."""
-        found = self.certification()
-        checked = found["certified"] + found["not_converged"]
-        if not checked:
-            return []
-        lines = [f"{'fits converged (certified)':<28}{found['certified']} of {checked}"]
-        if found["pyhf_stalls"]:
-            ok = self.counts()["ok"]
-            lines.append(
-                f"{'pyhf default fits stall':<28}on {found['pyhf_stalls']} of {ok} patches "
-                "(the CLs here are from converged fits; --match-pyhf gives pyhf's own)"
-            )
-        return lines
-
-    def _pallet_lines(self, pallets: list[str]) -> list[str]:
-        """One summary line per pallet: its counts, and for a combination the pallets it took."""
-        limits = not any(record.CLs_obs is not None for record in self.records)
-        test = "mu_up_obs < 1" if limits else "CLs_obs < 0.05"
-        fitted = [name for name in pallets if name not in COMBINATIONS]
-        lines = [f"{'pallets':<28}{len(fitted)} ({test} counted as excluded)"]
-        for name in pallets:
-            records = [record for record in self.records if record.pallet == name]
-            ok = sum(record.ok for record in records)
-            if limits:
-                excluded = sum(1 for r in records if r.ok and r.mu_up_obs is not None and r.mu_up_obs < 1)
-            else:
-                excluded = sum(bool(record.excluded) for record in records)
-            line = f"  {name:<26}{len(records)} {'points' if name in COMBINATIONS else 'patches'}: {ok} ok, " \
-                   f"{len(records) - ok} failed, {excluded} excluded"
-            if name in COMBINATIONS:
-                taken = collections.Counter(record.chosen_pallet for record in records if record.chosen_pallet)
-                line += f" (from {', '.join(f'{pallet} {taken[pallet]}' for pallet in fitted if taken[pallet])})"
-            lines.append(line)
-        return lines
 
 
 def record_from_row(row: dict) -> FitRecord:
