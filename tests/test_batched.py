@@ -573,3 +573,35 @@ def test_a_fit_both_minimizers_lose_on_data_without_a_minimum_runs_away(lbb_pall
         assert np.isfinite(value) and np.min(expected[observed == 0]) < toys.NO_MINIMUM_YIELD
     found = toystats.toy_statistics(fitter, rows, 1.0, "qtilde", metric_at=generating, generating=generating)
     assert found["runaway"].all()
+
+
+@pytest.mark.parametrize("per_slot", [False, True])
+def test_the_step_with_parameters_held_is_the_newton_step_of_the_others(per_slot):
+    """``held_solve``: with up to MAX_HELD parameters held, the step is zero on them and
+    ``H[F, F]^-1 q[F]`` on the free ones (H the inverse of the metric given); more are unsolvable."""
+    import jax.numpy as jnp
+
+    from pyhf_dist.runtime.fast.likelihood import configure_jax
+    from pyhf_dist.runtime.fast.quasi_newton import MAX_HELD, held_solve
+
+    configure_jax()  # double precision, as the engine runs
+    rng = np.random.default_rng(7)
+    slots, n = 7, 11
+    metrics = []
+    for _ in range(slots if per_slot else 1):
+        root = rng.normal(size=(n, n))
+        metrics.append(root @ root.T + n * np.eye(n))
+    held = np.zeros((slots, n), dtype=bool)
+    for slot, count in enumerate([0, 1, 2, 3, 4, 4, 5]):
+        held[slot, rng.choice(n, size=count, replace=False)] = True
+    q = np.where(held, 0.0, rng.normal(size=(slots, n)))
+    h0inv = np.stack(metrics) if per_slot else metrics[0]
+    step, solvable = held_solve(jnp.asarray(q), jnp.asarray(held), jnp.asarray(h0inv))
+    step, solvable = np.asarray(step), np.asarray(solvable)
+    assert solvable.tolist() == [count <= MAX_HELD for count in held.sum(1)]
+    for slot in np.flatnonzero(solvable):
+        hessian = np.linalg.inv(metrics[slot if per_slot else 0])
+        free = ~held[slot]
+        expected = np.zeros(n)
+        expected[free] = np.linalg.solve(hessian[np.ix_(free, free)], q[slot, free])
+        np.testing.assert_allclose(step[slot], expected, rtol=1e-10, atol=1e-12)

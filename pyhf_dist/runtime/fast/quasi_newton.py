@@ -48,16 +48,18 @@ def held_solve(q, held, h0inv):
     ``z - H^-1[:, A] (H^-1[A, A])^-1 z[A]`` (a Schur complement): a ``k x k`` solve per slot.
     ``h0inv`` is one ``[n, n]`` matrix for every slot, or ``[slots, n, n]``, one per slot.
     """
-    import jax
     import jax.numpy as jnp
 
     k = MAX_HELD
     n = held.shape[-1]
     per_slot = h0inv.ndim == 3
     z = jnp.einsum("sn,snm->sm", q, h0inv) if per_slot else q @ h0inv
-    # The first k held indices (the largest scores); a score of 0 marks an unused entry.
-    scores, order = jax.lax.top_k(jnp.where(held, n - jnp.arange(n), 0), k)
-    valid = scores > 0
+    # The first k held indices, in order, from a running count: XLA's top_k on a CPU sorts, and
+    # cost as much as the rest of an iteration's algebra (1Lbb, 64 slots: 0.43 of 0.9 ms).
+    rank = jnp.cumsum(held, axis=-1) - 1
+    picks = held[:, None, :] & (rank[:, None, :] == jnp.arange(k)[None, :, None])  # [slots, k, n]
+    valid = jnp.any(picks, axis=-1)
+    order = jnp.sum(jnp.where(picks, jnp.arange(n), 0), axis=-1)
     # [slots, k, n]: rows of a symmetric matrix
     columns = jnp.take_along_axis(h0inv, order[:, :, None], axis=1) if per_slot else jnp.take(h0inv, order, axis=0)
     block = jnp.take_along_axis(columns, order[:, None, :], axis=2)
