@@ -271,3 +271,40 @@ def test_parameter_requirements_are_pyhfs():
             pyhf.parameters.reduce_paramsets_requirements(requirements, bad)
         with pytest.raises(FastPathUnsupported):
             parsets.reduce_configured(requirements, bad)
+
+
+_XLA_THREADS = """
+import json, os
+from pyhf_dist.runtime.fast.likelihood import configure_jax
+cpus = os.sched_getaffinity(0)
+configure_jax()
+import jax.numpy as jnp
+float(jnp.ones((64, 64)).sum())
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(json.dumps({"pool": names.count("tf_XLAEigen"), "cpus": len(cpus),
+                  "pinned": sum(os.sched_getaffinity(int(t)) != cpus for t in os.listdir("/proc/self/task"))}))
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity"), reason="thread affinity is Linux's")
+def test_a_worker_starts_xla_with_one_pool_thread_and_leaves_every_thread_all_cpus():
+    """XLA's CPU client sizes its spinning thread pool by the CPUs, whatever XLA_FLAGS say: a
+    worker (one thread per library) starts it with one, and no thread stays pinned."""
+    import os
+
+    from pyhf_dist.runtime.threads import thread_limits
+
+    environment = {key: value for key, value in os.environ.items() if key not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    environment.update(thread_limits(environment), JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", _XLA_THREADS], capture_output=True, text=True, env=environment,
+                         timeout=120, check=True)
+    facts = json.loads(out.stdout.strip().splitlines()[-1])
+    if facts["cpus"] < 2:
+        pytest.skip("one CPU: XLA's pool has one thread anyway")
+    assert facts["pool"] == 1, facts
+    assert facts["pinned"] == 0, facts
+    # Without the one-thread flags (the user's own process), jax's defaults stay.
+    environment.pop("XLA_FLAGS")
+    out = subprocess.run([sys.executable, "-c", _XLA_THREADS], capture_output=True, text=True, env=environment,
+                         timeout=120, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1])["pool"] > 1

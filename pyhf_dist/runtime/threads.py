@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["THREAD_LIMITS", "XLA_SINGLE_THREAD", "xla_flags", "thread_limits", "pin_threads", "thread_limit_exports"]
+__all__ = [
+    "THREAD_LIMITS",
+    "XLA_SINGLE_THREAD",
+    "pin_threads",
+    "start_xla_single_threaded",
+    "thread_limit_exports",
+    "thread_limits",
+    "xla_flags",
+]
 
 #: One thread per numerical library per worker: many single-threaded pyhf processes on a few
 #: cores are far faster than processes that each start a thread per core and fight for them.
@@ -71,3 +79,59 @@ def thread_limit_exports(environ: dict) -> list[str]:
     import shlex
 
     return [f"export {name}={shlex.quote(value)}" for name, value in thread_limits(environ).items()]
+
+
+def start_xla_single_threaded() -> bool:
+    """Start jax's CPU client with a thread pool of one, where XLA is to run on one thread.
+
+    ``--xla_cpu_multi_thread_eigen=false`` keeps Eigen's own kernels on the calling thread, but
+    XLA's CPU client still sizes its pool of worker threads by the CPUs the process may use, and
+    those threads wait for work spinning. Two workers on two cores then each use about 1.4 cores
+    and slow each other down: 1,000 toys of each hypothesis of a 1Lbb patch took 14.3-18.8 s in
+    each of two such processes, 12.4-13.4 s with a pool of one. The pool is sized when the client
+    starts, so it is started here under a one-CPU affinity, then every thread it started, and
+    this one, gets the process's CPUs back: the operating system still moves them freely.
+
+    Only where ``XLA_FLAGS`` asks for one thread (a worker: :func:`thread_limits`), on Linux, before
+    jax has started a backend, and where jax has no accelerator plugin (a GPU's client is left as
+    jax makes it). Returns whether it started the client.
+    """
+    import threading
+
+    if "xla_cpu_multi_thread_eigen=false" not in os.environ.get("XLA_FLAGS", ""):
+        return False
+    if not hasattr(os, "sched_setaffinity") or not os.path.isdir("/proc/self/task") or _accelerator_plugins():
+        return False
+    try:
+        from jax._src import xla_bridge
+
+        if xla_bridge.backends_are_initialized():
+            return False
+    except (ImportError, AttributeError):  # another jax: its defaults
+        return False
+    cpus = os.sched_getaffinity(0)
+    before = _thread_ids()
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        xla_bridge.backends()
+    finally:
+        for thread in (_thread_ids() - before) | {threading.get_native_id()}:
+            try:
+                os.sched_setaffinity(thread, cpus)
+            except OSError:  # a thread that has ended since
+                pass
+    return True
+
+
+def _thread_ids() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/task")}
+
+
+def _accelerator_plugins() -> bool:
+    """Whether jax may find a GPU or TPU plugin (unless ``JAX_PLATFORMS`` says ``cpu``)."""
+    import importlib.metadata
+    import importlib.util
+
+    if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+        return False
+    return bool(importlib.metadata.entry_points(group="jax_plugins")) or importlib.util.find_spec("jax_plugins") is not None
