@@ -110,6 +110,41 @@ def test_local_workers_start_before_the_context_exists(erjr_pallet):
     assert_matches_reference(records, serial_pyhf(erjr_pallet, names))
 
 
+class _SecondWorkerStartsLate:
+    """A worker initializer: the second worker to start sleeps ``seconds`` first (in the worker)."""
+
+    def __init__(self, marker: str, seconds: float):
+        self.marker, self.seconds = marker, seconds
+
+    def __call__(self) -> None:
+        try:
+            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            time.sleep(self.seconds)
+
+
+def test_the_first_tasks_go_to_different_workers_while_one_still_warms_up(erjr_pallet, tmp_path):
+    """A worker still starting takes the next task: the two tasks of a scan of two long chunks
+    ran one after the other on the worker that had warmed up first."""
+    from pyhf_dist.settings import FitSettings
+    from pyhf_dist.protocol import WorkerContext
+
+    settings = FitSettings(backend="numpy").to_dict()
+    context = WorkerContext.build(erjr_pallet.workspace, settings)
+    marker = tmp_path / "first-worker"
+    with LocalExecutor(workers=2, initializer=_SecondWorkerStartsLate(str(marker), 8.0)) as executor:
+        executor.start(context)
+        deadline = time.time() + 120
+        while not marker.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(2.0)  # the first worker has started and warmed up; the second sleeps on
+        patches = erjr_pallet.patches[:2]
+        futures = [executor.submit({"name": p.name, "patch": p.operations, "context": context.key}) for p in patches]
+        records = [future.result(timeout=300) for future in futures]
+    assert all(record["status"] == "ok" for record in records)
+    assert len({record["worker"]["pid"] for record in records}) == 2, "both tasks went to one worker"
+
+
 def test_a_bad_pallet_stops_the_workers_started_for_it(tmp_path):
     import psutil
 

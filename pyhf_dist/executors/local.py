@@ -201,18 +201,24 @@ class _Slot:
 
     @property
     def load(self) -> int:
+        """Tasks submitted to this worker and not done (its start and warm-up not counted)."""
         # A copy: done-callbacks remove futures from loky's thread meanwhile.
         return sum(1 for future in list(self.futures) if not future.done())
 
-    def submit(self, function, *args) -> concurrent.futures.Future:
+    def submit(self, function, *args, task: bool = True) -> concurrent.futures.Future:
+        """Submit ``function(*args)``; ``task=False`` for the worker's start and warm-up, which
+        do not count in :attr:`load`: a worker still warming up takes a task as soon as it is
+        ready, where counting them sent both of a scan's first two tasks to the worker that had
+        warmed up first, one after the other (a 10,000-toy scan took twice as long)."""
         with _uninterrupted():
             try:
                 future = self.pool.submit(function, *args)
             except BrokenProcessPool:  # its worker died: this slot gets a fresh one
                 self.replace()
                 future = self.pool.submit(function, *args)
-        self.futures.add(future)
-        future.add_done_callback(self.futures.discard)
+        if task:
+            self.futures.add(future)
+            future.add_done_callback(self.futures.discard)
         return future
 
     @property
@@ -299,7 +305,7 @@ class LocalExecutor(Executor):
         with _uninterrupted():
             self._slots = [_Slot(make_pool) for _ in range(self.workers)]
             for slot in self._slots:  # loky starts a worker on its first submit: start them all now
-                slot.submit(os.getpid)
+                slot.submit(os.getpid, task=False)
 
     def describe(self) -> dict:
         facts = super().describe()
@@ -325,7 +331,7 @@ class LocalExecutor(Executor):
             os.replace(temporary, path)
             self._contexts[context.key] = FileContext(context.key, str(path))
         for slot in self._slots:
-            slot.submit(_warm_up, self._contexts[context.key])
+            slot.submit(_warm_up, self._contexts[context.key], task=False)
 
     def submit(self, task: Task | Pack) -> concurrent.futures.Future:
         context = self._contexts.get(task["context"])
