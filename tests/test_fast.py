@@ -308,3 +308,15 @@ def test_a_worker_starts_xla_with_one_pool_thread_and_leaves_every_thread_all_cp
     out = subprocess.run([sys.executable, "-c", _XLA_THREADS], capture_output=True, text=True, env=environment,
                          timeout=120, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1])["pool"] > 1
+
+
+def test_xla_is_left_as_jax_starts_it_where_a_gpu_plugin_is_installed(tmp_path, monkeypatch):
+    from pyhf_dist.runtime import threads
+
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setattr(sys, "path", [str(tmp_path)])
+    assert not threads._accelerator_plugins()
+    (tmp_path / "jax_cuda12_plugin").mkdir()
+    assert threads._accelerator_plugins()
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert not threads._accelerator_plugins()
