@@ -232,6 +232,25 @@ def test_probes_never_stop_above_a_lower_minimum(small_problem):
     np.testing.assert_allclose(claimed.twice_nll, plain.twice_nll, atol=1e-6)
 
 
+def test_plain_fits_and_probes_share_one_compiled_loop(small_problem):
+    """Each compilation of the loop takes seconds (1Lbb: 4): plain fits run in the probes' loop,
+    as probes of a minimum at +inf that none joins, with the same minima."""
+    from pyhf_dist.runtime.fast import loop
+
+    problem = small_problem
+    model, _ = _pyhf_model(small_workspace())
+    np.random.seed(SEED + 3)
+    samples = model.make_pdf(pyhf.tensorlib.astensor(model.config.suggested_init())).sample((6,))
+    main, aux = toystats.split_samples(problem, samples)
+    fitter = batched.BatchFitter(problem, fallback=False, batch=8)  # a batch size no other test compiles
+    before = loop.compiled.cache_info().misses
+    plain = fitter.fit(main, aux)
+    probe = fitter.fit(main, aux, start=np.tile(problem.init * 1.3, (6, 1)), known=(plain.theta, plain.twice_nll))
+    assert loop.compiled.cache_info().misses == before + 1
+    assert plain.converged.all() and not plain.joined.any()
+    assert np.all(probe.joined | probe.converged)
+
+
 # ------------------------------------------------------------------------- toys against pyhf
 
 
