@@ -3,7 +3,8 @@
 Many single-threaded pyhf processes on a few cores are far faster than processes that each start a
 thread per core and fight for them. A worker started in-process calls :func:`pin_threads`; one
 started by a script (a batch job, a worker pool's launch command) gets
-:func:`thread_limit_exports` in that script.
+:func:`thread_limit_exports` in that script. XLA's CPU client, whose pool of threads these
+settings do not size, is started with one by :func:`start_xla_single_threaded`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 
 __all__ = [
+    "ACCELERATOR_PLUGINS",
     "THREAD_LIMITS",
     "XLA_SINGLE_THREAD",
     "pin_threads",
@@ -91,8 +93,8 @@ def start_xla_single_threaded() -> bool:
     ``--xla_cpu_multi_thread_eigen=false`` keeps Eigen's own kernels on the calling thread, but
     XLA's CPU client still sizes its pool of worker threads by the CPUs the process may use, and
     those threads wait for work spinning. Two workers on two cores then each use about 1.4 cores
-    and slow each other down: 1,000 toys of each hypothesis of a 1Lbb patch took 14.3-18.8 s in
-    each of two such processes, 12.4-13.4 s with a pool of one. The pool is sized when the client
+    and slow each other down: 1,000 toys of each hypothesis of a 1Lbb patch took 15.0-18.9 s in
+    each of two such processes, 12.6-14.6 s with a pool of one. The pool is sized when the client
     starts, so it is started here under a one-CPU affinity, then every thread it started, and
     this one, gets the process's CPUs back: the operating system still moves them freely.
 
