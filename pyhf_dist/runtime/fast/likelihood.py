@@ -27,6 +27,8 @@ import threading
 
 import numpy as np
 
+from pyhf_dist.runtime.threads import start_xla_single_threaded
+
 __all__ = [
     "CACHE_ENV",
     "YIELD_FLOOR",
@@ -86,9 +88,7 @@ def configure_jax() -> None:
         # more than the computation (1Lbb: 15% less time per patch). Read when XLA's CPU client
         # starts, so it takes effect in a process that has not used jax yet (a worker).
         jax.config.update("jax_cpu_enable_async_dispatch", False)
-        from pyhf_dist.runtime.threads import start_xla_single_threaded
-
-        start_xla_single_threaded()
+        start_xla_single_threaded()  # after the settings above: the client reads them as it starts
         directory = os.environ.get(CACHE_ENV)
         if not directory:
             from pyhf_dist import cache
