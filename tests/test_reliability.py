@@ -267,6 +267,48 @@ def test_the_time_of_a_paused_timeout_is_not_counted():
     assert 0.7 < time.monotonic() - began < 1.5
 
 
+def test_an_alarm_waits_for_the_import_it_lands_in(tmp_path, monkeypatch):
+    """A fit timed out inside an import must not leave the module half made for the worker's
+    later fits: the import ends, then the fit does."""
+    import importlib
+
+    from pyhf_dist.runtime.timeouts import FitTimeout, call_with_timeout
+
+    (tmp_path / "slow_to_import.py").write_text("import time\ntime.sleep(0.6)\nmade = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "slow_to_import", raising=False)
+
+    def import_then_fit():
+        importlib.import_module("slow_to_import")
+        time.sleep(5)
+
+    began = time.monotonic()
+    with pytest.raises(FitTimeout):
+        call_with_timeout(import_then_fit, 0.2)
+    assert 0.6 <= time.monotonic() - began < 3, "the fit went on past its time"
+    assert sys.modules["slow_to_import"].made
+
+
+def test_a_structures_check_against_pyhf_is_not_counted_in_the_fits_timeout(demo, monkeypatch):
+    """The first patch of a structure is checked against pyhf's own model (importing pyhf where the
+    worker has not yet, building the model): a one-off cost of the worker, like a compilation."""
+    pytest.importorskip("jax")
+    from pyhf_dist.runtime.fast import engine
+    from pyhf_dist.runtime.timeouts import call_with_timeout
+
+    build = engine.pyhf_model
+
+    def slow_build(*args, **kwargs):
+        time.sleep(1.5)  # a first `import pyhf`, a big model
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "pyhf_model", slow_build)
+    fast = engine.FastHypotest(demo.workspace)
+    fast.warm_up()
+    result = call_with_timeout(lambda: fast.hypotest(demo.patches[0].operations), 1.0)
+    assert 0 < result["CLs_obs"] < 1 and result["converged"]
+
+
 def test_a_layouts_first_compilation_is_not_counted_in_the_fits_timeout(demo, tmp_path, monkeypatch):
     """On the default backend a patch of a new shape is compiled for first (~3 s for this one with
     an empty cache, its fits ~1 s): a 2 s timeout is the fit's, so the patch is fitted, not failed."""
@@ -276,7 +318,8 @@ def test_a_layouts_first_compilation_is_not_counted_in_the_fits_timeout(demo, tm
     with LocalExecutor(workers=1) as executor:
         result = pyhf_dist.map_fits(pallet, executor=executor, timeout=2)
     rows = assert_one_record_each(result, pallet.names())
-    assert [(rows[name]["status"], rows[name]["engine"]) for name in pallet.names()] == [("ok", "fast")] * 5, rows
+    assert [(rows[name]["status"], rows[name]["engine"]) for name in pallet.names()] == [("ok", "fast")] * 5, [
+        (name, rows[name]["status"], rows[name]["engine"], rows[name]["error"]) for name in pallet.names()]
 
 
 def _block_alarm() -> None:
@@ -299,6 +342,35 @@ def _block_alarm_and_pace() -> None:
         return compute(state, task)
 
     calculations.compute = paced
+
+
+def _slow_compilations() -> None:
+    """Every layout this worker compiles takes 4 s longer (a busy machine, a big layout, an empty cache)."""
+    from pyhf_dist.runtime import timeouts
+    from pyhf_dist.runtime.fast import engine
+
+    compile_layout = engine._compile
+
+    def slowly(caps, codes, *args):
+        if (caps, codes) not in engine._COMPILED:
+            with timeouts.paused():
+                time.sleep(4)
+        return compile_layout(caps, codes, *args)
+
+    engine._compile = slowly
+
+
+def test_the_backstop_does_not_count_a_compilation_the_worker_held_its_clock_for(demo, monkeypatch):
+    """A worker compiling a patch's layout holds the fit's clock; the scan's backstop for stuck
+    workers leaves that time out too, instead of giving up on a worker that is compiling."""
+    pytest.importorskip("jax")
+    monkeypatch.setattr(scan_loop, "TIMEOUT_GRACE", 1.0)
+    pallet = Pallet(demo.workspace, [_slow_patch(demo, parameters=20)] + demo.patches[:1], demo.labels)
+    with LocalExecutor(workers=1, initializer=_slow_compilations) as executor:
+        result = pyhf_dist.map_fits(pallet, executor=executor, timeout=1)
+    rows = assert_one_record_each(result, pallet.names())
+    assert [(row["status"], row["engine"], row["error"]) for row in rows.values()] == [("ok", "fast", None)] * 2
+    assert len({row["worker"]["pid"] for row in rows.values()}) == 1, "the worker was kept"
 
 
 class _CountingAbandons(LocalExecutor):

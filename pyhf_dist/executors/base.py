@@ -108,6 +108,7 @@ class Executor(abc.ABC):
         runner.pack_seconds             # fitting time worth sending as one pack (0: one task each)
         future = runner.submit(task)    # a task or a pack; at most max_pending unfinished at once
         runner.started_at(future)       # when a worker began it (for per-fit timeouts)
+        runner.held_seconds(future)     # how long its fit's clock stood still (a compilation)
         runner.abandon(future)          # a fit ran past its timeout: give up on it
         runner.is_worker_lost(error)    # the future failed: worker death (retry) or fit failure?
         runner.explain_loss(future, error)  # a worker died: which, of what, with how much memory
@@ -224,6 +225,15 @@ class Executor(abc.ABC):
         starting workers knows better.
         """
         return time.time() if future.running() else None
+
+    def held_seconds(self, future: concurrent.futures.Future) -> float:
+        """Seconds the task of ``future`` has held its fit's clock so far, as far as this engine
+        can tell: a layout compiled, a structure checked (:func:`pyhf_dist.runtime.timeouts.paused`).
+
+        The scan's backstop for a stuck fit does not count them, as the worker's own timeout does
+        not. The default: none known.
+        """
+        return 0.0
 
     def abandon(self, future: concurrent.futures.Future) -> None:
         """Give up on a task that ran past the scan's timeout, freeing its worker if possible.

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -36,7 +37,7 @@ from pyhf_dist.exceptions import MissingDependencyError
 from pyhf_dist.executors.base import Executor, ExecutorFlag, default_workers
 from pyhf_dist.executors.deaths import MemoryWatch, describe_death, running
 from pyhf_dist.protocol import PACK, Context, Pack, Task
-from pyhf_dist.runtime import initialize, preload, run_task, thread_limits
+from pyhf_dist.runtime import initialize, preload, run_task, thread_limits, timeouts
 
 try:
     import loky
@@ -127,10 +128,24 @@ def _run_tracked(task: Task | Pack, context: FileContext, mark: str) -> dict:
     except OSError:
         pass
     try:
-        return run_task(task, context)
+        with timeouts.reporting(functools.partial(_report_hold, mark)):
+            return run_task(task, context)
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(mark)
+        for path in (mark, mark + _HELD):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+#: Beside a task's mark: "<seconds held> <Unix time held since, or ->" (see :meth:`LocalExecutor.held_seconds`).
+_HELD = ".held"
+
+
+def _report_hold(mark: str, held: float, since: float | None) -> None:
+    # Replaced whole: the client never reads half a line.
+    written = f"{mark}{_HELD}.{os.getpid()}"
+    with contextlib.suppress(OSError):
+        Path(written).write_text(f"{held!r} {'-' if since is None else repr(since)}")
+        os.replace(written, mark + _HELD)
 
 
 @contextlib.contextmanager
@@ -377,6 +392,15 @@ class LocalExecutor(Executor):
             return os.stat(mark).st_mtime if mark is not None else None
         except OSError:
             return None
+
+    def held_seconds(self, future: concurrent.futures.Future) -> float:
+        """What the task's worker said of its holds (:func:`_report_hold`), a hold under way counted to now."""
+        mark = self._marks.get(future)
+        try:
+            held, since = Path(mark + _HELD).read_text().split() if mark is not None else ("0", "-")
+            return float(held) + (max(0.0, time.time() - float(since)) if since != "-" else 0.0)
+        except (OSError, ValueError):
+            return 0.0
 
     def abandon(self, future: concurrent.futures.Future) -> None:
         """Stop the worker running ``future`` (stuck past the timeout) and start a fresh one.

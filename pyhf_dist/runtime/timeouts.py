@@ -6,7 +6,9 @@ Compute workers run their tasks. Elsewhere (Dask's threads) a fit that ran past 
 as it ends, and one that never ends is given up by the scan's client-side timeout.
 Compiling the likelihood for a layout is a one-off cost of the worker, not of the fit that meets
 it first: the alarm waits meanwhile (:func:`paused`), so a timeout shorter than a compilation
-does not fail every patch of a new layout on a machine whose cache is empty.
+does not fail every patch of a new layout on a machine whose cache is empty. Nor does the alarm
+cut an import short (:func:`_on_alarm`): a package left half made would fail every later fit of the
+worker.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import signal
 import threading
 import time
 
-__all__ = ["FitTimeout", "call_with_timeout", "paused", "timed_out"]
+__all__ = ["FitTimeout", "call_with_timeout", "paused", "reporting", "timed_out"]
 
 
 class FitTimeout(BaseException):
@@ -29,8 +31,27 @@ class FitTimeout(BaseException):
     """
 
 
+#: Seconds after which an alarm that landed in an import looks again.
+IMPORT_RETRY = 0.05
+
+
 def _on_alarm(signum, frame):
+    if _importing(frame):
+        # Python drops a module whose import raised, but not what it had set up meanwhile: a worker
+        # whose first fit timed out inside `import pyhf` went on with a pyhf lacking
+        # `default_backend`, failing every later patch. The import ends first; then the fit does.
+        signal.setitimer(signal.ITIMER_REAL, IMPORT_RETRY)
+        return
     raise FitTimeout()
+
+
+def _importing(frame) -> bool:
+    """Whether ``frame`` runs inside Python's import machinery (a module's body being executed)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def timed_out(error: BaseException) -> bool:
@@ -58,8 +79,9 @@ def timed_out(error: BaseException) -> bool:
     return False
 
 
-#: Seconds held by :func:`paused` during the fit under way on this thread (off the main thread).
-_held = threading.local()
+#: The fit under way on this thread: ``seconds`` held by :func:`paused` so far, ``depth`` of the
+#: pauses open now, and ``report``, whom :func:`reporting` names to hear of them.
+_fit = threading.local()
 
 
 def call_with_timeout(function, timeout: float | None):
@@ -72,11 +94,11 @@ def call_with_timeout(function, timeout: float | None):
     """
     if not timeout:
         return function()
+    _fit.seconds = 0.0
     if threading.current_thread() is not threading.main_thread():
-        _held.seconds = 0.0
         began = time.monotonic()
         result = function()
-        if time.monotonic() - began - _held.seconds > timeout:
+        if time.monotonic() - began - _fit.seconds > timeout:
             raise FitTimeout()
         return result
     previous = signal.signal(signal.SIGALRM, _on_alarm)
@@ -91,17 +113,38 @@ def call_with_timeout(function, timeout: float | None):
 @contextlib.contextmanager
 def paused():
     """Hold the alarm of the fit under way (if any) while the body runs, then give the fit the
-    rest of its time."""
-    if threading.current_thread() is not threading.main_thread():
-        began = time.monotonic()
-        try:
-            yield
-        finally:
-            _held.seconds = getattr(_held, "seconds", 0.0) + time.monotonic() - began
-        return
-    remaining, _ = signal.setitimer(signal.ITIMER_REAL, 0)
+    rest of its time. Whoever :func:`reporting` names hears of it as the clock stops and starts."""
+    depth = getattr(_fit, "depth", 0)
+    _fit.depth = depth + 1
+    report = getattr(_fit, "report", None) if depth == 0 else None
+    main = threading.current_thread() is threading.main_thread()
+    remaining = signal.setitimer(signal.ITIMER_REAL, 0)[0] if main else 0.0
+    began = time.monotonic()
+    if report is not None:
+        report(getattr(_fit, "seconds", 0.0), time.time())
     try:
         yield
     finally:
+        _fit.depth = depth
+        if depth == 0:
+            _fit.seconds = getattr(_fit, "seconds", 0.0) + time.monotonic() - began
+            if report is not None:
+                report(_fit.seconds, None)
         if remaining:
             signal.setitimer(signal.ITIMER_REAL, remaining)
+
+
+@contextlib.contextmanager
+def reporting(report):
+    """Within the block, call ``report(held, since)`` as a fit on this thread holds its clock
+    (``since``: the Unix time it stopped) and starts it again (``since`` ``None``); ``held`` is
+    the seconds held before. For a worker whose client must hear of it: the client's backstop
+    for a stuck fit (:meth:`~pyhf_dist.executors.base.Executor.held_seconds`) does not count
+    a compilation either.
+    """
+    before = getattr(_fit, "report", None)
+    _fit.report, _fit.seconds = report, 0.0
+    try:
+        yield
+    finally:
+        _fit.report = before

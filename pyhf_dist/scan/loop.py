@@ -130,7 +130,8 @@ def expire(runner, in_flight: dict, timeout: float) -> None:
 
     The worker stops a fit at ``timeout`` by itself where it can; this is the client's backstop
     for workers that cannot (tasks run in threads, a fit stuck in C code), measured from when a
-    worker began the task. (A scan with a timeout sends one patch per task.)
+    worker began the task, less the time its clock was held (a compilation) where the executor
+    knows it. (A scan with a timeout sends one patch per task.)
     """
     now, wall = time.monotonic(), time.time()
     for future, jobs in list(in_flight.items()):
@@ -142,7 +143,9 @@ def expire(runner, in_flight: dict, timeout: float) -> None:
                 # forward (NTP, an operator) must not time out every task in flight at once, nor
                 # one set back keep a stuck task for ever.
                 job.running_since = now - max(0.0, wall - began)
-        if job.running_since is not None and now - job.running_since > timeout + TIMEOUT_GRACE:
+        limit = timeout + TIMEOUT_GRACE
+        if job.running_since is not None and now - job.running_since > limit and (
+                now - job.running_since - runner.held_seconds(future) > limit):
             replacement: concurrent.futures.Future = concurrent.futures.Future()
             replacement.set_result(job.failed(f"timed out after {timeout} s (worker did not respond)"))
             in_flight[replacement] = in_flight.pop(future)

@@ -289,7 +289,12 @@ class FastHypotest:
         if self._verify:
             described = _structure(spec, arrays, caps, self._codes)
             if described not in self._verified:
-                checked = self._check_structure(described, spec, arrays, functions, device, params, main)
+                from pyhf_dist.runtime import timeouts
+
+                # Once per structure, like its compilation (the check imports pyhf, builds its
+                # model, compiles the logpdf): the worker's cost, outside the fit's timeout.
+                with timeouts.paused():
+                    checked = self._check_structure(described, spec, arrays, functions, device, params, main)
                 self._verified[described] = checked
             if not self._verified[described]:
                 raise FastPathUnsupported("this structure did not reproduce pyhf's model in the check")
