@@ -372,16 +372,29 @@ def _slot_tables(geometry: Channels, reduced: dict, parameters, staterror_rank: 
         "norm_lo": np.ones((Kn, S)),
         "factor_par": np.full((S, width, Kf), n_pars, dtype=np.int32),
     }
+    # One fancy assignment per table and channel width, not one per slot: a 1Lbb patch has 77
+    # slots, and this runs for every patch.
+    widths: dict = {}
+    for k, (c, _, _) in enumerate(slots):
+        widths.setdefault(geometry.channels[c][0], []).append(k)
+    for nbins, members in widths.items():
+        samples = [slots[k][2] for k in members]
+        out["nominal"][members, :nbins] = np.stack([p.nominal for p in samples])
+        first_bins = np.asarray([offsets[slots[k][0]] for k in members])
+        out["bin_index"][members, :nbins] = first_bins[:, None] + np.arange(nbins)
+        rows = _rows(hist_rows, [p.hist_names for p in samples])
+        if rows.size:
+            at = np.repeat(members, [len(p.hist_names) for p in samples])
+            out["hist_up"][rows, at, :nbins] = np.concatenate([p.hist_up for p in samples])
+            out["hist_dn"][rows, at, :nbins] = np.concatenate([p.hist_dn for p in samples])
+    samples = [p for _, _, p in slots]
+    rows = _rows(norm_rows, [p.norm_names for p in samples])
+    if rows.size:
+        at = np.repeat(np.arange(S), [len(p.norm_names) for p in samples])
+        out["norm_hi"][rows, at] = np.concatenate([p.norm_hi for p in samples])
+        out["norm_lo"][rows, at] = np.concatenate([p.norm_lo for p in samples])
     for k, (c, s, parsed) in enumerate(slots):
         nbins = geometry.channels[c][0]
-        out["nominal"][k, :nbins] = parsed.nominal
-        out["bin_index"][k, :nbins] = np.arange(offsets[c], offsets[c] + nbins)
-        rows = list(map(hist_rows.__getitem__, parsed.hist_names))
-        out["hist_up"][rows, k, :nbins] = parsed.hist_up
-        out["hist_dn"][rows, k, :nbins] = parsed.hist_dn
-        rows = list(map(norm_rows.__getitem__, parsed.norm_names))
-        out["norm_hi"][rows, k] = parsed.norm_hi
-        out["norm_lo"][rows, k] = parsed.norm_lo
         columns = [np.full(nbins, start[name]) for name in parsed.scalar_factors]
         for name, mtype in parsed.bin_factors:
             if reduced[name]["n_parameters"] < nbins:
@@ -393,3 +406,9 @@ def _slot_tables(geometry: Channels, reduced: dict, parameters, staterror_rank: 
         for column, indices in enumerate(columns):
             out["factor_par"][k, :nbins, column] = indices
     return out
+
+
+def _rows(rows: dict, names: list) -> np.ndarray:
+    """The table rows of every name of every list in ``names``, in order, as one index array."""
+    flat = itertools.chain.from_iterable(names)
+    return np.fromiter(map(rows.__getitem__, flat), dtype=np.intp, count=sum(map(len, names)))
