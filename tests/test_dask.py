@@ -352,6 +352,26 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _start_scheduler(address: str, **streams) -> subprocess.Popen:
+    """A ``dask scheduler`` of the user's at ``address``, once it listens: a scan fails at once,
+    by design, on an address where nothing listens yet (a busy machine starts one in seconds)."""
+    import socket
+
+    port = int(address.rsplit(":", 1)[1])
+    scheduler = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                                  "--port", str(port), "--no-dashboard"], **streams)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return scheduler
+        except OSError:
+            if scheduler.poll() is not None or time.monotonic() > deadline:
+                scheduler.kill()
+                raise RuntimeError(f"the test's Dask scheduler did not start at {address}") from None
+            time.sleep(0.1)
+
+
 def test_a_scheduler_killed_mid_scan_ends_the_scan_with_the_reason_in_each_record(erjr_dir, tmp_path):
     """A scheduler of the user's (``dask scheduler``, ``dask worker``) killed while the scan runs:
     the scan ends (it once waited for ever on a result the client could no longer fetch), keeps
@@ -359,8 +379,7 @@ def test_a_scheduler_killed_mid_scan_ends_the_scan_with_the_reason_in_each_recor
     address = f"tcp://127.0.0.1:{_free_port()}"
     log = open(tmp_path / "cluster.log", "w")
     python_m = [sys.executable, "-m"]
-    scheduler = subprocess.Popen([*python_m, "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port",
-                                  address.rsplit(":", 1)[1], "--no-dashboard"], stdout=log, stderr=log)
+    scheduler = _start_scheduler(address, stdout=log, stderr=log)
     worker = None
     try:
         worker = subprocess.Popen([*python_m, "distributed.cli.dask_worker", address, "--nworkers", "1",
@@ -505,9 +524,7 @@ def test_a_fit_past_its_timeout_fails_on_dask_as_on_the_local_executor(erjr_pall
 
 def test_a_scheduler_without_workers_is_told_not_waited_on_in_silence(erjr_dir, tmp_path):
     address = f"tcp://127.0.0.1:{_free_port()}"
-    scheduler = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                                  "--port", address.rsplit(":", 1)[1], "--no-dashboard"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scheduler = _start_scheduler(address, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         scan = subprocess.Popen([sys.executable, "-m", "pyhf_dist", "fit", str(erjr_dir), "--executor", "dask",
                                  "--address", address, "--option", "connect_timeout=60", "-o", str(tmp_path / "r.json"),
