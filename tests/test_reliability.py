@@ -701,11 +701,14 @@ def test_the_scratch_folder_of_a_killed_scan_is_removed_by_the_next_scan(tmp_pat
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list(tmp_path.glob("pyhf-dist-local-*/context-*.json")):
         time.sleep(0.05)
+    workers = psutil.Process(killed.pid).children(recursive=True)
     killed.kill()
     killed.wait(timeout=30)
     (left,) = tmp_path.glob("pyhf-dist-local-*")
     assert scratch.owner(left) == killed.pid
-    time.sleep(1.0)  # its workers end by themselves (their parent is gone)
+    # Its workers end by themselves (their parent is gone); one still starting would touch the folder.
+    _, alive = psutil.wait_procs(workers, timeout=60)
+    assert not alive, f"workers of the killed scan still run: {alive}"
     others = {}
     for name, pid in (("live", os.getpid()), ("fresh", killed.pid), ("unknown", None)):
         folder = others[name] = tmp_path / f"pyhf-dist-local-{name}"

@@ -80,7 +80,7 @@ class FileContext:
         self.key, self.path = state
 
 
-def _worker_setup(settings: dict | None, pid_directory: str, initializer: Callable | None) -> None:
+def _worker_setup(settings: dict | None, pid_directory: str, initializer: Callable | None, parent: int) -> None:
     """What a worker runs once, when it starts."""
     # Ctrl-C reaches the whole process group, and so does SIGTERM from a batch system; the scan in
     # the parent decides what happens (it stops its workers with SIGKILL), so a worker must not die
@@ -91,17 +91,17 @@ def _worker_setup(settings: dict | None, pid_directory: str, initializer: Callab
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     if initializer is not None:  # first: threads started below inherit what it sets (signal masks)
         initializer()
-    _exit_with_parent()
+    _exit_with_parent(parent)
     Path(pid_directory, str(os.getpid())).touch()
     if settings is not None:  # started by prepare(): import now, while the client reads the pallet
         preload(settings)
 
 
-def _exit_with_parent() -> None:
+def _exit_with_parent(parent: int) -> None:
     # A parent killed with SIGKILL cannot stop its workers, which would wait for tasks forever:
-    # each worker leaves as soon as its parent is gone.
-    parent = os.getppid()
-
+    # each worker leaves as soon as its parent (the scan's process, ``parent``) is gone. Named by
+    # the parent, not read here: a worker still starting when its scan was killed would read the
+    # process it was handed to instead, and wait for that one (seen: workers left for good).
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)
@@ -313,7 +313,7 @@ class LocalExecutor(Executor):
             return loky.ProcessPoolExecutor(
                 max_workers=1,
                 initializer=_worker_setup,
-                initargs=(settings, str(directory / "workers"), self.initializer),
+                initargs=(settings, str(directory / "workers"), self.initializer, os.getpid()),
                 env=environment,
             )
 
