@@ -347,17 +347,17 @@ def _block_alarm_and_pace() -> None:
 def _slow_compilations() -> None:
     """Every layout this worker compiles takes 4 s longer (a busy machine, a big layout, an empty cache)."""
     from pyhf_dist.runtime import timeouts
-    from pyhf_dist.runtime.fast import engine
+    from pyhf_dist.runtime.fast import executables
 
-    compile_layout = engine._compile
+    compile_layout = executables.for_layout
 
     def slowly(caps, codes, *args):
-        if (caps, codes) not in engine._COMPILED:
+        if (caps, codes) not in executables.COMPILED:
             with timeouts.paused():
                 time.sleep(4)
         return compile_layout(caps, codes, *args)
 
-    engine._compile = slowly
+    executables.for_layout = slowly
 
 
 def test_the_backstop_does_not_count_a_compilation_the_worker_held_its_clock_for(demo, monkeypatch):

@@ -9,7 +9,6 @@ every structure against pyhf's own model, and runs the hypotests and upper limit
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import logging
@@ -268,13 +267,13 @@ class FastHypotest:
 
     def _padded(self, arrays, caps):
         """``(device layout, padded parameters, padded main data, functions)``, compiled for ``caps``."""
-        from pyhf_dist.runtime.fast import layout, likelihood
+        from pyhf_dist.runtime.fast import executables, layout, likelihood
 
         padded = layout.pad(arrays, caps)
         params = layout.pad_parameters(arrays, caps)
         main = layout.pad_main(arrays, caps)
         device = likelihood.device_layout(padded, self._codes)
-        functions = _compile(caps, self._codes, likelihood.functions(*self._codes), device, params, main)
+        functions = executables.for_layout(caps, self._codes, likelihood.functions(*self._codes), device, params, main)
         return device, params, main, functions
 
     def _problem(self, patch_operations):
@@ -398,48 +397,6 @@ def _structure(spec: dict, arrays, caps, codes) -> str:
     channels = sorted((channel["name"], len(channel["samples"][0]["data"])) for channel in spec["channels"])
     configured = sorted((parameter["name"], sorted(parameter)) for parameter in config.get("parameters", []))
     return repr((caps, codes, sorted(arrays.modifier_types), channels, configured, config["poi"]))
-
-
-#: The functions to call per ``(caps, codes)`` compiled in this process.
-_COMPILED: dict = {}
-_COMPILED_LOCK = threading.Lock()
-
-
-def _compile(caps, codes, functions, device, params, main):
-    """The functions to call for ``caps``, compiled in this process once; on a machine, one worker compiles.
-
-    Where the pyhf-dist cache is on, the executables kept on disk, loaded without tracing
-    (:mod:`~pyhf_dist.runtime.fast.executables`; kept by the first worker to need them).
-    Otherwise the jitted functions: workers that meet a layout not compiled yet take turns, the
-    first compiles into jax's persistent cache, the others then load from it.
-    """
-    from pyhf_dist.runtime import timeouts
-    from pyhf_dist.runtime.fast import executables, likelihood
-
-    found = _COMPILED.get((caps, codes))
-    if found is not None:  # every patch after the layout's first: no pause to report
-        return found
-    with timeouts.paused(), _COMPILED_LOCK:  # the worker's one-off cost, not the fit's: outside its timeout
-        found = _COMPILED.get((caps, codes))
-        if found is not None:
-            return found
-        # The device arrays' names are part of the compiled function's signature.
-        key = cache.digest(repr((caps, codes, sorted(device))), cache.versions("jax", "jaxlib"))
-        cached = likelihood.persistent_cache() is not None
-        loaded = None
-        if cached:
-            arguments = {"theta": params["init"], "main": main, "aux": params["aux"], "layout": device}
-            loaded = executables.load(functions, key, arguments)
-        if loaded is None:
-            first = cached and cache.recall("compiled", key) is None
-            with cache.exclusive("compile-" + key) if first else contextlib.nullcontext():
-                functions.value_and_grad(params["init"], main, params["aux"], device)
-                functions.expected(params["init"], device)
-                functions.fisher_diagonal(params["init"], device)
-                if first:
-                    cache.remember("compiled", key, "yes")
-        _COMPILED[(caps, codes)] = loaded or functions
-        return _COMPILED[(caps, codes)]
 
 
 def for_state(state) -> FastHypotest:

@@ -18,18 +18,20 @@ other types or shapes than the executable's goes to the jitted function.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import logging
 import os
 import pickle
 import platform
+import threading
 from pathlib import Path
 
 import numpy as np
 
 from pyhf_dist import cache
 
-__all__ = ["Loaded", "load"]
+__all__ = ["COMPILED", "Loaded", "for_layout", "load"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,48 @@ CALLS = {
     "expected": ("theta", "layout"),
     "fisher_diagonal": ("theta", "layout"),
 }
+
+
+#: The functions to call per ``(caps, codes)`` compiled in this process.
+COMPILED: dict = {}
+_COMPILED_LOCK = threading.Lock()
+
+
+def for_layout(caps, codes, functions, device, params, main):
+    """The functions to call for ``caps``, compiled in this process once; on a machine, one worker compiles.
+
+    Where the pyhf-dist cache is on, the executables kept on disk, loaded without tracing
+    (:func:`load`; kept by the first worker to need them). Otherwise the jitted functions:
+    workers that meet a layout not compiled yet take turns, the first compiles into jax's
+    persistent cache, the others then load from it.
+    """
+    from pyhf_dist.runtime import timeouts
+    from pyhf_dist.runtime.fast import likelihood
+
+    found = COMPILED.get((caps, codes))
+    if found is not None:  # every patch after the layout's first: no pause to report
+        return found
+    with timeouts.paused(), _COMPILED_LOCK:  # the worker's one-off cost, not the fit's: outside its timeout
+        found = COMPILED.get((caps, codes))
+        if found is not None:
+            return found
+        # The device arrays' names are part of the compiled function's signature.
+        key = cache.digest(repr((caps, codes, sorted(device))), cache.versions("jax", "jaxlib"))
+        cached = likelihood.persistent_cache() is not None
+        loaded = None
+        if cached:
+            arguments = {"theta": params["init"], "main": main, "aux": params["aux"], "layout": device}
+            loaded = load(functions, key, arguments)
+        if loaded is None:
+            first = cached and cache.recall("compiled", key) is None
+            with cache.exclusive("compile-" + key) if first else contextlib.nullcontext():
+                functions.value_and_grad(params["init"], main, params["aux"], device)
+                functions.expected(params["init"], device)
+                functions.fisher_diagonal(params["init"], device)
+                if first:
+                    cache.remember("compiled", key, "yes")
+        COMPILED[(caps, codes)] = loaded or functions
+        return COMPILED[(caps, codes)]
 
 
 class Loaded:
