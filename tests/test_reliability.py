@@ -360,17 +360,26 @@ def _slow_compilations() -> None:
     executables.for_layout = slowly
 
 
-def test_the_backstop_does_not_count_a_compilation_the_worker_held_its_clock_for(demo, monkeypatch):
+@pytest.mark.parametrize("hangs", [False, True], ids=["compiles", "compilation-hangs"])
+def test_the_backstop_does_not_count_a_compilation_the_worker_held_its_clock_for(demo, monkeypatch, hangs):
     """A worker compiling a patch's layout holds the fit's clock; the scan's backstop for stuck
-    workers leaves that time out too, instead of giving up on a worker that is compiling."""
+    workers leaves that time out too, instead of giving up on a worker that is compiling. Up to
+    a limit: a compilation that hangs is given up like a fit that does."""
     pytest.importorskip("jax")
     monkeypatch.setattr(scan_loop, "TIMEOUT_GRACE", 1.0)
+    if hangs:  # the 4 s compilation stands for one that never ends
+        monkeypatch.setattr(scan_loop, "HELD_LIMIT", 1.0)
     pallet = Pallet(demo.workspace, [_slow_patch(demo, parameters=20)] + demo.patches[:1], demo.labels)
     with LocalExecutor(workers=1, initializer=_slow_compilations) as executor:
         result = pyhf_dist.map_fits(pallet, executor=executor, timeout=1)
     rows = assert_one_record_each(result, pallet.names())
-    assert [(row["status"], row["engine"], row["error"]) for row in rows.values()] == [("ok", "fast", None)] * 2
-    assert len({row["worker"]["pid"] for row in rows.values()}) == 1, "the worker was kept"
+    outcomes = [(row["status"], row["engine"], row["error"]) for row in rows.values()]
+    if hangs:
+        assert outcomes[0] == ("failed", None, "timed out after 1 s (worker did not respond)"), outcomes
+        assert outcomes[1][0] == "ok", outcomes
+    else:
+        assert outcomes == [("ok", "fast", None)] * 2
+        assert len({row["worker"]["pid"] for row in rows.values()}) == 1, "the worker was kept"
 
 
 class _CountingAbandons(LocalExecutor):

@@ -396,10 +396,12 @@ class LocalExecutor(Executor):
     def held_seconds(self, future: concurrent.futures.Future) -> float:
         """What the task's worker said of its holds (:func:`_report_hold`), a hold under way counted to now."""
         mark = self._marks.get(future)
+        if mark is None:
+            return 0.0
         try:
-            held, since = Path(mark + _HELD).read_text().split() if mark is not None else ("0", "-")
+            held, since = Path(mark + _HELD).read_text().split()
             return float(held) + (max(0.0, time.time() - float(since)) if since != "-" else 0.0)
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # no hold yet, or a worker of another version
             return 0.0
 
     def abandon(self, future: concurrent.futures.Future) -> None:

@@ -23,13 +23,16 @@ from pyhf_dist.pallet import Patch
 from pyhf_dist.protocol import SMALLEST_GROUP, failed_record, first_line, make_pack, make_task, records_of
 from pyhf_dist.results import FitRecord
 
-__all__ = ["Job", "JobQueue", "Loop", "Packing", "expire", "TIMEOUT_GRACE"]
+__all__ = ["Job", "JobQueue", "Loop", "Packing", "expire", "HELD_LIMIT", "TIMEOUT_GRACE"]
 
 log = logging.getLogger("pyhf_dist.scan")
 
 #: Extra seconds the client waits past ``timeout`` before it gives up on a task itself (the worker
 #: normally stops the fit on time; this covers workers that cannot).
 TIMEOUT_GRACE = 10.0
+#: The most seconds of a task's held clock (a compilation, :meth:`~pyhf_dist.executors.base.Executor.held_seconds`)
+#: the client leaves out: a compilation that hangs is given up like a fit that does.
+HELD_LIMIT = 600.0
 
 
 @dataclasses.dataclass
@@ -145,7 +148,7 @@ def expire(runner, in_flight: dict, timeout: float) -> None:
                 job.running_since = now - max(0.0, wall - began)
         limit = timeout + TIMEOUT_GRACE
         if job.running_since is not None and now - job.running_since > limit and (
-                now - job.running_since - runner.held_seconds(future) > limit):
+                now - job.running_since - min(runner.held_seconds(future), HELD_LIMIT) > limit):
             replacement: concurrent.futures.Future = concurrent.futures.Future()
             replacement.set_result(job.failed(f"timed out after {timeout} s (worker did not respond)"))
             in_flight[replacement] = in_flight.pop(future)
