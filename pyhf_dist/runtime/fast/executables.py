@@ -12,7 +12,8 @@ milliseconds.
 
 An executable is kept only after a copy loaded back from its bytes gave the same numbers as the
 compiled function; one that cannot be read or loaded is compiled again. A call with inputs of
-other types or shapes than the executable's goes to the jitted function.
+other types or shapes than the executable's goes to the jitted function. :func:`for_layout` gives
+a layout's functions to call, loaded or compiled once per process.
 """
 
 from __future__ import annotations
