@@ -247,6 +247,8 @@ def test_plain_fits_and_probes_share_one_compiled_loop(small_problem):
     plain = fitter.fit(main, aux)
     probe = fitter.fit(main, aux, start=np.tile(problem.init * 1.3, (6, 1)), known=(plain.theta, plain.twice_nll))
     assert loop.compiled.cache_info().misses == before + 1
+    advance = loop.compiled(fitter.model.codes, 8, fitter.steps, False)[0]
+    assert advance._cache_size() == 1, "plain fits and probes traced the loop apart"
     assert plain.converged.all() and not plain.joined.any()
     assert np.all(probe.joined | probe.converged)
 

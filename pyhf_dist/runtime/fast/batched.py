@@ -318,7 +318,7 @@ class BatchFitter:
         # Always the full batch, however few fits, and plain fits as probes of a minimum at
         # +inf, which they never join: one compiled loop per process and device for both (each
         # compilation takes seconds: 1Lbb toys on an empty cache started 4 s sooner so).
-        compiled = loop.compiled(self.model.codes, self.batch, self.steps, nominal is not None, True)
+        compiled = loop.compiled(self.model.codes, self.batch, self.steps, nominal is not None)
         rows_of = {"main": main, "aux": aux, "x0": x0, "pinned": pinned}
         if nominal is not None:
             rows_of["nominal"] = nominal

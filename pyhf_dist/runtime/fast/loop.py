@@ -123,12 +123,11 @@ def stream(compiled, slots: int, device, rows_of: dict, consts: dict, arrays, pr
 
 
 @functools.cache
-def compiled(codes: tuple, slots: int, steps: int, own_nominal: bool = False, probes: bool = False,
-              per_patch: bool = False):
+def compiled(codes: tuple, slots: int, steps: int, own_nominal: bool = False, per_patch: bool = False):
     """``(advance, refill, empty)``, jitted, for interpolation ``codes`` and ``slots``; with
     ``own_nominal``, each slot's fit has its own nominal yields (the slot state's ``nominal``);
-    with ``probes``, each slot's fit is a probe of a known minimum (``target``, ``target_f``);
-    with ``per_patch``, the model arrays and the constants of :data:`PER_PATCH` have a leading
+    where the rows carry ``target`` and ``target_f``, each slot's fit is a probe of that known
+    minimum (seen when tracing); with ``per_patch``, the model arrays and the constants of :data:`PER_PATCH` have a leading
     axis of patches and each slot's fit reads those of its own (the slot state's ``patch``)."""
     import jax
     import jax.numpy as jnp
@@ -138,11 +137,14 @@ def compiled(codes: tuple, slots: int, steps: int, own_nominal: bool = False, pr
     def empty(rows):
         n = rows["aux"].shape[1]
         zeros = jnp.zeros((slots, n))
+        # Typed, not weak as a Python scalar makes them: the state advance() returns is typed, and
+        # a first call with weak types traced and compiled the loop a second time.
+        infinite = jnp.full(slots, jnp.inf, zeros.dtype)
         return {
-            "x": zeros, "f": jnp.full(slots, jnp.inf), "g": zeros, "d": zeros, "alpha": jnp.zeros(slots),
+            "x": zeros, "f": infinite, "g": zeros, "d": zeros, "alpha": jnp.zeros(slots),
             "S": jnp.zeros((slots, MEMORY, n)), "Y": jnp.zeros((slots, MEMORY, n)), "rho": jnp.zeros((slots, MEMORY)),
             "active": jnp.zeros((slots, n), bool), "status": jnp.full(slots, IDLE, jnp.int32),
-            "evaluations": jnp.zeros(slots, jnp.int32), "decrement": jnp.full(slots, jnp.inf),
+            "evaluations": jnp.zeros(slots, jnp.int32), "decrement": infinite,
             "flat": jnp.zeros(slots, jnp.int32), "pinned": jnp.zeros((slots, n), bool), **rows,
         }
 
