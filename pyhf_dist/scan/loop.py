@@ -137,6 +137,7 @@ def expire(runner, in_flight: dict, timeout: float) -> None:
     knows it. (A scan with a timeout sends one patch per task.)
     """
     now, wall = time.monotonic(), time.time()
+    limit = timeout + TIMEOUT_GRACE
     for future, jobs in list(in_flight.items()):
         job = jobs[0]
         if job.running_since is None:
@@ -146,7 +147,6 @@ def expire(runner, in_flight: dict, timeout: float) -> None:
                 # forward (NTP, an operator) must not time out every task in flight at once, nor
                 # one set back keep a stuck task for ever.
                 job.running_since = now - max(0.0, wall - began)
-        limit = timeout + TIMEOUT_GRACE
         if job.running_since is not None and now - job.running_since > limit and (
                 now - job.running_since - min(runner.held_seconds(future), HELD_LIMIT) > limit):
             replacement: concurrent.futures.Future = concurrent.futures.Future()
