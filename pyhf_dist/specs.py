@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-from pyhf_dist import cache, discovery
+from pyhf_dist import cache, collector, discovery
 from pyhf_dist.discovery import PATCHSET_NAMES
 from pyhf_dist.exceptions import PalletError, PatchSelectionError, WorkspaceError
 from pyhf_dist.observations import check_counts, check_patch_counts
@@ -111,7 +111,8 @@ def parse_json(text: bytes | str, where: str) -> Any:
         )
 
     try:
-        return json.loads(text, parse_constant=not_finite)
+        with collector.paused():  # millions of containers, no cycles (see pyhf_dist.collector)
+            return json.loads(text, parse_constant=not_finite)
     except json.JSONDecodeError as error:
         hint = "the file looks truncated: download it again" if error.pos >= len(text) - 1 else "fix or replace it"
         raise PalletError(

@@ -32,12 +32,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from pyhf_dist import scratch
+from pyhf_dist import collector, scratch
 from pyhf_dist.exceptions import MissingDependencyError
 from pyhf_dist.executors.base import Executor, ExecutorFlag, default_workers
 from pyhf_dist.executors.deaths import MemoryWatch, describe_death, running
 from pyhf_dist.protocol import PACK, Context, Pack, Task
-from pyhf_dist.runtime import initialize, preload, run_task, thread_limits, timeouts
+from pyhf_dist.runtime import initialize, preload, prepared, run_task, thread_limits, timeouts
 
 try:
     import loky
@@ -94,7 +94,17 @@ def _worker_setup(settings: dict | None, pid_directory: str, initializer: Callab
     _exit_with_parent(parent)
     Path(pid_directory, str(os.getpid())).touch()
     if settings is not None:  # started by prepare(): import now, while the client reads the pallet
-        preload(settings)
+        with collector.paused():
+            preload(settings)
+    collector.settle()  # the libraries live as long as the worker: no collection walks them again
+
+
+def _prepared(context: FileContext) -> None:
+    # The worker's state for the context, prepared once; what it holds (the workspace, the
+    # compiled likelihood) lives as long as the worker, and no collection walks it again.
+    if prepared(context.key) is None:
+        initialize(context)
+        collector.settle()
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -113,13 +123,13 @@ def _exit_with_parent(parent: int) -> None:
 def _warm_up(context: FileContext) -> None:
     # Prepares the worker (parses the workspace, compiles the fast path's likelihood) as soon as
     # the context exists, before its first task arrives.
-    initialize(context)
+    _prepared(context)
 
 
 def _run_tracked(task: Task | Pack, context: FileContext, mark: str) -> dict:
     # Set up first (a no-op after the first task): a worker that replaces a dead one prepares
     # itself here, and that is not part of the fit the scan's timeout is about.
-    initialize(context)
+    _prepared(context)
     # A mark "<pid> <patch>" for as long as the task runs: its modification time says when the
     # worker began the fit. (A packed task lists its patches.)
     names = [each["name"] for each in task["tasks"]] if task.get("kind") == PACK else [task["name"]]

@@ -17,10 +17,10 @@ defines them.
 """
 
 from pyhf_dist.runtime.dispatch import run_task, worker_info
-from pyhf_dist.runtime.state import initialize, preload, release, setup_count
+from pyhf_dist.runtime.state import initialize, preload, prepared, release, setup_count
 from pyhf_dist.runtime.threads import pin_threads, thread_limit_exports, thread_limits
 
 __all__ = [
-    "run_task", "worker_info", "initialize", "preload", "release", "setup_count", "pin_threads", "thread_limits",
+    "run_task", "worker_info", "initialize", "preload", "prepared", "release", "setup_count", "pin_threads", "thread_limits",
     "thread_limit_exports",
 ]

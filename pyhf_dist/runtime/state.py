@@ -13,6 +13,7 @@ import json
 import threading
 from typing import Any
 
+from pyhf_dist import collector
 from pyhf_dist.protocol import Context
 from pyhf_dist.runtime.threads import pin_threads
 
@@ -35,7 +36,8 @@ class WorkerState:
     def __init__(self, context: Context):
         from pyhf_dist.settings import FitSettings
 
-        data = json.loads(context.payload)
+        with collector.paused():  # the workspace: many containers, no cycles
+            data = json.loads(context.payload)
         settings = FitSettings.from_dict(data["settings"])
         self._setup(context.key, settings, data.get("workspace"))
         self.pallets = {
