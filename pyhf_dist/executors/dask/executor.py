@@ -16,6 +16,7 @@ from typing import Any
 
 import distributed
 
+from pyhf_dist import collector
 from pyhf_dist.exceptions import ExecutorError, ExecutorOptionError
 from pyhf_dist.executors.base import Description, Executor, ExecutorFlag, NoAnswer, call_within, default_workers
 from pyhf_dist.executors.dask.processes import WorkerProcess, stop_restarts
@@ -40,10 +41,10 @@ class ContextPlugin(distributed.WorkerPlugin):
 
     Args:
         context: The scan's context (:class:`~pyhf_dist.protocol.Context`); pickled once per worker.
-        freeze: After the setup, move every object alive to the garbage collector's permanent
-            generation (``gc.freeze``): the parsed workspace and the compiled likelihood are
-            never walked again by a collection, nor by the interpreter's exit (about 2 s for a
-            1Lbb worker otherwise). Only for worker processes pyhf-dist started itself.
+        freeze: After the setup, leave every object alive out of later collections
+            (:func:`pyhf_dist.collector.settle`): the parsed workspace and the compiled
+            likelihood are never walked again by a collection, nor by the interpreter's exit
+            (about 2 s for a 1Lbb worker otherwise). Only for worker processes pyhf-dist started itself.
     """
 
     def __init__(self, context: Context, freeze: bool = False):
@@ -53,9 +54,7 @@ class ContextPlugin(distributed.WorkerPlugin):
     def setup(self, worker=None):
         initialize(self.context)
         if self.freeze:
-            import gc
-
-            gc.freeze()
+            collector.settle()
 
     def teardown(self, worker=None):
         # A long-lived cluster of the user's sees many scans: drop this one's parsed workspace.
