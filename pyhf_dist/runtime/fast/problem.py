@@ -265,7 +265,7 @@ class FitProblem:
         joined = []
 
         def probe(x, value):
-            if np.max(np.abs(x - near.x), initial=0.0) < PROBE_RADIUS and value >= near.value - SAME_MINIMUM:
+            if np.abs(x - near.x).max(initial=0.0) < PROBE_RADIUS and value >= near.value - SAME_MINIMUM:
                 joined.append(True)
                 return True
             return False
