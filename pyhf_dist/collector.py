@@ -50,7 +50,8 @@ def settle() -> None:
 
     Only for a process pyhf-dist runs for fits alone (a local worker, a Dask worker of a cluster
     it started): what it holds by then (the libraries, the workspace, the compiled likelihood)
-    lives as long as the process, and what a fit allocates afterwards is still collected as usual. A frozen object that is dropped is still
-    freed by reference counting; only one caught in a cycle would stay, which these are not.
+    lives as long as the process, and what a fit allocates afterwards is still collected as
+    usual. A frozen object that is dropped is still freed by reference counting; only one caught
+    in a cycle would stay, which these are not.
     """
     gc.freeze()

@@ -8,7 +8,7 @@ defines them.
 * :mod:`~pyhf_dist.runtime.dispatch` — :func:`run_task`: one task, a pack of tasks, or a no-op,
   and its record;
 * :mod:`~pyhf_dist.runtime.state` — a worker's prepared state per scan context
-  (:func:`initialize`, :func:`preload`, :func:`release`);
+  (:func:`initialize`, :func:`prepared`, :func:`preload`, :func:`release`);
 * :mod:`~pyhf_dist.runtime.threads` — one thread per numerical library;
 * :mod:`~pyhf_dist.runtime.calculations` — the fast path or plain pyhf for a task;
 * :mod:`~pyhf_dist.runtime.reference` — plain pyhf: model building, hypotest, upper limits;
@@ -21,6 +21,6 @@ from pyhf_dist.runtime.state import initialize, preload, prepared, release, setu
 from pyhf_dist.runtime.threads import pin_threads, thread_limit_exports, thread_limits
 
 __all__ = [
-    "run_task", "worker_info", "initialize", "preload", "prepared", "release", "setup_count", "pin_threads", "thread_limits",
-    "thread_limit_exports",
+    "run_task", "worker_info", "initialize", "preload", "prepared", "release", "setup_count", "pin_threads",
+    "thread_limits", "thread_limit_exports",
 ]
