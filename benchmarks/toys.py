@@ -103,11 +103,7 @@ def fast_toys(label: str, ntoys: int, seed: int) -> dict:
 
     from toy_models import load
 
-    from pyhf_dist.runtime import calculations
-
-    from pyhf_dist.runtime import reference
-
-    from pyhf_dist.runtime import toys
+    from pyhf_dist.runtime import reference, toys
     from pyhf_dist.runtime.fast import FastPathUnsupported, batched, for_state, toystats
     from pyhf_dist.settings import FitSettings
     from pyhf_dist.protocol import WorkerContext
