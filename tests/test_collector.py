@@ -39,10 +39,10 @@ def test_a_pallets_json_is_parsed_without_a_collection(lbb_tarball, collections)
     gc.collect()  # counts from zero: no collection is due as the parse begins
     collections.clear()
     parsed = specs.parse_json(text, "BkgOnly.json")
-    # Counted before anything else is allocated. Ending the pause may run one young collection
-    # (the parsed containers are young then), and nothing more.
+    # Counted before anything else is allocated. Ending the pause may run a young collection (the
+    # parsed containers are young then; another thread's allocation may run one too), no more.
     during = list(collections)
-    assert during in ([], [0])
+    assert len(during) <= 2 and set(during) <= {0}, during
     assert gc.isenabled()
     assert parsed["channels"] and parsed["measurements"]
 
