@@ -83,3 +83,14 @@ def test_a_local_worker_settles_what_it_holds_and_still_collects(erjr_pallet):
     assert facts["frozen"] > 10_000
     assert facts["enabled"]
     assert facts["cycle collected"]  # garbage made after settling is collected as before
+
+
+def test_a_workers_imports_leave_the_collector_as_they_found_it():
+    from pyhf_dist.runtime import preload
+    from pyhf_dist.settings import FitSettings
+
+    with collector.paused():  # a caller's own pause is kept
+        preload(FitSettings(backend="jax").to_dict())
+        assert not gc.isenabled()
+    preload(FitSettings(backend="numpy").to_dict())
+    assert gc.isenabled()

@@ -94,8 +94,7 @@ def _worker_setup(settings: dict | None, pid_directory: str, initializer: Callab
     _exit_with_parent(parent)
     Path(pid_directory, str(os.getpid())).touch()
     if settings is not None:  # started by prepare(): import now, while the client reads the pallet
-        with collector.paused():
-            preload(settings)
+        preload(settings)
     collector.settle()  # the libraries live as long as the worker: no collection walks them again
 
 

@@ -118,18 +118,21 @@ def preload(settings: dict) -> None:
     """Import what fits with ``settings`` (a FitSettings dict) will need, before the context arrives.
 
     For workers started while the client still reads the pallet. Never raises: anything missing
-    shows up, with its real error, when the worker is set up.
+    shows up, with its real error, when the worker is set up. The garbage collector is paused
+    meanwhile (:func:`pyhf_dist.collector.paused`): the modules imported live as long as the
+    process, and collections in the middle of jax's import would walk them again and again.
     """
     pin_threads()
     try:
         from pyhf_dist.settings import FitSettings
 
-        if FitSettings.from_dict(settings).fast_path:
-            from pyhf_dist.runtime import fast
+        with collector.paused():
+            if FitSettings.from_dict(settings).fast_path:
+                from pyhf_dist.runtime import fast
 
-            fast.preload()
-        else:
-            import pyhf  # noqa: F401
+                fast.preload()
+            else:
+                import pyhf  # noqa: F401
     except Exception:  # noqa: BLE001 - an optimisation only
         pass
 
