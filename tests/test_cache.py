@@ -124,6 +124,54 @@ def test_a_warm_cache_skips_pyhf_and_changes_nothing(lbb_tarball, tmp_path):
         assert second[field] == first[field], field
 
 
+# A worker as a scan starts it, in a fresh process: set up for the background, then its first patch,
+# with every compilation jax makes logged.
+_FIRST_PATCH = r"""
+import json, logging, sys
+import jax
+import pyhf_dist
+from pyhf_dist.settings import FitSettings
+from pyhf_dist.protocol import WorkerContext
+from pyhf_dist.runtime import initialize, run_task
+
+pallet = pyhf_dist.load_pallet(sys.argv[1])
+context = WorkerContext.build(pallet.workspace, FitSettings(backend="jax").to_dict())
+initialize(context)
+compiled = []
+
+
+class Compilations(logging.Handler):
+    def emit(self, record):
+        if record.getMessage().startswith("Compiling"):
+            compiled.append(record.getMessage()[:80])
+
+
+logging.getLogger("jax").addHandler(Compilations())
+jax.config.update("jax_log_compiles", True)
+record = run_task({"name": pallet.patches[0].name, "patch": pallet.patches[0].operations, "context": context.key})
+print(json.dumps({"status": record["status"], "engine": record.get("engine"), "compiled": compiled}))
+"""
+
+
+def test_a_warm_workers_first_patch_compiles_nothing(erjr_dir, tmp_path):
+    # Each compilation is ~30 ms of a worker's start (seen: a division on a device array, in
+    # every worker's first patch).
+    pytest.importorskip("jax")
+    environment = dict(os.environ, PYHF_DIST_CACHE=str(tmp_path))
+
+    def run() -> dict:
+        completed = subprocess.run(
+            [sys.executable, "-c", _FIRST_PATCH, str(erjr_dir)], env=environment, capture_output=True, text=True
+        )
+        assert completed.returncode == 0, completed.stderr
+        return json.loads(completed.stdout.strip().splitlines()[-1])
+
+    run()  # compiles the likelihood and keeps it
+    second = run()
+    assert (second["status"], second["engine"]) == ("ok", "fast")
+    assert second["compiled"] == []
+
+
 def test_a_changed_input_is_validated_again(erjr_dir, tmp_path, monkeypatch):
     from pyhf_dist.exceptions import WorkspaceError
     from pyhf_dist.pallet import check_workspace, load_pallet

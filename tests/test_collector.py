@@ -47,6 +47,20 @@ def test_a_pallets_json_is_parsed_without_a_collection(lbb_tarball, collections)
     assert parsed["channels"] and parsed["measurements"]
 
 
+def test_what_a_pause_parsed_is_old_at_once_and_a_callers_frozen_objects_stay_frozen(erjr_dir):
+    text = (erjr_dir / "BkgOnly.json").read_bytes()
+    parsed = specs.parse_json(text, "BkgOnly.json")
+    # Straight to the oldest generation: no young collection walks the workspace after the parse.
+    assert any(each is parsed for each in gc.get_objects(generation=2))
+    gc.freeze()  # a process that froze objects of its own (a settled worker, a user's)
+    try:
+        frozen = gc.get_freeze_count()
+        specs.parse_json(text, "BkgOnly.json")
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
+
+
 def test_a_pause_leaves_a_collector_the_caller_turned_off_off():
     gc.disable()
     try:

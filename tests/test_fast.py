@@ -320,3 +320,52 @@ def test_xla_is_left_as_jax_starts_it_where_a_gpu_plugin_is_installed(tmp_path, 
     assert threads._accelerator_plugins()
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     assert not threads._accelerator_plugins()
+
+
+def _staterror_widths_one_carrier_at_a_time(name, carriers, geometry):
+    """The pooled widths as a loop over the carriers, each adding its bins in turn."""
+    channels, offsets, n_bins = geometry.channels, geometry.offsets, geometry.n_bins
+    nominal_sum, squares = np.zeros(n_bins), np.zeros(n_bins)
+    for c, _, parsed in carriers:
+        nominal_sum[offsets[c] : offsets[c] + channels[c][0]] += parsed.nominal
+    for c, _, parsed in carriers:
+        bins = slice(offsets[c], offsets[c] + channels[c][0])
+        total = nominal_sum[bins]
+        positive = total > 0
+        unc = dict(parsed.staterrors)[name]
+        squares[bins] += np.where(positive, (unc / np.where(positive, total, 1.0)) ** 2, 0.0)
+    return squares
+
+
+def test_pooled_staterror_widths_add_carrier_after_carrier(lbb_pallet):
+    """Widths pooled over a staterror's carriers are those of adding them one after another, to the
+    last bit: on 1Lbb patches (8 staterrors of ~10 samples each), and on carriers spanning two
+    channels with an empty bin."""
+    engine = FastHypotest(lbb_pallet.workspace)
+    spec = small_workspace()
+    # One staterror on the bkg1 samples of both channels, one of its bins without yield.
+    for channel, uncertainties in zip(spec["channels"], ([1.5, 1.0], [2.0, 1.0, 0.5])):
+        bkg1 = next(sample for sample in channel["samples"] if sample["name"] == "bkg1")
+        bkg1["modifiers"].append({"name": "stat_both", "type": "staterror", "data": uncertainties})
+        if len(uncertainties) == 3:
+            bkg1["data"][2] = 0.0
+    cases = [layout.apply_patch(engine._workspace, patch.operations) for patch in lbb_pallet.patches[::25]]
+    cases.append(spec)
+    compared = 0
+    for workspace in cases:
+        model = {"channels": workspace["channels"], "parameters": workspace["measurements"][0]["config"].get("parameters", [])}
+        geometry = layout.Channels.read(model, layout._parse_sample)
+        carriers: dict = {}
+        for c, s, parsed in geometry.slots:
+            for name, _ in parsed.staterrors:
+                carriers.setdefault(name, []).append((c, s, parsed))
+        for name, carrying in carriers.items():
+            sigmas, fixed, rank = parsets.staterror_widths(name, carrying, geometry)
+            squares = _staterror_widths_one_carrier_at_a_time(name, carrying, geometry)
+            expected = np.sqrt(squares[rank >= 0])
+            assert fixed == [bool(v == 0) for v in expected]
+            expected[expected == 0] = 1.0
+            assert np.array_equal(sigmas, expected), name
+            compared += 1
+    assert compared == 8 * 5 + 3
+    assert len(parsets.staterror_widths("stat_both", carriers["stat_both"], geometry)[0]) == 5

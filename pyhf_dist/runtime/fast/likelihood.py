@@ -336,7 +336,8 @@ class Functions:
         constant = np.sum(np.where(used, xlogy(main, main) - main - gammaln(main + 1.0), 0.0))
         constant += np.sum(np.where(pois, xlogy(aux, aux) - aux - gammaln(aux + 1.0), 0.0))
         constant += np.sum(np.where(gauss, -np.log(sigma) - 0.5 * math.log(2.0 * math.pi), 0.0))
-        value = float(self.value_and_grad(theta, main, aux, L)[0])
+        # Indexed on the host: indexing the device array would compile two operations.
+        value = float(np.asarray(self.value_and_grad(theta, main, aux, L))[0])
         return -0.5 * value + float(constant)
 
 

@@ -146,17 +146,17 @@ def staterror_widths(name: str, carriers: list, geometry) -> tuple:
     if len(channel_sets) != 1:
         raise FastPathUnsupported(f"staterror {name!r} carried by samples in different channels")
     carried = sorted(next(iter(channel_sets)), key=geometry.names.index)
+    # Every carrier's bins at once (a 1Lbb patch pools ~10 samples for each of 8 names). np.add.at
+    # adds in the order given, carrier after carrier: each bin's sums are those of a loop over
+    # the carriers, to the last bit.
+    bins = np.concatenate([np.arange(offsets[c], offsets[c] + channels[c][0]) for c, _, _ in carriers])
     nominal_sum = np.zeros(n_bins)
+    np.add.at(nominal_sum, bins, np.concatenate([parsed.nominal for _, _, parsed in carriers]))
+    unc = np.concatenate([dict(parsed.staterrors)[name] for _, _, parsed in carriers])
+    total = nominal_sum[bins]
+    positive = total > 0
     squares = np.zeros(n_bins)
-    for c, _, parsed in carriers:
-        sl = slice(offsets[c], offsets[c] + channels[c][0])
-        nominal_sum[sl] += parsed.nominal
-    for c, _, parsed in carriers:
-        sl = slice(offsets[c], offsets[c] + channels[c][0])
-        unc = dict(parsed.staterrors)[name]
-        total = nominal_sum[sl]
-        positive = total > 0
-        squares[sl] += np.where(positive, (unc / np.where(positive, total, 1.0)) ** 2, 0.0)
+    np.add.at(squares, bins, np.where(positive, (unc / np.where(positive, total, 1.0)) ** 2, 0.0))
     masked = np.concatenate([np.arange(offsets[c], offsets[c] + channels[c][0]) for c in carried])
     relerrs = np.sqrt(squares[masked])
     fixed = [bool(v == 0) for v in relerrs]

@@ -140,9 +140,12 @@ class FitProblem:
         normsys or histosys at 0, a staterror or shapesys at 1), the others at their initial
         values; the start of a fit where the measurement sets other initial values."""
         layout = {key: np.asarray(self.layout[key]) for key in ("gauss", "poisson", "tau")}
+        # On the host: arithmetic on the device array would trace and compile a division in every
+        # worker's first patch (~30 ms), for the same IEEE quotient.
+        aux = np.asarray(self.aux)
         n = len(self.init)
         gauss, poisson = layout["gauss"][:n] & ~self.fixed, layout["poisson"][:n] & ~self.fixed
-        centre = np.where(gauss, self.aux, np.where(poisson, self.aux / np.where(poisson, layout["tau"][:n], 1.0), self.init))
+        centre = np.where(gauss, aux, np.where(poisson, aux / np.where(poisson, layout["tau"][:n], 1.0), self.init))
         return np.clip(centre, self.lower, self.upper)
 
     def fit(self, main, aux, start, poi_value=None):
