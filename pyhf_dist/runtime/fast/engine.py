@@ -439,10 +439,13 @@ def _ignored_setting(choice: str) -> None:
 
 
 def preload() -> None:
-    """Import and configure what the fast path runs on (jax, scipy's minimizer), nothing else."""
-    import scipy.optimize  # noqa: F401
+    """Import and configure what the fast path runs on (jax, scipy's minimisation routines),
+    nothing else."""
+    from pyhf_dist.runtime.fast import fit, layout, lbfgsb, slsqp  # noqa: F401
 
-    from pyhf_dist.runtime.fast import fit, layout  # noqa: F401
+    # Their checks, remembered per machine: scipy.optimize itself is imported only to make them.
+    lbfgsb.direct()
+    slsqp.direct()
 
     configure_jax()
     import jax

@@ -12,9 +12,11 @@ The routine is private to scipy, and it trusts its caller with the sizes of its 
 it is driven here only on the scipy versions whose loop this one restates (:data:`SCIPY_VERSIONS`:
 the routine and its loop are the same from 1.15, where it was rewritten in C, to 1.18, whose
 integer arrays follow its LAPACK's integer width), where it takes the arguments it took there, and after this loop reproduced ``scipy.optimize.minimize`` on
-a small bounded problem, once per process, run to convergence and stopped by a callback: the
-same points, values, gradients and evaluation counts, bit for bit. Otherwise every fit goes
-through ``scipy.optimize.minimize``, with the same results, only slower.
+a small bounded problem, run to convergence and stopped by a callback: the same points, values,
+gradients and evaluation counts, bit for bit. That check runs once per scipy installation and is
+remembered (:mod:`~pyhf_dist.runtime.fast.routines`, which also loads the routine without
+importing ``scipy.optimize``). Otherwise every fit goes through ``scipy.optimize.minimize``, with
+the same results, only slower.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import logging
 import typing
 
 import numpy as np
+
+from pyhf_dist.runtime.fast import routines
 
 __all__ = ["SCIPY_VERSIONS", "Minimum", "direct", "minimize"]
 
@@ -70,13 +74,13 @@ def minimize(fun, x0, lower, upper, *, gtol: float, ftol: float, maxcor: int, ma
     return _scipy(fun, x0, lower, upper, callback=callback, **options)
 
 
-def _drive(fun, x0, lower, upper, *, gtol, ftol, maxcor, maxiter, maxfun, callback) -> Minimum:
-    """scipy's ``_minimize_lbfgsb`` loop, less its wrappers (see the module's doc)."""
-    from scipy.optimize import _lbfgsb
-
+def _drive(fun, x0, lower, upper, *, gtol, ftol, maxcor, maxiter, maxfun, callback, integer=None) -> Minimum:
+    """scipy's ``_minimize_lbfgsb`` loop, less its wrappers (see the module's doc); ``integer`` is
+    the type of the routine's integer arrays (by default the one :func:`direct` found)."""
+    setulb = routines.extension("_lbfgsb").setulb
     x = np.clip(np.asarray(x0, dtype=np.float64).ravel(), lower, upper)
     m, n = maxcor, x.size
-    integer = _integer_type()
+    integer = integer or _checked().split()[1]
     factr = ftol / np.finfo(float).eps
     # Bound kinds: 0 none, 1 lower only, 2 both, 3 upper only.
     has_lower, has_upper = np.isfinite(lower), np.isfinite(upper)
@@ -96,7 +100,7 @@ def _drive(fun, x0, lower, upper, *, gtol, ftol, maxcor, maxiter, maxfun, callba
     evaluated = None  # scipy evaluates a point once, however often the routine asks for it
     while True:
         g = g.astype(np.float64)
-        _lbfgsb.setulb(m, x, low, high, nbd, f, g, factr, gtol, wa, iwa, task, lsave, isave, dsave, MAXLS, ln_task)
+        setulb(m, x, low, high, nbd, f, g, factr, gtol, wa, iwa, task, lsave, isave, dsave, MAXLS, ln_task)
         if task[0] == 3:  # the value and gradient at x, please
             # As np.array_equal (and scipy's cache) compare, at half its cost: hundreds per patch.
             if evaluated is None or not (x == evaluated[0]).all():
@@ -124,15 +128,14 @@ def _scipy_version() -> tuple:
     return tuple(int(part) for part in scipy.__version__.split(".")[:2])
 
 
-@functools.cache
-def _integer_type():
+def _integer_type() -> str:
     """The routine's integer arrays' type, as scipy's loop makes them: from scipy 1.18 on, 64-bit
     where scipy's LAPACK is (an ILP64 build), else 32-bit."""
     if _scipy_version() >= (1, 18):
         from scipy.linalg.lapack import HAS_ILP64
 
-        return np.int64 if HAS_ILP64 else np.int32
-    return np.int32
+        return "int64" if HAS_ILP64 else "int32"
+    return "int32"
 
 
 def _scipy(fun, x0, lower, upper, *, gtol, ftol, maxcor, maxiter, maxfun, callback) -> Minimum:
@@ -156,21 +159,35 @@ def _scipy(fun, x0, lower, upper, *, gtol, ftol, maxcor, maxiter, maxfun, callba
 @functools.cache
 def direct() -> bool:
     """Whether :func:`minimize` drives scipy's routine itself: it reproduces
-    ``scipy.optimize.minimize`` bit for bit on a check problem (once per process)."""
+    ``scipy.optimize.minimize`` bit for bit on a check problem (once per scipy installation,
+    remembered: :func:`~pyhf_dist.runtime.fast.routines.checked`)."""
     try:
         import scipy
-        from scipy.optimize import _lbfgsb
 
         version = _scipy_version()
         # The routine's arguments, in order (scipy 1.18 spaces them and documents each below).
-        signature = "".join((_lbfgsb.setulb.__doc__ or "").strip().split("\n")[0].split())
+        setulb = routines.extension("_lbfgsb").setulb
+        signature = "".join((setulb.__doc__ or "").strip().split("\n")[0].split())
         if not SCIPY_VERSIONS[0] <= version < SCIPY_VERSIONS[1] or signature != _SIGNATURE:
             log.info("L-BFGS-B through scipy.optimize.minimize (scipy %s)", scipy.__version__)
             return False
-        return all(_same(_drive, _scipy, stop_after) for stop_after in (None, 3))
+        return _checked().startswith("same")
     except Exception as error:  # noqa: BLE001 - another scipy: its own minimize remains
         log.info("L-BFGS-B through scipy.optimize.minimize (%r)", error)
         return False
+
+
+@functools.cache
+def _checked() -> str:
+    return routines.checked("lbfgsb", ("_lbfgsb",), _check, __file__)
+
+
+def _check() -> str:
+    """``"same int32"`` (or ``"same int64"``: the routine's integer type) where the driver
+    reproduces ``scipy.optimize.minimize``, else ``"different"``."""
+    integer = _integer_type()
+    drive = functools.partial(_drive, integer=integer)
+    return f"same {integer}" if all(_same(drive, _scipy, stop_after) for stop_after in (None, 3)) else "different"
 
 
 def _same(mine, theirs, stop_after) -> bool:

@@ -16,9 +16,8 @@ import dataclasses
 import typing
 
 import numpy as np
-from scipy.optimize import Bounds, minimize
 
-from pyhf_dist.runtime.fast import lbfgsb
+from pyhf_dist.runtime.fast import lbfgsb, slsqp
 from pyhf_dist.runtime.fast.errors import FastPathUnsupported
 
 __all__ = ["ACCEPT_GRADIENT", "PROBE_RADIUS", "SAME_MINIMUM", "Fit", "FitProblem"]
@@ -344,21 +343,10 @@ class FitProblem:
             result = np.asarray(value_and_grad(theta, main, aux, layout))
             return result[0], result[1 : n + 1]
 
-        indices = np.flatnonzero(fixed)
-        values = start[indices]
         # The constraints' Jacobian is constant: given, it spares SLSQP a finite-difference
         # Jacobian per iteration (one constraint evaluation per parameter, half this check's
         # cost on 1Lbb); the differences it replaces are exact for these linear constraints.
-        jacobian = np.eye(n)[indices]
-        result = minimize(
-            objective,
-            start[:n],
-            jac=True,
-            method="SLSQP",
-            bounds=Bounds(self.lower[:n], self.upper[:n]),
-            constraints=[{"type": "eq", "fun": lambda x: x[indices] - values, "jac": lambda x: jacobian}],
-            options={"maxiter": 1},
-        )
+        result = slsqp.minimize(objective, start[:n], self.lower[:n], self.upper[:n], np.flatnonzero(fixed), maxiter=1)
         self.evaluations += result.nfev
         gap = float(result.fun) - minimum
         return gap if bool(result.success) and gap > STALL_GAP else None
