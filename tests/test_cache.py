@@ -99,18 +99,19 @@ print(json.dumps({
 """
 
 
+def _run_fresh(code: str, argument, directory) -> dict:
+    """The JSON line ``code`` prints last, run in a fresh process with the cache in ``directory``."""
+    completed = subprocess.run(
+        [sys.executable, "-c", code, str(argument)], env=dict(os.environ, PYHF_DIST_CACHE=str(directory)),
+        capture_output=True, text=True,
+    )
+    assert completed.returncode == 0, completed.stderr
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
 def test_a_warm_cache_skips_pyhf_and_changes_nothing(lbb_tarball, tmp_path):
     pytest.importorskip("jax")
-    environment = dict(os.environ, PYHF_DIST_CACHE=str(tmp_path))
-
-    def run() -> dict:
-        completed = subprocess.run(
-            [sys.executable, "-c", _SCAN_STEPS, str(lbb_tarball)], env=environment, capture_output=True, text=True
-        )
-        assert completed.returncode == 0, completed.stderr
-        return json.loads(completed.stdout)
-
-    first, second = run(), run()
+    first, second = _run_fresh(_SCAN_STEPS, lbb_tarball, tmp_path), _run_fresh(_SCAN_STEPS, lbb_tarball, tmp_path)
     # Fresh cache: the client validates with pyhf, the worker checks the structure against pyhf.Model.
     assert first["client_imported_pyhf"] and first["worker_imported_pyhf"]
     kinds = sorted(name.split("-")[0] for name in os.listdir(tmp_path / "checks"))
@@ -157,17 +158,8 @@ def test_a_warm_workers_first_patch_compiles_nothing(erjr_dir, tmp_path):
     # Each compilation is ~30 ms of a worker's start (seen: a division on a device array, in
     # every worker's first patch).
     pytest.importorskip("jax")
-    environment = dict(os.environ, PYHF_DIST_CACHE=str(tmp_path))
-
-    def run() -> dict:
-        completed = subprocess.run(
-            [sys.executable, "-c", _FIRST_PATCH, str(erjr_dir)], env=environment, capture_output=True, text=True
-        )
-        assert completed.returncode == 0, completed.stderr
-        return json.loads(completed.stdout.strip().splitlines()[-1])
-
-    run()  # compiles the likelihood and keeps it
-    second = run()
+    _run_fresh(_FIRST_PATCH, erjr_dir, tmp_path)  # compiles the likelihood and keeps it
+    second = _run_fresh(_FIRST_PATCH, erjr_dir, tmp_path)
     assert (second["status"], second["engine"]) == ("ok", "fast")
     assert second["compiled"] == []
 

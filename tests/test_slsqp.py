@@ -86,7 +86,7 @@ def test_the_stall_check_is_the_same_without_the_direct_driver(stall_problem, mo
 def test_the_check_notices_a_driver_that_differs(monkeypatch):
     """The check compares with scipy's minimize and can fail: a driver with a looser accuracy
     stops elsewhere on the problem run to the end."""
-    integer = slsqp._checked().split()[1] if IN_RANGE else "int32"
+    integer = routines.integer_type()
     assert all(slsqp._same(integer, *case) for case in slsqp._CASES)
     monkeypatch.setattr(slsqp, "FTOL", 1e-2)
     assert not all(slsqp._same(integer, *case) for case in slsqp._CASES)

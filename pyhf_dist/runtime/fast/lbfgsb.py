@@ -22,7 +22,6 @@ the same results, only slower.
 from __future__ import annotations
 
 import functools
-import logging
 import typing
 
 import numpy as np
@@ -30,8 +29,6 @@ import numpy as np
 from pyhf_dist.runtime.fast import routines
 
 __all__ = ["SCIPY_VERSIONS", "Minimum", "direct", "minimize"]
-
-log = logging.getLogger(__name__)
 
 #: The scipy versions (``(major, minor)``, from, up to and excluding) whose L-BFGS-B loop
 #: :func:`minimize` restates.
@@ -80,7 +77,7 @@ def _drive(fun, x0, lower, upper, *, gtol, ftol, maxcor, maxiter, maxfun, callba
     setulb = routines.extension("_lbfgsb").setulb
     x = np.clip(np.asarray(x0, dtype=np.float64).ravel(), lower, upper)
     m, n = maxcor, x.size
-    integer = integer or _checked().split()[1]
+    integer = integer or _driven()
     factr = ftol / np.finfo(float).eps
     # Bound kinds: 0 none, 1 lower only, 2 both, 3 upper only.
     has_lower, has_upper = np.isfinite(lower), np.isfinite(upper)
@@ -121,23 +118,6 @@ def _drive(fun, x0, lower, upper, *, gtol, ftol, maxcor, maxiter, maxfun, callba
     return Minimum(x, f, g, nfev, bool(task[0] == 4))
 
 
-def _scipy_version() -> tuple:
-    """scipy's ``(major, minor)``."""
-    import scipy
-
-    return tuple(int(part) for part in scipy.__version__.split(".")[:2])
-
-
-def _integer_type() -> str:
-    """The routine's integer arrays' type, as scipy's loop makes them: from scipy 1.18 on, 64-bit
-    where scipy's LAPACK is (an ILP64 build), else 32-bit."""
-    if _scipy_version() >= (1, 18):
-        from scipy.linalg.lapack import HAS_ILP64
-
-        return "int64" if HAS_ILP64 else "int32"
-    return "int32"
-
-
 def _scipy(fun, x0, lower, upper, *, gtol, ftol, maxcor, maxiter, maxfun, callback) -> Minimum:
     from scipy.optimize import Bounds
     from scipy.optimize import minimize as scipy_minimize
@@ -156,36 +136,28 @@ def _scipy(fun, x0, lower, upper, *, gtol, ftol, maxcor, maxiter, maxfun, callba
     return Minimum(result.x, result.fun, gradient, int(result.get("nfev", 1)), bool(result.success))
 
 
-@functools.cache
 def direct() -> bool:
     """Whether :func:`minimize` drives scipy's routine itself: it reproduces
     ``scipy.optimize.minimize`` bit for bit on a check problem (once per scipy installation,
     remembered: :func:`~pyhf_dist.runtime.fast.routines.checked`)."""
-    try:
-        import scipy
-
-        version = _scipy_version()
-        # The routine's arguments, in order (scipy 1.18 spaces them and documents each below).
-        setulb = routines.extension("_lbfgsb").setulb
-        signature = "".join((setulb.__doc__ or "").strip().split("\n")[0].split())
-        if not SCIPY_VERSIONS[0] <= version < SCIPY_VERSIONS[1] or signature != _SIGNATURE:
-            log.info("L-BFGS-B through scipy.optimize.minimize (scipy %s)", scipy.__version__)
-            return False
-        return _checked().startswith("same")
-    except Exception as error:  # noqa: BLE001 - another scipy: its own minimize remains
-        log.info("L-BFGS-B through scipy.optimize.minimize (%r)", error)
-        return False
+    return _driven() is not None
 
 
 @functools.cache
-def _checked() -> str:
-    return routines.checked("lbfgsb", ("_lbfgsb",), _check, __file__)
+def _driven() -> str | None:
+    return routines.driven("L-BFGS-B", "lbfgsb", SCIPY_VERSIONS, ("_lbfgsb",), _check, __file__, accepts=_documented)
+
+
+def _documented() -> bool:
+    # The routine's arguments, in order (scipy 1.18 spaces them and documents each below).
+    setulb = routines.extension("_lbfgsb").setulb
+    return "".join((setulb.__doc__ or "").strip().split("\n")[0].split()) == _SIGNATURE
 
 
 def _check() -> str:
     """``"same int32"`` (or ``"same int64"``: the routine's integer type) where the driver
     reproduces ``scipy.optimize.minimize``, else ``"different"``."""
-    integer = _integer_type()
+    integer = routines.integer_type()
     drive = functools.partial(_drive, integer=integer)
     return f"same {integer}" if all(_same(drive, _scipy, stop_after) for stop_after in (None, 3)) else "different"
 
@@ -194,14 +166,7 @@ def _same(mine, theirs, stop_after) -> bool:
     """Both drivers on a bounded, badly scaled Rosenbrock problem in 6 dimensions (two bounds
     active at the minimum), stopped after ``stop_after`` iterations where given."""
     scale = np.array([1.0, 3.0, 0.5, 10.0, 1.0, 2.0])
-
-    def rosenbrock(x):
-        y = x * scale
-        value = np.sum(100.0 * (y[1:] - y[:-1] ** 2) ** 2 + (1.0 - y[:-1]) ** 2)
-        grad = np.zeros_like(y)
-        grad[:-1] = -400.0 * y[:-1] * (y[1:] - y[:-1] ** 2) - 2.0 * (1.0 - y[:-1])
-        grad[1:] += 200.0 * (y[1:] - y[:-1] ** 2)
-        return value, grad * scale
+    rosenbrock = functools.partial(routines.rosenbrock, scale=scale)
 
     lower = np.array([-2.0, -2.0, -2.0, -2.0, 0.0, -2.0]) / scale
     upper = np.array([2.0, 0.2, 2.0, 2.0, 2.0, 2.0]) / scale

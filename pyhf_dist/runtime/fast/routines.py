@@ -19,6 +19,7 @@ import functools
 import importlib
 import importlib.machinery
 import importlib.util
+import logging
 import platform
 import sys
 from pathlib import Path
@@ -26,7 +27,9 @@ from typing import Callable
 
 from pyhf_dist import cache
 
-__all__ = ["checked", "extension"]
+__all__ = ["checked", "driven", "extension", "integer_type", "rosenbrock", "scipy_version"]
+
+log = logging.getLogger(__name__)
 
 
 def extension(name: str):
@@ -90,3 +93,61 @@ def checked(name: str, extensions: tuple, check: Callable[[], str], source: str)
         answer = check()
         cache.remember(name, key, answer, folder="routines")
     return answer
+
+
+def driven(label: str, name: str, versions: tuple, extensions: tuple, check: Callable[[], str], source: str,
+           accepts: Callable[[], bool] | None = None) -> str | None:
+    """Whether a driver of scipy's routines is used: the integer type of the routine's integer
+    arrays (``"int32"``, ``"int64"``) where it is, ``None`` where fits go through
+    ``scipy.optimize.minimize`` instead.
+
+    Args:
+        label: The routine, for the log line that says so.
+        name, extensions, check, source: As for :func:`checked`; ``check`` answers ``"same "``
+            and the integer type, or ``"different"``.
+        versions: The scipy versions ``(major, minor)`` the driver restates: from, up to and
+            excluding.
+        accepts: Whether the routine takes the arguments the driver gives (its documented
+            signature), checked first.
+    """
+    import scipy
+
+    try:
+        if not versions[0] <= scipy_version() < versions[1] or (accepts is not None and not accepts()):
+            log.info("%s through scipy.optimize.minimize (scipy %s)", label, scipy.__version__)
+            return None
+        answer = checked(name, extensions, check, source)
+    except Exception as error:  # noqa: BLE001 - another scipy: its own minimize remains
+        log.info("%s through scipy.optimize.minimize (%r)", label, error)
+        return None
+    return answer.split()[1] if answer.startswith("same ") else None
+
+
+def scipy_version() -> tuple:
+    """scipy's ``(major, minor)``."""
+    import scipy
+
+    return tuple(int(part) for part in scipy.__version__.split(".")[:2])
+
+
+def integer_type() -> str:
+    """The type of the routines' integer arrays, as scipy's loops make them: from scipy 1.18 on,
+    64-bit where scipy's LAPACK is (an ILP64 build), else 32-bit."""
+    if scipy_version() >= (1, 18):
+        from scipy.linalg.lapack import HAS_ILP64
+
+        return "int64" if HAS_ILP64 else "int32"
+    return "int32"
+
+
+def rosenbrock(x, scale):
+    """The Rosenbrock function of ``x * scale`` and its gradient in ``x``: the drivers' check problem
+    (badly scaled, curved, with several bounds active at the minimum when bounded)."""
+    import numpy as np
+
+    y = x * scale
+    value = np.sum(100.0 * (y[1:] - y[:-1] ** 2) ** 2 + (1.0 - y[:-1]) ** 2)
+    grad = np.zeros_like(y)
+    grad[:-1] = -400.0 * y[:-1] * (y[1:] - y[:-1] ** 2) - 2.0 * (1.0 - y[:-1])
+    grad[1:] += 200.0 * (y[1:] - y[:-1] ** 2)
+    return value, grad * scale

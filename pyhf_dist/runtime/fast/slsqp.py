@@ -17,7 +17,6 @@ remembered); otherwise every call goes through ``scipy.optimize.minimize``.
 from __future__ import annotations
 
 import functools
-import logging
 import typing
 
 import numpy as np
@@ -25,8 +24,6 @@ import numpy as np
 from pyhf_dist.runtime.fast import routines
 
 __all__ = ["SCIPY_VERSIONS", "Result", "direct", "minimize"]
-
-log = logging.getLogger(__name__)
 
 #: The scipy versions (``(major, minor)``, from, up to and excluding) whose SLSQP loop
 #: :func:`minimize` restates.
@@ -62,7 +59,7 @@ def minimize(fun, x0, lower, upper, fixed, *, maxiter: int) -> Result:
     fixed = np.asarray(fixed, dtype=np.intp)
     # Bounds that fix a parameter make scipy remove it from the problem: its own answer, then.
     if direct() and np.all(lower < upper):
-        return _drive(fun, x0, lower, upper, fixed, maxiter, _checked().split()[1])
+        return _drive(fun, x0, lower, upper, fixed, maxiter, _driven())
     return _scipy(fun, x0, lower, upper, fixed, maxiter)
 
 
@@ -174,51 +171,25 @@ def _scipy(fun, x0, lower, upper, fixed, maxiter) -> Result:
     return Result(result.x, result.fun, int(result.nfev), bool(result.success))
 
 
-def _scipy_version() -> tuple:
-    import scipy
-
-    return tuple(int(part) for part in scipy.__version__.split(".")[:2])
-
-
-@functools.cache
 def direct() -> bool:
     """Whether :func:`minimize` drives scipy's routine itself (see the module)."""
-    try:
-        import scipy
-
-        if not SCIPY_VERSIONS[0] <= _scipy_version() < SCIPY_VERSIONS[1]:
-            log.info("SLSQP through scipy.optimize.minimize (scipy %s)", scipy.__version__)
-            return False
-        return _checked().startswith("same")
-    except Exception as error:  # noqa: BLE001 - another scipy: its own minimize remains
-        log.info("SLSQP through scipy.optimize.minimize (%r)", error)
-        return False
+    return _driven() is not None
 
 
 @functools.cache
-def _checked() -> str:
-    return routines.checked("slsqp", ("_slsqplib",), _check, __file__)
+def _driven() -> str | None:
+    return routines.driven("SLSQP", "slsqp", SCIPY_VERSIONS, ("_slsqplib",), _check, __file__)
 
 
 def _check() -> str:
     """``"same int32"`` (or ``"same int64"``, the routine's integer type) where the driver
     reproduces ``scipy.optimize.minimize`` on the check problems, else ``"different"``."""
-    integer = "int32"
-    if _scipy_version() >= (1, 18):
-        from scipy.linalg.lapack import HAS_ILP64
-
-        integer = "int64" if HAS_ILP64 else "int32"
+    integer = routines.integer_type()
     return f"same {integer}" if all(_same(integer, *case) for case in _CASES) else "different"
 
 
 def _rosenbrock(x):
-    scale = np.linspace(0.5, 3.0, len(x))
-    y = x * scale
-    value = np.sum(100.0 * (y[1:] - y[:-1] ** 2) ** 2 + (1.0 - y[:-1]) ** 2)
-    grad = np.zeros_like(y)
-    grad[:-1] = -400.0 * y[:-1] * (y[1:] - y[:-1] ** 2) - 2.0 * (1.0 - y[:-1])
-    grad[1:] += 200.0 * (y[1:] - y[:-1] ** 2)
-    return value, grad * scale
+    return routines.rosenbrock(x, np.linspace(0.5, 3.0, len(x)))
 
 
 #: ``(x0, lower, upper, fixed, maxiter)`` of the check problems: pyhf's one iteration and a run to
