@@ -36,8 +36,7 @@ def extension(name: str):
     """``scipy.optimize``'s extension module ``name`` (e.g. ``"_lbfgsb"``).
 
     The one ``scipy.optimize`` imported where it is; otherwise loaded from its file, without the
-    package (Python records the module under its name, where a later import of the package finds
-    it).
+    package (a later import of the package loads the module again, or finds it under its name).
     """
     full = f"scipy.optimize.{name}"
     if full in sys.modules or "scipy.optimize" in sys.modules:
