@@ -77,7 +77,7 @@ def _drive(fun, x0, lower, upper, *, gtol, ftol, maxcor, maxiter, maxfun, callba
     setulb = routines.extension("_lbfgsb").setulb
     x = np.clip(np.asarray(x0, dtype=np.float64).ravel(), lower, upper)
     m, n = maxcor, x.size
-    integer = integer or _driven()
+    integer = integer or _driven() or routines.integer_type()
     factr = ftol / np.finfo(float).eps
     # Bound kinds: 0 none, 1 lower only, 2 both, 3 upper only.
     has_lower, has_upper = np.isfinite(lower), np.isfinite(upper)
