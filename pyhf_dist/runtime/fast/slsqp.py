@@ -9,8 +9,9 @@ the ``ScalarFunction`` and ``MemoizeJac`` around the objective there: the same i
 count of evaluations and exit, bit for bit.
 
 As for L-BFGS-B (:mod:`~pyhf_dist.runtime.fast.lbfgsb`), the routine is driven only on the scipy
-versions whose loop this one restates (:data:`SCIPY_VERSIONS`), with its documented arguments, and
-where it reproduced ``scipy.optimize.minimize`` on check problems (once per scipy installation,
+versions whose loop this one restates (:data:`SCIPY_VERSIONS`: the same from 1.16, where it was
+rewritten in C, to 1.18, whose integer array follows its LAPACK's integer width), and where it
+reproduced ``scipy.optimize.minimize`` on check problems (once per scipy installation,
 remembered); otherwise every call goes through ``scipy.optimize.minimize``.
 """
 
@@ -57,7 +58,8 @@ def minimize(fun, x0, lower, upper, fixed, *, maxiter: int) -> Result:
     lower, upper = np.asarray(lower, dtype=float), np.asarray(upper, dtype=float)
     x0 = np.asarray(x0, dtype=float).ravel()
     fixed = np.asarray(fixed, dtype=np.intp)
-    # Bounds that fix a parameter make scipy remove it from the problem: its own answer, then.
+    # Bounds that fix a parameter take scipy's own path (what minimize does with them is not
+    # restated here).
     if direct() and np.all(lower < upper):
         return _drive(fun, x0, lower, upper, fixed, maxiter, _driven())
     return _scipy(fun, x0, lower, upper, fixed, maxiter)
