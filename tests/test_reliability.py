@@ -251,6 +251,26 @@ def test_a_timeout_is_not_taken_for_an_error_that_a_fallback_catches():
     assert time.monotonic() - began < 1
 
 
+def test_a_timeout_dropped_where_python_ignores_exceptions_goes_off_again():
+    """The alarm can land in a garbage collector's callback or a finaliser, where Python prints the
+    timeout and drops it: the fit must still end (the old one-shot alarm let it run to its end)."""
+    from pyhf_dist.runtime.timeouts import FitTimeout, call_with_timeout
+
+    class Finalised:
+        def __del__(self):
+            time.sleep(0.3)  # the alarm lands here, and Python drops what it raises
+
+    def fit():
+        Finalised()
+        time.sleep(5)
+        return "finished"
+
+    began = time.monotonic()
+    with pytest.raises(FitTimeout):
+        call_with_timeout(fit, 0.1)
+    assert time.monotonic() - began < 1
+
+
 def test_the_time_of_a_paused_timeout_is_not_counted():
     from pyhf_dist.runtime.timeouts import FitTimeout, call_with_timeout, paused
 

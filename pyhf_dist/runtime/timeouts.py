@@ -31,16 +31,21 @@ class FitTimeout(BaseException):
     """
 
 
-#: Seconds after which an alarm that landed in an import looks again.
+#: Seconds after which an alarm that landed in an import, or whose timeout was dropped, goes off again.
 IMPORT_RETRY = 0.05
 
 
 def _on_alarm(signum, frame):
+    # Armed again before anything else: the timeout is raised wherever the alarm lands, and where
+    # that is a garbage collector's callback (jax keeps one) or an object's finaliser, Python prints
+    # "Exception ignored" and drops it, and a one-shot alarm would leave the fit running past its
+    # time (seen: a 10 ms timeout never ending 0.1 s fits). The alarm goes off until the timeout
+    # gets through; the end of the fit disarms it.
+    signal.setitimer(signal.ITIMER_REAL, IMPORT_RETRY)
     if _importing(frame):
         # Python drops a module whose import raised, but not what it had set up meanwhile: a worker
         # whose first fit timed out inside `import pyhf` went on with a pyhf lacking
         # `default_backend`, failing every later patch. The import ends first; then the fit does.
-        signal.setitimer(signal.ITIMER_REAL, IMPORT_RETRY)
         return
     raise FitTimeout()
 
