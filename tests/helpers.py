@@ -11,6 +11,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -284,6 +285,17 @@ def scan_code(erjr_dir: Path, output: Path, executor: str = "local") -> str:
         results.to_json({str(output)!r})
         print("fitted", len(results))
     """)
+
+
+def last_json_line(code: str, *arguments, cache) -> dict:
+    """The JSON line ``code`` prints last, run with ``arguments`` in a fresh ``python`` process whose
+    pyhf-dist cache is the folder ``cache``."""
+    completed = subprocess.run(
+        [sys.executable, "-c", code, *map(str, arguments)], env=dict(os.environ, PYHF_DIST_CACHE=str(cache)),
+        capture_output=True, text=True,
+    )
+    assert completed.returncode == 0, completed.stderr
+    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def run(command: list[str], cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:

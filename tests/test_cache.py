@@ -12,6 +12,8 @@ import pytest
 
 from pyhf_dist import cache
 
+from helpers import last_json_line
+
 
 def test_an_answer_is_recalled_under_its_key_only(tmp_path, monkeypatch):
     monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
@@ -99,19 +101,10 @@ print(json.dumps({
 """
 
 
-def _run_fresh(code: str, argument, directory) -> dict:
-    """The JSON line ``code`` prints last, run in a fresh process with the cache in ``directory``."""
-    completed = subprocess.run(
-        [sys.executable, "-c", code, str(argument)], env=dict(os.environ, PYHF_DIST_CACHE=str(directory)),
-        capture_output=True, text=True,
-    )
-    assert completed.returncode == 0, completed.stderr
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
 def test_a_warm_cache_skips_pyhf_and_changes_nothing(lbb_tarball, tmp_path):
     pytest.importorskip("jax")
-    first, second = _run_fresh(_SCAN_STEPS, lbb_tarball, tmp_path), _run_fresh(_SCAN_STEPS, lbb_tarball, tmp_path)
+    first = last_json_line(_SCAN_STEPS, lbb_tarball, cache=tmp_path)
+    second = last_json_line(_SCAN_STEPS, lbb_tarball, cache=tmp_path)
     # Fresh cache: the client validates with pyhf, the worker checks the structure against pyhf.Model.
     assert first["client_imported_pyhf"] and first["worker_imported_pyhf"]
     kinds = sorted(name.split("-")[0] for name in os.listdir(tmp_path / "checks"))
@@ -158,8 +151,8 @@ def test_a_warm_workers_first_patch_compiles_nothing(erjr_dir, tmp_path):
     # Each compilation is ~30 ms of a worker's start (seen: a division on a device array, in
     # every worker's first patch).
     pytest.importorskip("jax")
-    _run_fresh(_FIRST_PATCH, erjr_dir, tmp_path)  # compiles the likelihood and keeps it
-    second = _run_fresh(_FIRST_PATCH, erjr_dir, tmp_path)
+    last_json_line(_FIRST_PATCH, erjr_dir, cache=tmp_path)  # compiles the likelihood and keeps it
+    second = last_json_line(_FIRST_PATCH, erjr_dir, cache=tmp_path)
     assert (second["status"], second["engine"]) == ("ok", "fast")
     assert second["compiled"] == []
 

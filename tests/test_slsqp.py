@@ -20,6 +20,8 @@ from scipy.optimize import minimize as scipy_minimize  # noqa: E402
 from pyhf_dist import cache  # noqa: E402
 from pyhf_dist.runtime.fast import FastHypotest, routines, slsqp  # noqa: E402
 
+from helpers import last_json_line  # noqa: E402
+
 IN_RANGE = slsqp.SCIPY_VERSIONS[0] <= tuple(int(p) for p in scipy.__version__.split(".")[:2]) < slsqp.SCIPY_VERSIONS[1]
 
 
@@ -137,14 +139,7 @@ print(json.dumps({"optimize": "scipy.optimize" in sys.modules, "direct": [lbfgsb
 def test_a_workers_imports_leave_scipy_optimize_out_once_its_checks_are_remembered(tmp_path):
     """The first worker on a machine imports scipy.optimize to check the drivers; the next ones
     read the answers and never import it (0.15 s of CPU each)."""
-    environment = dict(os.environ, PYHF_DIST_CACHE=str(tmp_path))
-
-    def run() -> dict:
-        completed = subprocess.run([sys.executable, "-c", _PRELOAD], env=environment, capture_output=True, text=True)
-        assert completed.returncode == 0, completed.stderr
-        return json.loads(completed.stdout.strip().splitlines()[-1])
-
-    first, second = run(), run()
+    first, second = last_json_line(_PRELOAD, cache=tmp_path), last_json_line(_PRELOAD, cache=tmp_path)
     assert first == {"optimize": True, "direct": [True, True]}
     assert second == {"optimize": False, "direct": [True, True]}
     assert sorted(name.split("-")[0] for name in os.listdir(tmp_path / "routines")) == ["lbfgsb", "slsqp"]
