@@ -32,7 +32,7 @@ class FitTimeout(BaseException):
 
 
 #: Seconds after which an alarm that landed in an import, or whose timeout was dropped, goes off again.
-IMPORT_RETRY = 0.05
+RETRY = 0.05
 
 
 def _on_alarm(signum, frame):
@@ -41,7 +41,7 @@ def _on_alarm(signum, frame):
     # "Exception ignored" and drops it, and a one-shot alarm would leave the fit running past its
     # time (seen: a 10 ms timeout never ending 0.1 s fits). The alarm goes off until the timeout
     # gets through; the end of the fit disarms it.
-    signal.setitimer(signal.ITIMER_REAL, IMPORT_RETRY)
+    signal.setitimer(signal.ITIMER_REAL, RETRY)
     if _importing(frame):
         # Python drops a module whose import raised, but not what it had set up meanwhile: a worker
         # whose first fit timed out inside `import pyhf` went on with a pyhf lacking

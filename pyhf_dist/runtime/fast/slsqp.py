@@ -124,7 +124,7 @@ class _Memoized:
         self._fun = fun
         self._at = np.array(x0, dtype=float)  # ScalarFunction's point
         self._pair_at = None  # MemoizeJac's point, value and gradient
-        self._value = self._pair = None
+        self._pair = None
         self.nfev = 0
         self._f = self._g = None
         self._compute_value()
