@@ -6,7 +6,8 @@ patch (applied to the whole workspace, as ``pyhf.PatchSet`` applies it) becomes 
 (:mod:`~pyhf_dist.runtime.fast.layout`) padded to a layout shared by the patches of its shape, fed to a
 likelihood compiled once per layout and process (:mod:`~pyhf_dist.runtime.fast.likelihood`, kept across
 runs in a persistent XLA compilation cache) and fitted with preconditioned L-BFGS-B
-(:mod:`~pyhf_dist.runtime.fast.fit`).
+(:mod:`~pyhf_dist.runtime.fast.fit`); fits made one at a time call the same likelihood in C
+(:mod:`~pyhf_dist.runtime.fast.native`), checked against the compiled one on every patch.
 
 Its answers are converged fits, certified fit by fit (:mod:`~pyhf_dist.runtime.fast.fit`): the lowest
 ``-2 log L`` within pyhf's bounds, not the point where pyhf's default minimizer happens to stop;

@@ -2,7 +2,8 @@
 
 :class:`FitProblem` minimises the same objective as pyhf (``-2 log L``, fixed parameters held at
 their initial values, pyhf's suggested bounds) with scipy's L-BFGS-B (driven by
-:mod:`~pyhf_dist.runtime.fast.lbfgsb`) on the jitted value and gradient, in coordinates scaled by
+:mod:`~pyhf_dist.runtime.fast.lbfgsb`) on the likelihood's value and gradient (in C where built:
+:mod:`~pyhf_dist.runtime.fast.native`; else the jitted function), in coordinates scaled by
 the Fisher-information diagonal at the start: staterror parameters (widths of a few percent) and
 control-region normalisations (hundreds of events) otherwise make the problem so badly
 conditioned that a fit takes ten times as many evaluations.
@@ -17,7 +18,7 @@ import typing
 
 import numpy as np
 
-from pyhf_dist.runtime.fast import lbfgsb, slsqp
+from pyhf_dist.runtime.fast import lbfgsb, native, slsqp
 from pyhf_dist.runtime.fast.errors import FastPathUnsupported
 
 __all__ = ["ACCEPT_GRADIENT", "PROBE_RADIUS", "SAME_MINIMUM", "Fit", "FitProblem"]
@@ -132,6 +133,28 @@ class FitProblem:
         fisher = np.asarray(self.functions.fisher_diagonal(self.init, self.layout))
         good = np.isfinite(fisher) & (fisher > 0)
         self.scale = np.where(good, 1.0 / np.sqrt(np.where(good, fisher, 1.0)), 1.0)
+        self._native = None  # built at the first fit (a group's problems never need it)
+
+    @property
+    def in_c(self) -> bool:
+        """Whether this patch's fits call the C likelihood (:mod:`~pyhf_dist.runtime.fast.native`):
+        built, not switched off, and in agreement with the compiled one on this patch."""
+        if self._native is None:
+            self._native = native.for_patch(
+                self.layout, self.functions.codes, self.functions, self.init, self.main, self.aux,
+                self.lower, self.upper, self.scale,
+            ) or False
+        return bool(self._native)
+
+    def evaluator(self, main, aux):
+        """``theta -> [-2 log L, gradient...]`` (a host array) on the data ``main``, ``aux``: the C
+        likelihood where :attr:`in_c`, else the compiled one."""
+        if self.in_c:
+            value_and_grad = self._native
+            main, aux = np.ascontiguousarray(main, dtype=float), np.ascontiguousarray(aux, dtype=float)
+            return lambda theta: value_and_grad(theta, main, aux)
+        value_and_grad, layout = self.functions.value_and_grad, self.layout
+        return lambda theta: np.asarray(value_and_grad(theta, main, aux, layout))
 
     @property
     def nominal(self) -> np.ndarray:
@@ -248,11 +271,11 @@ class FitProblem:
             fixed[self.poi_index] = True
         free = ~fixed
         scale = self.scale[free]
-        value_and_grad, layout = self.functions.value_and_grad, self.layout
+        value_and_grad = self.evaluator(main, aux)
 
         def objective(x):
             theta[free] = x * scale
-            result = np.asarray(value_and_grad(theta, main, aux, layout))
+            result = value_and_grad(theta)
             return result[0], result[1:][free] * scale
 
         return free, scale, self.lower[free] / scale, self.upper[free] / scale, objective
@@ -336,11 +359,11 @@ class FitProblem:
         fixed = self.fixed[:n].copy()
         fixed[self.poi_index] = True
         theta = self.init.copy()
-        value_and_grad, main, aux, layout = self.functions.value_and_grad, self.main, self.aux, self.layout
+        value_and_grad = self.evaluator(self.main, self.aux)
 
         def objective(x):
             theta[:n] = x
-            result = np.asarray(value_and_grad(theta, main, aux, layout))
+            result = value_and_grad(theta)
             return result[0], result[1 : n + 1]
 
         # The constraints' Jacobian is constant: given, it spares SLSQP a finite-difference
