@@ -174,5 +174,9 @@ def test_tables_it_cannot_trust_are_refused():
     tables[12][0] = args[1] + 1  # a bin index past the last bin
     with pytest.raises(ValueError, match=r"bin_index\[0\]"):
         extension.Likelihood(*args[:-1], tuple(tables))
+    with pytest.raises(ValueError, match=r"bin_index\[0\]"):
+        likelihood_c.__init__(*args[:-1], tuple(tables))  # one given bad tables keeps none of its old ones
+    with pytest.raises(RuntimeError, match="not initialised"):
+        likelihood_c(np.zeros(n), main, params["aux"], np.empty(n + 1))
     with pytest.raises(ValueError, match="interpolation codes"):
         extension.Likelihood(*args[:4], 3, 5, args[-1])

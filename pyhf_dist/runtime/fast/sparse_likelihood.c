@@ -109,6 +109,14 @@ static int pointers(const int32_t *ptr, Py_ssize_t rows, Py_ssize_t entries, con
 
 #define TABLES 19
 
+/* An __init__ that failed after its allocation leaves no tables behind: calls then refuse. */
+static int unusable(Likelihood *self)
+{
+    PyMem_Free(self->memory);
+    self->memory = NULL;
+    return -1;
+}
+
 static int Likelihood_init(Likelihood *self, PyObject *args, PyObject *kwargs)
 {
     static const char *names[TABLES] = {
@@ -175,7 +183,7 @@ static int Likelihood_init(Likelihood *self, PyObject *args, PyObject *kwargs)
     };
     for (int i = 0; i < TABLES; i++)
         if (take(PyTuple_GET_ITEM(tables, i), sizes[i], counts[i], names[i], &cursor, into[i], NULL) < 0)
-            return -1;
+            return unusable(self);
     double *work = (double *)cursor;
     self->ext = work, work += n + 1;
     self->grad = work, work += n + 1;
@@ -216,7 +224,7 @@ static int Likelihood_init(Likelihood *self, PyObject *args, PyObject *kwargs)
         within(self->norm_slot, counts[7], 0, slots - 1, "norm_slot") < 0 ||
         within(self->bin_index, cells, 0, bins, "bin_index") < 0 ||
         within(self->factor_par, cells * factors, 0, n, "factor_par") < 0)
-        return -1;
+        return unusable(self);
     return 0;
 }
 
