@@ -77,9 +77,7 @@ def main() -> None:
                 point = np.clip(problem.init + spread * problem.scale * rng.normal(size=theta.size), problem.lower,
                                 problem.upper)
                 worst = max(worst, native.disagreement(mine(point), jitted(point, main, aux, device), problem.scale))
-            normsys, histosys = problem.functions.codes
-            host = {key: np.asarray(value) for key, value in device.items()}
-            tables = native._tables(host, native._NORM_CODES[normsys], native._HIST_CODES[histosys])[-1]
+            tables = native.tables(device, problem.functions.codes)[-1]
             entries = f"{len(tables[2])}, {len(tables[7])}"
             print(f"| {name} | {patch.name} | {entries} | {jax_us:.1f} | {c_us:.1f} | {jax_us / c_us:.2f} | {worst:.1e} |")
 

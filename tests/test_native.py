@@ -118,7 +118,8 @@ def test_normsys_factors_at_exactly_zero():
             assert theirs[1 + host["norm_par"][first]] != 0.0
 
 
-def test_a_patch_where_it_disagrees_keeps_jax(caplog):
+def test_a_patch_where_it_disagrees_keeps_jax(caplog, monkeypatch):
+    monkeypatch.setattr(native, "_SAID", set())  # said once per process: not yet in this test
     _, params, main, device, functions = _small("code4", "code4p")
 
     class Shifted:
@@ -162,8 +163,7 @@ def test_without_the_extension_fits_use_jax(monkeypatch, caplog):
 
 def test_tables_it_cannot_trust_are_refused():
     _, params, main, device, _ = _small("code4", "code4p")
-    host = {key: np.asarray(value) for key, value in device.items()}
-    args = native._tables(host, 4, 5)
+    args = native.tables(device, ("code4", "code4p"))
     extension = native._extension()
     likelihood_c = extension.Likelihood(*args)
     n = args[0]

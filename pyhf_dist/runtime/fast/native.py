@@ -27,7 +27,7 @@ import os
 
 import numpy as np
 
-__all__ = ["AGREEMENT", "ENV", "available", "disagreement", "for_patch"]
+__all__ = ["AGREEMENT", "ENV", "available", "disagreement", "for_patch", "tables"]
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +46,29 @@ _SAID: set = set()
 
 def available() -> bool:
     """Whether the C likelihood is built and not switched off (:data:`ENV`)."""
-    if os.environ.get(ENV, "").lower() == "jax":
-        return False
     return _extension() is not None
 
 
 def _extension():
+    """The extension module, or ``None`` where it is switched off or was not built."""
+    if os.environ.get(ENV, "").lower() == "jax":
+        return None
     try:
         # By its full name: the extension is a leaf, not the package whose modules import this one.
-        sparse_likelihood = importlib.import_module("pyhf_dist.runtime.fast.sparse_likelihood")
+        return importlib.import_module("pyhf_dist.runtime.fast.sparse_likelihood")
     except ImportError:
-        _once("the C likelihood is not built (no C compiler at install?): fits use jax's, slower")
+        _once("unbuilt", "the C likelihood is not built (no C compiler at install?): fits use jax's, slower")
         return None
-    return sparse_likelihood
+
+
+def tables(layout: dict, codes: tuple) -> tuple | None:
+    """The arguments of ``sparse_likelihood.Likelihood`` for one patch's padded ``layout`` (its
+    device or host arrays) with the interpolation ``codes``, or ``None`` for codes it does not cover."""
+    normsys, histosys = codes
+    if normsys not in _NORM_CODES or histosys not in _HIST_CODES:
+        return None
+    host = {key: np.asarray(value) for key, value in layout.items()}
+    return _tables(host, _NORM_CODES[normsys], _HIST_CODES[histosys])
 
 
 def for_patch(layout: dict, codes: tuple, functions, init, main, aux, lower, upper, scale):
@@ -66,15 +76,14 @@ def for_patch(layout: dict, codes: tuple, functions, init, main, aux, lower, upp
     or ``None`` (not built, switched off, other interpolation codes, or no agreement with
     ``functions.value_and_grad`` at the check points: ``init``, and ``init`` moved by ``scale``
     within ``[lower, upper]``, on the data ``main``, ``aux``)."""
-    normsys, histosys = codes
-    if not available() or normsys not in _NORM_CODES or histosys not in _HIST_CODES:
+    extension = _extension()
+    arguments = tables(layout, codes) if extension is not None else None
+    if arguments is None:
         return None
-    host = {key: np.asarray(value) for key, value in layout.items()}
-    arguments = _tables(host, _NORM_CODES[normsys], _HIST_CODES[histosys])
     try:
-        likelihood = _extension().Likelihood(*arguments)
+        likelihood = extension.Likelihood(*arguments)
     except ValueError as error:  # tables it cannot trust (its own check of every index)
-        _once(f"the C likelihood refused a patch's tables ({error}): its fits use jax's")
+        _once("refused", f"the C likelihood refused a patch's tables ({error}): its fits use jax's")
         return None
     n = arguments[0]
 
@@ -88,7 +97,7 @@ def for_patch(layout: dict, codes: tuple, functions, init, main, aux, lower, upp
     for point in (np.asarray(init, dtype=float), away):
         difference = disagreement(value_and_grad(point, main, aux), functions.value_and_grad(point, main, aux, layout), scale)
         if not difference <= AGREEMENT:
-            _once(f"the C likelihood disagrees with jax's on a patch ({difference:.3g}): its fits use jax's")
+            _once("disagrees", f"the C likelihood disagrees with jax's on a patch ({difference:.3g}): its fits use jax's")
             return None
     return value_and_grad
 
@@ -135,7 +144,7 @@ def _tables(host: dict, norm_code: int, hist_code: int) -> tuple:
 
     bin_used = host.get("bin_used", np.ones(bins, dtype=bool))
     int32, f64 = np.int32, np.float64
-    tables = (
+    columns = (
         hist_par.astype(int32), hist_ptr.astype(int32), hist_cell.astype(int32),
         np.ascontiguousarray(x1[hist_rows, hist_cell], f64), np.ascontiguousarray(x2[hist_rows, hist_cell], f64),
         host["norm_par"].astype(int32), norm_ptr.astype(int32), norm_slot.astype(int32),
@@ -146,10 +155,11 @@ def _tables(host: dict, norm_code: int, hist_code: int) -> tuple:
         bin_used.astype(np.uint8), host["gauss"].astype(np.uint8), host["poisson"].astype(np.uint8),
         np.ascontiguousarray(host["sigma"], f64), np.ascontiguousarray(host["tau"], f64),
     )
-    return n, bins, width, factors, norm_code, hist_code, tables
+    return n, bins, width, factors, norm_code, hist_code, columns
 
 
-def _once(message: str) -> None:
-    if message not in _SAID:
-        _SAID.add(message)
+def _once(kind: str, message: str) -> None:
+    """Log ``message`` the first time something of this ``kind`` happens in the process."""
+    if kind not in _SAID:
+        _SAID.add(kind)
         log.info(message)
